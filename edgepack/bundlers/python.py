@@ -1,0 +1,26 @@
+"""Python bundles (Jetson, Raspberry Pi, x86 boxes): the model plus ``edgepack_shim.py``, which needs
+only numpy and onnxruntime on the device."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from ..job import Artifact, Job
+from ..fileops import copy_file
+
+SHIM = "edgepack_shim.py"
+
+
+class PythonBundler:
+    def write(self, model: Artifact, job: Job) -> dict:
+        copy_file(resources.files("edgepack.runtime_shim") / SHIM, job.staging / SHIM)
+        runtime = job.profile.runtime
+        (job.staging / "README.md").write_text(
+            f"# {job.source.name} for {job.profile.name}\n\n{job.profile.description}.\n\n"
+            f"On the device, with Python 3.9+ and `pip install numpy '{runtime.package}{runtime.version}'`:\n\n"
+            "```\npython edgepack_shim.py verify                     # every file's checksum against manifest.json\n"
+            "python edgepack_shim.py run inputs.npz -o out.npz  # run the model\n```\n\n"
+            "From Python: `import edgepack_shim; m = edgepack_shim.load('.'); out = m.run({...})`.\n",
+            encoding="utf-8",
+        )
+        return {"shim": SHIM}

@@ -1,0 +1,203 @@
+"""The ``edgepack`` command line. Errors become one message and an exit code; ``--debug`` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgepackError, UsageError
+
+EPILOG = """\
+examples:
+  edgepack targets                                   list the built-in target profiles
+  edgepack package --example cnn --target all        package the built-in example CNN for every target
+  edgepack package model.onnx --target rpi-arm64     package your model for a Raspberry Pi
+  edgepack package model.onnx --target my.yaml       ...for a target described in your own profile
+  edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
+  edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
+
+exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
+runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except EdgepackError as exc:
+        if args.debug:
+            raise
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # a bug in edgepack or a library: still one clear line unless --debug
+        if args.debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug and report the traceback")
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and tool logs")
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="edgepack",
+        description="Turn one ONNX model into verified deployment bundles for edge and browser targets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    targets = sub.add_parser("targets", parents=[common], help="list the built-in target profiles")
+    targets.set_defaults(handler=_cmd_targets)
+
+    package = sub.add_parser(
+        "package", parents=[common], help="package a model for one or more targets",
+        description="Load, check, optimize, quantize, convert to ORT format, bundle, checksum and self-test "
+        "a model for each target. Each bundle is written to OUTPUT/<model>-<target>; a failed target leaves nothing.",
+    )
+    package.add_argument("model", nargs="?", type=Path, help="the .onnx file (side files next to it)")
+    package.add_argument("--example", choices=_example_names(), help="package a built-in example model instead")
+    package.add_argument("-t", "--target", action="append", required=True, metavar="TARGET",
+                         help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)")
+    package.add_argument("-o", "--output", type=Path, default=Path("build"), help="output folder (default: build/)")
+    package.add_argument("--force", action="store_true", help="replace existing bundles")
+    package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
+                         help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
+    package.add_argument("--quantize", choices=["none"], help="quantization recipe (default: the profile's)")
+    package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    package.set_defaults(handler=_cmd_package)
+
+    verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
+    verify.add_argument("bundle", type=Path)
+    verify.set_defaults(handler=_cmd_verify)
+
+    inspect = sub.add_parser("inspect", parents=[common], help="describe an ONNX model")
+    inspect.add_argument("model", type=Path)
+    inspect.set_defaults(handler=_cmd_inspect)
+    return parser
+
+
+def _example_names() -> list[str]:
+    return ["cnn", "transformer"]
+
+
+def _cmd_targets(args) -> int:
+    from .profiles import builtin_profile_names, load_profile
+
+    profiles = [load_profile(name) for name in builtin_profile_names()]
+    if args.json:
+        _print_json([p.to_dict() for p in profiles])
+        return 0
+    rows = [("TARGET", "KIND", "ARCH", "RUNTIME", "PROVIDERS", "ORT STYLE", "QUANTIZE")]
+    rows += [(p.name, p.bundle.kind, p.device.arch, f"{p.runtime.package}{p.runtime.version}",
+              ",".join(ep.name.replace("ExecutionProvider", "") for ep in p.execution_providers),
+              f"{p.ort_format.style}/{p.ort_format.platform}", p.quantization.default) for p in profiles]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _cmd_package(args) -> int:
+    from .job import Options
+    from .pipeline import package_model
+    from .profiles import resolve_targets
+
+    if (args.model is None) == (args.example is None):
+        raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
+    profiles = resolve_targets(args.target)
+    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize)
+    progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
+    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
+        if args.example:
+            from .examples import write_example
+
+            model, name = write_example(args.example, Path(scratch)), args.example
+        else:
+            model, name = args.model, None
+        results = package_model(model, profiles, options, name=name, progress=progress)
+    if args.json:
+        _print_json({"results": [r.to_dict() for r in results], "ok": all(r.ok for r in results)})
+    else:
+        for r in results:
+            if r.ok:
+                size = sum(f["size"] for f in r.manifest["files"].values())
+                print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
+            else:
+                print(f"FAILED  {r.target:<16} {r.error}")
+    failed = [r for r in results if not r.ok]
+    return failed[0].error.exit_code if failed else 0
+
+
+def _cmd_verify(args) -> int:
+    from .manifest import verify_bundle
+
+    result = verify_bundle(args.bundle)
+    if args.json:
+        _print_json(result.to_dict())
+    elif result.ok:
+        print(f"ok: {result.checked} files of {args.bundle} match its manifest")
+    else:
+        for kind in ("missing", "extra", "changed"):
+            for rel in getattr(result, kind):
+                print(f"{kind}: {rel}")
+    if not result.ok:
+        _error(f"{args.bundle}: {len(result.missing)} missing, {len(result.extra)} extra, "
+               f"{len(result.changed)} changed file(s)")
+        return 7
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .stages.load import parse_model
+    from .modelinfo import summarize
+
+    info = summarize(parse_model(args.model), args.model)
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['file']}: IR {info['ir_version']}, opsets {_fmt_opsets(info['opsets'])}, producer {info['producer'] or '?'}")
+    size = info["size_bytes"] + info["external_data"]["bytes"]
+    ext = info["external_data"]
+    print(f"size: {size / 1e6:.2f} MB" + (f" ({len(ext['files'])} external data file(s): {', '.join(ext['files'])})" if ext["files"] else ""))
+    print(f"nodes: {info['nodes']} ({info['subgraphs']} subgraphs), initializers: {info['initializers']}, "
+          f"Constant nodes: {info['constant_nodes']}, quantized: {'yes' if info['quantized'] else 'no'}")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for io in info[kind]:
+            shape = "?" if io["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in io["shape"]) + "]"
+            print(f"  {io['name']}: {io['dtype']} {shape}")
+    print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    return 0
+
+
+def _fmt_opsets(opsets: dict[str, int]) -> str:
+    return ", ".join(f"{domain} {version}" for domain, version in opsets.items())
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _error(message: str) -> None:
+    print(f"edgepack: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

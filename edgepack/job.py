@@ -1,0 +1,72 @@
+"""What flows through the pipeline: the artifact each stage returns, and the job it works for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from .profiles import Profile
+
+__all__ = ["Artifact", "Options", "Source", "Job"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The model as it stands after a stage."""
+
+    path: Path
+    """The model file (.onnx, or .ort once converted) in the job's work folder."""
+    format: Literal["onnx", "ort"] = "onnx"
+    ort_style: str | None = None
+    ops_config: Path | None = None
+    """The reduced-operator build config made from the .ort, once converted."""
+    precision: str = "fp32"
+    onnx: Path | None = None
+    """The ONNX model this artifact was made from (itself while still ONNX): the source of I/O facts."""
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.onnx or self.path
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for on top of the profile (CLI flags, API arguments)."""
+
+    output: Path = Path("build")
+    force: bool = False
+    sample_inputs: Path | None = None
+    quantize: str | None = None
+    """None: the profile's default recipe."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """The user's model, read once for all targets. ``reference`` is the FP32 model every bundle is compared with."""
+
+    name: str
+    path: Path
+    reference: Path
+    """The loaded model as written by the load stage (ONNX, maybe with external data) in a work folder."""
+    info: dict[str, Any]
+    """The load stage's report: size, checksum, IR, opsets, external data."""
+
+
+@dataclass
+class Job:
+    """One model packaged for one target."""
+
+    profile: Profile
+    options: Options
+    source: Source
+    workdir: Path
+    """Scratch space for this target, deleted at the end."""
+    staging: Path
+    """The bundle being written: a temporary folder beside the destination, renamed into place at the end."""
+    destination: Path
+    progress: Callable[[str], None] = lambda message: None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def say(self, message: str) -> None:
+        self.progress(f"[{self.profile.name}] {message}")

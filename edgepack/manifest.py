@@ -1,0 +1,131 @@
+"""The bundle manifest: what is in a bundle, how to load it, and the checksum of every file.
+
+``manifest.json`` sits at the bundle root. Its ``files`` map lists every other file of the bundle
+(POSIX paths relative to the root) with ``size``, ``sha256`` and ``integrity`` (a Subresource
+Integrity ``sha384-`` string for browsers). It is written with sorted keys and no timestamp, so
+packaging the same input twice gives the same bytes (``SOURCE_DATE_EPOCH`` adds a ``created`` date).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import VerificationError
+
+__all__ = ["MANIFEST_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle"]
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA = "edgepack.manifest/1"
+_CHUNK = 1 << 20
+
+
+def hash_file(path: Path) -> dict[str, Any]:
+    """Size, SHA-256 and SRI sha384 of one file, read once in chunks (never whole into memory)."""
+    sha256, sha384, size = hashlib.sha256(), hashlib.sha384(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            sha384.update(chunk)
+            size += len(chunk)
+    integrity = "sha384-" + base64.b64encode(sha384.digest()).decode("ascii")
+    return {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
+
+
+def list_files(bundle: Path) -> list[str]:
+    """Every path below ``bundle`` except the manifest, as sorted POSIX relative paths (links included)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(bundle):
+        base = Path(dirpath)
+        # a linked folder is listed as an entry (and so refused), never followed
+        names = filenames + [d for d in dirnames if (base / d).is_symlink()]
+        for name in names:
+            rel = (base / name).relative_to(bundle).as_posix()
+            if rel != MANIFEST_NAME:
+                found.append(rel)
+    return sorted(found)
+
+
+def write_manifest(bundle: Path, content: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` with ``content`` plus the checksums of every file now in ``bundle``."""
+    manifest = {"schema": SCHEMA, **content}
+    manifest["files"] = {rel: hash_file(bundle / rel) for rel in list_files(bundle)}
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.isdigit():
+        created = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
+        manifest["created"] = created.isoformat()
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (bundle / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    return manifest
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = bundle / MANIFEST_NAME
+    if not bundle.is_dir():
+        raise VerificationError("not a bundle folder", where=str(bundle))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VerificationError("no manifest.json: this is not an edgepack bundle", where=str(bundle)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"manifest.json is unreadable: {exc}", where=str(bundle)) from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise VerificationError(f"manifest.json: expected schema {SCHEMA!r}, found {found!r}", where=str(bundle))
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(_valid_entry(k, v) for k, v in files.items()):
+        raise VerificationError("manifest.json: 'files' is missing or malformed", where=str(bundle))
+    return manifest
+
+
+@dataclass
+class VerifyResult:
+    bundle: Path
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": str(self.bundle), "ok": self.ok, "checked": self.checked,
+                "missing": self.missing, "extra": self.extra, "changed": self.changed}
+
+
+def verify_bundle(bundle: Path) -> VerifyResult:
+    """Recompute every checksum of ``bundle`` against its manifest."""
+    manifest = read_manifest(bundle)
+    expected: dict[str, dict] = manifest["files"]
+    present = list_files(bundle)
+    result = VerifyResult(bundle=bundle)
+    result.extra = [rel for rel in present if rel not in expected]
+    for rel, entry in sorted(expected.items()):
+        path = bundle / rel
+        if path.is_symlink() or not path.is_file():
+            result.missing.append(rel)
+            continue
+        result.checked += 1
+        if path.stat().st_size != entry["size"] or hash_file(path)["sha256"] != entry["sha256"]:
+            result.changed.append(rel)
+    return result
+
+
+def _valid_entry(rel: Any, entry: Any) -> bool:
+    return (
+        isinstance(rel, str)
+        and rel
+        and not rel.startswith("/")
+        and ".." not in rel.split("/")
+        and isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("size"), int)
+    )

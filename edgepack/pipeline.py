@@ -1,0 +1,135 @@
+"""The packaging pipeline: one model, loaded once, packaged for each target by the stages below.
+
+    load (once) -> check -> optimize -> quantize -> convert -> bundle -> manifest -> self-test -> budget
+
+Each stage is ``stage(artifact, job) -> (artifact, report)``; the reports end up in the bundle's
+manifest and REPORT.md. A target's bundle is built in a temporary folder and renamed into place only
+when every stage passed, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import BudgetError, EdgepackError, UsageError
+from .fileops import atomic_folder
+from .job import Artifact, Job, Options, Source
+from .profiles import Profile
+from .stages.bundle import bundle
+from .stages.check import check
+from .stages.convert import convert
+from .stages.load import load
+from .stages.manifest import finalize, manifest
+from .stages.optimize import optimize
+from .stages.quantize import quantize
+from .stages.selftest import self_test
+
+__all__ = ["STAGES", "Result", "package_model", "bundle_path"]
+
+
+def budget(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+    """Stage 9, budget: the bundle must fit the profile's size budget."""
+    total = sum(p.stat().st_size for p in job.staging.rglob("*") if p.is_file())
+    limit = job.profile.budget.max_bundle_mb
+    if total > limit * 1e6:
+        raise BudgetError(f"the bundle is {total / 1e6:.1f} MB, over the profile's budget of {limit:g} MB",
+                          where=job.profile.name, hint="quantize the model (--quantize) or raise budget.max_bundle_mb")
+    return artifact, {"stage": "budget", "summary": f"{total / 1e6:.2f} MB of {limit:g} MB", "bytes": total}
+
+
+STAGES: list[Callable[[Artifact, Job], tuple[Artifact, dict]]] = [
+    check, optimize, quantize, convert, bundle, manifest, self_test, budget,
+]
+
+
+@dataclass
+class Result:
+    target: str
+    bundle: Path
+    ok: bool
+    manifest: dict[str, Any] | None = None
+    error: EdgepackError | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"target": self.target, "bundle": str(self.bundle), "ok": self.ok,
+                                "seconds": round(self.seconds, 2)}
+        if self.manifest:
+            data["bytes"] = sum(f["size"] for f in self.manifest["files"].values())
+            data["model"] = self.manifest["model"]["file"]
+            data["self_test"] = next(r for r in self.manifest["stages"] if r["stage"] == "self_test")["summary"]
+        if self.error:
+            data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
+                             "exit_code": self.error.exit_code}
+        return data
+
+
+def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
+    return output / f"{model_name}-{profile.name}"
+
+
+def package_model(
+    model: Path,
+    profiles: list[Profile],
+    options: Options,
+    *,
+    name: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[Result]:
+    """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
+    that cannot be loaded at all raises."""
+    name = name or model.stem
+    destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
+    existing = [str(d) for d in destinations.values() if d.exists()]
+    if existing and not options.force:
+        raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
+        progress(f"load {model}")
+        source_dir = Path(scratch) / "source"
+        source_dir.mkdir()
+        source = load(model, source_dir, name)
+        results = []
+        for profile in profiles:
+            workdir = Path(scratch) / profile.name
+            workdir.mkdir()
+            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
+        return results
+
+
+def _package_one(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
+                 progress: Callable[[str], None]) -> Result:
+    started = time.perf_counter()
+    try:
+        with atomic_folder(destination, force=options.force) as staging:
+            job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
+                      destination=destination, progress=progress)
+            job.reports.append(_load_report(source))
+            artifact = Artifact(path=source.reference)
+            for stage in STAGES:
+                stage_started = time.perf_counter()
+                artifact, report = stage(artifact, job)
+                job.reports.append(report)
+                job.say(f"{report['stage']}: {report['summary']} ({time.perf_counter() - stage_started:.1f} s)")
+            written = finalize(artifact, job)
+        return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started)
+    except EdgepackError as exc:
+        return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
+
+
+def _load_report(source: Source) -> dict[str, Any]:
+    info = source.info
+    external = info["external_data"]
+    extra = f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB" if external["files"] else ""
+    return {
+        "stage": "load",
+        "summary": f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
+        "source": source.path.name,
+        "sha256": info["sha256"],
+        "nodes": info["nodes"],
+        "subgraphs": info["subgraphs"],
+        "passes": info["passes"],
+    }

@@ -1,0 +1,276 @@
+"""Target profiles: YAML files that say everything edgepack needs to know about a device.
+
+A profile is data, validated once when it is loaded. Unknown keys, missing keys and values of the
+wrong type are errors that name the file, the key, what was expected and what was found. The rest
+of edgepack reads the frozen dataclasses below and never branches on a target's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from .errors import ProfileError, UsageError
+
+__all__ = [
+    "Profile",
+    "builtin_profile_names",
+    "load_profile",
+    "resolve_targets",
+]
+
+SCHEMA = "edgepack.profile/1"
+
+
+@dataclass(frozen=True)
+class Device:
+    arch: Literal["arm64", "x86_64", "wasm"]
+    """CPU architecture the bundle's runtime runs on (wasm: any browser)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    package: str
+    """What the device installs: a PyPI, npm, Maven or CocoaPods package name."""
+    version: str
+    """PEP 440 version specifier of that package, e.g. '>=1.20'."""
+    max_opset: int
+    """Highest ai.onnx opset the oldest runtime in `version` implements."""
+    max_ir_version: int
+
+
+@dataclass(frozen=True)
+class ExecutionProvider:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Session:
+    intra_op_num_threads: int = 0
+    """0 lets onnxruntime pick (one per physical core)."""
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    config_entries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OrtFormat:
+    style: Literal["Fixed", "Runtime", "none"]
+    """Fixed: optimizations baked in. Runtime: replayed on device (NNAPI, CoreML, WebGPU). none: ship .onnx."""
+    platform: Literal["arm", "amd64"] = "arm"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    default: Literal["none", "dynamic", "static", "fp16"] = "none"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    fixed: bool = False
+    """The device's accelerator needs every input dim fixed (NNAPI, CoreML)."""
+    defaults: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu"] = "none"
+    min_accelerated_fraction: float = 0.0
+    max_partitions: int | None = None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    kind: Literal["python", "web", "mobile"]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    max_abs_error: float
+    min_cosine: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_bundle_mb: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: Device
+    runtime: Runtime
+    execution_providers: list[ExecutionProvider]
+    ort_format: OrtFormat
+    bundle: Bundle
+    accuracy: Accuracy
+    budget: Budget
+    strict_providers: bool = False
+    session: Session = field(default_factory=Session)
+    quantization: Quantization = field(default_factory=Quantization)
+    shapes: Shapes = field(default_factory=Shapes)
+    coverage: Coverage = field(default_factory=Coverage)
+    source: str = ""
+    """Where the profile was read from (not a YAML key)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+def builtin_profile_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a built-in profile by name, or a user's profile from a .yaml path."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"profile file {name_or_path} does not exist")
+        return _load_file(path)
+    if name_or_path not in builtin_profile_names():
+        known = ", ".join(builtin_profile_names())
+        raise UsageError(
+            f"unknown target {name_or_path!r}",
+            hint=f"built-in targets: {known}, or all; or pass a path to your own profile .yaml",
+        )
+    return _load_file(Path(str(_builtin_dir() / f"{name_or_path}.yaml")))
+
+
+def resolve_targets(names: list[str]) -> list[Profile]:
+    """Expand 'all' and comma lists; load each profile once, in the order given."""
+    wanted: list[str] = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            expanded = builtin_profile_names() if part == "all" else [part]
+            wanted += [n for n in expanded if n and n not in wanted]
+    if not wanted:
+        raise UsageError("no target given", hint="use --target NAME (see `edgepack targets`) or --target all")
+    return [load_profile(n) for n in wanted]
+
+
+def _builtin_dir():
+    return resources.files("edgepack.builtin_targets")
+
+
+def _load_file(path: Path) -> Profile:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read profile: {exc}", where=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ProfileError(f"not valid YAML{place}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"expected a mapping of profile keys, found {_kind(data)}", where=str(path))
+    schema = data.pop("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise ProfileError(f"key 'schema': expected {SCHEMA!r}, found {schema!r}", where=str(path))
+    profile = _build(Profile, data, str(path), "")
+    profile = dataclasses.replace(profile, source=str(path))
+    _check_semantics(profile, str(path))
+    return profile
+
+
+def _check_semantics(profile: Profile, where: str) -> None:
+    try:
+        SpecifierSet(profile.runtime.version)
+    except InvalidSpecifier:
+        raise ProfileError(
+            f"key 'runtime.version': expected a version specifier like '>=1.20', found {profile.runtime.version!r}",
+            where=where,
+        ) from None
+    if not profile.execution_providers:
+        raise ProfileError("key 'execution_providers': expected at least one provider, found none", where=where)
+    if not 0.0 < profile.accuracy.min_cosine <= 1.0:
+        raise ProfileError(
+            f"key 'accuracy.min_cosine': expected a number in (0, 1], found {profile.accuracy.min_cosine}", where=where
+        )
+    for key, value in (("accuracy.max_abs_error", profile.accuracy.max_abs_error),
+                       ("budget.max_bundle_mb", profile.budget.max_bundle_mb),
+                       ("runtime.max_opset", profile.runtime.max_opset),
+                       ("runtime.max_ir_version", profile.runtime.max_ir_version)):
+        if value <= 0:
+            raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
+
+
+# --- a small typed reader: dataclass fields are the schema ------------------------------------
+
+
+def _build(cls, data: Any, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ProfileError(f"key {prefix.rstrip('.') or '(top)'!r}: expected a mapping, found {_kind(data)}", where=where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields), key=str)
+    if unknown:
+        raise ProfileError(
+            f"unknown key {prefix}{unknown[0]!r}", where=where, hint=f"known keys here: {', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProfileError(f"missing key {key!r}", where=where)
+            continue
+        values[name] = _convert(hints[name], data[name], where, key)
+    return cls(**values)
+
+
+def _convert(tp, value: Any, where: str, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ProfileError(f"key {key!r}: expected one of {choices}, found {value!r}", where=where)
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProfileError(f"key {key!r}: expected a list, found {_kind(value)}", where=where)
+        return [_convert(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProfileError(f"key {key!r}: expected a mapping, found {_kind(value)}", where=where)
+        return {_convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ProfileError(f"key {key!r}: expected {_TYPE_NAMES.get(tp, tp.__name__)}, found {_kind(value)}", where=where)
+    return value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}".lower()}.get(
+        type(value), f"{type(value).__name__} {value!r}"
+    )

@@ -1,0 +1,1 @@
+"""The packaging stages, one module each, in pipeline order (see edgepack/pipeline.py)."""

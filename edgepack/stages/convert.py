@@ -1,0 +1,83 @@
+"""Stage 5, convert: ONNX -> ORT format with the profile's style and platform, plus the reduced-operator config.
+
+Rules:
+1. onnxruntime's own converter does the work (``convert_onnx_models_to_ort``), always with an explicit
+   style list (the default converts nothing) and type reduction on.
+2. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
+   so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
+3. An .ort that is missing or empty after conversion is an error: it never moves on.
+4. Style ``none`` keeps the ONNX file (and its external data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+from ..errors import ConversionError
+from ..job import Artifact, Job
+
+__all__ = ["convert", "CONFIG_NAME"]
+
+CONFIG_NAME = "required_operators_and_types.config"
+
+
+def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+    style = job.profile.ort_format.style
+    if style == "none":
+        return artifact, {"stage": "convert", "summary": "kept as ONNX (profile style none)", "format": "onnx"}
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    out_dir = job.workdir / "ort"
+    out_dir.mkdir(exist_ok=True)
+    log = io.StringIO()
+    _quiet_onnxruntime()
+    try:
+        with contextlib.redirect_stdout(log):
+            convert_onnx_models_to_ort(
+                artifact.path,
+                output_dir=out_dir,
+                optimization_styles=[OptimizationStyle[style]],
+                target_platform=job.profile.ort_format.platform,
+                enable_type_reduction=True,
+            )
+    except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"ORT-format conversion ({style} style) failed: {detail}",
+                              where=str(job.source.path), hint="run with --debug for onnxruntime's log") from None
+    suffix = ".with_runtime_opt" if style == "Runtime" else ""
+    ort_path = out_dir / f"{artifact.path.stem}{suffix}.ort"
+    config = out_dir / f"{artifact.path.stem}.required_operators_and_types{suffix}.config"
+    if not ort_path.is_file() or ort_path.stat().st_size == 0 or not config.is_file():
+        raise ConversionError(f"ORT-format conversion produced no usable file:\n{log.getvalue()[-2000:]}",
+                              where=str(job.source.path))
+    onnx_size = _model_size(artifact.path)
+    ort_size = ort_path.stat().st_size
+    report = {
+        "stage": "convert",
+        "summary": f"ORT format, {style} style, platform {job.profile.ort_format.platform}: "
+        f"{onnx_size / 1e6:.2f} MB -> {ort_size / 1e6:.2f} MB",
+        "format": "ort",
+        "style": style,
+        "platform": job.profile.ort_format.platform,
+        "onnx_bytes": onnx_size,
+        "ort_bytes": ort_size,
+    }
+    converted = Artifact(path=ort_path, format="ort", ort_style=style, ops_config=config,
+                         precision=artifact.precision, onnx=artifact.onnx_path)
+    return converted, report
+
+
+def _quiet_onnxruntime() -> None:
+    """The converter logs every step at INFO and warns through onnxruntime's C++ logger; keep errors only."""
+    import onnxruntime as ort
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
+    ort.set_default_logger_severity(3)
+
+
+def _model_size(path: Path) -> int:
+    side = path.with_name(path.name + ".data")
+    return path.stat().st_size + (side.stat().st_size if side.is_file() else 0)

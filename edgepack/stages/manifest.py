@@ -1,0 +1,119 @@
+"""Stage 7, manifest: describe the bundle once, write it as ``manifest.json`` (for machines) and
+``REPORT.md`` (for people).
+
+The manifest says how the device must load the model (runtime range, providers, session options),
+what the model takes and returns, what every stage did, and the checksum of every file.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+import onnx
+
+from ..job import Artifact, Job
+from ..manifest import write_manifest
+from ..modelinfo import describe_io, opsets
+
+__all__ = ["manifest", "finalize", "describe"]
+
+REPORT = "REPORT.md"
+
+
+def manifest(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+    written = write_manifest(job.staging, describe(artifact, job))
+    total = sum(entry["size"] for entry in written["files"].values())
+    return artifact, {"stage": "manifest", "summary": f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
+                      "files": len(written["files"]), "bytes": total}
+
+
+def finalize(artifact: Artifact, job: Job) -> dict[str, Any]:
+    """Write REPORT.md and the manifest again, now that every stage (self-test included) has reported."""
+    content = describe(artifact, job)
+    (job.staging / REPORT).write_text(_report_text(content), encoding="utf-8")
+    return write_manifest(job.staging, content)
+
+
+def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
+    profile = job.profile
+    proto = onnx.load_model(artifact.onnx_path, load_external_data=False)
+    inputs, outputs = describe_io(proto)
+    entries = dict(profile.session.config_entries)
+    if artifact.format == "ort":
+        entries["session.load_model_format"] = "ORT"
+    if artifact.ort_style == "Runtime":
+        # without it onnxruntime silently ignores the saved runtime optimizations
+        entries["session.enable_saved_runtime_optimizations"] = "1"
+    model_file = artifact.path.relative_to(job.staging).as_posix()
+    side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
+    return {
+        "target": profile.name,
+        "profile": profile.to_dict(),
+        "bundle_kind": profile.bundle.kind,
+        "model": {
+            "file": model_file,
+            "format": artifact.format,
+            "ort_style": artifact.ort_style,
+            "external_data": side_files,
+            "precision": artifact.precision,
+            "ir_version": proto.ir_version,
+            "opsets": opsets(proto),
+            "inputs": inputs,
+            "outputs": outputs,
+            "source": {"name": job.source.path.name, "sha256": job.source.info["sha256"],
+                       "bytes": job.source.info["size_bytes"] + job.source.info["external_data"]["bytes"]},
+        },
+        "runtime": {
+            "package": profile.runtime.package,
+            "version": profile.runtime.version,
+            "execution_providers": [{"name": ep.name, "options": ep.options} for ep in profile.execution_providers],
+            "strict_providers": profile.strict_providers,
+            "session_options": {
+                "intra_op_num_threads": profile.session.intra_op_num_threads,
+                "graph_optimization_level": profile.session.graph_optimization_level,
+                "config_entries": entries,
+            },
+        },
+        "reduced_ops_config": artifact.ops_config.name if artifact.ops_config else None,
+        "tools": _tool_versions(),
+        "stages": job.reports,
+    }
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("edgepack", "onnx", "onnxruntime", "onnx-ir", "onnxconverter-common", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _report_text(content: dict[str, Any]) -> str:
+    model = content["model"]
+    lines = [
+        f"# {model['source']['name']} for {content['target']}",
+        "",
+        content["profile"]["description"],
+        "",
+        f"- model: `{model['file']}` ({model['format']}{', ' + model['ort_style'] + ' style' if model['ort_style'] else ''}, {model['precision']})",
+        f"- runtime: {content['runtime']['package']} {content['runtime']['version']}",
+        f"- execution providers: {', '.join(ep['name'] for ep in content['runtime']['execution_providers'])}",
+        "",
+        "| input | dtype | shape |",
+        "|---|---|---|",
+        *[f"| {io['name']} | {io['dtype']} | {io['shape']} |" for io in model["inputs"]],
+        "",
+        "| output | dtype | shape |",
+        "|---|---|---|",
+        *[f"| {io['name']} | {io['dtype']} | {io['shape']} |" for io in model["outputs"]],
+        "",
+        "## Stages",
+        "",
+        *[f"- **{r['stage']}**: {r['summary']}" for r in content["stages"]],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it: a virtual environment in .venv with edgepack
+# and its extras, and Debian's Chromium for the browser tests. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,torch,freeze]'
+exec .venv/bin/python -m pytest "$@"
