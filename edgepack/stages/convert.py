@@ -2,7 +2,8 @@
 
 Rules:
 1. onnxruntime's own converter does the work (``convert_onnx_models_to_ort``), always with an explicit
-   style list (the default converts nothing) and type reduction on.
+   style list (the default converts nothing) and type reduction on, in a child process: a crash in it
+   cannot take edgepack down, and the child runs with a fixed address layout so the .ort is reproducible.
 2. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
    so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
 3. An .ort that is missing or empty after conversion is an error: it never moves on.
@@ -14,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from ..errors import ConversionError
@@ -28,30 +32,22 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     style = job.profile.ort_format.style
     if style == "none":
         return artifact, {"stage": "convert", "summary": "kept as ONNX (profile style none)", "format": "onnx"}
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
     out_dir = job.workdir / "ort"
     out_dir.mkdir(exist_ok=True)
-    log = io.StringIO()
-    _quiet_onnxruntime()
-    try:
-        with contextlib.redirect_stdout(log):
-            convert_onnx_models_to_ort(
-                artifact.path,
-                output_dir=out_dir,
-                optimization_styles=[OptimizationStyle[style]],
-                target_platform=job.profile.ort_format.platform,
-                enable_type_reduction=True,
-            )
-    except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    command = [sys.executable, "-m", "edgepack.stages.convert", str(artifact.path), str(out_dir), style,
+               job.profile.ort_format.platform]
+    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=_fixed_address_layout)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        detail = _last_error_line(log) or f"the converter exited with code {done.returncode}"
         raise ConversionError(f"ORT-format conversion ({style} style) failed: {detail}",
-                              where=str(job.source.path), hint="run with --debug for onnxruntime's log") from None
+                              where=str(job.source.path), hint="run with --debug for onnxruntime's log")
     suffix = ".with_runtime_opt" if style == "Runtime" else ""
     ort_path = out_dir / f"{artifact.path.stem}{suffix}.ort"
     config = out_dir / f"{artifact.path.stem}.required_operators_and_types{suffix}.config"
     if not ort_path.is_file() or ort_path.stat().st_size == 0 or not config.is_file():
-        raise ConversionError(f"ORT-format conversion produced no usable file:\n{log.getvalue()[-2000:]}",
+        raise ConversionError(f"ORT-format conversion produced no usable file:\n{log[-2000:]}",
                               where=str(job.source.path))
     onnx_size = _model_size(artifact.path)
     ort_size = ort_path.stat().st_size
@@ -70,14 +66,51 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     return converted, report
 
 
-def _quiet_onnxruntime() -> None:
-    """The converter logs every step at INFO and warns through onnxruntime's C++ logger; keep errors only."""
-    import onnxruntime as ort
+def _fixed_address_layout() -> None:
+    """Run the converter without address-space randomization: onnxruntime orders parts of the .ort by
+    memory address, so only then does the same model give the same bytes (reproducible bundles)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
 
+        addr_no_randomize = 0x0040000
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.personality(addr_no_randomize)
+
+
+def _last_error_line(log: str) -> str:
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line or "Fail" in line]
+    return (errors or lines or [""])[-1][:500]
+
+
+def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: str) -> None:
+    """Child-process entry: onnxruntime's converter, always with an explicit style (the default converts nothing)."""
+    import onnxruntime as ort
+    from onnxruntime.tools import convert_onnx_models_to_ort as converter
+
+    def single_threaded(*args, **kwargs):
+        # Worker threads allocate in an order that varies from run to run, and onnxruntime writes parts
+        # of the .ort in address order: one thread (and a fixed address layout) gives the same bytes.
+        options = make_options(*args, **kwargs)
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        return options
+
+    make_options = converter._create_session_options  # onnxruntime is pinned in pyproject.toml
+    converter._create_session_options = single_threaded
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     ort.set_default_logger_severity(3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        converter.convert_onnx_models_to_ort(
+            model, output_dir=out_dir, optimization_styles=[converter.OptimizationStyle[style]],
+            target_platform=platform, enable_type_reduction=True,
+        )
 
 
 def _model_size(path: Path) -> int:
     side = path.with_name(path.name + ".data")
     return path.stat().st_size + (side.stat().st_size if side.is_file() else 0)
+
+
+if __name__ == "__main__":
+    _convert_in_this_process(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])
