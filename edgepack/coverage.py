@@ -218,7 +218,7 @@ def gate(report: CoverageReport, min_fraction: float, max_partitions: int | None
     """Raise CoverageError when the report misses the gate; return the gate as applied."""
     applied = {"min_accelerated_fraction": min_fraction, "max_partitions": max_partitions}
     if report.fraction < min_fraction:
-        ops = ", ".join(f"{op} x{n}" for op, n in report.unsupported_ops.items()) or "none"
+        ops = ", ".join(f"{op.removeprefix('ai.onnx:')} x{n}" for op, n in report.unsupported_ops.items()) or "none"
         raise CoverageError(
             f"only {report.supported_nodes}/{report.nodes} nodes ({report.fraction:.1%}) run on {report.checker}, "
             f"the profile requires at least {min_fraction:.1%}; unsupported operators: {ops}"
