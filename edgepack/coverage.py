@@ -22,7 +22,6 @@ import contextlib
 import functools
 import io
 import logging
-import pathlib
 import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -31,7 +30,7 @@ from typing import Any
 
 import onnx
 
-from .errors import EdgepackError, ProfileError
+from .errors import ConversionError, EdgepackError, ProfileError
 from .profiles import Coverage
 
 __all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report"]
@@ -83,9 +82,15 @@ def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
     if coverage.checker == "none":
         raise ValueError("no coverage checker")
     with tempfile.TemporaryDirectory(prefix="edgepack-coverage-") as tmp:
-        model = prepare(model_path, Path(tmp))
-        if coverage.checker in SHAPE_AWARE:
-            return _onnxruntime_checker(model, coverage)
+        try:
+            model = prepare(model_path, Path(tmp))
+            if coverage.checker in SHAPE_AWARE:
+                return _onnxruntime_checker(model, coverage)
+        except (ValueError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
+            # onnxruntime raises bare Exception subclasses from C++; its checker needs inferred shapes
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConversionError(f"the {coverage.checker} coverage check could not run: {detail}", where=str(model_path),
+                                  hint="the model's shapes could not be inferred; run it through onnx.shape_inference to see why") from None
         return _list_checker(model, coverage)
 
 
@@ -111,9 +116,9 @@ def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> Coverage
     with _quiet():
         fixed = check(model, True)
         if_fixed = check(model, False)
-        supported = _supported_ops_checker(fixed)
+    # the checker keeps a set of unsupported types; count the nodes with its own table
     unsupported = collections.Counter(
-        _domain_op(node) for node in _all_nodes(model.graph) if not supported.is_op_supported(node)
+        _domain_op(node) for node in _all_nodes(model.graph) if not fixed.supported_ops_checker.is_op_supported(node)
     )
     return CoverageReport(
         checker=name, nodes=fixed.num_nodes, supported_nodes=fixed.num_supported_nodes, partitions=fixed.num_partitions,
@@ -129,15 +134,10 @@ def _coreml(model, require_fixed, *, table):
     return uc.check_coreml_partitions(model, require_fixed, table)
 
 
-def _supported_ops_checker(info):
-    return info.supported_ops_checker
-
-
 def _list_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
     table, header = load_op_list(coverage.op_list)
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    nodes = total = supported_count = 0
-    partitions = 0
+    total = supported_count = partitions = 0
     unsupported: collections.Counter[str] = collections.Counter()
     for graph in _graphs(model.graph):
         ok = [_is_listed(node, table, opset) for node in graph.node]
@@ -147,9 +147,8 @@ def _list_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
             if not good:
                 unsupported[_domain_op(node)] += 1
         partitions += _components(graph, ok)
-    nodes = total
     return CoverageReport(
-        checker=coverage.checker, nodes=nodes, supported_nodes=supported_count, partitions=partitions,
+        checker=coverage.checker, nodes=total, supported_nodes=supported_count, partitions=partitions,
         partitions_estimated=True, unsupported_ops=dict(unsupported.most_common()),
         source=f"edgepack/data/{coverage.op_list} ({header})",
     )

@@ -37,7 +37,7 @@ def coverage_for_target(model: Path, target: str, input_shapes: dict[str, tuple[
     lines = format_report(before, after, fixed_shapes=profile.shapes.fixed)
     if shapes:
         lines.append("fixed shapes: " + ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in shapes.items())
-                     + (f" ({', '.join(assumed)} assumed 1: batch dim)" if assumed else ""))
+                     + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""))
     gate = f"gate: at least {settings.min_accelerated_fraction:.0%} of nodes" + (
         f", at most {settings.max_partitions} partition(s)" if settings.max_partitions is not None else "")
     passed = after.fraction >= settings.min_accelerated_fraction and (

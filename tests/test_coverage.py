@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edgepack.coverage import CoverageError, gate, load_op_list, measure
 from edgepack.errors import UsageError
@@ -83,7 +83,7 @@ def test_cnn_figures_equal_onnxruntime_checker_before_and_after_fixing_shapes(cn
     # edgepack's "after" model: no flag given, the batch dim assumed 1
     proto = onnx.load_model(cnn, load_external_data=False)
     shapes, assumed = plan_shapes(proto, {}, {}, {}, where="test")
-    assert shapes == {"image": (1, 3, 32, 32)} and assumed == ["image[0] (batch)"]
+    assert shapes == {"image": (1, 3, 32, 32)} and assumed == ["image dim 0 (batch)"]
     ours_path = apply_shapes(proto, cnn, tmp_path / "ours", shapes)
 
     for model_path, ours_model in ((cnn, cnn), (expected_path, ours_path)):

@@ -41,7 +41,7 @@ def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
     report = {
         "stage": "fix_shapes",
-        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} assumed 1: batch dim)" if assumed else ""),
+        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
         "applied": True,
         "input_shapes": {name: list(dims) for name, dims in shapes.items()},
         "assumed_batch_dims": assumed,
@@ -73,7 +73,7 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 concrete.append(fixed_dims[dim])
             elif i == 0:
                 concrete.append(1)
-                assumed.append(f"{name}[0]" + (f" ({dim})" if isinstance(dim, str) else ""))
+                assumed.append(f"{name} dim 0" + (f" ({dim})" if isinstance(dim, str) else ""))
             else:
                 label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
                 example = ",".join(str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims))
