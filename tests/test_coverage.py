@@ -283,3 +283,32 @@ def test_fixed_shape_bundle_self_test_runs_on_the_fixed_shapes(tmp_path):
     self_test = next(r for r in result.manifest["stages"] if r["stage"] == "self_test")
     assert self_test["passed"] and self_test["cosine"] > 0.9999
     assert np.isfinite(self_test["max_abs_error"])
+
+
+def test_fixing_shapes_keeps_external_data_in_a_side_file(cnn, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save_model(onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data",
+                    size_threshold=0)
+    before = (source / "cnn.onnx.data").read_bytes()
+    proto = onnx.load_model(source / "cnn.onnx", load_external_data=False)
+    shapes, _ = plan_shapes(proto, {}, {}, {}, where="test")
+    fixed = apply_shapes(proto, source / "cnn.onnx", tmp_path / "fixed", shapes)
+    assert (tmp_path / "fixed" / "cnn.onnx.data").read_bytes() == before == (source / "cnn.onnx.data").read_bytes()
+    assert fixed.stat().st_size < 10_000  # weights not inlined
+    assert measure(fixed, NNAPI).supported_nodes == measure(cnn, NNAPI).nodes
+
+
+def test_package_a_model_with_external_data_for_a_fixed_shape_target(cnn, tmp_path, monkeypatch):
+    from edgepack.job import Options
+    from edgepack.pipeline import package_model
+
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save_model(onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data",
+                    size_threshold=0)
+    monkeypatch.chdir(source)  # the load stage's onnx.checker call resolves side files from the current folder
+    [result] = package_model(source / "cnn.onnx", [load_profile("android-nnapi")], Options(output=tmp_path / "out"))
+    assert result.ok, result.error
+    coverage = next(r for r in result.manifest["stages"] if r["stage"] == "coverage")
+    assert coverage["after"]["supported_nodes"] == coverage["after"]["nodes"] == 11

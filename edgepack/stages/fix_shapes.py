@@ -87,7 +87,8 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 
 
 def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files beside it."""
+    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files copied beside
+    it (onnx.checker refuses hard-linked side files)."""
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
     for name, dims in shapes.items():
@@ -100,13 +101,16 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
     for location in sorted({loc for _, loc, _, _ in external_locations(proto)}):
         target = folder / location
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source.parent / location, target)
-        except OSError:
-            shutil.copyfile(source.parent / location, target)
+        shutil.copyfile(source.parent / location, target)
     out = folder / source.name
     onnx.save_model(proto, out)
-    fix_output_shapes(proto)
+    # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        fix_output_shapes(proto)
+    finally:
+        os.chdir(previous)
     onnx.save_model(proto, out)
     return out
 
