@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
     package.add_argument("--quantize", choices=["none"], help="quantization recipe (default: the profile's)")
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    _add_shape_flags(package)
+    package.add_argument("--min-accelerated-fraction", type=float, metavar="F",
+                         help="coverage gate: least share of nodes on the accelerator, 0..1 (default: the profile's)")
+    package.add_argument("--max-partitions", type=int, metavar="N",
+                         help="coverage gate: most accelerator partitions (default: the profile's)")
     package.set_defaults(handler=_cmd_package)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
@@ -88,8 +93,18 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", parents=[common], help="describe an ONNX model")
     inspect.add_argument("model", type=Path)
+    inspect.add_argument("-t", "--target", metavar="TARGET",
+                         help="also report the target accelerator's coverage, before and after fixing shapes")
+    _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
     return parser
+
+
+def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
+                        help="fixed shape of an input for targets that need fixed shapes (repeatable), e.g. image=1,3,224,224")
+    parser.add_argument("--fix-dim", action="append", metavar="NAME=VALUE",
+                        help="value of a named dynamic dim (dim_param) for targets that need fixed shapes (repeatable)")
 
 
 def _example_names() -> list[str]:
@@ -122,12 +137,14 @@ def _cmd_package(args) -> int:
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize)
+    options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
         if args.example:
             from .examples import write_example
 
             model, name = write_example(args.example, Path(scratch)), args.example
+            options = _with_example_shapes(options, args.example)
         else:
             model, name = args.model, None
         results = package_model(model, profiles, options, name=name, progress=progress)
@@ -142,6 +159,30 @@ def _cmd_package(args) -> int:
                 print(f"FAILED  {r.target:<16} {r.error}")
     failed = [r for r in results if not r.ok]
     return failed[0].error.exit_code if failed else 0
+
+
+def _with_coverage_options(options, args):
+    import dataclasses
+
+    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
+
+    if args.min_accelerated_fraction is not None and not 0.0 <= args.min_accelerated_fraction <= 1.0:
+        raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
+    if args.max_partitions is not None and args.max_partitions < 0:
+        raise UsageError(f"--max-partitions {args.max_partitions}: expected 0 or more")
+    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape),
+                               fixed_dims=parse_fixed_dims(args.fix_dim),
+                               min_accelerated_fraction=args.min_accelerated_fraction, max_partitions=args.max_partitions)
+
+
+def _with_example_shapes(options, example: str):
+    """The example's documented input shapes for fixed-shape targets, unless the user gave some."""
+    import dataclasses
+
+    from .examples import EXAMPLE_SHAPES
+
+    shapes = {**EXAMPLE_SHAPES.get(example, {}), **options.input_shapes}
+    return dataclasses.replace(options, input_shapes=shapes)
 
 
 def _cmd_verify(args) -> int:
@@ -168,6 +209,8 @@ def _cmd_inspect(args) -> int:
     from .modelinfo import summarize
 
     info = summarize(parse_model(args.model), args.model)
+    if args.target:
+        info["coverage"] = _inspect_coverage(args)
     if args.json:
         _print_json(info)
         return 0
@@ -183,7 +226,22 @@ def _cmd_inspect(args) -> int:
             shape = "?" if io["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in io["shape"]) + "]"
             print(f"  {io['name']}: {io['dtype']} {shape}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    if args.target:
+        _print_coverage(info["coverage"])
     return 0
+
+
+def _inspect_coverage(args) -> dict[str, Any]:
+    from .inspect_coverage import coverage_for_target
+    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
+
+    return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
+
+
+def _print_coverage(data: dict[str, Any]) -> None:
+    print(f"coverage for {data['target']} ({data['checker']}):")
+    for line in data["lines"]:
+        print(f"  {line}")
 
 
 def _fmt_opsets(opsets: dict[str, int]) -> str:

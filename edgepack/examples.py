@@ -197,3 +197,9 @@ def write_example(name: str, folder: Path) -> Path:
     path = folder / f"{name}.onnx"
     onnx.save_model(build_example(name), path)
     return path
+
+EXAMPLE_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    "transformer": {"input_ids": (1, 128), "attention_mask": (1, 128)},
+}
+"""Input shapes the examples are packaged with for targets that need fixed shapes: one sequence of 128
+tokens (a typical on-device text length). The CNN needs none: only its batch dim is dynamic."""

@@ -39,6 +39,14 @@ class Options:
     sample_inputs: Path | None = None
     quantize: str | None = None
     """None: the profile's default recipe."""
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """--input-shape NAME=1,3,224,224: fixed shapes for the inputs of fixed-shape profiles."""
+    fixed_dims: dict[str, int] = field(default_factory=dict)
+    """--fix-dim NAME=VALUE: a value for a symbolic dim (dim_param) everywhere in the graph."""
+    min_accelerated_fraction: float | None = None
+    """None: the profile's coverage.min_accelerated_fraction."""
+    max_partitions: int | None = None
+    """None: the profile's coverage.max_partitions."""
 
 
 @dataclass(frozen=True)

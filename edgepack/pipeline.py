@@ -1,6 +1,7 @@
 """The packaging pipeline: one model, loaded once, packaged for each target by the stages below.
 
     load (once) -> check -> optimize -> quantize -> convert -> bundle -> manifest -> self-test -> budget
+    (with fix_shapes before optimize and coverage before convert)
 
 Each stage is ``stage(artifact, job) -> (artifact, report)``; the reports end up in the bundle's
 manifest and REPORT.md. A target's bundle is built in a temporary folder and renamed into place only
@@ -22,6 +23,8 @@ from .profiles import Profile
 from .stages.bundle import bundle
 from .stages.check import check
 from .stages.convert import convert
+from .stages.coverage import coverage
+from .stages.fix_shapes import fix_shapes
 from .stages.load import load
 from .stages.manifest import finalize, manifest
 from .stages.optimize import optimize
@@ -44,6 +47,9 @@ def budget(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
 STAGES: list[Callable[[Artifact, Job], tuple[Artifact, dict]]] = [
     check, optimize, quantize, convert, bundle, manifest, self_test, budget,
 ]
+# fixed shapes before the graph is optimized; coverage of the model as it will be converted
+STAGES.insert(STAGES.index(optimize), fix_shapes)
+STAGES.insert(STAGES.index(convert), coverage)
 
 
 @dataclass

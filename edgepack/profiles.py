@@ -85,6 +85,27 @@ class Coverage:
     checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu"] = "none"
     min_accelerated_fraction: float = 0.0
     max_partitions: int | None = None
+    op_list: str = ""
+    """For list-based checkers (tensorrt, webgpu): the operator list in edgepack/data, named with its version."""
+    coreml_format: Literal["MLProgram", "NeuralNetwork"] = "MLProgram"
+    """Which CoreML model format's operator table the coreml checker uses."""
+
+
+@dataclass(frozen=True)
+class Mobile:
+    """What an app needs to ship a mobile bundle: the exact onnxruntime package and how to build a reduced one."""
+
+    loader: Literal["kotlin", "swift"]
+    onnxruntime_version: str
+    """The exact onnxruntime release the app links; it must satisfy runtime.version."""
+    gradle: str = ""
+    """Maven group:artifact of the Android package (runtime.package), completed with onnxruntime_version."""
+    cocoapods: str = ""
+    """CocoaPods pod name of the iOS package."""
+    swiftpm_url: str = ""
+    swiftpm_product: str = ""
+    build_args: list[str] = field(default_factory=list)
+    """build.py arguments for a reduced onnxruntime for this device (the config and type reduction are added)."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,7 @@ class Profile:
     quantization: Quantization = field(default_factory=Quantization)
     shapes: Shapes = field(default_factory=Shapes)
     coverage: Coverage = field(default_factory=Coverage)
+    mobile: Mobile | None = None
     source: str = ""
     """Where the profile was read from (not a YAML key)."""
 

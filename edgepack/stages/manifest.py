@@ -115,5 +115,17 @@ def _report_text(content: dict[str, Any]) -> str:
         "",
         *[f"- **{r['stage']}**: {r['summary']}" for r in content["stages"]],
         "",
+        *_coverage_section(content["stages"]),
     ]
     return "\n".join(lines)
+
+
+def _coverage_section(stages: list[dict[str, Any]]) -> list[str]:
+    found = [r for r in stages if r["stage"] == "coverage" and r.get("lines")]
+    if not found:
+        return []
+    report = found[0]
+    gate = report["gate"]
+    limits = f"at least {gate['min_accelerated_fraction']:.0%} of nodes" + (
+        f", at most {gate['max_partitions']} partition(s)" if gate["max_partitions"] is not None else "")
+    return ["## Accelerator coverage", "", *[f"- {line}" for line in report["lines"]], f"- gate: {limits} (passed)", ""]

@@ -1,0 +1,182 @@
+"""Stage, fix shapes: give every input a fixed shape when the profile's accelerator needs one (NNAPI, CoreML).
+
+Rules:
+1. Shapes come from ``--input-shape NAME=1,3,224,224`` and ``--fix-dim NAME=VALUE``, then from the
+   profile's ``shapes.defaults`` (input name -> shape). The flags are checked against the model for
+   every profile: an unknown input or dim name, a wrong rank, a value below 1 or a clash with a dim
+   the model already fixes is an error, never a silent no-op.
+2. A dynamic dim nothing names is fixed to 1 when it is an input's first dim (the batch dim by
+   convention), and reported as assumed. Any other dynamic dim is an error that names the input, the
+   dim and the flag to pass: guessing a sequence length or an image size would ship a wrong model.
+3. onnxruntime's own functions do the work (``make_dim_param_fixed``, ``make_input_shape_fixed``, then
+   ``fix_output_shapes``). External data stays in side files (``make_dynamic_shape_fixed`` would inline it).
+4. Profiles with ``shapes.fixed: false`` keep the model's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import UsageError
+from ..job import Artifact, Job
+from ..modelinfo import describe_io, external_locations
+
+__all__ = ["fix_shapes", "plan_shapes", "apply_shapes", "parse_input_shapes", "parse_fixed_dims"]
+
+
+def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+    proto = onnx.load_model(artifact.path, load_external_data=False)
+    where = str(job.source.path)
+    if not job.profile.shapes.fixed:
+        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, where)
+        return artifact, {"stage": "fix_shapes", "summary": "not required: the profile takes dynamic shapes", "applied": False}
+    shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
+                                  job.profile.shapes.defaults, where=where)
+    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
+    fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+    report = {
+        "stage": "fix_shapes",
+        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+        "applied": True,
+        "input_shapes": {name: list(dims) for name, dims in shapes.items()},
+        "assumed_batch_dims": assumed,
+        "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
+    }
+    return Artifact(path=out, precision=artifact.precision), report
+
+
+def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
+                defaults: dict[str, list[int]], *, where: str) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The fixed shape of every input (rules 1 and 2), and the dims assumed to be batch dims."""
+    inputs = _check_flags(proto, input_shapes, fixed_dims, where)
+    shapes: dict[str, tuple[int, ...]] = {}
+    assumed: list[str] = []
+    for name, dims in inputs.items():
+        if name in input_shapes:
+            shapes[name] = tuple(input_shapes[name])
+            continue
+        given = defaults.get(name)
+        if given is not None:
+            _check_shape(name, dims, tuple(given), where, source="profile shapes.defaults")
+            shapes[name] = tuple(given)
+            continue
+        concrete = []
+        for i, dim in enumerate(dims):
+            if isinstance(dim, int) and dim > 0:
+                concrete.append(dim)
+            elif isinstance(dim, str) and dim in fixed_dims:
+                concrete.append(fixed_dims[dim])
+            elif i == 0:
+                concrete.append(1)
+                assumed.append(f"{name} dim 0" + (f" ({dim})" if isinstance(dim, str) else ""))
+            else:
+                label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
+                example = ",".join(str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims))
+                hint = f"pass --input-shape {name}={example} with N the size the app will use"
+                if isinstance(dim, str):
+                    hint += f", or --fix-dim {dim}=N"
+                raise UsageError(f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
+                                 where=where, hint=hint)
+        shapes[name] = tuple(concrete)
+    return shapes, assumed
+
+
+def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files copied beside
+    it (onnx.checker refuses hard-linked side files)."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    for name, dims in shapes.items():
+        try:
+            make_input_shape_fixed(proto.graph, name, list(dims))
+        except ValueError as exc:  # e.g. two inputs given different sizes for one shared dim
+            raise UsageError(f"cannot fix input {name!r} to {'x'.join(map(str, dims))}: {exc}", where=str(source),
+                             hint="inputs that share a named dim must get the same size for it") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    for location in sorted({loc for _, loc, _, _ in external_locations(proto)}):
+        target = folder / location
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.parent / location, target)
+    out = folder / source.name
+    onnx.save_model(proto, out)
+    # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        fix_output_shapes(proto)
+    finally:
+        os.chdir(previous)
+    onnx.save_model(proto, out)
+    return out
+
+
+def _check_flags(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
+                 where: str) -> dict[str, list[Any]]:
+    inputs = {io["name"]: io["shape"] or [] for io in describe_io(proto)[0]}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape names input {name!r}, which the model does not have", where=where,
+                             hint=f"the model's inputs are: {', '.join(inputs) or 'none'}")
+        _check_shape(name, inputs[name], tuple(dims), where, source="--input-shape")
+    known_dims = {d for dims in inputs.values() for d in dims if isinstance(d, str)}
+    for dim, value in fixed_dims.items():
+        if dim not in known_dims:
+            raise UsageError(f"--fix-dim names dim {dim!r}, which no input of the model has", where=where,
+                             hint=f"the model's named dims are: {', '.join(sorted(known_dims)) or 'none'}")
+        if value < 1:
+            raise UsageError(f"--fix-dim {dim}={value}: a dim must be at least 1", where=where)
+    return inputs
+
+
+def _check_shape(name: str, dims: list[Any], given: tuple[int, ...], where: str, *, source: str) -> None:
+    shown = "x".join(map(str, given))
+    if len(given) != len(dims):
+        raise UsageError(f"{source} {name}={shown} has rank {len(given)}, but input {name!r} has rank {len(dims)} "
+                         f"({_fmt(dims)})", where=where, hint=f"give {len(dims)} comma-separated sizes")
+    for i, (dim, value) in enumerate(zip(dims, given)):
+        if value < 1:
+            raise UsageError(f"{source} {name}={shown}: dim {i} is {value}, a size must be at least 1", where=where)
+        if isinstance(dim, int) and dim > 0 and dim != value:
+            raise UsageError(f"{source} {name}={shown}: dim {i} is fixed to {dim} in the model, not {value}",
+                             where=where, hint=f"the model's shape is {_fmt(dims)}")
+
+
+def _fmt(dims: list[Any]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["image=1,3,224,224", ...]`` (the --input-shape flags) -> ``{"image": (1, 3, 224, 224)}``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values or []:
+        name, dims = _split_flag("--input-shape", value, "NAME=1,3,224,224")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise UsageError(f"--input-shape {value}: sizes must be integers separated by commas",
+                             hint=f"e.g. --input-shape {name}=1,3,224,224") from None
+    return shapes
+
+
+def parse_fixed_dims(values: list[str] | None) -> dict[str, int]:
+    """``["batch=1", ...]`` (the --fix-dim flags) -> ``{"batch": 1}``."""
+    dims: dict[str, int] = {}
+    for value in values or []:
+        name, size = _split_flag("--fix-dim", value, "NAME=VALUE")
+        try:
+            dims[name] = int(size)
+        except ValueError:
+            raise UsageError(f"--fix-dim {value}: the size must be an integer", hint=f"e.g. --fix-dim {name}=1") from None
+    return dims
+
+
+def _split_flag(flag: str, value: str, form: str) -> tuple[str, str]:
+    name, sep, rest = value.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise UsageError(f"{flag} {value!r}: expected {form}")
+    return name.strip(), rest.strip()
