@@ -156,7 +156,10 @@ def _cmd_package(args) -> int:
                 size = sum(f["size"] for f in r.manifest["files"].values())
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
             else:
-                print(f"FAILED  {r.target:<16} {r.error}")
+                print(f"FAILED  {r.target:<16} (see the error below)")
+    for r in results:
+        if not r.ok and not args.json:
+            _error(f"[{r.target}] {r.error}")
     failed = [r for r in results if not r.ok]
     return failed[0].error.exit_code if failed else 0
 

@@ -1,0 +1,73 @@
+"""The manifest and `edgepack verify`: every flipped byte, extra file and missing file is caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgepack.manifest import MANIFEST_NAME, hash_file, verify_bundle, write_manifest
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    root = tmp_path / "bundle"
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "m.ort").write_bytes(bytes(range(256)) * 40)
+    (root / "model" / "m.onnx.data").write_bytes(b"\x01" * 5000)
+    (root / "README.md").write_text("hello\n")
+    write_manifest(root, {"target": "t"})
+    return root
+
+
+def test_hash_file_streams_sha256_and_sri(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    entry = hash_file(path)
+    assert entry["size"] == 3
+    assert entry["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert entry["integrity"].startswith("sha384-ywB1P0WjXou1oD1pmsZQBycsMqsO3tFjGotgWkP")
+
+
+def test_manifest_lists_every_file_but_itself_sorted(bundle):
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert manifest["schema"] == "edgepack.manifest/1"
+    assert list(manifest["files"]) == ["README.md", "model/m.onnx.data", "model/m.ort"]
+    assert verify_bundle(bundle).ok
+
+
+@pytest.mark.parametrize("victim", ["model/m.ort", "model/m.onnx.data", "README.md"])
+def test_verify_catches_a_flipped_byte(bundle, victim):
+    path = bundle / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = verify_bundle(bundle)
+    assert result.changed == [victim] and not result.missing and not result.extra
+
+
+def test_verify_catches_extra_and_missing_files(bundle):
+    (bundle / "model" / "m.onnx.data").unlink()
+    (bundle / "model" / "evil.onnx").write_bytes(b"x")
+    result = verify_bundle(bundle)
+    assert result.missing == ["model/m.onnx.data"]
+    assert result.extra == ["model/evil.onnx"]
+
+
+def test_verify_cli_exit_codes_and_listing(bundle, cli):
+    ok = cli("verify", bundle)
+    assert ok.returncode == 0 and "match" in ok.stdout
+    (bundle / "model" / "m.ort").write_bytes(b"tampered")
+    (bundle / "extra.txt").write_text("x")
+    bad = cli("verify", bundle, "--json")
+    assert bad.returncode == 7
+    report = json.loads(bad.stdout)
+    assert report["changed"] == ["model/m.ort"] and report["extra"] == ["extra.txt"] and not report["ok"]
+    assert "Traceback" not in bad.stderr
+
+
+def test_verify_refuses_a_folder_without_manifest(tmp_path, cli):
+    done = cli("verify", tmp_path)
+    assert done.returncode == 7
+    assert "not an edgepack bundle" in done.stderr
