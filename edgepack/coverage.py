@@ -30,6 +30,7 @@ from typing import Any
 
 import onnx
 
+from .ort_tools import load_ort_tools
 from .errors import ConversionError, EdgepackError, ProfileError
 from .profiles import Coverage
 
@@ -96,6 +97,7 @@ def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
 
 def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
     """The model as onnxruntime's usability checker sees it (see FACTS: prepare as its CLI does)."""
+    load_ort_tools()
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
 
     optimized = scratch / model_path.name
@@ -104,6 +106,7 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
 
 
 def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
+    load_ort_tools()
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
     if coverage.checker == "nnapi":
@@ -129,6 +132,7 @@ def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> Coverage
 
 
 def _coreml(model, require_fixed, *, table):
+    load_ort_tools()
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
     return uc.check_coreml_partitions(model, require_fixed, table)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..ort_tools import load_ort_tools
 from ..errors import ConversionError
 from ..job import Artifact, Job
 
@@ -86,6 +87,7 @@ def _last_error_line(log: str) -> str:
 def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: str) -> None:
     """Child-process entry: onnxruntime's converter, always with an explicit style (the default converts nothing)."""
     import onnxruntime as ort
+    load_ort_tools()
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
     def single_threaded(*args, **kwargs):

@@ -22,6 +22,7 @@ from typing import Any
 
 import onnx
 
+from ..ort_tools import load_ort_tools
 from ..errors import UsageError
 from ..job import Artifact, Job
 from ..modelinfo import describe_io, external_locations
@@ -89,6 +90,7 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
     """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files copied beside
     it (onnx.checker refuses hard-linked side files)."""
+    load_ort_tools()
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
     for name, dims in shapes.items():
