@@ -177,7 +177,7 @@ def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_fla
     out = tmp_path / "out"
     failed = _edgepack("package", model, "--target", "jetson-orin-trt", "-o", out, "-q", cwd=tmp_path)
     assert failed.returncode == 6, failed.stderr + failed.stdout
-    assert "1/3 nodes" in failed.stdout and "Det x2" in failed.stdout and "--min-accelerated-fraction" in failed.stdout
+    assert "1/3 nodes" in failed.stderr and "Det x2" in failed.stderr and "--min-accelerated-fraction" in failed.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing left behind
 
     passed = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "-o", out, "-q",
@@ -193,7 +193,7 @@ def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_fla
 
     too_many = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "-o", out, "-q", "--force",
                     "--min-accelerated-fraction", "0", "--max-partitions", "0")
-    assert too_many.returncode == 6 and "at most 0" in too_many.stdout
+    assert too_many.returncode == 6 and "at most 0" in too_many.stderr
     assert bundle.is_dir()  # the earlier bundle is left as it was
 
 
@@ -263,7 +263,7 @@ def test_package_refuses_a_bad_shape_flag_and_leaves_nothing(tmp_path, capsys):
     result = _cli(capsys, "package", "--example", "cnn", "--target", "android-nnapi", "-o", out, "-q",
                   "--input-shape", "image=1,3,32")
     assert result.returncode == 2
-    assert "rank 3, but input 'image' has rank 4" in result.stdout
+    assert "rank 3, but input 'image' has rank 4" in result.stderr
     assert not out.exists() or not any(out.iterdir())
     result = _cli(capsys, "package", "--example", "cnn", "--target", "android-nnapi", "-o", out, "-q",
                   "--input-shape", "image=1,3,32,a")
