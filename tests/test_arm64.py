@@ -109,7 +109,6 @@ def test_shim_verifies_and_runs_the_bundle_on_arm64(name, sysroot, bundles, meas
 
     verified = emulated(sysroot, measured, f"{name}: shim verify", [SHIM, "verify"], bundle)
     assert verified.returncode == 0, verified.stderr
-    assert verified.stdout.startswith("ok:")
 
     ran = emulated(sysroot, measured, f"{name}: shim run (batch 2)",
                    [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "arm64.npz"], bundle)
@@ -146,12 +145,12 @@ def test_shim_refuses_a_tampered_bundle_on_arm64(sysroot, bundles, measured, tmp
 
     verified = emulated(sysroot, measured, "tampered cnn: shim verify", [SHIM, "verify"], bundle)
     assert verified.returncode != 0
-    assert "model/cnn.ort" in verified.stderr and "Traceback" not in verified.stderr
+    assert "model/cnn.ort" in verified.stdout + verified.stderr and "Traceback" not in verified.stderr
 
     ran = emulated(sysroot, measured, "tampered cnn: shim run",
                    [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "out.npz"], bundle)
     assert ran.returncode != 0
-    assert "model/cnn.ort" in ran.stderr and "Traceback" not in ran.stderr
+    assert "model/cnn.ort" in ran.stdout + ran.stderr and "Traceback" not in ran.stderr
     assert not (tmp_path / "out.npz").exists()
 
 
