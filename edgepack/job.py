@@ -39,6 +39,10 @@ class Options:
     sample_inputs: Path | None = None
     quantize: str | None = None
     """None: the profile's default recipe."""
+    freeze: bool = False
+    """Also build a PyInstaller executable of the shim beside each python bundle (edgepack/freeze.py)."""
+    onefile: bool = False
+    """With ``freeze``: one self-extracting file instead of a folder."""
 
 
 @dataclass(frozen=True)
