@@ -39,7 +39,6 @@ import hashlib
 import json
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -200,8 +199,16 @@ def verify_bundle(bundle: Path) -> dict:
 # --- the runtime: version range, providers and their options ---------------------------------------
 
 
+SIMPLE_CLAUSE = re.compile(r"(~=|==|!=|<=|>=|<|>)\s*\d+(\.\d+)*(\.\*)?")
+
+
 def version_satisfies(version: str, spec: str) -> bool:
-    """PEP 440 check with `packaging` (installed with onnxruntime); a small parser when it is absent."""
+    """PEP 440 check. Plain releases against plain clauses (">=1.20,<2", "==1.31.*") are compared here:
+    importing `packaging` costs more start-up time than the rest of the check. Anything else (pre-releases,
+    local versions) goes to `packaging`, installed with onnxruntime; the small parser is the last resort."""
+    clauses = [c.strip() for c in spec.split(",") if c.strip()]
+    if re.fullmatch(r"\d+(\.\d+)*", version) and all(SIMPLE_CLAUSE.fullmatch(c) for c in clauses):
+        return _simple_satisfies(version, spec)
     try:
         from packaging.specifiers import InvalidSpecifier, SpecifierSet
         from packaging.version import InvalidVersion, Version
@@ -812,6 +819,7 @@ def _dims(pairs: list) -> dict:
 
 def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = 16 << 20):
     """A minimal JSON endpoint: ``POST /run`` {"inputs": {...}} -> {"outputs": {...}}; ``GET /info``, ``GET /health``."""
+    import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     info = {"target": model.manifest.get("target"), "inputs": model.inputs, "outputs": model.outputs,

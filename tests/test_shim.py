@@ -378,10 +378,18 @@ def test_runtime_out_of_range_is_refused_with_the_install_command(bundles, tmp_p
 
 
 @pytest.mark.parametrize("spec", [">=1.20", ">=1.20,<2", "==1.31.*", "==1.30.*", "~=1.31.0", "~=1.30", "!=1.31.1",
-                                  "<1.31.1", "<=1.31.1", ">1.31", "==1.31.1", ">=99", "~=2.0"])
+                                  "<1.31.1", "<=1.31.1", ">1.31", "==1.31.1", ">=99", "~=2.0", "!=1.31.*", "> 1.2"])
 @pytest.mark.parametrize("version", ["1.31.1", "1.20.0", "1.31", "2.1.0"])
-def test_version_fallback_parser_agrees_with_packaging(spec, version):
-    assert shim._simple_satisfies(version, spec) == shim.version_satisfies(version, spec)
+def test_version_parser_agrees_with_packaging(spec, version):
+    from packaging.specifiers import SpecifierSet
+
+    assert shim._simple_satisfies(version, spec) == SpecifierSet(spec).contains(version, prereleases=True)
+    assert shim.version_satisfies(version, spec) == SpecifierSet(spec).contains(version, prereleases=True)
+
+
+def test_pre_releases_are_compared_by_packaging():
+    assert shim.version_satisfies("1.32.0.dev20260101", ">=1.20")
+    assert not shim.version_satisfies("1.20.0rc1", ">=1.20")
 
 
 def test_strict_providers_refuse_a_missing_preferred_provider(bundles, tmp_path):
@@ -412,7 +420,7 @@ def test_tensorrt_options_are_built_from_the_manifest(bundles, tmp_path):
     assert options["trt_timing_cache_enable"] == "True" and options["trt_timing_cache_path"] == folder
     assert "tensorrt_version" not in options and "trt_int8_enable" not in options
     assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
-        "image:1x3x32x32", "image:1x3x32x32", "image:16x3x32x32")
+        "image:1x3x32x32", "image:1x3x32x32", "image:8x3x32x32")  # batch: [1, 1, 8] in the profile
     assert all(isinstance(v, str) for v in options.values())
     # another GPU or TensorRT version never reads these engines
     other = shim.tensorrt_options(trt["options"], inputs=manifest["model"]["inputs"], precision="fp32",
