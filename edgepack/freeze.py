@@ -199,7 +199,10 @@ def _run(command: list[str], what: str, env: dict | None = None) -> None:
 
 def freeze_result(result, profile: Profile, *, onefile: bool, force: bool, progress: Callable[[str], None]):
     """Freeze a packaged python bundle; a failure marks the result failed (the bundle itself stays)."""
-    if not result.ok or profile.bundle.kind != "python":
+    if not result.ok:
+        return result
+    if profile.bundle.kind != "python":
+        progress(f"[{profile.name}] freeze: skipped, a {profile.bundle.kind} bundle has no Python shim")
         return result
     try:
         result.frozen = freeze_bundle(result.bundle, profile, onefile=onefile, force=force, progress=progress)

@@ -24,7 +24,7 @@ What it guarantees:
   manifest's ``strict_providers``) it is refused instead of silently falling back to the CPU.
 - Inputs are checked by name, dtype (lossless casts only), rank and fixed dims before running.
 
-Exit codes: 0 ok, 1 internal error, 2 usage or bad inputs, 4 onnxruntime or providers do not match the
+Exit codes: 0 ok, 1 other errors, 2 usage or bad inputs, 4 onnxruntime or providers do not match the
 bundle, 5 onnxruntime failed to load or run the model, 7 the bundle's files do not match its manifest.
 """
 
@@ -40,6 +40,7 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,10 +141,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
 class VerifyReport:
-    def __init__(self, bundle: Path, checked: int, changed: list, missing: list, extra: list):
-        self.bundle, self.checked = bundle, checked
-        self.changed, self.missing, self.extra = changed, missing, extra
+    bundle: Path
+    checked: int
+    changed: list
+    missing: list
+    extra: list
 
     @property
     def ok(self) -> bool:
@@ -327,18 +331,24 @@ def tensorrt_options(options: dict, *, inputs: list, precision: str, model_sha25
     result = {key: option_text(value) for key, value in options.items() if key not in TENSORRT_META}
     if "int8" in precision.lower() and "trt_int8_enable" not in options:
         result["trt_int8_enable"] = "True"
-    if options.get("trt_engine_cache_enable") or options.get("trt_timing_cache_enable"):
+    engine_cache, timing_cache = _enabled(options.get("trt_engine_cache_enable")), _enabled(options.get("trt_timing_cache_enable"))
+    if engine_cache or timing_cache:
         key = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-trt{trt_version}").strip("-")
         folder = str(Path(cache_dir) / "tensorrt" / key / model_sha256[:16])
-        if options.get("trt_engine_cache_enable"):
+        if engine_cache:
             result["trt_engine_cache_path"] = folder
-        if options.get("trt_timing_cache_enable"):
+        if timing_cache:
             result["trt_timing_cache_path"] = folder
     result.update(tensorrt_profile_shapes(inputs, options.get("dynamic_dims") or {}))
     return result
 
 
+def _enabled(value) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true")
+
+
 def gpu_name() -> str:
+    """The GPU's name for the TensorRT cache key (nvidia-smi, else the board's name on a Jetson)."""
     import subprocess
 
     try:
@@ -355,6 +365,8 @@ def gpu_name() -> str:
 
 
 def tensorrt_library_version(profile_value: str | None) -> str:
+    """TensorRT's version for the cache key: the Python package's, else libnvinfer's version number,
+    else the one the profile names."""
     from importlib import metadata
 
     try:
@@ -400,7 +412,7 @@ def _make_cache_dirs(options: dict) -> None:
             try:
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ShimError(f"cannot create the TensorRT cache folder {options[key]}: {exc.strerror}; "
+                raise UsageError(f"cannot create the TensorRT cache folder {options[key]}: {exc.strerror}; "
                                 "set EDGEPACK_CACHE_DIR to a writable folder") from None
 
 
