@@ -557,9 +557,10 @@ def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: 
     available = ort.get_available_providers()
     if strict and wanted[0] not in available:
         raise RuntimeMismatch(f"the preferred provider {wanted[0]} is not in this onnxruntime "
-                              f"(available: {', '.join(available)}) and strict providers are on; "
-                              f"install {manifest['runtime'].get('package', 'onnxruntime')} with {wanted[0]}, "
-                              "or drop --strict-providers to allow a fallback")
+                              f"(available: {', '.join(available)}) and strict providers are on "
+                              "(--strict-providers or the bundle's strict_providers); install "
+                              f"{manifest['runtime'].get('package', 'onnxruntime')} with {wanted[0]}, "
+                              "or choose providers with --providers")
     plan = provider_plan(manifest, available, providers=providers, cache_dir=cache_dir)
     path = str(bundle / manifest["model"]["file"])
     options = session_options(ort, manifest)
