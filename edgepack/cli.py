@@ -23,7 +23,8 @@ examples:
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
-runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed.
+runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed,
+8 --freeze failed or must run on the device (the bundle itself is ready).
 """
 
 
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="coverage gate: least share of nodes on the accelerator, 0..1 (default: the profile's)")
     package.add_argument("--max-partitions", type=int, metavar="N",
                          help="coverage gate: most accelerator partitions (default: the profile's)")
+    package.add_argument("--freeze", action="store_true",
+                         help="also build a standalone executable of the shim beside each python bundle "
+                         "(<bundle>.frozen/, PyInstaller onedir, from a runtime-only environment)")
+    package.add_argument("--onefile", action="store_true", help="with --freeze: one self-extracting file (slower start)")
     package.set_defaults(handler=_cmd_package)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
@@ -136,7 +141,10 @@ def _cmd_package(args) -> int:
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize)
+    if args.onefile and not args.freeze:
+        raise UsageError("--onefile only applies with --freeze")
+    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
+                      freeze=args.freeze, onefile=args.onefile)
     options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
@@ -155,6 +163,8 @@ def _cmd_package(args) -> int:
             if r.ok:
                 size = sum(f["size"] for f in r.manifest["files"].values())
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
+                if r.frozen:
+                    print(f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)")
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:

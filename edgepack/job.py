@@ -47,6 +47,10 @@ class Options:
     """None: the profile's coverage.min_accelerated_fraction."""
     max_partitions: int | None = None
     """None: the profile's coverage.max_partitions."""
+    freeze: bool = False
+    """Also build a PyInstaller executable of the shim beside each python bundle (edgepack/freeze.py)."""
+    onefile: bool = False
+    """With ``freeze``: one self-extracting file instead of a folder."""
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@
 (POSIX paths relative to the root) with ``size``, ``sha256`` and ``integrity`` (a Subresource
 Integrity ``sha384-`` string for browsers). It is written with sorted keys and no timestamp, so
 packaging the same input twice gives the same bytes (``SOURCE_DATE_EPOCH`` adds a ``created`` date).
+``manifest_sha256`` is the manifest's own checksum: the SHA-256 of manifest.json with that value written
+as 64 zeros, so a changed byte anywhere in the manifest is caught too.
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import VerificationError
 
-__all__ = ["MANIFEST_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle"]
+__all__ = ["MANIFEST_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
+           "SEAL_KEY", "seal_matches"]
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "edgepack.manifest/1"
 _CHUNK = 1 << 20
+SEAL_KEY = "manifest_sha256"
+_SEAL_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
+_BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
 
 
 def hash_file(path: Path) -> dict[str, Any]:
@@ -60,9 +67,18 @@ def write_manifest(bundle: Path, content: dict[str, Any]) -> dict[str, Any]:
     if epoch and epoch.isdigit():
         created = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
         manifest["created"] = created.isoformat()
-    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    (bundle / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    manifest[SEAL_KEY] = "0" * 64
+    data = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    manifest[SEAL_KEY] = hashlib.sha256(data).hexdigest()
+    data = _SEAL_FIELD.sub(b'"manifest_sha256": "' + manifest[SEAL_KEY].encode() + b'"', data)
+    (bundle / MANIFEST_NAME).write_bytes(data)
     return manifest
+
+
+def seal_matches(raw: bytes) -> bool:
+    """True when manifest.json (its bytes) still has the checksum it was written with."""
+    found = _SEAL_FIELD.findall(raw)
+    return len(found) == 1 and hashlib.sha256(_SEAL_FIELD.sub(_BLANK_SEAL, raw)).hexdigest() == found[0].decode()
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
@@ -107,6 +123,8 @@ def verify_bundle(bundle: Path) -> VerifyResult:
     expected: dict[str, dict] = manifest["files"]
     present = list_files(bundle)
     result = VerifyResult(bundle=bundle)
+    if not seal_matches((bundle / MANIFEST_NAME).read_bytes()):
+        result.changed.append(MANIFEST_NAME)
     result.extra = [rel for rel in present if rel not in expected]
     for rel, entry in sorted(expected.items()):
         path = bundle / rel

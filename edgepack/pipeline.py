@@ -60,6 +60,8 @@ class Result:
     manifest: dict[str, Any] | None = None
     error: EdgepackError | None = None
     seconds: float = 0.0
+    frozen: dict[str, Any] | None = None
+    """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"target": self.target, "bundle": str(self.bundle), "ok": self.ok,
@@ -68,6 +70,8 @@ class Result:
             data["bytes"] = sum(f["size"] for f in self.manifest["files"].values())
             data["model"] = self.manifest["model"]["file"]
             data["self_test"] = next(r for r in self.manifest["stages"] if r["stage"] == "self_test")["summary"]
+        if self.frozen:
+            data["frozen"] = self.frozen
         if self.error:
             data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
                              "exit_code": self.error.exit_code}
@@ -91,6 +95,11 @@ def package_model(
     name = name or model.stem
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
     existing = [str(d) for d in destinations.values() if d.exists()]
+    if options.freeze:
+        from .freeze import frozen_path
+
+        existing += [str(frozen_path(destinations[p.name])) for p in profiles
+                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
@@ -103,6 +112,11 @@ def package_model(
             workdir = Path(scratch) / profile.name
             workdir.mkdir()
             results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
+        if options.freeze:
+            from .freeze import freeze_result
+
+            results = [freeze_result(r, p, onefile=options.onefile, force=options.force, progress=progress)
+                       for r, p in zip(results, profiles)]
         return results
 
 

@@ -1,15 +1,31 @@
-"""Run an edgepack bundle on the device: verify its checksums, then load and run its model.
+"""Run an edgepack bundle on the device: verify its files, then load and run its model.
 
-Needs only the Python standard library, numpy and onnxruntime. Usage:
+Needs only the Python standard library, numpy and onnxruntime. From inside the bundle folder:
 
-    python edgepack_shim.py verify
-    python edgepack_shim.py run inputs.npz -o outputs.npz
+    python edgepack_shim.py info                        # model I/O, target, providers wanted vs available
+    python edgepack_shim.py verify                      # every file's checksum against manifest.json
+    python edgepack_shim.py run inputs.npz -o out.npz   # .npy for a single-input model; --json prints a summary
+    python edgepack_shim.py bench --runs 200            # first-run time, p50/p90/p99 latency, throughput
+    python edgepack_shim.py serve --port 8080           # HTTP JSON endpoint on 127.0.0.1
 
 or from Python:
 
     import edgepack_shim
     model = edgepack_shim.load("path/to/bundle")
-    outputs = model.run({"input": x})
+    outputs = model.run({"input": x})      # safe to call from several threads
+
+What it guarantees:
+- Nothing is loaded before every file listed in manifest.json has been checked (size and SHA-256, read
+  in chunks) and the manifest's own checksum matches; a changed, missing or extra file is refused by
+  name. ``--no-verify`` skips this and says it is unsafe.
+- The installed onnxruntime must be in the bundle's version range; if not, it says what to install.
+- The session is built from the manifest (ORT format, session options, execution providers in order
+  with their options). A missing preferred provider is reported; with ``--strict-providers`` (or the
+  manifest's ``strict_providers``) it is refused instead of silently falling back to the CPU.
+- Inputs are checked by name, dtype (lossless casts only), rank and fixed dims before running.
+
+Exit codes: 0 ok, 1 other errors, 2 usage or bad inputs, 4 onnxruntime or providers do not match the
+bundle, 5 onnxruntime failed to load or run the model, 7 the bundle's files do not match its manifest.
 """
 
 from __future__ import annotations
@@ -21,123 +37,964 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime is imp
 import argparse
 import hashlib
 import json
+import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 MANIFEST = "manifest.json"
 SCHEMA = "edgepack.manifest/1"
-HERE = Path(__file__).resolve().parent
+SEAL_KEY = "manifest_sha256"
+"""The manifest's own checksum: SHA-256 of manifest.json with this value written as 64 zeros."""
+CHUNK = 1 << 20
+CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 
 
 class ShimError(Exception):
-    """A problem with the bundle or the inputs, stated for the person at the device."""
+    """A problem with the bundle, the runtime or the inputs, stated for the person at the device."""
+
+    exit_code = 1
 
 
-def read_manifest(bundle: Path) -> dict:
+class UsageError(ShimError):
+    exit_code = 2
+
+
+class InputError(UsageError):
+    """The inputs given to ``run`` do not fit the model."""
+
+
+class RuntimeMismatch(ShimError):
+    """The installed onnxruntime (version or providers) is not what the bundle needs."""
+
+    exit_code = 4
+
+
+class ModelError(ShimError):
+    """onnxruntime failed to load or run the model."""
+
+    exit_code = 5
+
+
+class VerificationError(ShimError):
+    exit_code = 7
+
+
+def default_bundle() -> Path:
+    """The folder of this script; for a frozen executable in ``<bundle>.frozen/``, that ``<bundle>``."""
+    if getattr(sys, "frozen", False):
+        for parent in Path(sys.executable).resolve().parents:
+            if parent.name.endswith(".frozen"):
+                return parent.with_name(parent.name[: -len(".frozen")])
+        return Path.cwd()
+    return Path(__file__).resolve().parent
+
+
+# --- the bundle: manifest and checksums ---------------------------------------------------------
+
+
+def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
+    """The parsed manifest. With ``check_seal``, any changed byte of manifest.json is refused."""
+    path = Path(bundle) / MANIFEST
     try:
-        manifest = json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        manifest = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise VerificationError(f"{bundle}: no {MANIFEST} here, so this is not an edgepack bundle "
+                                "(pass --bundle FOLDER)") from None
     except (OSError, ValueError) as exc:
-        raise ShimError(f"{bundle}: cannot read {MANIFEST}: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or not isinstance(manifest.get("files"), dict):
-        raise ShimError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
+        raise VerificationError(f"{bundle}: changed: {MANIFEST} (unreadable: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise VerificationError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
+    if check_seal and not seal_matches(raw, manifest):
+        raise VerificationError(f"{bundle}: changed: {MANIFEST} (its own checksum does not match)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(_safe_entry(rel, entry) for rel, entry in files.items()):
+        raise VerificationError(f"{bundle}: {MANIFEST} has a missing, malformed or unsafe 'files' list")
     return manifest
+
+
+def seal_matches(raw: bytes, manifest: dict) -> bool:
+    field = re.compile(rb'"' + SEAL_KEY.encode() + rb'": "([0-9a-f]{64})"')
+    found = field.findall(raw)
+    if len(found) != 1 or manifest.get(SEAL_KEY) != found[0].decode():
+        return False
+    blanked = field.sub(b'"' + SEAL_KEY.encode() + b'": "' + b"0" * 64 + b'"', raw)
+    return hashlib.sha256(blanked).hexdigest() == found[0].decode()
+
+
+def _safe_entry(rel, entry) -> bool:
+    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel
+            and ".." not in rel.split("/") and isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int))
 
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def verify(bundle: Path, manifest: dict) -> None:
-    """Refuse a bundle whose files differ from the manifest: changed, missing or extra."""
-    problems = []
+@dataclass
+class VerifyReport:
+    bundle: Path
+    checked: int
+    changed: list
+    missing: list
+    extra: list
+
+    @property
+    def ok(self) -> bool:
+        return not (self.changed or self.missing or self.extra)
+
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle), "ok": self.ok, "checked": self.checked,
+                "changed": self.changed, "missing": self.missing, "extra": self.extra}
+
+    def problems(self) -> str:
+        return "; ".join(f"{kind}: {rel}" for kind in ("changed", "missing", "extra") for rel in getattr(self, kind))
+
+
+def check_files(bundle: Path, manifest: dict) -> VerifyReport:
+    """Compare every file below ``bundle`` with the manifest's ``files`` (size first, then SHA-256)."""
     expected = manifest["files"]
+    changed, missing = [], []
     for rel, entry in sorted(expected.items()):
         path = bundle / rel
-        if not path.is_file() or path.is_symlink():
-            problems.append(f"missing: {rel}")
-        elif path.stat().st_size != entry.get("size") or sha256_of(path) != entry.get("sha256"):
-            problems.append(f"changed: {rel}")
-    for dirpath, _, filenames in os.walk(bundle):
-        for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(bundle).as_posix()
-            if rel != MANIFEST and rel not in expected and "__pycache__" not in rel:
-                problems.append(f"extra: {rel}")
-    if problems:
-        raise ShimError(f"{bundle}: bundle does not match its manifest:\n  " + "\n  ".join(problems))
+        if path.is_symlink() or not path.is_file():
+            missing.append(rel)
+        elif path.stat().st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
+            changed.append(rel)
+    extra = []
+    for dirpath, dirnames, filenames in os.walk(bundle):
+        base = Path(dirpath)
+        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(bundle).as_posix()
+            if rel != MANIFEST and rel not in expected and not _own_bytecode(rel):
+                extra.append(rel)
+    return VerifyReport(bundle, len(expected) - len(missing), changed, missing, sorted(extra))
+
+
+def _own_bytecode(rel: str) -> bool:
+    # `import edgepack_shim` from the bundle folder writes this before any of our code runs
+    return re.fullmatch(r"__pycache__/edgepack_shim\.[\w.-]+\.pyc", rel) is not None
+
+
+def verify_bundle(bundle: Path) -> dict:
+    """Check the manifest and every file; return the manifest or raise VerificationError naming each problem."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    report = check_files(bundle, manifest)
+    if not report.ok:
+        raise VerificationError(f"{bundle}: the bundle does not match its manifest: {report.problems()}")
+    model = manifest.get("model", {})
+    for rel in [model.get("file")] + list(model.get("external_data") or []):
+        if rel not in manifest["files"]:
+            raise VerificationError(f"{bundle}: {MANIFEST} does not checksum the model file {rel!r}")
+    return manifest
+
+
+# --- the runtime: version range, providers and their options ---------------------------------------
+
+
+SIMPLE_CLAUSE = re.compile(r"(~=|==|!=|<=|>=|<|>)\s*\d+(\.\d+)*(\.\*)?")
+
+
+def version_satisfies(version: str, spec: str) -> bool:
+    """PEP 440 check. Plain releases against plain clauses (">=1.20,<2", "==1.31.*") are compared here:
+    importing `packaging` costs more start-up time than the rest of the check. Anything else (pre-releases,
+    local versions) goes to `packaging`, installed with onnxruntime; the small parser is the last resort."""
+    clauses = [c.strip() for c in spec.split(",") if c.strip()]
+    if re.fullmatch(r"\d+(\.\d+)*", version) and all(SIMPLE_CLAUSE.fullmatch(c) for c in clauses):
+        return _simple_satisfies(version, spec)
+    try:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        return _simple_satisfies(version, spec)
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        raise RuntimeMismatch(f"cannot compare onnxruntime {version} with the bundle's range {spec!r}") from None
+
+
+def _release(version: str) -> tuple:
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    if not match:
+        raise RuntimeMismatch(f"cannot read the version {version!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def _simple_satisfies(version: str, spec: str) -> bool:
+    have = _release(version)
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        match = re.fullmatch(r"(~=|===|==|!=|<=|>=|<|>)\s*(\S+)", clause)
+        if not match:
+            raise RuntimeMismatch(f"cannot read the bundle's version range {spec!r}")
+        op, text = match.groups()
+        if text.endswith(".*") and op in ("==", "!="):
+            prefix = _release(text[:-2])
+            same = have[: len(prefix)] + (0,) * max(0, len(prefix) - len(have)) == prefix
+            if same != (op == "=="):
+                return False
+            continue
+        want = _release(text)
+        width = max(len(have), len(want))
+        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+        ok = {"==": a == b, "===": a == b, "!=": a != b, "<=": a <= b, ">=": a >= b, "<": a < b, ">": a > b,
+              "~=": a >= b and have[: len(want) - 1] == want[: len(want) - 1]}[op]
+        if not ok:
+            return False
+    return True
+
+
+def check_runtime_version(manifest: dict, installed: str) -> None:
+    runtime = manifest["runtime"]
+    package, spec = runtime.get("package", "onnxruntime"), runtime.get("version", "")
+    if spec and not version_satisfies(installed, spec):
+        if getattr(sys, "frozen", False):
+            fix = f"rebuild this executable with {package}{spec} (edgepack package ... --freeze)"
+        else:
+            fix = f"run: {Path(sys.executable).name} -m pip install '{package}{spec}'"
+        raise RuntimeMismatch(f"onnxruntime {installed} is installed but this bundle needs {package}{spec}; {fix}")
+
+
+def cache_root() -> Path:
+    """A writable folder outside the bundle (whose files are checksummed): $EDGEPACK_CACHE_DIR or ~/.cache/edgepack."""
+    if os.environ.get("EDGEPACK_CACHE_DIR"):
+        return Path(os.environ["EDGEPACK_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgepack"
+
+
+def option_text(value) -> str:
+    """onnxruntime takes provider options as strings ("True", "2", "a,b")."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(option_text(v) for v in value)
+    return str(value)
+
+
+DIM_RANGE_FIRST = (1, 1, 16)
+DIM_RANGE_OTHER = (1, 128, 512)
+"""min/opt/max for a dynamic dim the profile's ``dynamic_dims`` does not name: the first axis
+(batch) and any other axis (sequence, image side)."""
+
+TENSORRT_META = ("tensorrt_version", "dynamic_dims")
+"""Keys of the profile's TensorRT options that describe the device for this shim; not passed to onnxruntime."""
+
+
+def tensorrt_profile_shapes(inputs: list, dynamic_dims: dict) -> dict:
+    """``trt_profile_{min,opt,max}_shapes`` for every input with a dynamic dim, e.g. ``"ids:1x1,mask:1x1"``."""
+    rows = {"min": [], "opt": [], "max": []}
+    for spec in inputs:
+        shape = spec.get("shape")
+        if not shape or all(isinstance(d, int) and d > 0 for d in shape):
+            continue
+        dims = []
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, int) and dim > 0:
+                dims.append((dim, dim, dim))
+            elif isinstance(dim, str) and dim in dynamic_dims:
+                dims.append(_dim_range(dim, dynamic_dims[dim]))
+            else:
+                dims.append(DIM_RANGE_FIRST if axis == 0 else DIM_RANGE_OTHER)
+        for i, key in enumerate(("min", "opt", "max")):
+            rows[key].append(f"{spec['name']}:" + "x".join(str(d[i]) for d in dims))
+    return {f"trt_profile_{key}_shapes": ",".join(row) for key, row in rows.items() if row}
+
+
+def _dim_range(name: str, value) -> tuple:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, int) for v in value)
+            or not 1 <= value[0] <= value[1] <= value[2]):
+        raise ShimError(f"the manifest's TensorRT dynamic_dims[{name!r}] must be [min, opt, max] with "
+                        f"1 <= min <= opt <= max, found {value!r}")
+    return tuple(value)
+
+
+def tensorrt_options(options: dict, *, inputs: list, precision: str, model_sha256: str,
+                     cache_dir: Path, gpu: str, trt_version: str) -> dict:
+    """TensorRT provider options from the profile's, as data (no GPU needed to compute them).
+
+    - ``trt_*`` options pass through as strings; INT8 is switched on for an int8 (QDQ) model unless the
+      profile says otherwise.
+    - Engine and timing caches go to ``cache_dir/tensorrt/<gpu>-trt<version>/<model>``: an engine is only
+      valid for the GPU and TensorRT version that built it, and the bundle folder itself stays read-only.
+    - Dynamic dims get an explicit optimization profile (min/opt/max), so TensorRT builds one engine for
+      the whole range instead of rebuilding when a shape changes.
+    """
+    result = {key: option_text(value) for key, value in options.items() if key not in TENSORRT_META}
+    if "int8" in precision.lower() and "trt_int8_enable" not in options:
+        result["trt_int8_enable"] = "True"
+    engine_cache, timing_cache = _enabled(options.get("trt_engine_cache_enable")), _enabled(options.get("trt_timing_cache_enable"))
+    if engine_cache or timing_cache:
+        key = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-trt{trt_version}").strip("-")
+        folder = str(Path(cache_dir) / "tensorrt" / key / model_sha256[:16])
+        if engine_cache:
+            result["trt_engine_cache_path"] = folder
+        if timing_cache:
+            result["trt_timing_cache_path"] = folder
+    result.update(tensorrt_profile_shapes(inputs, options.get("dynamic_dims") or {}))
+    return result
+
+
+def _enabled(value) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true")
+
+
+def gpu_name() -> str:
+    """The GPU's name for the TensorRT cache key (nvidia-smi, else the board's name on a Jetson)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:  # Jetson boards have no nvidia-smi on older JetPacks; the board names its GPU
+        return Path("/proc/device-tree/model").read_text(errors="replace").strip("\x00\n ")
+    except OSError:
+        return "unknown-gpu"
+
+
+def tensorrt_library_version(profile_value: str | None) -> str:
+    """TensorRT's version for the cache key: the Python package's, else libnvinfer's version number,
+    else the one the profile names."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tensorrt")
+    except metadata.PackageNotFoundError:
+        pass
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            return str(ctypes.CDLL(name).getInferLibVersion())
+        except (OSError, AttributeError):
+            continue
+    return profile_value or "unknown"
+
+
+def provider_plan(manifest: dict, available: list, *, providers=None, cache_dir: Path | None = None) -> list:
+    """[(name, options)] to try, in the manifest's order, keeping those this onnxruntime build has."""
+    declared = {ep["name"]: ep.get("options") or {} for ep in manifest["runtime"]["execution_providers"]}
+    wanted = list(providers) if providers else list(declared)
+    plan = []
+    for name in wanted:
+        if name not in available:
+            continue
+        options = declared.get(name, {})
+        if name == TENSORRT:
+            model = manifest["model"]
+            folder = Path(cache_dir) if cache_dir else cache_root()
+            options = tensorrt_options(options, inputs=model["inputs"], precision=model.get("precision", "fp32"),
+                                       model_sha256=manifest["files"][model["file"]]["sha256"],
+                                       cache_dir=folder, gpu=gpu_name(),
+                                       trt_version=tensorrt_library_version(options.get("tensorrt_version")))
+            _make_cache_dirs(options)
+        else:
+            options = {key: option_text(value) for key, value in options.items()}
+        plan.append((name, options))
+    return plan or [(CPU, {})]
+
+
+def _make_cache_dirs(options: dict) -> None:
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        if key in options:
+            try:
+                Path(options[key]).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"cannot create the TensorRT cache folder {options[key]}: {exc.strerror}; "
+                                "set EDGEPACK_CACHE_DIR to a writable folder") from None
+
+
+GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(ort, manifest: dict):
+    settings = manifest["runtime"].get("session_options", {})
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fallbacks are reported by this shim, once
+    options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
+    level = settings.get("graph_optimization_level", "all")
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[level])
+    entries = dict(settings.get("config_entries") or {})
+    model = manifest["model"]
+    if model.get("format") == "ort":
+        entries.setdefault("session.load_model_format", "ORT")
+    if model.get("ort_style") == "Runtime":
+        # without it onnxruntime silently ignores the optimizations saved in a Runtime-style .ort
+        entries.setdefault("session.enable_saved_runtime_optimizations", "1")
+    for key, value in entries.items():
+        options.add_session_config_entry(key, str(value))
+    return options
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def _numpy_dtype(name):
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None  # e.g. bfloat16: onnxruntime checks it
+
+
+def lossless(source: np.dtype, target: np.dtype) -> bool:
+    """True when every value of ``source`` is exactly representable in ``target``."""
+    if not np.can_cast(source, target, casting="safe"):
+        return False
+    if source.kind in "iu" and target.kind == "f":  # numpy calls int64 -> float64 safe; it is not above 2**53
+        return np.iinfo(source).bits - (source.kind == "i") <= np.finfo(target).nmant + 1
+    return True
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_feeds(specs: list, feeds) -> dict:
+    """The inputs as arrays onnxruntime takes, or one InputError saying what is wrong."""
+    if not hasattr(feeds, "keys"):
+        raise InputError(f"inputs must be a mapping of input name to array, got {type(feeds).__name__}")
+    names = [spec["name"] for spec in specs]
+    unknown = [str(key) for key in feeds.keys() if key not in names]
+    if unknown:
+        raise InputError(f"unknown input {', '.join(map(repr, unknown))}: the model's inputs are {', '.join(names)}")
+    missing = [name for name in names if name not in feeds]
+    if missing:
+        raise InputError(f"missing input {', '.join(map(repr, missing))}: the model's inputs are {', '.join(names)}")
+    arrays, sizes = {}, {}
+    for spec in specs:
+        arrays[spec["name"]] = _check_input(spec, feeds[spec["name"]], sizes)
+    return arrays
+
+
+def _check_input(spec: dict, value, sizes: dict) -> np.ndarray:
+    name, shape = spec["name"], spec.get("shape")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"input {name!r} is not an array: {exc}") from None
+    want = _numpy_dtype(spec["dtype"])
+    if want is not None and array.dtype != want:
+        if not lossless(array.dtype, want):
+            raise InputError(f"input {name!r} must be {want}, got {array.dtype}: only lossless casts are made "
+                             f"(convert it yourself, e.g. x.astype('{want}'), if that is what you mean)")
+        array = array.astype(want)
+    if shape is not None:
+        if array.ndim != len(shape):
+            raise InputError(f"input {name!r} must have {len(shape)} dims {_shape_text(shape)}, "
+                             f"got {array.ndim}: {tuple(array.shape)}")
+        for axis, (dim, size) in enumerate(zip(shape, array.shape)):
+            if isinstance(dim, int) and dim > 0 and size != dim:
+                raise InputError(f"input {name!r} dim {axis} must be {dim} (shape {_shape_text(shape)}), "
+                                 f"got {size}: {tuple(array.shape)}")
+            if isinstance(dim, str):
+                first = sizes.setdefault(dim, (size, name))
+                if first[0] != size:
+                    raise InputError(f"input {name!r} dim {axis} ({dim!r}) is {size} but {dim!r} is "
+                                     f"{first[0]} in input {first[1]!r}")
+    return np.ascontiguousarray(array)
 
 
 class Model:
-    def __init__(self, bundle: Path, manifest: dict, session):
+    """A verified bundle's model in an onnxruntime session. ``run`` is safe to call from several threads:
+    onnxruntime sessions allow concurrent runs and nothing here changes after loading."""
+
+    def __init__(self, bundle: Path, manifest: dict, session, wanted: list, fallback: str | None):
         self.bundle = bundle
         self.manifest = manifest
         self.session = session
         self.inputs = manifest["model"]["inputs"]
         self.outputs = manifest["model"]["outputs"]
+        self.output_names = [o["name"] for o in self.outputs]
+        self.wanted_providers = wanted
         self.providers = session.get_providers()
+        """The providers actually active, best first."""
+        self.fallback = fallback
+        """Why the preferred provider is not active (None when it is)."""
 
-    def run(self, feeds: dict) -> dict:
-        names = [o["name"] for o in self.outputs]
-        arrays = self.session.run(names, {k: np.asarray(v) for k, v in feeds.items()})
-        return dict(zip(names, arrays))
+    def run(self, feeds) -> dict:
+        arrays = check_feeds(self.inputs, feeds)
+        try:
+            values = self.session.run(self.output_names, arrays)
+        except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
+            raise ModelError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        return dict(zip(self.output_names, values))
 
 
-def load(bundle=HERE, *, providers=None, verify_files: bool = True) -> Model:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: bool | None = None,
+         check_runtime: bool = True, cache_dir=None) -> Model:
+    """Verify ``bundle`` (default: the folder of this file), check onnxruntime, and open a session.
+
+    ``providers``: names to use instead of the manifest's list (options still come from the manifest).
+    ``strict_providers``: refuse to load unless the preferred provider is active (None: the manifest's flag).
+    ``check_runtime``: compare onnxruntime's version with the bundle's range.
+    """
+    bundle = Path(bundle) if bundle is not None else default_bundle()
+    manifest = verify_bundle(bundle) if verify else read_manifest(bundle, check_seal=False)
     import onnxruntime as ort
 
-    bundle = Path(bundle)
+    if check_runtime:
+        check_runtime_version(manifest, ort.__version__)
+    wanted = list(providers) if providers else [ep["name"] for ep in manifest["runtime"]["execution_providers"]]
+    strict = bool(manifest["runtime"].get("strict_providers")) if strict_providers is None else strict_providers
+    available = ort.get_available_providers()
+    if strict and wanted[0] not in available:
+        raise RuntimeMismatch(f"the preferred provider {wanted[0]} is not in this onnxruntime "
+                              f"(available: {', '.join(available)}) and strict providers are on "
+                              "(--strict-providers or the bundle's strict_providers); install "
+                              f"{manifest['runtime'].get('package', 'onnxruntime')} with {wanted[0]}, "
+                              "or choose providers with --providers")
+    plan = provider_plan(manifest, available, providers=providers, cache_dir=cache_dir)
+    path = str(bundle / manifest["model"]["file"])
+    options = session_options(ort, manifest)
+    fallback = None
+    try:
+        session = _session(ort, path, options, plan)
+    except Exception as exc:
+        if strict or plan == [(CPU, {})]:
+            raise ModelError(f"onnxruntime cannot load {manifest['model']['file']} with "
+                             f"{', '.join(name for name, _ in plan)}: {_first_line(exc)}") from None
+        # e.g. TensorRT is in the build but its libraries or the GPU are not there
+        fallback = f"{plan[0][0]} failed to start ({_first_line(exc)})"
+        try:
+            session = _session(ort, path, session_options(ort, manifest), [(CPU, {})])
+        except Exception as exc2:
+            raise ModelError(f"onnxruntime cannot load {manifest['model']['file']}: {_first_line(exc2)}") from None
+    active = session.get_providers()
+    if active[0] != wanted[0] and fallback is None:
+        fallback = f"{', '.join(name for name in wanted if name not in available)} not in this onnxruntime build"
+    if strict and active[0] != wanted[0]:
+        raise RuntimeMismatch(f"the preferred provider {wanted[0]} is not active ({fallback}) and strict "
+                              "providers are on")
+    return Model(bundle, manifest, session, wanted, fallback)
+
+
+def _session(ort, path: str, options, plan: list):
+    names, provider_options = [name for name, _ in plan], [opts for _, opts in plan]
+    # enable_fallback=0: onnxruntime's own silent retry on the CPU (at load and in run) is off; this shim reports it
+    session = ort.InferenceSession(path, options, providers=names, provider_options=provider_options,
+                                   enable_fallback=0)
+    session.disable_fallback()
+    return session
+
+
+# --- inputs from files and generated inputs ---------------------------------------------------------
+
+
+def read_inputs(path: Path, model: Model) -> dict:
+    """An .npz of named arrays, or an .npy for a single-input model."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read inputs from {path}: {exc}") from None
+    if isinstance(data, np.ndarray):
+        if len(model.inputs) != 1:
+            names = ", ".join(spec["name"] for spec in model.inputs)
+            raise UsageError(f"{path} holds one array but the model has {len(model.inputs)} inputs ({names}); "
+                             "use an .npz with one array per input name")
+        return {model.inputs[0]["name"]: data}
+    with data:
+        return {name: data[name] for name in data.files}
+
+
+def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
+    """Random inputs of the model's shapes: dynamic dims from ``dims`` by name, else 1 (first axis) or 8."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
+                 for axis, d in enumerate(spec.get("shape") or [])]
+        dtype = _numpy_dtype(spec["dtype"]) or np.dtype("float32")
+        if "mask" in spec["name"].lower() or dtype == np.bool_:
+            feeds[spec["name"]] = np.ones(shape, dtype=dtype)
+        elif dtype.kind in "iu":
+            feeds[spec["name"]] = rng.integers(0, 16, size=shape).astype(dtype)
+        else:
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def from_json(specs: list, values) -> dict:
+    """JSON numbers carry no dtype: read them as the input's dtype when no value changes (decimals as floats)."""
+    if not isinstance(values, dict):
+        raise InputError('the request body must be {"inputs": {"<input name>": [nested lists of numbers], ...}}')
+    by_name = {spec["name"]: spec for spec in specs}
+    feeds = {}
+    for name, value in values.items():
+        spec = by_name.get(name)
+        want = _numpy_dtype(spec["dtype"]) if spec else None
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError):
+            raise InputError(f"input {name!r}: nested lists of different lengths") from None
+        if array.dtype.kind not in "biuf" and array.size:
+            raise InputError(f"input {name!r}: expected numbers, got {array.dtype.name} values")
+        if want is not None and want.kind == "f" and array.dtype.kind in "biuf":
+            array = array.astype(want)
+        elif want is not None and want.kind in "iub" and array.dtype.kind in "biu":
+            cast = array.astype(want)
+            if not np.array_equal(cast, array):
+                raise InputError(f"input {name!r}: values do not fit {want}")
+            array = cast
+        feeds[name] = array
+    return feeds
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def describe(bundle: Path, manifest: dict) -> dict:
+    """What `info` shows: read from the manifest, plus what this device's onnxruntime offers."""
+    model, runtime = manifest["model"], manifest["runtime"]
+    wanted = [ep["name"] for ep in runtime["execution_providers"]]
+    try:
+        import onnxruntime as ort
+
+        installed, available = ort.__version__, ort.get_available_providers()
+        in_range = version_satisfies(installed, runtime.get("version", ""))
+    except ImportError:
+        installed, available, in_range = None, [], False
+    usable = [name for name in wanted if name in available] or [CPU]
+    return {
+        "bundle": str(bundle),
+        "target": manifest.get("target"),
+        "description": (manifest.get("profile") or {}).get("description", ""),
+        "model": {key: model.get(key) for key in ("file", "format", "ort_style", "precision", "ir_version", "opsets",
+                                                  "external_data")},
+        "inputs": model["inputs"],
+        "outputs": model["outputs"],
+        "runtime": {"package": runtime.get("package"), "required": runtime.get("version"),
+                    "installed": installed, "ok": in_range},
+        "providers": {"wanted": wanted, "available": available, "will_use": usable,
+                      "preferred_available": wanted[0] in available,
+                      "strict": bool(runtime.get("strict_providers"))},
+        "session_options": runtime.get("session_options", {}),
+        "files": len(manifest["files"]),
+    }
+
+
+def cmd_info(args) -> int:
+    bundle = Path(args.bundle)
+    info = describe(bundle, read_manifest(bundle, check_seal=False))
+    if args.json:
+        return _print_json(info)
+    model, runtime, providers = info["model"], info["runtime"], info["providers"]
+    style = f", {model['ort_style']} style" if model.get("ort_style") else ""
+    installed = runtime["installed"] or "not installed"
+    rows = [
+        ("bundle", f"{bundle} (target {info['target']})"),
+        ("", info["description"]),
+        ("model", f"{model['file']} ({model['format']}{style}, {model['precision']}), IR {model['ir_version']}, "
+                  f"opsets {', '.join(f'{k} {v}' for k, v in (model['opsets'] or {}).items())}"),
+        *[("input", f"{io['name']}: {io['dtype']} {_shape_text(io['shape'] or [])}") for io in info["inputs"]],
+        *[("output", f"{io['name']}: {io['dtype']} {_shape_text(io['shape'] or [])}") for io in info["outputs"]],
+        ("runtime", f"needs {runtime['package']}{runtime['required']}; installed {installed} "
+                    f"({'ok' if runtime['ok'] else 'DOES NOT MATCH'})"),
+        ("providers", f"wanted {', '.join(providers['wanted'])}"),
+        ("", f"available {', '.join(providers['available']) or '-'}"),
+        ("", f"will use {', '.join(providers['will_use'])}" + ("" if providers["preferred_available"] else
+             f" ({providers['wanted'][0]} missing: {'refused' if providers['strict'] else 'fallback'})")),
+        ("files", f"{info['files']} listed in {MANIFEST} (not checked here: run `verify`)"),
+    ]
+    for label, text in rows:
+        print(f"{label:<10} {text}".rstrip())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    bundle = Path(args.bundle)
     manifest = read_manifest(bundle)
-    if verify_files:
-        verify(bundle, manifest)
-    runtime = manifest["runtime"]
-    settings = runtime["session_options"]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(settings.get("intra_op_num_threads", 0))
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[settings.get("graph_optimization_level", "all")]
-    for key, value in settings.get("config_entries", {}).items():
-        options.add_session_config_entry(key, str(value))
-    if providers is None:
-        available = set(ort.get_available_providers())
-        providers = [p["name"] for p in runtime["execution_providers"] if p["name"] in available] or ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(bundle / manifest["model"]["file"]), options, providers=providers)
-    return Model(bundle, manifest, session)
+    report = check_files(bundle, manifest)
+    if args.json:
+        _print_json(report.to_dict())
+    elif report.ok:
+        print(f"ok: {report.checked} files of {bundle} match {MANIFEST}")
+    if not report.ok:
+        raise VerificationError(f"{bundle}: the bundle does not match its manifest: {report.problems()}")
+    return 0
+
+
+def _load_for(args) -> tuple:
+    if args.no_verify:
+        print("edgepack_shim: warning: --no-verify: checksums are NOT checked; a corrupted or altered model may "
+              "load and give wrong outputs (unsafe)", file=sys.stderr)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    started = time.perf_counter()
+    model = load(Path(args.bundle), providers=providers, verify=not args.no_verify,
+                 strict_providers=True if args.strict_providers else None)
+    seconds = time.perf_counter() - started
+    if model.fallback:
+        print(f"edgepack_shim: warning: running on {model.providers[0]}, not {model.wanted_providers[0]}: "
+              f"{model.fallback}", file=sys.stderr)
+    return model, seconds
+
+
+def cmd_run(args) -> int:
+    model, load_seconds = _load_for(args)
+    feeds = read_inputs(Path(args.inputs), model)
+    started = time.perf_counter()
+    outputs = model.run(feeds)
+    run_seconds = time.perf_counter() - started
+    output = Path(args.output)
+    temp = output.with_name(f".{output.name}.partial")
+    with open(temp, "wb") as f:
+        if output.suffix == ".npy" and len(outputs) == 1:
+            np.save(f, next(iter(outputs.values())))
+        else:
+            np.savez(f, **outputs)
+    os.replace(temp, output)
+    if args.json:
+        return _print_json({
+            "ok": True, "output_file": str(output), "providers": model.providers, "verified": not args.no_verify,
+            "seconds": {"load": round(load_seconds, 4), "run": round(run_seconds, 4)},
+            "outputs": {name: _summary(value) for name, value in outputs.items()},
+        })
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype} {tuple(value.shape)}")
+    print(f"wrote {output} ({model.providers[0]}, {run_seconds * 1000:.2f} ms)")
+    return 0
+
+
+def _summary(value: np.ndarray) -> dict:
+    summary = {"dtype": str(value.dtype), "shape": list(value.shape)}
+    if value.size and value.dtype.kind in "biuf":
+        summary.update(min=float(value.min()), max=float(value.max()), mean=float(value.mean(dtype=np.float64)))
+    return summary
+
+
+def cmd_bench(args) -> int:
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    model, load_seconds = _load_for(args)
+    feeds = read_inputs(Path(args.inputs), model) if args.inputs else sample_inputs(model.inputs, _dims(args.dim))
+    arrays = check_feeds(model.inputs, feeds)
+    started = time.perf_counter()
+    model.run(arrays)
+    first = time.perf_counter() - started
+    for _ in range(args.warmup):
+        model.run(arrays)
+    times = []
+    for _ in range(args.runs):
+        started = time.perf_counter()
+        model.run(arrays)
+        times.append(time.perf_counter() - started)
+    ms = np.array(times) * 1000
+    result = {
+        "providers": model.providers,
+        "inputs": {name: {"dtype": str(a.dtype), "shape": list(a.shape)} for name, a in arrays.items()},
+        "runs": args.runs, "warmup": args.warmup,
+        "load_s": round(load_seconds, 4), "first_run_ms": round(first * 1000, 3),
+        "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 4), "p90": round(float(np.percentile(ms, 90)), 4),
+                       "p99": round(float(np.percentile(ms, 99)), 4), "mean": round(float(ms.mean()), 4),
+                       "min": round(float(ms.min()), 4), "max": round(float(ms.max()), 4)},
+        "throughput_per_s": round(len(times) / sum(times), 2),
+    }
+    if args.json:
+        return _print_json(result)
+    lat = result["latency_ms"]
+    shapes = ", ".join(f"{n} {v['dtype']} {tuple(v['shape'])}" for n, v in result["inputs"].items())
+    print(f"providers  {', '.join(model.providers)}")
+    print(f"inputs     {shapes}")
+    print(f"load       {load_seconds:.3f} s (verification and session)")
+    print(f"first run  {result['first_run_ms']:.3f} ms")
+    print(f"latency    p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
+          f"(mean {lat['mean']:.3f} ms over {args.runs} runs after {args.warmup} warm-up)")
+    print(f"throughput {result['throughput_per_s']:.1f} runs/s (one at a time)")
+    return 0
+
+
+def _dims(pairs: list) -> dict:
+    dims = {}
+    for pair in pairs or []:
+        name, _, value = pair.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--dim expects NAME=SIZE with a positive size, got {pair!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = 16 << 20):
+    """A minimal JSON endpoint: ``POST /run`` {"inputs": {...}} -> {"outputs": {...}}; ``GET /info``, ``GET /health``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    info = {"target": model.manifest.get("target"), "inputs": model.inputs, "outputs": model.outputs,
+            "providers": model.providers, "max_request_bytes": max_bytes}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edgepack-shim"
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._reply(200, {"ok": True})
+            elif self.path in ("/", "/info"):
+                self._reply(200, info)
+            else:
+                self._reply(404, {"error": f"no such path {self.path}: use POST /run, GET /info or GET /health"})
+
+        def do_POST(self):
+            if self.path != "/run":
+                return self._reply(404, {"error": f"no such path {self.path}: use POST /run"})
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                return self._reply(411, {"error": "a Content-Length header is required"}, close=True)
+            if int(length) > max_bytes:
+                self._discard(int(length))
+                return self._reply(413, {"error": f"request body of {length} bytes is over the limit of "
+                                                  f"{max_bytes} bytes (serve --max-request-mb)"}, close=True)
+            try:
+                body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                return self._reply(400, {"error": f"the body is not JSON: {exc}"})
+            try:
+                if not isinstance(body, dict) or set(body) != {"inputs"}:
+                    raise InputError('the request body must be {"inputs": {"<input name>": [nested lists], ...}}')
+                started = time.perf_counter()
+                outputs = model.run(from_json(model.inputs, body["inputs"]))
+                ms = (time.perf_counter() - started) * 1000
+            except InputError as exc:
+                return self._reply(400, {"error": str(exc)})
+            except ShimError as exc:
+                return self._reply(500, {"error": str(exc)})
+            self._reply(200, {"outputs": {name: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
+                                          for name, v in outputs.items()}, "ms": round(ms, 3)})
+
+        def do_PUT(self):
+            self._reply(405, {"error": "use POST /run, GET /info or GET /health"})
+
+        do_DELETE = do_PATCH = do_PUT
+
+        def _discard(self, length: int):
+            """Read a refused body in small pieces (so the client sees the answer, not a reset), up to a bound."""
+            left = length if length <= 8 * max_bytes else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+        def _reply(self, status: int, payload: dict, close: bool = False):
+            data = json.dumps(payload).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if close:  # the unread body must not be parsed as the next request
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, fmt, *args):
+            if verbose.is_set():
+                sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    verbose = threading.Event()
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.verbose = verbose
+    return server
+
+
+def cmd_serve(args) -> int:
+    if args.max_request_mb <= 0:
+        raise UsageError("--max-request-mb must be positive")
+    model, _ = _load_for(args)
+    try:
+        server = make_server(model, args.host, args.port, int(args.max_request_mb * (1 << 20)))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    if args.verbose:
+        server.verbose.set()
+    host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"edgepack_shim: warning: listening on {host}: anyone who reaches this address can run the model "
+              "(no authentication)", file=sys.stderr)
+    print(f"serving {model.manifest['model']['file']} on http://{host}:{port} with {model.providers[0]} "
+          "(POST /run, GET /info, GET /health; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _print_json(data) -> int:
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of this program
+        self.exit(2, f"edgepack_shim: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgepack_shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=str(default_bundle()), help="bundle folder (default: the folder of this file)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--no-verify", action="store_true", help="skip checksum verification (unsafe)")
+    loading.add_argument("--strict-providers", action="store_true",
+                         help="refuse to run unless the preferred execution provider is active")
+    loading.add_argument("--providers", metavar="A,B", help="execution providers to use instead of the manifest's")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON on stdout")
+
+    sub.add_parser("info", parents=[as_json], help="model I/O, target, providers wanted vs available")
+    sub.add_parser("verify", parents=[as_json], help="check every file's checksum against the manifest")
+    run = sub.add_parser("run", parents=[loading, as_json], help="run the model on inputs from an .npz (.npy: one input)")
+    run.add_argument("inputs")
+    run.add_argument("-o", "--output", default="outputs.npz", help="where to write the outputs (.npz, or .npy for one)")
+    bench = sub.add_parser("bench", parents=[loading, as_json], help="first-run time, latency percentiles, throughput")
+    bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--inputs", help="an .npz/.npy of inputs (default: random inputs of the model's shapes)")
+    bench.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dynamic dim (repeatable)")
+    serve = sub.add_parser("serve", parents=[loading], help="HTTP JSON endpoint (POST /run)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    serve.add_argument("--max-request-mb", type=float, default=16.0, help="largest request body accepted")
+    serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    return parser
+
+
+COMMANDS = {"info": cmd_info, "verify": cmd_verify, "run": cmd_run, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default=str(HERE), help="bundle folder (default: the folder of this file)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("verify", help="check every file's checksum against the manifest")
-    run = sub.add_parser("run", help="run the model on inputs from an .npz (or .npy for one input)")
-    run.add_argument("inputs")
-    run.add_argument("-o", "--output", default="outputs.npz")
-    args = parser.parse_args(argv)
-    bundle = Path(args.bundle)
+    args = _parser().parse_args(argv)
     try:
-        if args.command == "verify":
-            manifest = read_manifest(bundle)
-            verify(bundle, manifest)
-            print(f"ok: {len(manifest['files'])} files match the manifest")
-            return 0
-        model = load(bundle)
-        data = np.load(args.inputs)
-        feeds = dict(data) if hasattr(data, "files") else {model.inputs[0]["name"]: data}
-        outputs = model.run(feeds)
-        np.savez(args.output, **outputs)
-        print(f"wrote {args.output}")
-        return 0
+        return COMMANDS[args.command](args)
     except ShimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"edgepack_shim: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgepack_shim: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug here or in a library: still one line
+        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
         return 1
 
 

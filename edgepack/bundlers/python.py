@@ -18,8 +18,13 @@ class PythonBundler:
         (job.staging / "README.md").write_text(
             f"# {job.source.name} for {job.profile.name}\n\n{job.profile.description}.\n\n"
             f"On the device, with Python 3.9+ and `pip install numpy '{runtime.package}{runtime.version}'`:\n\n"
-            "```\npython edgepack_shim.py verify                     # every file's checksum against manifest.json\n"
-            "python edgepack_shim.py run inputs.npz -o out.npz  # run the model\n```\n\n"
+            "```\npython edgepack_shim.py info                       # model inputs/outputs, providers wanted vs available\n"
+            "python edgepack_shim.py verify                     # every file's checksum against manifest.json\n"
+            "python edgepack_shim.py run inputs.npz -o out.npz  # run the model (.npy for one input; --json)\n"
+            "python edgepack_shim.py bench --runs 200           # first-run time, p50/p90/p99 latency, throughput\n"
+            "python edgepack_shim.py serve --port 8080          # HTTP JSON endpoint on 127.0.0.1 (POST /run)\n```\n\n"
+            "Every command checks the bundle's files before loading the model. Keep other files out of this folder: "
+            "an extra file is refused like a changed one.\n\n"
             "From Python: `import edgepack_shim; m = edgepack_shim.load('.'); out = m.run({...})`.\n",
             encoding="utf-8",
         )
