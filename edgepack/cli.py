@@ -21,9 +21,11 @@ examples:
   edgepack package model.onnx --target my.yaml       ...for a target described in your own profile
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
+  edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
-runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed.
+runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed,
+8 a download failed.
 """
 
 
@@ -80,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
     package.add_argument("--quantize", choices=["none"], help="quantization recipe (default: the profile's)")
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    package.add_argument("--ort-web", type=Path, metavar="TGZ",
+                         help="onnxruntime-web npm tarball for web bundles, for offline use (default: fetched from the npm registry and cached)")
     package.set_defaults(handler=_cmd_package)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
@@ -89,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", parents=[common], help="describe an ONNX model")
     inspect.add_argument("model", type=Path)
     inspect.set_defaults(handler=_cmd_inspect)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve a web bundle on 127.0.0.1 with the headers it needs",
+                           description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
+                           "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
+    serve.add_argument("bundle", type=Path)
+    serve.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 
@@ -121,7 +132,8 @@ def _cmd_package(args) -> int:
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize)
+    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
+                      ort_web=args.ort_web)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
         if args.example:
@@ -183,6 +195,24 @@ def _cmd_inspect(args) -> int:
             shape = "?" if io["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in io["shape"]) + "]"
             print(f"  {io['name']}: {io['dtype']} {shape}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .serve import make_server
+
+    server = make_server(args.bundle, args.port, quiet=args.json)
+    if args.json:
+        _print_json({"url": server.url, "bundle": str(args.bundle)})
+    else:
+        print(f"serving {args.bundle} at {server.url} (Ctrl+C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 

@@ -39,6 +39,8 @@ class Options:
     sample_inputs: Path | None = None
     quantize: str | None = None
     """None: the profile's default recipe."""
+    ort_web: Path | None = None
+    """A local onnxruntime-web npm tarball for web bundles (offline); None: fetch it from the npm registry."""
 
 
 @dataclass(frozen=True)
