@@ -202,8 +202,8 @@ def _cmd_serve(args) -> int:
     from .serve import make_server
 
     server = make_server(args.bundle, args.port, quiet=args.json)
-    if args.json:
-        _print_json({"url": server.url, "bundle": str(args.bundle)})
+    if args.json:  # one line, so a caller can read it while the server runs
+        print(json.dumps({"url": server.url, "bundle": str(args.bundle)}))
     else:
         print(f"serving {args.bundle} at {server.url} (Ctrl+C stops)")
     sys.stdout.flush()

@@ -404,3 +404,27 @@ def test_webgpu_bundle_runs_on_webgpu_when_there_is_an_adapter(playwright, site,
     assert "error" not in result, result.get("error")
     assert result["backend"] == "webgpu" and result["fallbacks"] == []
     assert_close(result["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+
+
+def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
+    """The README's way to pin edgepack.mjs itself: an import map's integrity entry."""
+    root, url = site
+    bundle = bundles["cnn"]
+    good = read_manifest(bundle)["files"]["edgepack.mjs"]["integrity"]
+    wrong = hash_file(bundle / "index.html")["integrity"]
+    outcomes = {}
+    for name, integrity in (("good", good), ("wrong", wrong)):
+        page_path = root / f"pinned-{name}.html"
+        loader = f"./{bundle.name}/edgepack.mjs"
+        page_path.write_text(
+            f'<!doctype html><script type="importmap">{{"imports": {{"edgepack": "{loader}"}}, '
+            f'"integrity": {{"{loader}": "{integrity}"}}}}</script>'
+            '<script type="module">import("edgepack").then((m) => m.load()).then((model) => { window.outcome = model.backend; },'
+            ' (error) => { window.outcome = "error: " + error.message; });</script>', encoding="utf-8")
+        page = browser.new_page()
+        page.goto(f"{url}{page_path.name}")
+        page.wait_for_function("window.outcome !== undefined", timeout=60_000)
+        outcomes[name] = page.evaluate("window.outcome")
+        page.close()
+    assert outcomes["good"] == "wasm"
+    assert outcomes["wrong"].startswith("error: Failed to fetch dynamically imported module")
