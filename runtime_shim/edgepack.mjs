@@ -229,24 +229,27 @@ async function fetchPlain(url, rel) {
 async function readBody(response, rel, size, onProgress) {
   const total = size ?? Number(response.headers.get('Content-Length') ?? 0);
   const reader = response.body.getReader();
-  const chunks = [];
+  // With the size known up front the bytes go straight into one buffer: a large model is held once, not twice.
+  let bytes = new Uint8Array(total);
   let loaded = 0;
   onProgress({ file: rel, loaded, total });
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
-    chunks.push(value);
+    if (loaded + value.byteLength > bytes.byteLength) {
+      if (size !== undefined) {
+        await reader.cancel();
+        throw new EdgepackError(`refused: longer than the ${size} bytes manifest.json records`, { file: rel });
+      }
+      const grown = new Uint8Array(Math.max(2 * bytes.byteLength, loaded + value.byteLength));
+      grown.set(bytes.subarray(0, loaded));
+      bytes = grown;
+    }
+    bytes.set(value, loaded);
     loaded += value.byteLength;
     onProgress({ file: rel, loaded, total });
   }
-  if (chunks.length === 1) return chunks[0];
-  const bytes = new Uint8Array(loaded);
-  let offset = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, offset);
-    offset += chunk.byteLength;
-  }
-  return bytes;
+  return loaded === bytes.byteLength ? bytes : bytes.slice(0, loaded);
 }
 
 function httpError(response, rel) {
