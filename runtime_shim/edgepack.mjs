@@ -70,7 +70,7 @@ const runtimes = new Map();
 export async function load(options = {}) {
   const started = performance.now();
   const base = new URL(options.baseUrl ?? './', import.meta.url);
-  if (base.href.endsWith('/') === false) base.pathname += '/';
+  if (!base.pathname.endsWith('/')) base.pathname += '/';
   if (base.protocol === 'file:' || globalThis.location?.protocol === 'file:') {
     throw new EdgepackError('the bundle was opened from a file:// URL, where browsers block module imports, fetches and threads', {
       hint: 'serve the bundle folder over HTTP, e.g. `edgepack serve BUNDLE` (it also sends the COOP/COEP headers for threads)',

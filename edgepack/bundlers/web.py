@@ -16,6 +16,8 @@ import json
 from importlib import resources
 from string import Template
 
+import onnx
+
 from ..errors import ProfileError
 from ..fileops import copy_file
 from ..job import Artifact, Job
@@ -61,8 +63,6 @@ class WebBundler:
 
 
 def _readme(template, model: Artifact, job: Job, version: str) -> str:
-    import onnx
-
     inputs, outputs = describe_io(onnx.load_model(model.onnx_path, load_external_data=False))
     feeds = []
     for spec in inputs:
