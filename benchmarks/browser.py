@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from browser_helpers import chromium  # noqa: E402
+from in_browser import chromium  # noqa: E402
 
 from edgepack import ortweb  # noqa: E402
 from edgepack.examples import write_example  # noqa: E402

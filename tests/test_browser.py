@@ -26,7 +26,7 @@ from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
 
-from browser_helpers import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
+from in_browser import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
 
 pytestmark = [
     pytest.mark.browser,
