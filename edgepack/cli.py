@@ -21,10 +21,12 @@ examples:
   edgepack package model.onnx --target my.yaml       ...for a target described in your own profile
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
+  edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
 runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed,
 8 --freeze failed or must run on the device (the bundle itself is ready).
+9 a download failed.
 """
 
 
@@ -90,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="also build a standalone executable of the shim beside each python bundle "
                          "(<bundle>.frozen/, PyInstaller onedir, from a runtime-only environment)")
     package.add_argument("--onefile", action="store_true", help="with --freeze: one self-extracting file (slower start)")
+    package.add_argument("--ort-web", type=Path, metavar="TGZ",
+                         help="onnxruntime-web npm tarball for web bundles, for offline use (default: fetched from the npm registry and cached)")
     package.set_defaults(handler=_cmd_package)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
@@ -102,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="also report the target accelerator's coverage, before and after fixing shapes")
     _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve a web bundle on 127.0.0.1 with the headers it needs",
+                           description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
+                           "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
+    serve.add_argument("bundle", type=Path)
+    serve.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 
@@ -144,7 +155,7 @@ def _cmd_package(args) -> int:
     if args.onefile and not args.freeze:
         raise UsageError("--onefile only applies with --freeze")
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
-                      freeze=args.freeze, onefile=args.onefile)
+                      freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web)
     options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
@@ -255,6 +266,24 @@ def _print_coverage(data: dict[str, Any]) -> None:
     print(f"coverage for {data['target']} ({data['checker']}):")
     for line in data["lines"]:
         print(f"  {line}")
+
+
+def _cmd_serve(args) -> int:
+    from .serve import make_server
+
+    server = make_server(args.bundle, args.port, quiet=args.json)
+    if args.json:  # one line, so a caller can read it while the server runs
+        print(json.dumps({"url": server.url, "bundle": str(args.bundle)}))
+    else:
+        print(f"serving {args.bundle} at {server.url} (Ctrl+C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _fmt_opsets(opsets: dict[str, int]) -> str:

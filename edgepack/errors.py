@@ -16,6 +16,7 @@ __all__ = [
     "AccuracyError",
     "BudgetError",
     "VerificationError",
+    "DownloadError",
 ]
 
 
@@ -83,3 +84,9 @@ class VerificationError(EdgepackError):
     """A bundle's files do not match its manifest."""
 
     exit_code = 7
+
+
+class DownloadError(EdgepackError):
+    """Something edgepack must download (a runtime for a bundle) cannot be fetched."""
+
+    exit_code = 9

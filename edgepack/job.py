@@ -51,6 +51,8 @@ class Options:
     """Also build a PyInstaller executable of the shim beside each python bundle (edgepack/freeze.py)."""
     onefile: bool = False
     """With ``freeze``: one self-extracting file instead of a folder."""
+    ort_web: Path | None = None
+    """A local onnxruntime-web npm tarball for web bundles (offline); None: fetch it from the npm registry."""
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Web:
+    """What a web bundle ships of onnxruntime-web (bundle kind ``web``)."""
+
+    ort_web_files: list[str] = field(default_factory=list)
+    """File names in the npm package's ``dist/`` folder, copied to the bundle's ``ort/``."""
+    entry: str = ""
+    """The one of ``ort_web_files`` the loader imports (an ES module with the wasm glue built in)."""
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -141,6 +151,7 @@ class Profile:
     shapes: Shapes = field(default_factory=Shapes)
     coverage: Coverage = field(default_factory=Coverage)
     mobile: Mobile | None = None
+    web: Web = field(default_factory=Web)
     source: str = ""
     """Where the profile was read from (not a YAML key)."""
 

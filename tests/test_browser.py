@@ -1,0 +1,449 @@
+"""Web bundles in real headless Chromium (Debian's chromium, driven by Playwright for Python).
+
+Bundles of models built in code are packaged for browser-wasm / browser-webgpu, served by
+``edgepack.serve`` on 127.0.0.1, loaded by the bundle's own ``edgepack.mjs``, and their outputs compared
+with Python onnxruntime on the source model. The onnxruntime-web tarball is fetched once per session
+(from the user cache, or the npm registry the first time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack import ortweb
+from edgepack.examples import write_example
+from edgepack.job import Options
+from edgepack.manifest import hash_file, read_manifest
+from edgepack.pipeline import package_model
+from edgepack.profiles import load_profile
+from edgepack.samples import generate_inputs
+from edgepack.serve import start_server
+
+from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"),
+]
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+# --- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ort_web_tarball() -> Path:
+    """onnxruntime-web at the browser profiles' pinned version: downloaded once, then from the cache."""
+    version = ortweb.pinned_version(load_profile("browser-wasm"))
+    return ortweb.fetch_tarball(version).path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A folder served on 127.0.0.1 (with COOP/COEP) into which the tests package bundles."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "blank.html").write_text("<!doctype html><title>blank</title>", encoding="utf-8")
+    server = start_server(root, require_manifest=False)
+    yield root, server.url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    with chromium(playwright) as context:
+        yield context
+
+
+def mlp_with_external_data(folder: Path) -> Path:
+    """A two-layer MLP whose weights live in a side file ``weights.bin`` (external data)."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 64)) / 4).astype(np.float32), "w1"),
+        numpy_helper.from_array((0.1 * rng.standard_normal(64)).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((64, 8)) / 8).astype(np.float32), "w2"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "mlp.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+                    size_threshold=0)
+    return path
+
+
+def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None) -> Path:
+    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball), name=name)
+    assert result.ok, result.error
+    return result.bundle
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {"cnn": write_example("cnn", folder), "transformer": write_example("transformer", folder),
+            "mlp": mlp_with_external_data(folder)}
+
+
+@pytest.fixture(scope="module")
+def onnx_profile(tmp_path_factory) -> Path:
+    """browser-wasm, but shipping the .onnx (with its external data) instead of converting to .ort."""
+    text = Path(load_profile("browser-wasm").source).read_text(encoding="utf-8")
+    path = tmp_path_factory.mktemp("profiles") / "browser-wasm-onnx.yaml"
+    path.write_text(text.replace("name: browser-wasm", "name: browser-wasm-onnx").replace("style: Fixed", "style: none"),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundles(site, models, ort_web_tarball, onnx_profile) -> dict[str, Path]:
+    root, _ = site
+    return {
+        "cnn": package(models["cnn"], "browser-wasm", root, ort_web_tarball),
+        "transformer": package(models["transformer"], "browser-wasm", root, ort_web_tarball),
+        "mlp-ort": package(models["mlp"], "browser-wasm", root, ort_web_tarball),
+        "mlp-onnx": package(models["mlp"], str(onnx_profile), root, ort_web_tarball),
+        "cnn-webgpu": package(models["cnn"], "browser-webgpu", root, ort_web_tarball),
+    }
+
+
+def url_of(site, bundle: Path) -> str:
+    root, url = site
+    return f"{url}{bundle.relative_to(root).as_posix()}/"
+
+
+def reference(model: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, f))) for f in feeds]
+
+
+def assert_close(got: list[dict], expected: list[dict], atol: float = 1e-4) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys()
+        for name in e:
+            np.testing.assert_allclose(g[name], e[name], rtol=1e-3, atol=atol, err_msg=name)
+
+
+def inputs_for(bundle: Path, batch: int = 2) -> list[dict[str, np.ndarray]]:
+    specs = read_manifest(bundle)["model"]["inputs"]
+    sets = generate_inputs(specs, seed=7, count=2)
+    # a second batch size too, so dynamic dims are really dynamic in the browser
+    sets += [{k: np.concatenate([v] * batch) for k, v in sets[0].items()}]
+    return sets
+
+
+# --- outputs match Python onnxruntime ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cnn", "transformer", "mlp-ort", "mlp-onnx"])
+def test_outputs_match_python_onnxruntime(browser, site, bundles, models, name):
+    bundle = bundles[name]
+    feeds = inputs_for(bundle)
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), feeds)
+    page.close()
+    assert "error" not in result, result.get("error")
+    assert result["backend"] == "wasm"
+    assert_close(result["outputs"], reference(models[name.split("-")[0]], feeds))
+    # threads: the server sends COOP/COEP, so the page is isolated and runs more than one thread
+    assert result["crossOriginIsolated"] is True and result["warnings"] == []
+    assert result["threads"] >= min(2, os.cpu_count() or 1)
+
+
+def test_external_data_ships_as_onnx_with_side_file_or_inlined_in_ort(bundles):
+    onnx_manifest = read_manifest(bundles["mlp-onnx"])
+    assert onnx_manifest["model"]["file"] == "model/mlp.onnx"
+    assert onnx_manifest["model"]["external_data"] == ["model/mlp.onnx.data"]
+    proto = onnx.load_model(bundles["mlp-onnx"] / "model/mlp.onnx", load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"mlp.onnx.data"}, "the loader passes externalData paths relative to the model's folder"
+    ort_manifest = read_manifest(bundles["mlp-ort"])
+    assert ort_manifest["model"]["file"] == "model/mlp.ort" and ort_manifest["model"]["external_data"] == []
+
+
+def test_feeds_accept_tensors_typed_arrays_and_refuse_bad_inputs(browser, site, bundles):
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = page.evaluate("""async (bundleUrl) => {
+      const { load } = await import(bundleUrl + 'edgepack.mjs');
+      const m = await load();
+      const ids = new BigInt64Array([1n, 2n, 3n, 4n]), mask = [1, 1, 1, 0];
+      const a = await m.run({ input_ids: new m.ort.Tensor('int64', ids, [1, 4]), attention_mask: { data: mask, dims: [1, 4] } });
+      const b = await m.run({ input_ids: { data: ids, dims: [1, 4] }, attention_mask: { data: BigInt64Array.from(mask, BigInt), dims: [1, 4] } });
+      const errors = [];
+      for (const feeds of [{ input_ids: { data: ids, dims: [1, 4] } },
+                           { input_ids: { data: new Float32Array(4), dims: [1, 4] }, attention_mask: { data: mask, dims: [1, 4] } },
+                           { input_ids: { data: ids, dims: [1, 5] }, attention_mask: { data: mask, dims: [1, 4] } }]) {
+        try { await m.run(feeds); errors.push(null); } catch (e) { errors.push(e.message); }
+      }
+      return { same: a.last_hidden_state.data.every((v, i) => v === b.last_hidden_state.data[i]), dims: a.last_hidden_state.dims, errors };
+    }""", url_of(site, bundles["transformer"]))
+    page.close()
+    assert result["same"] and result["dims"] == [1, 4, 64]
+    missing, wrong_type, wrong_size = result["errors"]
+    assert "missing inputs [attention_mask]" in missing
+    assert "input_ids is int64: pass a BigInt64Array" in wrong_type
+    assert "4 values, but dims [1, 5] need 5" in wrong_size
+
+
+# --- every kind of file is verified ----------------------------------------------------------------------
+
+
+def tampered_copy(bundle: Path, rel: str, name: str) -> Path:
+    copy = bundle.with_name(f"{bundle.name}-{name}")
+    shutil.copytree(bundle, copy, copy_function=os.link)
+    flip_byte(copy / rel)
+    return copy
+
+
+@pytest.mark.parametrize("kind, rel", [
+    ("runtime-js", "ort/ort.wasm.bundle.min.mjs"),
+    ("wasm", "ort/ort-wasm-simd-threaded.wasm"),
+    ("model", "model/mlp.onnx"),
+    ("external-data", "model/mlp.onnx.data"),
+])
+def test_a_flipped_byte_is_refused(browser, site, bundles, kind, rel):
+    copy = tampered_copy(bundles["mlp-onnx"], rel, kind)
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, copy), [])
+    page.close()
+    assert result.get("error"), f"a flipped byte in {rel} was not noticed"
+    assert result["file"] == rel
+    assert result["error"].startswith(f"{rel}: refused: its content does not match manifest.json")
+
+
+def test_a_longer_or_shorter_file_is_refused(browser, site, bundles):
+    rel = "model/mlp.onnx.data"
+    size = read_manifest(bundles["mlp-onnx"])["files"][rel]["size"]
+    errors = {}
+    for kind, change in (("longer", lambda data: data + b"\0"), ("shorter", lambda data: data[:-4])):
+        copy = bundles["mlp-onnx"].with_name(f"mlp-{kind}")
+        shutil.copytree(bundles["mlp-onnx"], copy, copy_function=os.link)
+        data = (copy / rel).read_bytes()
+        (copy / rel).unlink()
+        (copy / rel).write_bytes(change(data))
+        page = fresh_page(browser, site[1] + "blank.html")
+        errors[kind] = run_bundle(page, url_of(site, copy), [])["error"]
+        page.close()
+    assert errors["longer"] == f"{rel}: refused: longer than the {size} bytes manifest.json records"
+    assert errors["shorter"].startswith(f"{rel}: refused: its content does not match manifest.json")
+    assert f"{size - 4} bytes" in errors["shorter"]
+
+
+def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles):
+    bundle = bundles["mlp-onnx"]
+    pinned = hash_file(bundle / "manifest.json")["integrity"]
+    text = (bundle / "manifest.json").read_text(encoding="utf-8")
+    wasm_integrity = read_manifest(bundle)["files"]["ort/ort-wasm-simd-threaded.wasm"]["integrity"]
+    cases = {
+        # anywhere in a pinned manifest (here: the profile's description)
+        "pinned": ("Any modern browser", "Any modern browsdr", {"manifestIntegrity": pinned}, "manifest.json",
+                   "manifest.json: refused: its content does not match options.manifestIntegrity"),
+        # in a recorded digest: that file is refused
+        "digest": (wasm_integrity, wasm_integrity[:20] + ("B" if wasm_integrity[20] == "A" else "A") + wasm_integrity[21:], {},
+                   "ort/ort-wasm-simd-threaded.wasm", "refused: its content does not match manifest.json"),
+        # a digest made malformed: browsers would skip the check, the loader refuses
+        "malformed": (wasm_integrity, wasm_integrity[:20] + "!" + wasm_integrity[21:], {},
+                      "ort/ort-wasm-simd-threaded.wasm", "its integrity in manifest.json is malformed"),
+        "syntax": ('"schema"', '#schema"', {}, "manifest.json", "not valid JSON"),
+    }
+    for case, (old, new, options, file, message) in cases.items():
+        copy = bundle.with_name(f"{bundle.name}-manifest-{case}")
+        shutil.copytree(bundle, copy, copy_function=os.link)
+        (copy / "manifest.json").unlink()
+        assert text.count(old) >= 1
+        (copy / "manifest.json").write_text(text.replace(old, new, 1), encoding="utf-8")
+        page = fresh_page(browser, site[1] + "blank.html")
+        result = run_bundle(page, url_of(site, copy), [], **options)
+        page.close()
+        assert result.get("error"), f"manifest case {case} was not noticed"
+        assert result["file"] == file and message in result["error"], (case, result["error"])
+    # and the untouched, pinned manifest loads
+    page = fresh_page(browser, site[1] + "blank.html")
+    assert "error" not in run_bundle(page, url_of(site, bundle), [], manifestIntegrity=pinned)
+    page.close()
+
+
+def test_without_crypto_subtle_fetch_integrity_refuses_a_flipped_byte(browser, site, bundles):
+    """Plain-http pages (not localhost) have no crypto.subtle: then fetch(url, {integrity}) does the check."""
+    good = bundles["mlp-onnx"]
+    bad = tampered_copy(good, "model/mlp.onnx.data", "no-subtle")
+    page = browser.new_page()
+    page.add_init_script("Object.defineProperty(globalThis.crypto, 'subtle', { value: undefined });")
+    page.goto(site[1] + "blank.html")
+    refused = run_bundle(page, url_of(site, bad), [])
+    loaded = run_bundle(page, url_of(site, good), [])
+    page.close()
+    assert refused["file"] == "model/mlp.onnx.data" and "refused: its content does not match manifest.json" in refused["error"]
+    assert "error" not in loaded
+    # fetch() hands the body over only once verified: progress is 0 then the total
+    data = [p for p in loaded["progress"] if p["file"] == "model/mlp.onnx.data"]
+    assert [p["loaded"] for p in data] == [0, data[0]["total"]]
+
+
+def test_http_errors_and_unreachable_servers_name_the_file(browser, site, bundles):
+    copy = bundles["cnn"].with_name("cnn-missing-model")
+    shutil.copytree(bundles["cnn"], copy, copy_function=os.link)
+    (copy / "model/cnn.ort").unlink()
+    page = fresh_page(browser, site[1] + "blank.html")
+    missing = run_bundle(page, url_of(site, copy), [])
+    not_a_bundle = run_bundle(page, url_of(site, bundles["cnn"]), [], baseUrl=site[1] + "no-such-bundle/")
+    no_server = run_bundle(page, url_of(site, bundles["cnn"]), [], baseUrl="http://127.0.0.1:9/bundle/")
+    page.close()
+    assert missing["file"] == "model/cnn.ort" and "HTTP 404" in missing["error"]
+    assert not_a_bundle["file"] == "manifest.json" and "HTTP 404" in not_a_bundle["error"]
+    assert no_server["file"] == "manifest.json" and "cannot fetch http://127.0.0.1:9/bundle/manifest.json" in no_server["error"]
+
+
+# --- progress, threads, file:// and the demo page ----------------------------------------------------------
+
+
+def test_progress_reports_every_file_up_to_its_size(browser, site, bundles):
+    bundle = bundles["mlp-onnx"]
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), [])
+    page.close()
+    files = read_manifest(bundle)["files"]
+    needed = {"ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm", "model/mlp.onnx", "model/mlp.onnx.data"}
+    seen = {}
+    for p in result["progress"]:
+        assert p["total"] == files[p["file"]]["size"] and 0 <= p["loaded"] <= p["total"]
+        assert p["loaded"] >= seen.get(p["file"], 0)
+        seen[p["file"]] = p["loaded"]
+    assert seen == {rel: files[rel]["size"] for rel in needed}
+    wasm_steps = [p["loaded"] for p in result["progress"] if p["file"] == "ort/ort-wasm-simd-threaded.wasm"]
+    assert len(wasm_steps) > 2, "the 14 MB WebAssembly file should stream in several chunks"
+
+
+def test_not_isolated_page_runs_one_thread_and_says_so(browser, bundles, tmp_path):
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Plain(SimpleHTTPRequestHandler):  # right MIME types, no COOP/COEP headers
+        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".wasm": "application/wasm"}
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Plain, directory=str(bundles["cnn"])))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        page = fresh_page(browser, url + "README.md")
+        messages = []
+        page.on("console", lambda m: messages.append(m.text))
+        feeds = inputs_for(bundles["cnn"])[:1]
+        result = run_bundle(page, url, feeds)
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "error" not in result, result.get("error")
+    assert result["crossOriginIsolated"] is False and result["threads"] == 1
+    assert any("not crossOriginIsolated" in w for w in result["warnings"])
+    assert any("not crossOriginIsolated" in m for m in messages)
+
+
+def test_file_url_gives_a_clear_error(browser, bundles):
+    page = browser.new_page()
+    page.goto((bundles["cnn"] / "index.html").as_uri())
+    page.wait_for_function("window.edgepackDemo && window.edgepackDemo.status !== 'loading'")
+    text = page.inner_text("#status")
+    page.close()
+    assert "file://" in text and "edgepack serve" in text
+
+
+def test_demo_page_renders(browser, site, bundles, tmp_path):
+    page = browser.new_page()
+    page.goto(url_of(site, bundles["cnn"]) + "index.html")
+    page.wait_for_function("window.edgepackDemo.status !== 'loading'", timeout=60_000)
+    demo = page.evaluate("window.edgepackDemo")
+    screenshot = tmp_path / "demo.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    text = page.inner_text("body")
+    page.close()
+    assert demo["status"] == "done", demo.get("error")
+    assert screenshot.stat().st_size > 10_000
+    for visible in ("cnn.onnx for browser-wasm", "Ran cnn.onnx on wasm", "backend", "crossOriginIsolated",
+                    "ort/ort-wasm-simd-threaded.wasm", "model/cnn.ort", "time to first inference", "logits", "[1, 10]"):
+        assert visible in text, visible
+    assert len(demo["outputs"]["logits"]["data"]) == 10
+    if os.environ.get("EDGEPACK_KEEP_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["EDGEPACK_KEEP_SCREENSHOT"])
+
+
+# --- WebGPU profile ----------------------------------------------------------------------------------------
+
+
+def test_webgpu_bundle_falls_back_to_wasm_without_an_adapter(browser, site, bundles, models):
+    bundle = bundles["cnn-webgpu"]
+    assert read_manifest(bundle)["model"]["ort_style"] == "Runtime"
+    feeds = inputs_for(bundle)
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), feeds)
+    page.close()
+    assert "error" not in result, result.get("error")
+    assert result["backend"] == "wasm"
+    assert [f["backend"] for f in result["fallbacks"]] == ["webgpu"]
+    assert any("webgpu is not available" in w for w in result["warnings"])
+    assert_close(result["outputs"], reference(models["cnn"], feeds))
+
+
+@pytest.mark.slow
+def test_webgpu_bundle_runs_on_webgpu_when_there_is_an_adapter(playwright, site, bundles, models):
+    # --enable-unsafe-webgpu gives headless Chromium a software (SwiftShader) WebGPU adapter
+    bundle = bundles["cnn-webgpu"]
+    feeds = inputs_for(bundle)[:1]
+    with chromium(playwright, ["--enable-unsafe-webgpu"]) as context:
+        page = fresh_page(context, site[1] + "blank.html")
+        result = run_bundle(page, url_of(site, bundle), feeds)
+    assert "error" not in result, result.get("error")
+    assert result["backend"] == "webgpu" and result["fallbacks"] == []
+    assert_close(result["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+
+
+def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
+    """The README's way to pin edgepack.mjs itself: an import map's integrity entry."""
+    root, url = site
+    bundle = bundles["cnn"]
+    good = read_manifest(bundle)["files"]["edgepack.mjs"]["integrity"]
+    wrong = hash_file(bundle / "index.html")["integrity"]
+    outcomes = {}
+    for name, integrity in (("good", good), ("wrong", wrong)):
+        page_path = root / f"pinned-{name}.html"
+        loader = f"./{bundle.name}/edgepack.mjs"
+        page_path.write_text(
+            f'<!doctype html><script type="importmap">{{"imports": {{"edgepack": "{loader}"}}, '
+            f'"integrity": {{"{loader}": "{integrity}"}}}}</script>'
+            '<script type="module">import("edgepack").then((m) => m.load()).then((model) => { window.outcome = model.backend; },'
+            ' (error) => { window.outcome = "error: " + error.message; });</script>', encoding="utf-8")
+        page = browser.new_page()
+        page.goto(f"{url}{page_path.name}")
+        page.wait_for_function("window.outcome !== undefined", timeout=60_000)
+        outcomes[name] = page.evaluate("window.outcome")
+        page.close()
+    assert outcomes["good"] == "wasm"
+    assert outcomes["wrong"].startswith("error: Failed to fetch dynamically imported module")
