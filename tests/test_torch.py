@@ -243,9 +243,10 @@ def test_pt2_program_keeps_its_dynamic_shapes(tmp_path: Path):
     (result,) = edgepack.package(str(tmp_path / "encoder.pt2"), targets=["rpi-arm64"], output=tmp_path / "out")
     assert result.ok, result.error
     assert result.bundle.name == "encoder-rpi-arm64"
-    assert result.manifest["model"]["inputs"][0]["shape"] == ["batch", 8]
+    dim, seq = result.manifest["model"]["inputs"][0]["shape"]
+    assert isinstance(dim, str) and seq == 8, "a saved program keeps the dim dynamic (its name is torch's symbol)"
     report = _export_report(result.bundle)
-    assert report["sha256"] and [c["case"] for c in report["checks"]] == ["example", "batch=3"]
+    assert report["sha256"] and [c["case"] for c in report["checks"]] == ["example", f"{dim}=3"]
 
 
 def test_example_input_and_dynamic_specs_are_checked():

@@ -28,6 +28,9 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     style = job.profile.ort_format.style
     if style == "none":
         return artifact, {"stage": "convert", "summary": "kept as ONNX (profile style none)", "format": "onnx"}
+    from ..ort_tools import without_torch_helper
+
+    without_torch_helper()
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     out_dir = job.workdir / "ort"
