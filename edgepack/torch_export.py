@@ -399,7 +399,7 @@ def _quiet():
         lg.setLevel(logging.WARNING)
         lg.propagate = False
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with _native_output_silenced(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield notes
     finally:
@@ -407,6 +407,25 @@ def _quiet():
             lg.handlers = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    """The TorchScript exporter prints its whole graph from C++ when it fails: point the process's
+    stdout and stderr at /dev/null meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def _export_error(exc: Exception, model: TorchModel) -> EdgepackError:

@@ -20,7 +20,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import edgepack  # noqa: E402
-from edgepack.errors import CompatibilityError, ConversionError, UsageError  # noqa: E402
+from edgepack.errors import AccuracyError, CompatibilityError, ConversionError, UsageError  # noqa: E402
 from edgepack.runtime_shim import edgepack_shim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,14 +159,19 @@ def test_cli_packages_a_cnn_factory_with_a_dynamic_batch(models_dir: Path):
 
 @pytest.mark.slow
 def test_transformer_keeps_batch_and_sequence_dynamic(tmp_path: Path):
+    """One export serves every target. A runtime at opset 16 gets a legacy export, which bakes the
+    sequence length into the attention's Reshape: the check at another length catches it."""
     module = TinyEncoder()
+    old = _profile(tmp_path, "pi-ort112", 16, 8)
     results = edgepack.package(module, example_inputs=("2x8:int64",), dynamic=["input_ids:0=batch", "input_ids:1=seq"],
-                               targets=TARGETS, output=tmp_path / "out")
-    assert [r.error for r in results] == [None, None]
+                               targets=[*TARGETS, old], output=tmp_path / "out")
     assert module.training, "the user's module is given back in the mode it was in"
-    for result in results:
+    *fine, baked = results
+    assert [r.error for r in fine] == [None, None]
+    for result in fine:
         assert result.manifest["model"]["inputs"][0]["shape"] == ["batch", "seq"]
         report = _export_report(result.bundle)
+        assert (report["exporter"], report["opset_requested"], report["opset_written"]) == ("dynamo", 16, 18)
         assert [c["case"] for c in report["checks"]] == ["example", "batch=3", "seq=9"]
         assert report["cosine"] > 0.9999
         model = edgepack_shim.load(result.bundle, providers=["CPUExecutionProvider"])
@@ -175,6 +180,10 @@ def test_transformer_keeps_batch_and_sequence_dynamic(tmp_path: Path):
         with torch.no_grad():
             expected = module.eval()(ids).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert isinstance(baked.error, AccuracyError) and not baked.bundle.exists()
+    message = str(baked.error)
+    assert "legacy exporter" in message and "disagrees with the PyTorch module on seq=9 inputs" in message
+    assert "onnxruntime failed" in message and "Reshape" in message
 
 
 @pytest.mark.slow
@@ -313,3 +322,35 @@ def test_help_and_onnx_packaging_never_import_torch(tmp_path: Path):
         assert "edgepack.cli" in modules
         assert not heavy(modules), f"{args}: imported {sorted(heavy(modules))[:5]}"
     assert "onnxruntime" in modules, "the packaging run was measured"
+
+
+class SizeAsNumber(nn.Module):
+    def forward(self, x):
+        return x.mean(2) * float(x.shape[1])
+
+
+def test_a_size_baked_in_by_tracing_is_caught_at_a_second_size(tmp_path: Path):
+    """The TorchScript tracer turns float(x.shape[1]) into the constant 8 while keeping the axis named
+    dynamic: right on the example, wrong at any other length."""
+    import warnings
+
+    from edgepack.torch_verify import check_export
+
+    x = torch.randn(2, 8, 4)
+    path = tmp_path / "baked.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SizeAsNumber(), (x,), path, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {1: "seq"}})
+    figures = check_export(path, SizeAsNumber(), (x,))
+    example, other = figures["checks"]
+    assert example["case"] == "example" and example["max_abs_error"] < 1e-5
+    assert other["case"] == "seq=9" and other["shapes"] == {"x": [2, 9, 4]}
+    assert other["max_abs_error"] > 0.1 and figures["max_abs_error"] == other["max_abs_error"]
+
+
+def test_an_axis_the_exporter_fixes_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(ConversionError, match=r"asked to be dynamic \(seq\) but the exported model fixes it to 8"):
+        edgepack.package(SizeAsNumber(), example_inputs=("2x8x4",), dynamic=["x:1=seq"], targets=["rpi-arm64"],
+                         output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
