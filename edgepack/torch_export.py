@@ -218,6 +218,9 @@ def example_inputs(given: Any, model: TorchModel) -> tuple[torch.Tensor, ...]:
                          hint="give one --example-input SHAPE[:DTYPE] per forward() argument, e.g. --example-input 2x3x224x224")
     if isinstance(given, (str, torch.Tensor)):
         given = [given]
+    if isinstance(given, dict):
+        raise UsageError("example inputs are positional: give a tuple with one tensor or shape per forward() argument",
+                         where=model.origin)
     generator = torch.Generator().manual_seed(0)
     tensors = []
     for item in given:
@@ -273,10 +276,12 @@ def export_dynamo(model: TorchModel, examples: tuple[torch.Tensor, ...], axes: d
     """Rule 3: the dynamo exporter, then what it wrote, read back and checked."""
     kwargs: dict[str, Any] = {}
     if not model.exported:
-        dims = {name: torch.export.Dim(name) for per_input in axes.values() for name in per_input.values()}
-        kwargs["dynamic_shapes"] = tuple({a: dims[n] for a, n in axes.get(i, {}).items()} or None
-                                         for i in range(len(examples)))
-        kwargs["input_names"] = model.input_names[: len(examples)] or None
+        if axes:
+            dims = {name: torch.export.Dim(name) for per_input in axes.values() for name in per_input.values()}
+            kwargs["dynamic_shapes"] = tuple({a: dims[n] for a, n in axes.get(i, {}).items()} or None
+                                             for i in range(len(examples)))
+        if len(model.input_names) >= len(examples):
+            kwargs["input_names"] = model.input_names[: len(examples)]
         kwargs["output_names"] = _output_names(model(*examples))
     external = _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     started = time.perf_counter()
@@ -321,6 +326,9 @@ def _check_dynamic(path: Path, axes: dict[int, dict[int, str]], model: TorchMode
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [vi for vi in proto.graph.input if vi.name not in initializers]
     for index, per_input in axes.items():
+        if index >= len(inputs):
+            raise ConversionError(f"the exported model has {len(inputs)} inputs; input {index} was dropped (unused?)",
+                                  where=model.origin, hint="remove the unused forward() argument and its example input")
         dims = inputs[index].type.tensor_type.shape.dim
         for axis, name in per_input.items():
             if not dims[axis].dim_param:
@@ -449,8 +457,9 @@ def _export_error(exc: Exception, model: TorchModel) -> EdgepackError:
 
 def _user_frame(exc: BaseException) -> str:
     """' at file:line (code)' for the innermost frame outside torch and edgepack, if any."""
-    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent), "site-packages", "<frozen")
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip) and "site-packages" not in f.filename]
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent), "<frozen")
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(skip) and "site-packages" not in f.filename]
     if not frames:
         return ""
     frame = frames[-1]
@@ -556,7 +565,7 @@ def _export_and_package(model: TorchModel, examples: tuple[torch.Tensor, ...], a
             if key not in variants:
                 variants[key] = _with_ir(export, ir_version, export.path.parent.with_name(f"{export.path.parent.name}-ir{ir_version}"), model.name)
             path = variants[key]
-        missed = _missed_tolerance(export, profile, model)
+        missed = _missed_tolerance(export, profile, model, dynamo)
         if missed:
             failures[profile.name] = missed
             continue
@@ -600,7 +609,7 @@ def _too_new(profile: Profile, dynamo: Export, legacy_error: EdgepackError) -> C
         f"or change the module so that it exports at opset {runtime.max_opset}")
 
 
-def _missed_tolerance(export: Export, profile: Profile, model: TorchModel) -> EdgepackError | None:
+def _missed_tolerance(export: Export, profile: Profile, model: TorchModel, dynamo: Export) -> EdgepackError | None:
     check = export.check
     tolerance = profile.accuracy
     if check["max_abs_error"] <= tolerance.max_abs_error and check["cosine"] >= tolerance.min_cosine:
@@ -612,7 +621,9 @@ def _missed_tolerance(export: Export, profile: Profile, model: TorchModel) -> Ed
         f"max abs error {worst['max_abs_error']:.4g} (allowed {tolerance.max_abs_error:g}), cosine {worst['cosine']:.6f} "
         f"(required {tolerance.min_cosine:g}){note}",
         where=f"{model.origin} for target {profile.name} ({export.exporter} exporter)",
-        hint="shapes or values were fixed while tracing; make the module size-agnostic or export with fixed shapes")
+        hint="shapes or values were fixed while tracing; make the module size-agnostic or export with fixed shapes"
+        + (f"; or use a target whose runtime implements opset {dynamo.opset} ({runtime_for_opset(dynamo.opset)}), "
+           "which gets the dynamo export" if export is not dynamo else ""))
 
 
 def _report(model: TorchModel, export: Export, dynamo: Export, ir_version: int, fallback: str | None,
@@ -638,6 +649,7 @@ def _report(model: TorchModel, export: Export, dynamo: Export, ir_version: int, 
         "ir_version_written": export.ir_version,
         "ir_version": ir_version,
         "fallback": fallback,
+        "external_data": export.path.with_name(export.path.name + ".data").is_file(),
         "dynamo_opset_written": dynamo.opset,
         "dynamic": {model.input_names[i] if i < len(model.input_names) else str(i): {str(a): n for a, n in per.items()}
                     for i, per in axes.items()},
