@@ -62,7 +62,8 @@ def package_source(
 ) -> list[Result]:
     """Route ``model`` to the ONNX pipeline, or through the PyTorch export first."""
     if is_torch_input(model):
-        from .torch_export import package_torch
+        _require_torch()
+        from .torch_package import package_torch
 
         return package_torch(model, profiles, options, name=name, example_inputs_given=example_inputs,
                              dynamic=dynamic, progress=progress)
@@ -85,3 +86,12 @@ def is_torch_input(model: Any) -> bool:
     if text.endswith(".pt2"):
         return True
     return bool(_REFERENCE.match(text)) and not Path(text).exists()
+
+
+def _require_torch() -> None:
+    try:
+        import onnxscript  # noqa: F401  the dynamo exporter needs it
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"this input is a PyTorch model, but {exc.name or 'torch'} is not installed",
+                         hint="pip install 'edgepack[torch]'") from None

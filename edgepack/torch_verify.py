@@ -25,6 +25,7 @@ from torch.utils import _pytree
 
 from .accuracy import compare
 from .errors import ConversionError, UsageError
+from .torch_inputs import first_line
 
 __all__ = ["check_export", "dynamic_dims"]
 
@@ -39,7 +40,7 @@ def check_export(path: Path, model: Any, examples: tuple[torch.Tensor, ...]) -> 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-        raise ConversionError(f"onnxruntime cannot load the exported model: {_first_line(exc)}",
+        raise ConversionError(f"onnxruntime cannot load the exported model: {first_line(exc)}",
                               where=str(getattr(model, "origin", path))) from None
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
@@ -58,7 +59,7 @@ def check_export(path: Path, model: Any, examples: tuple[torch.Tensor, ...]) -> 
             note = "; ".join(notes) or None
         except Exception as exc:  # a shape fixed in the graph fails inside onnxruntime
             figures = {"max_abs_error": float("inf"), "cosine": 0.0}
-            note = f"onnxruntime failed: {_first_line(exc)}"
+            note = f"onnxruntime failed: {first_line(exc)}"
         entry = {"case": case, "shapes": {n: list(t.shape) for n, t in zip(input_names, inputs)},
                  "max_abs_error": figures["max_abs_error"], "cosine": figures["cosine"]}
         if note:
@@ -116,8 +117,3 @@ def _resized(tensor: torch.Tensor, axis: int, size: int) -> torch.Tensor:
 def _flatten(outputs: Any) -> list[np.ndarray]:
     leaves = [t for t in _pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     return [(t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).detach().cpu().numpy() for t in leaves]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:500] if text else type(exc).__name__

@@ -259,17 +259,17 @@ def test_pt2_program_keeps_its_dynamic_shapes(tmp_path: Path):
 
 
 def test_example_input_and_dynamic_specs_are_checked():
-    from edgepack import torch_export
+    from edgepack import torch_inputs
 
-    assert torch_export.parse_example_input("2x128:int64") == ([2, 128], torch.int64)
-    assert torch_export.parse_example_input("1x3x8x8") == ([1, 3, 8, 8], torch.float32)
+    assert torch_inputs.parse_example_input("2x128:int64") == ([2, 128], torch.int64)
+    assert torch_inputs.parse_example_input("1x3x8x8") == ([1, 3, 8, 8], torch.float32)
     for bad in ("2x", "2,3", "2x3:float8", "x3"):
         with pytest.raises(UsageError, match="--example-input"):
-            torch_export.parse_example_input(bad)
-    assert torch_export.parse_dynamic(["x:0=batch", "1:-1=seq"]) == [("x", 0, "batch"), ("1", -1, "seq")]
-    assert torch_export.parse_dynamic({"x": {0: "batch"}}) == [("x", 0, "batch")]
+            torch_inputs.parse_example_input(bad)
+    assert torch_inputs.parse_dynamic(["x:0=batch", "1:-1=seq"]) == [("x", 0, "batch"), ("1", -1, "seq")]
+    assert torch_inputs.parse_dynamic({"x": {0: "batch"}}) == [("x", 0, "batch")]
     with pytest.raises(UsageError, match="INPUT:AXIS=NAME"):
-        torch_export.parse_dynamic(["x=batch"])
+        torch_inputs.parse_dynamic(["x=batch"])
 
 
 @pytest.mark.parametrize("dynamic, message", [
