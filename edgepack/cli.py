@@ -19,6 +19,9 @@ examples:
   edgepack package --example cnn --target all        package the built-in example CNN for every target
   edgepack package model.onnx --target rpi-arm64     package your model for a Raspberry Pi
   edgepack package model.onnx --target my.yaml       ...for a target described in your own profile
+  edgepack package mypkg.models:build_model --example-input 2x3x224x224 --dynamic input:0=batch --target all
+                                                     export a PyTorch module (pip install 'edgepack[torch]')
+  edgepack package model.pt2 --target rpi-arm64      ...or a torch.export program saved with torch.export.save
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
@@ -73,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Load, check, optimize, quantize, convert to ORT format, bundle, checksum and self-test "
         "a model for each target. Each bundle is written to OUTPUT/<model>-<target>; a failed target leaves nothing.",
     )
-    package.add_argument("model", nargs="?", type=Path, help="the .onnx file (side files next to it)")
+    package.add_argument("model", nargs="?", type=Path,
+                         help="the .onnx file (side files next to it), a PyTorch pkg.module:factory, or a .pt2 program")
     package.add_argument("--example", choices=_example_names(), help="package a built-in example model instead")
     package.add_argument("-t", "--target", action="append", required=True, metavar="TARGET",
                          help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)")
@@ -94,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--onefile", action="store_true", help="with --freeze: one self-extracting file (slower start)")
     package.add_argument("--ort-web", type=Path, metavar="TGZ",
                          help="onnxruntime-web npm tarball for web bundles, for offline use (default: fetched from the npm registry and cached)")
+    package.add_argument("--example-input", action="append", metavar="SHAPE[:DTYPE]",
+                         help="PyTorch models: the example shape of each forward() argument, in order "
+                         "(repeatable), e.g. 2x3x224x224 or 2x128:int64")
+    package.add_argument("--dynamic", action="append", metavar="INPUT:AXIS=NAME",
+                         help="PyTorch models: make an axis dynamic, e.g. input:0=batch (input by forward() name "
+                         "or index; repeatable); its example size must be at least 2")
     package.set_defaults(handler=_cmd_package)
 
     verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
@@ -145,8 +155,8 @@ def _cmd_targets(args) -> int:
 
 
 def _cmd_package(args) -> int:
+    from .api import package_source
     from .job import Options
-    from .pipeline import package_model
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
@@ -166,7 +176,8 @@ def _cmd_package(args) -> int:
             options = _with_example_shapes(options, args.example)
         else:
             model, name = args.model, None
-        results = package_model(model, profiles, options, name=name, progress=progress)
+        results = package_source(model, profiles, options, name=name, example_inputs=args.example_input,
+                                 dynamic=args.dynamic, progress=progress)
     if args.json:
         _print_json({"results": [r.to_dict() for r in results], "ok": all(r.ok for r in results)})
     else:

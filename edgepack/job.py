@@ -65,6 +65,9 @@ class Source:
     """The loaded model as written by the load stage (ONNX, maybe with external data) in a work folder."""
     info: dict[str, Any]
     """The load stage's report: size, checksum, IR, opsets, external data."""
+    origin: list[dict[str, Any]] = field(default_factory=list)
+    """Reports of the steps that made the model before it was loaded (an export from PyTorch); they head
+    every bundle's list of stage reports."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ when every stage passed, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -89,9 +90,10 @@ def package_model(
     *,
     name: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    origin: list[dict[str, Any]] | None = None,
 ) -> list[Result]:
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
-    that cannot be loaded at all raises."""
+    that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
     existing = [str(d) for d in destinations.values() if d.exists()]
@@ -107,6 +109,8 @@ def package_model(
         source_dir = Path(scratch) / "source"
         source_dir.mkdir()
         source = load(model, source_dir, name)
+        if origin:
+            source = dataclasses.replace(source, origin=list(origin))
         results = []
         for profile in profiles:
             workdir = Path(scratch) / profile.name
@@ -127,6 +131,7 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
         with atomic_folder(destination, force=options.force) as staging:
             job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
                       destination=destination, progress=progress)
+            job.reports.extend(source.origin)
             job.reports.append(_load_report(source))
             artifact = Artifact(path=source.reference)
             for stage in STAGES:
