@@ -28,7 +28,7 @@ examples:
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
 runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed,
-8 --freeze failed or must run on the device (the bundle itself is ready).
+8 --freeze failed or must run on the device (the bundle itself is ready),
 9 a download failed.
 """
 
