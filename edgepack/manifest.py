@@ -75,6 +75,8 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise VerificationError("no manifest.json: this is not an edgepack bundle", where=str(bundle)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VerificationError(f"manifest.json is unreadable: {exc}", where=str(bundle)) from None
+    except RecursionError:
+        raise VerificationError("manifest.json is unreadable: nested too deeply", where=str(bundle)) from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise VerificationError(f"manifest.json: expected schema {SCHEMA!r}, found {found!r}", where=str(bundle))
@@ -110,7 +112,11 @@ def verify_bundle(bundle: Path) -> VerifyResult:
     result.extra = [rel for rel in present if rel not in expected]
     for rel, entry in sorted(expected.items()):
         path = bundle / rel
-        if path.is_symlink() or not path.is_file():
+        try:
+            present = not path.is_symlink() and path.is_file()
+        except (OSError, ValueError):  # a name too long or otherwise impossible here: no such file
+            present = False
+        if not present:
             result.missing.append(rel)
             continue
         result.checked += 1

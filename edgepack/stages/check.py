@@ -19,7 +19,7 @@ from ..errors import CompatibilityError
 from ..job import Artifact, Job
 from ..modelinfo import iter_nodes, opsets
 
-__all__ = ["check"]
+__all__ = ["check", "ops_without_kernel"]
 
 
 def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
@@ -42,7 +42,7 @@ def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
             "or target a device runtime new enough for this opset",
         )
-    missing = _ops_without_kernel(proto, model_opsets)
+    missing = ops_without_kernel(proto, model_opsets)
     if missing:
         listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
         raise CompatibilityError(
@@ -59,7 +59,7 @@ def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     return artifact, report
 
 
-def _ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
+def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
     local = {(f.domain, f.name) for f in proto.functions}
     missing: dict[str, int] = {}
     for node in iter_nodes(proto):

@@ -7,6 +7,10 @@ Rules:
    so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
 3. An .ort that is missing or empty after conversion is an error: it never moves on.
 4. Style ``none`` keeps the ONNX file (and its external data).
+5. The ORT format is one flatbuffer and cannot exceed 2 GiB (the converter fails after a long run
+   and leaves a 0-byte file). A model whose proto plus tensor bytes reach that is not converted: it
+   ships as ONNX + external data with a notice in the progress output and the stage report, or
+   fails with a clear error when the profile says ``ort_format.allow_onnx_fallback: false``.
 """
 
 from __future__ import annotations
@@ -16,18 +20,27 @@ import io
 import logging
 from pathlib import Path
 
+import onnx
+
 from ..errors import ConversionError
 from ..job import Artifact, Job
+from ..modelinfo import external_locations
 
-__all__ = ["convert", "CONFIG_NAME"]
+__all__ = ["convert", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
 
 CONFIG_NAME = "required_operators_and_types.config"
+
+ORT_FORMAT_MAX_BYTES = (1 << 31) - 1
+"""The largest flatbuffer, hence the largest .ort file."""
 
 
 def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     style = job.profile.ort_format.style
     if style == "none":
         return artifact, {"stage": "convert", "summary": "kept as ONNX (profile style none)", "format": "onnx"}
+    size = model_bytes(artifact.path)
+    if size >= ORT_FORMAT_MAX_BYTES:
+        return artifact, _keep_large_model(size, job)
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     out_dir = job.workdir / "ort"
@@ -68,6 +81,31 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     converted = Artifact(path=ort_path, format="ort", ort_style=style, ops_config=config,
                          precision=artifact.precision, onnx=artifact.onnx_path)
     return converted, report
+
+
+def model_bytes(path: Path) -> int:
+    """What an .ort of this ONNX model holds at least: the proto plus every external tensor's bytes."""
+    proto = onnx.load_model(path, load_external_data=False)
+    total = path.stat().st_size
+    for _, location, offset, length in external_locations(proto):
+        total += length if length is not None else max(0, (path.parent / location).stat().st_size - offset)
+    return total
+
+
+def _keep_large_model(size: int, job: Job) -> dict:
+    limit = f"{ORT_FORMAT_MAX_BYTES / (1 << 30):.0f} GiB"
+    if not job.profile.ort_format.allow_onnx_fallback:
+        raise ConversionError(
+            f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}, and the profile forbids "
+            "shipping ONNX instead (ort_format.allow_onnx_fallback: false)",
+            where=job.profile.name,
+            hint="quantize the model (--quantize) to bring it under the limit, or use a profile that allows the ONNX fallback",
+        )
+    notice = (f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}: shipped as ONNX with "
+              "external data instead of .ort (no reduced-operator config; the device needs a full onnxruntime build)")
+    job.say(f"notice: {notice}")
+    return {"stage": "convert", "summary": f"kept as ONNX + external data (notice: {notice})", "format": "onnx",
+            "fallback": "onnx", "notice": notice, "model_bytes": size, "ort_format_max_bytes": ORT_FORMAT_MAX_BYTES}
 
 
 def _quiet_onnxruntime() -> None:

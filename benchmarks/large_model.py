@@ -1,0 +1,156 @@
+"""Package a ~2.4 GB model (weights in external data) and report time and peak memory.
+
+    python benchmarks/large_model.py                 # build, package for rpi-arm64, report, clean up
+    python benchmarks/large_model.py --probes        # also: peak RSS of each suspect step on its own
+    python benchmarks/large_model.py --quantizer     # also: onnxruntime's quantize_dynamic on the same model
+
+The model is a chain of MatMuls with float32 [D, D] weights, written one layer at a time to a side
+file (the builder never holds more than one layer). Each measured step runs in its own subprocess;
+its peak RSS comes from ``os.wait4`` (the child and the descendants it waited for) and is printed as
+a ratio to the model's size on disk (.onnx + side file). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DIM = 8192
+OPSET = 17
+IR_VERSION = 8
+
+
+def build_model(folder: Path, gigabytes: float) -> Path:
+    """A MatMul chain of ``gigabytes`` of float32 weights in ``model.onnx.data``, aligned at 4 KiB offsets."""
+    layers = max(1, round(gigabytes * 1e9 / (DIM * DIM * 4)))
+    model_path, data_name = folder / "model.onnx", "model.onnx.data"
+    rng = np.random.default_rng(0)
+    initializers, nodes, offset = [], [], 0
+    with open(folder / data_name, "wb") as data:
+        for i in range(layers):
+            weight = rng.standard_normal((DIM, DIM), dtype=np.float32)
+            weight *= 1.0 / np.sqrt(DIM)  # keeps activations ~N(0, 1) through the chain
+            pad = -offset % 4096
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(weight.tobytes())
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[DIM, DIM],
+                                 data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(weight.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+            initializers.append(tensor)
+            offset += weight.nbytes
+            del weight
+            nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"],
+                                          ["y" if i == layers - 1 else f"h{i + 1}"], name=f"matmul{i}"))
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", DIM])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    model_path.write_bytes(model.SerializeToString())
+    return model_path
+
+
+def measure(argv: list[str], *, env: dict | None = None, log: Path | None = None) -> dict:
+    """Run ``argv``; wall time, exit code and peak RSS (bytes) of the child and what it waited for."""
+    started = time.perf_counter()
+    with open(log or os.devnull, "wb") as out:
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": time.perf_counter() - started, "exit": child.returncode, "peak_rss": usage.ru_maxrss * 1024}
+
+
+PROBES = {
+    "onnx.load (external data read)": "import onnx; m = onnx.load(MODEL)",
+    "onnx.load + SerializeToString": "import onnx; m = onnx.load(MODEL)\ntry: m.SerializeToString()\nexcept Exception as e: print(e)",
+    "onnx-ir load + save (external data)": "import onnx_ir as ir; m = ir.load(MODEL); ir.save(m, OUT, external_data='out.onnx.data')",
+    "onnxruntime session (path, default options)": "import onnxruntime as ort; s = ort.InferenceSession(MODEL, providers=['CPUExecutionProvider'])",
+    "onnxruntime session (path, prepacking off)": "import onnxruntime as ort; o = ort.SessionOptions(); "
+    "o.add_session_config_entry('session.disable_prepacking', '1'); "
+    "s = ort.InferenceSession(MODEL, o, providers=['CPUExecutionProvider'])",
+    "edgepack.manifest.hash_file (side file)": "from edgepack.manifest import hash_file; hash_file(MODEL + '.data')",
+}
+
+
+def run_probe(name: str, model: Path, scratch: Path) -> dict:
+    out = scratch / "probe"
+    out.mkdir(exist_ok=True)
+    code = f"MODEL = {str(model)!r}\nOUT = {str(out / 'out.onnx')!r}\n" + PROBES[name]
+    result = measure([sys.executable, "-c", code], env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+QUANTIZE = textwrap.dedent("""
+    import sys
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(sys.argv[1], sys.argv[2], weight_type=QuantType.QInt8, use_external_data_format=True)
+""")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gigabytes", type=float, default=2.4, help="weights to generate (default 2.4)")
+    parser.add_argument("--target", default="rpi-arm64")
+    parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary folder, removed)")
+    parser.add_argument("--probes", action="store_true", help="measure each suspect step on its own")
+    parser.add_argument("--quantizer", action="store_true", help="measure onnxruntime's quantize_dynamic too")
+    parser.add_argument("--keep", action="store_true", help="keep the model and bundle")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="edgepack-large-", dir=args.workdir))
+    try:
+        started = time.perf_counter()
+        model = build_model(scratch, args.gigabytes)
+        size = model.stat().st_size + (scratch / "model.onnx.data").stat().st_size
+        print(f"model: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB) in {scratch}, built in {time.perf_counter() - started:.1f} s")
+
+        rows = []
+        log = scratch / "package.log"
+        packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", args.target,
+                            "--quantize", "none", "-o", str(scratch / "build")],
+                           env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
+        rows.append((f"edgepack package --target {args.target} --quantize none", packaged))
+        print(log.read_text(encoding="utf-8", errors="replace").rstrip())
+        bundle = scratch / "build" / f"model-{args.target}"
+        if packaged["exit"] == 0:
+            manifest = json.loads((bundle / "manifest.json").read_text())
+            convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
+            print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
+                  f"convert fallback: {convert.get('fallback')}")
+            shutil.rmtree(scratch / "build")
+        if args.quantizer:
+            rows.append(("onnxruntime quantize_dynamic (use_external_data_format=True)",
+                         measure([sys.executable, "-c", QUANTIZE, str(model), str(scratch / "q.onnx")],
+                                 env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})))
+            for extra in scratch.glob("q.onnx*"):
+                extra.unlink()
+        if args.probes:
+            for name in PROBES:
+                rows.append((name, run_probe(name, model, scratch)))
+
+        print(f"\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
+        for name, r in rows:
+            print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
+        return 0 if packaged["exit"] == 0 else 1
+    finally:
+        if args.keep:
+            print(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
