@@ -38,6 +38,22 @@ def hash_file(path: Path) -> dict[str, Any]:
     return {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
 
 
+_BIG = 16 << 20
+_big_hashes: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
+
+
+def _hash_once(path: Path) -> dict[str, Any]:
+    """``hash_file``, remembered for big files while they stay the same file unchanged (same inode, size,
+    mtime and ctime): the manifest is written twice per bundle and a model's weights need hashing once."""
+    st = path.stat()
+    if st.st_size < _BIG:
+        return hash_file(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _big_hashes:
+        _big_hashes[key] = hash_file(path)
+    return dict(_big_hashes[key])
+
+
 def list_files(bundle: Path) -> list[str]:
     """Every path below ``bundle`` except the manifest, as sorted POSIX relative paths (links included)."""
     found = []
@@ -55,7 +71,7 @@ def list_files(bundle: Path) -> list[str]:
 def write_manifest(bundle: Path, content: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json`` with ``content`` plus the checksums of every file now in ``bundle``."""
     manifest = {"schema": SCHEMA, **content}
-    manifest["files"] = {rel: hash_file(bundle / rel) for rel in list_files(bundle)}
+    manifest["files"] = {rel: _hash_once(bundle / rel) for rel in list_files(bundle)}
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch and epoch.isdigit():
         created = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)

@@ -104,7 +104,8 @@ def _keep_large_model(size: int, job: Job) -> dict:
     notice = (f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}: shipped as ONNX with "
               "external data instead of .ort (no reduced-operator config; the device needs a full onnxruntime build)")
     job.say(f"notice: {notice}")
-    return {"stage": "convert", "summary": f"kept as ONNX + external data (notice: {notice})", "format": "onnx",
+    return {"stage": "convert", "summary": f"kept as ONNX + external data: {size / 1e9:.2f} GB is over the ORT "
+            f"format's limit of {limit} (see notice)", "format": "onnx",
             "fallback": "onnx", "notice": notice, "model_bytes": size, "ort_format_max_bytes": ORT_FORMAT_MAX_BYTES}
 
 

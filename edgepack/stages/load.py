@@ -53,7 +53,7 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
 
 
 def parse_model(path: Path) -> onnx.ModelProto:
-    """The model's protobuf (external data not read), checked: rules 1 and 2."""
+    """The model's protobuf (external data not read), checked: rules 1 to 3."""
     try:
         if path.is_dir():
             raise ModelError("is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it")
