@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from external_models import B1, W1, W2, expected_output, tree_digest, write_split_model
+from external_models import (
+    B1, IR_VERSION, OPSET, W1, W2, expected_output, external_tensor, tree_digest, write_split_model,
+)
 
 import edgepack.stages.convert as convert_stage
 from edgepack.errors import ConversionError
@@ -94,6 +98,44 @@ def test_style_none_bundles_side_file_0644_and_checksummed(tmp_path):
     np.testing.assert_allclose(_shim_run(result.bundle, {"x": X})["y"], expected_output(X), rtol=1e-5, atol=1e-5)
 
 
+def _subgraph_model(folder: Path) -> Path:
+    """y = If(sum(x) > 0, x @ Wsub (a branch initializer), x @ Wconst (a Constant node)), both tensors external."""
+    folder.mkdir(parents=True)
+    (folder / "sub.bin").write_bytes(bytes(16) + W1.tobytes() + (2 * W1).tobytes())
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "Wsub"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", W1.shape[1]])],
+                             [external_tensor("Wsub", W1, "sub.bin", 16)])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "Wconst"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", W1.shape[1]])])
+    constant = helper.make_node("Constant", [], ["Wconst"])
+    constant.attribute.add(name="value", type=onnx.AttributeProto.TENSOR).t.CopyFrom(
+        external_tensor("Wconst", 2 * W1, "sub.bin", 16 + W1.nbytes))
+    nodes = [constant, helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", W1.shape[1]])],
+                              [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    (folder / "branchy.onnx").write_bytes(model.SerializeToString())
+    return folder / "branchy.onnx"
+
+
+@pytest.mark.parametrize("style", ["none", "Fixed"])
+def test_external_data_in_subgraphs_and_constant_nodes(tmp_path, style):
+    model = _subgraph_model(tmp_path / "in")
+    profile = load_profile(str(_profile_file(tmp_path, "rpi-arm64", style=style)))
+    [result] = package_model(model, [profile], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    if style == "none":
+        assert result.manifest["model"]["external_data"] == ["model/branchy.onnx.data"]
+    positive, negative = np.abs(X), -np.abs(X)
+    got = _shim_run(result.bundle, {"x": positive})["y"]
+    np.testing.assert_allclose(got, positive @ W1, rtol=1e-5, atol=1e-5)
+    got = _shim_run(result.bundle, {"x": negative})["y"]
+    np.testing.assert_allclose(got, negative @ (2 * W1), rtol=1e-5, atol=1e-5)
+
+
 def test_model_bytes_counts_tensors_not_padding(tmp_path):
     model = write_split_model(tmp_path)
     assert convert_stage.model_bytes(model) == model.stat().st_size + W1.nbytes + B1.nbytes + W2.nbytes
@@ -109,7 +151,7 @@ def test_model_over_the_ort_limit_ships_as_onnx_with_a_notice(tmp_path, monkeypa
     convert = _stage(result.manifest, "convert")
     assert convert["fallback"] == "onnx" and "over the ORT format's limit" in convert["notice"]
     assert any(m.startswith("[rpi-arm64] notice: the model is") for m in messages)
-    assert "over the ORT format's limit" in (result.bundle / "REPORT.md").read_text()
+    assert f"## Notices\n\n- **convert**: {convert['notice']}" in (result.bundle / "REPORT.md").read_text()
     assert result.manifest["model"]["format"] == "onnx"
     assert result.manifest["reduced_ops_config"] is None
     files = sorted(p.relative_to(result.bundle).as_posix() for p in (result.bundle / "model").iterdir())
@@ -154,3 +196,23 @@ def test_a_zero_byte_model_never_reaches_a_bundle(tmp_path):
     with pytest.raises(ConversionError, match="missing or empty"):
         bundle(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
     assert list(staging.iterdir()) == []
+
+
+def test_big_bundle_files_are_hashed_once_per_version(tmp_path, monkeypatch):
+    """The manifest is written twice per bundle; a model's weights are hashed once, and again only if changed."""
+    import edgepack.manifest as manifest_module
+
+    calls: list[Path] = []
+    real = manifest_module.hash_file
+    monkeypatch.setattr(manifest_module, "hash_file", lambda path: calls.append(path) or real(path))
+    big = tmp_path / "model.onnx.data"
+    big.write_bytes(b"\1" * (17 << 20))
+    first = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    again = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    assert first == again and calls.count(big) == 1
+    with open(big, "r+b") as f:  # same size, same inode, new content
+        f.write(b"\2")
+    os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
+    changed = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    assert changed["sha256"] != first["sha256"] and changed == real(big)
+    assert verify_bundle(tmp_path).ok

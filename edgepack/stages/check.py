@@ -64,8 +64,8 @@ def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> 
     missing: dict[str, int] = {}
     for node in iter_nodes(proto):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        if (node.domain, node.op_type) in local:
-            continue
+        if (node.domain, node.op_type) in local or (domain == "" and node.op_type == "Constant"):
+            continue  # onnxruntime turns Constant nodes into initializers when it loads a graph: no kernel needed
         version = model_opsets.get(domain or "ai.onnx")
         if version is None or not _runnable(domain, node.op_type, version):
             key = f"{domain}::{node.op_type}" if domain else node.op_type

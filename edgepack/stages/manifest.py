@@ -116,4 +116,7 @@ def _report_text(content: dict[str, Any]) -> str:
         *[f"- **{r['stage']}**: {r['summary']}" for r in content["stages"]],
         "",
     ]
+    notices = [f"- **{r['stage']}**: {r['notice']}" for r in content["stages"] if r.get("notice")]
+    if notices:
+        lines += ["## Notices", "", *notices, ""]
     return "\n".join(lines)
