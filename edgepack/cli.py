@@ -138,6 +138,8 @@ def _cmd_package(args) -> int:
             if r.ok:
                 size = sum(f["size"] for f in r.manifest["files"].values())
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
+                for notice in r.notices:
+                    print(f"        notice: {notice}")
             else:
                 print(f"FAILED  {r.target:<16} {r.error}")
     failed = [r for r in results if not r.ok]

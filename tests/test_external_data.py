@@ -151,6 +151,7 @@ def test_model_over_the_ort_limit_ships_as_onnx_with_a_notice(tmp_path, monkeypa
     convert = _stage(result.manifest, "convert")
     assert convert["fallback"] == "onnx" and "over the ORT format's limit" in convert["notice"]
     assert any(m.startswith("[rpi-arm64] notice: the model is") for m in messages)
+    assert result.to_dict()["notices"] == [f"convert: {convert['notice']}"]
     assert f"## Notices\n\n- **convert**: {convert['notice']}" in (result.bundle / "REPORT.md").read_text()
     assert result.manifest["model"]["format"] == "onnx"
     assert result.manifest["reduced_ops_config"] is None
