@@ -3,6 +3,7 @@
     python benchmarks/large_model.py                 # build, package for rpi-arm64, report, clean up
     python benchmarks/large_model.py --probes        # also: peak RSS of each suspect step on its own
     python benchmarks/large_model.py --quantizer     # also: onnxruntime's quantize_dynamic on the same model
+    python benchmarks/large_model.py --gigabytes 1 --inline   # a model under 2 GiB, weights inline: ORT format
 
 The model is a chain of MatMuls with float32 [D, D] weights, written one layer at a time to a side
 file (the builder never holds more than one layer). Each measured step runs in its own subprocess;
@@ -31,8 +32,9 @@ OPSET = 17
 IR_VERSION = 8
 
 
-def build_model(folder: Path, gigabytes: float) -> Path:
-    """A MatMul chain of ``gigabytes`` of float32 weights in ``model.onnx.data``, aligned at 4 KiB offsets."""
+def build_model(folder: Path, gigabytes: float, inline: bool = False) -> Path:
+    """A MatMul chain of ``gigabytes`` of float32 weights in ``model.onnx.data``, aligned at 4 KiB offsets
+    (``inline``: in the .onnx itself, under 2 GiB only)."""
     import numpy as np
     from onnx import TensorProto, helper
 
@@ -58,6 +60,16 @@ def build_model(folder: Path, gigabytes: float) -> Path:
             del weight
             nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"],
                                           ["y" if i == layers - 1 else f"h{i + 1}"], name=f"matmul{i}"))
+    if inline:
+        from onnx import numpy_helper
+
+        with open(folder / data_name, "rb") as data:
+            for tensor in initializers:
+                entries = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+                data.seek(entries["offset"])
+                array = np.frombuffer(data.read(entries["length"]), dtype=np.float32).reshape(DIM, DIM)
+                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        (folder / data_name).unlink()
     graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", DIM])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
@@ -121,21 +133,24 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temporary folder, removed)")
     parser.add_argument("--probes", action="store_true", help="measure each suspect step on its own")
     parser.add_argument("--quantizer", action="store_true", help="measure onnxruntime's quantize_dynamic too")
+    parser.add_argument("--inline", action="store_true", help="weights inside the .onnx (needs --gigabytes under 2)")
     parser.add_argument("--keep", action="store_true", help="keep the model and bundle")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_into:
-        build_model(args.build_into, args.gigabytes)
+        build_model(args.build_into, args.gigabytes, inline=args.inline)
         return 0
 
     scratch = Path(tempfile.mkdtemp(prefix="edgepack-large-", dir=args.workdir))
     try:
-        built = measure([sys.executable, __file__, "--build-into", str(scratch), "--gigabytes", str(args.gigabytes)])
+        built = measure([sys.executable, __file__, "--build-into", str(scratch), "--gigabytes", str(args.gigabytes)]
+                        + (["--inline"] if args.inline else []))
         model = scratch / "model.onnx"
         if built["exit"] != 0 or not model.is_file():
             print("building the model failed", file=sys.stderr)
             return 1
-        size = model.stat().st_size + (scratch / "model.onnx.data").stat().st_size
+        side = scratch / "model.onnx.data"
+        size = model.stat().st_size + (side.stat().st_size if side.exists() else 0)
         print(f"model: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB) in {scratch}, built in {built['seconds']:.1f} s; "
               f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB peak RSS")
 

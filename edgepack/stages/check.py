@@ -42,7 +42,7 @@ def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
             "or target a device runtime new enough for this opset",
         )
-    missing = ops_without_kernel(proto, model_opsets)
+    missing = _ops_without_kernel(proto, model_opsets)
     if missing:
         listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
         raise CompatibilityError(
@@ -59,7 +59,7 @@ def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     return artifact, report
 
 
-def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
+def _ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
     local = {(f.domain, f.name) for f in proto.functions}
     missing: dict[str, int] = {}
     for node in iter_nodes(proto):
@@ -71,6 +71,10 @@ def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> 
             key = f"{domain}::{node.op_type}" if domain else node.op_type
             missing[key] = missing.get(key, 0) + 1
     return missing
+
+
+ops_without_kernel = _ops_without_kernel
+"""Public name for other stages: {op: count} of the nodes onnxruntime has no kernel or function for."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,10 @@ __all__ = ["load", "parse_model"]
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
-    proto = parse_model(path)
+    proto = _read_and_check(path)
+    info = summarize(proto, path)
+    del proto  # a model with inline weights is held once at a time: by the checker, then by onnx-ir
+    _run_onnx_checker(path)
     reference = workdir / "reference.onnx"
     try:
         model = ir.load(path)
@@ -47,13 +50,18 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the model cannot be read: {detail}", where=str(path),
                          hint="the file may be malformed; check it with onnx.checker.check_model(path, full_check=True)") from None
-    info = summarize(proto, path)
     info.update({"sha256": _sha256(path), "passes": changes})
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
 
 
 def parse_model(path: Path) -> onnx.ModelProto:
     """The model's protobuf (external data not read), checked: rules 1 to 3."""
+    proto = _read_and_check(path)
+    _run_onnx_checker(path)
+    return proto
+
+
+def _read_and_check(path: Path) -> onnx.ModelProto:
     try:
         if path.is_dir():
             raise ModelError("is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it")
@@ -78,12 +86,15 @@ def parse_model(path: Path) -> onnx.ModelProto:
     _check_external_data(proto, path)
     check_structure(proto, str(path))
     _check_kernels(proto, path)
+    return proto
+
+
+def _run_onnx_checker(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))  # from the path: external data is looked up beside the model, not in the cwd
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the ONNX checker rejects the model: {first}", where=str(path)) from None
-    return proto
 
 
 def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:

@@ -8,8 +8,10 @@ import onnx_ir as ir
 
 __all__ = ["save_model", "EXTERNAL_DATA_THRESHOLD"]
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Above 1 GiB of weights a model is written with a side file: protobuf cannot hold more than 2 GiB."""
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+"""Above 64 MiB of weights a model is written with a side file: protobuf cannot hold more than 2 GiB, and
+writing weights inline makes onnx-ir serialize the whole model in memory (about 4x its size at peak;
+with a side file the weights are streamed)."""
 
 
 def save_model(model: ir.Model, path: Path) -> Path:
