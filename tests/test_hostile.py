@@ -218,3 +218,24 @@ def test_cycle_through_a_subgraph_is_found(tmp_path):
     model.graph.initializer.append(helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
     with pytest.raises(ModelError, match="cycle: node 'branch' \\(If\\) -> node 'after' \\(Relu\\) -> node 'branch'"):
         parse_model(_save(tmp_path, model))
+
+
+@pytest.mark.parametrize("writer", [write_split_model, write_inline_model])
+def test_every_truncation_of_a_model_is_refused(tmp_path, writer):
+    """Cut at any byte, a model either fails to parse or parses incomplete: both must be one ModelError."""
+    model = writer(tmp_path)
+    data = model.read_bytes()
+    step = max(1, len(data) // 150)
+    for cut in [*range(0, len(data), step), len(data) - 1]:
+        model.write_bytes(data[:cut])
+        with pytest.raises(ModelError):
+            parse_model(model)
+    model.write_bytes(data)
+    assert parse_model(model).graph.name == "mlp"
+
+
+def test_a_model_whose_opset_import_was_cut_off_is_named_so(tmp_path):
+    proto = onnx.load_model(write_inline_model(tmp_path), load_external_data=False)
+    del proto.opset_import[:]
+    with pytest.raises(ModelError, match="use domain\\(s\\) ai.onnx but it imports no opset"):
+        parse_model(_save(tmp_path, proto))

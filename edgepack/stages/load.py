@@ -25,7 +25,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitial
 from ..errors import EdgepackError, ModelError
 from ..graphcheck import check_structure
 from ..job import Source
-from ..modelinfo import external_locations, opsets, summarize
+from ..modelinfo import external_locations, iter_nodes, opsets, summarize
 from .check import ops_without_kernel
 from .save import save_model
 
@@ -99,7 +99,16 @@ def _run_onnx_checker(path: Path) -> None:
 
 def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:
     """onnxruntime here is at least as new as any target's runtime: an op it cannot run, no target can."""
-    missing = ops_without_kernel(proto, opsets(proto))
+    imported = opsets(proto)
+    local = {(f.domain, f.name) for f in proto.functions}
+    undeclared = sorted({("ai.onnx" if n.domain in ("", "ai.onnx") else n.domain) for n in iter_nodes(proto)
+                         if (n.domain, n.op_type) not in local} - set(imported))
+    if undeclared:
+        raise ModelError(
+            f"the model's nodes use domain(s) {', '.join(undeclared)} but it imports no opset for them",
+            where=str(path), hint="the file may be truncated or hand-edited; re-export it",
+        )
+    missing = ops_without_kernel(proto, imported)
     if missing:
         listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
         raise ModelError(
