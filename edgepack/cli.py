@@ -187,6 +187,8 @@ def _cmd_package(args) -> int:
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
                 if r.frozen:
                     print(f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)")
+                for notice in r.notices:
+                    print(f"        notice: {notice}")
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:

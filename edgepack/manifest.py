@@ -45,6 +45,22 @@ def hash_file(path: Path) -> dict[str, Any]:
     return {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
 
 
+_BIG = 16 << 20
+_big_hashes: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
+
+
+def _hash_once(path: Path) -> dict[str, Any]:
+    """``hash_file``, remembered for big files while they stay the same file unchanged (same inode, size,
+    mtime and ctime): the manifest is written twice per bundle and a model's weights need hashing once."""
+    st = path.stat()
+    if st.st_size < _BIG:
+        return hash_file(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _big_hashes:
+        _big_hashes[key] = hash_file(path)
+    return dict(_big_hashes[key])
+
+
 def list_files(bundle: Path) -> list[str]:
     """Every path below ``bundle`` except the manifest, as sorted POSIX relative paths (links included)."""
     found = []
@@ -62,7 +78,7 @@ def list_files(bundle: Path) -> list[str]:
 def write_manifest(bundle: Path, content: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json`` with ``content`` plus the checksums of every file now in ``bundle``."""
     manifest = {"schema": SCHEMA, **content}
-    manifest["files"] = {rel: hash_file(bundle / rel) for rel in list_files(bundle)}
+    manifest["files"] = {rel: _hash_once(bundle / rel) for rel in list_files(bundle)}
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch and epoch.isdigit():
         created = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
@@ -91,6 +107,8 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
         raise VerificationError("no manifest.json: this is not an edgepack bundle", where=str(bundle)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VerificationError(f"manifest.json is unreadable: {exc}", where=str(bundle)) from None
+    except RecursionError:
+        raise VerificationError("manifest.json is unreadable: nested too deeply", where=str(bundle)) from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise VerificationError(f"manifest.json: expected schema {SCHEMA!r}, found {found!r}", where=str(bundle))
@@ -128,7 +146,11 @@ def verify_bundle(bundle: Path) -> VerifyResult:
     result.extra = [rel for rel in present if rel not in expected]
     for rel, entry in sorted(expected.items()):
         path = bundle / rel
-        if path.is_symlink() or not path.is_file():
+        try:
+            present = not path.is_symlink() and path.is_file()
+        except (OSError, ValueError):  # a name too long or otherwise impossible here: no such file
+            present = False
+        if not present:
             result.missing.append(rel)
             continue
         result.checked += 1

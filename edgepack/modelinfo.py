@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import onnx
 from onnx import helper
 
+from .errors import ModelError
+
 __all__ = ["describe_io", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
 
 
@@ -87,10 +89,19 @@ def external_locations(model: onnx.ModelProto) -> list[tuple[str, str, int, int 
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = {e.key: e.value for e in tensor.external_data}
-        length = entries.get("length")
-        found.append((tensor.name, entries.get("location", ""), int(entries.get("offset", 0) or 0),
-                      int(length) if length else None))
+        offset, length = _position(entries, "offset", tensor.name), _position(entries, "length", tensor.name)
+        found.append((tensor.name, entries.get("location", ""), offset or 0, length))
     return found
+
+
+def _position(entries: dict[str, str], key: str, tensor: str) -> int | None:
+    text = entries.get(key)
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise ModelError(f"tensor {tensor!r}: external data {key} {text!r} is not a non-negative integer",
+                         hint="the model is malformed; re-export it")
+    return int(text)
 
 
 def summarize(model: onnx.ModelProto, path: Path | None = None) -> dict[str, Any]:

@@ -64,6 +64,11 @@ class Result:
     frozen: dict[str, Any] | None = None
     """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
 
+    @property
+    def notices(self) -> list[str]:
+        """What the user must know about this bundle (fallbacks taken), from the stage reports."""
+        return [f"{r['stage']}: {r['notice']}" for r in (self.manifest or {}).get("stages", []) if r.get("notice")]
+
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"target": self.target, "bundle": str(self.bundle), "ok": self.ok,
                                 "seconds": round(self.seconds, 2)}
@@ -71,6 +76,7 @@ class Result:
             data["bytes"] = sum(f["size"] for f in self.manifest["files"].values())
             data["model"] = self.manifest["model"]["file"]
             data["self_test"] = next(r for r in self.manifest["stages"] if r["stage"] == "self_test")["summary"]
+            data["notices"] = self.notices
         if self.frozen:
             data["frozen"] = self.frozen
         if self.error:

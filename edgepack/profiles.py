@@ -8,6 +8,8 @@ of edgepack reads the frozen dataclasses below and never branches on a target's 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +68,8 @@ class OrtFormat:
     style: Literal["Fixed", "Runtime", "none"]
     """Fixed: optimizations baked in. Runtime: replayed on device (NNAPI, CoreML, WebGPU). none: ship .onnx."""
     platform: Literal["arm", "amd64"] = "arm"
+    allow_onnx_fallback: bool = True
+    """A model too large for the ORT format (2 GiB) ships as ONNX + external data, with a notice; false: fail."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,8 @@ def _load_file(path: Path) -> Profile:
         mark = getattr(exc, "problem_mark", None)
         place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ProfileError(f"not valid YAML{place}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+    except RecursionError:
+        raise ProfileError("not valid YAML: nested too deeply", where=str(path)) from None
     if not isinstance(data, dict):
         raise ProfileError(f"expected a mapping of profile keys, found {_kind(data)}", where=str(path))
     schema = data.pop("schema", SCHEMA)
@@ -219,6 +225,14 @@ def _load_file(path: Path) -> Profile:
 
 
 def _check_semantics(profile: Profile, where: str) -> None:
+    if not _NAME.fullmatch(profile.name):
+        raise ProfileError(
+            f"key 'name': expected letters, digits, '.', '_' or '-' (it names the bundle folder), found {profile.name!r}",
+            where=where,
+        )
+    if profile.session.intra_op_num_threads < 0:
+        raise ProfileError(f"key 'session.intra_op_num_threads': expected 0 (automatic) or more, "
+                           f"found {profile.session.intra_op_num_threads}", where=where)
     try:
         SpecifierSet(profile.runtime.version)
     except InvalidSpecifier:
@@ -238,6 +252,9 @@ def _check_semantics(profile: Profile, where: str) -> None:
                        ("runtime.max_ir_version", profile.runtime.max_ir_version)):
         if value <= 0:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
 # --- a small typed reader: dataclass fields are the schema ------------------------------------
@@ -288,14 +305,38 @@ def _convert(tp, value: Any, where: str, key: str):
             raise ProfileError(f"key {key!r}: expected a mapping, found {_kind(value)}", where=where)
         return {_convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
+        _check_plain(value, where, key)
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ProfileError(f"key {key!r}: expected a finite number, found {value}", where=where)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ProfileError(f"key {key!r}: expected {_TYPE_NAMES.get(tp, tp.__name__)}, found {_kind(value)}", where=where)
     return value
+
+
+def _check_plain(value: Any, where: str, key: str) -> None:
+    """Free-form values (provider options) end up in the manifest: plain JSON data only, and not huge."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > 10_000:
+            raise ProfileError(f"key {key!r}: the value is too large", where=where)
+        if isinstance(item, dict):
+            if not all(isinstance(k, str) for k in item):
+                raise ProfileError(f"key {key!r}: mapping keys must be strings", where=where)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ProfileError(f"key {key!r}: expected a finite number, found {item}", where=where)
+        elif item is not None and not isinstance(item, (str, int, float, bool)):
+            raise ProfileError(f"key {key!r}: expected plain data (text, numbers, lists, mappings), "
+                               f"found {_kind(item)}", where=where)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

@@ -12,6 +12,7 @@ import os
 import onnx
 
 from ..bundlers import bundler_for
+from ..errors import ConversionError
 from ..fileops import copy_file
 from ..job import Artifact, Job
 from ..modelinfo import external_locations
@@ -21,6 +22,9 @@ __all__ = ["bundle"]
 
 
 def bundle(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+    if not artifact.path.is_file() or artifact.path.stat().st_size == 0:
+        # e.g. the 0-byte .ort a failed conversion leaves behind: it must never reach a bundle
+        raise ConversionError(f"the {artifact.format} model to bundle is missing or empty", where=job.profile.name)
     model_dir = job.staging / "model"
     model_dir.mkdir(parents=True)
     suffix = ".ort" if artifact.format == "ort" else ".onnx"

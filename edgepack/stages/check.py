@@ -19,7 +19,7 @@ from ..errors import CompatibilityError
 from ..job import Artifact, Job
 from ..modelinfo import iter_nodes, opsets
 
-__all__ = ["check"]
+__all__ = ["check", "ops_without_kernel"]
 
 
 def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
@@ -64,15 +64,17 @@ def _ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) ->
     missing: dict[str, int] = {}
     for node in iter_nodes(proto):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        if (node.domain, node.op_type) in local:
-            continue
-        if domain == "" and node.op_type == "Constant":
-            continue  # onnxruntime turns Constant nodes into initializers when it loads the graph: no kernel needed
+        if (node.domain, node.op_type) in local or (domain == "" and node.op_type == "Constant"):
+            continue  # onnxruntime turns Constant nodes into initializers when it loads a graph: no kernel needed
         version = model_opsets.get(domain or "ai.onnx")
         if version is None or not _runnable(domain, node.op_type, version):
             key = f"{domain}::{node.op_type}" if domain else node.op_type
             missing[key] = missing.get(key, 0) + 1
     return missing
+
+
+ops_without_kernel = _ops_without_kernel
+"""Public name for other stages: {op: count} of the nodes onnxruntime has no kernel or function for."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,10 @@ Rules:
    so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
 3. An .ort that is missing or empty after conversion is an error: it never moves on.
 4. Style ``none`` keeps the ONNX file (and its external data).
+5. The ORT format is one flatbuffer and cannot exceed 2 GiB (the converter fails after a long run
+   and leaves a 0-byte file). A model whose proto plus tensor bytes reach that is not converted: it
+   ships as ONNX + external data with a notice in the progress output and the stage report, or
+   fails with a clear error when the profile says ``ort_format.allow_onnx_fallback: false``.
 """
 
 from __future__ import annotations
@@ -20,19 +24,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..ort_tools import load_ort_tools
+import onnx
+
 from ..errors import ConversionError
 from ..job import Artifact, Job
+from ..modelinfo import external_locations
+from ..ort_tools import load_ort_tools
 
-__all__ = ["convert", "CONFIG_NAME"]
+__all__ = ["convert", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
 
 CONFIG_NAME = "required_operators_and_types.config"
+
+ORT_FORMAT_MAX_BYTES = (1 << 31) - 1
+"""The largest flatbuffer, hence the largest .ort file."""
 
 
 def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     style = job.profile.ort_format.style
     if style == "none":
         return artifact, {"stage": "convert", "summary": "kept as ONNX (profile style none)", "format": "onnx"}
+    size = model_bytes(artifact.path)
+    if size >= ORT_FORMAT_MAX_BYTES:
+        return artifact, _keep_large_model(size, job)
     out_dir = job.workdir / "ort"
     out_dir.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "edgepack.stages.convert", str(artifact.path), str(out_dir), style,
@@ -50,7 +63,7 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     if not ort_path.is_file() or ort_path.stat().st_size == 0 or not config.is_file():
         raise ConversionError(f"ORT-format conversion produced no usable file:\n{log[-2000:]}",
                               where=str(job.source.path))
-    onnx_size = _model_size(artifact.path)
+    onnx_size = size
     ort_size = ort_path.stat().st_size
     report = {
         "stage": "convert",
@@ -65,6 +78,32 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     converted = Artifact(path=ort_path, format="ort", ort_style=style, ops_config=config,
                          precision=artifact.precision, onnx=artifact.onnx_path)
     return converted, report
+
+
+def model_bytes(path: Path) -> int:
+    """What an .ort of this ONNX model holds at least: the proto plus every external tensor's bytes."""
+    proto = onnx.load_model(path, load_external_data=False)
+    total = path.stat().st_size
+    for _, location, offset, length in external_locations(proto):
+        total += length if length is not None else max(0, (path.parent / location).stat().st_size - offset)
+    return total
+
+
+def _keep_large_model(size: int, job: Job) -> dict:
+    limit = f"{ORT_FORMAT_MAX_BYTES / (1 << 30):.0f} GiB"
+    if not job.profile.ort_format.allow_onnx_fallback:
+        raise ConversionError(
+            f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}, and the profile forbids "
+            "shipping ONNX instead (ort_format.allow_onnx_fallback: false)",
+            where=job.profile.name,
+            hint="quantize the model (--quantize) to bring it under the limit, or use a profile that allows the ONNX fallback",
+        )
+    notice = (f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}: shipped as ONNX with "
+              "external data instead of .ort (no reduced-operator config; the device needs a full onnxruntime build)")
+    job.say(f"notice: {notice}")
+    return {"stage": "convert", "summary": f"kept as ONNX + external data: {size / 1e9:.2f} GB is over the ORT "
+            f"format's limit of {limit} (see notice)", "format": "onnx",
+            "fallback": "onnx", "notice": notice, "model_bytes": size, "ort_format_max_bytes": ORT_FORMAT_MAX_BYTES}
 
 
 def _fixed_address_layout() -> None:
@@ -87,6 +126,7 @@ def _last_error_line(log: str) -> str:
 def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: str) -> None:
     """Child-process entry: onnxruntime's converter, always with an explicit style (the default converts nothing)."""
     import onnxruntime as ort
+
     load_ort_tools()
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
@@ -107,11 +147,6 @@ def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: s
             model, output_dir=out_dir, optimization_styles=[converter.OptimizationStyle[style]],
             target_platform=platform, enable_type_reduction=True,
         )
-
-
-def _model_size(path: Path) -> int:
-    side = path.with_name(path.name + ".data")
-    return path.stat().st_size + (side.stat().st_size if side.is_file() else 0)
 
 
 if __name__ == "__main__":

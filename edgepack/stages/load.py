@@ -4,7 +4,9 @@ Rules:
 1. The model must be a non-empty file that parses as ONNX and passes ``onnx.checker``.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
-3. The model is re-written (never modified in place) through onnx-ir, which memory-maps external data:
+3. Every node input exists and the graphs have no cycle (edgepack.graphcheck), and every op has a
+   kernel in onnxruntime: a model no target can run is refused before anything is written.
+4. The model is re-written (never modified in place) through onnx-ir, which memory-maps external data:
    initializers listed as graph inputs (IR 3) are removed from the inputs, weights held in Constant
    nodes become initializers. The copy keeps external data when the source had it.
 """
@@ -20,58 +22,111 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
-from ..errors import ModelError
+from ..errors import EdgepackError, ModelError
+from ..graphcheck import check_structure
 from ..job import Source
-from ..modelinfo import external_locations, summarize
+from ..modelinfo import external_locations, iter_nodes, opsets, summarize
+from .check import ops_without_kernel
 from .save import save_model
 
 __all__ = ["load", "parse_model"]
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
-    proto = parse_model(path)
-    reference = workdir / "reference.onnx"
-    model = ir.load(path)
-    changes = {}
-    for pass_ in (RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()):
-        changes[type(pass_).__name__] = pass_(model).modified
-    save_model(model, reference)
+    proto = _read_and_check(path)
     info = summarize(proto, path)
+    del proto  # a model with inline weights is held once at a time: by the checker, then by onnx-ir
+    _run_onnx_checker(path)
+    reference = workdir / "reference.onnx"
+    try:
+        model = ir.load(path)
+        changes = {}
+        for pass_ in (RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()):
+            changes[type(pass_).__name__] = pass_(model).modified
+        save_model(model, reference)
+    except EdgepackError:
+        raise
+    except Exception as exc:  # onnx-ir raises many kinds on malformed input
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"the model cannot be read: {detail}", where=str(path),
+                         hint="the file may be malformed; check it with onnx.checker.check_model(path, full_check=True)") from None
     info.update({"sha256": _sha256(path), "passes": changes})
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
 
 
 def parse_model(path: Path) -> onnx.ModelProto:
-    """The model's protobuf (external data not read), checked: rules 1 and 2."""
-    if not path.exists():
-        raise ModelError("no such file", where=str(path))
-    if path.is_dir():
-        raise ModelError("is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it")
-    if path.stat().st_size == 0:
+    """The model's protobuf (external data not read), checked: rules 1 to 3."""
+    proto = _read_and_check(path)
+    _run_onnx_checker(path)
+    return proto
+
+
+def _read_and_check(path: Path) -> onnx.ModelProto:
+    try:
+        if path.is_dir():
+            raise ModelError("is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it")
+        if not path.is_file():
+            raise ModelError("no such file", where=str(path))
+        size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the file: {exc}", where=str(path)) from None
+    if size == 0:
         raise ModelError("the file is empty (0 bytes)", where=str(path))
     try:
         proto = onnx.load_model(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, TypeError, UnicodeDecodeError) as exc:
         raise ModelError(
             f"not a valid ONNX model: the protobuf cannot be parsed ({type(exc).__name__})",
             where=str(path),
             hint="the file may be truncated or not an ONNX model; re-export or re-download it",
         ) from None
     if not proto.graph.node and not proto.graph.output:
-        raise ModelError("not an ONNX model: it has no graph", where=str(path))
+        raise ModelError("not an ONNX model: it has no graph", where=str(path),
+                         hint="the file may be truncated or not an ONNX model; re-export or re-download it")
+    _check_external_data(proto, path)
+    check_structure(proto, str(path))
+    _check_kernels(proto, path)
+    return proto
+
+
+def _run_onnx_checker(path: Path) -> None:
     try:
-        onnx.checker.check_model(path)  # from the path: external data is looked up beside the model, not in the cwd
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(str(path))  # from the path: external data is looked up beside the model, not in the cwd
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the ONNX checker rejects the model: {first}", where=str(path)) from None
-    _check_external_data(proto, path)
-    return proto
+
+
+def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:
+    """onnxruntime here is at least as new as any target's runtime: an op it cannot run, no target can."""
+    imported = opsets(proto)
+    local = {(f.domain, f.name) for f in proto.functions}
+    undeclared = sorted({("ai.onnx" if n.domain in ("", "ai.onnx") else n.domain) for n in iter_nodes(proto)
+                         if (n.domain, n.op_type) not in local} - set(imported))
+    if undeclared:
+        raise ModelError(
+            f"the model's nodes use domain(s) {', '.join(undeclared)} but it imports no opset for them",
+            where=str(path), hint="the file may be truncated or hand-edited; re-export it",
+        )
+    missing = ops_without_kernel(proto, imported)
+    if missing:
+        listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
+        raise ModelError(
+            f"no runtime of any target can run these ops (unknown op or domain): {listed}",
+            where=str(path),
+            hint="these ops come from a custom domain, a typo or a newer ONNX; replace them before packaging",
+        )
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     folder = path.parent.resolve()
     sizes: dict[str, int] = {}
-    for tensor, location, offset, length in external_locations(proto):
+    try:
+        locations = external_locations(proto)
+    except ModelError as exc:
+        exc.where = str(path)
+        raise
+    for tensor, location, offset, length in locations:
         where = f"{path} (tensor {tensor!r})"
         if not location:
             raise ModelError("external data with no location", where=where)
@@ -81,12 +136,18 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 hint="side files must sit in the model's folder or below it",
             )
         side = (path.parent / location)
-        if not side.resolve().is_relative_to(folder):
-            raise ModelError(f"external data file {location!r} is a link leading outside the model's folder", where=where)
-        if not side.is_file():
+        try:
+            inside = side.resolve().is_relative_to(folder)
+            present = side.is_file()
+            size = sizes.setdefault(location, side.stat().st_size) if present else 0
+        except (OSError, ValueError, RuntimeError) as exc:  # a name with a NUL byte, too long, a link loop
+            raise ModelError(f"external data file {location!r} cannot be read: {exc}", where=where) from None
+        if not inside:
+            raise ModelError(f"external data file {location!r} is a link leading outside the model's folder", where=where,
+                             hint="copy the side file into the model's folder instead of linking it")
+        if not present:
             raise ModelError(f"external data file {location!r} is missing", where=where,
                              hint="copy the side files next to the .onnx file")
-        size = sizes.setdefault(location, side.stat().st_size)
         end = offset + (length or 0)
         if end > size or (length is None and offset > size):
             raise ModelError(

@@ -117,6 +117,9 @@ def _report_text(content: dict[str, Any]) -> str:
         "",
         *_coverage_section(content["stages"]),
     ]
+    notices = [f"- **{r['stage']}**: {r['notice']}" for r in content["stages"] if r.get("notice")]
+    if notices:
+        lines += ["## Notices", "", *notices, ""]
     return "\n".join(lines)
 
 

@@ -8,15 +8,35 @@ import onnx_ir as ir
 
 __all__ = ["save_model", "EXTERNAL_DATA_THRESHOLD"]
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Above 1 GiB of weights a model is written with a side file: protobuf cannot hold more than 2 GiB."""
+EXTERNAL_DATA_THRESHOLD = 64 << 20
+"""Above 64 MiB of weights a model is written with a side file: protobuf cannot hold more than 2 GiB, and
+writing weights inline makes onnx-ir serialize the whole model in memory (about 4x its size at peak;
+with a side file the weights are streamed)."""
 
 
 def save_model(model: ir.Model, path: Path) -> Path:
-    has_external = any(isinstance(t.const_value, ir.ExternalTensor) for t in model.graph.initializers.values())
-    weights = sum(t.const_value.nbytes for t in model.graph.initializers.values() if t.const_value is not None)
+    """Subgraph (If/Loop body) initializers count too: onnx-ir re-writes them into the side file with the
+    rest, and an external tensor left behind would point at a file that is not in the work folder."""
+    tensors = [v.const_value for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
+    has_external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
+    weights = sum(t.nbytes for t in tensors)
+    _inline_external_attributes(model)
     if has_external or weights > EXTERNAL_DATA_THRESHOLD:
         ir.save(model, path, external_data=f"{path.name}.data")
     else:
         ir.save(model, path)
     return path
+
+
+def _inline_external_attributes(model: ir.Model) -> None:
+    """Tensors held in node attributes are not re-written as external data by onnx-ir: read them into memory
+    (large ones were lifted to initializers at load; what is left is small)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if attr.is_ref():
+                continue
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
+            elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
+                node.attributes[name] = ir.AttrTensors(
+                    name, [ir.tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else t for t in attr.value])

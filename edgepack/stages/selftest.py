@@ -4,6 +4,8 @@ Rules:
 1. The bundle is loaded through its own runtime shim (checksums verified, the manifest's session
    options, the CPU provider), so a converted model that does not load never ships.
 2. It runs on the user's ``--sample-inputs`` or on generated inputs; the reference model runs on the same.
+   The reference runs first and is released before the bundle is loaded, so a large model is never
+   held twice in memory at once.
 3. Max abs error and cosine similarity go into the manifest; missing the profile's tolerance is an error.
 """
 
@@ -11,9 +13,12 @@ from __future__ import annotations
 
 import os
 
+import onnx
+
 from ..accuracy import compare
 from ..errors import AccuracyError, ConversionError
 from ..job import Artifact, Job
+from ..modelinfo import describe_io
 from ..samples import generate_inputs, load_inputs
 
 __all__ = ["self_test"]
@@ -27,6 +32,17 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
 
     from ..runtime_shim import edgepack_shim
 
+    inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
+    if job.options.sample_inputs:
+        samples, origin = load_inputs(job.options.sample_inputs, inputs), str(job.options.sample_inputs)
+    else:
+        samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
+    output_names = [o["name"] for o in outputs]
+    try:
+        expected = _run_reference(job, output_names, samples)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
     try:
         # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
         bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
@@ -34,14 +50,7 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
                               hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
-    if job.options.sample_inputs:
-        samples, origin = load_inputs(job.options.sample_inputs, bundled.inputs), str(job.options.sample_inputs)
-    else:
-        samples, origin = generate_inputs(bundled.inputs, count=SAMPLE_SETS), "generated"
-    reference = ort.InferenceSession(str(job.source.reference), providers=["CPUExecutionProvider"])
-    output_names = [o["name"] for o in bundled.outputs]
     try:
-        expected = [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
         got = [bundled.run(feeds) for feeds in samples]
     except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -69,3 +78,11 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             hint="check the model with --sample-inputs of real data, or loosen accuracy in the profile if that is acceptable",
         )
     return artifact, report
+
+
+def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> list[dict]:
+    """The reference's outputs; its session (the whole model in memory) is gone when this returns."""
+    import onnxruntime as ort
+
+    reference = ort.InferenceSession(str(job.source.reference), providers=["CPUExecutionProvider"])
+    return [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
