@@ -3,11 +3,15 @@
 Rules:
 1. onnxruntime's own converter does the work (``convert_onnx_models_to_ort``), always with an explicit
    style list (the default converts nothing) and type reduction on, in a child process: a crash in it
-   cannot take edgepack down, and the child runs with a fixed address layout so the .ort is reproducible.
-2. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
+   cannot take edgepack down. The child does not import torch (onnxruntime.tools would, for nothing: ~7x
+   slower start).
+2. The .ort is rewritten in canonical form (``ort_canonical``): onnxruntime lays out its kernel type string
+   table in hash-map order, which changes with the process's memory state, so without it the same model
+   could give different bytes (bundles must be reproducible).
+3. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
    so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
-3. An .ort that is missing or empty after conversion is an error: it never moves on.
-4. Style ``none`` keeps the ONNX file (and its external data).
+4. An .ort that is missing or empty after conversion is an error: it never moves on.
+5. Style ``none`` keeps the ONNX file (and its external data).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from ..errors import ConversionError
 from ..job import Artifact, Job
+from .ort_canonical import canonicalize_ort_file
 
 __all__ = ["convert", "CONFIG_NAME"]
 
@@ -37,7 +42,7 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     command = [sys.executable, "-m", "edgepack.stages.convert", str(artifact.path), str(out_dir), style,
                job.profile.ort_format.platform]
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=_fixed_address_layout)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         detail = _last_error_line(log) or f"the converter exited with code {done.returncode}"
@@ -49,6 +54,11 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     if not ort_path.is_file() or ort_path.stat().st_size == 0 or not config.is_file():
         raise ConversionError(f"ORT-format conversion produced no usable file:\n{log[-2000:]}",
                               where=str(job.source.path))
+    try:
+        canonicalize_ort_file(ort_path)
+    except ValueError as exc:
+        raise ConversionError(f"the converted .ort cannot be made reproducible: {exc}", where=str(job.source.path),
+                              hint="use the onnxruntime version pinned in pyproject.toml") from None
     onnx_size = _model_size(artifact.path)
     ort_size = ort_path.stat().st_size
     report = {
@@ -66,17 +76,6 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     return converted, report
 
 
-def _fixed_address_layout() -> None:
-    """Run the converter without address-space randomization: onnxruntime orders parts of the .ort by
-    memory address, so only then does the same model give the same bytes (reproducible bundles)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        addr_no_randomize = 0x0040000
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.personality(addr_no_randomize)
-
-
 def _last_error_line(log: str) -> str:
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line or "error" in line or "Fail" in line]
@@ -85,19 +84,10 @@ def _last_error_line(log: str) -> str:
 
 def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: str) -> None:
     """Child-process entry: onnxruntime's converter, always with an explicit style (the default converts nothing)."""
+    sys.modules.setdefault("torch", None)  # onnxruntime.tools imports torch if installed; conversion never uses it
     import onnxruntime as ort
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
-    def single_threaded(*args, **kwargs):
-        # Worker threads allocate in an order that varies from run to run, and onnxruntime writes parts
-        # of the .ort in address order: one thread (and a fixed address layout) gives the same bytes.
-        options = make_options(*args, **kwargs)
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        return options
-
-    make_options = converter._create_session_options  # onnxruntime is pinned in pyproject.toml
-    converter._create_session_options = single_threaded
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     ort.set_default_logger_severity(3)
     with contextlib.redirect_stdout(io.StringIO()):
