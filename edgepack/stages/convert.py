@@ -3,8 +3,7 @@
 Rules:
 1. onnxruntime's own converter does the work (``convert_onnx_models_to_ort``), always with an explicit
    style list (the default converts nothing) and type reduction on, in a child process: a crash in it
-   cannot take edgepack down. The child does not import torch (onnxruntime.tools would, for nothing: ~7x
-   slower start).
+   cannot take edgepack down.
 2. The .ort is rewritten in canonical form (``ort_canonical``): onnxruntime lays out its kernel type string
    table in hash-map order, which changes with the process's memory state, so without it the same model
    could give different bytes (bundles must be reproducible).
@@ -84,7 +83,6 @@ def _last_error_line(log: str) -> str:
 
 def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: str) -> None:
     """Child-process entry: onnxruntime's converter, always with an explicit style (the default converts nothing)."""
-    sys.modules.setdefault("torch", None)  # onnxruntime.tools imports torch if installed; conversion never uses it
     import onnxruntime as ort
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
