@@ -32,19 +32,17 @@ _FILE_ID = b"ORTM"
 _ROOT_FIELDS = {0: "ort_version", 1: "model", 3: "kernel_type_str_resolver"}  # slot 2: deprecated session state
 
 
-def canonicalize_ort_file(path: Path) -> bool:
-    """Rewrite ``path`` in canonical form (atomically); return whether its bytes changed."""
+def canonicalize_ort_file(path: Path) -> None:
+    """Rewrite ``path`` in canonical form (atomically, and only if its bytes change)."""
     data = path.read_bytes()
     try:
         canonical = canonical_ort_bytes(data)
     except (struct.error, IndexError) as exc:  # offsets that point outside the file
         raise ValueError(f"damaged ORT-format file: {exc}") from None
-    if canonical == data:
-        return False
-    temporary = path.with_name(path.name + ".canonical")
-    temporary.write_bytes(canonical)
-    os.replace(temporary, path)
-    return True
+    if canonical != data:
+        temporary = path.with_name(path.name + ".canonical")
+        temporary.write_bytes(canonical)
+        os.replace(temporary, path)
 
 
 def canonical_ort_bytes(data: bytes, *, _write_order=sorted) -> bytes:
