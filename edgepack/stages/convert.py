@@ -3,12 +3,15 @@
 Rules:
 1. onnxruntime's own converter does the work (``convert_onnx_models_to_ort``), always with an explicit
    style list (the default converts nothing) and type reduction on, in a child process: a crash in it
-   cannot take edgepack down, and the child runs with a fixed address layout so the .ort is reproducible.
-2. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
+   cannot take edgepack down.
+2. The .ort is rewritten in canonical form (``ort_canonical``): onnxruntime lays out its kernel type string
+   table in hash-map order, which changes with the process's memory state, so without it the same model
+   could give different bytes (bundles must be reproducible).
+3. The config (``required_operators_and_types.config``) is generated from the converted .ort files,
    so it lists the kernels the runtime optimizers introduced; its header names files by their bundle names.
-3. An .ort that is missing or empty after conversion is an error: it never moves on.
-4. Style ``none`` keeps the ONNX file (and its external data).
-5. The ORT format is one flatbuffer and cannot exceed 2 GiB (the converter fails after a long run
+4. An .ort that is missing or empty after conversion is an error: it never moves on.
+5. Style ``none`` keeps the ONNX file (and its external data).
+6. The ORT format is one flatbuffer and cannot exceed 2 GiB (the converter fails after a long run
    and leaves a 0-byte file). A model whose proto plus tensor bytes reach that is not converted: it
    ships as ONNX + external data with a notice in the progress output and the stage report, or
    fails with a clear error when the profile says ``ort_format.allow_onnx_fallback: false``.
@@ -30,6 +33,7 @@ from ..errors import ConversionError
 from ..job import Artifact, Job
 from ..modelinfo import external_locations
 from ..ort_tools import load_ort_tools
+from .ort_canonical import canonicalize_ort_file
 
 __all__ = ["convert", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
 
@@ -51,7 +55,7 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     command = [sys.executable, "-m", "edgepack.stages.convert", str(artifact.path), str(out_dir), style,
                job.profile.ort_format.platform]
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=_fixed_address_layout)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         detail = _last_error_line(log) or f"the converter exited with code {done.returncode}"
@@ -63,6 +67,11 @@ def convert(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     if not ort_path.is_file() or ort_path.stat().st_size == 0 or not config.is_file():
         raise ConversionError(f"ORT-format conversion produced no usable file:\n{log[-2000:]}",
                               where=str(job.source.path))
+    try:
+        canonicalize_ort_file(ort_path)
+    except ValueError as exc:
+        raise ConversionError(f"the converted .ort cannot be made reproducible: {exc}", where=str(job.source.path),
+                              hint="use the onnxruntime version pinned in pyproject.toml") from None
     onnx_size = size
     ort_size = ort_path.stat().st_size
     report = {
@@ -106,17 +115,6 @@ def _keep_large_model(size: int, job: Job) -> dict:
             "fallback": "onnx", "notice": notice, "model_bytes": size, "ort_format_max_bytes": ORT_FORMAT_MAX_BYTES}
 
 
-def _fixed_address_layout() -> None:
-    """Run the converter without address-space randomization: onnxruntime orders parts of the .ort by
-    memory address, so only then does the same model give the same bytes (reproducible bundles)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        addr_no_randomize = 0x0040000
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.personality(addr_no_randomize)
-
-
 def _last_error_line(log: str) -> str:
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line or "error" in line or "Fail" in line]
@@ -130,16 +128,6 @@ def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: s
     load_ort_tools()
     from onnxruntime.tools import convert_onnx_models_to_ort as converter
 
-    def single_threaded(*args, **kwargs):
-        # Worker threads allocate in an order that varies from run to run, and onnxruntime writes parts
-        # of the .ort in address order: one thread (and a fixed address layout) gives the same bytes.
-        options = make_options(*args, **kwargs)
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        return options
-
-    make_options = converter._create_session_options  # onnxruntime is pinned in pyproject.toml
-    converter._create_session_options = single_threaded
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     ort.set_default_logger_severity(3)
     with contextlib.redirect_stdout(io.StringIO()):
