@@ -19,6 +19,8 @@ examples:
   edgepack package --example cnn --target all        package the built-in example CNN for every target
   edgepack package model.onnx --target rpi-arm64     package your model for a Raspberry Pi
   edgepack package model.onnx --target my.yaml       ...for a target described in your own profile
+  edgepack package model.onnx --target rpi-arm64 --quantize static --calibration calib/
+                                                     static INT8 calibrated on your data (.npz files)
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
 
@@ -78,7 +80,18 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--quantize", choices=["none"], help="quantization recipe (default: the profile's)")
+    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
+                         help="quantization recipe (default: the profile's)")
+    package.add_argument("--calibration", metavar="PATH|random",
+                         help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
+                         "a folder of .npz samples, or 'random' (a smoke test, marked in the manifest)")
+    package.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
+                         help="how static quantization picks ranges (default: the profile's)")
+    package.add_argument("--validation", type=Path, metavar="PATH",
+                         help="inputs for the quantization accuracy gate (default: held-out calibration samples, "
+                         "else generated inputs)")
+    package.add_argument("--auto-exclude", action="store_true",
+                         help="leave the nodes most hurt by quantization in float until the accuracy gate passes")
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     package.set_defaults(handler=_cmd_package)
 
@@ -121,7 +134,9 @@ def _cmd_package(args) -> int:
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize)
+    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
+                      calibration=args.calibration, calibration_method=args.calibration_method,
+                      validation=args.validation, auto_exclude=args.auto_exclude)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
         if args.example:

@@ -39,6 +39,14 @@ class Options:
     sample_inputs: Path | None = None
     quantize: str | None = None
     """None: the profile's default recipe."""
+    calibration: str | None = None
+    """Calibration data for static quantization: a path (.npy, .npz, or a folder of them) or 'random'."""
+    calibration_method: str | None = None
+    """None: the profile's static.calibration_method."""
+    validation: Path | None = None
+    """Inputs for the quantization accuracy gate (same formats as calibration)."""
+    auto_exclude: bool = False
+    """Leave the nodes most hurt by quantization in float until the accuracy gate passes."""
 
 
 @dataclass(frozen=True)

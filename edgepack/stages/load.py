@@ -60,7 +60,8 @@ def parse_model(path: Path) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise ModelError("not an ONNX model: it has no graph", where=str(path))
     try:
-        onnx.checker.check_model(proto)
+        # with external data, check the file: the checker resolves side files against the model's folder
+        onnx.checker.check_model(str(path) if external_locations(proto) else proto)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the ONNX checker rejects the model: {first}", where=str(path)) from None
