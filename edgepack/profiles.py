@@ -89,10 +89,12 @@ class StaticRecipe:
 class DynamicRecipe:
     """Weights INT8 ahead of time, activations quantized at run time (quantize_dynamic); no calibration."""
 
-    weight_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["uint8", "int8"] = "int8"
+    """int8: MatMulInteger S8 was faster than U8 on the encoder (benchmarks/quantization.py)."""
     per_channel: bool = False
     op_types: list[str] = field(default_factory=lambda: ["MatMul", "Attention", "LSTM", "Gather"])
-    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs (measured)."""
+    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5.7x with int8 weights
+    (benchmarks/quantization.py)."""
     exclude_op_types: list[str] = field(default_factory=list)
 
 

@@ -146,10 +146,13 @@ def prepare(source: Path, out: Path, *, external: bool) -> str:
                   external_data_location=out.name + ".data" if external else None)
     note = "quant_pre_process"
     try:
+        if model_bytes(source) > EXTERNAL_DATA_THRESHOLD:
+            # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model
+            raise _TooLarge("over 1 GiB")
         with _quiet():
             quant_pre_process(str(source), str(out), **kwargs)
     except Exception as exc:
-        note = f"quant_pre_process without symbolic shape inference ({type(exc).__name__})"
+        note = f"quant_pre_process without symbolic shape inference ({type(exc).__name__}: {str(exc)[:80]})"
         try:
             with _quiet():
                 quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
@@ -159,6 +162,10 @@ def prepare(source: Path, out: Path, *, external: bool) -> str:
                                   hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
     _name_nodes(out)
     return note
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _name_nodes(path: Path) -> None:

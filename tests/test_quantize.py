@@ -293,3 +293,48 @@ def test_cli_quantize_dynamic_with_calibration_method_and_validation(tmp_path: P
     assert report["options"]["calibration_method"] == "percentile"
     assert report["validation"] == {"origin": "val.npy", "samples": 6}
     assert _stage(manifest, "self_test")["inputs"] == "val.npy"
+
+
+# --- after conversion -------------------------------------------------------------------------
+
+
+def test_a_quantized_model_that_does_not_load_after_conversion_is_reported(tmp_path: Path):
+    """A QDQ transformer converted with Runtime style does not load in onnxruntime 1.31 (FACTS.md)."""
+    source = write_example("transformer", tmp_path)
+    options = Options(output=tmp_path / "build", quantize="static", calibration="random")
+    (result,) = package_model(source, [load_profile("android-nnapi")], options)
+    assert not result.ok
+    assert "the int8 quantized model does not load in onnxruntime after ORT-format conversion (Runtime style)" in str(result.error)
+    assert "--quantize fp16" in result.error.hint
+    assert not (tmp_path / "build" / "transformer-android-nnapi").exists()
+
+
+def test_weights_reinflated_by_conversion_are_reported(tmp_path: Path):
+    """Fixed style folds FP16 weights back to FP32 (FACTS.md): the self-test says so."""
+    messages: list[str] = []
+    source = write_example("transformer", tmp_path)
+    (result,) = package_model(source, [load_profile("rpi-arm64")], Options(output=tmp_path / "b", quantize="fp16"),
+                              progress=messages.append)
+    assert result.ok, result.error
+    sizes = _stage(result.manifest, "self_test")["size_after_conversion"]
+    assert sizes["ort_bytes"] > 1.5 * sizes["onnx_bytes"]
+    assert "re-inflated weights; try ort_format.style Runtime" in _stage(result.manifest, "self_test")["size_warning"]
+    assert any(m.startswith("[rpi-arm64] WARNING: the .ort is") for m in messages)
+
+
+# --- profile fields ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("min_top1_agreement: 0.98", "min_top1_agreement: 98", "'quantization.tolerance.min_top1_agreement': expected a number in [0, 1], found 98"),
+    ("weight_type: int8", "weight_type: int4", "'quantization.static.weight_type': expected one of 'uint8', 'int8', found 'int4'"),
+    ("without_calibration: dynamic", "without_calibration: static", "'quantization.without_calibration': expected one of"),
+])
+def test_quantization_fields_are_validated(tmp_path: Path, old: str, new: str, expected: str):
+    from edgepack.errors import ProfileError
+
+    text = Path(load_profile("rpi-arm64").source).read_text()
+    assert old in text
+    (tmp_path / "p.yaml").write_text(text.replace(old, new))
+    with pytest.raises(ProfileError, match=expected.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        load_profile(str(tmp_path / "p.yaml"))

@@ -47,8 +47,12 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
         return artifact, {**report, "recipe": "none", "already_quantized": found,
                           "summary": f"already quantized ({listed}): kept as it is, {recipe} not applied"}
-    if job.options.calibration and recipe != "static":
-        report["calibration_unused"] = f"--calibration is not used by the {recipe} recipe"
+    unused = [flag for flag, given in (("--calibration", job.options.calibration),
+                                       ("--calibration-method", job.options.calibration_method),
+                                       ("--auto-exclude", job.options.auto_exclude)) if given and recipe != "static"]
+    if unused:
+        report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
+        job.say(f"NOTE: {report['unused_options']}")
     settings = getattr(job.profile.quantization, recipe)
     report["options"] = dataclasses.asdict(settings)
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))

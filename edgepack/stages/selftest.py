@@ -26,7 +26,7 @@ SAMPLE_SETS = 3
 GROWTH_WARNING = 1.25
 """A converted quantized model this much larger than its .onnx, giving back over half of what quantization
 saved, has had weights re-inflated (FP32 constant folding)."""
-GROWTH_FLOOR = 256 * 1024
+GROWTH_FLOOR = 64 * 1024
 """Below this, growth is the ORT format's own overhead on a small model."""
 
 
