@@ -98,6 +98,9 @@ def quantize_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     external = _needs_external_data(source)
     prepared = out.with_name(out.stem + ".pre.onnx")
+    for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
+        stale.unlink(missing_ok=True)
+        stale.with_name(stale.name + ".data").unlink(missing_ok=True)
     preprocess = prepare(source, prepared, external=external)
     excluded = sorted(exclude_nodes)
     try:

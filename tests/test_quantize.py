@@ -243,6 +243,20 @@ def test_external_data_is_kept_through_every_recipe(tmp_path: Path, method: str)
     assert _figures(source.reference, result.path, generated_validation(inputs, count=8).feeds)["cosine"] > 0.999
 
 
+def test_a_retry_rewrites_external_data_instead_of_appending(tmp_path: Path):
+    """auto-exclude quantizes into the same path again: onnx appends to an existing side file."""
+    model = build_example("cnn")
+    onnx.save_model(model, tmp_path / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    inputs, _ = describe_io(model)
+    sizes = []
+    for _ in range(2):
+        result = quantize_model(tmp_path / "cnn.onnx", tmp_path / "out" / "q.onnx", "static", StaticRecipe(),
+                                calibration=random_samples(inputs, count=4).feeds)
+        sizes.append((tmp_path / "out" / "q.onnx.data").stat().st_size)
+    assert sizes[0] == sizes[1]
+    ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+
+
 def test_external_data_model_packages_quantized(tmp_path: Path):
     folder = tmp_path / "model"
     folder.mkdir()
