@@ -105,11 +105,12 @@ def test_calibration_methods_all_run(tmp_path: Path):
 def test_static_default_without_calibration_falls_back_and_says_so(tmp_path: Path):
     messages: list[str] = []
     source = write_example("transformer", tmp_path)
-    (result,) = package_model(source, [load_profile("rpi-arm64")], Options(output=tmp_path / "build"),
-                              progress=messages.append)
+    (result,) = package_model(source, [load_profile("rpi-arm64")],
+                              Options(output=tmp_path / "build", calibration_method="entropy"), progress=messages.append)
     assert result.ok, result.error
     report = _stage(result.manifest, "quantize")
     assert report["recipe"] == "dynamic" and report["profile_default"] == "static"
+    assert report["unused_options"] == "--calibration-method: not used by the dynamic recipe"
     assert report["fallback"]["reason"] == "no calibration data given (--calibration)"
     assert "fallback from static" in report["summary"]
     assert any("NOTE: the profile's default is static quantization" in m for m in messages)

@@ -38,6 +38,14 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     if fallback:
         report["fallback"] = fallback
         job.say(f"NOTE: {fallback['message']}")
+    unused = [flag for flag, given, used in (
+        ("--calibration", job.options.calibration, recipe == "static"),
+        ("--calibration-method", job.options.calibration_method, recipe == "static"),
+        ("--auto-exclude", job.options.auto_exclude, recipe == "static"),
+        ("--validation", job.options.validation, recipe != "none")) if given and not used]
+    if unused:
+        report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
+        job.say(f"NOTE: {report['unused_options']}")
     if recipe == "none":
         note = f" [fallback from static: {fallback['reason']}]" if fallback else ""
         return artifact, {**report, "summary": f"none: FP32 kept{note}"}
@@ -47,12 +55,6 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
         return artifact, {**report, "recipe": "none", "already_quantized": found,
                           "summary": f"already quantized ({listed}): kept as it is, {recipe} not applied"}
-    unused = [flag for flag, given in (("--calibration", job.options.calibration),
-                                       ("--calibration-method", job.options.calibration_method),
-                                       ("--auto-exclude", job.options.auto_exclude)) if given and recipe != "static"]
-    if unused:
-        report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
-        job.say(f"NOTE: {report['unused_options']}")
     settings = getattr(job.profile.quantization, recipe)
     report["options"] = dataclasses.asdict(settings)
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
