@@ -46,7 +46,8 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             raise ConversionError(
                 f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
                 f"({artifact.ort_style or 'no'} style): {detail}", where=job.profile.name,
-                hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style Fixed in the profile",
+                hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style "
+                     f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
             ) from None
         raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
                               hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
