@@ -93,7 +93,7 @@ class DynamicRecipe:
     """int8: MatMulInteger S8 was faster than U8 on the encoder (benchmarks/quantization.py)."""
     per_channel: bool = False
     op_types: list[str] = field(default_factory=lambda: ["MatMul", "Attention", "LSTM", "Gather"])
-    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5.7x with int8 weights
+    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5-8x with int8 weights
     (benchmarks/quantization.py)."""
     exclude_op_types: list[str] = field(default_factory=list)
 
