@@ -1,4 +1,9 @@
-"""How far a packaged model's outputs are from the FP32 reference's."""
+"""How far a packaged model's outputs are from the FP32 reference's.
+
+``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
+(``[batch, classes]``, float) the share of rows whose arg-max agrees with the reference's (top-1
+agreement). ``check`` holds figures against tolerances and says by how much they miss.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compare"]
+__all__ = ["compare", "top1_agreement", "check"]
 
 
 def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -25,12 +30,47 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
             "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
             "cosine": _cosine(ref, got),
         }
-    return {
+        agreement = top1_agreement([r[name] for r in reference], [c[name] for c in candidate])
+        if agreement is not None:
+            per_output[name]["top1_agreement"] = agreement
+    figures = {
         "max_abs_error": max(o["max_abs_error"] for o in per_output.values()),
         "mean_abs_error": max(o["mean_abs_error"] for o in per_output.values()),
         "cosine": min(o["cosine"] for o in per_output.values()),
         "outputs": per_output,
     }
+    agreements = [o["top1_agreement"] for o in per_output.values() if "top1_agreement" in o]
+    if agreements:
+        figures["top1_agreement"] = min(agreements)
+    return figures
+
+
+def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
+    """Share of rows with the same arg-max, or None when the output is not classifier-shaped
+    (rank 2, float, at least two classes)."""
+    if not reference or any(np.asarray(r).ndim != 2 for r in reference + candidate):
+        return None
+    ref = np.concatenate([np.asarray(r) for r in reference])
+    got = np.concatenate([np.asarray(c) for c in candidate])
+    if ref.shape != got.shape or ref.shape[1] < 2 or not np.issubdtype(ref.dtype, np.floating):
+        return None
+    return float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
+
+
+def check(figures: dict[str, Any], *, min_cosine: float, min_top1_agreement: float | None = None,
+          max_abs_error: float | None = None) -> list[str]:
+    """Each missed tolerance as a phrase saying by how much; empty when every one is met."""
+    misses = []
+    if figures["cosine"] < min_cosine:
+        misses.append(f"cosine {figures['cosine']:.6f} is {min_cosine - figures['cosine']:.2g} below the required {min_cosine:g}")
+    agreement = figures.get("top1_agreement")
+    if agreement is not None and min_top1_agreement is not None and agreement < min_top1_agreement:
+        misses.append(f"top-1 agreement {agreement:.1%} is {100 * (min_top1_agreement - agreement):.1f} points below "
+                      f"the required {min_top1_agreement:.1%}")
+    if max_abs_error is not None and figures["max_abs_error"] > max_abs_error:
+        misses.append(f"max abs error {figures['max_abs_error']:.4g} is {figures['max_abs_error'] / max_abs_error:.1f}x "
+                      f"the allowed {max_abs_error:g}")
+    return misses
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,6 +22,8 @@ examples:
   edgepack package mypkg.models:build_model --example-input 2x3x224x224 --dynamic input:0=batch --target all
                                                      export a PyTorch module (pip install 'edgepack[torch]')
   edgepack package model.pt2 --target rpi-arm64      ...or a torch.export program saved with torch.export.save
+  edgepack package model.onnx --target rpi-arm64 --quantize static --calibration calib/
+                                                     static INT8 calibrated on your data (.npz files)
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
@@ -85,7 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--quantize", choices=["none"], help="quantization recipe (default: the profile's)")
+    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
+                         help="quantization recipe (default: the profile's)")
+    package.add_argument("--calibration", metavar="PATH|random",
+                         help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
+                         "a folder of .npz samples, or 'random' (a smoke test, marked in the manifest)")
+    package.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
+                         help="how static quantization picks ranges (default: the profile's)")
+    package.add_argument("--validation", type=Path, metavar="PATH",
+                         help="inputs for the quantization accuracy gate (default: held-out calibration samples, "
+                         "else generated inputs)")
+    package.add_argument("--auto-exclude", action="store_true",
+                         help="leave the nodes most hurt by quantization in float until the accuracy gate passes")
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     _add_shape_flags(package)
     package.add_argument("--min-accelerated-fraction", type=float, metavar="F",
@@ -165,7 +178,9 @@ def _cmd_package(args) -> int:
     if args.onefile and not args.freeze:
         raise UsageError("--onefile only applies with --freeze")
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
-                      freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web)
+                      freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
+                      calibration=args.calibration, calibration_method=args.calibration_method,
+                      validation=args.validation, auto_exclude=args.auto_exclude)
     options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:

@@ -53,6 +53,14 @@ class Options:
     """With ``freeze``: one self-extracting file instead of a folder."""
     ort_web: Path | None = None
     """A local onnxruntime-web npm tarball for web bundles (offline); None: fetch it from the npm registry."""
+    calibration: str | None = None
+    """Calibration data for static quantization: a path (.npy, .npz, or a folder of them) or 'random'."""
+    calibration_method: str | None = None
+    """None: the profile's static.calibration_method."""
+    validation: Path | None = None
+    """Inputs for the quantization accuracy gate (same formats as calibration)."""
+    auto_exclude: bool = False
+    """Leave the nodes most hurt by quantization in float until the accuracy gate passes."""
 
 
 @dataclass(frozen=True)

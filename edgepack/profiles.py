@@ -73,8 +73,66 @@ class OrtFormat:
 
 
 @dataclass(frozen=True)
+class StaticRecipe:
+    """Static INT8 in QDQ format, calibrated on data (onnxruntime.quantization.quantize_static)."""
+
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["uint8", "int8"] = "int8"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    """TensorRT needs symmetric QDQ (zero point 0) for activations and weights."""
+    symmetric_weights: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    """distribution is left out: onnxruntime meant it for FP8, it gives poor INT8 ranges (measured: cosine 0.71)."""
+    op_types: list[str] = field(default_factory=list)
+    """Op types to quantize; empty: every type onnxruntime can quantize."""
+    exclude_op_types: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DynamicRecipe:
+    """Weights INT8 ahead of time, activations quantized at run time (quantize_dynamic); no calibration."""
+
+    weight_type: Literal["uint8", "int8"] = "int8"
+    """int8: MatMulInteger S8 was faster than U8 on the encoder (benchmarks/quantization.py)."""
+    per_channel: bool = False
+    op_types: list[str] = field(default_factory=lambda: ["MatMul", "Attention", "LSTM", "Gather"])
+    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5-8x with int8 weights
+    (benchmarks/quantization.py)."""
+    exclude_op_types: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Fp16Recipe:
+    """Weights and compute in FP16, float32 inputs and outputs kept (onnxconverter-common)."""
+
+    exclude_op_types: list[str] = field(default_factory=list)
+    """Op types kept in FP32 (a Cast is put around them)."""
+
+
+@dataclass(frozen=True)
+class QuantizedAccuracy:
+    """How close a quantized (or FP16) model must stay to the FP32 source, on validation inputs."""
+
+    min_cosine: float = 0.99
+    min_top1_agreement: float = 0.99
+    """Share of samples whose arg-max agrees, for classifier-shaped outputs ([batch, classes])."""
+    max_abs_error: float | None = None
+    """None: not gated (INT8 abs errors scale with the output's range); reported anyway."""
+
+
+@dataclass(frozen=True)
 class Quantization:
     default: Literal["none", "dynamic", "static", "fp16"] = "none"
+    without_calibration: Literal["refuse", "none", "dynamic", "fp16"] = "refuse"
+    """What a ``static`` default becomes when no calibration data is given (reported in the manifest);
+    ``refuse`` stops with an error. An explicit ``--quantize static`` always needs calibration data."""
+    static: StaticRecipe = field(default_factory=StaticRecipe)
+    dynamic: DynamicRecipe = field(default_factory=DynamicRecipe)
+    fp16: Fp16Recipe = field(default_factory=Fp16Recipe)
+    tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
+    max_auto_exclude: int = 8
+    """--auto-exclude leaves at most this many nodes in float before giving up."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +304,11 @@ def _check_semantics(profile: Profile, where: str) -> None:
         raise ProfileError(
             f"key 'accuracy.min_cosine': expected a number in (0, 1], found {profile.accuracy.min_cosine}", where=where
         )
+    tolerance = profile.quantization.tolerance
+    for key, value in (("quantization.tolerance.min_cosine", tolerance.min_cosine),
+                       ("quantization.tolerance.min_top1_agreement", tolerance.min_top1_agreement)):
+        if not 0.0 <= value <= 1.0:
+            raise ProfileError(f"key {key!r}: expected a number in [0, 1], found {value}", where=where)
     for key, value in (("accuracy.max_abs_error", profile.accuracy.max_abs_error),
                        ("budget.max_bundle_mb", profile.budget.max_bundle_mb),
                        ("runtime.max_opset", profile.runtime.max_opset),

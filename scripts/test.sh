@@ -19,5 +19,7 @@ if ! command -v kotlinc >/dev/null 2>&1 || [ ! -f /usr/share/java/com.android.js
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kotlin libandroid-json-java >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# torch first, pinned: the extra's open range would otherwise pull the newest build with GBs of CUDA packages
+.venv/bin/python -m pip install -q --disable-pip-version-check 'torch==2.13.0'
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,torch,freeze]'
 exec .venv/bin/python -m pytest "$@"

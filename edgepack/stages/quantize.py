@@ -1,18 +1,190 @@
-"""Stage 4, quantize: apply the recipe the user asked for, or the profile's default.
+"""Stage 4, quantize: apply the recipe the user asked for, or the profile's default, behind an accuracy gate.
 
-Only ``none`` exists so far: the model goes on in FP32.
+Rules:
+1. The recipe is ``--quantize`` if given, else ``quantization.default`` of the profile. A static
+   default with no calibration data becomes ``quantization.without_calibration`` (or refuses when that
+   is ``refuse``); the fallback is printed and recorded. An explicit ``--quantize static`` without
+   ``--calibration`` refuses. Random calibration happens only with ``--calibration random``.
+2. A model that is already quantized is kept as it is (reported, not quantized again).
+3. The gate: the quantized model runs beside the FP32 reference on validation inputs (``--validation``,
+   else the last fifth of the calibration samples, else generated inputs); cosine, top-1 agreement and
+   (if the profile sets it) max abs error must meet ``quantization.tolerance``. A miss is an error saying
+   by how much and what to try. With ``--auto-exclude`` (static only) the nodes with the most
+   quantization noise stay in float, 1, 2, 4... of them, up to ``quantization.max_auto_exclude``.
+4. Every figure, the recipe's options and where the data came from go into the report (the manifest).
 """
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from ..job import Artifact, Job
+import dataclasses
+from typing import Any
 
-__all__ = ["quantize"]
+import onnx
+
+from ..accuracy import check, compare
+from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
+from ..errors import AccuracyError, UsageError
+from ..job import Artifact, Job
+from ..modelinfo import describe_io
+from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
+
+__all__ = ["quantize", "resolve_recipe", "validation_samples"]
 
 
 def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    recipe = job.options.quantize or job.profile.quantization.default
-    if recipe != "none":
-        raise UsageError(f"quantization recipe {recipe!r} is not available yet", hint="use --quantize none")
-    return artifact, {"stage": "quantize", "summary": "none: FP32 kept", "recipe": "none"}
+    recipe, fallback = resolve_recipe(job)
+    report: dict[str, Any] = {"stage": "quantize", "recipe": recipe, "requested": job.options.quantize,
+                              "profile_default": job.profile.quantization.default}
+    if fallback:
+        report["fallback"] = fallback
+        job.say(f"NOTE: {fallback['message']}")
+    unused = [flag for flag, given, used in (
+        ("--calibration", job.options.calibration, recipe == "static"),
+        ("--calibration-method", job.options.calibration_method, recipe == "static"),
+        ("--auto-exclude", job.options.auto_exclude, recipe == "static"),
+        ("--validation", job.options.validation, recipe != "none")) if given and not used]
+    if unused:
+        report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
+        job.say(f"NOTE: {report['unused_options']}")
+    if recipe == "none":
+        note = f" [fallback from static: {fallback['reason']}]" if fallback else ""
+        return artifact, {**report, "summary": f"none: FP32 kept{note}"}
+    found = already_quantized(artifact.path)
+    if found:
+        listed = ", ".join(f"{k} x{v}" for k, v in found.items())
+        job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
+        return artifact, {**report, "recipe": "none", "already_quantized": found,
+                          "summary": f"already quantized ({listed}): kept as it is, {recipe} not applied"}
+    settings = getattr(job.profile.quantization, recipe)
+    report["options"] = dataclasses.asdict(settings)
+    inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
+    calibration = None
+    if recipe == "static":
+        calibration = load_samples(job.options.calibration, inputs)
+        if calibration.origin != RANDOM and not job.options.validation:
+            calibration = split_for_validation(calibration)[0]
+        report["options"]["calibration_method"] = job.options.calibration_method or settings.calibration_method
+        report["calibration"] = {"origin": calibration.origin, "samples": len(calibration.feeds),
+                                 "random": calibration.origin == RANDOM}
+        if calibration.origin == RANDOM:
+            job.say("NOTE: calibrated on random inputs (--calibration random): accuracy on real data is unknown")
+    validation = validation_samples(job, inputs)
+    report["validation"] = {"origin": validation.origin, "samples": len(validation.feeds)}
+
+    tolerance = job.profile.quantization.tolerance
+    excluded: list[str] = []
+    attempts = []
+    ranking: list[tuple[str, float]] | None = None
+    while True:
+        result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
+                                calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
+                                calibration_method=job.options.calibration_method)
+        figures = _measure(job, result.path, validation)
+        misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
+                       max_abs_error=tolerance.max_abs_error)
+        attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
+        if not misses or not job.options.auto_exclude or recipe != "static":
+            break
+        if ranking is None:
+            prepared = result.path.with_name(result.path.stem + ".pre.onnx")
+            ranking = rank_sensitive_nodes(prepared, result.path, validation.feeds[:8], job.workdir)
+            report["sensitivity"] = [{"node": n, "sqnr_db": round(s, 2)} for n, s in ranking[:20]]
+        limit = min(job.profile.quantization.max_auto_exclude, len(ranking))
+        if len(excluded) >= limit:
+            break
+        excluded = [n for n, _ in ranking[: min(limit, max(1, 2 * len(excluded)))]]
+        job.say(f"auto-exclude: {'; '.join(misses)}; retrying with {len(excluded)} node(s) in float")
+
+    report.update({
+        "result": result.report(),
+        "tolerance": dataclasses.asdict(tolerance),
+        "figures": figures,
+        "passed": not misses,
+        "attempts": attempts,
+    })
+    if misses:
+        raise AccuracyError(
+            f"{recipe} quantization misses the profile's tolerance on {len(validation.feeds)} validation sample(s) "
+            f"({validation.origin}): {'; '.join(misses)}"
+            + (f" (after leaving {len(excluded)} node(s) in float)" if excluded else ""),
+            where=job.profile.name,
+            hint=_what_to_try(recipe, job),
+        )
+    ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
+    top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
+    excluded_note = f", {len(excluded)} node(s) left in float" if excluded else ""
+    fallback_note = f" [fallback from static: {fallback['reason']}]" if fallback else ""
+    data_note = f", calibrated on {calibration.origin}" if calibration else ""
+    report["summary"] = (f"{recipe}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB ({ratio:.2f}x), "
+                         f"cosine {figures['cosine']:.5f}{top1} on {len(validation.feeds)} validation sample(s)"
+                         f"{data_note}{excluded_note}{fallback_note}")
+    return Artifact(path=result.path, precision=result.precision), report
+
+
+def resolve_recipe(job: Job) -> tuple[str, dict[str, str] | None]:
+    """The recipe to run and, when the profile's default could not be used as is, why (rule 1)."""
+    settings = job.profile.quantization
+    requested = job.options.quantize
+    if job.options.auto_exclude and requested not in (None, "static"):
+        raise UsageError(f"--auto-exclude works with static quantization, not {requested}",
+                         hint="use --quantize static --calibration DATA --auto-exclude")
+    if requested:
+        if requested == "static" and not job.options.calibration:
+            raise UsageError("static quantization needs calibration data (--calibration)", where=job.profile.name,
+                             hint=_CALIBRATION_HINT + "; or --quantize dynamic / fp16, which need none")
+        return requested, None
+    if settings.default != "static" or job.options.calibration:
+        return settings.default, None
+    if settings.without_calibration == "refuse":
+        raise UsageError("the profile's default recipe is static quantization, which needs calibration data (--calibration)",
+                         where=job.profile.name,
+                         hint=_CALIBRATION_HINT + "; or choose a recipe with --quantize none|dynamic|fp16")
+    return settings.without_calibration, {
+        "from": "static", "to": settings.without_calibration, "reason": "no calibration data given (--calibration)",
+        "message": f"the profile's default is static quantization but no calibration data was given (--calibration): "
+                   f"using the profile's fallback {settings.without_calibration!r} instead",
+    }
+
+
+def validation_samples(job: Job, inputs: list[dict[str, Any]]) -> Samples:
+    """The inputs the gate used (rule 3), for the self-test to run the bundle on the same ones."""
+    if job.options.validation:
+        return load_samples(job.options.validation, inputs, what="validation")
+    if job.options.calibration and job.options.calibration != RANDOM:
+        return split_for_validation(load_samples(job.options.calibration, inputs))[1]
+    return generated_validation(inputs)
+
+
+_CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
+                     "samples), or --calibration random for a smoke test (marked as random in the manifest)")
+
+
+def _measure(job: Job, quantized, validation: Samples) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    reference = ort.InferenceSession(str(job.source.reference), options, providers=["CPUExecutionProvider"])
+    candidate = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in reference.get_outputs()]
+    expected = [dict(zip(names, reference.run(names, feeds))) for feeds in validation.feeds]
+    got = [dict(zip(names, candidate.run(names, feeds))) for feeds in validation.feeds]
+    return compare(expected, got)
+
+
+def _headline(figures: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_abs_error", "mean_abs_error", "cosine", "top1_agreement")
+    return {k: figures[k] for k in keys if k in figures}
+
+
+def _what_to_try(recipe: str, job: Job) -> str:
+    tries = {
+        "static": ["--auto-exclude" if not job.options.auto_exclude else
+                   "raise quantization.max_auto_exclude in the profile",
+                   "--calibration-method entropy or percentile", "more (and representative) --calibration data",
+                   "--quantize fp16 or --quantize dynamic"],
+        "dynamic": ["--quantize static with --calibration data", "exclude op types in quantization.dynamic.exclude_op_types",
+                    "--quantize fp16"],
+        "fp16": ["exclude op types in quantization.fp16.exclude_op_types (kept in FP32)"],
+    }[recipe]
+    return "try " + ", or ".join(tries) + "; --quantize none keeps FP32"

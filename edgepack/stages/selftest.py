@@ -7,6 +7,9 @@ Rules:
    The reference runs first and is released before the bundle is loaded, so a large model is never
    held twice in memory at once.
 3. Max abs error and cosine similarity go into the manifest; missing the profile's tolerance is an error.
+4. A quantized (INT8 or FP16) bundle is held to ``quantization.tolerance`` instead of ``accuracy`` (meant
+   for FP32), runs on the inputs the quantization gate used, and its size after ORT conversion is
+   compared with the quantized .onnx: weights re-inflated by the conversion are reported.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ import os
 
 import onnx
 
-from ..accuracy import compare
+from ..accuracy import check, compare
 from ..errors import AccuracyError, ConversionError
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
 from ..samples import generate_inputs, load_inputs
+from .quantize import validation_samples
 
 __all__ = ["self_test"]
 
 SAMPLE_SETS = 3
+GROWTH_WARNING = 1.25
+"""A converted quantized model this much larger than its .onnx, giving back over half of what quantization
+saved, has had weights re-inflated (FP32 constant folding)."""
+GROWTH_FLOOR = 64 * 1024
+"""Below this, growth is the ORT format's own overhead on a small model."""
 
 
 def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
@@ -32,9 +41,13 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
 
     from ..runtime_shim import edgepack_shim
 
+    quantized = artifact.precision != "fp32"
     inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
     if job.options.sample_inputs:
         samples, origin = load_inputs(job.options.sample_inputs, inputs), str(job.options.sample_inputs)
+    elif quantized:
+        validation = validation_samples(job, inputs)
+        samples, origin = validation.feeds, validation.origin
     else:
         samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
     output_names = [o["name"] for o in outputs]
@@ -48,6 +61,13 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
     except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if quantized:
+            raise ConversionError(
+                f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
+                f"({artifact.ort_style or 'no'} style): {detail}", where=job.profile.name,
+                hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style "
+                     f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
+            ) from None
         raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
                               hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
     try:
@@ -56,6 +76,8 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
     figures = compare(expected, got)
+    if quantized:
+        return artifact, _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
     tolerance = job.profile.accuracy
     passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
     report = {
@@ -86,3 +108,46 @@ def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> li
 
     reference = ort.InferenceSession(str(job.source.reference), providers=["CPUExecutionProvider"])
     return [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
+
+
+def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, count: int, providers, version: str) -> dict:
+    tolerance = job.profile.quantization.tolerance
+    misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
+                   max_abs_error=tolerance.max_abs_error)
+    top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
+    report = {
+        "stage": "self_test",
+        "summary": f"{'passed' if not misses else 'FAILED'} ({artifact.precision}, quantization tolerance): cosine "
+        f"{figures['cosine']:.6f} (>= {tolerance.min_cosine:g}){top1}, max abs error {figures['max_abs_error']:.3g} "
+        f"on {count} {origin} input set(s)",
+        "passed": not misses,
+        "tolerance": "quantization.tolerance",
+        "inputs": origin,
+        "sample_sets": count,
+        "providers": providers,
+        "onnxruntime": version,
+        **figures,
+    }
+    converted = next((r for r in job.reports if r["stage"] == "convert" and "ort_bytes" in r), None)
+    if converted:
+        onnx_bytes, ort_bytes = converted["onnx_bytes"], converted["ort_bytes"]
+        source_bytes = job.source.info["size_bytes"] + job.source.info["external_data"]["bytes"]
+        saved = source_bytes - onnx_bytes
+        report["size_after_conversion"] = {"source_bytes": source_bytes, "onnx_bytes": onnx_bytes,
+                                           "ort_bytes": ort_bytes, "ratio": round(ort_bytes / onnx_bytes, 3)}
+        grown = ort_bytes - onnx_bytes
+        if ort_bytes > GROWTH_WARNING * onnx_bytes and grown > GROWTH_FLOOR and saved > 0 and grown > saved / 2:
+            other = "Runtime" if artifact.ort_style == "Fixed" else "Fixed"
+            report["size_warning"] = (
+                f"the .ort is {ort_bytes / onnx_bytes:.2f}x the size of the quantized .onnx ({ort_bytes / 1e6:.2f} MB vs "
+                f"{onnx_bytes / 1e6:.2f} MB; FP32 source {source_bytes / 1e6:.2f} MB): the conversion re-inflated weights; "
+                f"try ort_format.style {other} in the profile, or another recipe")
+            job.say(f"WARNING: {report['size_warning']}")
+    if misses:
+        raise AccuracyError(
+            f"the packaged {artifact.precision} model misses the quantization tolerance after conversion: {'; '.join(misses)}",
+            where=job.profile.name,
+            hint="the quantized .onnx passed the gate, so the ORT conversion changed the numbers: try ort_format.style "
+                 "Fixed/Runtime, or another recipe (--quantize)",
+        )
+    return report

@@ -1,0 +1,343 @@
+"""Quantization recipes: dynamic INT8, static INT8 in QDQ format, FP16 with float32 inputs and outputs.
+
+Rules:
+1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
+   it, onnxruntime's quantizer trips over stale shape information in exported models.
+2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
+3. A model that already holds quantized ops (QDQ pairs, QLinear*, *Integer, MatMulNBits) or FP16
+   weights is not quantized again: ``already_quantized`` says what was found.
+4. A model with external data (or over 1 GiB of weights) is written with external data, and never
+   serialized as one protobuf: protobuf cannot hold more than 2 GiB.
+5. ``rank_sensitive_nodes`` orders nodes by the quantization noise onnxruntime's ``qdq_loss_debug``
+   measures on the tensors they read and write and on their weights, worst first, earliest first on ties.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from .errors import ConversionError
+from .modelinfo import external_locations, iter_nodes
+from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
+from .stages.save import EXTERNAL_DATA_THRESHOLD
+
+__all__ = ["RECIPES", "QuantizeResult", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes"]
+
+RECIPES = ("none", "dynamic", "static", "fp16")
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul",
+                 "QAttention", "QGemm", "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
+LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                 onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    precision: str
+    """'int8' or 'fp16'."""
+    bytes_before: int
+    bytes_after: int
+    external_data: bool
+    quantized_ops: dict[str, int]
+    """Op types of the written model that carry quantized or FP16 data, with counts."""
+    low_precision_weights: int
+    """Initializers stored in 8-bit or 16-bit types."""
+    excluded_nodes: list[str]
+    preprocess: str
+
+    def report(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = self.path.name
+        data["size_ratio"] = round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None
+        return data
+
+
+def already_quantized(path: Path) -> dict[str, int]:
+    """Quantized op types (and FP16 weights) the model already holds, with counts; empty if none."""
+    proto = onnx.load_model(path, load_external_data=False)
+    found: dict[str, int] = {}
+    for node in iter_nodes(proto):
+        if node.op_type in QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    fp16 = sum(1 for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
+    if fp16:
+        found["float16 initializers"] = fp16
+    return found
+
+
+def model_bytes(path: Path) -> int:
+    """The .onnx file plus its external data files."""
+    proto = onnx.load_model(path, load_external_data=False)
+    side = {loc for _, loc, _, _ in external_locations(proto)}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in side if (path.parent / loc).is_file())
+
+
+def quantize_model(
+    source: Path,
+    out: Path,
+    method: str,
+    recipe: StaticRecipe | DynamicRecipe | Fp16Recipe,
+    *,
+    calibration: list[dict[str, np.ndarray]] | None = None,
+    exclude_nodes: Iterable[str] = (),
+    calibration_method: str | None = None,
+) -> QuantizeResult:
+    """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    external = _needs_external_data(source)
+    prepared = out.with_name(out.stem + ".pre.onnx")
+    for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
+        stale.unlink(missing_ok=True)
+        stale.with_name(stale.name + ".data").unlink(missing_ok=True)
+    preprocess = prepare(source, prepared, external=external)
+    excluded = sorted(exclude_nodes)
+    try:
+        with _quiet():
+            if method == "dynamic":
+                _dynamic(prepared, out, recipe, excluded, external)
+            elif method == "static":
+                if not calibration:
+                    raise ConversionError("static quantization needs calibration samples")
+                _static(prepared, out, recipe, calibration, excluded, external, calibration_method)
+            elif method == "fp16":
+                _fp16(prepared, out, recipe, excluded, external)
+            else:
+                raise ValueError(f"unknown recipe {method!r}")
+    except ConversionError:
+        raise
+    except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{method} quantization failed: {type(exc).__name__}: {detail[:300]}",
+                              hint="exclude the op types it fails on in the profile (quantization.<recipe>.exclude_op_types), "
+                              "or try another recipe (--quantize)") from None
+    proto = onnx.load_model(out, load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in iter_nodes(proto):
+        if node.op_type in QUANTIZED_OPS or (method == "fp16" and node.op_type == "Cast"):
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return QuantizeResult(
+        path=out,
+        precision="fp16" if method == "fp16" else "int8",
+        bytes_before=model_bytes(source),
+        bytes_after=model_bytes(out),
+        external_data=external,
+        quantized_ops=dict(sorted(ops.items())),
+        low_precision_weights=sum(1 for t in proto.graph.initializer if t.data_type in LOW_PRECISION),
+        excluded_nodes=excluded,
+        preprocess=preprocess,
+    )
+
+
+def prepare(source: Path, out: Path, *, external: bool) -> str:
+    """quant_pre_process, then a name for every node. Symbolic shape inference fails on some graphs
+    (it does not know every op): then onnx's shape inference alone is used, and the report says so."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
+                  external_data_location=out.name + ".data" if external else None)
+    note = "quant_pre_process"
+    try:
+        if model_bytes(source) > EXTERNAL_DATA_THRESHOLD:
+            # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model
+            raise _TooLarge("over 1 GiB")
+        with _quiet():
+            quant_pre_process(str(source), str(out), **kwargs)
+    except Exception as exc:
+        note = f"quant_pre_process without symbolic shape inference ({type(exc).__name__}: {str(exc)[:80]})"
+        try:
+            with _quiet():
+                quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
+        except Exception as exc2:
+            detail = str(exc2).strip().splitlines()[0] if str(exc2).strip() else type(exc2).__name__
+            raise ConversionError(f"quantization pre-processing failed: {detail[:300]}",
+                                  hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
+    _name_nodes(out)
+    return note
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _name_nodes(path: Path) -> None:
+    proto = onnx.load_model(path, load_external_data=False)
+    used = {n.name for n in iter_nodes(proto) if n.name}
+    count = 0
+    for node in iter_nodes(proto):
+        if not node.name:
+            name = f"{node.op_type}_{count}"
+            while name in used:
+                count += 1
+                name = f"{node.op_type}_{count}"
+            node.name = name
+            used.add(name)
+            count += 1
+    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
+
+
+def _needs_external_data(path: Path) -> bool:
+    proto = onnx.load_model(path, load_external_data=False)
+    return bool(external_locations(proto)) or model_bytes(path) > EXTERNAL_DATA_THRESHOLD
+
+
+def _op_types(wanted: list[str], excluded: list[str], registry: Iterable[str]) -> list[str]:
+    types = list(wanted) if wanted else sorted(set(registry))
+    return [t for t in types if t not in set(excluded)]
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+def _dynamic(prepared: Path, out: Path, recipe: DynamicRecipe, excluded: list[str], external: bool) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    quantize_dynamic(
+        prepared, out,
+        op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, IntegerOpsRegistry),
+        per_channel=recipe.per_channel,
+        weight_type=_qtype(recipe.weight_type),
+        nodes_to_exclude=excluded,
+        use_external_data_format=external,
+    )
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = feeds
+        self.iterator: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.iterator, None)
+
+    def rewind(self) -> None:
+        self.iterator = iter(self.feeds)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # qdq_loss_debug iterates instead of calling get_next
+        return iter(self.feeds)
+
+
+def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[dict[str, np.ndarray]],
+            excluded: list[str], external: bool, calibration_method: str | None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    method = calibration_method or recipe.calibration_method
+    quantize_static(
+        prepared, out, _Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]),
+        per_channel=recipe.per_channel,
+        activation_type=_qtype(recipe.activation_type),
+        weight_type=_qtype(recipe.weight_type),
+        nodes_to_exclude=excluded,
+        use_external_data_format=external,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[method],
+        extra_options={"ActivationSymmetric": recipe.symmetric_activations,
+                       "WeightSymmetric": recipe.symmetric_weights},
+    )
+
+
+def _fp16(prepared: Path, out: Path, recipe: Fp16Recipe, excluded: list[str], external: bool) -> None:
+    from onnxconverter_common import float16
+
+    # quant_pre_process already ran shape inference on the file: the converter's own in-memory
+    # inference would serialize the whole model, which fails over 2 GiB
+    model = onnx.load_model(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one warning per clipped constant, e.g. -10000.0 in attention masks
+        model = float16.convert_float_to_float16(
+            model, keep_io_types=True, disable_shape_infer=True,
+            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(recipe.exclude_op_types)),
+            node_block_list=excluded or None,
+        )
+    _align_casts(model)
+    if external:
+        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+        os.chmod(out.with_name(out.name + ".data"), 0o644)
+    else:
+        onnx.save_model(model, out)
+
+
+def _align_casts(model: onnx.ModelProto) -> None:
+    """onnxconverter-common turns a Cast-to-float's output into float16 in value_info but leaves the node's
+    ``to`` at float, which onnxruntime refuses to load: make each Cast produce the type its output declares."""
+    declared = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.output]}
+    for node in iter_nodes(model):
+        if node.op_type != "Cast" or node.output[0] not in declared:
+            continue
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT and declared[node.output[0]] == onnx.TensorProto.FLOAT16:
+                attr.i = onnx.TensorProto.FLOAT16
+
+
+def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path) -> list[tuple[str, float]]:
+    """Nodes of the float model ordered by the quantization noise on their outputs and weights
+    (signal-to-quantization-noise ratio in dB, lowest first), from onnxruntime's qdq_loss_debug."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        compute_weight_error,
+        create_activation_matching,
+        create_weight_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    external = _needs_external_data(prepared)
+    float_aug = workdir / "debug_float.onnx"
+    qdq_aug = workdir / "debug_qdq.onnx"
+    with _quiet():
+        modify_model_output_intermediate_tensors(str(prepared), str(float_aug), save_as_external_data=external)
+        modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug), save_as_external_data=external)
+        float_acts = collect_activations(str(float_aug), _Reader(feeds))
+        qdq_acts = collect_activations(str(qdq_aug), _Reader(feeds))
+        activation_error = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+        weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
+    proto = onnx.load_model(prepared, load_external_data=False)
+    scores: dict[str, float] = {}
+    order = {node.name: i for i, node in enumerate(proto.graph.node)}
+    for node in proto.graph.node:
+        # a QDQ pair on a tensor goes when neither its producer nor its consumers are quantized: charge both
+        errors = [activation_error[t]["qdq_err"] for t in [*node.input, *node.output] if t in activation_error]
+        errors += [weight_error[t] for t in node.input if t in weight_error]
+        errors = [float(e) for e in errors if np.isfinite(e)]
+        if errors:
+            scores[node.name] = min(errors)
+    # on ties (a signal lost early reads 0 dB everywhere after it) the earliest node comes first
+    return sorted(scores.items(), key=lambda kv: (round(kv[1], 2), order[kv[0]]))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization prints and logs at INFO for every step; keep warnings and errors only
+    (they go to the debug log, never to the user's stdout)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
