@@ -106,8 +106,8 @@ def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
     except FileNotFoundError:
         raise VerificationError(f"{bundle}: no {MANIFEST} here, so this is not an edgepack bundle "
                                 "(pass --bundle FOLDER)") from None
-    except (OSError, ValueError) as exc:
-        raise VerificationError(f"{bundle}: changed: {MANIFEST} (unreadable: {exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise VerificationError(f"{bundle}: changed: {MANIFEST} (unreadable: {type(exc).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise VerificationError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
     if check_seal and not seal_matches(raw, manifest):
@@ -115,7 +115,41 @@ def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(_safe_entry(rel, entry) for rel, entry in files.items()):
         raise VerificationError(f"{bundle}: {MANIFEST} has a missing, malformed or unsafe 'files' list")
+    problem = _structure_problem(manifest)
+    if problem:
+        raise VerificationError(f"{bundle}: {MANIFEST} is malformed: {problem}")
     return manifest
+
+
+def _structure_problem(manifest: dict) -> str | None:
+    """What is wrong with the parts of the manifest this shim reads (None: nothing), so that a damaged
+    manifest is one clear error even with --no-verify, and no path can lead outside the bundle."""
+    model, runtime = manifest.get("model"), manifest.get("runtime")
+    if not isinstance(model, dict) or not isinstance(runtime, dict):
+        return "'model' and 'runtime' must be mappings"
+    for rel in [model.get("file")] + list(model.get("external_data") or []):
+        if not _safe_entry(rel, {"sha256": "", "size": 0}):
+            return f"model file {rel!r} is not a relative path inside the bundle"
+    for key in ("inputs", "outputs"):
+        specs = model.get(key)
+        if not isinstance(specs, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
+                and (s.get("shape") is None or isinstance(s.get("shape"), list)) for s in specs):
+            return f"'model.{key}' must be a list of {{name, dtype, shape}}"
+    providers = runtime.get("execution_providers")
+    if not isinstance(providers, list) or not providers or not all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("options", {}), dict)
+            for p in providers):
+        return "'runtime.execution_providers' must be a non-empty list of {name, options}"
+    settings = runtime.get("session_options", {})
+    if not isinstance(settings, dict) or not isinstance(settings.get("config_entries", {}), dict):
+        return "'runtime.session_options' must be a mapping"
+    threads = settings.get("intra_op_num_threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        return "'runtime.session_options.intra_op_num_threads' must be a whole number >= 0"
+    if settings.get("graph_optimization_level", "all") not in ("disable", "basic", "extended", "all"):
+        return "'runtime.session_options.graph_optimization_level' must be disable, basic, extended or all"
+    return None
 
 
 def seal_matches(raw: bytes, manifest: dict) -> bool:
