@@ -30,8 +30,9 @@ from typing import Any
 
 import onnx
 
-from .ort_tools import load_ort_tools
 from .errors import ConversionError, EdgepackError, ProfileError
+from .modelinfo import iter_graphs, iter_nodes
+from .ort_tools import load_ort_tools
 from .profiles import Coverage
 
 __all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report"]
@@ -121,7 +122,7 @@ def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> Coverage
         if_fixed = check(model, False)
     # the checker keeps a set of unsupported types; count the nodes with its own table
     unsupported = collections.Counter(
-        _domain_op(node) for node in _all_nodes(model.graph) if not fixed.supported_ops_checker.is_op_supported(node)
+        _domain_op(node) for node in iter_nodes(model) if not fixed.supported_ops_checker.is_op_supported(node)
     )
     return CoverageReport(
         checker=name, nodes=fixed.num_nodes, supported_nodes=fixed.num_supported_nodes, partitions=fixed.num_partitions,
@@ -143,7 +144,7 @@ def _list_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     total = supported_count = partitions = 0
     unsupported: collections.Counter[str] = collections.Counter()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         ok = [_is_listed(node, table, opset) for node in graph.node]
         total += len(ok)
         supported_count += sum(ok)
@@ -253,22 +254,6 @@ def format_report(before: CoverageReport | None, after: CoverageReport, *, fixed
         lines.append("partitions estimated as connected components of supported nodes")
     lines.append(f"operator list: {after.source}")
     return lines
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for g in _graphs(graph):
-        yield from g.node
 
 
 def _domain_op(node: onnx.NodeProto) -> str:

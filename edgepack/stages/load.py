@@ -13,7 +13,6 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitial
 from ..errors import EdgepackError, ModelError
 from ..graphcheck import check_structure
 from ..job import Source
+from ..manifest import hash_file
 from ..modelinfo import external_locations, iter_nodes, opsets, summarize
 from .check import ops_without_kernel
 from .save import save_model
@@ -50,7 +50,7 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the model cannot be read: {detail}", where=str(path),
                          hint="the file may be malformed; check it with onnx.checker.check_model(path, full_check=True)") from None
-    info.update({"sha256": _sha256(path), "passes": changes})
+    info.update({"sha256": hash_file(path)["sha256"], "passes": changes})
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
 
 
@@ -155,10 +155,3 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 where=where, hint="the side file is truncated; copy it again",
             )
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
