@@ -23,6 +23,7 @@ from edgepack.modelinfo import describe_io, external_locations
 from edgepack.pipeline import package_model
 from edgepack.profiles import DynamicRecipe, Fp16Recipe, StaticRecipe, load_profile
 from edgepack.quantization import already_quantized, quantize_model
+from edgepack.stages.fix_shapes import apply_shapes
 from edgepack.stages.load import load
 
 RECIPES = {"dynamic": DynamicRecipe(op_types=["Conv", "MatMul", "Gather"]), "static": StaticRecipe(), "fp16": Fp16Recipe()}
@@ -87,6 +88,55 @@ def test_every_recipe_on_the_examples(tmp_path: Path, example: str, method: str)
     assert result.preprocess.startswith("quant_pre_process")
     io_types = {vi.type.tensor_type.elem_type for vi in [*onnx.load(result.path).graph.input, *onnx.load(result.path).graph.output]}
     assert TensorProto.FLOAT16 not in io_types  # FP16 keeps float32 inputs and outputs
+
+
+def _fixed_transformer(folder: Path) -> Path:
+    """The example transformer with the input shapes fixed, as for a target that needs fixed shapes."""
+    source = write_example("transformer", folder)
+    return apply_shapes(onnx.load(source), source, folder / "fixed", EXAMPLE_SHAPES["transformer"])
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "fp16"])
+def test_a_fixed_shape_transformer_quantizes_to_a_model_onnxruntime_optimizes_again(tmp_path: Path, method: str):
+    """quant_pre_process's optimizer fuses MatMul+Add into Reshape+Gemm+Reshape with shape initializers named
+    gemm_input_shape...; a second optimization (every session with default settings) fused the remaining
+    pairs under the same names and failed with "Attempt to replace the existing tensor"."""
+    source = _fixed_transformer(tmp_path)
+    inputs, _ = describe_io(onnx.load(source))
+    result = quantize_model(source, tmp_path / "out" / "q.onnx", method, RECIPES[method],
+                            calibration=random_samples(inputs, count=8).feeds)
+    for model in (result.path, result.path.with_name("q.pre.onnx")):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])  # raised before
+    invented = [t.name for t in onnx.load(result.path.with_name("q.pre.onnx")).graph.initializer if "gemm" in t.name]
+    assert invented and all(name.startswith("pre_process/") for name in invented), invented
+    assert _figures(source, result.path, generated_validation(inputs, count=8).feeds)["cosine"] > 0.999
+
+
+def test_cli_fp16_fixed_shape_transformer_packages(tmp_path: Path):
+    """The README's example on the fp16 target with fixed shapes, with no flags (it was an internal error)."""
+    done = _cli("package", "--example", "transformer", "--target", "ios-coreml", "-o", "out", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    quantize = _stage(json.loads((tmp_path / "out" / "transformer-ios-coreml" / "manifest.json").read_text()), "quantize")
+    assert quantize["recipe"] == "fp16" and quantize["passed"]
+
+
+def test_a_model_onnxruntime_cannot_load_in_the_gate_is_a_clear_error(tmp_path: Path):
+    """A model written by onnxruntime's own optimizer with fixed shapes does not load again with optimizations on
+    (onnxruntime 1.31 names a second fusion's initializers like the first's): the gate says so, no internal error."""
+    fixed = _fixed_transformer(tmp_path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(fixed), options, providers=["CPUExecutionProvider"])
+    done = _cli("package", str(tmp_path / "ort_optimized.onnx"), "--target", "linux-x64", "--quantize", "fp16",
+                "-o", "out", cwd=tmp_path)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "the FP32 model does not run in onnxruntime" in done.stderr
+    assert "Attempt to replace the existing tensor" in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "ort_optimized-linux-x64").exists()
 
 
 def test_calibration_methods_all_run(tmp_path: Path):
