@@ -180,6 +180,20 @@ def test_targets_table_and_json(cli):
     assert {p["name"] for p in data} == set(builtin_profile_names())
 
 
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_and_json_work_on_either_side_of_the_command(tmp_path, cli, where):
+    def run(flag: str, *args):
+        return cli(flag, *args) if where == "before the command" else cli(*args, flag)
+
+    (tmp_path / "m.onnx").write_bytes(b"not onnx")
+    debug = run("--debug", "package", tmp_path / "m.onnx", "--target", "rpi-arm64", "-o", tmp_path / "out")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ModelError" in debug.stderr, debug.stderr
+    quiet = cli("package", tmp_path / "m.onnx", "--target", "rpi-arm64", "-o", tmp_path / "out")
+    assert quiet.returncode == 3 and "Traceback" not in quiet.stderr
+    listed = run("--json", "targets")
+    assert listed.returncode == 0 and {p["name"] for p in json.loads(listed.stdout)} == set(builtin_profile_names())
+
+
 def test_inspect_describes_a_model(examples, cli):
     done = cli("inspect", examples["transformer"])
     assert done.returncode == 0, done.stderr
