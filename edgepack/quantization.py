@@ -32,6 +32,7 @@ import onnx
 
 from .errors import ConversionError
 from .modelinfo import external_locations, iter_graphs, iter_nodes
+from .ort_tools import load_ort_tools
 from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
 from .stages.save import EXTERNAL_DATA_THRESHOLD
 
@@ -147,6 +148,7 @@ def quantize_model(
 def prepare(source: Path, out: Path, *, external: bool) -> str:
     """quant_pre_process, then a name for every node. Symbolic shape inference fails on some graphs
     (it does not know every op): then onnx's shape inference alone is used, and the report says so."""
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
@@ -227,12 +229,14 @@ def _op_types(wanted: list[str], excluded: list[str], registry: Iterable[str]) -
 
 
 def _qtype(name: str):
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import QuantType
 
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
 def _dynamic(prepared: Path, out: Path, recipe: DynamicRecipe, excluded: list[str], external: bool) -> None:
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -265,6 +269,7 @@ class _Reader:
 
 def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[dict[str, np.ndarray]],
             excluded: list[str], external: bool, calibration_method: str | None) -> None:
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -322,6 +327,7 @@ def _align_casts(model: onnx.ModelProto) -> None:
 def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path) -> list[tuple[str, float]]:
     """Nodes of the float model ordered by the quantization noise on their outputs and weights
     (signal-to-quantization-noise ratio in dB, lowest first), from onnxruntime's qdq_loss_debug."""
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_activation_error,
