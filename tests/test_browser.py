@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack import ortweb
+from edgepack.accuracy import check, compare
 from edgepack.examples import write_example
 from edgepack.job import Options
 from edgepack.manifest import hash_file, read_manifest
@@ -139,6 +140,30 @@ def reference(model: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str,
     return [dict(zip(names, session.run(names, f))) for f in feeds]
 
 
+def bundle_reference(bundle: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Python onnxruntime on the bundle's own model file (quantized as the profile's default made it), with the
+    session entries its manifest records: what the browser must reproduce."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(bundle)
+    options = ort.SessionOptions()
+    for key, value in manifest["runtime"]["session_options"]["config_entries"].items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(bundle / manifest["model"]["file"]), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, f))) for f in feeds]
+
+
+def assert_within_quantization_tolerance(bundle: Path, got: list[dict], source: Path, feeds: list[dict]) -> None:
+    """A quantized bundle against the FP32 source: the profile's quantization tolerance, as the packager's gate."""
+    manifest = read_manifest(bundle)
+    assert manifest["model"]["precision"] != "fp32", "an FP32 bundle is held to assert_close against its source"
+    tolerance = manifest["profile"]["quantization"]["tolerance"]
+    figures = compare(reference(source, feeds), got)
+    assert not check(figures, min_cosine=tolerance["min_cosine"], min_top1_agreement=tolerance["min_top1_agreement"],
+                     max_abs_error=tolerance.get("max_abs_error")), figures
+
+
 def assert_close(got: list[dict], expected: list[dict], atol: float = 1e-4) -> None:
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
@@ -167,7 +192,8 @@ def test_outputs_match_python_onnxruntime(browser, site, bundles, models, name):
     page.close()
     assert "error" not in result, result.get("error")
     assert result["backend"] == "wasm"
-    assert_close(result["outputs"], reference(models[name.split("-")[0]], feeds))
+    assert_close(result["outputs"], bundle_reference(bundle, feeds))
+    assert_within_quantization_tolerance(bundle, result["outputs"], models[name.split("-")[0]], feeds)
     # threads: the server sends COOP/COEP, so the page is isolated and runs more than one thread
     assert result["crossOriginIsolated"] is True and result["warnings"] == []
     assert result["threads"] >= min(2, os.cpu_count() or 1)
@@ -409,7 +435,8 @@ def test_webgpu_bundle_falls_back_to_wasm_without_an_adapter(browser, site, bund
     assert result["backend"] == "wasm"
     assert [f["backend"] for f in result["fallbacks"]] == ["webgpu"]
     assert any("webgpu is not available" in w for w in result["warnings"])
-    assert_close(result["outputs"], reference(models["cnn"], feeds))
+    assert_close(result["outputs"], bundle_reference(bundle, feeds))
+    assert_within_quantization_tolerance(bundle, result["outputs"], models["cnn"], feeds)
 
 
 @pytest.mark.slow
@@ -422,7 +449,8 @@ def test_webgpu_bundle_runs_on_webgpu_when_there_is_an_adapter(playwright, site,
         result = run_bundle(page, url_of(site, bundle), feeds)
     assert "error" not in result, result.get("error")
     assert result["backend"] == "webgpu" and result["fallbacks"] == []
-    assert_close(result["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+    assert_close(result["outputs"], bundle_reference(bundle, feeds), atol=1e-3)
+    assert_within_quantization_tolerance(bundle, result["outputs"], models["cnn"], feeds)
 
 
 def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
