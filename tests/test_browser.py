@@ -92,8 +92,10 @@ def mlp_with_external_data(folder: Path) -> Path:
     return path
 
 
-def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None) -> Path:
-    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball), name=name)
+def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None,
+            quantize: str | None = None) -> Path:
+    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball, quantize=quantize),
+                             name=name)
     assert result.ok, result.error
     return result.bundle
 
@@ -124,6 +126,8 @@ def bundles(site, models, ort_web_tarball, onnx_profile) -> dict[str, Path]:
         "mlp-ort": package(models["mlp"], "browser-wasm", root, ort_web_tarball),
         "mlp-onnx": package(models["mlp"], str(onnx_profile), root, ort_web_tarball),
         "cnn-webgpu": package(models["cnn"], "browser-webgpu", root, ort_web_tarball),
+        # FP32: the only WebGPU adapter here (SwiftShader) has no shader-f16 for the profile's FP16 default
+        "cnn-webgpu-fp32": package(models["cnn"], "browser-webgpu", root, ort_web_tarball, name="cnn-fp32", quantize="none"),
     }
 
 
@@ -441,16 +445,30 @@ def test_webgpu_bundle_falls_back_to_wasm_without_an_adapter(browser, site, bund
 
 @pytest.mark.slow
 def test_webgpu_bundle_runs_on_webgpu_when_there_is_an_adapter(playwright, site, bundles, models):
-    # --enable-unsafe-webgpu gives headless Chromium a software (SwiftShader) WebGPU adapter
-    bundle = bundles["cnn-webgpu"]
-    feeds = inputs_for(bundle)[:1]
+    """--enable-unsafe-webgpu gives headless Chromium a software (SwiftShader) WebGPU adapter, without shader-f16:
+    an FP32 bundle runs on it; the profile's default FP16 bundle falls back to wasm and says why (onnxruntime-web
+    would create the session and fail on the first run: "Program Cast requires f16")."""
+    fp32, fp16 = bundles["cnn-webgpu-fp32"], bundles["cnn-webgpu"]
+    assert read_manifest(fp32)["model"]["precision"] == "fp32" and read_manifest(fp16)["model"]["precision"] == "fp16"
+    feeds = inputs_for(fp32)[:1]
     with chromium(playwright, ["--enable-unsafe-webgpu"]) as context:
         page = fresh_page(context, site[1] + "blank.html")
-        result = run_bundle(page, url_of(site, bundle), feeds)
-    assert "error" not in result, result.get("error")
-    assert result["backend"] == "webgpu" and result["fallbacks"] == []
-    assert_close(result["outputs"], bundle_reference(bundle, feeds), atol=1e-3)
-    assert_within_quantization_tolerance(bundle, result["outputs"], models["cnn"], feeds)
+        has_f16 = page.evaluate("async () => (await navigator.gpu.requestAdapter()).features.has('shader-f16')")
+        on_gpu = run_bundle(page, url_of(site, fp32), feeds)
+        page.close()
+        page = fresh_page(context, site[1] + "blank.html")
+        half = run_bundle(page, url_of(site, fp16), feeds)
+    assert "error" not in on_gpu, on_gpu.get("error")
+    assert on_gpu["backend"] == "webgpu" and on_gpu["fallbacks"] == []
+    assert_close(on_gpu["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+    assert "error" not in half, half.get("error")
+    if has_f16:  # not SwiftShader today; then the FP16 bundle must run on the GPU
+        assert half["backend"] == "webgpu" and half["fallbacks"] == []
+    else:
+        assert half["backend"] == "wasm"
+        assert [f["backend"] for f in half["fallbacks"]] == ["webgpu"] and "shader-f16" in half["fallbacks"][0]["error"]
+        assert any("shader-f16" in w for w in half["warnings"])
+    assert_close(half["outputs"], bundle_reference(fp16, feeds), atol=1e-3)
 
 
 def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
