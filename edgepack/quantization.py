@@ -194,7 +194,7 @@ def _name_nodes(path: Path, source: Path) -> None:
     onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
 
 
-INVENTED_PREFIX = "pre_process/"
+_INVENTED_PREFIX = "pre_process/"
 
 
 def _rename_invented_initializers(proto: onnx.ModelProto, source: onnx.ModelProto) -> None:
@@ -203,7 +203,7 @@ def _rename_invented_initializers(proto: onnx.ModelProto, source: onnx.ModelProt
     known = {name for graph in iter_graphs(source.graph)
              for name in [*(t.name for t in graph.initializer), *(i.name for i in graph.input),
                           *(o for n in graph.node for o in n.output)]}
-    renames = {t.name: INVENTED_PREFIX + t.name for t in proto.graph.initializer if t.name not in known}
+    renames = {t.name: _INVENTED_PREFIX + t.name for t in proto.graph.initializer if t.name not in known}
     if not renames:
         return
     for graph in iter_graphs(proto.graph):
@@ -229,7 +229,6 @@ def _op_types(wanted: list[str], excluded: list[str], registry: Iterable[str]) -
 
 
 def _qtype(name: str):
-    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import QuantType
 
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
