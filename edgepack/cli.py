@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and tool logs")
     common.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    # the same flags after the command: SUPPRESS keeps a subcommand from resetting what was given before it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and tool logs")
+    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON on stdout")
 
     parser = argparse.ArgumentParser(
         prog="edgepack",
@@ -70,11 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    targets = sub.add_parser("targets", parents=[common], help="list the built-in target profiles")
+    targets = sub.add_parser("targets", parents=[after], help="list the built-in target profiles")
     targets.set_defaults(handler=_cmd_targets)
 
     package = sub.add_parser(
-        "package", parents=[common], help="package a model for one or more targets",
+        "package", parents=[after], help="package a model for one or more targets",
         description="Load, check, optimize, quantize, convert to ORT format, bundle, checksum and self-test "
         "a model for each target. Each bundle is written to OUTPUT/<model>-<target>; a failed target leaves nothing.",
     )
@@ -119,18 +123,18 @@ def _parser() -> argparse.ArgumentParser:
                          "or index; repeatable); its example size must be at least 2")
     package.set_defaults(handler=_cmd_package)
 
-    verify = sub.add_parser("verify", parents=[common], help="check a bundle's files against its manifest")
+    verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest")
     verify.add_argument("bundle", type=Path)
     verify.set_defaults(handler=_cmd_verify)
 
-    inspect = sub.add_parser("inspect", parents=[common], help="describe an ONNX model")
+    inspect = sub.add_parser("inspect", parents=[after], help="describe an ONNX model")
     inspect.add_argument("model", type=Path)
     inspect.add_argument("-t", "--target", metavar="TARGET",
                          help="also report the target accelerator's coverage, before and after fixing shapes")
     _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
-    serve = sub.add_parser("serve", parents=[common], help="serve a web bundle on 127.0.0.1 with the headers it needs",
+    serve = sub.add_parser("serve", parents=[after], help="serve a web bundle on 127.0.0.1 with the headers it needs",
                            description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
                            "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
     serve.add_argument("bundle", type=Path)

@@ -4,6 +4,10 @@ Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
    it, onnxruntime's quantizer trips over stale shape information in exported models.
 2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
+   Initializers that onnxruntime's optimizer invented during pre-processing are renamed under
+   ``pre_process/``: its MatMul+Add fusion names new initializers with a generator that only avoids
+   node names, so loading the written model with optimizations on would fuse again, reuse a name such
+   as ``gemm_input_shape`` and fail ("Attempt to replace the existing tensor").
 3. A model that already holds quantized ops (QDQ pairs, QLinear*, *Integer, MatMulNBits) or FP16
    weights is not quantized again: ``already_quantized`` says what was found.
 4. A model with external data (or over 1 GiB of weights) is written with external data, and never
@@ -27,7 +31,8 @@ import numpy as np
 import onnx
 
 from .errors import ConversionError
-from .modelinfo import external_locations, iter_nodes
+from .modelinfo import external_locations, iter_graphs, iter_nodes
+from .ort_tools import load_ort_tools
 from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
 from .stages.save import EXTERNAL_DATA_THRESHOLD
 
@@ -143,6 +148,7 @@ def quantize_model(
 def prepare(source: Path, out: Path, *, external: bool) -> str:
     """quant_pre_process, then a name for every node. Symbolic shape inference fails on some graphs
     (it does not know every op): then onnx's shape inference alone is used, and the report says so."""
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
@@ -163,7 +169,7 @@ def prepare(source: Path, out: Path, *, external: bool) -> str:
             detail = str(exc2).strip().splitlines()[0] if str(exc2).strip() else type(exc2).__name__
             raise ConversionError(f"quantization pre-processing failed: {detail[:300]}",
                                   hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
-    _name_nodes(out)
+    _name_nodes(out, source)
     return note
 
 
@@ -171,8 +177,9 @@ class _TooLarge(Exception):
     pass
 
 
-def _name_nodes(path: Path) -> None:
+def _name_nodes(path: Path, source: Path) -> None:
     proto = onnx.load_model(path, load_external_data=False)
+    _rename_invented_initializers(proto, onnx.load_model(source, load_external_data=False))
     used = {n.name for n in iter_nodes(proto) if n.name}
     count = 0
     for node in iter_nodes(proto):
@@ -185,6 +192,30 @@ def _name_nodes(path: Path) -> None:
             used.add(name)
             count += 1
     onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
+
+
+_INVENTED_PREFIX = "pre_process/"
+
+
+def _rename_invented_initializers(proto: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Rule 2: initializers whose names appear nowhere in the source model get the ``pre_process/`` prefix,
+    which no name onnxruntime generates from its fixed base names (``gemm_input_shape``, ...) can equal."""
+    known = {name for graph in iter_graphs(source.graph)
+             for name in [*(t.name for t in graph.initializer), *(i.name for i in graph.input),
+                          *(o for n in graph.node for o in n.output)]}
+    renames = {t.name: _INVENTED_PREFIX + t.name for t in proto.graph.initializer if t.name not in known}
+    if not renames:
+        return
+    for graph in iter_graphs(proto.graph):
+        for tensor in graph.initializer:
+            tensor.name = renames.get(tensor.name, tensor.name)
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            info.name = renames.get(info.name, info.name)
+        for node in graph.node:
+            for names in (node.input, node.output):
+                for i, name in enumerate(names):
+                    if name in renames:
+                        names[i] = renames[name]
 
 
 def _needs_external_data(path: Path) -> bool:
@@ -204,6 +235,7 @@ def _qtype(name: str):
 
 
 def _dynamic(prepared: Path, out: Path, recipe: DynamicRecipe, excluded: list[str], external: bool) -> None:
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -236,6 +268,7 @@ class _Reader:
 
 def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[dict[str, np.ndarray]],
             excluded: list[str], external: bool, calibration_method: str | None) -> None:
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -293,6 +326,7 @@ def _align_casts(model: onnx.ModelProto) -> None:
 def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path) -> list[tuple[str, float]]:
     """Nodes of the float model ordered by the quantization noise on their outputs and weights
     (signal-to-quantization-noise ratio in dB, lowest first), from onnxruntime's qdq_loss_debug."""
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_activation_error,
@@ -305,13 +339,20 @@ def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, 
     external = _needs_external_data(prepared)
     float_aug = workdir / "debug_float.onnx"
     qdq_aug = workdir / "debug_qdq.onnx"
-    with _quiet():
-        modify_model_output_intermediate_tensors(str(prepared), str(float_aug), save_as_external_data=external)
-        modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug), save_as_external_data=external)
-        float_acts = collect_activations(str(float_aug), _Reader(feeds))
-        qdq_acts = collect_activations(str(qdq_aug), _Reader(feeds))
-        activation_error = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-        weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
+    try:
+        with _quiet():
+            modify_model_output_intermediate_tensors(str(prepared), str(float_aug), save_as_external_data=external)
+            modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug), save_as_external_data=external)
+            float_acts = collect_activations(str(float_aug), _Reader(feeds))
+            qdq_acts = collect_activations(str(qdq_aug), _Reader(feeds))
+            activation_error = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+            weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
+    except Exception as exc:  # onnxruntime sessions on the debug models, numpy on their outputs
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"measuring each node's quantization noise (--auto-exclude) failed: "
+                              f"{type(exc).__name__}: {detail[:300]}",
+                              hint="leave --auto-exclude off and exclude op types in quantization.static.exclude_op_types, "
+                              "or try another recipe (--quantize)") from None
     proto = onnx.load_model(prepared, load_external_data=False)
     scores: dict[str, float] = {}
     order = {node.name: i for i, node in enumerate(proto.graph.node)}

@@ -21,7 +21,9 @@
  * 5. Threads need a crossOriginIsolated page (COOP/COEP headers); without one it runs one thread and
  *    says so in the result and the console.
  * 6. The manifest's execution providers are tried in order (e.g. webgpu, then wasm); the result
- *    says which one runs and why the ones before it did not.
+ *    says which one runs and why the ones before it did not. An FP16 model skips webgpu when the
+ *    GPU adapter lacks the 'shader-f16' feature: onnxruntime-web would create the session and then
+ *    fail on the first run.
  *
  * It depends only on the browser and the onnxruntime-web files in this bundle's ort/ folder.
  */
@@ -309,6 +311,11 @@ async function startRuntime(fetchOne, runtimeFiles, numThreads) {
 async function createSession(ort, modelBytes, sessionOptions, manifest) {
   const fallbacks = [];
   for (const provider of manifest.runtime.execution_providers) {
+    const missing = provider.name === 'webgpu' && manifest.model.precision === 'fp16' && !(await hasShaderF16());
+    if (missing) {
+      fallbacks.push({ backend: provider.name, error: "the GPU adapter has no 'shader-f16' feature, which this FP16 model needs" });
+      continue;
+    }
     try {
       const session = await ort.InferenceSession.create(modelBytes, {
         ...sessionOptions,
@@ -323,6 +330,15 @@ async function createSession(ort, modelBytes, sessionOptions, manifest) {
     `no execution provider could load the model: ${fallbacks.map((f) => `${f.backend}: ${f.error}`).join('; ')}`,
     { file: manifest.model.file },
   );
+}
+
+async function hasShaderF16() {
+  try {
+    const adapter = await globalThis.navigator?.gpu?.requestAdapter();
+    return adapter?.features?.has('shader-f16') ?? true;  // no adapter: onnxruntime-web's own error says so
+  } catch {
+    return true;
+  }
 }
 
 function toTensors(ort, inputs, feeds) {

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack import ortweb
+from edgepack.accuracy import check, compare
 from edgepack.examples import write_example
 from edgepack.job import Options
 from edgepack.manifest import hash_file, read_manifest
@@ -91,8 +92,10 @@ def mlp_with_external_data(folder: Path) -> Path:
     return path
 
 
-def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None) -> Path:
-    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball), name=name)
+def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None,
+            quantize: str | None = None) -> Path:
+    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball, quantize=quantize),
+                             name=name)
     assert result.ok, result.error
     return result.bundle
 
@@ -123,6 +126,8 @@ def bundles(site, models, ort_web_tarball, onnx_profile) -> dict[str, Path]:
         "mlp-ort": package(models["mlp"], "browser-wasm", root, ort_web_tarball),
         "mlp-onnx": package(models["mlp"], str(onnx_profile), root, ort_web_tarball),
         "cnn-webgpu": package(models["cnn"], "browser-webgpu", root, ort_web_tarball),
+        # FP32: the only WebGPU adapter here (SwiftShader) has no shader-f16 for the profile's FP16 default
+        "cnn-webgpu-fp32": package(models["cnn"], "browser-webgpu", root, ort_web_tarball, name="cnn-fp32", quantize="none"),
     }
 
 
@@ -137,6 +142,30 @@ def reference(model: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str,
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(names, f))) for f in feeds]
+
+
+def bundle_reference(bundle: Path, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Python onnxruntime on the bundle's own model file (quantized as the profile's default made it), with the
+    session entries its manifest records: what the browser must reproduce."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(bundle)
+    options = ort.SessionOptions()
+    for key, value in manifest["runtime"]["session_options"]["config_entries"].items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(bundle / manifest["model"]["file"]), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, f))) for f in feeds]
+
+
+def assert_within_quantization_tolerance(bundle: Path, got: list[dict], source: Path, feeds: list[dict]) -> None:
+    """A quantized bundle against the FP32 source: the profile's quantization tolerance, as the packager's gate."""
+    manifest = read_manifest(bundle)
+    assert manifest["model"]["precision"] != "fp32", "an FP32 bundle is held to assert_close against its source"
+    tolerance = manifest["profile"]["quantization"]["tolerance"]
+    figures = compare(reference(source, feeds), got)
+    assert not check(figures, min_cosine=tolerance["min_cosine"], min_top1_agreement=tolerance["min_top1_agreement"],
+                     max_abs_error=tolerance.get("max_abs_error")), figures
 
 
 def assert_close(got: list[dict], expected: list[dict], atol: float = 1e-4) -> None:
@@ -167,7 +196,8 @@ def test_outputs_match_python_onnxruntime(browser, site, bundles, models, name):
     page.close()
     assert "error" not in result, result.get("error")
     assert result["backend"] == "wasm"
-    assert_close(result["outputs"], reference(models[name.split("-")[0]], feeds))
+    assert_close(result["outputs"], bundle_reference(bundle, feeds))
+    assert_within_quantization_tolerance(bundle, result["outputs"], models[name.split("-")[0]], feeds)
     # threads: the server sends COOP/COEP, so the page is isolated and runs more than one thread
     assert result["crossOriginIsolated"] is True and result["warnings"] == []
     assert result["threads"] >= min(2, os.cpu_count() or 1)
@@ -409,20 +439,36 @@ def test_webgpu_bundle_falls_back_to_wasm_without_an_adapter(browser, site, bund
     assert result["backend"] == "wasm"
     assert [f["backend"] for f in result["fallbacks"]] == ["webgpu"]
     assert any("webgpu is not available" in w for w in result["warnings"])
-    assert_close(result["outputs"], reference(models["cnn"], feeds))
+    assert_close(result["outputs"], bundle_reference(bundle, feeds))
+    assert_within_quantization_tolerance(bundle, result["outputs"], models["cnn"], feeds)
 
 
 @pytest.mark.slow
 def test_webgpu_bundle_runs_on_webgpu_when_there_is_an_adapter(playwright, site, bundles, models):
-    # --enable-unsafe-webgpu gives headless Chromium a software (SwiftShader) WebGPU adapter
-    bundle = bundles["cnn-webgpu"]
-    feeds = inputs_for(bundle)[:1]
+    """--enable-unsafe-webgpu gives headless Chromium a software (SwiftShader) WebGPU adapter, without shader-f16:
+    an FP32 bundle runs on it; the profile's default FP16 bundle falls back to wasm and says why (onnxruntime-web
+    would create the session and fail on the first run: "Program Cast requires f16")."""
+    fp32, fp16 = bundles["cnn-webgpu-fp32"], bundles["cnn-webgpu"]
+    assert read_manifest(fp32)["model"]["precision"] == "fp32" and read_manifest(fp16)["model"]["precision"] == "fp16"
+    feeds = inputs_for(fp32)[:1]
     with chromium(playwright, ["--enable-unsafe-webgpu"]) as context:
         page = fresh_page(context, site[1] + "blank.html")
-        result = run_bundle(page, url_of(site, bundle), feeds)
-    assert "error" not in result, result.get("error")
-    assert result["backend"] == "webgpu" and result["fallbacks"] == []
-    assert_close(result["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+        has_f16 = page.evaluate("async () => (await navigator.gpu.requestAdapter()).features.has('shader-f16')")
+        on_gpu = run_bundle(page, url_of(site, fp32), feeds)
+        page.close()
+        page = fresh_page(context, site[1] + "blank.html")
+        half = run_bundle(page, url_of(site, fp16), feeds)
+    assert "error" not in on_gpu, on_gpu.get("error")
+    assert on_gpu["backend"] == "webgpu" and on_gpu["fallbacks"] == []
+    assert_close(on_gpu["outputs"], reference(models["cnn"], feeds), atol=1e-3)
+    assert "error" not in half, half.get("error")
+    if has_f16:  # not SwiftShader today; then the FP16 bundle must run on the GPU
+        assert half["backend"] == "webgpu" and half["fallbacks"] == []
+    else:
+        assert half["backend"] == "wasm"
+        assert [f["backend"] for f in half["fallbacks"]] == ["webgpu"] and "shader-f16" in half["fallbacks"][0]["error"]
+        assert any("shader-f16" in w for w in half["warnings"])
+    assert_close(half["outputs"], bundle_reference(fp16, feeds), atol=1e-3)
 
 
 def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):

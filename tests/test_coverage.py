@@ -175,12 +175,13 @@ def _cli(capsys, *args) -> subprocess.CompletedProcess:
 def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_flag_lowers_it(tmp_path, capsys):
     model = _save(_det_model(), tmp_path / "det.onnx")
     out = tmp_path / "out"
-    failed = _edgepack("package", model, "--target", "jetson-orin-trt", "-o", out, "-q", cwd=tmp_path)
+    # FP32: the profile's FP16 default wraps the Relu between the FP32-only Dets in Casts (5 nodes, not 3)
+    failed = _edgepack("package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q", cwd=tmp_path)
     assert failed.returncode == 6, failed.stderr + failed.stdout
     assert "1/3 nodes" in failed.stderr and "Det x2" in failed.stderr and "--min-accelerated-fraction" in failed.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing left behind
 
-    passed = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "-o", out, "-q",
+    passed = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q",
                   "--min-accelerated-fraction", "0.3")
     assert passed.returncode == 0, passed.stderr + passed.stdout
     bundle = out / "det-jetson-orin-trt"
@@ -191,8 +192,8 @@ def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_fla
     assert "## Accelerator coverage" in (bundle / "REPORT.md").read_text()
     assert "Det x2" in (bundle / "REPORT.md").read_text()
 
-    too_many = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "-o", out, "-q", "--force",
-                    "--min-accelerated-fraction", "0", "--max-partitions", "0")
+    too_many = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q",
+                    "--force", "--min-accelerated-fraction", "0", "--max-partitions", "0")
     assert too_many.returncode == 6 and "at most 0" in too_many.stderr
     assert bundle.is_dir()  # the earlier bundle is left as it was
 

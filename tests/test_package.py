@@ -13,6 +13,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper
 
+from edgepack.accuracy import check, compare
 from edgepack.manifest import verify_bundle
 from edgepack.profiles import builtin_profile_names, load_profile
 from edgepack.runtime_shim import edgepack_shim
@@ -72,24 +73,38 @@ def test_reduced_operator_config_parses_and_covers_the_model(packaged):
 
     name, out, _ = packaged
     bundle = out / f"{name}-rpi-arm64"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # without calibration data the profile falls back to dynamic INT8 (MatMul/Gather; convs stay FP32)
+    assert next(r for r in manifest["stages"] if r["stage"] == "quantize")["recipe"] == "dynamic"
     required_ops, _ = parse_config(str(bundle / "required_operators_and_types.config"))
     ops = {op for domain_ops in required_ops.values() for version_ops in domain_ops.values() for op in version_ops}
-    # generated from the final .ort: Conv+BatchNormalization+Relu appear as the fused kernel the device runs
-    assert ({"FusedConv", "Gemm"} if name == "cnn" else {"FusedMatMul", "Softmax"}) <= ops
+    # generated from the final .ort: Conv+BatchNormalization+Relu appear as the fused kernel the device runs,
+    # quantized MatMul+Add as the fused INT8 kernels
+    assert ({"FusedConv", "DynamicQuantizeMatMul"} if name == "cnn" else
+            {"FusedMatMul", "Softmax", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}) <= ops
 
 
 def test_python_bundle_runs_through_its_shim_like_the_reference(packaged, examples):
+    """The shim runs the bundle's model exactly as plain onnxruntime runs that file, and (the bundle being
+    quantized by the profile's default) within the profile's quantization tolerance of the FP32 source."""
     name, out, _ = packaged
-    model = edgepack_shim.load(out / f"{name}-rpi-arm64")
-    reference = ort.InferenceSession(str(examples[name]), providers=["CPUExecutionProvider"])
+    bundle = out / f"{name}-rpi-arm64"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["precision"] == "int8"
+    model = edgepack_shim.load(bundle)
+    same_file = ort.InferenceSession(str(bundle / manifest["model"]["file"]), providers=["CPUExecutionProvider"])
+    source = ort.InferenceSession(str(examples[name]), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     if name == "cnn":
-        feeds = {"image": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
+        feeds = {"image": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}
     else:
         feeds = {"input_ids": rng.integers(0, 1000, (2, 128)), "attention_mask": np.ones((2, 128), np.int64)}
-    expected = reference.run(None, feeds)[0]
     got = next(iter(model.run(feeds).values()))
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, same_file.run(None, feeds)[0], atol=1e-4)
+    tolerance = load_profile("rpi-arm64").quantization.tolerance
+    figures = compare([{"out": source.run(None, feeds)[0]}], [{"out": got}])
+    assert not check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
+                     max_abs_error=tolerance.max_abs_error), figures
 
 
 def test_existing_bundle_needs_force(packaged, cli):
@@ -178,6 +193,20 @@ def test_targets_table_and_json(cli):
         assert name in table.stdout
     data = json.loads(cli("targets", "--json").stdout)
     assert {p["name"] for p in data} == set(builtin_profile_names())
+
+
+@pytest.mark.parametrize("where", ["before the command", "after the command"])
+def test_debug_and_json_work_on_either_side_of_the_command(tmp_path, cli, where):
+    def run(flag: str, *args):
+        return cli(flag, *args) if where == "before the command" else cli(*args, flag)
+
+    (tmp_path / "m.onnx").write_bytes(b"not onnx")
+    debug = run("--debug", "package", tmp_path / "m.onnx", "--target", "rpi-arm64", "-o", tmp_path / "out")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ModelError" in debug.stderr, debug.stderr
+    quiet = cli("package", tmp_path / "m.onnx", "--target", "rpi-arm64", "-o", tmp_path / "out")
+    assert quiet.returncode == 3 and "Traceback" not in quiet.stderr
+    listed = run("--json", "targets")
+    assert listed.returncode == 0 and {p["name"] for p in json.loads(listed.stdout)} == set(builtin_profile_names())
 
 
 def test_inspect_describes_a_model(examples, cli):

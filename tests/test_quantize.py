@@ -17,12 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from edgepack.accuracy import compare
 from edgepack.calibration import generated_validation, random_samples
 from edgepack.errors import AccuracyError, UsageError
-from edgepack.examples import build_example, write_example
+from edgepack.examples import EXAMPLE_SHAPES, build_example, write_example
 from edgepack.job import Options
 from edgepack.modelinfo import describe_io, external_locations
 from edgepack.pipeline import package_model
 from edgepack.profiles import DynamicRecipe, Fp16Recipe, StaticRecipe, load_profile
 from edgepack.quantization import already_quantized, quantize_model
+from edgepack.stages.fix_shapes import apply_shapes
 from edgepack.stages.load import load
 
 RECIPES = {"dynamic": DynamicRecipe(op_types=["Conv", "MatMul", "Gather"]), "static": StaticRecipe(), "fp16": Fp16Recipe()}
@@ -87,6 +88,55 @@ def test_every_recipe_on_the_examples(tmp_path: Path, example: str, method: str)
     assert result.preprocess.startswith("quant_pre_process")
     io_types = {vi.type.tensor_type.elem_type for vi in [*onnx.load(result.path).graph.input, *onnx.load(result.path).graph.output]}
     assert TensorProto.FLOAT16 not in io_types  # FP16 keeps float32 inputs and outputs
+
+
+def _fixed_transformer(folder: Path) -> Path:
+    """The example transformer with the input shapes fixed, as for a target that needs fixed shapes."""
+    source = write_example("transformer", folder)
+    return apply_shapes(onnx.load(source), source, folder / "fixed", EXAMPLE_SHAPES["transformer"])
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static", "fp16"])
+def test_a_fixed_shape_transformer_quantizes_to_a_model_onnxruntime_optimizes_again(tmp_path: Path, method: str):
+    """quant_pre_process's optimizer fuses MatMul+Add into Reshape+Gemm+Reshape with shape initializers named
+    gemm_input_shape...; a second optimization (every session with default settings) fused the remaining
+    pairs under the same names and failed with "Attempt to replace the existing tensor"."""
+    source = _fixed_transformer(tmp_path)
+    inputs, _ = describe_io(onnx.load(source))
+    result = quantize_model(source, tmp_path / "out" / "q.onnx", method, RECIPES[method],
+                            calibration=random_samples(inputs, count=8).feeds)
+    for model in (result.path, result.path.with_name("q.pre.onnx")):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])  # raised before
+    invented = [t.name for t in onnx.load(result.path.with_name("q.pre.onnx")).graph.initializer if "gemm" in t.name]
+    assert invented and all(name.startswith("pre_process/") for name in invented), invented
+    assert _figures(source, result.path, generated_validation(inputs, count=8).feeds)["cosine"] > 0.999
+
+
+def test_cli_fp16_fixed_shape_transformer_packages(tmp_path: Path):
+    """The README's example on the fp16 target with fixed shapes, with no flags (it was an internal error)."""
+    done = _cli("package", "--example", "transformer", "--target", "ios-coreml", "-o", "out", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    quantize = _stage(json.loads((tmp_path / "out" / "transformer-ios-coreml" / "manifest.json").read_text()), "quantize")
+    assert quantize["recipe"] == "fp16" and quantize["passed"]
+
+
+def test_a_model_onnxruntime_cannot_load_in_the_gate_is_a_clear_error(tmp_path: Path):
+    """A model written by onnxruntime's own optimizer with fixed shapes does not load again with optimizations on
+    (onnxruntime 1.31 names a second fusion's initializers like the first's): the gate says so, no internal error."""
+    fixed = _fixed_transformer(tmp_path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(fixed), options, providers=["CPUExecutionProvider"])
+    done = _cli("package", str(tmp_path / "ort_optimized.onnx"), "--target", "linux-x64", "--quantize", "fp16",
+                "-o", "out", cwd=tmp_path)
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "the FP32 model does not run in onnxruntime" in done.stderr
+    assert "Attempt to replace the existing tensor" in done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "ort_optimized-linux-x64").exists()
 
 
 def test_calibration_methods_all_run(tmp_path: Path):
@@ -282,8 +332,8 @@ def test_cli_static_needs_calibration(tmp_path: Path):
     done = _cli("package", "--example", "cnn", "--target", "rpi-arm64", "--quantize", "static", "-o", "out", cwd=tmp_path)
     assert done.returncode == 2
     assert "FAILED  rpi-arm64" in done.stdout
-    assert "static quantization needs calibration data (--calibration)" in done.stdout
-    assert "--calibration random" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert "static quantization needs calibration data (--calibration)" in done.stderr
+    assert "--calibration random" in done.stderr and "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "out" / "cnn-rpi-arm64").exists()
 
 
@@ -316,7 +366,8 @@ def test_cli_quantize_dynamic_with_calibration_method_and_validation(tmp_path: P
 def test_a_quantized_model_that_does_not_load_after_conversion_is_reported(tmp_path: Path):
     """A QDQ transformer converted with Runtime style does not load in onnxruntime 1.31 (FACTS.md)."""
     source = write_example("transformer", tmp_path)
-    options = Options(output=tmp_path / "build", quantize="static", calibration="random")
+    options = Options(output=tmp_path / "build", quantize="static", calibration="random",
+                      input_shapes=EXAMPLE_SHAPES["transformer"])  # the target needs fixed shapes
     (result,) = package_model(source, [load_profile("android-nnapi")], options)
     assert not result.ok
     assert "the int8 quantized model does not load in onnxruntime after ORT-format conversion (Runtime style)" in str(result.error)

@@ -125,3 +125,19 @@ def test_packaging_three_times_gives_identical_bundles(tmp_path):
         assert sorted(other) == sorted(first)
         differing = [p for p in first if other[p] != first[p]]
         assert not differing, f"not reproducible: {differing}"
+
+
+def test_static_quantization_gives_identical_bundles(tmp_path):
+    """Static INT8 (calibration, held-out validation, QDQ, Fixed and Runtime .ort) in two processes that differ
+    (output path, hash seed): the same bytes, manifest included."""
+    trees = []
+    for run, out in enumerate([tmp_path / "a", tmp_path / "second-run"]):
+        done = subprocess.run([sys.executable, "-m", "edgepack", "package", "--example", "cnn",
+                               "--target", "linux-x64,rpi-arm64,jetson-orin-trt", "--quantize", "static",
+                               "--calibration", "random", "-o", str(out), "-q"],
+                              capture_output=True, text=True, env={**ENV, "PYTHONHASHSEED": str(run)})
+        assert done.returncode == 0, done.stdout + done.stderr
+        trees.append(_tree(out))
+    assert sum(p.endswith(".ort") for p in trees[0]) == 3
+    assert sorted(trees[1]) == sorted(trees[0])
+    assert not [p for p in trees[0] if trees[1][p] != trees[0][p]], "not reproducible"

@@ -23,7 +23,7 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
-from ..errors import AccuracyError, UsageError
+from ..errors import AccuracyError, ConversionError, UsageError
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
 from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
@@ -79,7 +79,7 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
                                 calibration_method=job.options.calibration_method)
-        figures = _measure(job, result.path, validation)
+        figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
         attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
@@ -159,17 +159,32 @@ _CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of nam
                      "samples), or --calibration random for a smoke test (marked as random in the manifest)")
 
 
-def _measure(job: Job, quantized, validation: Samples) -> dict[str, Any]:
+def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str, Any]:
+    """The gate's figures: the FP32 reference and the quantized model on the validation inputs. Either
+    failing in onnxruntime is a ConversionError naming which model and the first line of what it said."""
+    expected = _run(job.source.reference, validation, job, "the FP32 model",
+                    hint="the model itself does not run in onnxruntime with graph optimizations on: "
+                    "re-export it from its source (e.g. not from a file onnxruntime's optimizer wrote)")
+    got = _run(quantized, validation, job, f"the {recipe}-quantized model", names=list(expected[0]),
+               hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
+               f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none")
+    return compare(expected, got)
+
+
+def _run(model, validation: Samples, job: Job, what: str, *, hint: str,
+         names: list[str] | None = None) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
-    reference = ort.InferenceSession(str(job.source.reference), options, providers=["CPUExecutionProvider"])
-    candidate = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in reference.get_outputs()]
-    expected = [dict(zip(names, reference.run(names, feeds))) for feeds in validation.feeds]
-    got = [dict(zip(names, candidate.run(names, feeds))) for feeds in validation.feeds]
-    return compare(expected, got)
+    options.log_severity_level = 4  # a failure becomes one error below, not also an onnxruntime log line
+    try:
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        names = names or [o.name for o in session.get_outputs()]
+        return [dict(zip(names, session.run(names, feeds))) for feeds in validation.feeds]
+    except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, RuntimeException, ... from native code
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{what} does not run in onnxruntime {ort.__version__}: {detail[:400]}",
+                              where=job.profile.name, hint=hint) from None
 
 
 def _headline(figures: dict[str, Any]) -> dict[str, Any]:
