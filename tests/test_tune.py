@@ -227,3 +227,11 @@ def test_an_already_quantized_model_is_kept_as_it_is(tmp_path: Path):
     report = _quantize_report(result.manifest)
     assert report["recipe"] == "none" and report["tune"]["timed"] is False
     assert "already quantized" in report["tune"]["reason"]
+
+
+def test_a_budget_without_tune_or_below_zero_is_a_usage_error(tmp_path: Path, cli, clean_failure):
+    source = write_example("cnn", tmp_path)
+    for flags in (["--tune-budget", "10"], ["--tune", "--tune-budget", "0"]):
+        done = cli("package", source, "--target", "linux-x64", *flags, "-o", tmp_path / "out")
+        clean_failure(done, "--tune-budget")
+        assert done.returncode == 2
