@@ -41,6 +41,7 @@ from .calibration import RANDOM, Samples, load_samples, split_for_validation
 from .errors import AccuracyError, ConversionError, EdgepackError, UsageError
 from .job import Artifact, Job
 from .modelinfo import describe_io
+from .ort_tools import load_ort_tools
 from .quantization import already_quantized, model_bytes, quantize_model
 from .stages.convert import convert
 from .stages.quantize import quantize, validation_samples
@@ -139,6 +140,7 @@ def tune(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     if found:
         chosen, report = quantize(artifact, job)  # keeps the model as it is, and says so
         return chosen, {**report, "tune": {"timed": False, "reason": "the model is already quantized: no recipe to choose"}}
+    load_ort_tools()  # before onnxruntime.quantization: keeps torch out of this process
     deadline = started + job.options.tune_budget
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     validation = validation_samples(job, inputs)
