@@ -117,7 +117,7 @@ class Candidate:
             data["accuracy"] = {k: self.figures[k] for k in ("cosine", "max_abs_error", "mean_abs_error", "top1_agreement")
                                 if k in self.figures}
         if self.latencies:
-            data.update(median_ms=round(1e3 * self.median, 3), p90_ms=round(1e3 * self.p90, 3), runs=len(self.latencies))
+            data.update(median_ms=round(1e3 * self.median, 4), p90_ms=round(1e3 * self.p90, 4), runs=len(self.latencies))
         if self.note:
             data["note"] = self.note
         return data

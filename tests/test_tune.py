@@ -140,7 +140,7 @@ def test_tune_on_this_host_records_every_candidate_and_ships_the_fastest_that_pa
     winner = rows[tune["winner"]]
     assert winner["gate"] == "passed"
     fastest = min(r["median_ms"] for r in rows.values() if "median_ms" in r)
-    assert winner["median_ms"] <= fastest * 1.03 + 1e-9
+    assert winner["median_ms"] <= fastest * 1.03 + 2e-4  # the manifest rounds to 0.1 us
     assert tune["why"].startswith(tune["winner"])
     expected = {"fp32": "fp32", "fp16": "fp16"}.get(tune["winner"], "int8")
     assert result.manifest["model"]["precision"] == expected
