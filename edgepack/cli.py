@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
                          "else generated inputs)")
     package.add_argument("--auto-exclude", action="store_true",
                          help="leave the nodes most hurt by quantization in float until the accuracy gate passes")
+    package.add_argument("--tune", action="store_true",
+                         help="choose the recipe by measurement: build FP32, dynamic and (with --calibration) static "
+                         "INT8 candidates, gate each on accuracy, time them as they ship and keep the fastest "
+                         "(only when the target's CPU is this machine's; otherwise the profile's default)")
+    package.add_argument("--tune-budget", type=float, metavar="SECONDS",
+                         help="with --tune: time limit for building and timing candidates (default: 300)")
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     _add_shape_flags(package)
     package.add_argument("--min-accelerated-fraction", type=float, metavar="F",
@@ -172,6 +178,8 @@ def _cmd_targets(args) -> int:
 
 
 def _cmd_package(args) -> int:
+    import dataclasses
+
     from .api import package_source
     from .job import Options
     from .profiles import resolve_targets
@@ -184,7 +192,12 @@ def _cmd_package(args) -> int:
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
                       freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
                       calibration=args.calibration, calibration_method=args.calibration_method,
-                      validation=args.validation, auto_exclude=args.auto_exclude)
+                      validation=args.validation, auto_exclude=args.auto_exclude,
+                      tune=args.tune)
+    if args.tune_budget is not None:
+        if not args.tune or not args.tune_budget > 0:
+            raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
+        options = dataclasses.replace(options, tune_budget=args.tune_budget)
     options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:

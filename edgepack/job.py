@@ -61,6 +61,10 @@ class Options:
     """Inputs for the quantization accuracy gate (same formats as calibration)."""
     auto_exclude: bool = False
     """Leave the nodes most hurt by quantization in float until the accuracy gate passes."""
+    tune: bool = False
+    """Choose the recipe by building, gating and timing candidates on this host (edgepack/tune.py)."""
+    tune_budget: float = 300.0
+    """Seconds ``tune`` may take in all; measuring stops when they are spent."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .stages.manifest import finalize, manifest
 from .stages.optimize import optimize
 from .stages.quantize import quantize
 from .stages.selftest import self_test
+from .tune import tune
 
 __all__ = ["STAGES", "Result", "package_model", "bundle_path"]
 
@@ -51,6 +52,8 @@ STAGES: list[Callable[[Artifact, Job], tuple[Artifact, dict]]] = [
 # fixed shapes before the graph is optimized; coverage of the model as it will be converted
 STAGES.insert(STAGES.index(optimize), fix_shapes)
 STAGES.insert(STAGES.index(convert), coverage)
+# --tune chooses the recipe by measurement; without it, the quantize stage as it is
+STAGES[STAGES.index(quantize)] = tune
 
 
 @dataclass

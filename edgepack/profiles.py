@@ -133,6 +133,11 @@ class Quantization:
     tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
+    tune_candidates: list[Literal["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "fp16"]] = field(
+        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8"])
+    """Recipes ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
+    default_evidence: str = ""
+    """The measurement behind ``default``: what ``--tune`` reports when it cannot time on the device's CPU."""
 
 
 @dataclass(frozen=True)
