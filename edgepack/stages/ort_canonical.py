@@ -10,7 +10,7 @@ the end of the file, and refer only to each other), then the kernel-type-string 
 table. So the model part is kept byte for byte, and the front is written again with the flatbuffers
 builder: the kernel-type-string table in sorted order (ops, then type strings; argument lists in their
 stored order) and a new root table. The model's bytes keep their distance from the end of the file,
-and the file length keeps its alignment, so every alignment inside the model is unchanged.
+and the file length is a multiple of 64, so every alignment inside the model is unchanged.
 
 The result is checked before it is returned: same version, same model bytes, same table contents.
 A file whose layout does not match these expectations raises ``ValueError`` instead of being changed.
@@ -29,6 +29,7 @@ import flatbuffers
 __all__ = ["canonical_ort_bytes", "canonicalize_ort_file"]
 
 _FILE_ID = b"ORTM"
+ALIGNMENT = 64
 _ROOT_FIELDS = {0: "ort_version", 1: "model", 3: "kernel_type_str_resolver"}  # slot 2: deprecated session state
 
 
@@ -45,9 +46,10 @@ def canonicalize_ort_file(path: Path) -> None:
         os.replace(temporary, path)
 
 
-def canonical_ort_bytes(data: bytes, *, _write_order=sorted) -> bytes:
+def canonical_ort_bytes(data: bytes, *, _write_order=sorted, _alignment=ALIGNMENT) -> bytes:
     """``data`` with its kernel type string table rewritten in canonical layout. (``_write_order`` orders
-    the writing of the tables, as onnxruntime's hash map does: tests use it to make other layouts.)"""
+    the writing of the tables, as onnxruntime's hash map does, and ``_alignment`` pads the front as another
+    writer might: tests use them to make other layouts.)"""
     fbs = _fbs()
     if len(data) < 8 or data[4:8] != _FILE_ID:
         raise ValueError("not an ORT-format model (no ORTM identifier)")
@@ -70,7 +72,10 @@ def canonical_ort_bytes(data: bytes, *, _write_order=sorted) -> bytes:
     builder = flatbuffers.Builder(len(tail) + 4096)
     builder.head = len(builder.Bytes) - len(tail)
     builder.Bytes[builder.head:] = tail
-    builder.minalign = _largest_power_of_two_dividing(len(data), cap=64)  # keeps the model's alignment
+    # The model part keeps its distance from the end of the file, and flatbuffers aligns relative to the end:
+    # a length that is a multiple of 64 keeps every alignment up to 64 inside it. A fixed value, not one read
+    # from the input's length, which differs between the layouts being made canonical.
+    builder.minalign = _alignment
     resolver_offset = _write_resolver(builder, fbs, entries, _write_order)
     root = fbs.InferenceSession
     root.InferenceSessionStart(builder)
@@ -159,13 +164,6 @@ def _field_target(tab, slot: int) -> int:
 
 def _soffset(buf, position: int) -> int:
     return flatbuffers.encode.Get(flatbuffers.packer.soffset, buf, position)
-
-
-def _largest_power_of_two_dividing(n: int, cap: int) -> int:
-    power = 1
-    while power < cap and n % (power * 2) == 0:
-        power *= 2
-    return power
 
 
 # -- writing
