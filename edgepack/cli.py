@@ -275,7 +275,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .stages.load import parse_model
-    from .modelinfo import summarize
+    from .modelinfo import format_shape, summarize
 
     info = summarize(parse_model(args.model), args.model)
     if args.target:
@@ -292,7 +292,7 @@ def _cmd_inspect(args) -> int:
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for io in info[kind]:
-            shape = "?" if io["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in io["shape"]) + "]"
+            shape = format_shape(io["shape"])
             print(f"  {io['name']}: {io['dtype']} {shape}")
     print("ops: " + ", ".join(f"{op} x{n}" for op, n in info["ops"].items()))
     if args.target:

@@ -14,7 +14,7 @@ from onnx import helper
 
 from .errors import ModelError
 
-__all__ = ["describe_io", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
+__all__ = ["describe_io", "format_shape", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
 
 
 def dtype_name(elem_type: int) -> str:
@@ -45,6 +45,13 @@ def describe_io(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict
     inputs = [_value_info(vi) for vi in model.graph.input if vi.name not in initializers]
     outputs = [_value_info(vi) for vi in model.graph.output]
     return inputs, outputs
+
+
+def format_shape(shape: list | None) -> str:
+    """[batch, 3, 224, 224]: '?' for an unnamed dynamic dim, '?' alone when not even the rank is known."""
+    if shape is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

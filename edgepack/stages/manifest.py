@@ -15,7 +15,7 @@ import onnx
 
 from ..job import Artifact, Job
 from ..manifest import write_manifest
-from ..modelinfo import describe_io, opsets
+from ..modelinfo import describe_io, format_shape, opsets
 
 __all__ = ["manifest", "finalize", "describe"]
 
@@ -105,11 +105,11 @@ def _report_text(content: dict[str, Any]) -> str:
         "",
         "| input | dtype | shape |",
         "|---|---|---|",
-        *[f"| {io['name']} | {io['dtype']} | {io['shape']} |" for io in model["inputs"]],
+        *[f"| {io['name']} | {io['dtype']} | {format_shape(io['shape'])} |" for io in model["inputs"]],
         "",
         "| output | dtype | shape |",
         "|---|---|---|",
-        *[f"| {io['name']} | {io['dtype']} | {io['shape']} |" for io in model["outputs"]],
+        *[f"| {io['name']} | {io['dtype']} | {format_shape(io['shape'])} |" for io in model["outputs"]],
         "",
         "## Stages",
         "",
