@@ -30,7 +30,7 @@ from typing import Any
 
 import onnx
 
-from .errors import ConversionError, EdgepackError, ProfileError
+from .errors import ConversionError, EdgepackError, ProfileError, first_line
 from .modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import Coverage
@@ -90,7 +90,7 @@ def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
                 return _onnxruntime_checker(model, coverage)
         except (ValueError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
             # onnxruntime raises bare Exception subclasses from C++; its checker needs inferred shapes
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             raise ConversionError(f"the {coverage.checker} coverage check could not run: {detail}", where=str(model_path),
                                   hint="the model's shapes could not be inferred; run it through onnx.shape_inference to see why") from None
         return _list_checker(model, coverage)

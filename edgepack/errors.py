@@ -90,3 +90,9 @@ class DownloadError(EdgepackError):
     """Something edgepack must download (a runtime for a bundle) cannot be fetched."""
 
     exit_code = 9
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception text (onnxruntime's run to pages), at most 500 characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__

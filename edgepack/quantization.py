@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import onnx
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .modelinfo import external_locations, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
@@ -123,7 +123,7 @@ def quantize_model(
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConversionError(f"{method} quantization failed: {type(exc).__name__}: {detail[:300]}",
                               hint="exclude the op types it fails on in the profile (quantization.<recipe>.exclude_op_types), "
                               "or try another recipe (--quantize)") from None
@@ -166,7 +166,7 @@ def prepare(source: Path, out: Path, *, external: bool) -> str:
             with _quiet():
                 quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
         except Exception as exc2:
-            detail = str(exc2).strip().splitlines()[0] if str(exc2).strip() else type(exc2).__name__
+            detail = first_line(exc2)
             raise ConversionError(f"quantization pre-processing failed: {detail[:300]}",
                                   hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
     _name_nodes(out, source)
@@ -348,7 +348,7 @@ def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, 
             activation_error = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
             weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
     except Exception as exc:  # onnxruntime sessions on the debug models, numpy on their outputs
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConversionError(f"measuring each node's quantization noise (--auto-exclude) failed: "
                               f"{type(exc).__name__}: {detail[:300]}",
                               hint="leave --auto-exclude off and exclude op types in quantization.static.exclude_op_types, "

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 
 __all__ = ["TorchModel", "resolve", "parse_example_input", "parse_dynamic", "example_inputs", "dynamic_axes",
-           "run_module", "eval_mode", "first_line"]
+           "run_module", "eval_mode"]
 
 DTYPES = {name: getattr(torch, name) for name in
           ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
@@ -245,8 +245,3 @@ def eval_mode(model: TorchModel):
     finally:
         for module, training in modes.items():
             module.training = training
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:500] if text else type(exc).__name__

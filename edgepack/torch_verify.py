@@ -24,8 +24,7 @@ import torch
 from torch.utils import _pytree
 
 from .accuracy import compare
-from .errors import ConversionError, UsageError
-from .torch_inputs import first_line
+from .errors import ConversionError, UsageError, first_line
 
 __all__ = ["check_export", "dynamic_dims"]
 

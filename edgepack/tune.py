@@ -38,7 +38,7 @@ import onnx
 
 from .accuracy import check, compare
 from .calibration import RANDOM, Samples, load_samples, split_for_validation
-from .errors import AccuracyError, ConversionError, EdgepackError, UsageError
+from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
 from .job import Artifact, Job
 from .modelinfo import describe_io
 from .ort_tools import load_ort_tools
@@ -279,7 +279,7 @@ def select(candidates: list[Candidate], reference: Path, feeds: list[dict[str, n
             session = open_session(candidate.model)
             got = [dict(zip(names, session.run(names, f))) for f in feeds]
         except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             candidate.figures, candidate.misses = {}, [f"does not run as converted: {detail[:200]}"]
             continue
         candidate.figures = compare(expected, got)

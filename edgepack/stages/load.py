@@ -21,7 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
-from ..errors import EdgepackError, ModelError
+from ..errors import EdgepackError, ModelError, first_line
 from ..graphcheck import check_structure
 from ..job import Source
 from ..manifest import hash_file
@@ -47,7 +47,7 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     except EdgepackError:
         raise
     except Exception as exc:  # onnx-ir raises many kinds on malformed input
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ModelError(f"the model cannot be read: {detail}", where=str(path),
                          hint="the file may be malformed; check it with onnx.checker.check_model(path, full_check=True)") from None
     info.update({"sha256": hash_file(path)["sha256"], "passes": changes})
@@ -93,7 +93,7 @@ def _run_onnx_checker(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))  # from the path: external data is looked up beside the model, not in the cwd
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"the ONNX checker rejects the model: {first}", where=str(path)) from None
 
 

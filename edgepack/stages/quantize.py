@@ -23,7 +23,7 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
-from ..errors import AccuracyError, ConversionError, UsageError
+from ..errors import AccuracyError, ConversionError, UsageError, first_line
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
 from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
@@ -182,7 +182,7 @@ def _run(model, validation: Samples, job: Job, what: str, *, hint: str,
         names = names or [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(names, feeds))) for feeds in validation.feeds]
     except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, RuntimeException, ... from native code
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConversionError(f"{what} does not run in onnxruntime {ort.__version__}: {detail[:400]}",
                               where=job.profile.name, hint=hint) from None
 
