@@ -33,7 +33,7 @@ from .stages.quantize import quantize
 from .stages.selftest import self_test
 from .tune import tune
 
-__all__ = ["STAGES", "Result", "package_model", "bundle_path"]
+__all__ = ["STAGES", "Result", "package_model", "bundle_path", "refuse_existing_output"]
 
 
 def budget(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
@@ -92,6 +92,21 @@ def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
     return output / f"{model_name}-{profile.name}"
 
 
+def refuse_existing_output(name: str, profiles: list[Profile], options: Options) -> dict[str, Path]:
+    """Each target's bundle folder; a UsageError before any work when one (or its frozen executable)
+    exists and ``options.force`` is not set."""
+    destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
+    existing = [str(d) for d in destinations.values() if d.exists()]
+    if options.freeze:
+        from .freeze import frozen_path
+
+        existing += [str(frozen_path(destinations[p.name])) for p in profiles
+                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
+    if existing and not options.force:
+        raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    return destinations
+
+
 def package_model(
     model: Path,
     profiles: list[Profile],
@@ -104,15 +119,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
-    existing = [str(d) for d in destinations.values() if d.exists()]
-    if options.freeze:
-        from .freeze import frozen_path
-
-        existing += [str(frozen_path(destinations[p.name])) for p in profiles
-                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
-    if existing and not options.force:
-        raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    destinations = refuse_existing_output(name, profiles, options)
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")
         source_dir = Path(scratch) / "source"

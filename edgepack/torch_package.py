@@ -25,13 +25,13 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from .errors import AccuracyError, CompatibilityError, ConversionError, EdgepackError, UsageError
+from .errors import AccuracyError, CompatibilityError, ConversionError, EdgepackError, UsageError, first_line
 from .job import Options
-from .pipeline import Result, bundle_path, package_model
+from .pipeline import Result, bundle_path, package_model, refuse_existing_output
 from .profiles import Profile
 from .stages.save import save_model
 from .torch_export import Export, export_dynamo, export_legacy
-from .torch_inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, first_line, parse_dynamic, resolve, run_module
+from .torch_inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, parse_dynamic, resolve, run_module
 from .torch_verify import check_export
 
 __all__ = ["package_torch", "ir_for_opset", "runtime_for_opset"]
@@ -55,9 +55,7 @@ def package_torch(
     pipeline for each target on the file that fits it. Per-target failures are returned, not raised."""
     torch_model = resolve(model, name)
     name = torch_model.name
-    existing = [str(bundle_path(options.output, name, p)) for p in profiles if bundle_path(options.output, name, p).exists()]
-    if existing and not options.force:
-        raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    refuse_existing_output(name, profiles, options)  # before the slow export
     entries = parse_dynamic(dynamic)
     if entries and torch_model.exported:
         raise UsageError("--dynamic does not apply to a .pt2 program: it keeps the dynamic shapes it was exported with",
