@@ -4,7 +4,8 @@ Rules:
 1. The model's IR version must be at most the profile's ``runtime.max_ir_version``.
 2. Its ai.onnx opset must be at most ``runtime.max_opset``.
 3. Every node, in every subgraph, needs a kernel in onnxruntime (the CPU provider is every target's
-   fallback) or an ONNX function body that onnxruntime expands, or a model-local function.
+   fallback) or an ONNX function body that onnxruntime expands, or a model-local function. The load
+   stage applies this rule once for all targets, with ``ops_without_kernel`` below.
 Each failure is one error naming what the model needs and what the runtime offers.
 """
 
@@ -42,24 +43,17 @@ def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
             "or target a device runtime new enough for this opset",
         )
-    missing = _ops_without_kernel(proto, model_opsets)
-    if missing:
-        listed = ", ".join(f"{op} (x{count})" for op, count in sorted(missing.items()))
-        raise CompatibilityError(
-            f"onnxruntime has no kernel for: {listed}",
-            where=where,
-            hint="these ops come from a custom domain or a newer ONNX; replace them or register a custom-op library",
-        )
     report = {
         "stage": "check",
-        "summary": f"IR {proto.ir_version} <= {runtime.max_ir_version}, opset {opset} <= {runtime.max_opset}, every op has a kernel",
+        "summary": f"IR {proto.ir_version} <= {runtime.max_ir_version}, opset {opset} <= {runtime.max_opset}, every op has a kernel (checked at load)",
         "ir_version": proto.ir_version,
         "opsets": model_opsets,
     }
     return artifact, report
 
 
-def _ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
+def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
+    """{op: count} of the nodes onnxruntime has no kernel or function for (rule 3)."""
     local = {(f.domain, f.name) for f in proto.functions}
     missing: dict[str, int] = {}
     for node in iter_nodes(proto):
@@ -71,10 +65,6 @@ def _ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) ->
             key = f"{domain}::{node.op_type}" if domain else node.op_type
             missing[key] = missing.get(key, 0) + 1
     return missing
-
-
-ops_without_kernel = _ops_without_kernel
-"""Public name for other stages: {op: count} of the nodes onnxruntime has no kernel or function for."""
 
 
 @functools.lru_cache(maxsize=None)
