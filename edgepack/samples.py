@@ -1,15 +1,12 @@
-"""Inputs to run models on: the user's ``.npz``/``.npy`` files, or generated from the model's input specs."""
+"""Inputs generated from a model's input specs (the user's own files are read by ``calibration.load_samples``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
-
-__all__ = ["generate_inputs", "load_inputs", "concrete_shape"]
+__all__ = ["generate_inputs", "concrete_shape"]
 
 DEFAULT_DIM = 8
 """Size given to a dynamic dim after the first (sequence length, image side) when nothing says otherwise."""
@@ -47,24 +44,3 @@ def generate_inputs(inputs: list[dict[str, Any]], *, seed: int = 0, count: int =
         samples.append(feeds)
     return samples
 
-
-def load_inputs(path: Path, inputs: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-    """One input set from an ``.npz`` of named arrays, or an ``.npy`` for a single-input model."""
-    names = [spec["name"] for spec in inputs]
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read sample inputs: {exc}", where=str(path)) from None
-    if isinstance(data, np.ndarray):
-        if len(names) != 1:
-            raise UsageError(f"an .npy holds one array but the model has {len(names)} inputs ({', '.join(names)})",
-                             where=str(path), hint="use an .npz with one array per input name")
-        return [{names[0]: data}]
-    with data:
-        feeds = {name: data[name] for name in data.files}
-    unknown = sorted(set(feeds) - set(names))
-    missing = sorted(set(names) - set(feeds))
-    if unknown or missing:
-        raise UsageError(f"sample inputs do not match the model: missing {missing or 'none'}, unknown {unknown or 'none'}",
-                         where=str(path), hint=f"the model's inputs are: {', '.join(names)}")
-    return [feeds]

@@ -118,6 +118,22 @@ def test_existing_bundle_needs_force(packaged, cli):
     assert verify_bundle(out / f"{name}-rpi-arm64").ok
 
 
+def test_self_test_runs_on_the_users_sample_inputs(tmp_path, examples, cli, clean_failure):
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, image=np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    done = cli("package", examples["cnn"], "--target", "rpi-arm64", "--quantize", "none", "-o", tmp_path / "out",
+               "--sample-inputs", samples, "-q")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "cnn-rpi-arm64" / "manifest.json").read_text())
+    report = next(r for r in manifest["stages"] if r["stage"] == "self_test")
+    assert report["inputs"] == str(samples) and report["sample_sets"] == 4 and report["passed"]
+
+    np.savez(samples, pixels=np.zeros((1, 3, 32, 32), np.float32))
+    wrong = cli("package", examples["cnn"], "--target", "rpi-arm64", "-o", tmp_path / "bad", "--sample-inputs", samples)
+    clean_failure(wrong, "missing input(s) image", "unknown name(s) pixels")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -19,10 +19,11 @@ import os
 import onnx
 
 from ..accuracy import check, compare
-from ..errors import AccuracyError, ConversionError
+from ..calibration import load_samples
+from ..errors import AccuracyError, ConversionError, first_line
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
-from ..samples import generate_inputs, load_inputs
+from ..samples import generate_inputs
 from .quantize import validation_samples
 
 __all__ = ["self_test"]
@@ -44,7 +45,8 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     quantized = artifact.precision != "fp32"
     inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
     if job.options.sample_inputs:
-        samples, origin = load_inputs(job.options.sample_inputs, inputs), str(job.options.sample_inputs)
+        given = load_samples(job.options.sample_inputs, inputs, what="sample input")
+        samples, origin = given.feeds, given.origin
     elif quantized:
         validation = validation_samples(job, inputs)
         samples, origin = validation.feeds, validation.origin
@@ -54,13 +56,13 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     try:
         expected = _run_reference(job, output_names, samples)
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
     try:
         # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
         bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
     except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         if quantized:
             raise ConversionError(
                 f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
@@ -73,7 +75,7 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     try:
         got = [bundled.run(feeds) for feeds in samples]
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
     figures = compare(expected, got)
     if quantized:
@@ -131,7 +133,7 @@ def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, 
     converted = next((r for r in job.reports if r["stage"] == "convert" and "ort_bytes" in r), None)
     if converted:
         onnx_bytes, ort_bytes = converted["onnx_bytes"], converted["ort_bytes"]
-        source_bytes = job.source.info["size_bytes"] + job.source.info["external_data"]["bytes"]
+        source_bytes = job.source.bytes
         saved = source_bytes - onnx_bytes
         report["size_after_conversion"] = {"source_bytes": source_bytes, "onnx_bytes": onnx_bytes,
                                            "ort_bytes": ort_bytes, "ratio": round(ort_bytes / onnx_bytes, 3)}
