@@ -81,6 +81,11 @@ class Source:
     """Reports of the steps that made the model before it was loaded (an export from PyTorch); they head
     every bundle's list of stage reports."""
 
+    @property
+    def bytes(self) -> int:
+        """The model file plus its external data."""
+        return self.info["size_bytes"] + self.info["external_data"]["bytes"]
+
 
 @dataclass
 class Job:

@@ -63,7 +63,7 @@ def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
             "inputs": inputs,
             "outputs": outputs,
             "source": {"name": job.source.path.name, "sha256": job.source.info["sha256"],
-                       "bytes": job.source.info["size_bytes"] + job.source.info["external_data"]["bytes"]},
+                       "bytes": job.source.bytes},
         },
         "runtime": {
             "package": profile.runtime.package,
