@@ -72,6 +72,11 @@ def table(records: list[dict], target_names: list[str]) -> str:
         if r["status"] != "ok":
             code = f" [exit {r['exit']}]" if "exit" in r else ""
             lines.append(f"  {r['model']}, {r['target']}: {r['status']}{code}: {r['why']}")
+    stray = [r for r in records if r.get("stray_files")]
+    if stray:
+        lines.append("")
+        lines.append("FILES LEFT IN THE WORKING DIRECTORY (model, target: files)")
+        lines += [f"  {r['model']}, {r['target']}: {', '.join(r['stray_files'])}" for r in stray]
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ A pair is one of: ok; refused (edgepack's exit code and the first line of its me
 with plain onnxruntime on the same inputs: float outputs by cosine below the profile's gate,
 ``accuracy.min_cosine`` for an FP32 bundle and ``quantization.tolerance.min_cosine`` for a quantized one;
 other outputs exactly). For targets whose profile needs fixed shapes, ``--input-shape`` fixes every input
-that has a dynamic dim to its reference shape (what the app would do).
+that has a dynamic dim to its reference shape (what the app would do). edgepack runs in an empty working
+directory; files left there are listed in the record as ``stray_files``.
 """
 
 from __future__ import annotations
@@ -159,12 +160,18 @@ def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: floa
     if profile["shapes"]["fixed"]:
         cmd += fixed_shape_args(path, inputs)
     record = {"model": model.id, "target": target, "args": cmd[cmd.index("--target"):]}
+    # An empty working directory of its own: whatever edgepack (or a tool it calls) leaves there is reported.
+    cwd = workdir / f"{target}.cwd"
+    cwd.mkdir()
     started = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         return record | {"status": "crash", "why": f"timeout after {timeout:.0f} s", "seconds": timeout}
     record["seconds"] = round(time.perf_counter() - started, 1)
+    stray = sorted(p.name for p in cwd.iterdir())
+    if stray:
+        record["stray_files"] = stray
     message = ""
     try:
         result = json.loads(done.stdout)["results"][0]
@@ -178,7 +185,7 @@ def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: floa
     if done.returncode != 0:
         why = first_line(message or done.stderr)
         status = "crash" if done.returncode == 1 or "internal error" in why else "refused"
-        return record | {"status": status, "exit": done.returncode, "why": why}
+        return record | {"status": status, "exit": done.returncode, "why": why, "message": message or done.stderr}
     return record | compare_bundle(Path(result["bundle"]), profile, prepared, timeout)
 
 
