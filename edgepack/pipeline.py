@@ -21,6 +21,7 @@ from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
+from .progress import about
 from .stages.bundle import bundle
 from .stages.check import check
 from .stages.convert import convert
@@ -131,7 +132,8 @@ def package_model(
         for profile in profiles:
             workdir = Path(scratch) / profile.name
             workdir.mkdir()
-            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
+            with about(profile.name):
+                results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
         if options.freeze:
             from .freeze import freeze_result
 
