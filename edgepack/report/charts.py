@@ -23,6 +23,8 @@ from .collect import Bundle
 __all__ = ["size_chart", "accuracy_chart", "histogram_chart", "coverage_chart", "tune_chart"]
 
 ZERO_FLOOR = 1e-10
+WIDTH = 10.4
+"""Inches: about the page's column width at 96 dpi, so chart text is drawn near its size in points."""
 INK = "#1f2933"
 MUTED = "#7b8794"
 GRID = "#e4e7eb"
@@ -94,7 +96,7 @@ def _labels(bundles: list[Bundle]) -> list[str]:
 
 
 def size_chart(bundles: list[Bundle], prefix: str) -> str:
-    return _draw(8.6, 0.62 * len(bundles) + 1.4, prefix, _size, bundles)
+    return _draw(WIDTH, 0.5 * len(bundles) + 1.2, prefix, _size, bundles)
 
 
 def _size(figure, bundles: list[Bundle]) -> None:
@@ -133,7 +135,7 @@ def _plain_number():
 
 
 def accuracy_chart(bundles: list[Bundle], prefix: str) -> str:
-    return _draw(8.6, 0.55 * len(bundles) + 1.6, prefix, _accuracy, bundles)
+    return _draw(WIDTH, 0.42 * len(bundles) + 1.5, prefix, _accuracy, bundles)
 
 
 def _floor(value: float) -> float:
@@ -167,12 +169,12 @@ def _accuracy(figure, bundles: list[Bundle]) -> None:
     ax.set_xlabel("absolute difference from the FP32 model's outputs (log scale)")
     ax.grid(axis="x", color=GRID, linewidth=0.8)
     ax.set_axisbelow(True)
-    ax.set_title("Accuracy against FP32 (self-test through the bundle's own loader)")
-    ax.legend(loc="lower right", fontsize=9, ncols=3)
+    ax.set_title("Output error against the FP32 model, per target")
+    figure.legend(loc="outside lower center", fontsize=9, ncols=3)
 
 
 def histogram_chart(bundles: list[Bundle], output: str, prefix: str) -> str:
-    return _draw(8.6, 0.42 * len(bundles) + 1.9, prefix, _histogram, bundles, output)
+    return _draw(WIDTH, 0.36 * len(bundles) + 1.5, prefix, _histogram, bundles, output)
 
 
 def _bin_labels() -> list[str]:
@@ -215,7 +217,7 @@ def _histogram(figure, bundles: list[Bundle], output: str) -> None:
 
 def coverage_chart(bundles: list[Bundle], prefix: str) -> str:
     rows = sum(2 if b.stage("coverage").get("shapes_fixed") else 1 for b in bundles)
-    return _draw(8.6, 0.5 * rows + 1.6, prefix, _coverage, bundles)
+    return _draw(WIDTH, 0.4 * rows + 1.5, prefix, _coverage, bundles)
 
 
 def _coverage(figure, bundles: list[Bundle]) -> None:
@@ -245,63 +247,69 @@ def _coverage(figure, bundles: list[Bundle]) -> None:
     ax.set_ylim(len(rows) - 0.5, -1.0)
     ax.set_xlabel("share of the graph's nodes, %")
     ax.set_title("Accelerator coverage")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(rows) < 4 else -0.1), ncols=2, fontsize=9)
+    figure.legend(loc="outside lower center", ncols=2, fontsize=9)
     ax.spines["left"].set_visible(False)
     ax.tick_params(axis="y", length=0)
 
 
 def tune_chart(bundle: Bundle, prefix: str) -> str:
-    return _draw(8.6, 3.6, prefix, _tune, bundle)
+    return _draw(WIDTH, 3.8, prefix, _tune, bundle)
 
 
 def _tune(figure, bundle: Bundle) -> None:
+    from matplotlib.lines import Line2D
+
     from ..tune import TIE
 
     data: dict[str, Any] = bundle.stage("quantize")["tune"]
     candidates = data["candidates"]
+    palette = ["#2563eb", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#ea580c", "#475569"]
+    colors = {c["name"]: palette[i % len(palette)] for i, c in enumerate(candidates)}
     timed = [c for c in candidates if "median_ms" in c]
-    speed, gate = figure.subplots(1, 2, width_ratios=[3, 2])
+    speed, gate = figure.subplots(1, 2, width_ratios=[5, 4])
+    handles = []
     for c in timed:
         won = c["name"] == data["winner"]
         speed.errorbar([c["bytes"] / 1e6], [c["median_ms"]], yerr=[[0], [c["p90_ms"] - c["median_ms"]]],
-                       fmt="*" if won else "o", markersize=16 if won else 8, color=ACCENT if won else RAW,
-                       ecolor=MUTED, elinewidth=1, capsize=3, zorder=3)
-        speed.annotate(c["name"] + (" (shipped)" if won else ""), (c["bytes"] / 1e6, c["median_ms"]),
-                       xytext=(8, 6), textcoords="offset points", fontsize=9,
-                       color=INK, fontweight="bold" if won else "normal")
+                       fmt="*" if won else "o", markersize=17 if won else 8, color=colors[c["name"]],
+                       markeredgecolor=INK if won else colors[c["name"]], ecolor=colors[c["name"]], elinewidth=1,
+                       capsize=3, alpha=0.95, zorder=4 if won else 3)
+        handles.append(Line2D([], [], marker="*" if won else "o", markersize=12 if won else 7, linestyle="",
+                              color=colors[c["name"]], markeredgecolor=INK if won else colors[c["name"]],
+                              label=f"{c['name']} (shipped)" if won else c["name"]))
     if timed:
         fastest = min(c["median_ms"] for c in timed)
         speed.axhline(fastest * (1 + TIE), color=MUTED, linestyle="--", linewidth=1)
-        speed.text(0.99, fastest * (1 + TIE), f"tie margin: within {TIE:.0%} of the fastest, the smallest ships",
-                   transform=speed.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color=MUTED)
+        handles.append(Line2D([], [], color=MUTED, linestyle="--", label=f"fastest + {TIE:.0%}: ties, smallest ships"))
         sizes = [c["bytes"] / 1e6 for c in timed]
-        speed.set_xlim(min(sizes) * 0.8, max(sizes) * 1.35)
-        speed.set_ylim(0, max(c["p90_ms"] for c in timed) * 1.2)
+        spread = max(sizes) - min(sizes) or max(sizes)
+        speed.set_xlim(min(sizes) - 0.15 * spread, max(sizes) + 0.15 * spread)
+        speed.set_ylim(0, max(c["p90_ms"] for c in timed) * 1.15)
+        speed.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8.5)
     speed.set_xlabel("size as shipped, MB")
-    speed.set_ylabel("median latency, ms (bar: p90)")
+    speed.set_ylabel("latency, ms (dot: median, bar: to p90)")
     speed.grid(color=GRID, linewidth=0.8)
     speed.set_axisbelow(True)
     speed.set_title("Latency against size")
 
-    names = [c["name"] for c in candidates]
-    misses = [_floor(1 - c["accuracy"]["cosine"]) if "accuracy" in c else None for c in candidates]
-    colors = [GOOD if c["gate"] == "passed" else BAD for c in candidates]
     rows = list(range(len(candidates)))
-    gate.barh([y for y, m in zip(rows, misses) if m is not None], [m for m in misses if m is not None],
-              color=[col for col, m in zip(colors, misses) if m is not None], height=0.6, left=ZERO_FLOOR)
     profile = bundle.manifest["profile"]
     for y, c in zip(rows, candidates):
+        if "accuracy" in c:
+            miss = _floor(1 - c["accuracy"]["cosine"])
+            gate.barh([y], [miss], left=ZERO_FLOOR, height=0.6, color=GOOD if c["gate"] == "passed" else BAD)
+            gate.text(max(miss, ZERO_FLOOR * 10) * 1.5, y, f"{c['accuracy']['cosine']:.6f}", va="center", fontsize=8,
+                      color=INK)
         # FP32 is held to the profile's accuracy, the others to quantization.tolerance (tune rule 3)
-        required = profile["accuracy" if c["precision"] == "fp32" else "quantization"]
-        required = required["min_cosine"] if c["precision"] == "fp32" else required["tolerance"]["min_cosine"]
-        gate.plot([1 - required] * 2, [y - 0.4, y + 0.4], color=INK, linewidth=2,
-                  label="gate: least cosine allowed" if y == 0 else None)
-    gate.legend(loc="lower right", fontsize=8.5)
+        required = (profile["accuracy"] if c["precision"] == "fp32" else profile["quantization"]["tolerance"])["min_cosine"]
+        gate.plot([1 - required] * 2, [y - 0.4, y + 0.4], color=BAD, linewidth=2,
+                  label="least cosine allowed (gate)" if y == 0 else None)
     gate.set_xscale("log")
     gate.set_xlim(ZERO_FLOOR * 10, 1)
-    gate.set_yticks(rows, names)
-    gate.set_ylim(len(rows) - 0.5, -0.5)
+    gate.set_yticks(rows, [c["name"] for c in candidates])
+    gate.set_ylim(len(rows) - 0.5, -1.2)
     gate.set_xlabel("1 − cosine vs FP32 (log; left is better)")
-    gate.set_title("Accuracy gate")
+    gate.set_title("Accuracy gate (label: cosine)")
+    gate.legend(loc="upper right", fontsize=8)
     figure.suptitle(f"--tune on {bundle.target}: {len(candidates)} candidates, {data['winner']} shipped",
                     x=0.01, ha="left", fontsize=12, fontweight="bold")

@@ -21,7 +21,7 @@ STYLE = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f5f7fa; --good:#15803d; --bad:#b91c1c; --warn:#92400e; }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--ink); font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; }
-main { max-width: 1100px; margin: 0 auto; padding: 28px 24px 48px; }
+main { max-width: 1240px; margin: 0 auto; padding: 28px 24px 48px; }
 h1 { font-size: 26px; margin: 0 0 4px; }
 h2 { font-size: 19px; margin: 0 0 12px; }
 h3 { font-size: 15px; margin: 18px 0 8px; }
@@ -30,10 +30,14 @@ section { background: #fff; border: 1px solid var(--line); border-radius: 10px; 
 nav { margin: 0 0 18px; font-size: 14px; }
 nav a { color: #1d4ed8; margin-right: 14px; text-decoration: none; }
 table { border-collapse: collapse; width: 100%; font-size: 13.5px; }
-th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th, td { text-align: left; padding: 6px 9px; border-bottom: 1px solid var(--line); vertical-align: top; }
 th { color: var(--muted); font-weight: 600; white-space: nowrap; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .scroll { overflow-x: auto; }
+table.summary td { white-space: nowrap; }
+table.summary td.wrap { white-space: normal; min-width: 140px; }
+table.narrow { width: auto; min-width: 40%; }
+small { color: var(--muted); }
 .ok { color: var(--good); font-weight: 600; }
 .bad { color: var(--bad); font-weight: 600; }
 .warn { color: var(--warn); font-weight: 600; }
@@ -77,13 +81,14 @@ def _coverage_cell(b: Bundle) -> str:
     if report.get("checker", "none") == "none" or "after" not in report:
         return "CPU only"
     after = report["after"]
-    return f"{after['accelerated_fraction']:.0%} on {report['checker']} ({after['partitions']} part.)"
+    partitions = after["partitions"]
+    return f"{after['accelerated_fraction']:.0%} {report['checker']}, {partitions} partition{'' if partitions == 1 else 's'}"
 
 
 def _integrity_cell(b: Bundle) -> tuple[str, bool]:
     found = b.integrity
     if found.get("ok"):
-        return f"ok ({found['checked']} files)", True
+        return f"ok, {found['checked']} files", True
     problems = [f"{len(found[k])} {k}" for k in ("missing", "extra", "changed") if found.get(k)]
     return ", ".join(problems) or "not checked", False
 
@@ -100,7 +105,7 @@ def _summary_rows(bundles: list[Bundle]) -> list[dict[str, Any]]:
         rows.append({
             "bundle": b.target if len({x.model_name for x in bundles if not x.error}) == 1 else b.folder,
             "kind": b.kind,
-            "model": f"{model['format']}{'/' + model['ort_style'] if model.get('ort_style') else ''}, {model['precision']}",
+            "model": f"{model['precision']} · {model['format']}{' ' + model['ort_style'] if model.get('ort_style') else ''}",
             "recipe": b.recipe,
             "size": _mb(b.total_bytes),
             "gzip": _mb(b.gzip_bytes),
@@ -184,9 +189,9 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
 
 
-def _table(head: list[tuple[str, str]], rows: list[list[str]]) -> str:
+def _table(head: list[tuple[str, str]], rows: list[list[str]], css: str = "") -> str:
     """``head``: (title, css class); cells are HTML already escaped."""
-    out = ['<div class="scroll"><table><thead><tr>']
+    out = [f'<div class="scroll"><table class="{css}"><thead><tr>']
     out += [f'<th class="{cls}">{_e(title)}</th>' for title, cls in head]
     out.append("</tr></thead><tbody>")
     for row in rows:
@@ -196,30 +201,30 @@ def _table(head: list[tuple[str, str]], rows: list[list[str]]) -> str:
 
 
 def _summary_html(bundles: list[Bundle]) -> str:
-    head = [(title, cls) for _, title, cls in SUMMARY_COLUMNS]
+    """The summary, narrower than the Markdown one: kind under the target, gzip under the size."""
+    head = [("Target", ""), ("Precision · recipe", ""), ("Size", "num"), ("Cosine", "num"), ("Max |err|", "num"),
+            ("Top-1", "num"), ("Self-test", ""), ("Accelerator", "wrap"), ("Integrity", ""), ("Notices", "num")]
     rows = []
     for row in _summary_rows(bundles):
         if "error" in row:
-            rows.append([_e(row["bundle"]), f'<span class="bad">unreadable: {_e(row["error"])}</span>']
+            rows.append([f"<b>{_e(row['bundle'])}</b>", f'<span class="bad">unreadable: {_e(row["error"])}</span>']
                         + [""] * (len(head) - 2))
             continue
-        cells = []
-        for key, _, _ in SUMMARY_COLUMNS:
-            value = row[key]
-            if key == "self_test":
-                cells.append(f'<span class="{"ok" if row["passed"] else "bad"}">{_e(value)}</span>')
-            elif key == "integrity":
-                cells.append(f'<span class="{"ok" if row["intact"] else "bad"}">{_e(value)}</span>')
-            elif key == "signature":
-                cells.append(f'<span class="{"warn" if value == "unsigned" else "ok"}">{_e(value)}</span>')
-            elif key == "notices":
-                cells.append(f'<span class="badge {"warn" if value else "none"}">{value}</span>')
-            elif key == "bundle":
-                cells.append(f"<b>{_e(value)}</b>")
-            else:
-                cells.append(_e(value))
-        rows.append(cells)
-    return _section("summary", "Summary", _table(head, rows))
+        precision = row["model"].split(" · ")[0]
+        gzip = f"<br><small>gzip {_e(row['gzip'])}</small>" if row["gzip"] else ""
+        signature = "warn" if row["signature"] == "unsigned" else "ok"
+        rows.append([
+            f"<b>{_e(row['bundle'])}</b><br><small>{_e(row['kind'])} · {_e(row['model'].split(' · ', 1)[1])}</small>",
+            _e(precision if row["recipe"] in (precision, "none") else f"{precision} · {row['recipe']}"),
+            f"<b>{_e(row['size'])}</b>{gzip}",
+            _e(row["cosine"]), _e(row["max_err"]), _e(row["top1"]),
+            f'<span class="{"ok" if row["passed"] else "bad"}">{_e(row["self_test"])}</span>',
+            _e(row["coverage"]),
+            f'<span class="{"ok" if row["intact"] else "bad"}">{_e(row["integrity"])}</span>'
+            f'<br><span class="{signature}">{_e(row["signature"])}</span>',
+            f'<span class="badge {"warn" if row["notices"] else "none"}">{row["notices"]}</span>',
+        ])
+    return _section("summary", "Summary", _table(head, rows, "summary"))
 
 
 def _notices_html(bundles: list[Bundle]) -> str:
@@ -332,8 +337,8 @@ def _tune_html(bundles: list[Bundle], chart) -> str:
         parts.append(f"<p><b>Why:</b> {_e(data['why'])}. Timed on this {_e(data['host_arch'])} host "
                      f"({_e(data['threads'])} thread(s)); {_e(data['timing'])}.</p>")
     if untimed:
-        parts.append("<h3>Not timed</h3><ul>" + "".join(
-            f"<li><b>{_e(b.target)}</b>: {_e(b.stage('quantize')['tune']['reason'])}</li>" for b in untimed) + "</ul>")
+        parts.append(f"<p><b>Not timed</b> (their CPU is not this machine's, so each kept its profile's default recipe; "
+                     f"the reasons are under Notices): {_e(', '.join(b.target for b in untimed))}.</p>")
     return "".join(parts)
 
 
@@ -357,10 +362,23 @@ def _tools_table(bundles: list[Bundle]) -> str:
     distinct = {tuple(sorted(v.items())) for v in versions.values()}
     if len(distinct) == 1:
         only = next(iter(versions.values()))
-        return _table([("Tool", ""), ("Version", "")], [[_e(t), _e(only[t])] for t in tools]) + \
-            "<p>The same for every bundle.</p>"
-    head = [("Tool", "")] + [(target, "") for target in versions]
-    return _table(head, [[_e(t)] + [_e(v.get(t, "")) for v in versions.values()] for t in tools])
+        packaging = "<h3>Packaging host (the same for every bundle)</h3>" + _table(
+            [("Tool", ""), ("Version", "")], [[_e(t), _e(only[t])] for t in tools], "narrow")
+    else:
+        head = [("Tool", "")] + [(target, "") for target in versions]
+        packaging = "<h3>Packaging host</h3>" + _table(
+            head, [[_e(t)] + [_e(v.get(t, "")) for v in versions.values()] for t in tools])
+    rows = []
+    for b in bundles:
+        runtime = b.manifest.get("runtime", {})
+        providers = ", ".join(ep["name"] for ep in runtime.get("execution_providers", []))
+        tested = b.self_test.get("onnxruntime", "")
+        rows.append([_e(b.target), _e(f"{runtime.get('package', '')} {runtime.get('version', '')}"), _e(providers),
+                     _e(tested)])
+    device = "<h3>Device runtime</h3>" + _table(
+        [("Target", ""), ("Runtime the bundle needs", ""), ("Execution providers, in order", ""),
+         ("Self-tested with onnxruntime", "")], rows)
+    return packaging + device
 
 
 # --- Markdown --------------------------------------------------------------------------------
