@@ -268,7 +268,8 @@ def _with_example_shapes(options, example: str):
 def _cmd_verify(args) -> int:
     from .manifest import verify_bundle
 
-    result = verify_bundle(args.bundle)
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.json)):
+        result = verify_bundle(args.bundle)
     if args.json:
         _print_json(result.to_dict())
     elif result.ok:

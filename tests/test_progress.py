@@ -54,9 +54,19 @@ def test_off_shows_nothing():
     assert stream.getvalue() == ""
 
 
-def test_mode_follows_the_stream():
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_mode_follows_the_stream(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
     assert progress.mode_for(io.StringIO(), quiet=False) == "plain"
     assert progress.mode_for(io.StringIO(), quiet=True) == "off"
+    assert progress.mode_for(_Terminal(), quiet=False) == "bars"
+    assert progress.mode_for(_Terminal(), quiet=True) == "off"
+    monkeypatch.setenv("TERM", "dumb")  # no cursor movement: a bar could not be redrawn in place
+    assert progress.mode_for(_Terminal(), quiet=False) == "plain"
 
 
 def test_json_output_has_no_progress(cli, tmp_path):

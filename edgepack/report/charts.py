@@ -89,10 +89,7 @@ def _mb(value: float) -> str:
 
 
 def _labels(bundles: list[Bundle]) -> list[str]:
-    """Target names, or folder names when the build folder holds more than one model."""
-    if len({b.model_name for b in bundles}) > 1:
-        return [b.folder for b in bundles]
-    return [b.target for b in bundles]
+    return [b.label for b in bundles]
 
 
 def size_chart(bundles: list[Bundle], prefix: str) -> str:
@@ -311,5 +308,5 @@ def _tune(figure, bundle: Bundle) -> None:
     gate.set_xlabel("1 − cosine vs FP32 (log; left is better)")
     gate.set_title("Accuracy gate (label: cosine)")
     gate.legend(loc="upper right", fontsize=8)
-    figure.suptitle(f"--tune on {bundle.target}: {len(candidates)} candidates, {data['winner']} shipped",
+    figure.suptitle(f"--tune on {bundle.label}: {len(candidates)} candidates, {data['winner']} shipped",
                     x=0.01, ha="left", fontsize=12, fontweight="bold")

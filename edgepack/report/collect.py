@@ -40,6 +40,8 @@ class Bundle:
     gzip_bytes: int | None = None
     integrity: dict[str, Any] = field(default_factory=dict)
     signature: str = "unsigned"
+    label: str = ""
+    """How the report names it: the target, or the folder when the build folder holds several models."""
 
     @property
     def target(self) -> str:
@@ -132,6 +134,9 @@ def collect(build_dir: Path) -> list[Bundle]:
                             "extra": verified.extra, "changed": verified.changed}
         bundle.signature = _signature(folder)
         bundles.append(bundle)
+    several_models = len({b.model_name for b in bundles if not b.error}) > 1
+    for b in bundles:
+        b.label = b.folder if several_models or b.error else b.target
     return bundles
 
 

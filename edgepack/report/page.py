@@ -103,7 +103,7 @@ def _summary_rows(bundles: list[Bundle]) -> list[dict[str, Any]]:
         integrity, intact = _integrity_cell(b)
         model = b.manifest["model"]
         rows.append({
-            "bundle": b.target if len({x.model_name for x in bundles if not x.error}) == 1 else b.folder,
+            "bundle": b.label,
             "kind": b.kind,
             "model": f"{model['precision']} · {model['format']}{' ' + model['ort_style'] if model.get('ort_style') else ''}",
             "recipe": b.recipe,
@@ -235,9 +235,9 @@ def _notices_html(bundles: list[Bundle]) -> str:
             continue
         if not b.integrity.get("ok", True):
             text, _ = _integrity_cell(b)
-            items.append(f'<div class="notice broken"><b>{_e(b.target)}</b>: files do not match the manifest: {_e(text)}</div>')
+            items.append(f'<div class="notice broken"><b>{_e(b.label)}</b>: files do not match the manifest: {_e(text)}</div>')
         for stage, text in b.notices:
-            items.append(f'<div class="notice"><b>{_e(b.target)}</b> · {_e(stage)}: {_e(text)}</div>')
+            items.append(f'<div class="notice"><b>{_e(b.label)}</b> · {_e(stage)}: {_e(text)}</div>')
     body = "".join(items) if items else "<p>No notice: every bundle used its profile's defaults as they are.</p>"
     return _section("notices", "Notices and fallbacks", body)
 
@@ -249,7 +249,7 @@ def _size_table(bundles: list[Bundle]) -> str:
     for b in bundles:
         sizes = b.sizes
         budget = b.manifest["profile"].get("budget", {}).get("max_bundle_mb")
-        rows.append([_e(b.target), _mb(sizes["model"]), _mb(sizes["runtime"]) if sizes["runtime"] else "",
+        rows.append([_e(b.label), _mb(sizes["model"]), _mb(sizes["runtime"]) if sizes["runtime"] else "",
                      _mb(sizes["other"]), f"<b>{_mb(b.total_bytes)}</b>", _mb(b.gzip_bytes),
                      f"{budget:g} MB" if budget else "", str(len(b.manifest.get("files", {})))])
     return _table(head, rows)
@@ -266,7 +266,7 @@ def _accuracy_table(bundles: list[Bundle]) -> str:
             limits.append(f"max |err| ≤ {tol['max_abs_error']:g}")
         if tol.get("min_top1_agreement") is not None:
             limits.append(f"top-1 ≥ {tol['min_top1_agreement']:.0%}")
-        rows.append([_e(b.target), _e(b.manifest["model"]["precision"]), _cos(test.get("cosine")),
+        rows.append([_e(b.label), _e(b.manifest["model"]["precision"]), _cos(test.get("cosine")),
                      _err(test.get("max_abs_error")), _err(test.get("mean_abs_error")), _pct(test.get("top1_agreement")),
                      _e(", ".join(limits)), _e(f"{test.get('sample_sets', '?')} {test.get('inputs', '')} set(s)"),
                      f'<span class="{"ok" if test.get("passed") else "bad"}">{"passed" if test.get("passed") else "FAILED"}</span>'])
@@ -301,7 +301,7 @@ def _coverage_table(bundles: list[Bundle]) -> str:
         gate = f"≥ {r['gate']['min_accelerated_fraction']:.0%} of nodes"
         if r["gate"].get("max_partitions") is not None:
             gate += f", ≤ {r['gate']['max_partitions']} partition(s)"
-        rows.append([_e(b.target), _e(r["checker"]), _e(_coverage_text(before)), _e(_coverage_text(after)),
+        rows.append([_e(b.label), _e(r["checker"]), _e(_coverage_text(before)), _e(_coverage_text(after)),
                      _e(unsupported), _e(gate)])
     return _table(head, rows)
 
@@ -338,7 +338,7 @@ def _tune_html(bundles: list[Bundle], chart) -> str:
                      f"({_e(data['threads'])} thread(s)); {_e(data['timing'])}.</p>")
     if untimed:
         parts.append(f"<p><b>Not timed</b> (their CPU is not this machine's, so each kept its profile's default recipe; "
-                     f"the reasons are under Notices): {_e(', '.join(b.target for b in untimed))}.</p>")
+                     f"the reasons are under Notices): {_e(', '.join(b.label for b in untimed))}.</p>")
     return "".join(parts)
 
 
@@ -357,7 +357,7 @@ def _integrity_table(bundles: list[Bundle]) -> str:
 
 
 def _tools_table(bundles: list[Bundle]) -> str:
-    versions = {b.target: b.manifest.get("tools", {}) for b in bundles}
+    versions = {b.label: b.manifest.get("tools", {}) for b in bundles}
     tools = sorted({tool for v in versions.values() for tool in v})
     distinct = {tuple(sorted(v.items())) for v in versions.values()}
     if len(distinct) == 1:
@@ -373,7 +373,7 @@ def _tools_table(bundles: list[Bundle]) -> str:
         runtime = b.manifest.get("runtime", {})
         providers = ", ".join(ep["name"] for ep in runtime.get("execution_providers", []))
         tested = b.self_test.get("onnxruntime", "")
-        rows.append([_e(b.target), _e(f"{runtime.get('package', '')} {runtime.get('version', '')}"), _e(providers),
+        rows.append([_e(b.label), _e(f"{runtime.get('package', '')} {runtime.get('version', '')}"), _e(providers),
                      _e(tested)])
     device = "<h3>Device runtime</h3>" + _table(
         [("Target", ""), ("Runtime the bundle needs", ""), ("Execution providers, in order", ""),
@@ -406,20 +406,20 @@ def render_markdown(bundles: list[Bundle]) -> str:
         else:
             rows.append([row[key] for key, _, _ in SUMMARY_COLUMNS])
     lines += _md_table([title for _, title, _ in SUMMARY_COLUMNS], rows)
-    notices = [f"- **{b.target}** ({stage}): {text}" for b in good for stage, text in b.notices]
+    notices = [f"- **{b.label}** ({stage}): {text}" for b in good for stage, text in b.notices]
     notices += [f"- **{b.folder}**: manifest unreadable: {b.error}" for b in bundles if b.error]
-    notices += [f"- **{b.target}**: files do not match the manifest: {_integrity_cell(b)[0]}"
+    notices += [f"- **{b.label}**: files do not match the manifest: {_integrity_cell(b)[0]}"
                 for b in good if not b.integrity.get("ok", True)]
     lines += ["## Notices and fallbacks", "", *(notices or ["None."]), ""]
     if not good:
         return "\n".join(lines)
     lines += ["## Size", ""]
     lines += _md_table(["Target", "Model file", "Runtime shipped", "Other", "Total", "gzip"],
-                       [[b.target, _mb(b.sizes["model"]), _mb(b.sizes["runtime"]) if b.sizes["runtime"] else "",
+                       [[b.label, _mb(b.sizes["model"]), _mb(b.sizes["runtime"]) if b.sizes["runtime"] else "",
                          _mb(b.sizes["other"]), _mb(b.total_bytes), _mb(b.gzip_bytes)] for b in good])
     lines += ["## Accuracy against FP32", ""]
     lines += _md_table(["Target", "Precision", "Cosine", "Max abs error", "Mean abs error", "Top-1", "Self-test"],
-                       [[b.target, b.manifest["model"]["precision"], _cos(b.self_test.get("cosine")),
+                       [[b.label, b.manifest["model"]["precision"], _cos(b.self_test.get("cosine")),
                          _err(b.self_test.get("max_abs_error")), _err(b.self_test.get("mean_abs_error")),
                          _pct(b.self_test.get("top1_agreement")), "passed" if b.self_test.get("passed") else "FAILED"]
                         for b in good])
@@ -427,14 +427,14 @@ def render_markdown(bundles: list[Bundle]) -> str:
     if covered:
         lines += ["## Accelerator coverage", ""]
         lines += _md_table(["Target", "Checker", "Before fixing shapes", "As shipped", "Unsupported ops"],
-                           [[b.target, b.stage("coverage")["checker"], _coverage_text(b.stage("coverage")["before"]),
+                           [[b.label, b.stage("coverage")["checker"], _coverage_text(b.stage("coverage")["before"]),
                              _coverage_text(b.stage("coverage")["after"]),
                              ", ".join(f"{op} x{n}" for op, n in sorted(b.stage("coverage")["after"].get("unsupported_ops", {}).items())) or "none"]
                             for b in covered])
     for b in good:
         data = b.stage("quantize").get("tune", {})
         if data.get("timed"):
-            lines += [f"## --tune on {b.target}", "", f"Shipped {data['winner']}: {data['why']}.", ""]
+            lines += [f"## --tune on {b.label}", "", f"{data['winner']} shipped. Why: {data['why']}.", ""]
             lines += _md_table(["Candidate", "Size", "Median ms", "p90 ms", "Cosine", "Gate"],
                                [[c["name"], _mb(c["bytes"]), c.get("median_ms", ""), c.get("p90_ms", ""),
                                  _cos(c.get("accuracy", {}).get("cosine")), c["gate"]] for c in data["candidates"]])
@@ -443,5 +443,10 @@ def render_markdown(bundles: list[Bundle]) -> str:
                        [[b.folder, b.error or _integrity_cell(b)[0], "" if b.error else b.signature] for b in bundles])
     lines += ["## Tool versions", ""]
     tools = sorted({t for b in good for t in b.manifest.get("tools", {})})
-    lines += _md_table(["Tool", *[b.target for b in good]], [[t, *[b.manifest.get("tools", {}).get(t, "") for b in good]] for t in tools])
+    if len({tuple(sorted(b.manifest.get("tools", {}).items())) for b in good}) == 1:
+        lines += ["The same for every bundle.", ""]
+        lines += _md_table(["Tool", "Version"], [[t, good[0].manifest["tools"][t]] for t in tools])
+    else:
+        lines += _md_table(["Tool", *[b.label for b in good]],
+                           [[t, *[b.manifest.get("tools", {}).get(t, "") for b in good]] for t in tools])
     return "\n".join(lines)
