@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import EdgepackError
 from ..manifest import MANIFEST_NAME, read_manifest, verify_bundle
-from ..progress import step
+from ..progress import track
 
 __all__ = ["Bundle", "collect", "SIGNATURE_PATTERNS"]
 
@@ -142,13 +142,10 @@ def collect(build_dir: Path) -> list[Bundle]:
 
 def _gzip_bytes(folder: Path, manifest: dict[str, Any]) -> int:
     total = 0
-    files = sorted(manifest["files"])
-    with step(f"gzip sizes of {folder.name}", total=len(files)) as counting:
-        for rel in files:
-            path = folder / rel
-            if path.is_file() and not path.is_symlink():
-                total += _gzipped_size(path)
-            counting.advance()
+    for rel in track(sorted(manifest["files"]), f"gzip sizes of {folder.name}"):
+        path = folder / rel
+        if path.is_file() and not path.is_symlink():
+            total += _gzipped_size(path)
     return total
 
 
