@@ -28,4 +28,19 @@ class PythonBundler:
             "From Python: `import edgepack_shim; m = edgepack_shim.load('.'); out = m.run({...})`.\n",
             encoding="utf-8",
         )
+        if job.options.pin_key:
+            return {"shim": SHIM, **_pin_key(job)}
         return {"shim": SHIM}
+
+
+def _pin_key(job: Job) -> dict:
+    """Pin the signer's public key beside the shim: the shim then refuses any bundle not signed with it.
+    The key is part of the bundle, so its fingerprint is in the manifest and REPORT.md (the bundle stage's summary)."""
+    from ..signing import PINNED_KEY_NAME, fingerprint, load_public_key, public_pem
+
+    key = load_public_key(job.options.pin_key)
+    (job.staging / PINNED_KEY_NAME).write_bytes(public_pem(key))
+    # "summary" replaces the bundle stage's own, so REPORT.md names the pinned key
+    return {"pinned_key": {"file": PINNED_KEY_NAME, "fingerprint": fingerprint(key)},
+            "summary": f"python bundle, signing key pinned beside the shim ({PINNED_KEY_NAME}, fingerprint "
+                       f"{fingerprint(key)})"}
