@@ -284,10 +284,7 @@ def _statement_problem(payload: bytes, digests: dict[str, str]) -> str | None:
     root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources)).hexdigest()
     if root != subject:
         return "the signed statement is inconsistent (its subject digest does not match its resources)"
-    unsigned = sorted(set(digests) - set(listed))
-    gone = sorted(set(listed) - set(digests))
-    changed = sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel])
-    parts = ([f"not signed: {', '.join(unsigned)}"] if unsigned else []) + \
-            ([f"signed but not in the bundle: {', '.join(gone)}"] if gone else []) + \
-            ([f"changed since signing: {', '.join(changed)}"] if changed else [])
-    return "; ".join(parts) or None
+    found = {"not signed": sorted(set(digests) - set(listed)),
+             "signed but not in the bundle": sorted(set(listed) - set(digests)),
+             "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel])}
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in found.items() if names) or None

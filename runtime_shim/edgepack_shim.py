@@ -465,10 +465,10 @@ def _statement_problem(payload: bytes, digests: dict):
         return "only files/sha256 serialization is read"
     if root != subject:
         return "the signed statement is inconsistent (its subject digest does not match its resources)"
-    problems = [f"not signed: {rel}" for rel in sorted(set(digests) - set(listed))]
-    problems += [f"signed but missing: {rel}" for rel in sorted(set(listed) - set(digests))]
-    problems += [f"changed since signing: {rel}" for rel in sorted(set(digests) & set(listed)) if digests[rel] != listed[rel]]
-    return "; ".join(problems) or None
+    found = {"not signed": sorted(set(digests) - set(listed)),
+             "signed but not in the bundle": sorted(set(listed) - set(digests)),
+             "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel])}
+    return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in found.items() if names) or None
 
 
 # --- the runtime: version range, providers and their options ---------------------------------------
