@@ -157,9 +157,18 @@ def verify_bundle(bundle: Path) -> VerifyResult:
             result.missing.append(rel)
             continue
         result.checked += 1
-        if path.stat().st_size != entry["size"] or hash_file(path)["sha256"] != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
             result.changed.append(rel)
     return result
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 alone: checking a file needs no SRI digest (both together took 4.5x as long on 64 MB: sha384 has no SHA-NI)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _valid_entry(rel: Any, entry: Any) -> bool:
