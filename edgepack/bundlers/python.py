@@ -24,7 +24,9 @@ class PythonBundler:
             "python edgepack_shim.py bench --runs 200           # first-run time, p50/p90/p99 latency, throughput\n"
             "python edgepack_shim.py serve --port 8080          # HTTP JSON endpoint on 127.0.0.1 (POST /run)\n```\n\n"
             "Every command checks the bundle's files before loading the model. Keep other files out of this folder: "
-            "an extra file is refused like a changed one.\n\n"
+            "an extra file is refused like a changed one. A signed bundle (model.sig) is checked against its "
+            "signer's key with `--public-key signer.pub` (verify, run, bench, serve); a key pinned beside the shim "
+            "(edgepack_signing.pub) is required without that flag.\n\n"
             "From Python: `import edgepack_shim; m = edgepack_shim.load('.'); out = m.run({...})`.\n",
             encoding="utf-8",
         )
