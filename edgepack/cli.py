@@ -226,6 +226,10 @@ def _cmd_package(args) -> int:
                       pin_key=args.pin_key)
     if args.sign_passphrase_env and not args.sign_key:
         raise UsageError("--sign-passphrase-env only applies with --sign-key")
+    if args.pin_key:
+        from .signing import load_public_key
+
+        load_public_key(args.pin_key)  # before any work: a wrong file (a private key!) is refused at once
     if args.tune_budget is not None:
         if not args.tune or not args.tune_budget > 0:
             raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
@@ -297,8 +301,9 @@ def _cmd_verify(args) -> int:
     if args.json:
         _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:
+        unchecked = " (model.sig not checked: give --public-key)" if (args.bundle / "model.sig").is_file() else ""
         print(f"ok: {result.checked} files of {args.bundle} match its manifest"
-              + (f", signed by key {signed_by}" if signed_by else ""))
+              + (f", signed by key {signed_by}" if signed_by else unchecked))
     else:
         for kind in ("missing", "extra", "changed"):
             for rel in getattr(result, kind):

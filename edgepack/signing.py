@@ -95,7 +95,8 @@ def load_private_key(path: Path, passphrase_env: str | None = None):
     except FileNotFoundError:
         raise UsageError("no such private key file", where=str(path), hint="create one with `edgepack keygen`") from None
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
-        hint = (f"give its passphrase with --passphrase-env VAR" if "encrypted" in str(exc).lower() and not passphrase
+        hint = ("give its passphrase in an environment variable: --passphrase-env VAR "
+                "(package: --sign-passphrase-env VAR)" if passphrase is None
                 else "this key is not encrypted: drop the passphrase option")
         raise UsageError(f"cannot read the private key: {exc}", where=str(path), hint=hint) from None
     except ValueError as exc:

@@ -175,6 +175,10 @@ def test_the_private_key_never_enters_a_bundle(built, keys):
         for rel, data in tree(built[label]).items():
             for secret in secrets:
                 assert secret not in data, (label, rel)
+    done = edgepack("package", "--example", "cnn", "--target", "linux-x64", "-o", keys["release"].parent / "pin",
+                    "--pin-key", keys["release"])
+    assert_refused(done, 2, "cannot read the public key")
+    assert not (keys["release"].parent / "pin").exists()
 
 
 # --- signing and verifying ---------------------------------------------------------------------------
