@@ -132,11 +132,10 @@ def small_build(tmp_path_factory, cli) -> Path:
     return out
 
 
-def test_report_shows_changed_files_unreadable_manifests_and_signatures(small_build, tmp_path, cli):
+def test_report_shows_changed_files_and_unreadable_manifests(small_build, tmp_path, cli):
     build = tmp_path / "build"
     shutil.copytree(small_build, build)
     (build / "cnn-linux-x64" / "README.md").write_text("changed after packaging\n")
-    (build / "cnn-rpi-arm64.sig").write_text("a signature made by another tool\n")
     broken = build / "cnn-broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
@@ -150,10 +149,34 @@ def test_report_shows_changed_files_unreadable_manifests_and_signatures(small_bu
     markdown = (build / "report.md").read_text()
     assert "files do not match the manifest: 1 changed" in markdown
     assert "manifest.json is unreadable" in markdown
-    assert "signature file present: cnn-rpi-arm64.sig (not checked here)" in markdown
-    assert "| cnn-linux-x64 | 1 changed | unsigned |" in markdown
-    html = (build / "report.html").read_text()
-    assert 'class="notice broken"' in html
+    assert "| cnn-linux-x64 | 1 changed | unsigned (no model.sig) |" in markdown
+    assert 'class="notice broken"' in (build / "report.html").read_text()
+
+
+def test_report_shows_signatures(small_build, tmp_path, cli):
+    keys = tmp_path / "keys"
+    assert cli("keygen", keys / "release").returncode == 0
+    build = tmp_path / "build"
+    shutil.copytree(small_build, build)
+    signed = cli("sign", build / "cnn-rpi-arm64", "--key", keys / "release.priv")
+    assert signed.returncode == 0, signed.stderr
+    pinned = cli("package", "--example", "cnn", "--target", "linux-x64", "--quantize", "none", "-o", tmp_path / "pinned",
+                 "--sign-key", keys / "release.priv", "--pin-key", keys / "release.pub", "-q")
+    assert pinned.returncode == 0, pinned.stderr
+    shutil.rmtree(build / "cnn-linux-x64")
+    shutil.copytree(tmp_path / "pinned" / "cnn-linux-x64", build / "cnn-linux-x64")
+    assert cli("report", build).returncode == 0
+    markdown = (build / "report.md").read_text()
+    assert "| cnn-rpi-arm64 | ok, 5 files | signed by key " in markdown and "not checked here" in markdown
+    assert "| cnn-linux-x64 | ok, 6 files | signed with the pinned key " in markdown and "…, verified |" in markdown
+    # a pinned bundle whose signature no longer matches its files is flagged
+    manifest = build / "cnn-linux-x64" / "manifest.json"
+    other = tmp_path / "other"
+    assert cli("keygen", other).returncode == 0
+    assert cli("sign", build / "cnn-linux-x64", "--key", tmp_path / "other.priv").returncode == 0
+    assert manifest.is_file() and cli("report", build).returncode == 0
+    markdown = (build / "report.md").read_text()
+    assert "model.sig does not verify with the pinned key: signed with another key" in markdown
 
 
 def test_manifest_text_is_escaped_in_the_page(small_build, tmp_path, cli):

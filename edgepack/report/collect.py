@@ -5,27 +5,28 @@ Rules:
    A bundle whose manifest cannot be read is listed with the reason, never dropped silently.
 2. Sizes are the manifest's (every file but the manifest itself, as ``package`` prints them). Web bundles
    also get their gzip size: each file compressed alone at level 6, as a web server would send it.
-3. Checksums are recomputed (``verify_bundle``). A signature is reported only as present or absent: a
-   file named by ``SIGNATURE_PATTERNS`` at the bundle root or beside the folder; checking it is the job
-   of the tool that made it.
+3. Checksums are recomputed (``verify_bundle``). A bundle's ``model.sig`` is checked against the key the
+   bundle pins (``edgepack_signing.pub``, what its shim will demand); without a pinned key the report
+   names the signing key from model.sig and says it was not checked: only the user has the key to
+   trust (``edgepack verify --public-key``).
 4. Nothing that differs between two runs of the same build goes in (absolute paths, dates, timings of
    packaging), so the report is byte-identical when the bundles are.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgepackError
-from ..manifest import MANIFEST_NAME, read_manifest, verify_bundle
+from ..manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 from ..progress import track
 
-__all__ = ["Bundle", "collect", "SIGNATURE_PATTERNS"]
+__all__ = ["Bundle", "collect"]
 
-SIGNATURE_PATTERNS = ("*.sig", "*.sigstore", "*.sigstore.json")
 GZIP_LEVEL = 6
 _CHUNK = 1 << 20
 
@@ -40,6 +41,8 @@ class Bundle:
     gzip_bytes: int | None = None
     integrity: dict[str, Any] = field(default_factory=dict)
     signature: str = "unsigned"
+    """"unsigned", "signed", "verified" (against the pinned key) or "invalid"."""
+    signature_detail: str = ""
     label: str = ""
     """How the report names it: the target, or the folder when the build folder holds several models."""
 
@@ -132,7 +135,7 @@ def collect(build_dir: Path) -> list[Bundle]:
         verified = verify_bundle(folder)
         bundle.integrity = {"ok": verified.ok, "checked": verified.checked, "missing": verified.missing,
                             "extra": verified.extra, "changed": verified.changed}
-        bundle.signature = _signature(folder)
+        bundle.signature, bundle.signature_detail = _signature(folder)
         bundles.append(bundle)
     several_models = len({b.model_name for b in bundles if not b.error}) > 1
     for b in bundles:
@@ -159,7 +162,22 @@ def _gzipped_size(path: Path) -> int:
     return size + len(compressor.flush())
 
 
-def _signature(folder: Path) -> str:
-    found = sorted({p.name for pattern in SIGNATURE_PATTERNS for p in folder.glob(pattern)}
-                   | {p.name for pattern in SIGNATURE_PATTERNS for p in folder.parent.glob(folder.name + pattern[1:])})
-    return f"signature file present: {', '.join(found)} (not checked here)" if found else "unsigned"
+def _signature(folder: Path) -> tuple[str, str]:
+    """(status, what to say) of the bundle's model.sig (rule 3)."""
+    from ..signing import PINNED_KEY_NAME, load_public_key, verify_signature
+
+    path = folder / SIGNATURE_NAME
+    if not path.is_file():
+        return "unsigned", f"unsigned (no {SIGNATURE_NAME})"
+    pinned = folder / PINNED_KEY_NAME
+    if pinned.is_file():
+        try:
+            key = verify_signature(folder, load_public_key(pinned))
+        except EdgepackError as exc:
+            return "invalid", f"{SIGNATURE_NAME} does not verify with the pinned key: {exc.message}"
+        return "verified", f"signed with the pinned key {key[:16]}…, verified"
+    try:
+        hint = json.loads(path.read_text(encoding="utf-8"))["verificationMaterial"]["publicKey"]["hint"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return "invalid", f"{SIGNATURE_NAME} is malformed"
+    return "signed", f"signed by key {str(hint)[:16]}…, not checked here (edgepack verify --public-key KEY)"

@@ -54,6 +54,7 @@ footer { color: var(--muted); font-size: 13px; text-align: center; }
 """
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
+SIGNATURE_CLASS = {"unsigned": "warn", "signed": "ok", "verified": "ok", "invalid": "bad"}
 
 
 def _e(value: Any) -> str:
@@ -117,7 +118,7 @@ def _summary_rows(bundles: list[Bundle]) -> list[dict[str, Any]]:
             "passed": bool(test.get("passed")),
             "integrity": integrity,
             "intact": intact,
-            "signature": "unsigned" if b.signature == "unsigned" else "signature file",
+            "signature": b.signature,
             "notices": len(b.notices),
         })
     return rows
@@ -212,7 +213,7 @@ def _summary_html(bundles: list[Bundle]) -> str:
             continue
         precision = row["model"].split(" · ")[0]
         gzip = f"<br><small>gzip {_e(row['gzip'])}</small>" if row["gzip"] else ""
-        signature = "warn" if row["signature"] == "unsigned" else "ok"
+        signature = SIGNATURE_CLASS[row["signature"]]
         rows.append([
             f"<b>{_e(row['bundle'])}</b><br><small>{_e(row['kind'])} · {_e(row['model'].split(' · ', 1)[1])}</small>",
             _e(precision if row["recipe"] in (precision, "none") else f"{precision} · {row['recipe']}"),
@@ -236,6 +237,8 @@ def _notices_html(bundles: list[Bundle]) -> str:
         if not b.integrity.get("ok", True):
             text, _ = _integrity_cell(b)
             items.append(f'<div class="notice broken"><b>{_e(b.label)}</b>: files do not match the manifest: {_e(text)}</div>')
+        if b.signature == "invalid":
+            items.append(f'<div class="notice broken"><b>{_e(b.label)}</b>: {_e(b.signature_detail)}</div>')
         for stage, text in b.notices:
             items.append(f'<div class="notice"><b>{_e(b.label)}</b> · {_e(stage)}: {_e(text)}</div>')
     body = "".join(items) if items else "<p>No notice: every bundle used its profile's defaults as they are.</p>"
@@ -352,7 +355,7 @@ def _integrity_table(bundles: list[Bundle]) -> str:
         text, intact = _integrity_cell(b)
         rows.append([_e(b.folder), str(len(b.manifest.get("files", {}))), f'<span class="{"ok" if intact else "bad"}">{_e(text)}</span>',
                      f"<code>{_e(str(b.manifest.get('manifest_sha256', ''))[:16])}…</code>",
-                     f'<span class="{"warn" if b.signature == "unsigned" else "ok"}">{_e(b.signature)}</span>'])
+                     f'<span class="{SIGNATURE_CLASS[b.signature]}">{_e(b.signature_detail)}</span>'])
     return _table(head, rows) + "<p>Checksums are recomputed now against each manifest (<code>edgepack verify</code> does the same).</p>"
 
 
@@ -410,6 +413,7 @@ def render_markdown(bundles: list[Bundle]) -> str:
     notices += [f"- **{b.folder}**: manifest unreadable: {b.error}" for b in bundles if b.error]
     notices += [f"- **{b.label}**: files do not match the manifest: {_integrity_cell(b)[0]}"
                 for b in good if not b.integrity.get("ok", True)]
+    notices += [f"- **{b.label}**: {b.signature_detail}" for b in good if b.signature == "invalid"]
     lines += ["## Notices and fallbacks", "", *(notices or ["None."]), ""]
     if not good:
         return "\n".join(lines)
@@ -440,7 +444,7 @@ def render_markdown(bundles: list[Bundle]) -> str:
                                  _cos(c.get("accuracy", {}).get("cosine")), c["gate"]] for c in data["candidates"]])
     lines += ["## Checksums and signatures", ""]
     lines += _md_table(["Bundle folder", "Checksums", "Signature"],
-                       [[b.folder, b.error or _integrity_cell(b)[0], "" if b.error else b.signature] for b in bundles])
+                       [[b.folder, b.error or _integrity_cell(b)[0], "" if b.error else b.signature_detail] for b in bundles])
     lines += ["## Tool versions", ""]
     tools = sorted({t for b in good for t in b.manifest.get("tools", {})})
     if len({tuple(sorted(b.manifest.get("tools", {}).items())) for b in good}) == 1:
