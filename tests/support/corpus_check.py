@@ -39,6 +39,7 @@ class Prepared:
     path: Path
     inputs: dict
     inputs_file: Path
+    samples_file: Path | None  # the same inputs as an .npz for --sample-inputs; None when one is not a tensor
     reference: dict
 
 
@@ -50,7 +51,11 @@ def prepare(model: corpus.Model, workdir: Path) -> Prepared:
     inputs_file = workdir / "inputs.pkl"
     with open(inputs_file, "wb") as f:
         pickle.dump(inputs, f)
-    return Prepared(model, path, inputs, inputs_file, dict(zip(names, values)))
+    samples_file = None
+    if all(isinstance(v, np.ndarray) for v in inputs.values()):
+        samples_file = workdir / "inputs.npz"
+        np.savez(samples_file, **inputs)
+    return Prepared(model, path, inputs, inputs_file, samples_file, dict(zip(names, values)))
 
 
 def targets() -> list[dict]:
@@ -150,15 +155,19 @@ def first_line(text: str) -> str:
     return ""
 
 
-def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: float = 600) -> dict:
+def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: float = 600,
+                 sample_inputs: bool = False) -> dict:
     """``edgepack package`` of the prepared model for one target profile (as ``edgepack targets --json`` gives
-    it), classified; bundles go under ``workdir/<target>``."""
+    it), classified; bundles go under ``workdir/<target>``. ``sample_inputs``: also give edgepack the
+    reference inputs with ``--sample-inputs`` (when they are all tensors), as a user with real data would."""
     model, path, inputs = prepared.model, prepared.path, prepared.inputs
     target = profile["name"]
     out = workdir / target
     cmd = [*EDGEPACK, "package", str(path), "--target", target, "-o", str(out), "--json", "-q"]
     if profile["shapes"]["fixed"]:
         cmd += fixed_shape_args(path, inputs)
+    if sample_inputs and prepared.samples_file is not None:
+        cmd += ["--sample-inputs", str(prepared.samples_file)]
     record = {"model": model.id, "target": target, "args": cmd[cmd.index("--target"):]}
     # An empty working directory of its own: whatever edgepack (or a tool it calls) leaves there is reported.
     cwd = workdir / f"{target}.cwd"
