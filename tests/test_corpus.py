@@ -9,6 +9,8 @@ that must then be kept. The whole corpus, every target: benchmarks/corpus.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -82,12 +84,15 @@ def test_manifest_describes_every_model():
     assert len({m.sha256 for m in models}) == len(models), "the same model file listed twice"
 
 
-def test_a_changed_cached_model_is_fetched_again():
-    model = MODELS["ort-mul-1"]
+def test_a_model_is_fetched_checked_and_fetched_again_when_changed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cache of its own: the shared one is never altered
+    model = MODELS["faster-whisper-silero-vad-v6"]  # the smallest archive (1.1 MB)
     path = corpus.model_path(model)
+    assert path.is_relative_to(tmp_path) and corpus.sha256_of(path) == model.sha256
     path.write_bytes(path.read_bytes() + b"\0")
     assert corpus.model_path(model) == path
     assert corpus.sha256_of(path) == model.sha256
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_agreement_tells_a_wrong_output():
@@ -99,6 +104,14 @@ def test_agreement_tells_a_wrong_output():
     maps = [{0: 0.9, 1: 0.1}, {0: 0.2, 1: 0.8}]
     assert agreement(maps, [dict(m) for m in maps], 0.9999) is None
     assert agreement(maps, maps[::-1], 0.9999) is not None
+
+
+def test_an_archive_that_is_not_the_manifests_is_refused_and_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    package = dataclasses.replace(MODELS["faster-whisper-silero-vad-v6"].package, sha256="0" * 64)
+    with pytest.raises(corpus.CorpusError, match="sha256"):
+        corpus.archive_path(package)
+    assert list((corpus.cache_dir() / "archives").iterdir()) == []
 
 
 @pytest.mark.parametrize("model_id,target", list(_params()))
