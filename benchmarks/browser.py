@@ -6,10 +6,11 @@ For each example model it packages browser-wasm and browser-webgpu bundles, then
 - sizes: every bundle's total bytes raw and gzipped (level 6, as web servers compress), and its
   onnxruntime-web files alone;
 - time to first inference of the demo page (navigation start -> first outputs, as index.html measures it)
-  cold (a fresh browser profile: empty HTTP cache) and warm (the page reloaded: files revalidated, 304s);
+  cold (a fresh browser profile: empty HTTP cache and Cache API) and warm (the page reloaded: edgepack
+  takes its files from its Cache API cache, re-hashed, and compiles the WebAssembly from there);
 - side by side, the same model loaded by plain onnxruntime-web from URLs (no verification: its own
-  fetches, streaming WebAssembly compilation and the browser's code cache), and the ratio
-  edgepack / plain, which is the price of verifying every byte before onnxruntime-web sees it.
+  fetches, 304 revalidations, streaming WebAssembly compilation and the browser's code cache), and the
+  ratio edgepack / plain, which is the price of verifying every byte before onnxruntime-web sees it.
 Runs alternate between the two pages; medians are printed. The machine is shared: read ratios.
 """
 

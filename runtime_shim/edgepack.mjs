@@ -150,10 +150,10 @@ export async function load(options = {}) {
     extra: { ...(settings.config_entries ?? {}) },
     externalData: dataFiles.map((rel, i) => ({ path: rel.slice(modelDir.length), data: dataBytes[i] })),
   };
-  const committed = files.commit(manifestBytes);
   const { session, backend, fallbacks } = await runtime.initializing(() => createSession(ort, modelBytes, sessionOptions, manifest));
   for (const { backend: name, error } of fallbacks) warnings.push(`${name} is not available (${error}); running on ${backend}`);
-  await committed;
+  // Written once the session exists, so that the first visit's disk writes do not slow its first inference down.
+  const cached = files.commit(manifestBytes);
   for (const warning of warnings) if (warning !== NOT_ISOLATED) console.warn(`edgepack: ${warning}`);
   const ready = performance.now();
 
@@ -168,6 +168,8 @@ export async function load(options = {}) {
     crossOriginIsolated: isolated,
     verification,
     sources: files.sources,
+    /** Resolves once the files are in the offline cache (it never rejects: a failed write only costs the next visit a download). */
+    cached,
     warnings,
     manifest,
     ort,
@@ -345,8 +347,9 @@ class VerifiedFiles {
     if (total !== undefined) this.onProgress({ file: rel, loaded, total, source });
   }
 
+  /** Store a verified response in the cache, at commit(). */
   keep(entry, response) {
-    this.writes.push(this.store.then((store) => store?.put(this.contentKey(entry), response)));
+    this.writes.push([this.contentKey(entry), response]);
   }
 
   contentKey(entry) {
@@ -358,7 +361,7 @@ class VerifiedFiles {
   }
 
   /**
-   * Once every file is verified: wait for the cache writes, record this manifest for offline visits, and
+   * Once every file is verified: write them to the cache, record this manifest for offline visits, and
    * delete the entries of files the bundle's previous manifest listed and no recorded manifest still does.
    * A cache that cannot be written only costs the next visit its downloads, so this never throws.
    */
@@ -366,11 +369,14 @@ class VerifiedFiles {
     const store = await this.store;
     if (!store) return;
     try {
-      for (const result of await Promise.allSettled(this.writes)) if (result.status === 'rejected') throw result.reason;
+      await Promise.all(this.writes.map(([key, response]) => store.put(key, response)));
       if (this.sources['manifest.json'] === 'cache') return;
       const key = this.recordKey();
-      const previous = await store.match(key).then((r) => r?.json()).catch(() => null);
+      const recorded = await store.match(key).then((r) => r?.text()).catch(() => undefined);
+      const text = new TextDecoder().decode(manifestBytes);
+      if (recorded === text) return;
       await store.put(key, new Response(manifestBytes, { headers: { 'Content-Type': 'application/json' } }));
+      const previous = recorded === undefined ? null : JSON.parse(recorded);
       const listed = new Set(Object.values(this.manifest.files).map((e) => e.integrity));
       const stale = Object.values(previous?.files ?? {}).map((e) => e.integrity).filter((i) => !listed.has(i));
       if (!stale.length) return;

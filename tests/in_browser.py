@@ -37,6 +37,7 @@ RUN_JS = """async ({ bundleUrl, feeds, options }) => {
   let model;
   try {
     model = await load({ ...options, onProgress: (p) => progress.push(p) });
+    await model.cached;
   } catch (error) {
     return { error: error.message, name: error.name, file: error.file ?? null, progress };
   }
