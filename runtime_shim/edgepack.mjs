@@ -14,16 +14,16 @@
  *    be reached, the last manifest this page loaded from that URL is used (offline second visit).
  * 3. Every file (onnxruntime-web's JavaScript and WebAssembly, the model, its external data) must
  *    match its sha384 integrity in the manifest, on one of two paths (`model.verification` says which):
- *    - 'sri': fetch(url, {integrity}) makes the browser check it. The WebAssembly response then goes to
- *      onnxruntime-web as it is, so the browser compiles it with WebAssembly.instantiateStreaming and
- *      keeps its compiled code (the code cache): a reload does not compile 14 MB again.
- *    - 'hash', for browsers without integrity on fetch(): the bytes are hashed with crypto.subtle
- *      before use and the WebAssembly is passed as bytes (env.wasm.wasmBinary, no code cache).
+ *    - 'sri': fetch(url, {integrity}), so the browser checks it (and hands the body over only then);
+ *    - 'hash', for browsers without integrity on fetch(): the body streams in and is hashed with
+ *      crypto.subtle before use.
  *    A refusal names the file and says why (HTTP status, network, or expected and actual digests).
  * 4. Verified files are kept in the Cache API (cache 'edgepack') under their sha384: a second visit
- *    takes them from there with no network. An entry is hashed again when read (about 30 ms for
- *    the 14 MB WebAssembly), and replaced from the network if it no longer matches; an entry no
- *    manifest lists any more is deleted when a new version of its bundle loads. clearCache() empties it.
+ *    takes them from there with no network, and from there the WebAssembly goes to onnxruntime-web as a
+ *    response, so that the browser compiles it with WebAssembly.instantiateStreaming and reuses its
+ *    compiled code. An entry is hashed again when read (about 30 ms for the 14 MB WebAssembly), and
+ *    replaced from the network if it no longer matches; an entry no manifest lists any more is deleted
+ *    when a new version of its bundle loads. clearCache() empties the cache.
  * 5. Only verified bytes reach onnxruntime-web: its module is imported from a blob: URL of the
  *    verified bytes, the model as bytes and its external data as externalData entries whose path is
  *    the initializer's location.
@@ -78,6 +78,7 @@ export class EdgepackError extends Error {
 /** Page-wide notices: 'not-isolated' (detail: {message, threads}) once per page. */
 export const events = new EventTarget();
 let isolationNoticed = false;
+let hashPathNoticed = false;
 
 /** Delete every file this loader has cached for this origin; true if there was a cache to delete. */
 export async function clearCache() {
@@ -106,10 +107,6 @@ export async function load(options = {}) {
   }
   const warnings = [];
   const verification = verificationPath();
-  if (verification === 'hash') {
-    warnings.push('this browser does not check integrity on fetch(), so files are hashed with crypto.subtle instead ' +
-      'and the WebAssembly is compiled from bytes (no code cache: reloads compile it again)');
-  }
   const files = new VerifiedFiles(base, verification, openStore(warnings), options.onProgress ?? (() => {}));
   const { manifest, bytes: manifestBytes } = await fetchManifest(files, options.manifestIntegrity);
   files.manifest = manifest;
@@ -189,7 +186,11 @@ export async function load(options = {}) {
 /** 'sri' where fetch() takes an integrity, else 'hash' where crypto.subtle can hash; otherwise nothing can be verified. */
 function verificationPath() {
   if (typeof Request !== 'undefined' && 'integrity' in Request.prototype) return 'sri';
-  if (globalThis.crypto?.subtle) return 'hash';
+  if (globalThis.crypto?.subtle) {
+    if (!hashPathNoticed) console.info('edgepack: this browser has no integrity on fetch(): files are verified with crypto.subtle');
+    hashPathNoticed = true;
+    return 'hash';
+  }
   throw new EdgepackError('this browser can neither check integrity on fetch() nor hash with crypto.subtle, so the bundle cannot be verified', {
     hint: 'serve the page over https (crypto.subtle exists only in secure contexts), or use a current browser',
   });
