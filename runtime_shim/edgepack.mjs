@@ -21,9 +21,10 @@
  * 4. Verified files are kept in the Cache API (cache 'edgepack') under their sha384: a second visit
  *    takes them from there with no network, and from there the WebAssembly goes to onnxruntime-web as a
  *    response, so that the browser compiles it with WebAssembly.instantiateStreaming and reuses its
- *    compiled code. An entry is hashed again when read (about 30 ms for the 14 MB WebAssembly), and
- *    replaced from the network if it no longer matches; an entry no manifest lists any more is deleted
- *    when a new version of its bundle loads. clearCache() empties the cache.
+ *    compiled code. Entries were verified when stored: a read checks their size (a shorter or longer
+ *    copy is fetched again), and once the page is idle their content is hashed again; a copy that no
+ *    longer matches is deleted and fetched again, with a 'cache-damaged' event. An entry no manifest
+ *    lists any more is deleted when a new version of its bundle loads. clearCache() empties the cache.
  * 5. Only verified bytes reach onnxruntime-web: its module is imported from a blob: URL of the
  *    verified bytes, the model as bytes and its external data as externalData entries whose path is
  *    the initializer's location.
@@ -75,7 +76,7 @@ export class EdgepackError extends Error {
   }
 }
 
-/** Page-wide notices: 'not-isolated' (detail: {message, threads}) once per page. */
+/** Page-wide notices: 'not-isolated' (detail: {message, threads}) once per page; 'cache-damaged' (detail: {file, message}). */
 export const events = new EventTarget();
 let isolationNoticed = false;
 let hashPathNoticed = false;
@@ -242,6 +243,7 @@ class VerifiedFiles {
     this.manifest = null;
     this.sources = {};
     this.writes = [];
+    this.fromCacheEntries = [];
   }
 
   entry(rel) {
@@ -259,10 +261,14 @@ class VerifiedFiles {
   /** The verified bytes of `rel`. */
   async bytes(rel, entry = this.entry(rel)) {
     const cached = await this.fromCache(rel, entry, false);
-    if (cached) return cached.bytes;
+    return cached ? cached.bytes : this.download(rel, entry);
+  }
+
+  /** The verified bytes of `rel` from the network (kept for the cache). */
+  async download(rel, entry = this.entry(rel)) {
     if (this.verification === 'hash') {
       const bytes = await hashedFetch(new URL(rel, this.base), rel, entry, (loaded) => this.progress(rel, loaded, entry.size));
-      this.keep(entry, new Response(bytes, { headers: { 'Content-Type': rel.endsWith('.wasm') ? 'application/wasm' : 'application/octet-stream' } }));
+      this.keep(entry, cacheable(rel, bytes));
       this.sources[rel] = 'network';
       return bytes;
     }
@@ -280,7 +286,7 @@ class VerifiedFiles {
    */
   async wasm(rel, entry = this.entry(rel)) {
     const cached = await this.fromCache(rel, entry, true);
-    return cached ? { response: cached.response } : { bytes: await this.bytes(rel, entry) };
+    return cached ? { response: cached.response } : { bytes: await this.download(rel, entry) };
   }
 
   async fetchWithIntegrity(rel, entry) {
@@ -300,30 +306,65 @@ class VerifiedFiles {
   }
 
   /**
-   * The cached copy of `entry` if its content still matches the digest: {bytes}, or with `unread`
-   * {response} whose body is still unread (the hash is taken from a clone); a damaged entry is deleted,
-   * and the caller fetches the file again.
+   * The cached copy of `entry`: {bytes}, or with `unread` {response} whose body is still unread. Entries
+   * were verified when stored and are keyed by their digest, so only their size is checked here (a
+   * cached blob's size costs no read); their content is hashed again after the load, by checkCached().
+   * A pinned manifest has no recorded size: it is hashed now (it is a few KB).
    */
   async fromCache(rel, entry, unread) {
     const store = await this.store;
     if (!store) return null;
     const key = this.contentKey(entry);
     try {
-      const response = await store.match(key);
-      if (!response) return null;
-      const bytes = new Uint8Array(await (unread ? response.clone() : response).arrayBuffer());
-      if ((entry.size === undefined || bytes.byteLength === entry.size) && (await sri(bytes)) === entry.integrity) {
-        this.progress(rel, bytes.byteLength, entry.size, 'cache');
-        this.sources[rel] = 'cache';
-        return unread ? { response } : { bytes };
+      const blob = await store.match(key).then((r) => r?.blob());
+      if (!blob) return null;
+      if (entry.size === undefined ? (await sri(await blob.arrayBuffer())) === entry.integrity : blob.size === entry.size) {
+        const response = unread ? await store.match(key) : null;
+        if (!unread || response) {
+          this.progress(rel, blob.size, entry.size, 'cache');
+          this.sources[rel] = 'cache';
+          this.fromCacheEntries.push([rel, entry]);
+          return unread ? { response } : { bytes: new Uint8Array(await blob.arrayBuffer()) };
+        }
       }
     } catch (error) {
       console.warn(`edgepack: ${rel}: cannot read its cached copy (${error.message}); fetching it again`);
       return null;
     }
-    console.warn(`edgepack: ${rel}: its cached copy no longer matches ${entry.integrity}; replacing it`);
-    await store.delete(key);
+    await this.damaged(store, rel, entry);
     return null;
+  }
+
+  async damaged(store, rel, entry) {
+    const message = `${rel}: its cached copy no longer matches ${entry.integrity}; it was deleted`;
+    console.warn(`edgepack: ${message}`);
+    events.dispatchEvent(new CustomEvent('cache-damaged', { detail: { file: rel, message } }));
+    await store.delete(this.contentKey(entry));
+  }
+
+  /**
+   * Hash again what this visit read from the cache, once the page is idle: a copy that no longer matches
+   * (a disk error, or another script of the site writing to the cache) is deleted and fetched again, and
+   * a 'cache-damaged' event tells the page, whose model then ran on it (reload it). Re-hashing before use
+   * would not stop an attacker (whoever can write this origin's cache can also replace crypto.subtle),
+   * and it cost the 14 MB WebAssembly 70-200 ms per visit on a busy two-core machine.
+   */
+  async checkCached(store) {
+    await new Promise((resolve) => (globalThis.requestIdleCallback ? requestIdleCallback(resolve, { timeout: 2000 }) : setTimeout(resolve, 200)));
+    for (const [rel, entry] of this.fromCacheEntries) {
+      const response = await store.match(this.contentKey(entry));
+      if (response && (await sri(await response.arrayBuffer())) === entry.integrity) continue;
+      await this.damaged(store, rel, entry);
+      const url = new URL(rel, this.base);
+      try {
+        const bytes = this.verification === 'hash'
+          ? await hashedFetch(url, rel, entry, () => {})
+          : new Uint8Array(await (await fetch(url, { integrity: entry.integrity })).arrayBuffer());
+        await store.put(this.contentKey(entry), cacheable(rel, bytes));
+      } catch {
+        // unreachable or refused: the next visit fetches it
+      }
+    }
   }
 
   /** The manifest from the network, or, when the server cannot be reached, the last one this page loaded from its URL. */
@@ -362,37 +403,46 @@ class VerifiedFiles {
   }
 
   /**
-   * Once every file is verified: write them to the cache, record this manifest for offline visits, and
-   * delete the entries of files the bundle's previous manifest listed and no recorded manifest still does.
-   * A cache that cannot be written only costs the next visit its downloads, so this never throws.
+   * Once every file is verified: write them to the cache, record this manifest for offline visits,
+   * delete the entries of files the bundle's previous manifest listed and no recorded manifest still
+   * does, then checkCached(). A cache that cannot be written only costs the next visit its downloads,
+   * so this never throws.
    */
   async commit(manifestBytes) {
     const store = await this.store;
     if (!store) return;
     try {
       await Promise.all(this.writes.map(([key, response]) => store.put(key, response)));
-      if (this.sources['manifest.json'] === 'cache') return;
-      const key = this.recordKey();
-      const recorded = await store.match(key).then((r) => r?.text()).catch(() => undefined);
-      const text = new TextDecoder().decode(manifestBytes);
-      if (recorded === text) return;
-      await store.put(key, new Response(manifestBytes, { headers: { 'Content-Type': 'application/json' } }));
-      const previous = recorded === undefined ? null : JSON.parse(recorded);
-      const listed = new Set(Object.values(this.manifest.files).map((e) => e.integrity));
-      const stale = Object.values(previous?.files ?? {}).map((e) => e.integrity).filter((i) => !listed.has(i));
-      if (!stale.length) return;
-      // Bundles can share files (the same onnxruntime-web): keep what another recorded manifest lists.
-      const records = new URL(`${CACHE_PATH}bundle/`, this.base.origin).href;
-      for (const request of await store.keys()) {
-        if (request.url === key || !request.url.startsWith(records)) continue;
-        const other = await store.match(request).then((r) => r.json()).catch(() => null);
-        for (const e of Object.values(other?.files ?? {})) listed.add(e.integrity);
-      }
-      await Promise.all(stale.filter((i) => !listed.has(i)).map((integrity) => store.delete(this.contentKey({ integrity }))));
+      if (this.sources['manifest.json'] !== 'cache') await this.record(store, manifestBytes);
+      await this.checkCached(store);
     } catch (error) {
       console.warn(`edgepack: could not update the cache (${error?.message ?? error}): the next visit downloads what is missing`);
     }
   }
+
+  async record(store, manifestBytes) {
+    const key = this.recordKey();
+    const recorded = await store.match(key).then((r) => r?.text()).catch(() => undefined);
+    if (recorded === new TextDecoder().decode(manifestBytes)) return;
+    await store.put(key, new Response(manifestBytes, { headers: { 'Content-Type': 'application/json' } }));
+    const previous = recorded === undefined ? null : JSON.parse(recorded);
+    const listed = new Set(Object.values(this.manifest.files).map((e) => e.integrity));
+    const stale = Object.values(previous?.files ?? {}).map((e) => e.integrity).filter((i) => !listed.has(i));
+    if (!stale.length) return;
+    // Bundles can share files (the same onnxruntime-web): keep what another recorded manifest lists.
+    const records = new URL(`${CACHE_PATH}bundle/`, this.base.origin).href;
+    for (const request of await store.keys()) {
+      if (request.url === key || !request.url.startsWith(records)) continue;
+      const other = await store.match(request).then((r) => r.json()).catch(() => null);
+      for (const e of Object.values(other?.files ?? {})) listed.add(e.integrity);
+    }
+    await Promise.all(stale.filter((i) => !listed.has(i)).map((integrity) => store.delete(this.contentKey({ integrity }))));
+  }
+}
+
+/** Verified bytes as a cache entry; the MIME type lets WebAssembly.instantiateStreaming take it. */
+function cacheable(rel, bytes) {
+  return new Response(bytes, { headers: { 'Content-Type': rel.endsWith('.wasm') ? 'application/wasm' : 'application/octet-stream' } });
 }
 
 /** The 'hash' path: the body streams in with progress, then its SHA-384 and size must match. */
@@ -524,9 +574,10 @@ async function startRuntime(files, runtimeFiles, numThreads) {
     ort,
     async initializing(create) {
       if (initialized) return create();
-      // Emscripten asks again (for bytes) only if streaming compilation failed, e.g. a cached response without its MIME type.
+      // Emscripten asks again (for bytes) only if streaming compilation failed: the cached copy is damaged
+      // or was stored without its MIME type, so the second answer comes from the network.
       const answer = async () => {
-        const next = response ?? (await files.wasm(runtimeFiles.wasm).then((w) => w.response ?? new Response(w.bytes)));
+        const next = response ?? new Response(await files.download(runtimeFiles.wasm));
         response = null;
         return next;
       };
