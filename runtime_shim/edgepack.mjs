@@ -575,13 +575,17 @@ async function startRuntime(files, runtimeFiles, numThreads) {
     async initializing(create) {
       if (initialized) return create();
       // Emscripten asks again (for bytes) only if streaming compilation failed: the cached copy is damaged
-      // or was stored without its MIME type, so the second answer comes from the network.
-      const answer = async () => {
-        const next = response ?? new Response(await files.download(runtimeFiles.wasm));
-        response = null;
-        return next;
-      };
-      const restore = answerFetch(wasmUrl, answer);
+      // or was stored without its MIME type, so the second answer comes from the network, through the
+      // page's own fetch().
+      const restore = answerFetch(wasmUrl, async () => {
+        if (response) {
+          const first = response;
+          response = null;
+          return first;
+        }
+        restore();
+        return new Response(await files.download(runtimeFiles.wasm));
+      });
       try {
         return await create();
       } finally {
