@@ -52,7 +52,7 @@ RUN_JS = """async ({ bundleUrl, feeds, options }) => {
   }
   const info = { outputs: results, backend: model.backend, fallbacks: model.fallbacks, threads: model.threads,
                  crossOriginIsolated: model.crossOriginIsolated, warnings: model.warnings, timings: model.timings,
-                 format: model.manifest.model.format, verification: model.verification, sources: model.sources, progress };
+                 format: model.manifest.model.format, verification: model.verification, sources: model.sources, signedBy: model.signedBy, progress };
   await model.dispose();
   return info;
 }"""

@@ -395,13 +395,24 @@ def served(folder: Path, bundle: Path):
     return start_server(folder, require_manifest=False)
 
 
-def test_a_second_visit_works_with_the_server_stopped(browser, bundles, tmp_path):
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, ort_web_tarball, onnx_profile, tmp_path,
+                                                      signed):
+    options = {}
     bundle = bundles["mlp-onnx"]
+    if signed:
+        from edgepack.signing import generate_key
+
+        generate_key(tmp_path / "release.priv", tmp_path / "release.pub", None)
+        [result] = package_model(models["mlp"], [load_profile(str(onnx_profile))],
+                                 Options(output=tmp_path / "signed", ort_web=ort_web_tarball, sign_key=tmp_path / "release.priv"))
+        assert result.ok, result.error
+        bundle, options = result.bundle, {"publicKey": (tmp_path / "release.pub").read_text()}
     feeds = inputs_for(bundle)[:1]
     server = served(tmp_path / "site", bundle)
     url = server.url
     page = fresh_page(browser, url + "blank.html")
-    online = run_bundle(page, url + "app/", feeds)
+    online = run_bundle(page, url + "app/", feeds, **options)
     page.close()
     server.shutdown()
     server.server_close()
@@ -427,11 +438,13 @@ def test_a_second_visit_works_with_the_server_stopped(browser, bundles, tmp_path
     page = browser.new_page()
     page.route(url + "**", route)
     page.goto(url + "blank.html")
-    offline = run_bundle(page, url + "app/", feeds)
+    offline = run_bundle(page, url + "app/", feeds, **options)
     page.close()
     assert "error" not in offline, offline.get("error")
-    assert offline["sources"] == {"manifest.json": "cache", **{rel: "cache" for rel in NEEDED}}
-    assert tried == [url + "app/manifest.json"], "only the manifest is asked of the network (for a newer version)"
+    latest = ["manifest.json", "model.sig"] if signed else ["manifest.json"]
+    assert offline["sources"] == {**{rel: "cache" for rel in latest}, **{rel: "cache" for rel in NEEDED}}
+    assert tried == [url + "app/" + rel for rel in latest], "only these are asked of the network (for a newer version)"
+    assert (offline["signedBy"] is not None) == signed and offline["signedBy"] == online["signedBy"]
     assert_close(offline["outputs"], online["outputs"], atol=0)
     assert offline["crossOriginIsolated"] is True and offline["threads"] >= 2
 
