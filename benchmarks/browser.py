@@ -6,7 +6,7 @@ For each example model it packages browser-wasm and browser-webgpu bundles, then
 - sizes: every bundle's total bytes raw and gzipped (level 6, as web servers compress), and its
   onnxruntime-web files alone;
 - time to first inference of the demo page (navigation start -> first outputs, as index.html measures it)
-  cold (a fresh browser profile: empty HTTP cache and Cache API) and warm (the page reloaded: edgepack
+  cold (a fresh browser profile: empty HTTP cache and Cache API) and warm (the page visited again: edgepack
   takes its files from its Cache API cache, re-hashed, and compiles the WebAssembly from there);
 - side by side, the same model loaded by plain onnxruntime-web from URLs (no verification: its own
   fetches, 304 revalidations, streaming WebAssembly compilation and the browser's code cache), and the
@@ -127,7 +127,7 @@ def main() -> None:
             print(f"{bundle.name:<28} {s['total'] / 1e6:>9.2f} {s['gzip'] / 1e6:>8.2f} {s['runtime'] / 1e6:>8.2f} "
                   f"{s['runtime_gzip'] / 1e6:>8.2f}")
         print(f"\ntime to first inference, ms since navigation start (median of {args.runs}; cold = fresh profile, "
-              f"warm = reload)")
+              f"warm = visited again, offline = and again with no server)")
         print(f"{'bundle':<28} {'edgepack cold':>13} {'warm':>7} {'offline':>7} {'plain ORT cold':>15} {'warm':>7} "
               f"{'ratio cold':>10} {'warm':>6}  backend")
         for bundle in bundles:
