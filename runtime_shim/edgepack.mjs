@@ -206,7 +206,7 @@ function verificationPath() {
 
 /** The Cache API cache, or null (it exists only in secure contexts, and storage can be blocked): then every visit uses the network. */
 async function openStore(warnings) {
-  // Without crypto.subtle a cached copy could not be checked before use: no cache then (plain-http pages have neither).
+  // Without crypto.subtle cached copies could not be hashed again: no cache then (plain-http pages have neither).
   if (!globalThis.caches || !globalThis.crypto?.subtle) return null;
   try {
     return await caches.open(CACHE_NAME);
@@ -238,7 +238,7 @@ async function fetchManifest(files, manifestIntegrity) {
 
 /**
  * The bundle's files, each verified against its integrity in the manifest: from the cache if it holds a
- * copy that still matches, else from the network (and then stored in the cache).
+ * copy of the right size (see fromCache), else from the network (and then stored in the cache).
  */
 class VerifiedFiles {
   /** `store`: a promise of the Cache API cache or null, opened while the manifest is fetched. */
