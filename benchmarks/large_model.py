@@ -106,7 +106,7 @@ PROBES = {
     "onnxruntime session (path, prepacking off)": "import onnxruntime as ort; o = ort.SessionOptions(); "
     "o.add_session_config_entry('session.disable_prepacking', '1'); "
     "s = ort.InferenceSession(MODEL, o, providers=['CPUExecutionProvider'])",
-    "edgepack.manifest.hash_file (side file)": "from edgepack.manifest import hash_file; hash_file(MODEL + '.data')",
+    "edgepack.bundle.manifest.hash_file (side file)": "from edgepack.bundle.manifest import hash_file; hash_file(MODEL + '.data')",
 }
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import UsageError
-from .job import Options
-from .pipeline import Result, package_model
+from .pipeline.job import Options
+from .pipeline.run import Result, package_model
 from .profiles import Profile, resolve_targets
 
 __all__ = ["package", "package_source", "is_torch_input"]
@@ -63,7 +63,7 @@ def package_source(
     """Route ``model`` to the ONNX pipeline, or through the PyTorch export first."""
     if is_torch_input(model):
         _require_torch()
-        from .torch_package import package_torch
+        from .torch.package import package_torch
 
         return package_torch(model, profiles, options, name=name, example_inputs_given=example_inputs,
                              dynamic=dynamic, progress=progress)

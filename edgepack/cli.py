@@ -180,7 +180,7 @@ def _cmd_package(args) -> int:
     import dataclasses
 
     from .api import package_source
-    from .job import Options
+    from .pipeline.job import Options
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
@@ -232,7 +232,7 @@ def _cmd_package(args) -> int:
 def _with_coverage_options(options, args):
     import dataclasses
 
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
+    from .flags import parse_fixed_dims, parse_input_shapes
 
     if args.min_accelerated_fraction is not None and not 0.0 <= args.min_accelerated_fraction <= 1.0:
         raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
@@ -254,7 +254,7 @@ def _with_example_shapes(options, example: str):
 
 
 def _cmd_verify(args) -> int:
-    from .manifest import verify_bundle
+    from .bundle.manifest import verify_bundle
 
     result = verify_bundle(args.bundle)
     if args.json:
@@ -274,7 +274,7 @@ def _cmd_verify(args) -> int:
 
 def _cmd_inspect(args) -> int:
     from .stages.load import parse_model
-    from .modelinfo import format_shape, summarize
+    from .onnxio.modelinfo import format_shape, summarize
 
     info = summarize(parse_model(args.model), args.model)
     if args.target:
@@ -301,7 +301,7 @@ def _cmd_inspect(args) -> int:
 
 def _inspect_coverage(args) -> dict[str, Any]:
     from .inspect_coverage import coverage_for_target
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
+    from .flags import parse_fixed_dims, parse_input_shapes
 
     return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
 

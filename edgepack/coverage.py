@@ -31,7 +31,7 @@ from typing import Any
 import onnx
 
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
-from .modelinfo import iter_graphs, iter_nodes
+from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import Coverage
 

@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 
 from .errors import ConversionError, first_line
-from .modelinfo import external_locations, iter_graphs, iter_nodes
+from .onnxio.modelinfo import external_locations, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
-from .stages.save import EXTERNAL_DATA_THRESHOLD
+from .onnxio.save import EXTERNAL_DATA_THRESHOLD
 
 __all__ = ["RECIPES", "QuantizeResult", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes"]
 

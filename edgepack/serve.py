@@ -21,7 +21,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .errors import UsageError
-from .manifest import MANIFEST_NAME
+from .bundle.manifest import MANIFEST_NAME
 
 __all__ = ["HEADERS", "MIME_TYPES", "BundleServer", "make_server", "start_server"]
 

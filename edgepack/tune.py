@@ -39,8 +39,8 @@ import onnx
 from .accuracy import check, compare
 from .calibration import RANDOM, Samples, load_samples, split_for_validation
 from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
-from .job import Artifact, Job
-from .modelinfo import describe_io
+from .pipeline.job import Artifact, Job
+from .onnxio.modelinfo import describe_io
 from .ort_tools import load_ort_tools
 from .quantization import already_quantized, model_bytes, quantize_model
 from .stages.convert import convert

@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack import ortweb
+from edgepack.bundle import ortweb
 from edgepack.accuracy import check, compare
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.manifest import hash_file, read_manifest
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.bundle.manifest import hash_file, read_manifest
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server

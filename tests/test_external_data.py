@@ -23,9 +23,9 @@ from tests.external_models import (
 
 import edgepack.stages.convert as convert_stage
 from edgepack.errors import ConversionError
-from edgepack.job import Artifact, Job, Options, Source
-from edgepack.manifest import read_manifest, verify_bundle
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Artifact, Job, Options, Source
+from edgepack.bundle.manifest import read_manifest, verify_bundle
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.stages.bundle import bundle
 
@@ -202,7 +202,7 @@ def test_a_zero_byte_model_never_reaches_a_bundle(tmp_path):
 
 def test_big_bundle_files_are_hashed_once_per_version(tmp_path, monkeypatch):
     """The manifest is written twice per bundle; a model's weights are hashed once, and again only if changed."""
-    import edgepack.manifest as manifest_module
+    import edgepack.bundle.manifest as manifest_module
 
     calls: list[Path] = []
     real = manifest_module.hash_file

@@ -18,9 +18,9 @@ from edgepack.accuracy import compare
 from edgepack.calibration import generated_validation, random_samples
 from edgepack.errors import AccuracyError, UsageError
 from edgepack.examples import EXAMPLE_SHAPES, build_example, write_example
-from edgepack.job import Options
-from edgepack.modelinfo import describe_io, external_locations
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.onnxio.modelinfo import describe_io, external_locations
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import DynamicRecipe, Fp16Recipe, StaticRecipe, load_profile
 from edgepack.quantization import already_quantized, quantize_model
 from edgepack.stages.fix_shapes import apply_shapes

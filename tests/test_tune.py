@@ -14,8 +14,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.tune import Candidate, choose, host_arch, select, time_round_robin
 

@@ -11,12 +11,12 @@ import os
 
 import onnx
 
-from ..bundlers import bundler_for
+from ..bundle import bundler_for
 from ..errors import ConversionError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..modelinfo import external_locations
-from .convert import CONFIG_NAME
+from ..pipeline.job import Artifact, Job
+from ..onnxio.modelinfo import external_locations
+from ..onnxio.ort_convert import CONFIG_NAME
 
 __all__ = ["bundle"]
 
@@ -66,7 +66,7 @@ def _copy_onnx_with_data(artifact: Artifact, target) -> list:
 
 
 def _external_tensors(proto):
-    from ..modelinfo import iter_tensors
+    from ..onnxio.modelinfo import iter_tensors
 
     return [t for t in iter_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
 

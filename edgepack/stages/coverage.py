@@ -11,7 +11,7 @@ Rules:
 from __future__ import annotations
 
 from ..coverage import format_report, gate, measure
-from ..job import Artifact, Job
+from ..pipeline.job import Artifact, Job
 
 __all__ = ["coverage"]
 

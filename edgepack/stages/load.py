@@ -4,7 +4,7 @@ Rules:
 1. The model must be a non-empty file that parses as ONNX and passes ``onnx.checker``.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
-3. Every node input exists and the graphs have no cycle (edgepack.graphcheck), and every op has a
+3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
    kernel in onnxruntime: a model no target can run is refused before anything is written.
 4. The model is re-written (never modified in place) through onnx-ir, which memory-maps external data:
    initializers listed as graph inputs (IR 3) are removed from the inputs, weights held in Constant
@@ -22,12 +22,12 @@ from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from ..errors import EdgepackError, ModelError, first_line
-from ..graphcheck import check_structure
-from ..job import Source
-from ..manifest import hash_file
-from ..modelinfo import external_locations, iter_nodes, opsets, summarize
-from .check import ops_without_kernel
-from .save import save_model
+from ..onnxio.graphcheck import check_structure
+from ..onnxio.kernels import ops_without_kernel
+from ..pipeline.job import Source
+from ..bundle.manifest import hash_file
+from ..onnxio.modelinfo import external_locations, iter_nodes, opsets, summarize
+from ..onnxio.save import save_model
 
 __all__ = ["load", "parse_model"]
 

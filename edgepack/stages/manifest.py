@@ -13,9 +13,9 @@ from typing import Any
 
 import onnx
 
-from ..job import Artifact, Job
-from ..manifest import write_manifest
-from ..modelinfo import describe_io, format_shape, opsets
+from ..pipeline.job import Artifact, Job
+from ..bundle.manifest import write_manifest
+from ..onnxio.modelinfo import describe_io, format_shape, opsets
 
 __all__ = ["manifest", "finalize", "describe"]
 

@@ -20,8 +20,8 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from ..job import Artifact, Job
-from .save import save_model
+from ..pipeline.job import Artifact, Job
+from ..onnxio.save import save_model
 
 __all__ = ["optimize"]
 

@@ -24,8 +24,8 @@ import onnx
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
 from ..errors import AccuracyError, ConversionError, UsageError, first_line
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
+from ..pipeline.job import Artifact, Job
+from ..onnxio.modelinfo import describe_io
 from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
 
 __all__ = ["quantize", "resolve_recipe", "validation_samples"]

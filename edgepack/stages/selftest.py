@@ -21,8 +21,8 @@ import onnx
 from ..accuracy import check, compare
 from ..calibration import load_samples
 from ..errors import AccuracyError, ConversionError, first_line
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
+from ..pipeline.job import Artifact, Job
+from ..onnxio.modelinfo import describe_io
 from ..samples import generate_inputs
 from .quantize import validation_samples
 

@@ -6,9 +6,10 @@ and returns facts for the bundle stage's report. Pick one with ``bundler_for(kin
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..job import Artifact, Job
+if TYPE_CHECKING:  # the pipeline imports the bundle kinds
+    from ..pipeline.job import Artifact, Job
 
 __all__ = ["Bundler", "bundler_for"]
 

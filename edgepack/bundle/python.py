@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..job import Artifact, Job
+from ..pipeline.job import Artifact, Job
 from ..fileops import copy_file
 
 SHIM = "edgepack_shim.py"

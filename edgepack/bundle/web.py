@@ -20,9 +20,9 @@ import onnx
 
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
-from ..ortweb import extract_files, fetch_tarball, open_tarball, pinned_version
+from ..pipeline.job import Artifact, Job
+from ..onnxio.modelinfo import describe_io
+from .ortweb import extract_files, fetch_tarball, open_tarball, pinned_version
 from ..samples import concrete_shape
 
 LOADER = "edgepack.mjs"

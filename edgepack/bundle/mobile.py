@@ -23,8 +23,8 @@ from packaging.version import Version
 
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..stages.convert import CONFIG_NAME
+from ..pipeline.job import Artifact, Job
+from ..onnxio.ort_convert import CONFIG_NAME
 
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
 

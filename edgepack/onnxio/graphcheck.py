@@ -15,7 +15,7 @@ from typing import Iterable
 
 import onnx
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["check_structure"]
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import onnx
 from onnx import helper
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["describe_io", "format_shape", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
 

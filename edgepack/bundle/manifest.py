@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VerificationError
+from ..errors import VerificationError
 
 __all__ = ["MANIFEST_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
            "SEAL_KEY", "seal_matches"]

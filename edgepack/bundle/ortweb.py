@@ -31,8 +31,8 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .errors import DownloadError, ProfileError, UsageError, VerificationError
-from .profiles import Profile
+from ..errors import DownloadError, ProfileError, UsageError, VerificationError
+from ..profiles import Profile
 
 __all__ = ["OrtWeb", "pinned_version", "cache_dir", "fetch_tarball", "open_tarball", "extract_files"]
 

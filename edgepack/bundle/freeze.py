@@ -36,8 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .errors import EdgepackError
-from .profiles import Profile
+from ..errors import EdgepackError
+from ..profiles import Profile
 
 __all__ = ["FreezeError", "freeze_bundle", "freeze_result", "frozen_path", "host_arch", "device_command",
            "pyinstaller_args", "runtime_requirements"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .profiles import Profile
+from ..profiles import Profile
 
 __all__ = ["Artifact", "Options", "Source", "Job"]
 
@@ -48,7 +48,7 @@ class Options:
     max_partitions: int | None = None
     """None: the profile's coverage.max_partitions."""
     freeze: bool = False
-    """Also build a PyInstaller executable of the shim beside each python bundle (edgepack/freeze.py)."""
+    """Also build a PyInstaller executable of the shim beside each python bundle (edgepack/bundle/freeze.py)."""
     onefile: bool = False
     """With ``freeze``: one self-extracting file instead of a folder."""
     ort_web: Path | None = None

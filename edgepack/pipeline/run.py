@@ -17,21 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import BudgetError, EdgepackError, UsageError
-from .fileops import atomic_folder
+from ..errors import BudgetError, EdgepackError, UsageError
+from ..fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
-from .profiles import Profile
-from .stages.bundle import bundle
-from .stages.check import check
-from .stages.convert import convert
-from .stages.coverage import coverage
-from .stages.fix_shapes import fix_shapes
-from .stages.load import load
-from .stages.manifest import finalize, manifest
-from .stages.optimize import optimize
-from .stages.quantize import quantize
-from .stages.selftest import self_test
-from .tune import tune
+from ..profiles import Profile
+from ..stages.bundle import bundle
+from ..stages.check import check
+from ..stages.convert import convert
+from ..stages.coverage import coverage
+from ..stages.fix_shapes import fix_shapes
+from ..stages.load import load
+from ..stages.manifest import finalize, manifest
+from ..stages.optimize import optimize
+from ..stages.quantize import quantize
+from ..stages.selftest import self_test
+from ..tune import tune
 
 __all__ = ["STAGES", "Result", "package_model", "bundle_path", "refuse_existing_output"]
 
@@ -65,7 +65,7 @@ class Result:
     error: EdgepackError | None = None
     seconds: float = 0.0
     frozen: dict[str, Any] | None = None
-    """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
+    """With --freeze: where the frozen executable is and how big (edgepack/bundle/freeze.py)."""
 
     @property
     def notices(self) -> list[str]:
@@ -98,7 +98,7 @@ def refuse_existing_output(name: str, profiles: list[Profile], options: Options)
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
     existing = [str(d) for d in destinations.values() if d.exists()]
     if options.freeze:
-        from .freeze import frozen_path
+        from ..bundle.freeze import frozen_path
 
         existing += [str(frozen_path(destinations[p.name])) for p in profiles
                      if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
@@ -133,7 +133,7 @@ def package_model(
             workdir.mkdir()
             results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
         if options.freeze:
-            from .freeze import freeze_result
+            from ..bundle.freeze import freeze_result
 
             results = [freeze_result(r, p, onefile=options.onefile, force=options.force, progress=progress)
                        for r, p in zip(results, profiles)]
