@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EdgepackError, UsageError
+from .recipes import RECIPES
 
 EPILOG = """\
 examples:
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
+    package.add_argument("--quantize", choices=list(RECIPES),
                          help="quantization recipe (default: the profile's)")
     package.add_argument("--calibration", metavar="PATH|random",
                          help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
@@ -224,7 +225,7 @@ def _cmd_package(args) -> int:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:
         if not r.ok and not args.json:
-            _error(f"[{r.target}] {r.error}")
+            _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
     failed = [r for r in results if not r.ok]
     return failed[0].error.exit_code if failed else 0
 

@@ -27,7 +27,7 @@ from edgepack.pipeline.job import Artifact, Job, Options, Source
 from edgepack.bundle.manifest import read_manifest, verify_bundle
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.stages.bundle import bundle
+from edgepack.stages.bundle import Bundle
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 TARGETS = Path(__file__).resolve().parent.parent / "targets"
@@ -196,7 +196,7 @@ def test_a_zero_byte_model_never_reaches_a_bundle(tmp_path):
               source=Source(name="model", path=empty, reference=empty, info={}), staging=staging,
               destination=tmp_path / "dest")
     with pytest.raises(ConversionError, match="missing or empty"):
-        bundle(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
+        Bundle().run(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
     assert list(staging.iterdir()) == []
 
 

@@ -17,7 +17,7 @@ from edgepack.examples import write_example
 from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.tune import Candidate, choose, host_arch, select, time_round_robin
+from edgepack.recipes.search import Candidate, choose, host_arch, select, time_round_robin
 
 WIDTH = 256
 
@@ -216,11 +216,11 @@ def test_tune_and_quantize_together_is_a_usage_error(tmp_path: Path, cli, clean_
 
 
 def test_an_already_quantized_model_is_kept_as_it_is(tmp_path: Path):
-    from edgepack.profiles import DynamicRecipe
-    from edgepack.quantization import quantize_model
+    from edgepack.recipes.dynamic import DynamicSettings
+    from edgepack.recipes.quantize import quantize_model
 
     quantized = quantize_model(write_example("cnn", tmp_path), tmp_path / "q" / "cnnq.onnx", "dynamic",
-                               DynamicRecipe(op_types=["Conv", "MatMul"])).path
+                               DynamicSettings(op_types=["Conv", "MatMul"])).path
     (result,) = package_model(quantized, [_profile(tmp_path, "host", host_arch())],
                               Options(output=tmp_path / "out", tune=True))
     assert result.ok, result.error

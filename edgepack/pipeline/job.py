@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 from ..profiles import Profile
+
+if TYPE_CHECKING:
+    from .stage import StageResult
+
+    R = TypeVar("R", bound=StageResult)
 
 __all__ = ["Artifact", "Options", "Source", "Job"]
 
@@ -62,7 +67,7 @@ class Options:
     auto_exclude: bool = False
     """Leave the nodes most hurt by quantization in float until the accuracy gate passes."""
     tune: bool = False
-    """Choose the recipe by building, gating and timing candidates on this host (edgepack/tune.py)."""
+    """Choose the recipe by building, gating and timing candidates on this host (edgepack/recipes/search.py)."""
     tune_budget: float = 300.0
     """Seconds ``tune`` may take in all; measuring stops when they are spent."""
 
@@ -100,7 +105,16 @@ class Job:
     """The bundle being written: a temporary folder beside the destination, renamed into place at the end."""
     destination: Path
     progress: Callable[[str], None] = lambda message: None
-    reports: list[dict[str, Any]] = field(default_factory=list)
+    results: list[StageResult] = field(default_factory=list)
+    """What each stage returned so far, in order."""
 
     def say(self, message: str) -> None:
         self.progress(f"[{self.profile.name}] {message}")
+
+    def result(self, kind: type[R]) -> R | None:
+        """The result of the stage that returns ``kind``, if it ran."""
+        return next((r for r in reversed(self.results) if isinstance(r, kind)), None)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The manifest's list of stages: what made the model before it was loaded, then every result."""
+        return [*self.source.origin, *(r.record() for r in self.results)]

@@ -11,39 +11,54 @@ Each failure is one error naming what the model needs and what the runtime offer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 
 from ..errors import CompatibilityError
-from ..pipeline.job import Artifact, Job
 from ..onnxio.modelinfo import opsets
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult
 
-__all__ = ["check"]
+__all__ = ["Check", "CheckResult"]
 
 
-def check(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    runtime = job.profile.runtime
-    proto = onnx.load_model(artifact.path, load_external_data=False)
-    where = f"{job.source.path} for target {job.profile.name}"
-    needs = f"{runtime.package} {runtime.version}"
-    if proto.ir_version > runtime.max_ir_version:
-        raise CompatibilityError(
-            f"the model has IR version {proto.ir_version}, but the target's runtime ({needs}) reads up to IR {runtime.max_ir_version}",
-            where=where,
-            hint="re-export the model with an older exporter (or set ir_version), or use a profile with a newer runtime",
+@dataclass(frozen=True, kw_only=True)
+class CheckResult(StageResult):
+    stage = "check"
+    summary: str
+    ir_version: int
+    opsets: dict[str, int]
+
+
+class Check(Stage):
+    name = "check"
+
+    def run(self, artifact: Artifact, job: Job) -> CheckResult:
+        runtime = job.profile.runtime
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        where = f"{job.source.path} for target {job.profile.name}"
+        needs = f"{runtime.package} {runtime.version}"
+        if proto.ir_version > runtime.max_ir_version:
+            raise CompatibilityError(
+                f"the model has IR version {proto.ir_version}, but the target's runtime ({needs}) reads up to IR {runtime.max_ir_version}",
+                where=where,
+                hint="re-export the model with an older exporter (or set ir_version), or use a profile with a newer runtime",
+            )
+        model_opsets = opsets(proto)
+        opset = model_opsets.get("ai.onnx", 0)
+        if opset > runtime.max_opset:
+            raise CompatibilityError(
+                f"the model uses ai.onnx opset {opset}, but the target's runtime ({needs}) implements up to opset {runtime.max_opset}",
+                where=where,
+                hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
+                "or target a device runtime new enough for this opset",
+            )
+        return CheckResult(
+            summary=f"IR {proto.ir_version} <= {runtime.max_ir_version}, opset {opset} <= {runtime.max_opset}, "
+            "every op has a kernel (checked at load)",
+            ir_version=proto.ir_version,
+            opsets=model_opsets,
         )
-    model_opsets = opsets(proto)
-    opset = model_opsets.get("ai.onnx", 0)
-    if opset > runtime.max_opset:
-        raise CompatibilityError(
-            f"the model uses ai.onnx opset {opset}, but the target's runtime ({needs}) implements up to opset {runtime.max_opset}",
-            where=where,
-            hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
-            "or target a device runtime new enough for this opset",
-        )
-    report = {
-        "stage": "check",
-        "summary": f"IR {proto.ir_version} <= {runtime.max_ir_version}, opset {opset} <= {runtime.max_opset}, every op has a kernel (checked at load)",
-        "ir_version": proto.ir_version,
-        "opsets": model_opsets,
-    }
-    return artifact, report
+
+

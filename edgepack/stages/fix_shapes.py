@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +25,51 @@ import onnx
 
 from ..ort_tools import load_ort_tools
 from ..errors import UsageError
-from ..pipeline.job import Artifact, Job
 from ..onnxio.modelinfo import describe_io, external_locations
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, optional
 
-__all__ = ["fix_shapes", "plan_shapes", "apply_shapes"]
+__all__ = ["FixShapes", "FixShapesResult", "plan_shapes", "apply_shapes"]
 
 
-def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    proto = onnx.load_model(artifact.path, load_external_data=False)
-    where = str(job.source.path)
-    if not job.profile.shapes.fixed:
-        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, where)
-        return artifact, {"stage": "fix_shapes", "summary": "not required: the profile takes dynamic shapes", "applied": False}
-    shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
-                                  job.profile.shapes.defaults, where=where)
-    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
-    fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
-    report = {
-        "stage": "fix_shapes",
-        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-        "applied": True,
-        "input_shapes": {name: list(dims) for name, dims in shapes.items()},
-        "assumed_batch_dims": assumed,
-        "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
-    }
-    return Artifact(path=out, precision=artifact.precision), report
+@dataclass(frozen=True, kw_only=True)
+class FixShapesResult(StageResult):
+    stage = "fix_shapes"
+    summary: str
+    applied: bool
+    input_shapes: dict[str, list[int]] | None = optional()
+    assumed_batch_dims: list[str] | None = optional()
+    outputs: list[dict[str, Any]] | None = optional()
+    """The outputs' shapes once inferred from the fixed inputs."""
+
+
+class FixShapes(Stage):
+    name = "fix_shapes"
+
+    def applies(self, job: Job) -> bool:
+        return job.profile.shapes.fixed
+
+    def skip(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        """The flags are still checked against the model (rule 1)."""
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, str(job.source.path))
+        return FixShapesResult(summary="not required: the profile takes dynamic shapes", applied=False)
+
+    def run(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        where = str(job.source.path)
+        shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
+                                      job.profile.shapes.defaults, where=where)
+        out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
+        fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+        return FixShapesResult(
+            summary=f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+            applied=True,
+            input_shapes={name: list(dims) for name, dims in shapes.items()},
+            assumed_batch_dims=assumed,
+            outputs=describe_io(onnx.load_model(out, load_external_data=False))[1],
+            artifact=Artifact(path=out, precision=artifact.precision),
+        )
 
 
 def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],

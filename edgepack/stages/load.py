@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -25,11 +26,35 @@ from ..errors import EdgepackError, ModelError, first_line
 from ..onnxio.graphcheck import check_structure
 from ..onnxio.kernels import ops_without_kernel
 from ..pipeline.job import Source
+from ..pipeline.stage import StageResult
 from ..bundle.manifest import hash_file
 from ..onnxio.modelinfo import external_locations, iter_nodes, opsets, summarize
 from ..onnxio.save import save_model
 
-__all__ = ["load", "parse_model"]
+__all__ = ["load", "load_result", "LoadResult", "parse_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadResult(StageResult):
+    stage = "load"
+    summary: str
+    source: str
+    sha256: str
+    nodes: int
+    subgraphs: int
+    passes: dict[str, bool]
+    """onnx-ir passes applied to the copy (rule 4), and whether each changed it."""
+
+
+def load_result(source: Source) -> LoadResult:
+    """The load stage's result, for every target's manifest (the model is loaded once for all)."""
+    info = source.info
+    external = info["external_data"]
+    extra = (f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB"
+             if external["files"] else "")
+    return LoadResult(summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
+                      source=source.path.name, sha256=info["sha256"], nodes=info["nodes"],
+                      subgraphs=info["subgraphs"], passes=info["passes"])
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
