@@ -178,27 +178,21 @@ def _cmd_targets(args) -> int:
 
 
 def _cmd_package(args) -> int:
-    import dataclasses
-
     from .api import package_source
+    from .flags import parse_fixed_dims, parse_input_shapes
     from .pipeline.job import Options
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    if args.onefile and not args.freeze:
-        raise UsageError("--onefile only applies with --freeze")
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
                       freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
                       calibration=args.calibration, calibration_method=args.calibration_method,
                       validation=args.validation, auto_exclude=args.auto_exclude,
-                      tune=args.tune)
-    if args.tune_budget is not None:
-        if not args.tune or not args.tune_budget > 0:
-            raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
-        options = dataclasses.replace(options, tune_budget=args.tune_budget)
-    options = _with_coverage_options(options, args)
+                      tune=args.tune, tune_budget=args.tune_budget, input_shapes=parse_input_shapes(args.input_shape),
+                      fixed_dims=parse_fixed_dims(args.fix_dim), min_accelerated_fraction=args.min_accelerated_fraction,
+                      max_partitions=args.max_partitions)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
         if args.example:
@@ -228,20 +222,6 @@ def _cmd_package(args) -> int:
             _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
     failed = [r for r in results if not r.ok]
     return failed[0].error.exit_code if failed else 0
-
-
-def _with_coverage_options(options, args):
-    import dataclasses
-
-    from .flags import parse_fixed_dims, parse_input_shapes
-
-    if args.min_accelerated_fraction is not None and not 0.0 <= args.min_accelerated_fraction <= 1.0:
-        raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
-    if args.max_partitions is not None and args.max_partitions < 0:
-        raise UsageError(f"--max-partitions {args.max_partitions}: expected 0 or more")
-    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape),
-                               fixed_dims=parse_fixed_dims(args.fix_dim),
-                               min_accelerated_fraction=args.min_accelerated_fraction, max_partitions=args.max_partitions)
 
 
 def _with_example_shapes(options, example: str):

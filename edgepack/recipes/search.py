@@ -131,7 +131,7 @@ def search(artifact: Artifact, job: Job) -> Outcome:
     """Build, gate, time and choose (rules 2-5) on a host with the device's CPU."""
     started = time.perf_counter()
     load_ort_tools()  # before onnxruntime.quantization: keeps torch out of this process
-    deadline = started + job.options.tune_budget
+    deadline = started + job.options.tune_seconds
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     validation = validation_samples(job.options, inputs)
     calibration = calibration_samples(job.options, inputs)
@@ -139,7 +139,7 @@ def search(artifact: Artifact, job: Job) -> Outcome:
     candidates: list[Candidate] = []
     for name in job.profile.quantization.tune_candidates:
         if time.perf_counter() > deadline:
-            notes.append(f"{name} not built: the tuning budget of {job.options.tune_budget:g} s was spent")
+            notes.append(f"{name} not built: the tuning budget of {job.options.tune_seconds:g} s was spent")
             continue
         if variants()[name][0].needs_calibration and calibration is None:
             notes.append(f"{name} not built: static quantization needs --calibration DATA (or --calibration random)")
@@ -153,7 +153,7 @@ def search(artifact: Artifact, job: Job) -> Outcome:
         raise ConversionError("--tune built no candidate: " + "; ".join(notes), where=job.profile.name,
                               hint="raise --tune-budget, or package without --tune")
     winner, timing = select(candidates, job.source.reference, validation.feeds, _session_factory(job),
-                            lambda c: _tolerance(job, c), deadline=deadline, budget=job.options.tune_budget,
+                            lambda c: _tolerance(job, c), deadline=deadline, budget=job.options.tune_seconds,
                             say=job.say)
     notes += timing
     for note in timing:
@@ -339,7 +339,7 @@ def _report(winner: Candidate, candidates: list[Candidate], notes: list[str], jo
         "host_cpu": platform.processor() or platform.machine(),
         "threads": threads or "onnxruntime default",
         "winner": winner.name, "why": why, "candidates": [c.to_dict() for c in candidates],
-        "notes": notes, "seconds": round(seconds, 1), "budget_seconds": job.options.tune_budget,
+        "notes": notes, "seconds": round(seconds, 1), "budget_seconds": job.options.tune_seconds,
         "validation": {"origin": validation.origin, "samples": len(validation.feeds)},
         "timing": f"{WARMUP_RUNS} warm-up runs each, then round-robin rounds of one run per candidate on one "
                   "validation input, medians and p90",

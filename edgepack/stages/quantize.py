@@ -73,8 +73,6 @@ class Quantize(Stage):
     def run(self, artifact: Artifact, job: Job) -> QuantizeResult:
         if not self.tune:
             return quantize(artifact, job)
-        if job.options.quantize:
-            raise UsageError("--tune chooses the recipe itself: leave out --quantize", where=job.profile.name)
         host, device = host_arch(), job.profile.device.arch
         if device != host:
             return _untimed_default(artifact, job, host, device)
@@ -198,9 +196,6 @@ def resolve_recipe(job: Job) -> tuple[str, dict[str, str] | None]:
     """The recipe to run and, when the profile's default could not be used as is, why (rule 1)."""
     settings = job.profile.quantization
     requested = job.options.quantize
-    if job.options.auto_exclude and requested and not RECIPES[requested].auto_exclude:
-        raise UsageError(f"--auto-exclude works with static quantization, not {requested}",
-                         hint="use --quantize static --calibration DATA --auto-exclude")
     if requested:
         if RECIPES[requested].needs_calibration and not job.options.calibration:
             others = " / ".join(n for n, r in RECIPES.items() if r.settings and not r.needs_calibration)
