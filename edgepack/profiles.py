@@ -120,11 +120,11 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Coverage:
-    checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu"] = "none"
+    checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu", "xnnpack"] = "none"
     min_accelerated_fraction: float = 0.0
     max_partitions: int | None = None
     op_list: str = ""
-    """For list-based checkers (tensorrt, webgpu): the operator list in edgepack/data, named with its version."""
+    """For list-based checkers (tensorrt, webgpu, xnnpack): the operator list in edgepack/data, named with its version."""
     coreml_format: Literal["MLProgram", "NeuralNetwork"] = "MLProgram"
     """Which CoreML model format's operator table the coreml checker uses."""
 

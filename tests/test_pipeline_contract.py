@@ -21,6 +21,7 @@ from edgepack.recipes import RECIPES, variants
 ORDER = ["check", "fix_shapes", "optimize", "quantize", "coverage", "convert", "bundle", "manifest", "self_test", "budget"]
 SKIPPED = {  # the stages each built-in profile does not need
     "android-nnapi": set(),
+    "android-xnnpack": {"fix_shapes"},
     "ios-coreml": set(),
     "jetson-orin-trt": {"fix_shapes"},
     "browser-webgpu": {"fix_shapes"},

@@ -1,4 +1,4 @@
-"""Mobile bundles (Android NNAPI, iOS CoreML): the .ort model, its reduced-operator config and what an app needs.
+"""Mobile bundles (Android NNAPI or XNNPACK, iOS CoreML): the .ort model, its reduced-operator config and what an app needs.
 
 Rules:
 1. The profile's ``mobile`` section is the only source of package coordinates and build arguments; its
