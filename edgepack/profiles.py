@@ -21,6 +21,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from .errors import ProfileError, UsageError
+from .backends import BACKENDS, backend_of, checkers
 from .recipes import RECIPES, variants
 
 __all__ = [
@@ -120,7 +121,8 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Coverage:
-    checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu", "xnnpack"] = "none"
+    checker: str = "none"
+    """The checker of the profile's accelerator (edgepack/backends), or none (the CPU: nothing to measure)."""
     min_accelerated_fraction: float = 0.0
     max_partitions: int | None = None
     op_list: str = ""
@@ -278,6 +280,7 @@ def _check_semantics(profile: Profile, where: str) -> None:
             where=where,
         ) from None
     _check_recipes(profile.quantization, where)
+    _check_providers(profile, where)
     if not profile.execution_providers:
         raise ProfileError("key 'execution_providers': expected at least one provider, found none", where=where)
     if not 0.0 < profile.accuracy.min_cosine <= 1.0:
@@ -295,6 +298,36 @@ def _check_semantics(profile: Profile, where: str) -> None:
                        ("runtime.max_ir_version", profile.runtime.max_ir_version)):
         if value <= 0:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
+
+
+def _check_providers(profile: Profile, where: str) -> None:
+    """Every provider belongs to a backend (edgepack/backends) and its options are the backend's, checked by
+    its rules; the coverage checker is the one of a backend the profile uses."""
+    used = set()
+    for i, ep in enumerate(profile.execution_providers):
+        backend = backend_of(ep.name)
+        key = f"execution_providers[{i}]"
+        if backend is None:
+            raise ProfileError(f"key '{key}.name': no backend runs {ep.name!r}",
+                               where=where, hint="known providers: " + ", ".join(p for b in BACKENDS.values() for p in b.providers))
+        used.add(backend.checker)
+        kind = backend.options.get(ep.name)
+        if kind is None:
+            if ep.options:
+                raise ProfileError(f"key '{key}.options': {ep.name} takes no options, found {sorted(ep.options)}",
+                                   where=where)
+            continue
+        problem = backend.check(ep.name, _build(kind, ep.options, where, f"{key}.options."))
+        if problem:
+            raise ProfileError(f"key '{key}.options': {problem}", where=where)
+    checker = profile.coverage.checker
+    choices = ["none", *checkers()]
+    if checker not in choices:
+        raise ProfileError(f"key 'coverage.checker': expected one of {', '.join(map(repr, choices))}, found {checker!r}",
+                           where=where)
+    if checker != "none" and checker not in used:
+        raise ProfileError(f"key 'coverage.checker': {checker!r} measures a provider this profile does not list",
+                           where=where)
 
 
 def _check_recipes(quantization: Quantization, where: str) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.backends import backend_of
 from edgepack.bundle import bundler_for
+from edgepack.errors import ProfileError
 from edgepack.coverage import load_op_list
 from edgepack.pipeline.job import Job, Options, Source
 from edgepack.pipeline.plan import plan
@@ -129,3 +131,28 @@ def test_every_registered_recipe_declares_its_interface():
             assert dataclasses.is_dataclass(recipe.settings)
             assert type(recipe).apply is not type(recipe).__mro__[-2].apply, f"{name} writes no model"
     assert typing.get_type_hints(Options)["quantize"] == typing.Optional[str]
+
+
+@pytest.mark.parametrize("name", builtin_profile_names())
+def test_every_provider_a_profile_names_has_a_backend(name):
+    profile = load_profile(name)
+    backends = [backend_of(ep.name) for ep in profile.execution_providers]
+    assert all(backends), [ep.name for ep, b in zip(profile.execution_providers, backends) if b is None]
+    if profile.coverage.checker != "none":
+        assert profile.coverage.checker in {b.checker for b in backends if b}
+
+
+@pytest.mark.parametrize("change, message", [
+    ("trt_fp16_enable: true", "trt_fp16_enabled: true"),
+    ("batch: [1, 1, 8]", "batch: [4, 1, 8]"),
+    ("name: CUDAExecutionProvider", "name: CudaExecutionProvider"),
+    ("checker: tensorrt", "checker: coreml"),
+], ids=["unknown option", "dim range", "unknown provider", "checker of another backend"])
+def test_a_wrong_provider_setting_fails_when_the_profile_loads(change, message, tmp_path):
+    """Found on the packaging host, not by the shim on the device."""
+    source = Path(load_profile("jetson-orin-trt").source).read_text(encoding="utf-8")
+    assert change in source
+    path = tmp_path / "p.yaml"
+    path.write_text(source.replace(change, message), encoding="utf-8")
+    with pytest.raises(ProfileError):
+        load_profile(str(path))
