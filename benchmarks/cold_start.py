@@ -77,8 +77,8 @@ def timed(command: list[str], env: dict) -> tuple[float, float]:
 
 
 def package_cnn(folder: Path) -> Path:
-    from edgepack.examples import write_example
     from edgepack.bundle.freeze import host_arch
+    from edgepack.examples import write_example
     from edgepack.pipeline.job import Options
     from edgepack.pipeline.run import package_model
     from edgepack.profiles import builtin_profile_names, load_profile

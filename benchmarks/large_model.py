@@ -179,7 +179,7 @@ def main() -> int:
             for name in PROBES:
                 rows.append((name, run_probe(name, model, scratch)))
 
-        print(f"\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
+        print("\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
         for name, r in rows:
             print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
         return 0 if packaged["exit"] == 0 else 1

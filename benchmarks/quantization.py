@@ -39,8 +39,8 @@ from torch import nn
 from edgepack.accuracy import compare
 from edgepack.recipes.dynamic import DynamicSettings
 from edgepack.recipes.fp16 import Fp16Settings
-from edgepack.recipes.static import StaticSettings
 from edgepack.recipes.quantize import model_bytes, quantize_model
+from edgepack.recipes.static import StaticSettings
 
 ALL_OPS = ["Conv", "MatMul", "Attention", "LSTM", "Gather"]
 

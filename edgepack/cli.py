@@ -218,10 +218,10 @@ def _cmd_package(args) -> int:
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:
-        if not r.ok and not args.json:
+        if r.error and not args.json:
             _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
-    failed = [r for r in results if not r.ok]
-    return failed[0].error.exit_code if failed else 0
+    failed = [r.error for r in results if r.error]
+    return failed[0].exit_code if failed else 0
 
 
 def _with_example_shapes(options, example: str):
@@ -254,8 +254,8 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .stages.load import parse_model
     from .onnxio.modelinfo import format_shape, summarize
+    from .stages.load import parse_model
 
     info = summarize(parse_model(args.model), args.model)
     if args.target:
@@ -281,8 +281,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _inspect_coverage(args) -> dict[str, Any]:
-    from .inspect_coverage import coverage_for_target
     from .flags import parse_fixed_dims, parse_input_shapes
+    from .inspect_coverage import coverage_for_target
 
     return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
 

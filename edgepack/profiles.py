@@ -20,8 +20,8 @@ from typing import Any, Literal
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from .errors import ProfileError, UsageError
 from .backends import BACKENDS, backend_of, checkers
+from .errors import ProfileError, UsageError
 from .recipes import RECIPES, variants
 
 __all__ = [

@@ -17,16 +17,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack.bundle import ortweb
 from edgepack.accuracy import check, compare
+from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import hash_file, read_manifest
 from edgepack.examples import write_example
 from edgepack.pipeline.job import Options
-from edgepack.bundle.manifest import hash_file, read_manifest
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
-
 from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
 
 pytestmark = [
@@ -368,9 +367,9 @@ def test_progress_reports_every_file_up_to_its_size(browser, site, bundles):
 
 
 def test_not_isolated_page_runs_one_thread_and_says_so(browser, bundles, tmp_path):
+    import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-    import threading
 
     class Plain(SimpleHTTPRequestHandler):  # right MIME types, no COOP/COEP headers
         extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".wasm": "application/wasm"}

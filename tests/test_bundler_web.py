@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import list_files, read_manifest, verify_bundle
 from edgepack.examples import write_example
 from edgepack.pipeline.job import Options
-from edgepack.bundle.manifest import list_files, read_manifest, verify_bundle
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-
 from tests.test_ortweb import make_tarball
 
 

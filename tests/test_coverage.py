@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from edgepack.coverage import CoverageError, gate, load_op_list, measure
 from edgepack.errors import UsageError
 from edgepack.examples import write_example
-from edgepack.profiles import Coverage, load_profile
 from edgepack.flags import parse_fixed_dims, parse_input_shapes
+from edgepack.profiles import Coverage, load_profile
 from edgepack.stages.fix_shapes import apply_shapes, plan_shapes
 
 NNAPI = Coverage(checker="nnapi")

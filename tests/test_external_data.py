@@ -5,7 +5,6 @@ with a notice, or fail where the profile forbids it; a 0-byte model never reache
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import stat
 import subprocess
@@ -17,17 +16,24 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.external_models import (
-    B1, IR_VERSION, OPSET, W1, W2, expected_output, external_tensor, tree_digest, write_split_model,
-)
-
 import edgepack.stages.convert as convert_stage
+from edgepack.bundle.manifest import read_manifest, verify_bundle
 from edgepack.errors import ConversionError
 from edgepack.pipeline.job import Artifact, Job, Options, Source
-from edgepack.bundle.manifest import read_manifest, verify_bundle
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.stages.bundle import Bundle
+from tests.external_models import (
+    B1,
+    IR_VERSION,
+    OPSET,
+    W1,
+    W2,
+    expected_output,
+    external_tensor,
+    tree_digest,
+    write_split_model,
+)
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 TARGETS = Path(__file__).resolve().parent.parent / "targets"

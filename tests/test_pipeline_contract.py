@@ -11,8 +11,8 @@ import pytest
 
 from edgepack.backends import backend_of
 from edgepack.bundle import bundler_for
-from edgepack.errors import ProfileError
 from edgepack.coverage import load_op_list
+from edgepack.errors import ProfileError
 from edgepack.pipeline.job import Job, Options, Source
 from edgepack.pipeline.plan import plan
 from edgepack.pipeline.run import package_model
@@ -130,7 +130,7 @@ def test_every_registered_recipe_declares_its_interface():
         if recipe.settings:
             assert dataclasses.is_dataclass(recipe.settings)
             assert type(recipe).apply is not type(recipe).__mro__[-2].apply, f"{name} writes no model"
-    assert typing.get_type_hints(Options)["quantize"] == typing.Optional[str]
+    assert typing.get_type_hints(Options)["quantize"] == (str | None)
 
 
 @pytest.mark.parametrize("name", builtin_profile_names())

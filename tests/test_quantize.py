@@ -18,14 +18,14 @@ from edgepack.accuracy import compare
 from edgepack.calibration import generated_validation, random_samples
 from edgepack.errors import AccuracyError, UsageError
 from edgepack.examples import EXAMPLE_SHAPES, build_example, write_example
-from edgepack.pipeline.job import Options
 from edgepack.onnxio.modelinfo import describe_io, external_locations
+from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.recipes.dynamic import DynamicSettings
 from edgepack.recipes.fp16 import Fp16Settings
-from edgepack.recipes.static import StaticSettings
 from edgepack.recipes.quantize import already_quantized, quantize_model
+from edgepack.recipes.static import StaticSettings
 from edgepack.stages.fix_shapes import apply_shapes
 from edgepack.stages.load import load
 

@@ -28,7 +28,6 @@ def _model(path: Path, *, factor: float = 2.0, heavy_layers: int = 0) -> Path:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Mul", ["x", "factor"], ["scaled"])]
     inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor")]
-    out = "scaled"
     if heavy_layers:
         h = "x"
         for i in range(heavy_layers):
@@ -38,7 +37,6 @@ def _model(path: Path, *, factor: float = 2.0, heavy_layers: int = 0) -> Path:
         inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
         nodes += [helper.make_node("ReduceSum", [h], ["s"], keepdims=1), helper.make_node("Mul", ["s", "zero"], ["nothing"]),
                   helper.make_node("Add", ["scaled", "nothing"], ["y"])]
-        out = "y"
     else:
         nodes.append(helper.make_node("Identity", ["scaled"], ["y"]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],

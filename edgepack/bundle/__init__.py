@@ -21,4 +21,6 @@ class Bundler(Protocol):
 def bundler_for(kind: str) -> Bundler:
     from . import mobile, python, web
 
-    return {"python": python.PythonBundler(), "web": web.WebBundler(), "mobile": mobile.MobileBundler()}[kind]
+    bundlers: dict[str, Bundler] = {"python": python.PythonBundler(), "web": web.WebBundler(),
+                                    "mobile": mobile.MobileBundler()}
+    return bundlers[kind]

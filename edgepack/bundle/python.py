@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..pipeline.job import Artifact, Job
 from ..fileops import copy_file
+from ..pipeline.job import Artifact, Job
 
 SHIM = "edgepack_shim.py"
 

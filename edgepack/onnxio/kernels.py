@@ -28,7 +28,7 @@ def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> 
     return missing
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _runnable(domain: str, op_type: str, opset: int) -> bool:
     since = opset
     schema = None

@@ -6,8 +6,9 @@ Used by ``edgepack inspect``, by the compatibility check and by the manifest.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import onnx
 from onnx import helper

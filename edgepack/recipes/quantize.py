@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx

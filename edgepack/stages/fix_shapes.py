@@ -23,9 +23,9 @@ from typing import Any
 
 import onnx
 
-from ..ort_tools import load_ort_tools
 from ..errors import UsageError
 from ..onnxio.modelinfo import describe_io, external_locations
+from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
 

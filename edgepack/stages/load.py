@@ -22,14 +22,14 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
+from ..bundle.manifest import hash_file
 from ..errors import EdgepackError, ModelError, first_line
 from ..onnxio.graphcheck import check_structure
 from ..onnxio.kernels import ops_without_kernel
-from ..pipeline.job import Source
-from ..pipeline.stage import StageResult
-from ..bundle.manifest import hash_file
 from ..onnxio.modelinfo import external_locations, iter_nodes, opsets, summarize
 from ..onnxio.save import save_model
+from ..pipeline.job import Source
+from ..pipeline.stage import StageResult
 
 __all__ = ["load", "load_result", "LoadResult", "parse_model"]
 

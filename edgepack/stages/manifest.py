@@ -16,6 +16,7 @@ import onnx
 
 from ..bundle.manifest import write_manifest
 from ..onnxio.modelinfo import describe_io, format_shape, opsets
+from ..onnxio.ort_convert import session_entries
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult
 
@@ -56,12 +57,7 @@ def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
     profile = job.profile
     proto = onnx.load_model(artifact.onnx_path, load_external_data=False)
     inputs, outputs = describe_io(proto)
-    entries = dict(profile.session.config_entries)
-    if artifact.format == "ort":
-        entries["session.load_model_format"] = "ORT"
-    if artifact.ort_style == "Runtime":
-        # without it onnxruntime silently ignores the saved runtime optimizations
-        entries["session.enable_saved_runtime_optimizations"] = "1"
+    entries = session_entries(profile.session.config_entries, artifact.format, artifact.ort_style)
     model_file = artifact.path.relative_to(job.staging).as_posix()
     side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
     return {

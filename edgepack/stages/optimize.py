@@ -10,17 +10,17 @@ Rules:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 from onnx_ir.passes import PassManager
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     DeduplicateHashedInitializersPass,
+    IdentityEliminationPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
 )
-
-from dataclasses import dataclass
 
 from ..onnxio.save import save_model
 from ..pipeline.job import Artifact, Job
