@@ -78,6 +78,12 @@ class Options:
     """Choose the recipe by building, gating and timing candidates on this host (edgepack/recipes/search.py)."""
     tune_budget: float | None = None
     """Seconds ``tune`` may take in all (None: ``TUNE_BUDGET``); measuring stops when they are spent."""
+    sign_key: Path | None = None
+    """A P-256 private key (PEM): every bundle gets ``model.sig`` (edgepack/bundle/signing.py)."""
+    sign_passphrase_env: str | None = None
+    """The environment variable holding ``sign_key``'s passphrase."""
+    pin_key: Path | None = None
+    """A P-256 public key pinned beside the shim of python bundles: the shim then refuses unsigned bundles."""
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in RECIPES:
@@ -93,6 +99,8 @@ class Options:
             raise UsageError("--tune chooses the recipe itself: leave out --quantize")
         if self.tune_budget is not None and (not self.tune or not self.tune_budget > 0):
             raise UsageError(f"--tune-budget {self.tune_budget:g}: expected a number of seconds above 0, with --tune")
+        if self.sign_passphrase_env and not self.sign_key:
+            raise UsageError("--sign-passphrase-env only applies with --sign-key")
         if self.onefile and not self.freeze:
             raise UsageError("--onefile only applies with --freeze")
         if self.min_accelerated_fraction is not None and not 0.0 <= self.min_accelerated_fraction <= 1.0:
