@@ -6,13 +6,14 @@ Used by ``edgepack inspect``, by the compatibility check and by the manifest.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import onnx
 from onnx import helper
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["describe_io", "format_shape", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
 

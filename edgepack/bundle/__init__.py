@@ -6,9 +6,10 @@ and returns facts for the bundle stage's report. Pick one with ``bundler_for(kin
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..job import Artifact, Job
+if TYPE_CHECKING:  # the pipeline imports the bundle kinds
+    from ..pipeline.job import Artifact, Job
 
 __all__ = ["Bundler", "bundler_for"]
 
@@ -20,4 +21,6 @@ class Bundler(Protocol):
 def bundler_for(kind: str) -> Bundler:
     from . import mobile, python, web
 
-    return {"python": python.PythonBundler(), "web": web.WebBundler(), "mobile": mobile.MobileBundler()}[kind]
+    bundlers: dict[str, Bundler] = {"python": python.PythonBundler(), "web": web.WebBundler(),
+                                    "mobile": mobile.MobileBundler()}
+    return bundlers[kind]

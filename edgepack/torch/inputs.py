@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError, UsageError, first_line
+from ..errors import ModelError, UsageError, first_line
 
 __all__ = ["TorchModel", "resolve", "parse_example_input", "parse_dynamic", "example_inputs", "dynamic_axes",
            "run_module", "eval_mode"]

@@ -17,22 +17,23 @@ Rules:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 import torch
 
-from .errors import AccuracyError, CompatibilityError, ConversionError, EdgepackError, UsageError, first_line
-from .job import Options
-from .pipeline import Result, bundle_path, package_model, refuse_existing_output
-from .profiles import Profile
-from .stages.save import save_model
-from .torch_export import Export, export_dynamo, export_legacy
-from .torch_inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, parse_dynamic, resolve, run_module
-from .torch_verify import check_export
+from ..errors import AccuracyError, CompatibilityError, ConversionError, EdgepackError, UsageError, first_line
+from ..onnxio.save import save_model
+from ..pipeline.job import Options
+from ..pipeline.run import Result, bundle_path, package_model, refuse_existing_output
+from ..profiles import Profile
+from .export import Export, export_dynamo, export_legacy
+from .inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, parse_dynamic, resolve, run_module
+from .verify import check_export
 
 __all__ = ["package_torch", "ir_for_opset", "runtime_for_opset"]
 

@@ -1,4 +1,4 @@
-"""Quantization recipes: dynamic INT8, static INT8 in QDQ format, FP16 with float32 inputs and outputs.
+"""What every quantization recipe shares: pre-processing, dispatch to the recipe, what the result holds.
 
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
@@ -21,35 +21,30 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 
-from . import progress
-from .errors import ConversionError, first_line
-from .modelinfo import external_locations, iter_graphs, iter_nodes
-from .ort_tools import load_ort_tools
-from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
-from .stages.save import EXTERNAL_DATA_THRESHOLD
+from .. import progress
+from ..errors import ConversionError, first_line
+from ..onnxio.modelinfo import external_locations, iter_graphs, iter_nodes
+from ..onnxio.save import EXTERNAL_DATA_THRESHOLD
+from ..ort_tools import load_ort_tools
+from . import RECIPES
+from .base import QUANTIZED_OPS
 
-__all__ = ["RECIPES", "QuantizeResult", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes"]
-
-RECIPES = ("none", "dynamic", "static", "fp16")
-
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
-                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul",
-                 "QAttention", "QGemm", "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
+__all__ = ["Quantized", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes",
+           "op_types", "quant_type", "Reader"]
 LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 @dataclass(frozen=True)
-class QuantizeResult:
+class Quantized:
     path: Path
     precision: str
     """'int8' or 'fp16'."""
@@ -94,13 +89,17 @@ def quantize_model(
     source: Path,
     out: Path,
     method: str,
-    recipe: StaticRecipe | DynamicRecipe | Fp16Recipe,
+    settings: Any,
     *,
     calibration: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
-) -> QuantizeResult:
-    """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed)."""
+) -> Quantized:
+    """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed) with the recipe
+    named ``method`` and its ``settings`` (edgepack/recipes)."""
+    if method not in RECIPES or RECIPES[method].settings is None:
+        raise ValueError(f"unknown recipe {method!r}")
+    recipe = RECIPES[method]
     out.parent.mkdir(parents=True, exist_ok=True)
     external = _needs_external_data(source)
     prepared = out.with_name(out.stem + ".pre.onnx")
@@ -111,16 +110,8 @@ def quantize_model(
     excluded = sorted(exclude_nodes)
     try:
         with progress.step(f"{method} quantization"), _quiet():
-            if method == "dynamic":
-                _dynamic(prepared, out, recipe, excluded, external)
-            elif method == "static":
-                if not calibration:
-                    raise ConversionError("static quantization needs calibration samples")
-                _static(prepared, out, recipe, calibration, excluded, external, calibration_method)
-            elif method == "fp16":
-                _fp16(prepared, out, recipe, excluded, external)
-            else:
-                raise ValueError(f"unknown recipe {method!r}")
+            recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded, external=external,
+                         calibration_method=calibration_method)
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
@@ -131,11 +122,11 @@ def quantize_model(
     proto = onnx.load_model(out, load_external_data=False)
     ops: dict[str, int] = {}
     for node in iter_nodes(proto):
-        if node.op_type in QUANTIZED_OPS or (method == "fp16" and node.op_type == "Cast"):
+        if node.op_type in recipe.marked_ops:
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return QuantizeResult(
+    return Quantized(
         path=out,
-        precision="fp16" if method == "fp16" else "int8",
+        precision=recipe.precision,
         bytes_before=model_bytes(source),
         bytes_after=model_bytes(out),
         external_data=external,
@@ -224,33 +215,18 @@ def _needs_external_data(path: Path) -> bool:
     return bool(external_locations(proto)) or model_bytes(path) > EXTERNAL_DATA_THRESHOLD
 
 
-def _op_types(wanted: list[str], excluded: list[str], registry: Iterable[str]) -> list[str]:
+def op_types(wanted: list[str], excluded: list[str], registry: Iterable[str]) -> list[str]:
     types = list(wanted) if wanted else sorted(set(registry))
     return [t for t in types if t not in set(excluded)]
 
 
-def _qtype(name: str):
+def quant_type(name: str):
     from onnxruntime.quantization import QuantType
 
     return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
 
 
-def _dynamic(prepared: Path, out: Path, recipe: DynamicRecipe, excluded: list[str], external: bool) -> None:
-    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
-    from onnxruntime.quantization import quantize_dynamic
-    from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-    quantize_dynamic(
-        prepared, out,
-        op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, IntegerOpsRegistry),
-        per_channel=recipe.per_channel,
-        weight_type=_qtype(recipe.weight_type),
-        nodes_to_exclude=excluded,
-        use_external_data_format=external,
-    )
-
-
-class _Reader:
+class Reader:
     """onnxruntime's CalibrationDataReader protocol over a list of feeds; ``step`` counts the samples read."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]], step: progress.Step | None = None):
@@ -269,64 +245,6 @@ class _Reader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # qdq_loss_debug iterates instead of calling get_next
         return iter(self.feeds)
-
-
-def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[dict[str, np.ndarray]],
-            excluded: list[str], external: bool, calibration_method: str | None) -> None:
-    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    method = calibration_method or recipe.calibration_method
-    with progress.step(f"calibrating ({method}) on {len(calibration)} sample(s)", total=len(calibration)) as step:
-        quantize_static(
-            prepared, out, _Reader(calibration, step),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]),
-            per_channel=recipe.per_channel,
-            activation_type=_qtype(recipe.activation_type),
-            weight_type=_qtype(recipe.weight_type),
-            nodes_to_exclude=excluded,
-            use_external_data_format=external,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            extra_options={"ActivationSymmetric": recipe.symmetric_activations,
-                           "WeightSymmetric": recipe.symmetric_weights},
-        )
-
-
-def _fp16(prepared: Path, out: Path, recipe: Fp16Recipe, excluded: list[str], external: bool) -> None:
-    from onnxconverter_common import float16
-
-    # quant_pre_process already ran shape inference on the file: the converter's own in-memory
-    # inference would serialize the whole model, which fails over 2 GiB
-    model = onnx.load_model(prepared)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # one warning per clipped constant, e.g. -10000.0 in attention masks
-        model = float16.convert_float_to_float16(
-            model, keep_io_types=True, disable_shape_infer=True,
-            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(recipe.exclude_op_types)),
-            node_block_list=excluded or None,
-        )
-    _align_casts(model)
-    if external:
-        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out.name + ".data", size_threshold=1024)
-        os.chmod(out.with_name(out.name + ".data"), 0o644)
-    else:
-        onnx.save_model(model, out)
-
-
-def _align_casts(model: onnx.ModelProto) -> None:
-    """onnxconverter-common turns a Cast-to-float's output into float16 in value_info but leaves the node's
-    ``to`` at float, which onnxruntime refuses to load: make each Cast produce the type its output declares."""
-    declared = {vi.name: vi.type.tensor_type.elem_type for vi in [*model.graph.value_info, *model.graph.output]}
-    for node in iter_nodes(model):
-        if node.op_type != "Cast" or node.output[0] not in declared:
-            continue
-        for attr in node.attribute:
-            if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT and declared[node.output[0]] == onnx.TensorProto.FLOAT16:
-                attr.i = onnx.TensorProto.FLOAT16
 
 
 def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path) -> list[tuple[str, float]]:
@@ -349,8 +267,8 @@ def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, 
         with _quiet():
             modify_model_output_intermediate_tensors(str(prepared), str(float_aug), save_as_external_data=external)
             modify_model_output_intermediate_tensors(str(quantized), str(qdq_aug), save_as_external_data=external)
-            float_acts = collect_activations(str(float_aug), _Reader(feeds))
-            qdq_acts = collect_activations(str(qdq_aug), _Reader(feeds))
+            float_acts = collect_activations(str(float_aug), Reader(feeds))
+            qdq_acts = collect_activations(str(qdq_aug), Reader(feeds))
             activation_error = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
             weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
     except Exception as exc:  # onnxruntime sessions on the debug models, numpy on their outputs

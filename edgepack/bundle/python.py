@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from ..job import Artifact, Job
 from ..fileops import copy_file
+from ..pipeline.job import Artifact, Job
 
 SHIM = "edgepack_shim.py"
 
@@ -38,7 +38,7 @@ class PythonBundler:
 def _pin_key(job: Job) -> dict:
     """Pin the signer's public key beside the shim: the shim then refuses any bundle not signed with it.
     The key is part of the bundle, so its fingerprint is in the manifest and REPORT.md (the bundle stage's summary)."""
-    from ..signing import PINNED_KEY_NAME, fingerprint, load_public_key, public_pem
+    from .signing import PINNED_KEY_NAME, fingerprint, load_public_key, public_pem
 
     key = load_public_key(job.options.pin_key)
     (job.staging / PINNED_KEY_NAME).write_bytes(public_pem(key))

@@ -32,13 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
-from .errors import EdgepackError
-from .progress import step
-from .profiles import Profile
+from ..errors import EdgepackError
+from ..profiles import Profile
+from ..progress import step
 
 __all__ = ["FreezeError", "freeze_bundle", "freeze_result", "frozen_path", "host_arch", "device_command",
            "pyinstaller_args", "runtime_requirements"]
@@ -160,8 +160,8 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
     started = time.perf_counter()
     python = runtime_venv(runtime_requirements(profile), progress)
     progress(f"[{profile.name}] freeze: PyInstaller {'onefile' if onefile else 'onedir'} build")
-    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=bundle.parent) as scratch:
-        scratch = Path(scratch)
+    with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=bundle.parent) as folder:
+        scratch = Path(folder)
         _run([str(python), "-m", "PyInstaller",
               *pyinstaller_args(bundle / SHIM, onefile=onefile, distpath=scratch / "dist", workpath=scratch / "build")],
              "PyInstaller")

@@ -1,4 +1,4 @@
-"""Mobile bundles (Android NNAPI, iOS CoreML): the .ort model, its reduced-operator config and what an app needs.
+"""Mobile bundles (Android NNAPI or XNNPACK, iOS CoreML): the .ort model, its reduced-operator config and what an app needs.
 
 Rules:
 1. The profile's ``mobile`` section is the only source of package coordinates and build arguments; its
@@ -23,8 +23,8 @@ from packaging.version import Version
 
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..stages.convert import CONFIG_NAME
+from ..onnxio.ort_convert import CONFIG_NAME, session_entries
+from ..pipeline.job import Artifact, Job
 
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
 
@@ -57,12 +57,7 @@ class MobileBundler:
 
 def session_options(model: Artifact, job: Job) -> dict:
     profile = job.profile
-    entries = dict(profile.session.config_entries)
-    if model.format == "ort":
-        entries["session.load_model_format"] = "ORT"
-    if model.ort_style == "Runtime":
-        # without it onnxruntime silently ignores the saved runtime optimizations
-        entries["session.enable_saved_runtime_optimizations"] = "1"
+    entries = session_entries(profile.session.config_entries, model.format, model.ort_style)
     return {
         "model": f"model/{model.path.name}",
         "intra_op_num_threads": profile.session.intra_op_num_threads,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, VerificationError
+from ..errors import UsageError, VerificationError
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 
 __all__ = ["SIGNATURE_NAME", "PINNED_KEY_NAME", "generate_key", "load_private_key", "load_public_key",
@@ -211,7 +211,7 @@ def sign_bundle(bundle: Path, key, *, manifest: dict[str, Any] | None = None, na
 def sign_checked(bundle: Path, key, manifest: dict[str, Any], name: str) -> str:
     """Sign a bundle the pipeline just wrote, then check the signature as the device will (the shim's own
     verifier); return the key's fingerprint."""
-    from .runtime_shim import edgepack_shim
+    from ..runtime_shim import edgepack_shim
 
     signed = sign_bundle(bundle, key, manifest=manifest, name=name)
     device_key = edgepack_shim.public_key_from_pem(public_pem(key.public_key()).decode("ascii"), "the signing key")

@@ -31,9 +31,9 @@ from typing import Any
 import onnx
 import torch
 
-from .errors import ConversionError, EdgepackError, first_line
-from .stages.save import EXTERNAL_DATA_THRESHOLD
-from .torch_inputs import TorchModel
+from ..errors import ConversionError, EdgepackError, first_line
+from ..onnxio.save import EXTERNAL_DATA_THRESHOLD
+from .inputs import TorchModel
 
 __all__ = ["Export", "export_dynamo", "export_legacy"]
 

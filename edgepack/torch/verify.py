@@ -23,8 +23,8 @@ import onnx
 import torch
 from torch.utils import _pytree
 
-from .accuracy import compare
-from .errors import ConversionError, UsageError, first_line
+from ..accuracy import compare
+from ..errors import ConversionError, UsageError, first_line
 
 __all__ = ["check_export", "dynamic_dims"]
 

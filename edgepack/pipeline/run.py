@@ -1,11 +1,7 @@
-"""The packaging pipeline: one model, loaded once, packaged for each target by the stages below.
+"""The packaging run: one model, loaded once, packaged for each target by the stages of ``plan``.
 
-    load (once) -> check -> optimize -> quantize -> convert -> bundle -> manifest -> self-test -> budget
-    (with fix_shapes before optimize and coverage before convert)
-
-Each stage is ``stage(artifact, job) -> (artifact, report)``; the reports end up in the bundle's
-manifest and REPORT.md. A target's bundle is built in a temporary folder and renamed into place only
-when every stage passed, so a failure leaves nothing behind.
+A target's bundle is built in a temporary folder and renamed into place only when every stage passed,
+so a failure leaves nothing behind. The results of the stages end up in the bundle's manifest and REPORT.md.
 """
 
 from __future__ import annotations
@@ -13,49 +9,22 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .errors import BudgetError, EdgepackError, UsageError
-from .fileops import atomic_folder
+from ..bundle.signing import load_private_key, sign_checked
+from ..errors import EdgepackError, UsageError
+from ..fileops import atomic_folder
+from ..profiles import Profile
+from ..stages.load import load, load_result
+from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
-from .profiles import Profile
-from .progress import about
-from .signing import load_private_key, sign_checked
-from .stages.bundle import bundle
-from .stages.check import check
-from .stages.convert import convert
-from .stages.coverage import coverage
-from .stages.fix_shapes import fix_shapes
-from .stages.load import load
-from .stages.manifest import finalize, manifest
-from .stages.optimize import optimize
-from .stages.quantize import quantize
-from .stages.selftest import self_test
-from .tune import tune
+from ..progress import about
+from .plan import plan
 
-__all__ = ["STAGES", "Result", "package_model", "bundle_path", "refuse_existing_output"]
-
-
-def budget(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    """Stage 9, budget: the bundle must fit the profile's size budget."""
-    total = sum(p.stat().st_size for p in job.staging.rglob("*") if p.is_file())
-    limit = job.profile.budget.max_bundle_mb
-    if total > limit * 1e6:
-        raise BudgetError(f"the bundle is {total / 1e6:.1f} MB, over the profile's budget of {limit:g} MB",
-                          where=job.profile.name, hint="quantize the model (--quantize) or raise budget.max_bundle_mb")
-    return artifact, {"stage": "budget", "summary": f"{total / 1e6:.2f} MB of {limit:g} MB", "bytes": total}
-
-
-STAGES: list[Callable[[Artifact, Job], tuple[Artifact, dict]]] = [
-    check, optimize, quantize, convert, bundle, manifest, self_test, budget,
-]
-# fixed shapes before the graph is optimized; coverage of the model as it will be converted
-STAGES.insert(STAGES.index(optimize), fix_shapes)
-STAGES.insert(STAGES.index(convert), coverage)
-# --tune chooses the recipe by measurement; without it, the quantize stage as it is
-STAGES[STAGES.index(quantize)] = tune
+__all__ = ["Result", "package_model", "bundle_path", "refuse_existing_output"]
 
 
 @dataclass
@@ -67,7 +36,7 @@ class Result:
     error: EdgepackError | None = None
     seconds: float = 0.0
     frozen: dict[str, Any] | None = None
-    """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
+    """With --freeze: where the frozen executable is and how big (edgepack/bundle/freeze.py)."""
     signed_by: str | None = None
     """With a signing key: its fingerprint, as recorded in the bundle's model.sig."""
 
@@ -90,7 +59,7 @@ class Result:
             data["signed_by"] = self.signed_by
         if self.error:
             data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
-                             "exit_code": self.error.exit_code}
+                             "exit_code": self.error.exit_code, "stage": self.error.stage}
         return data
 
 
@@ -104,7 +73,7 @@ def refuse_existing_output(name: str, profiles: list[Profile], options: Options)
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
     existing = [str(d) for d in destinations.values() if d.exists()]
     if options.freeze:
-        from .freeze import frozen_path
+        from ..bundle.freeze import frozen_path
 
         existing += [str(frozen_path(destinations[p.name])) for p in profiles
                      if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
@@ -142,7 +111,7 @@ def package_model(
                 results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
                                             signing_key))
         if options.freeze:
-            from .freeze import freeze_result
+            from ..bundle.freeze import freeze_result
 
             results = [freeze_result(r, p, onefile=options.onefile, force=options.force, progress=progress)
                        for r, p in zip(results, profiles)]
@@ -156,14 +125,18 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
         with atomic_folder(destination, force=options.force) as staging:
             job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
                       destination=destination, progress=progress)
-            job.reports.extend(source.origin)
-            job.reports.append(_load_report(source))
+            job.results.append(load_result(source))
             artifact = Artifact(path=source.reference)
-            for stage in STAGES:
+            for stage in plan(profile, options):
                 stage_started = time.perf_counter()
-                artifact, report = stage(artifact, job)
-                job.reports.append(report)
-                job.say(f"{report['stage']}: {report['summary']} ({time.perf_counter() - stage_started:.1f} s)")
+                try:
+                    result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
+                except EdgepackError as exc:
+                    exc.stage = stage.name
+                    raise
+                job.results.append(result)
+                artifact = result.artifact or artifact
+                job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - stage_started:.1f} s)")
             written = finalize(artifact, job)
             signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
             if signed_by:
@@ -172,18 +145,3 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                       signed_by=signed_by)
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
-
-
-def _load_report(source: Source) -> dict[str, Any]:
-    info = source.info
-    external = info["external_data"]
-    extra = f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB" if external["files"] else ""
-    return {
-        "stage": "load",
-        "summary": f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
-        "source": source.path.name,
-        "sha256": info["sha256"],
-        "nodes": info["nodes"],
-        "subgraphs": info["subgraphs"],
-        "passes": info["passes"],
-    }

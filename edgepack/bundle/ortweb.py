@@ -31,9 +31,9 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .errors import DownloadError, ProfileError, UsageError, VerificationError
-from .profiles import Profile
-from .progress import step
+from ..errors import DownloadError, ProfileError, UsageError, VerificationError
+from ..profiles import Profile
+from ..progress import step
 
 __all__ = ["OrtWeb", "pinned_version", "cache_dir", "fetch_tarball", "open_tarball", "extract_files"]
 

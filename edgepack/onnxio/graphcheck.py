@@ -11,11 +11,11 @@ Each failure is one ModelError naming the graph, the node and the value.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import onnx
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["check_structure"]
 

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import VerificationError
-from .progress import step
+from ..errors import VerificationError
+from ..progress import step
 
 __all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
            "SEAL_KEY", "seal_matches"]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "model.sig"
-"""The bundle's signature (edgepack/signing.py), written after the manifest: like the manifest, never listed in it."""
+"""The bundle's signature (edgepack/bundle/signing.py), written after the manifest: like the manifest, never listed in it."""
 SCHEMA = "edgepack.manifest/1"
 _CHUNK = 1 << 20
 _BIG = 16 << 20

@@ -20,10 +20,10 @@ import onnx
 
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
-from ..ortweb import extract_files, fetch_tarball, open_tarball, pinned_version
+from ..onnxio.modelinfo import describe_io
+from ..pipeline.job import Artifact, Job
 from ..samples import concrete_shape
+from .ortweb import extract_files, fetch_tarball, open_tarball, pinned_version
 
 LOADER = "edgepack.mjs"
 DEMO = "index.html"

@@ -1,4 +1,4 @@
-"""Tune: choose the quantization recipe by measurement, in place of the quantize stage (``--tune``).
+"""Tune: the quantize stage's search over recipes (``--tune``): build, gate and time candidates, ship the fastest.
 
 Rules:
 1. Timing means something only on the device's CPU. When the profile's ``device.arch`` is not this
@@ -7,8 +7,9 @@ Rules:
    an ARM bundle are never presented as device speed. An already quantized model is kept as it is.
 2. Candidates are the profile's ``quantization.tune_candidates``: FP32, dynamic INT8 with U8 or S8
    weights, static QDQ U8S8 or S8S8 per-channel (only with ``--calibration``, ``random`` included),
-   FP16. Each is quantized by ``edgepack.quantization`` from the profile's recipe settings and converted
-   by the convert stage, so it is the file that would ship, and opened with the session options the
+   FP16. Each is quantized by ``edgepack.recipes`` from the profile's recipe settings and converted
+   as the convert stage would, so it is the file that would ship (the winner's conversion is shipped,
+   not made again), and opened with the session options the
    shim would use on the device (threads, optimization level, config entries).
 3. The gate: every candidate runs on the validation inputs beside the FP32 reference, as converted.
    FP32 is held to ``accuracy``, the others to ``quantization.tolerance``. A candidate that misses is
@@ -29,25 +30,27 @@ import dataclasses
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from . import progress
-from .accuracy import check, compare
-from .calibration import RANDOM, Samples, load_samples, split_for_validation
-from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
-from .job import Artifact, Job
-from .modelinfo import describe_io
-from .ort_tools import load_ort_tools
-from .quantization import already_quantized, model_bytes, quantize_model
-from .stages.convert import convert
-from .stages.quantize import quantize, validation_samples
+from .. import progress
+from ..accuracy import check, compare
+from ..calibration import Samples, calibration_samples, validation_samples
+from ..errors import AccuracyError, ConversionError, EdgepackError, first_line
+from ..onnxio.modelinfo import describe_io
+from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, convert_to_ort
+from ..onnxio.ort_convert import model_bytes as onnx_model_bytes
+from ..ort_tools import load_ort_tools
+from ..pipeline.job import Artifact, Job
+from . import variants
+from .quantize import model_bytes, quantize_model
 
-__all__ = ["tune", "host_arch", "Candidate", "select", "time_round_robin", "choose", "RECIPES"]
+__all__ = ["search", "Outcome", "host_arch", "Candidate", "select", "time_round_robin", "choose"]
 
 MIN_ROUNDS = 5
 MAX_ROUNDS = 60
@@ -55,18 +58,6 @@ WARMUP_RUNS = 3
 PRUNE_AFTER = 5
 PRUNE_FACTOR = 1.5
 TIE = 0.03
-
-RECIPES: dict[str, tuple[str, Callable[[Any], Any] | None, str]] = {
-    # name: (method, recipe settings from the profile's quantization section, description)
-    "fp32": ("none", None, "FP32"),
-    "dynamic_u8": ("dynamic", lambda q: dataclasses.replace(q.dynamic, weight_type="uint8"), "dynamic INT8, U8 weights"),
-    "dynamic_s8": ("dynamic", lambda q: dataclasses.replace(q.dynamic, weight_type="int8"), "dynamic INT8, S8 weights"),
-    "static_u8s8": ("static", lambda q: dataclasses.replace(q.static, activation_type="uint8", weight_type="int8",
-                                                            per_channel=True), "static QDQ U8S8 per-channel"),
-    "static_s8s8": ("static", lambda q: dataclasses.replace(q.static, activation_type="int8", weight_type="int8",
-                                                            per_channel=True), "static QDQ S8S8 per-channel"),
-    "fp16": ("fp16", lambda q: q.fp16, "FP16 (float32 I/O)"),
-}
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -83,8 +74,8 @@ class Candidate:
     name: str
     model: Path
     """The file that runs (the converted .ort, or the .onnx for style none)."""
-    onnx: Path | None = None
-    """The ONNX model the bundle is converted from (the quantize stage's output for this recipe)."""
+    artifact: Artifact | None = None
+    """What ships if this candidate wins: ``model`` as the convert stage takes it."""
     precision: str = "fp32"
     bytes: int = 0
     method: str = "none"
@@ -109,7 +100,8 @@ class Candidate:
         return ordered[min(len(ordered) - 1, int(np.ceil(0.9 * len(ordered))) - 1)]
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "recipe": RECIPES.get(self.name, (None, None, self.name))[2],
+        variant = variants().get(self.name)
+        data: dict[str, Any] = {"name": self.name, "recipe": variant[1].description if variant else self.name,
                                 "precision": self.precision, "bytes": self.bytes,
                                 "gate": "passed" if self.passed else ("failed" if self.figures else "not run")}
         if self.misses:
@@ -124,36 +116,34 @@ class Candidate:
         return data
 
 
-# --- the stage ------------------------------------------------------------------------------
+# --- the search ------------------------------------------------------------------------------
 
 
-def tune(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    """Stage 4 with ``--tune``: build, gate, time, ship the fastest (rules 1-5); without it, the quantize stage."""
-    if not job.options.tune:
-        return quantize(artifact, job)
-    if job.options.quantize:
-        raise UsageError("--tune chooses the recipe itself: leave out --quantize", where=job.profile.name)
+@dataclass(frozen=True)
+class Outcome:
+    """What the search ships (``winner.artifact``, converted) and what the quantize stage reports of it."""
+
+    winner: Candidate
+    report: dict[str, Any]
+    summary: str
+    notice: str | None
+
+
+def search(artifact: Artifact, job: Job) -> Outcome:
+    """Build, gate, time and choose (rules 2-5) on a host with the device's CPU."""
     started = time.perf_counter()
-    host, device = host_arch(), job.profile.device.arch
-    if device != host:
-        return _profile_default(artifact, job, host, device)
-    found = already_quantized(artifact.path)
-    if found:
-        chosen, report = quantize(artifact, job)  # keeps the model as it is, and says so
-        return chosen, {**report, "tune": {"timed": False, "reason": "the model is already quantized: no recipe to choose"}}
     load_ort_tools()  # before onnxruntime.quantization: keeps torch out of this process
-    deadline = started + job.options.tune_budget
+    deadline = started + job.options.tune_seconds
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
-    validation = validation_samples(job, inputs)
-    calibration = _calibration(job, inputs)
+    validation = validation_samples(job.options, inputs)
+    calibration = calibration_samples(job.options, inputs)
     notes: list[str] = []
     candidates: list[Candidate] = []
     for name in job.profile.quantization.tune_candidates:
         if time.perf_counter() > deadline:
-            notes.append(f"{name} not built: the tuning budget of {job.options.tune_budget:g} s was spent")
+            notes.append(f"{name} not built: the tuning budget of {job.options.tune_seconds:g} s was spent")
             continue
-        method = RECIPES[name][0]
-        if method == "static" and calibration is None:
+        if variants()[name][0].needs_calibration and calibration is None:
             notes.append(f"{name} not built: static quantization needs --calibration DATA (or --calibration random)")
             continue
         job.say(f"tune: building {name}")
@@ -165,7 +155,7 @@ def tune(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         raise ConversionError("--tune built no candidate: " + "; ".join(notes), where=job.profile.name,
                               hint="raise --tune-budget, or package without --tune")
     winner, timing = select(candidates, job.source.reference, validation.feeds, _session_factory(job),
-                            lambda c: _tolerance(job, c), deadline=deadline, budget=job.options.tune_budget,
+                            lambda c: _tolerance(job, c), deadline=deadline, budget=job.options.tune_seconds,
                             say=job.say)
     notes += timing
     for note in timing:
@@ -176,57 +166,43 @@ def tune(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             f"({validation.origin}): " + "; ".join(f"{c.name}: {'; '.join(c.misses)}" for c in candidates if c.misses),
             where=job.profile.name, hint="give representative --calibration/--validation data, or loosen "
             "quantization.tolerance in the profile")
-    report = _report(winner, candidates, notes, job, validation, time.perf_counter() - started)
-    job.say(f"tune: {report['tune']['why']}")
-    return Artifact(path=winner.onnx or artifact.path, precision=winner.precision), report
-
-
-def _profile_default(artifact: Artifact, job: Job, host: str, device: str) -> tuple[Artifact, dict]:
-    settings = job.profile.quantization
-    evidence = settings.default_evidence or "the profile records no measurement for it"
-    reason = (f"--tune cannot time {job.profile.name}: its CPU is {device} and this machine is {host}, so timings "
-              f"here say nothing about the device; the profile's default recipe ({settings.default}) is used "
-              f"instead. Its basis: {evidence}")
-    job.say(f"NOTE: {reason}")
-    chosen, report = quantize(artifact, job)
-    report = {**report, "tune": {"timed": False, "host_arch": host, "device_arch": device,
-                                 "reason": reason, "default": settings.default, "default_evidence": evidence},
-              "notice": reason if not report.get("notice") else f"{report['notice']}; {reason}"}
-    report["summary"] = f"{report['summary']} [--tune: not timed on a {host} host for a {device} device; profile default]"
-    return chosen, report
-
-
-def _calibration(job: Job, inputs: list[dict[str, Any]]) -> Samples | None:
-    if not job.options.calibration:
-        return None
-    samples = load_samples(job.options.calibration, inputs)
-    if samples.origin != RANDOM and not job.options.validation:
-        samples = split_for_validation(samples)[0]
-    return samples
+    why = _why(winner, candidates)
+    job.say(f"tune: {why}")
+    return Outcome(winner=winner, report=_report(winner, candidates, notes, job, validation, why, time.perf_counter() - started),
+                   summary=f"tuned on this {host_arch()} host, {len(candidates)} candidate(s): {why}",
+                   notice="; ".join(notes) or None)
 
 
 def _build(name: str, artifact: Artifact, job: Job, calibration: Samples | None) -> Candidate:
-    method, settings, _ = RECIPES[name]
+    recipe, variant = variants()[name]
     folder = job.workdir / "tune" / name
     folder.mkdir(parents=True, exist_ok=True)
-    sub_job = dataclasses.replace(job, workdir=folder, reports=[])
     quantize_report = None
-    precision = "fp32"
-    if method == "none":
-        source = artifact
-    else:
-        result = quantize_model(artifact.path, folder / "quantized" / "quantized.onnx", method,
-                                settings(job.profile.quantization),
-                                calibration=calibration.feeds if method == "static" and calibration else None,
+    source = artifact
+    settings = job.profile.quantization.settings(recipe.name)
+    if settings is not None:
+        result = quantize_model(artifact.path, folder / "quantized" / "quantized.onnx", recipe.name,
+                                dataclasses.replace(settings, **variant.overrides),
+                                calibration=calibration.feeds if recipe.needs_calibration and calibration else None,
                                 calibration_method=job.options.calibration_method)
         quantize_report = result.report()
-        precision = result.precision
-        source = Artifact(path=result.path, precision=precision)
-    converted, _ = convert(source, sub_job)
-    shipped = converted.path
-    size = shipped.stat().st_size if converted.format == "ort" else model_bytes(shipped)
-    return Candidate(name=name, model=shipped, onnx=source.path, precision=precision, bytes=size, method=method,
-                     quantize_report=quantize_report)
+        source = Artifact(path=result.path, precision=result.precision)
+    shipped = _as_shipped(source, job, folder / "ort")
+    size = shipped.path.stat().st_size if shipped.format == "ort" else model_bytes(shipped.path)
+    return Candidate(name=name, model=shipped.path, artifact=shipped, precision=source.precision, bytes=size,
+                     method=recipe.name, quantize_report=quantize_report)
+
+
+def _as_shipped(source: Artifact, job: Job, out_dir: Path) -> Artifact:
+    """The candidate converted as the convert stage would (which then ships it as it is); kept as ONNX where
+    that stage keeps it (style none, over the ORT format's limit)."""
+    ort_format = job.profile.ort_format
+    if ort_format.style == "none" or onnx_model_bytes(source.path) >= ORT_FORMAT_MAX_BYTES:
+        return source
+    ort_path, config = convert_to_ort(source.path, out_dir, ort_format.style, ort_format.platform,
+                                      where=str(job.source.path))
+    return Artifact(path=ort_path, format="ort", ort_style=ort_format.style, ops_config=config,
+                    precision=source.precision, onnx=source.path)
 
 
 def _tolerance(job: Job, candidate: Candidate) -> dict[str, Any]:
@@ -240,7 +216,7 @@ def _session_factory(job: Job) -> Callable[[Path], Any]:
     """Sessions opened the way the shim opens the bundle on the device (runtime_shim.session_options)."""
     import onnxruntime as ort
 
-    from .runtime_shim import edgepack_shim
+    from ..runtime_shim import edgepack_shim
 
     profile = job.profile
     providers = [ep.name for ep in profile.execution_providers if ep.name in ort.get_available_providers()]
@@ -360,27 +336,15 @@ def _why(winner: Candidate, candidates: list[Candidate]) -> str:
 
 
 def _report(winner: Candidate, candidates: list[Candidate], notes: list[str], job: Job, validation: Samples,
-            seconds: float) -> dict[str, Any]:
-    why = _why(winner, candidates)
+            why: str, seconds: float) -> dict[str, Any]:
     threads = job.profile.session.intra_op_num_threads
-    tune_data = {
+    return {
         "timed": True, "host_arch": host_arch(), "device_arch": job.profile.device.arch,
         "host_cpu": platform.processor() or platform.machine(),
         "threads": threads or "onnxruntime default",
         "winner": winner.name, "why": why, "candidates": [c.to_dict() for c in candidates],
-        "notes": notes, "seconds": round(seconds, 1), "budget_seconds": job.options.tune_budget,
+        "notes": notes, "seconds": round(seconds, 1), "budget_seconds": job.options.tune_seconds,
         "validation": {"origin": validation.origin, "samples": len(validation.feeds)},
         "timing": f"{WARMUP_RUNS} warm-up runs each, then round-robin rounds of one run per candidate on one "
                   "validation input, medians and p90",
     }
-    report: dict[str, Any] = {"stage": "quantize", "recipe": winner.method, "requested": "tune",
-                              "profile_default": job.profile.quantization.default, "tune": tune_data}
-    if winner.quantize_report:
-        report["result"] = winner.quantize_report
-    if winner.figures:
-        report["figures"] = winner.figures
-    report["passed"] = True
-    report["summary"] = f"tuned on this {host_arch()} host, {len(candidates)} candidate(s): {why}"
-    if notes:
-        report["notice"] = "; ".join(notes)
-    return report
