@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
-                         help="quantization recipe (default: the profile's)")
+    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16", "int4", "q4f16"],
+                         help="quantization recipe (default: the profile's); int4: 4-bit weights (MatMulNBits), "
+                         "q4f16: 4-bit weights on FP16 activations (WebGPU with shader-f16)")
     package.add_argument("--calibration", metavar="PATH|random",
                          help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
                          "a folder of .npz samples, or 'random' (a smoke test, marked in the manifest)")

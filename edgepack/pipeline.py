@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
+from .int4 import refuse_unsupported
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
 from .stages.bundle import bundle
@@ -119,6 +120,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
+    refuse_unsupported(profiles, options.quantize)
     destinations = refuse_existing_output(name, profiles, options)
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")

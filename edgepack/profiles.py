@@ -21,6 +21,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from .errors import ProfileError, UsageError
+from .int4 import Int4Recipe
 
 __all__ = [
     "Profile",
@@ -123,18 +124,23 @@ class QuantizedAccuracy:
 
 @dataclass(frozen=True)
 class Quantization:
-    default: Literal["none", "dynamic", "static", "fp16"] = "none"
-    without_calibration: Literal["refuse", "none", "dynamic", "fp16"] = "refuse"
+    default: Literal["none", "dynamic", "static", "fp16", "int4", "q4f16"] = "none"
+    without_calibration: Literal["refuse", "none", "dynamic", "fp16", "int4", "q4f16"] = "refuse"
     """What a ``static`` default becomes when no calibration data is given (reported in the manifest);
     ``refuse`` stops with an error. An explicit ``--quantize static`` always needs calibration data."""
     static: StaticRecipe = field(default_factory=StaticRecipe)
     dynamic: DynamicRecipe = field(default_factory=DynamicRecipe)
     fp16: Fp16Recipe = field(default_factory=Fp16Recipe)
+    int4: Int4Recipe = field(default_factory=Int4Recipe)
+    q4f16: Int4Recipe = field(default_factory=lambda: Int4Recipe(accuracy_level=0))
+    """4-bit weights on an FP16 model (fp16.exclude_op_types apply too); WebGPU runs it with shader-f16.
+    accuracy_level 0: with FP16 activations, level 4 gave cosine 0.840 on onnxruntime 1.31's CPU provider
+    (transformer example, Runtime-style .ort) against 0.994 at level 0."""
     tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
-    tune_candidates: list[Literal["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "fp16"]] = field(
-        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8"])
+    tune_candidates: list[Literal["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "fp16", "int4"]] = field(
+        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "int4"])
     """Recipes ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
     default_evidence: str = ""
     """The measurement behind ``default``: what ``--tune`` reports when it cannot time on the device's CPU."""
@@ -314,6 +320,11 @@ def _check_semantics(profile: Profile, where: str) -> None:
                        ("quantization.tolerance.min_top1_agreement", tolerance.min_top1_agreement)):
         if not 0.0 <= value <= 1.0:
             raise ProfileError(f"key {key!r}: expected a number in [0, 1], found {value}", where=where)
+    for key in ("int4", "q4f16"):
+        size = getattr(profile.quantization, key).block_size
+        if size < 16 or size & (size - 1):
+            raise ProfileError(f"key 'quantization.{key}.block_size': expected a power of two, at least 16 "
+                               f"(MatMulNBits), found {size}", where=where)
     for key, value in (("accuracy.max_abs_error", profile.accuracy.max_abs_error),
                        ("budget.max_bundle_mb", profile.budget.max_bundle_mb),
                        ("runtime.max_opset", profile.runtime.max_opset),

@@ -1,4 +1,5 @@
-"""Quantization recipes: dynamic INT8, static INT8 in QDQ format, FP16 with float32 inputs and outputs.
+"""Quantization recipes: dynamic INT8, static INT8 in QDQ format, FP16 with float32 inputs and outputs;
+4-bit weights (int4, q4f16) live in ``edgepack.int4``.
 
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
@@ -23,25 +24,26 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
 
+from . import int4
 from .errors import ConversionError, first_line
 from .modelinfo import external_locations, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
-from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
+from .profiles import DynamicRecipe, Fp16Recipe, Profile, StaticRecipe
 from .stages.save import EXTERNAL_DATA_THRESHOLD
 
 __all__ = ["RECIPES", "QuantizeResult", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes"]
 
-RECIPES = ("none", "dynamic", "static", "fp16")
+RECIPES = ("none", "dynamic", "static", "fp16", *int4.METHODS)
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
-                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul",
+                 "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
                  "QAttention", "QGemm", "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
 LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
@@ -51,7 +53,7 @@ LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.Tenso
 class QuantizeResult:
     path: Path
     precision: str
-    """'int8' or 'fp16'."""
+    """'int8', 'fp16', 'int4' or 'q4f16'."""
     bytes_before: int
     bytes_after: int
     external_data: bool
@@ -61,6 +63,8 @@ class QuantizeResult:
     """Initializers stored in 8-bit or 16-bit types."""
     excluded_nodes: list[str]
     preprocess: str
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the recipe left in float, and why (4-bit recipes)."""
 
     def report(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,13 +97,15 @@ def quantize_model(
     source: Path,
     out: Path,
     method: str,
-    recipe: StaticRecipe | DynamicRecipe | Fp16Recipe,
+    recipe: StaticRecipe | DynamicRecipe | Fp16Recipe | int4.Int4Recipe,
     *,
     calibration: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
+    target: Profile | None = None,
 ) -> QuantizeResult:
-    """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed)."""
+    """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed). The 4-bit
+    recipes read the ``target`` profile: which kernels its runtime has, its opset, the fp16 exclusions."""
     out.parent.mkdir(parents=True, exist_ok=True)
     external = _needs_external_data(source)
     prepared = out.with_name(out.stem + ".pre.onnx")
@@ -108,6 +114,7 @@ def quantize_model(
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
     preprocess = prepare(source, prepared, external=external)
     excluded = sorted(exclude_nodes)
+    notes: dict[str, Any] = {}
     try:
         with _quiet():
             if method == "dynamic":
@@ -118,6 +125,12 @@ def quantize_model(
                 _static(prepared, out, recipe, calibration, excluded, external, calibration_method)
             elif method == "fp16":
                 _fp16(prepared, out, recipe, excluded, external)
+            elif method in int4.METHODS:
+                if target is None:
+                    raise ValueError(f"the {method} recipe needs the target profile")
+                notes = int4.quantize_4bit(prepared, out, method, recipe, target.quantization.fp16, excluded, external,
+                                           gather=int4.GATHER_OP not in int4.kernel_gaps(target, method, recipe),
+                                           max_opset=target.runtime.max_opset)
             else:
                 raise ValueError(f"unknown recipe {method!r}")
     except ConversionError:
@@ -130,11 +143,11 @@ def quantize_model(
     proto = onnx.load_model(out, load_external_data=False)
     ops: dict[str, int] = {}
     for node in iter_nodes(proto):
-        if node.op_type in QUANTIZED_OPS or (method == "fp16" and node.op_type == "Cast"):
+        if node.op_type in QUANTIZED_OPS or (method in ("fp16", "q4f16") and node.op_type == "Cast"):
             ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return QuantizeResult(
         path=out,
-        precision="fp16" if method == "fp16" else "int8",
+        precision=method if method in ("fp16", *int4.METHODS) else "int8",
         bytes_before=model_bytes(source),
         bytes_after=model_bytes(out),
         external_data=external,
@@ -142,6 +155,7 @@ def quantize_model(
         low_precision_weights=sum(1 for t in proto.graph.initializer if t.data_type in LOW_PRECISION),
         excluded_nodes=excluded,
         preprocess=preprocess,
+        notes=notes,
     )
 
 
@@ -290,11 +304,21 @@ def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[d
 
 
 def _fp16(prepared: Path, out: Path, recipe: Fp16Recipe, excluded: list[str], external: bool) -> None:
+    model = fp16_model(onnx.load_model(prepared), recipe, excluded)
+    if external:
+        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
+        os.chmod(out.with_name(out.name + ".data"), 0o644)
+    else:
+        onnx.save_model(model, out)
+
+
+def fp16_model(model: onnx.ModelProto, recipe: Fp16Recipe, excluded: list[str]) -> onnx.ModelProto:
+    """The FP16 model with float32 inputs and outputs (also the first step of q4f16)."""
     from onnxconverter_common import float16
 
     # quant_pre_process already ran shape inference on the file: the converter's own in-memory
     # inference would serialize the whole model, which fails over 2 GiB
-    model = onnx.load_model(prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning per clipped constant, e.g. -10000.0 in attention masks
         model = float16.convert_float_to_float16(
@@ -303,12 +327,7 @@ def _fp16(prepared: Path, out: Path, recipe: Fp16Recipe, excluded: list[str], ex
             node_block_list=excluded or None,
         )
     _align_casts(model)
-    if external:
-        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out.name + ".data", size_threshold=1024)
-        os.chmod(out.with_name(out.name + ".data"), 0o644)
-    else:
-        onnx.save_model(model, out)
+    return model
 
 
 def _align_casts(model: onnx.ModelProto) -> None:

@@ -7,7 +7,7 @@ Rules:
    an ARM bundle are never presented as device speed. An already quantized model is kept as it is.
 2. Candidates are the profile's ``quantization.tune_candidates``: FP32, dynamic INT8 with U8 or S8
    weights, static QDQ U8S8 or S8S8 per-channel (only with ``--calibration``, ``random`` included),
-   FP16. Each is quantized by ``edgepack.quantization`` from the profile's recipe settings and converted
+   FP16, INT4 weight-only (where the target's runtime has MatMulNBits). Each is quantized by ``edgepack.quantization`` from the profile's recipe settings and converted
    by the convert stage, so it is the file that would ship, and opened with the session options the
    shim would use on the device (threads, optimization level, config entries).
 3. The gate: every candidate runs on the validation inputs beside the FP32 reference, as converted.
@@ -42,6 +42,7 @@ from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, f
 from .job import Artifact, Job
 from .modelinfo import describe_io
 from .ort_tools import load_ort_tools
+from . import int4
 from .quantization import already_quantized, model_bytes, quantize_model
 from .stages.convert import convert
 from .stages.quantize import quantize, validation_samples
@@ -65,6 +66,7 @@ RECIPES: dict[str, tuple[str, Callable[[Any], Any] | None, str]] = {
     "static_s8s8": ("static", lambda q: dataclasses.replace(q.static, activation_type="int8", weight_type="int8",
                                                             per_channel=True), "static QDQ S8S8 per-channel"),
     "fp16": ("fp16", lambda q: q.fp16, "FP16 (float32 I/O)"),
+    "int4": ("int4", lambda q: q.int4, "INT4 weight-only (MatMulNBits)"),
 }
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
@@ -155,6 +157,9 @@ def tune(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         if method == "static" and calibration is None:
             notes.append(f"{name} not built: static quantization needs --calibration DATA (or --calibration random)")
             continue
+        if method in int4.METHODS and int4.MATMUL_OP in int4.kernel_gaps(job.profile, method):
+            notes.append(f"{name} not built: {int4.kernel_gaps(job.profile, method)[int4.MATMUL_OP]}")
+            continue
         job.say(f"tune: building {name}")
         try:
             candidates.append(_build(name, artifact, job, calibration))
@@ -217,7 +222,7 @@ def _build(name: str, artifact: Artifact, job: Job, calibration: Samples | None)
         result = quantize_model(artifact.path, folder / "quantized" / "quantized.onnx", method,
                                 settings(job.profile.quantization),
                                 calibration=calibration.feeds if method == "static" and calibration else None,
-                                calibration_method=job.options.calibration_method)
+                                calibration_method=job.options.calibration_method, target=job.profile)
         quantize_report = result.report()
         precision = result.precision
         source = Artifact(path=result.path, precision=precision)

@@ -78,7 +78,7 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     while True:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method)
+                                calibration_method=job.options.calibration_method, target=job.profile)
         figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
@@ -201,5 +201,9 @@ def _what_to_try(recipe: str, job: Job) -> str:
         "dynamic": ["--quantize static with --calibration data", "exclude op types in quantization.dynamic.exclude_op_types",
                     "--quantize fp16"],
         "fp16": ["exclude op types in quantization.fp16.exclude_op_types (kept in FP32)"],
+        "int4": [f"a smaller quantization.int4.block_size (now {job.profile.quantization.int4.block_size})",
+                 "quantization.int4.op_types [MatMul] (embeddings in float)", "--quantize dynamic"],
+        "q4f16": [f"a smaller quantization.q4f16.block_size (now {job.profile.quantization.q4f16.block_size})",
+                  "--quantize fp16"],
     }[recipe]
     return "try " + ", or ".join(tries) + "; --quantize none keeps FP32"
