@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import CompatibilityError
+from .errors import CompatibilityError, ConversionError
 from .modelinfo import iter_nodes
 
 if TYPE_CHECKING:
@@ -213,6 +213,10 @@ def quantize_4bit(prepared: Path, out: Path, method: str, recipe: Int4Recipe, fp
     with _quiet_quantizer():
         quantizer.process()
     written = quantizer.model.model
+    if not any(n.op_type == MATMUL_OP for n in iter_nodes(written)):
+        raise ConversionError(f"{method} found no MatMul with a constant 2-D weight to quantize",
+                              hint="4-bit weights are for MatMul-heavy models (transformers); Conv and Gemm are not "
+                              "quantized by it: try --quantize static or dynamic")
     _repack_tables_as_uint8(written)
     if external:
         onnx.save_model(written, out, save_as_external_data=True, all_tensors_to_one_file=True,
