@@ -198,3 +198,15 @@ def test_tune_builds_gates_and_times_int4(tmp_path: Path):
     assert rows["int4"]["precision"] == "int4" and rows["int4"]["gate"] == "passed" and rows["int4"]["runs"] >= 5
     assert rows["int4"]["bytes"] < rows["dynamic_s8"]["bytes"] < rows["fp32"]["bytes"]
     print(json.dumps({n: {k: r.get(k) for k in ("bytes", "median_ms")} for n, r in rows.items()}))
+
+
+def test_webgpu_coverage_counts_the_4bit_ops_as_on_the_accelerator(tmp_path: Path):
+    from edgepack.coverage import measure
+
+    profile = load_profile("browser-webgpu")
+    result = quantize_model(write_example("transformer", tmp_path), tmp_path / "q" / "q.onnx", "int4",
+                            load_profile("linux-x64").quantization.int4, target=load_profile("linux-x64"))
+    report = measure(result.path, profile.coverage)
+    assert not any(op.startswith("com.microsoft:") for op in report.unsupported_ops), report.unsupported_ops
+    tensorrt = measure(result.path, load_profile("jetson-orin-trt").coverage)
+    assert tensorrt.unsupported_ops["com.microsoft:MatMulNBits"] == 6
