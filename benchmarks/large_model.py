@@ -4,6 +4,7 @@
     python benchmarks/large_model.py --probes        # also: peak RSS of each suspect step on its own
     python benchmarks/large_model.py --quantizer     # also: onnxruntime's quantize_dynamic on the same model
     python benchmarks/large_model.py --gigabytes 1 --inline   # a model under 2 GiB, weights inline: ORT format
+    python benchmarks/large_model.py --quantize none,int4     # package with each recipe in turn
 
 The model is a chain of MatMuls with float32 [D, D] weights, written one layer at a time to a side
 file (the builder never holds more than one layer). Each measured step runs in its own subprocess;
@@ -135,6 +136,7 @@ def main() -> int:
     parser.add_argument("--quantizer", action="store_true", help="measure onnxruntime's quantize_dynamic too")
     parser.add_argument("--inline", action="store_true", help="weights inside the .onnx (needs --gigabytes under 2)")
     parser.add_argument("--keep", action="store_true", help="keep the model and bundle")
+    parser.add_argument("--quantize", default="none", help="recipes to package with, comma-separated (default: none)")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_into:
@@ -157,18 +159,21 @@ def main() -> int:
         rows = []
         log = scratch / "package.log"
         profile = _without_budget(args.target, scratch)
-        packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", str(profile),
-                            "--quantize", "none", "-o", str(scratch / "build")],
-                           env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
-        rows.append((f"edgepack package --target {args.target} --quantize none", packaged))
-        print(log.read_text(encoding="utf-8", errors="replace").rstrip())
-        bundle = scratch / "build" / f"model-{args.target}"
-        if packaged["exit"] == 0:
-            manifest = json.loads((bundle / "manifest.json").read_text())
-            convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
-            print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
-                  f"convert fallback: {convert.get('fallback')}")
-            shutil.rmtree(scratch / "build")
+        failed = False
+        for recipe in args.quantize.split(","):
+            packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", str(profile),
+                                "--quantize", recipe, "-o", str(scratch / "build")],
+                               env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
+            rows.append((f"edgepack package --target {args.target} --quantize {recipe}", packaged))
+            print(log.read_text(encoding="utf-8", errors="replace").rstrip())
+            bundle = scratch / "build" / f"model-{args.target}"
+            failed = failed or packaged["exit"] != 0
+            if packaged["exit"] == 0:
+                manifest = json.loads((bundle / "manifest.json").read_text())
+                convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
+                print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
+                      f"convert fallback: {convert.get('fallback')}")
+                shutil.rmtree(scratch / "build")
         if args.quantizer:
             rows.append(("onnxruntime quantize_dynamic (use_external_data_format=True)",
                          measure([sys.executable, "-c", QUANTIZE, str(model), str(scratch / "q.onnx")],
@@ -182,7 +187,7 @@ def main() -> int:
         print(f"\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
         for name, r in rows:
             print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
-        return 0 if packaged["exit"] == 0 else 1
+        return 1 if failed else 0
     finally:
         if args.keep:
             print(f"kept {scratch}")

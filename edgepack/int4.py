@@ -44,6 +44,7 @@ from .errors import CompatibilityError, ConversionError
 from .modelinfo import iter_nodes
 
 if TYPE_CHECKING:
+    from .job import Options
     from .profiles import Fp16Recipe, Profile
 
 __all__ = ["METHODS", "Int4Recipe", "kernel_gaps", "refuse_unsupported", "quantize_4bit"]
@@ -97,17 +98,28 @@ def kernel_gaps(profile: Profile, method: str, recipe: Int4Recipe | None = None)
     return gaps
 
 
-def refuse_unsupported(profiles: list[Profile], method: str | None) -> None:
-    """CompatibilityError before any work when a target's runtime lacks MatMulNBits for ``method``."""
-    if method not in METHODS:
-        return
-    refused = {p.name: kernel_gaps(p, method)[MATMUL_OP] for p in profiles if MATMUL_OP in kernel_gaps(p, method)}
+def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
+    """CompatibilityError before any work when a target's runtime lacks MatMulNBits for the 4-bit recipe it
+    would run (``--quantize``, else the profile's default; ``--tune`` skips such candidates itself)."""
+    refused = {}
+    for profile in profiles:
+        method = _recipe(profile, options)
+        if method in METHODS and MATMUL_OP in kernel_gaps(profile, method):
+            refused[profile.name] = (method, kernel_gaps(profile, method)[MATMUL_OP])
     if refused:
-        listed = "; ".join(f"{name}: {why}" for name, why in refused.items())
+        listed = "; ".join(f"{name} ({method}): {why}" for name, (method, why) in refused.items())
         raise CompatibilityError(
-            f"--quantize {method} writes com.microsoft {MATMUL_OP} nodes, which these targets cannot run: {listed}",
+            f"the 4-bit recipes write com.microsoft {MATMUL_OP} nodes, which these targets cannot run: {listed}",
             hint="package these targets with another recipe (--quantize fp16, dynamic or static), or leave them out of --target",
         )
+
+
+def _recipe(profile: Profile, options: Options) -> str | None:
+    if options.tune:
+        return None
+    settings = profile.quantization
+    method = options.quantize or settings.default
+    return settings.without_calibration if method == "static" and not options.calibration else method
 
 
 def _accelerator_has(profile: Profile, op: str) -> bool:

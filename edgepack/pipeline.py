@@ -120,7 +120,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    refuse_unsupported(profiles, options.quantize)
+    refuse_unsupported(profiles, options)
     destinations = refuse_existing_output(name, profiles, options)
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")

@@ -26,8 +26,8 @@ import onnx_ir as ir
 import torch
 
 from .errors import AccuracyError, CompatibilityError, ConversionError, EdgepackError, UsageError, first_line
-from .job import Options
 from .int4 import refuse_unsupported
+from .job import Options
 from .pipeline import Result, bundle_path, package_model, refuse_existing_output
 from .profiles import Profile
 from .stages.save import save_model
@@ -56,7 +56,7 @@ def package_torch(
     pipeline for each target on the file that fits it. Per-target failures are returned, not raised."""
     torch_model = resolve(model, name)
     name = torch_model.name
-    refuse_unsupported(profiles, options.quantize)
+    refuse_unsupported(profiles, options)
     refuse_existing_output(name, profiles, options)  # before the slow export
     entries = parse_dynamic(dynamic)
     if entries and torch_model.exported:

@@ -136,8 +136,14 @@ def test_an_accelerator_without_the_kernel_refuses_before_any_work(tmp_path: Pat
 def test_a_cpu_runtime_older_than_the_kernel_refuses_naming_the_version(tmp_path: Path):
     old = _custom_profile(tmp_path, "linux-x64", "old-x64", {'version: ">=1.20"': 'version: ">=1.16"'})
     assert "1.16.0" in kernel_gaps(old, "int4")["MatMulNBits"] and "1.17" in kernel_gaps(old, "int4")["MatMulNBits"]
-    with pytest.raises(CompatibilityError, match=r"old-x64: .*onnxruntime 1\.16\.0 .*MatMulNBits.*from 1\.17"):
+    with pytest.raises(CompatibilityError, match=r"old-x64 \(int4\): .*onnxruntime 1\.16\.0 .*MatMulNBits.*from 1\.17"):
         package_model(tmp_path / "none.onnx", [old], Options(output=tmp_path / "out", quantize="int4"))
+
+
+def test_a_profile_defaulting_to_int4_is_refused_where_the_kernel_is_missing(tmp_path: Path):
+    profile = _custom_profile(tmp_path, "ios-coreml", "coreml-int4", {"  default: fp16\n": "  default: int4\n"})
+    with pytest.raises(CompatibilityError, match=r"coreml-int4 \(int4\): the coreml provider"):
+        package_model(tmp_path / "none.onnx", [profile], Options(output=tmp_path / "out"))
 
 
 def test_without_gather_block_quantized_embeddings_stay_in_float_and_the_report_says_so(tmp_path: Path):
