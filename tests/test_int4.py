@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,11 @@ def test_int4_bundle_converts_self_tests_and_runs_in_the_shim(tmp_path: Path):
     assert figures["cosine"] >= load_profile("linux-x64").quantization.tolerance.min_cosine, figures
 
 
-def test_embeddings_are_stored_as_uint8_with_bits_4_and_the_model_moves_to_opset_21(tmp_path: Path):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_embeddings_are_stored_as_uint8_with_bits_4_and_the_model_moves_to_opset_21(tmp_path: Path, symmetric: bool):
     source = write_example("transformer", tmp_path)
-    result = quantize_model(source, tmp_path / "q" / "q.onnx", "int4", load_profile("linux-x64").quantization.int4,
-                            target=load_profile("linux-x64"))
+    recipe = replace(load_profile("linux-x64").quantization.int4, symmetric=symmetric)
+    result = quantize_model(source, tmp_path / "q" / "q.onnx", "int4", recipe, target=load_profile("linux-x64"))
     proto = onnx.load(result.path)
     assert next(o.version for o in proto.opset_import if o.domain == "") == 21 and proto.ir_version >= 10
     inits = {t.name: t for t in proto.graph.initializer}
@@ -216,3 +218,34 @@ def test_webgpu_coverage_counts_the_4bit_ops_as_on_the_accelerator(tmp_path: Pat
     assert not any(op.startswith("com.microsoft:") for op in report.unsupported_ops), report.unsupported_ops
     tensorrt = measure(result.path, load_profile("jetson-orin-trt").coverage)
     assert tensorrt.unsupported_ops["com.microsoft:MatMulNBits"] == 6
+
+
+@pytest.mark.parametrize("data_type", [onnx.TensorProto.INT4, onnx.TensorProto.UINT4])
+def test_repacking_a_table_as_uint8_keeps_every_4bit_value(data_type: int):
+    """Every 4-bit value, in both signs, through onnxruntime's GatherBlockQuantized before and after."""
+    from onnx import helper, numpy_helper
+
+    from edgepack.int4 import _repack_tables_as_uint8
+
+    rows, width, block = 8, 32, 16
+    low = -8 if data_type == onnx.TensorProto.INT4 else 0
+    values = np.random.default_rng(0).permutation(np.arange(rows * width) % 16 + low).reshape(rows, width)
+    inits = [helper.make_tensor("table", data_type, [rows, width], values.ravel().tolist()),
+             numpy_helper.from_array(np.linspace(0.5, 2, rows * 2, dtype=np.float32).reshape(rows, 2), "scales")]
+    inputs = ["table", "ids", "scales"]
+    if data_type == onnx.TensorProto.UINT4:
+        inits.append(helper.make_tensor("zp", data_type, [rows, 2], [3, 11] * rows))
+        inputs.append("zp")
+    node = helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", block_size=block,
+                            gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [rows])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    ids = {"ids": np.arange(rows, dtype=np.int64)[::-1].copy()}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    _repack_tables_as_uint8(model)
+    assert model.graph.initializer[0].data_type == onnx.TensorProto.UINT8
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    np.testing.assert_array_equal(after, before)
+    assert len(np.unique(before)) > 16  # the values really vary
