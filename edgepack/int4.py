@@ -22,6 +22,9 @@ Rules:
 5. ``accuracy_level`` is MatMulNBits' own attribute: 4 computes in int8 (MLAS's fastest CPU path on
    x86 and ARM64), 0 leaves it to the kernel. The accuracy gate of the quantize stage applies as for
    every recipe.
+6. ``int4`` skips onnxruntime's quantization pre-processing: weight-only quantization needs no shape
+   information, and pre-processing writes a full copy of the model first (``q4f16`` keeps it: the FP16
+   converter relies on its shape inference). Its nodes are named in memory instead.
 """
 
 from __future__ import annotations
@@ -199,12 +202,13 @@ def quantize_4bit(prepared: Path, out: Path, method: str, recipe: Int4Recipe, fp
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from .quantization import fp16_model
+    from .quantization import fp16_model, name_nodes
 
     if method == "q4f16":
         model = fp16_model(onnx.load_model(prepared), fp16, excluded)
     else:
         model = onnx.load_model(prepared)
+        name_nodes(model)
     notes: dict[str, Any] = {}
     types = [t for t in recipe.op_types if t != "Gather" or gather]
     if "Gather" in recipe.op_types and not gather:

@@ -2,8 +2,8 @@
 4-bit weights (int4, q4f16) live in ``edgepack.int4``.
 
 Rules:
-1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
-   it, onnxruntime's quantizer trips over stale shape information in exported models.
+1. Every recipe but int4 starts from ``quant_pre_process`` (shape inference and basic optimization):
+   without it, onnxruntime's quantizer trips over stale shape information in exported models.
 2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
    Initializers that onnxruntime's optimizer invented during pre-processing are renamed under
    ``pre_process/``: its MatMul+Add fusion names new initializers with a generator that only avoids
@@ -112,7 +112,10 @@ def quantize_model(
     for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
         stale.unlink(missing_ok=True)
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
-    preprocess = prepare(source, prepared, external=external)
+    if method == "int4":  # weight-only: no shapes needed, and no full copy of a large model (int4 rule 6)
+        prepared, preprocess = source, "none (weight-only: nodes named in memory)"
+    else:
+        preprocess = prepare(source, prepared, external=external)
     excluded = sorted(exclude_nodes)
     notes: dict[str, Any] = {}
     try:
@@ -194,6 +197,12 @@ class _TooLarge(Exception):
 def _name_nodes(path: Path, source: Path) -> None:
     proto = onnx.load_model(path, load_external_data=False)
     _rename_invented_initializers(proto, onnx.load_model(source, load_external_data=False))
+    name_nodes(proto)
+    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """A name for every node that has none (rule 2)."""
     used = {n.name for n in iter_nodes(proto) if n.name}
     count = 0
     for node in iter_nodes(proto):
@@ -205,7 +214,6 @@ def _name_nodes(path: Path, source: Path) -> None:
             node.name = name
             used.add(name)
             count += 1
-    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
 
 
 _INVENTED_PREFIX = "pre_process/"
