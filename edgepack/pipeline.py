@@ -22,6 +22,7 @@ from .fileops import atomic_folder
 from .int4 import refuse_unsupported
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
+from .progress import about
 from .signing import load_private_key, sign_checked
 from .stages.bundle import bundle
 from .stages.check import check
@@ -139,8 +140,9 @@ def package_model(
         for profile in profiles:
             workdir = Path(scratch) / profile.name
             workdir.mkdir()
-            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
-                                        signing_key))
+            with about(profile.name):
+                results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
+                                            signing_key))
         if options.freeze:
             from .freeze import freeze_result
 
