@@ -18,6 +18,7 @@ from ..bundle.signing import load_private_key, sign_checked
 from ..errors import EdgepackError, UsageError
 from ..fileops import atomic_folder
 from ..profiles import Profile
+from ..recipes.kernels import refuse_unsupported
 from ..stages.load import load, load_result
 from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
@@ -94,6 +95,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
+    refuse_unsupported(profiles, options)
     destinations = refuse_existing_output(name, profiles, options)
     signing_key = load_private_key(options.sign_key, options.sign_passphrase_env) if options.sign_key else None
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
