@@ -6,7 +6,7 @@ built-in transformer example (1 layer, hidden 64, vocab 1000) and a larger encod
 evidence for accuracy: trained weights have other distributions (often with outliers, which 4-bit
 round-to-nearest handles worse).
 
-Variants, each made by edgepack's own code (``edgepack.quantization.quantize_model``) and converted as
+Variants, each made by edgepack's own code (``edgepack.recipes.quantize.quantize_model``) and converted as
 the linux-x64 profile ships it (ORT format, Fixed style, amd64):
   fp32; int8 dynamic S8 (linux-x64's recipe without calibration data); int8 static QDQ U8S8 per-channel
   (its default, calibrated on 32 generated inputs); int4 with the recipe's defaults (block 32, asymmetric,
@@ -49,9 +49,9 @@ ort.set_default_logger_severity(3)  # the converter warns about x86-only NCHWc k
 
 from edgepack.accuracy import compare  # noqa: E402
 from edgepack.examples import build_transformer  # noqa: E402
-from edgepack.modelinfo import describe_io  # noqa: E402
+from edgepack.onnxio.modelinfo import describe_io  # noqa: E402
 from edgepack.profiles import load_profile  # noqa: E402
-from edgepack.quantization import model_bytes, quantize_model  # noqa: E402
+from edgepack.recipes.quantize import model_bytes, quantize_model  # noqa: E402
 from edgepack.samples import generate_inputs  # noqa: E402
 
 PROFILE = load_profile("linux-x64")
@@ -59,11 +59,11 @@ Q = PROFILE.quantization
 VARIANTS = {
     # name: (method, recipe settings)
     "fp32": ("none", None),
-    "int8 dynamic S8": ("dynamic", Q.dynamic),
-    "int8 static U8S8": ("static", Q.static),
-    "int4 b32 (default)": ("int4", Q.int4),
-    "int4 b128": ("int4", replace(Q.int4, block_size=128)),
-    "int4 MatMul only": ("int4", replace(Q.int4, op_types=["MatMul"])),
+    "int8 dynamic S8": ("dynamic", Q.settings("dynamic")),
+    "int8 static U8S8": ("static", Q.settings("static")),
+    "int4 b32 (default)": ("int4", Q.settings("int4")),
+    "int4 b128": ("int4", replace(Q.settings("int4"), block_size=128)),
+    "int4 MatMul only": ("int4", replace(Q.settings("int4"), op_types=["MatMul"])),
 }
 INT8 = "int8 dynamic S8"
 BROWSER_GATE = 0.97
@@ -175,10 +175,10 @@ def browser(models: dict[str, tuple[onnx.ModelProto, int]], runs: int, folder: P
     from browser import first_inference  # noqa: PLC0415
     from in_browser import chromium  # noqa: PLC0415
 
-    from edgepack import ortweb  # noqa: PLC0415
-    from edgepack.job import Options  # noqa: PLC0415
-    from edgepack.manifest import read_manifest  # noqa: PLC0415
-    from edgepack.pipeline import package_model  # noqa: PLC0415
+    from edgepack.bundle import ortweb  # noqa: PLC0415
+    from edgepack.bundle.manifest import read_manifest  # noqa: PLC0415
+    from edgepack.pipeline.job import Options  # noqa: PLC0415
+    from edgepack.pipeline.run import package_model  # noqa: PLC0415
     from edgepack.serve import start_server  # noqa: PLC0415
 
     tarball = ortweb.fetch_tarball(ortweb.pinned_version(load_profile("browser-wasm"))).path

@@ -125,6 +125,7 @@ def _ort_web_tarball() -> Path:
     ("android-nnapi", "nnapi_supported_ops.md"),
     ("ios-coreml", "coreml_supported_mlprogram_ops.md"),
     ("jetson-orin-trt", "tensorrt-10.3-onnx-ops.txt"),
+    ("android-xnnpack", "xnnpack-1.31-onnx-ops.txt"),
 ])
 def test_an_accelerator_without_the_kernel_refuses_before_any_work(tmp_path: Path, target: str, names: str):
     missing = tmp_path / "does-not-exist.onnx"  # never read: the refusal comes first

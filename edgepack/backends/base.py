@@ -3,8 +3,9 @@
 A backend declares the provider names a profile may list for it, the coverage checker that measures how
 much of a model it takes (implemented in edgepack/coverage.py), the typed options each provider
 accepts, and whether its runtime has a kernel for a ``com.microsoft`` operator a recipe writes
-(``kernel_gap``: the CPU from onnxruntime's kernel registry, an accelerator from its operator table). A profile's provider options are read into that type when the profile loads, and ``check`` applies
-the rules the device's loader applies later, so a wrong option fails on the packaging host, not on the device.
+(``kernel_gap``: the CPU from onnxruntime's kernel registry, an accelerator from its operator table).
+A profile's provider options are read into that type when the profile loads, and ``check`` applies the rules
+the device's loader applies later, so a wrong option fails on the packaging host, not on the device.
 The runtime shim keeps its own copy of the rules it needs on the device (runtime_shim/ stands alone).
 """
 

@@ -36,7 +36,8 @@ class Cpu(Backend):
         from packaging.version import Version
 
         if activation not in _kernel_types().get(op, ()):
-            return f"onnxruntime {onnxruntime.__version__}'s CPU provider has no {op} kernel for {activation} activations"
+            return (f"onnxruntime {onnxruntime.__version__}'s CPU provider has no {op} kernel for {activation} "
+                    "activations")
         major, minor = FIRST_RELEASE[op]
         spec = SpecifierSet(profile.runtime.version)
         older = [f"{major}.{m}.0" for m in range(8, minor) if spec.contains(Version(f"{major}.{m}.0"))]

@@ -112,7 +112,7 @@ class Q4f16(Int4):
     preprocess = True
     activation = "float16"
 
-    def apply(self, prepared, out, settings: Q4f16Settings, *, calibration, excluded, external,
+    def apply(self, prepared, out, settings: Int4Settings, *, calibration, excluded, external,
               calibration_method, target) -> dict[str, Any]:
         import onnx
 
@@ -123,7 +123,7 @@ class Q4f16(Int4):
         model = fp16_model(onnx.load_model(prepared), target.quantization.settings("fp16"), excluded)
         return quantize_4bit(model, out, self.name, settings, excluded, external, target)
 
-    def what_to_try(self, options, settings: Q4f16Settings) -> list[str]:
+    def what_to_try(self, options, settings: Int4Settings) -> list[str]:
         return [f"a smaller quantization.q4f16.block_size (now {settings.block_size})", "--quantize fp16"]
 
 
