@@ -149,6 +149,15 @@ def test_a_profile_defaulting_to_int4_is_refused_where_the_kernel_is_missing(tmp
         package_model(tmp_path / "none.onnx", [profile], Options(output=tmp_path / "out"))
 
 
+def test_tune_where_it_cannot_time_refuses_a_4bit_default_where_the_kernel_is_missing(tmp_path: Path):
+    """--tune on a host of another CPU runs the profile's default: refused before any work like without --tune."""
+    other = "x86_64" if host_arch() == "arm64" else "arm64"
+    profile = _custom_profile(tmp_path, "ios-coreml", "coreml-int4", {"  default: fp16\n": "  default: int4\n",
+                                                                      "arch: arm64": f"arch: {other}"})
+    with pytest.raises(CompatibilityError, match=r"coreml-int4 \(int4\): the coreml provider"):
+        package_model(tmp_path / "none.onnx", [profile], Options(output=tmp_path / "out", tune=True))
+
+
 def test_without_gather_block_quantized_embeddings_stay_in_float_and_the_report_says_so(tmp_path: Path):
     profile = _custom_profile(tmp_path, "linux-x64", "x64-1-18", {'version: ">=1.20"': 'version: ">=1.18"'})
     assert set(kernel_gaps(profile, "int4")) == {"GatherBlockQuantized"}

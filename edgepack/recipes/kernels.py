@@ -7,8 +7,9 @@ Rules:
    release that has it, an accelerator from its operator table).
 2. A missing required kernel refuses the recipe for that target before anything is read or written,
    naming the op and the runtime version that has it. The recipe that would run is ``--quantize``, else the
-   profile's default (its ``without_calibration`` fallback when no calibration data is given); ``--tune``
-   leaves such candidates out itself and says why. A missing optional kernel is the recipe's to handle.
+   profile's default (its ``without_calibration`` fallback when no calibration data is given), which
+   ``--tune`` runs too where it cannot time; where it can, it leaves such candidates out itself and says
+   why. A missing optional kernel is the recipe's to handle.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
 
 
 def _would_run(profile: Profile, options: Options) -> str | None:
-    if options.tune:
-        return None
+    from .search import host_arch
+
+    if options.tune and profile.device.arch == host_arch():
+        return None  # the search chooses among the candidates whose kernels are there
     settings = profile.quantization
     recipe = options.quantize or settings.default
     if not options.quantize and RECIPES[recipe].needs_calibration and not options.calibration:
