@@ -25,6 +25,7 @@ import edgepack.stages.convert as convert_stage
 from edgepack.errors import ConversionError
 from edgepack.job import Artifact, Job, Options, Source
 from edgepack.manifest import read_manifest, verify_bundle
+from tests.support.manifests import minimal_content
 from edgepack.pipeline import package_model
 from edgepack.profiles import load_profile
 from edgepack.stages.bundle import bundle
@@ -209,12 +210,14 @@ def test_big_bundle_files_are_hashed_once_per_version(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest_module, "hash_file", lambda path: calls.append(path) or real(path))
     big = tmp_path / "model.onnx.data"
     big.write_bytes(b"\1" * (17 << 20))
-    first = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
-    again = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    (tmp_path / "model.onnx").write_bytes(b"model")
+    content = minimal_content("model.onnx", ["model.onnx.data"])
+    first = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
+    again = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
     assert first == again and calls.count(big) == 1
     with open(big, "r+b") as f:  # same size, same inode, new content
         f.write(b"\2")
     os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
-    changed = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    changed = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
     assert changed["sha256"] != first["sha256"] and changed == real(big)
     assert verify_bundle(tmp_path).ok
