@@ -7,9 +7,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
-from .errors import UsageError
+from .destination import check_destination, nearest_existing
 
 __all__ = ["copy_file", "atomic_folder"]
 
@@ -21,19 +21,24 @@ def copy_file(src, dst) -> None:
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``destination``; rename it into place only if the block succeeds.
+def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = (),
+                  recognise: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder; rename it to ``destination`` only if the block succeeds.
 
-    On any failure the temporary folder is removed and ``destination`` is left as it was.
+    The temporary folder sits in the closest existing folder on the way to ``destination`` (so the rename
+    stays on one filesystem) and the folders up to ``destination`` are made only at the rename: on any
+    failure nothing is left, not even an empty output folder. What may be replaced, and what never
+    (the ``inputs``), is ``destination.check_destination``'s rule, checked again at the rename.
     """
-    if destination.exists() and not force:
-        raise UsageError(f"{destination} already exists", hint="pass --force to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    check_destination(destination, force=force, inputs=inputs, recognise=recognise)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial",
+                                    dir=nearest_existing(destination.parent)))
     os.chmod(staging, 0o755)
     try:
         yield staging
-        if destination.exists():
+        check_destination(destination, force=force, inputs=inputs, recognise=recognise)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(destination):
             old = staging.with_suffix(".old")
             destination.rename(old)
             staging.rename(destination)

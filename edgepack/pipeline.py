@@ -11,6 +11,7 @@ when every stage passed, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BudgetError, EdgepackError, UsageError
+from .destination import check_destination
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
@@ -92,18 +94,21 @@ def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
     return output / f"{model_name}-{profile.name}"
 
 
-def refuse_existing_output(name: str, profiles: list[Profile], options: Options) -> dict[str, Path]:
+def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
+                           inputs: tuple[Path, ...] = ()) -> dict[str, Path]:
     """Each target's bundle folder; a UsageError before any work when one (or its frozen executable)
-    exists and ``options.force`` is not set."""
+    exists and ``options.force`` is not set, or may not be written or replaced (edgepack/destination.py)."""
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
-    existing = [str(d) for d in destinations.values() if d.exists()]
+    existing = [str(d) for d in destinations.values() if os.path.lexists(d)]
     if options.freeze:
         from .freeze import frozen_path
 
         existing += [str(frozen_path(destinations[p.name])) for p in profiles
-                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
+                     if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    for destination in destinations.values():
+        check_destination(destination, force=options.force, inputs=inputs)
     return destinations
 
 
@@ -119,7 +124,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    destinations = refuse_existing_output(name, profiles, options)
+    destinations = refuse_existing_output(name, profiles, options, inputs=(model,))
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")
         source_dir = Path(scratch) / "source"
@@ -144,7 +149,7 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                  progress: Callable[[str], None]) -> Result:
     started = time.perf_counter()
     try:
-        with atomic_folder(destination, force=options.force) as staging:
+        with atomic_folder(destination, force=options.force, inputs=source_files(source)) as staging:
             job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
                       destination=destination, progress=progress)
             job.reports.extend(source.origin)
@@ -159,6 +164,11 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
         return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started)
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
+
+
+def source_files(source: Source) -> list[Path]:
+    """The user's model and its side files: never inside a folder packaging replaces."""
+    return [source.path] + [source.path.parent / rel for rel in source.info["external_data"]["files"]]
 
 
 def _load_report(source: Source) -> dict[str, Any]:
