@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 
 from .destination import check_destination, nearest_existing
 
-__all__ = ["copy_file", "atomic_folder"]
+__all__ = ["copy_file", "atomic_folder", "working_directory"]
 
 
 def copy_file(src, dst) -> None:
@@ -48,3 +48,15 @@ def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = ()
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def working_directory(folder: Path) -> Iterator[Path]:
+    """Run a block with ``folder`` as the current folder: for library helpers that write files relative
+    to it (onnxruntime's quantization pre-processing, onnx's checker looking for side files)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(previous)

@@ -15,7 +15,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import onnx
 
 from ..ort_tools import load_ort_tools
 from ..errors import UsageError
+from ..fileops import working_directory
 from ..job import Artifact, Job
 from ..modelinfo import describe_io, external_locations
 
@@ -107,12 +107,8 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
     out = folder / source.name
     onnx.save_model(proto, out)
     # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
+    with working_directory(folder):
         fix_output_shapes(proto)
-    finally:
-        os.chdir(previous)
     onnx.save_model(proto, out)
     return out
 
