@@ -1176,7 +1176,11 @@ def bounded_server(base):
 
     class Bounded(base):
         daemon_threads = True
-        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        name = "edgepack_shim"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
         def process_request(self, request, client_address):
             if not self.slots.acquire(blocking=False):
@@ -1202,7 +1206,7 @@ def bounded_server(base):
         def handle_error(self, request, client_address):
             exc = sys.exc_info()[1]
             if not isinstance(exc, (ConnectionError, TimeoutError)):
-                print(f"edgepack_shim: error: request from {client_address[0]} failed: {type(exc).__name__}: "
+                print(f"{self.name}: error: request from {client_address[0]} failed: {type(exc).__name__}: "
                       f"{_shown(_first_line(exc))[1:-1]}", file=sys.stderr)
 
     return Bounded
