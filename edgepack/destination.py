@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -62,11 +63,19 @@ def _check(destination: Path, force: bool, inputs: list[Path], recognise) -> Non
             raise UsageError(f"--force replaces only a folder edgepack wrote, and this one {problem}", where=where,
                              hint="move your files out of it, delete it yourself, or choose another -o")
     parent = nearest_existing(destination.parent)
+    longest = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    below = Path(os.path.abspath(destination)).relative_to(parent).parts
+    if any(len(os.fsencode(part)) > longest for part in below) or len(os.fsencode(os.path.abspath(destination))) > 4000:
+        raise UsageError(f"the output path is too long for this system (a name over {longest} bytes, or a path over "
+                         "4000)", where=where, hint="choose a shorter -o")
     if not parent.is_dir():
         raise UsageError(f"{_shown(parent)} is a file, so no bundle folder can be made below it", where=where,
                          hint="-o names the folder that receives one bundle folder per target")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"the folder {_shown(parent)} is not writable", where=where, hint="choose another -o")
+    try:  # a real write: permission bits say nothing for root, nor for a read-only or special filesystem
+        os.rmdir(tempfile.mkdtemp(prefix=".edgepack-probe-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write in the folder {_shown(parent)}: {exc.strerror or exc}", where=where,
+                         hint="choose an -o in a folder you can write") from None
 
 
 def not_a_bundle(folder: Path) -> str | None:

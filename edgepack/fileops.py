@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .destination import check_destination, nearest_existing
+from .errors import UsageError
 
 __all__ = ["copy_file", "atomic_folder", "working_directory"]
 
@@ -31,8 +32,12 @@ def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = ()
     (the ``inputs``), is ``destination.check_destination``'s rule, checked again at the rename.
     """
     check_destination(destination, force=force, inputs=inputs, recognise=recognise)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial",
-                                    dir=nearest_existing(destination.parent)))
+    parent = nearest_existing(destination.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write in {parent}: {exc.strerror or exc}", where=str(destination),
+                         hint="choose an -o in a folder you can write") from None
     os.chmod(staging, 0o755)
     try:
         yield staging
