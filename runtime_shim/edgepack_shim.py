@@ -1,12 +1,13 @@
 """Run an edgepack bundle on the device: verify its files, then load and run its model.
 
-Needs only the Python standard library, numpy and onnxruntime. From inside the bundle folder:
+Needs only the Python standard library, numpy and onnxruntime. From the folder holding the bundle
+(inputs and outputs stay outside it: `run` refuses to write into the bundle, whose files are checksummed):
 
-    python edgepack_shim.py info                        # model I/O, target, providers wanted vs available
-    python edgepack_shim.py verify                      # every file's checksum against manifest.json
-    python edgepack_shim.py run inputs.npz -o out.npz   # .npy for a single-input model; --json prints a summary
-    python edgepack_shim.py bench --runs 200            # first-run time, p50/p90/p99 latency, throughput
-    python edgepack_shim.py serve --port 8080           # HTTP JSON endpoint on 127.0.0.1
+    python BUNDLE/edgepack_shim.py info                        # model I/O, target, providers wanted vs available
+    python BUNDLE/edgepack_shim.py verify                      # every file's checksum against manifest.json
+    python BUNDLE/edgepack_shim.py run inputs.npz -o out.npz   # .npy for a single-input model; --json: a summary
+    python BUNDLE/edgepack_shim.py bench --runs 200            # first-run time, p50/p90/p99 latency, throughput
+    python BUNDLE/edgepack_shim.py serve --port 8080           # HTTP JSON endpoint on 127.0.0.1
 
 or from Python:
 
@@ -23,6 +24,9 @@ What it guarantees:
   with their options). A missing preferred provider is reported; with ``--strict-providers`` (or the
   manifest's ``strict_providers``) it is refused instead of silently falling back to the CPU.
 - Inputs are checked by name, dtype (lossless casts only), rank and fixed dims before running.
+- Only regular files inside the bundle are opened, through no symbolic link; session config entries and
+  provider options must be on this file's allow-list (none names a file), so a manifest cannot make
+  onnxruntime write or read outside the bundle.
 
 Exit codes: 0 ok, 1 other errors, 2 usage or bad inputs, 4 onnxruntime or providers do not match the
 bundle, 5 onnxruntime failed to load or run the model, 7 the bundle's files do not match its manifest.
