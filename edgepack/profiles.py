@@ -321,6 +321,7 @@ def _check_semantics(profile: Profile, where: str) -> None:
                        ("runtime.max_ir_version", profile.runtime.max_ir_version)):
         if value <= 0:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
+    check_profile(profile, where)
 
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")

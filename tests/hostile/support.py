@@ -47,7 +47,8 @@ def reseal(bundle: Path, manifest: dict) -> None:
     manifest = {**manifest, "manifest_sha256": "0" * 64}
     data = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
     seal = hashlib.sha256(data).hexdigest()
-    (bundle / "manifest.json").write_bytes(data.replace(b'"' + b"0" * 64 + b'"', b'"' + seal.encode() + b'"', 1))
+    blank = b'"manifest_sha256": "' + b"0" * 64 + b'"'
+    (bundle / "manifest.json").write_bytes(data.replace(blank, b'"manifest_sha256": "' + seal.encode() + b'"'))
 
 
 def run_shim(bundle: Path, *args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
