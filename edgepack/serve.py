@@ -58,6 +58,7 @@ class _Handler(SimpleHTTPRequestHandler):
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
     quiet = True
     timeout = SOCKET_TIMEOUT
+    default_request_version = "HTTP/1.0"  # an unparseable request line still gets a status line
     _etag: str | None = None
 
     def send_head(self):

@@ -1093,6 +1093,7 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
         server_version = "edgepack-shim"
         protocol_version = "HTTP/1.1"
         timeout = SOCKET_TIMEOUT  # a client that stops sending loses its connection instead of holding a thread
+        default_request_version = "HTTP/1.0"  # an unparseable request line still gets a status line
 
         def do_GET(self):
             if self.path == "/health":
