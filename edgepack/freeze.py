@@ -183,12 +183,12 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
 
 def _check_frozen_destination(destination: Path, force: bool) -> None:
     try:
-        check_destination(destination, force=force, recognise=_not_frozen)
+        check_destination(destination, force=force, recognise=not_frozen)
     except UsageError as exc:
         raise FreezeError(exc.message, where=exc.where, hint=exc.hint) from None
 
 
-def _not_frozen(folder: Path) -> str | None:
+def not_frozen(folder: Path) -> str | None:
     """Why --force may not replace ``folder`` (it must be a frozen executable's folder), or None."""
     executable = folder / EXECUTABLE
     if executable.is_symlink() or not executable.is_file():

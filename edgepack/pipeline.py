@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import BudgetError, EdgepackError, UsageError
 from .destination import check_destination
+from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
@@ -107,8 +107,12 @@ def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
                      if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
-    for destination in destinations.values():
-        check_destination(destination, force=options.force, inputs=inputs)
+    for profile in profiles:
+        check_destination(destinations[profile.name], force=options.force, inputs=inputs)
+        if options.freeze and profile.bundle.kind == "python":
+            from .freeze import frozen_path, not_frozen
+
+            check_destination(frozen_path(destinations[profile.name]), force=options.force, recognise=not_frozen)
     return destinations
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from edgepack.destination import check_destination
 from edgepack.errors import UsageError
-from edgepack.freeze import _not_frozen
+from edgepack.freeze import not_frozen
 from tests.hostile.support import relu_model, tree, unmergeable_dims_model
 
 TARGET = "linux-x64"
@@ -92,9 +92,9 @@ def test_force_replaces_only_a_frozen_executable_folder(tmp_path):
     frozen.mkdir()
     (frozen / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="holds no edgepack_shim executable"):
-        check_destination(frozen, force=True, recognise=_not_frozen)
+        check_destination(frozen, force=True, recognise=not_frozen)
     (frozen / "edgepack_shim").write_bytes(b"\x7fELF")
-    check_destination(frozen, force=True, recognise=_not_frozen)
+    check_destination(frozen, force=True, recognise=not_frozen)
 
 
 # --- destinations that cannot hold a bundle: refused before any work ----------------------------------

@@ -124,3 +124,12 @@ def test_the_shim_holds_the_same_allow_lists():
     assert edgepack_shim.CACHE_OPTION == safety.CACHE_OPTION
     assert edgepack_shim.CACHE_VALUE.pattern == safety.CACHE_VALUE.pattern
     assert (edgepack_shim.MAX_THREADS, edgepack_shim.MAX_TEXT) == (safety.MAX_THREADS, safety.MAX_TEXT)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "../safety.py", ""])
+def test_the_op_list_reader_itself_opens_only_shipped_lists(name):
+    """For a Coverage built in code, not loaded from a profile."""
+    from edgepack.coverage import load_op_list
+
+    with pytest.raises(ProfileError, match="is not a list in edgepack/data"):
+        load_op_list(name)
