@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("-t", "--target", action="append", required=True, metavar="TARGET",
                          help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)")
     package.add_argument("-o", "--output", type=Path, default=Path("build"), help="output folder (default: build/)")
-    package.add_argument("--force", action="store_true", help="replace existing bundles")
+    package.add_argument("--force", action="store_true",
+                         help="replace existing bundles (only folders edgepack wrote, holding no file of yours)")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
     package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],

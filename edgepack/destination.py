@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import UsageError
+from .manifest import MANIFEST_NAME, SCHEMA, list_files
 
 __all__ = ["check_destination", "not_a_bundle", "nearest_existing"]
-
-MANIFEST_NAME = "manifest.json"
-SCHEMA = "edgepack.manifest/1"
 
 
 def check_destination(destination: Path, *, force: bool, inputs: Iterable[Path] = (),
@@ -35,7 +33,7 @@ def check_destination(destination: Path, *, force: bool, inputs: Iterable[Path] 
     """Raise UsageError unless a bundle may be written at ``destination`` (rules 1-3).
 
     ``recognise(path)`` says why an existing folder is not one ``--force`` may replace (None: it may);
-    by default ``is_bundle``'s rule 1 for bundle folders."""
+    by default ``not_a_bundle`` (rule 1)."""
     recognise = recognise or not_a_bundle
     try:
         _check(destination, force, list(inputs), recognise)
@@ -93,21 +91,11 @@ def not_a_bundle(folder: Path) -> str | None:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("files"), dict):
         return f"has a {MANIFEST_NAME} that is not an edgepack manifest"
     listed = set(data["files"])
-    unknown = [rel for rel in _walk(folder) if rel not in listed and rel != MANIFEST_NAME
-               and not rel.startswith("__pycache__/")]
+    unknown = [rel for rel in list_files(folder) if rel not in listed and not rel.startswith("__pycache__/")]
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         return f"holds files its manifest does not list: {', '.join(_shown(r) for r in unknown[:3])}{more}"
     return None
-
-
-def _walk(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        base = Path(dirpath)
-        for name in filenames + [d for d in dirnames if (base / d).is_symlink()]:
-            found.append((base / name).relative_to(folder).as_posix())
-    return sorted(found)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -199,6 +199,13 @@ def _nesting(raw: bytes) -> int:
     return deepest
 
 
+def _bounded(message: str, longest: int = 200) -> str:
+    """``message`` with every run of over ``longest`` non-blank characters (a path, a name from a file) cut
+    in the middle, so that no message grows with its input."""
+    return re.sub(r"\S{%d,}" % (longest + 1), lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
+                  message)
+
+
 def _shown(value) -> str:
     """A value from a file for a message: at most 80 characters."""
     text = repr(value)
@@ -1295,13 +1302,13 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ShimError as exc:
-        print(f"edgepack_shim: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"edgepack_shim: error: {_bounded(' '.join(str(exc).split()))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgepack_shim: error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug here or in a library: still one line
-        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_bounded(_first_line(exc))}", file=sys.stderr)
         return 1
 
 

@@ -228,3 +228,11 @@ def test_shim_bench_refuses_generated_inputs_over_its_budget(bundle):
     reseal(bundle, manifest)
     done = run_shim(bundle, "bench", "--runs", "1")
     assert done.returncode == 2 and "generated inputs would take over 1 GiB" in done.stderr, done.stderr
+
+
+def test_a_huge_name_in_the_inputs_gives_a_bounded_message(bundle):
+    work = bundle.parent
+    np.savez(work / "named.npz", **{"n" * 60_000: np.ones((1, 4), np.float32)})
+    done = run_shim(bundle, "run", "named.npz", "-o", "o.npz", cwd=work)
+    assert done.returncode == 2 and "unknown input" in done.stderr, done.stderr[:500]
+    assert len(done.stderr) < 1000
