@@ -236,3 +236,21 @@ def test_a_huge_name_in_the_inputs_gives_a_bounded_message(bundle):
     done = run_shim(bundle, "run", "named.npz", "-o", "o.npz", cwd=work)
     assert done.returncode == 2 and "unknown input" in done.stderr, done.stderr[:500]
     assert len(done.stderr) < 1000
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_signature_that_is_not_a_regular_file_is_never_read(bundle, tmp_path, kind):
+    from edgepack.signing import generate_key
+
+    generate_key(tmp_path / "k.pem", tmp_path / "k.pub", None)
+    if kind == "fifo":
+        os.mkfifo(bundle / "model.sig")
+    else:
+        (tmp_path / "elsewhere.sig").write_text("{}")
+        (bundle / "model.sig").symlink_to(tmp_path / "elsewhere.sig")
+    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
+    packager = subprocess.run([sys.executable, "-m", "edgepack", "verify", str(bundle), "--public-key",
+                               str(tmp_path / "k.pub")], capture_output=True, text=True, timeout=30, env=env)
+    device = run_shim(bundle, "verify", "--public-key", tmp_path / "k.pub", timeout=30)
+    for done in (packager, device):
+        assert done.returncode == 7 and "model.sig is not a regular file" in done.stderr, done.stderr
