@@ -23,6 +23,7 @@ from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
+from .progress import about
 from .signing import load_private_key, sign_checked
 from .stages.bundle import bundle
 from .stages.check import check
@@ -146,8 +147,9 @@ def package_model(
         for profile in profiles:
             workdir = Path(scratch) / profile.name
             workdir.mkdir()
-            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
-                                        signing_key))
+            with about(profile.name):
+                results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
+                                            signing_key))
         if options.freeze:
             from .freeze import freeze_result
 
