@@ -126,7 +126,8 @@ def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
             raise ValueError("nested too deeply")
         manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise VerificationError(f"{bundle}: changed: {MANIFEST} (unreadable: {type(exc).__name__})") from None
+        raise VerificationError(f"{bundle}: {MANIFEST} is unreadable ({type(exc).__name__}): changed, or not an "
+                                "edgepack manifest") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise VerificationError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
     if check_seal and not seal_matches(raw, manifest):
