@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import UsageError
-from .job import Options
-from .pipeline import Result, package_model
+from .pipeline.job import Options
+from .pipeline.run import Result, package_model
 from .profiles import Profile, resolve_targets
 
 __all__ = ["package", "package_source", "is_torch_input"]
@@ -76,7 +77,7 @@ def _package_source(model: Any, profiles: list[Profile], options: Options, *, na
                     dynamic: Any, progress: Callable[[str], None]) -> list[Result]:
     if is_torch_input(model):
         _require_torch()
-        from .torch_package import package_torch
+        from .torch.package import package_torch
 
         return package_torch(model, profiles, options, name=name, example_inputs_given=example_inputs,
                              dynamic=dynamic, progress=progress)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import UsageError
-from .manifest import MANIFEST_NAME, SCHEMA, list_files
+from .bundle.manifest import MANIFEST_NAME, SCHEMA, list_files
 
 __all__ = ["check_destination", "not_a_bundle", "nearest_existing"]
 

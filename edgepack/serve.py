@@ -25,8 +25,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from .bundle.manifest import MANIFEST_NAME
 from .errors import UsageError
-from .manifest import MANIFEST_NAME
 from .runtime_shim.edgepack_shim import SOCKET_TIMEOUT, bounded_server, open_in_bundle
 
 __all__ = ["HEADERS", "MIME_TYPES", "BundleServer", "make_server", "start_server"]

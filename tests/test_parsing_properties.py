@@ -18,10 +18,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgepack.bundle.manifest import hash_file, read_manifest, verify_bundle, write_manifest
 from edgepack.errors import EdgepackError
-from edgepack.manifest import hash_file, read_manifest, verify_bundle, write_manifest
-from tests.support.manifests import minimal_content
 from edgepack.profiles import Profile, builtin_profile_names, load_profile
+from tests.support.manifests import minimal_content
 
 TARGETS = Path(__file__).resolve().parent.parent / "targets"
 PROFILE_TEXTS = [(TARGETS / f"{name}.yaml").read_text(encoding="utf-8") for name in builtin_profile_names()]

@@ -240,7 +240,7 @@ def test_a_huge_name_in_the_inputs_gives_a_bounded_message(bundle):
 
 @pytest.mark.parametrize("kind", ["fifo", "link"])
 def test_a_signature_that_is_not_a_regular_file_is_never_read(bundle, tmp_path, kind):
-    from edgepack.signing import generate_key
+    from edgepack.bundle.signing import generate_key
 
     generate_key(tmp_path / "k.pem", tmp_path / "k.pub", None)
     if kind == "fifo":

@@ -13,7 +13,7 @@ import pytest
 
 from edgepack.destination import check_destination
 from edgepack.errors import UsageError
-from edgepack.freeze import not_frozen
+from edgepack.bundle.freeze import not_frozen
 from tests.hostile.support import relu_model, tree, unmergeable_dims_model
 
 TARGET = "linux-x64"
