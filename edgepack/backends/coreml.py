@@ -9,6 +9,9 @@ from .base import Backend
 
 __all__ = ["Coreml", "CoremlOptions"]
 
+TABLES = {"MLProgram": "coreml_supported_mlprogram_ops.md", "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
+"""onnxruntime's supported-operator table for each CoreML model format."""
+
 
 @dataclass(frozen=True)
 class CoremlOptions:
@@ -25,3 +28,12 @@ class Coreml(Backend):
     providers = ("CoreMLExecutionProvider",)
     checker = "coreml"
     options = {"CoreMLExecutionProvider": CoremlOptions}
+
+    def measure(self, model, coverage):
+        """onnxruntime's own CoreML checker, with the table of the profile's ``coverage.coreml_format``."""
+        from ..coverage import usability_checker, usability_report
+
+        table = TABLES[coverage.coreml_format]
+        check = usability_checker().check_coreml_partitions
+        return usability_report(model, f"coreml-{coverage.coreml_format.lower()}", table,
+                                lambda m, require_fixed: check(m, require_fixed, table))

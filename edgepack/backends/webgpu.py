@@ -11,3 +11,9 @@ class Webgpu(Backend):
     name = "webgpu"
     providers = ("webgpu", "wasm")
     checker = "webgpu"
+
+    def measure(self, model, coverage):
+        """Each node's operator against the profile's ``coverage.op_list`` (onnxruntime-web's WebGPU kernels)."""
+        from ..coverage import list_report
+
+        return list_report(model, coverage)

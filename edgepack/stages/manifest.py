@@ -14,9 +14,9 @@ from typing import Any
 
 import onnx
 
+from ..backends import session_entries
 from ..bundle.manifest import write_manifest
 from ..onnxio.modelinfo import describe_io, format_shape, opsets
-from ..onnxio.ort_convert import session_entries
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult
 
@@ -57,7 +57,7 @@ def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
     profile = job.profile
     proto = onnx.load_model(artifact.onnx_path, load_external_data=False)
     inputs, outputs = describe_io(proto)
-    entries = session_entries(profile.session.config_entries, artifact.format, artifact.ort_style)
+    entries = session_entries(profile, artifact.format, artifact.ort_style)
     model_file = artifact.path.relative_to(job.staging).as_posix()
     side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
     return {
