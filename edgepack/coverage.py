@@ -40,8 +40,8 @@ from .ort_tools import load_ort_tools
 if TYPE_CHECKING:
     from .profiles import Coverage
 
-__all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report", "usability_checker", "usability_report", "list_report",
-           "load_op_list"]
+__all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report", "usability_checker",
+           "usability_report", "list_report", "load_op_list"]
 
 class CoverageError(EdgepackError):
     """The model misses the profile's accelerator-coverage gate."""

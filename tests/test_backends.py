@@ -28,7 +28,8 @@ def test_the_packager_and_the_shim_add_the_same_session_entries(name):
         model = {"format": model_format, "ort_style": style}
         for given in (profile.session.config_entries, written):
             manifest = {"model": model, "runtime": {"session_options": {"config_entries": given}}}
-            assert _config_entries(shim.session_options(ort, manifest), {*written, *ADDED}) == written, (model_format, style)
+            applied = _config_entries(shim.session_options(ort, manifest), {*written, *ADDED})
+            assert applied == written, (model_format, style)
     assert session_entries(profile, "ort", "Runtime")["session.enable_saved_runtime_optimizations"] == "1"
     assert "session.load_model_format" not in session_entries(profile, "onnx", None)
 

@@ -2,8 +2,9 @@
 
 A backend declares the provider names a profile may list for it, the coverage checker that measures how
 much of a model it takes (``measure``, from the two kinds of checker in edgepack/coverage.py), the typed
-options each provider accepts and the session config entries its sessions need. A profile's provider options are read into that type when the profile loads, and ``check`` applies
-the rules the device's loader applies later, so a wrong option fails on the packaging host, not on the device.
+options each provider accepts and the session config entries its sessions need. A profile's provider
+options are read into that type when the profile loads, and ``check`` applies the rules the device's loader
+applies later, so a wrong option fails on the packaging host, not on the device.
 The runtime shim keeps its own copy of the rules it needs on the device (runtime_shim/ stands alone).
 """
 

@@ -21,9 +21,9 @@ from importlib import metadata, resources
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from ..backends import session_entries
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..backends import session_entries
 from ..onnxio.ort_convert import CONFIG_NAME
 from ..pipeline.job import Artifact, Job
 
