@@ -33,7 +33,7 @@ def checkers() -> list[str]:
 
 def checker_backend(checker: str) -> Backend | None:
     """The backend whose coverage checker is ``checker`` (None for ``none``)."""
-    return next((b for b in BACKENDS.values() if b.checker and b.checker == checker), None)
+    return next((b for b in BACKENDS.values() if b.checker == checker), None)
 
 
 def session_entries(profile: Profile, model_format: str, ort_style: str | None) -> dict[str, str]:
