@@ -36,12 +36,14 @@ from .backends import checker_backend
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
 from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
+from .safety import op_list_names, shown
 
 if TYPE_CHECKING:
     from .profiles import Coverage
 
 __all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report", "usability_checker",
            "usability_report", "list_report", "load_op_list"]
+
 
 class CoverageError(EdgepackError):
     """The model misses the profile's accelerator-coverage gate."""
@@ -159,10 +161,10 @@ def list_report(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
 @functools.cache
 def load_op_list(name: str) -> tuple[dict[str, tuple[int, int | None]], str]:
     """``{op: (first opset, last opset or None)}`` and the list's version line, from edgepack/data/<name>."""
+    if name not in op_list_names():  # never a path: only the lists shipped with edgepack
+        raise ProfileError(f"coverage.op_list {shown(name)} is not a list in edgepack/data",
+                           hint="name one of: " + ", ".join(op_list_names()))
     path = resources.files("edgepack") / "data" / name
-    if not name or not path.is_file():
-        raise ProfileError(f"coverage.op_list {name!r} is not a list in edgepack/data",
-                           hint="name one of: " + ", ".join(sorted(p.name for p in (resources.files("edgepack") / "data").iterdir())))
     table: dict[str, tuple[int, int | None]] = {}
     version = ""
     for line in path.read_text(encoding="utf-8").splitlines():
