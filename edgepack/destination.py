@@ -19,11 +19,11 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
-from .errors import UsageError
 from .bundle.manifest import MANIFEST_NAME, SCHEMA, list_files
+from .errors import UsageError
 
 __all__ = ["check_destination", "not_a_bundle", "nearest_existing"]
 

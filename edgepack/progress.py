@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Iterable, Iterator, Literal, Protocol, TypeVar
+from typing import IO, Literal, Protocol, TypeVar
 
 __all__ = ["Step", "step", "track", "about", "shown", "mode_for", "Mode"]
 
@@ -85,7 +86,7 @@ class _Plain:
 
 
 class _RichStep:
-    def __init__(self, bars: "_Bars", task_id):
+    def __init__(self, bars: _Bars, task_id):
         self.bars, self.task_id = bars, task_id
 
     def advance(self, amount: float = 1) -> None:
@@ -97,8 +98,15 @@ class _Bars:
 
     def __init__(self, stream: IO[str]):
         from rich.console import Console
-        from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

@@ -26,7 +26,6 @@ from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
-
 from tests.in_browser import CHROMIUM, WITHOUT_FETCH_INTEGRITY, chromium, flip_byte, fresh_page, run_bundle
 
 pytestmark = [

@@ -23,7 +23,6 @@ from edgepack.pipeline.job import Artifact, Job, Options, Source
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.stages.bundle import Bundle
-from tests.support.manifests import minimal_content
 from tests.external_models import (
     B1,
     IR_VERSION,
@@ -35,6 +34,7 @@ from tests.external_models import (
     tree_digest,
     write_split_model,
 )
+from tests.support.manifests import minimal_content
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 TARGETS = Path(__file__).resolve().parent.parent / "targets"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
-import fcntl
 import os
 import pty
 import select

@@ -13,7 +13,6 @@ import pytest
 
 from edgepack.accuracy import ERROR_EDGES
 from edgepack.profiles import builtin_profile_names
-
 from tests.in_browser import CHROMIUM, chromium
 
 ALL = builtin_profile_names()

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VerificationError
-from .manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 from ..runtime_shim import edgepack_shim as shim
+from .manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 
 __all__ = ["SIGNATURE_NAME", "PINNED_KEY_NAME", "generate_key", "load_private_key", "load_public_key",
            "fingerprint", "public_pem", "sign_bundle", "sign_checked", "verify_signature", "SignResult"]

@@ -20,11 +20,11 @@ from ..destination import check_destination
 from ..errors import EdgepackError, UsageError
 from ..fileops import atomic_folder
 from ..profiles import Profile
+from ..progress import about
 from ..recipes.kernels import refuse_unsupported
 from ..stages.load import load, load_result
 from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
-from ..progress import about
 from .plan import plan
 
 __all__ = ["Result", "package_model", "bundle_path", "refuse_existing_output"]

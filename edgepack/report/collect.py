@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EdgepackError
 from ..bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
+from ..errors import EdgepackError
 from ..progress import track
 
 __all__ = ["Bundle", "collect"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from edgepack.bundle.freeze import not_frozen
 from edgepack.destination import check_destination
 from edgepack.errors import UsageError
-from edgepack.bundle.freeze import not_frozen
 from tests.hostile.support import relu_model, tree, unmergeable_dims_model
 
 TARGET = "linux-x64"
