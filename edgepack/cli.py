@@ -263,6 +263,7 @@ def _cmd_package(args) -> int:
     else:
         for r in results:
             if r.ok:
+                assert r.manifest is not None  # every written bundle has its manifest
                 size = sum(f["size"] for f in r.manifest["files"].values())
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
                 if r.frozen:
@@ -433,7 +434,7 @@ def _error(message: str) -> None:
 def _bounded(message: str, longest: int = 200) -> str:
     """``message`` with every run of over ``longest`` non-blank characters (a path or value the user or a
     file gave) cut in the middle, so that no message grows with its input."""
-    return re.sub(r"\S{%d,}" % (longest + 1), lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
+    return re.sub(rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
                   message)
 
 

@@ -18,7 +18,9 @@ def load_ort_tools() -> None:
         return
     hide = "torch" not in sys.modules
     if hide:
-        sys.modules["torch"] = None  # importlib.util.find_spec("torch") now answers None
+        # None in sys.modules makes find_spec("torch") answer None (an import of it raises ImportError);
+        # typeshed types sys.modules as dict[str, ModuleType], so it cannot express this documented case
+        sys.modules["torch"] = None  # type: ignore[assignment]
     try:
         import onnxruntime.tools  # noqa: F401
     finally:

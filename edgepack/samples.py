@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +59,7 @@ def _check_budget(inputs: list[dict[str, Any]], count: int) -> None:
              for spec in inputs}
     total = sum(sizes.values()) * count
     if total > MEMORY_BUDGET:
-        largest = max(sizes, key=sizes.get)
+        largest = max(sizes, key=sizes.__getitem__)
         spec = next(s for s in inputs if s["name"] == largest)
         shape = "x".join(map(str, concrete_shape(spec["shape"])))
         raise UsageError(

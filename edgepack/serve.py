@@ -23,6 +23,7 @@ import threading
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .bundle.manifest import MANIFEST_NAME
@@ -71,7 +72,7 @@ class _Handler(SimpleHTTPRequestHandler):
             f = open_in_bundle(Path(self.directory), rel) if rel else None
         except (OSError, ValueError):
             f = None
-        if f is None:
+        if rel is None or f is None:
             self.send_error(HTTPStatus.NOT_FOUND, "no such file in this bundle")
             return None
         stat = os.fstat(f.fileno())
@@ -120,12 +121,20 @@ def _relative(url_path: str) -> str | None:
     return "/".join(parts)
 
 
-class BundleServer(bounded_server(ThreadingHTTPServer)):
+if TYPE_CHECKING:
+    # bounded_server returns a subclass made at run time, which mypy cannot follow; to it, it is the base class
+    _BoundedServer = ThreadingHTTPServer
+else:
+    _BoundedServer = bounded_server(ThreadingHTTPServer)
+
+
+class BundleServer(_BoundedServer):
     name = "edgepack serve"
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # typeshed allows bytes for any socket family; an AF_INET(6) host is str
         return f"http://{host}:{port}/"
 
 

@@ -207,7 +207,7 @@ def _nesting(raw: bytes) -> int:
 def _bounded(message: str, longest: int = 200) -> str:
     """``message`` with every run of over ``longest`` non-blank characters (a path, a name from a file) cut
     in the middle, so that no message grows with its input."""
-    return re.sub(r"\S{%d,}" % (longest + 1), lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
+    return re.sub(rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
                   message)
 
 
@@ -753,7 +753,7 @@ TENSORRT_META = ("tensorrt_version", "dynamic_dims")
 
 def tensorrt_profile_shapes(inputs: list, dynamic_dims: dict) -> dict:
     """``trt_profile_{min,opt,max}_shapes`` for every input with a dynamic dim, e.g. ``"ids:1x1,mask:1x1"``."""
-    rows = {"min": [], "opt": [], "max": []}
+    rows: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
     for spec in inputs:
         shape = spec.get("shape")
         if not shape or all(isinstance(d, int) and d > 0 for d in shape):
@@ -935,7 +935,8 @@ def check_feeds(specs: list, feeds) -> dict:
     missing = [name for name in names if name not in feeds]
     if missing:
         raise InputError(f"missing input {', '.join(map(repr, missing))}: the model's inputs are {', '.join(names)}")
-    arrays, sizes = {}, {}
+    arrays: dict[str, np.ndarray] = {}
+    sizes: dict[str, tuple[int, str]] = {}  # dim name -> (size, the input that set it)
     for spec in specs:
         arrays[spec["name"]] = _check_input(spec, feeds[spec["name"]], sizes)
     return arrays
@@ -1289,7 +1290,7 @@ def write_outputs(output: Path, outputs: dict) -> None:
 
 
 def _summary(value: np.ndarray) -> dict:
-    summary = {"dtype": str(value.dtype), "shape": list(value.shape)}
+    summary: dict = {"dtype": str(value.dtype), "shape": list(value.shape)}
     if value.size and value.dtype.kind in "biuf":
         summary.update(min=float(value.min()), max=float(value.max()), mean=float(value.mean(dtype=np.float64)))
     return summary
@@ -1444,7 +1445,7 @@ def bounded_server(base):
     gets 503 and is closed. A handler's failure is one line on stderr, never a traceback."""
     import threading
 
-    class Bounded(base):
+    class Bounded(base):  # type: ignore[valid-type,misc]  # a subclass of a class given at run time
         daemon_threads = True
         name = "edgepack_shim"
 
@@ -1475,7 +1476,7 @@ def bounded_server(base):
 
         def handle_error(self, request, client_address):
             exc = sys.exc_info()[1]
-            if not isinstance(exc, (ConnectionError, TimeoutError)):
+            if exc is not None and not isinstance(exc, (ConnectionError, TimeoutError)):
                 print(f"{self.name}: error: request from {client_address[0]} failed: {type(exc).__name__}: "
                       f"{_shown(_first_line(exc))[1:-1]}", file=sys.stderr)
 
@@ -1526,16 +1527,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle", default=str(default_bundle()), help="bundle folder (default: the folder of this file)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    loading = argparse.ArgumentParser(add_help=False)
+    loading = _Parser(add_help=False)
     loading.add_argument("--no-verify", action="store_true", help="skip checksum verification (unsafe)")
     loading.add_argument("--strict-providers", action="store_true",
                          help="refuse to run unless the preferred execution provider is active")
     loading.add_argument("--providers", metavar="A,B", help="execution providers to use instead of the manifest's")
-    signed = argparse.ArgumentParser(add_help=False)
+    signed = _Parser(add_help=False)
     signed.add_argument("--public-key", metavar="PEM", help=f"require a signature ({SIGNATURE}) by this P-256 public "
                         f"key (a key pinned beside this file as {PINNED_KEY} is required without this flag)")
-    loading = argparse.ArgumentParser(add_help=False, parents=[loading, signed])
-    as_json = argparse.ArgumentParser(add_help=False)
+    loading = _Parser(add_help=False, parents=[loading, signed])
+    as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     sub.add_parser("info", parents=[as_json], help="model I/O, target, providers wanted vs available")

@@ -26,6 +26,7 @@ from ..errors import ProfileError
 from ..fileops import copy_file
 from ..onnxio.ort_convert import CONFIG_NAME
 from ..pipeline.job import Artifact, Job
+from ..profiles import Mobile
 
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
 
@@ -40,17 +41,17 @@ class MobileBundler:
         if mobile is None:
             raise ProfileError("bundle.kind is mobile but the profile has no 'mobile' section", where=profile.source,
                                hint="add mobile: {loader, onnxruntime_version, gradle or cocoapods, build_args}")
-        version = _app_runtime_version(job)
+        version = _app_runtime_version(job, mobile)
         settings = session_options(model, job)
         (job.staging / SESSION_OPTIONS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         loader_dir = job.staging / "loader"
         loader_dir.mkdir()
         for name in LOADERS[mobile.loader]:
             copy_file(resources.files("edgepack.runtime_shim") / "mobile" / name, loader_dir / name)
-        coordinates = package_coordinates(job)
-        build = build_command(job)
-        (job.staging / "BUILD.md").write_text(_build_text(job, coordinates, build), encoding="utf-8")
-        (job.staging / "README.md").write_text(_readme_text(job, coordinates), encoding="utf-8")
+        coordinates = package_coordinates(mobile)
+        build = build_command(mobile)
+        (job.staging / "BUILD.md").write_text(_build_text(job, mobile, coordinates, build), encoding="utf-8")
+        (job.staging / "README.md").write_text(_readme_text(job, mobile, coordinates), encoding="utf-8")
         return {"summary": f"{mobile.loader} loader, onnxruntime {version}", "loader": [f"loader/{n}" for n in LOADERS[mobile.loader]],
                 "session_options": SESSION_OPTIONS, "onnxruntime_version": version, "coordinates": coordinates,
                 "reduced_build_command": build}
@@ -68,8 +69,7 @@ def session_options(model: Artifact, job: Job) -> dict:
     }
 
 
-def package_coordinates(job: Job) -> dict[str, str]:
-    mobile = job.profile.mobile
+def package_coordinates(mobile: Mobile) -> dict[str, str]:
     version = mobile.onnxruntime_version
     found = {}
     if mobile.gradle:
@@ -82,17 +82,17 @@ def package_coordinates(job: Job) -> dict[str, str]:
     return found
 
 
-def build_command(job: Job) -> str:
+def build_command(mobile: Mobile) -> str:
     """The build.py command line, run from an onnxruntime checkout at the app's version, bundle config included."""
     args = ["python", "tools/ci_build/build.py", "--build_dir", "build/edgepack-reduced",
-            *job.profile.mobile.build_args, "--include_ops_by_config", f"<bundle>/{CONFIG_NAME}",
+            *mobile.build_args, "--include_ops_by_config", f"<bundle>/{CONFIG_NAME}",
             "--enable_reduced_operator_type_support"]
     return " ".join(a if a.startswith(("$", "<")) else shlex.quote(a) for a in args)
 
 
-def _app_runtime_version(job: Job) -> str:
+def _app_runtime_version(job: Job, mobile: Mobile) -> str:
     profile = job.profile
-    version = profile.mobile.onnxruntime_version
+    version = mobile.onnxruntime_version
     if Version(version) not in SpecifierSet(profile.runtime.version):
         raise ProfileError(f"mobile.onnxruntime_version {version} does not satisfy runtime.version {profile.runtime.version}",
                            where=profile.source)
@@ -105,8 +105,7 @@ def _app_runtime_version(job: Job) -> str:
     return version
 
 
-def _build_text(job: Job, coordinates: dict[str, str], build: str) -> str:
-    mobile = job.profile.mobile
+def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: str) -> str:
     lines = [f"# onnxruntime {mobile.onnxruntime_version} for {job.profile.name}", "",
              "## The full package", ""]
     names = {"gradle": "Gradle (app/build.gradle.kts)", "cocoapods": "CocoaPods (Podfile)",
@@ -131,8 +130,7 @@ def _build_text(job: Job, coordinates: dict[str, str], build: str) -> str:
     return "\n".join(lines)
 
 
-def _readme_text(job: Job, coordinates: dict[str, str]) -> str:
-    mobile = job.profile.mobile
+def _readme_text(job: Job, mobile: Mobile, coordinates: dict[str, str]) -> str:
     files = ", ".join(f"`loader/{n}`" for n in LOADERS[mobile.loader])
     return "\n".join([
         f"# {job.source.name} for {job.profile.name}",

@@ -134,8 +134,11 @@ def open_tarball(path: Path, profile: Profile) -> OrtWeb:
         raise UsageError("no such file", where=str(path), hint=f"pass the {PACKAGE}-X.Y.Z.tgz that `npm pack {PACKAGE}@X.Y.Z` writes")
     try:
         with tarfile.open(path, "r:gz") as tar:
-            package = json.load(tar.extractfile("package/package.json"))
-    except (tarfile.TarError, KeyError, OSError, ValueError, AttributeError, EOFError):
+            member = tar.extractfile("package/package.json")  # None when it is not a regular file
+            package = json.load(member) if member is not None else None
+    except (tarfile.TarError, KeyError, OSError, ValueError, EOFError):
+        package = None
+    if not isinstance(package, dict):
         raise UsageError("not an npm package tarball (no readable package/package.json)", where=str(path)) from None
     name, version = package.get("name"), str(package.get("version"))
     if name != PACKAGE:
@@ -160,17 +163,18 @@ def extract_files(ort_web: OrtWeb, names: list[str], destination: Path) -> list[
     try:
         with tarfile.open(ort_web.path, "r|gz") as tar:
             for member in tar:
-                name = wanted.get(member.name)
-                if name is None or name in written:
+                dist_name = wanted.get(member.name)
+                if dist_name is None or dist_name in written:
                     continue
-                if not member.isfile():
-                    raise UsageError(f"dist/{name} in the tarball is not a regular file", where=ort_web.origin)
-                target = destination / name
-                with tar.extractfile(member) as src, open(target, "wb") as out:
+                src = tar.extractfile(member) if member.isfile() else None
+                if src is None:
+                    raise UsageError(f"dist/{dist_name} in the tarball is not a regular file", where=ort_web.origin)
+                target = destination / dist_name
+                with src, open(target, "wb") as out:
                     while chunk := src.read(_CHUNK):
                         out.write(chunk)
                 os.chmod(target, 0o644)
-                written[name] = target
+                written[dist_name] = target
                 if len(written) == len(wanted):
                     break
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:

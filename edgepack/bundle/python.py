@@ -4,6 +4,7 @@ only numpy and onnxruntime on the device."""
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 from ..fileops import copy_file
 from ..pipeline.job import Artifact, Job
@@ -33,16 +34,16 @@ class PythonBundler:
             encoding="utf-8",
         )
         if job.options.pin_key:
-            return {"shim": SHIM, **_pin_key(job)}
+            return {"shim": SHIM, **_pin_key(job, job.options.pin_key)}
         return {"shim": SHIM}
 
 
-def _pin_key(job: Job) -> dict:
+def _pin_key(job: Job, pin_key: Path) -> dict:
     """Pin the signer's public key beside the shim: the shim then refuses any bundle not signed with it.
     The key is part of the bundle, so its fingerprint is in the manifest and REPORT.md (the bundle stage's summary)."""
     from .signing import PINNED_KEY_NAME, fingerprint, load_public_key, public_pem
 
-    key = load_public_key(job.options.pin_key)
+    key = load_public_key(pin_key)
     (job.staging / PINNED_KEY_NAME).write_bytes(public_pem(key))
     # "summary" replaces the bundle stage's own, so REPORT.md names the pinned key
     return {"pinned_key": {"file": PINNED_KEY_NAME, "fingerprint": fingerprint(key)},

@@ -41,7 +41,8 @@ def _runnable(domain: str, op_type: str, opset: int) -> bool:
     for start, end in _kernels().get((domain, op_type), ()):
         if start <= since <= end:
             return True
-    return bool(schema and (schema.has_function or schema.has_context_dependent_function))
+    # onnx's defs.pyi leaves out these two OpSchema properties, which the C++ extension has
+    return bool(schema and (schema.has_function or schema.has_context_dependent_function))  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=1)

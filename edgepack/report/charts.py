@@ -15,10 +15,13 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..accuracy import ERROR_EDGES
 from .collect import Bundle
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 __all__ = ["size_chart", "accuracy_chart", "histogram_chart", "coverage_chart", "tune_chart"]
 
@@ -35,7 +38,7 @@ BAD = "#dc2626"
 CPU = "#cbd2d9"
 ACCENT = "#f59e0b"
 
-_STYLE = {
+_STYLE: dict[RcKeyType, Any] = {
     "svg.hashsalt": "edgepack",
     "svg.fonttype": "path",
     "font.family": "DejaVu Sans",

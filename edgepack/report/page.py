@@ -10,7 +10,8 @@ Rules:
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import charts
 from .collect import Bundle
@@ -95,7 +96,7 @@ def _integrity_cell(b: Bundle) -> tuple[str, bool]:
 
 
 def _summary_rows(bundles: list[Bundle]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in bundles:
         if b.error:
             rows.append({"bundle": b.folder, "error": b.error})

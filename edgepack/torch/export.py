@@ -74,6 +74,7 @@ def export_dynamo(model: TorchModel, examples: tuple[torch.Tensor, ...], axes: d
             raise _export_error(exc, model) from exc
     seconds = time.perf_counter() - started
     if not model.exported:
+        assert program is not None  # dynamo=True always returns an ONNXProgram; None is the legacy exporter's
         _check_ranges(program.exported_program, examples, axes, model)
     exported = _read_back(path, "dynamo", opset, seconds, notes)
     _check_dynamic(path, axes, model)
