@@ -11,6 +11,11 @@ An array whose rank is the input's rank + 1 holds samples on its first axis; one
 rank is split along the batch axis into samples of the model's batch size (1 when dynamic). Names,
 dtypes and fixed dims must match the model's inputs; an error names the input, what was expected and
 what was found.
+
+``--sample-inputs`` is read with ``one_set=True``: an array of the input's rank (a scalar included) is
+one value exactly as the model takes it, never split, since a dynamic first axis need not be a batch
+(a sequence, a sample count). Several sets only when every input stacks them on a new first axis, or
+from a folder of .npz files.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
+from .inputs import InputPlan
 from .samples import generate_inputs
 
 __all__ = ["Samples", "load_samples", "random_samples", "generated_validation", "split_for_validation",
@@ -42,10 +48,11 @@ class Samples:
     """Where the samples came from, for the report: a path, 'random', 'generated', ..."""
 
 
-def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = "calibration") -> Samples:
-    """Read and check samples from a path (forms 1-4), or generate them for ``random`` (form 5)."""
+def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = "calibration",
+                 plan: InputPlan | None = None, one_set: bool = False) -> Samples:
+    """Read and check samples from a path (forms 1-4), or generate them for ``random`` (form 5) from ``plan``."""
     if str(spec) == RANDOM:
-        return random_samples(inputs)
+        return random_samples(inputs, plan=plan)
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{what} data not found", where=str(path),
@@ -62,10 +69,10 @@ def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = 
                 arrays = _read(file, what)
                 if not isinstance(arrays, dict):
                     raise UsageError("expected named arrays", where=str(file))
-                feeds += _split(arrays, inputs, str(file), what)
+                feeds += _split(arrays, inputs, str(file), what, one_set)
         elif npy:
             arrays = {f.stem: _read(f, what) for f in npy}
-            feeds = _split(arrays, inputs, str(path), what)
+            feeds = _split(arrays, inputs, str(path), what, one_set)
         else:
             raise UsageError(f"the {what} folder holds no .npz or .npy files", where=str(path))
     else:
@@ -76,18 +83,22 @@ def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = 
                 raise UsageError(f"an .npy holds one array but the model has {len(inputs)} inputs ({names})",
                                  where=str(path), hint="use an .npz with one array per input name, or a folder of <input>.npy")
             data = {inputs[0]["name"]: data}
-        feeds = _split(data, inputs, str(path), what)
+        feeds = _split(data, inputs, str(path), what, one_set)
     if not feeds:
         raise UsageError(f"the {what} data holds no samples", where=str(path))
     return Samples(feeds, str(path))
 
 
-def random_samples(inputs: list[dict[str, Any]], count: int = RANDOM_COUNT) -> Samples:
-    return Samples(generate_inputs(inputs, seed=RANDOM_SEED, count=count), RANDOM)
+def random_samples(inputs: list[dict[str, Any]], count: int = RANDOM_COUNT, *, plan: InputPlan | None = None) -> Samples:
+    """``plan``: inputs fitted to the model (edgepack.inputs); without it, generic ones."""
+    feeds = plan.generate(seed=RANDOM_SEED, count=count) if plan else generate_inputs(inputs, seed=RANDOM_SEED, count=count)
+    return Samples(feeds, RANDOM)
 
 
-def generated_validation(inputs: list[dict[str, Any]], count: int = VALIDATION_COUNT) -> Samples:
-    return Samples(generate_inputs(inputs, seed=VALIDATION_SEED, count=count), "generated")
+def generated_validation(inputs: list[dict[str, Any]], count: int = VALIDATION_COUNT, *,
+                         plan: InputPlan | None = None) -> Samples:
+    feeds = plan.generate(seed=VALIDATION_SEED, count=count) if plan else generate_inputs(inputs, seed=VALIDATION_SEED, count=count)
+    return Samples(feeds, "generated")
 
 
 def split_for_validation(samples: Samples) -> tuple[Samples, Samples]:
@@ -113,7 +124,8 @@ def _read(path: Path, what: str):
         return {name: data[name] for name in data.files}
 
 
-def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: str, what: str) -> list[dict[str, np.ndarray]]:
+def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: str, what: str,
+           one_set: bool = False) -> list[dict[str, np.ndarray]]:
     names = [spec["name"] for spec in inputs]
     unknown = sorted(set(arrays) - set(names))
     missing = sorted(set(names) - set(arrays))
@@ -122,16 +134,17 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: s
                 ([f"unknown name(s) {', '.join(unknown)}"] if unknown else [])
         raise UsageError(f"{what} data does not match the model: {'; '.join(parts)}", where=where,
                          hint=f"the model's inputs are: {', '.join(names)}")
-    per_input = {spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what) for spec in inputs}
+    per_input = {spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what, one_set) for spec in inputs}
     counts = {name: len(s) for name, s in per_input.items()}
     if len(set(counts.values())) > 1:
         found = ", ".join(f"{name}: {n}" for name, n in counts.items())
-        raise UsageError(f"{what} inputs hold different numbers of samples ({found})", where=where,
-                         hint="give every input the same number of samples")
+        hint = ("give one input set with each array shaped as the model takes it, or stack every input's sets "
+                "on a new first axis" if one_set else "give every input the same number of samples")
+        raise UsageError(f"{what} inputs hold different numbers of samples ({found})", where=where, hint=hint)
     return [{name: per_input[name][i] for name in names} for i in range(next(iter(counts.values())))]
 
 
-def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str) -> list[np.ndarray]:
+def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str, one_set: bool = False) -> list[np.ndarray]:
     name, shape = spec["name"], spec["shape"]
     expected_dtype = np.dtype(spec["dtype"])
     if array.dtype != expected_dtype:
@@ -143,6 +156,8 @@ def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str) 
     rank = len(shape)
     if array.ndim == rank + 1:
         samples = list(array)
+    elif array.ndim == rank and one_set:
+        samples = [array]
     elif array.ndim == rank and rank > 0:
         batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
         if array.shape[0] % batch:

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
+    package.add_argument("--self-test-shape", action="append", metavar="NAME=D0,D1,...",
+                         help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
+                         "needs particular sizes (repeatable), e.g. image=1,3,640,640")
     package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
                          help="quantization recipe (default: the profile's)")
     package.add_argument("--calibration", metavar="PATH|random",
@@ -238,7 +241,8 @@ def _with_coverage_options(options, args):
         raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
     if args.max_partitions is not None and args.max_partitions < 0:
         raise UsageError(f"--max-partitions {args.max_partitions}: expected 0 or more")
-    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape),
+    self_test_shapes = parse_input_shapes(getattr(args, "self_test_shape", None), flag="--self-test-shape")
+    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape), self_test_shapes=self_test_shapes,
                                fixed_dims=parse_fixed_dims(args.fix_dim),
                                min_accelerated_fraction=args.min_accelerated_fraction, max_partitions=args.max_partitions)
 

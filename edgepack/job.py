@@ -43,6 +43,8 @@ class Options:
     """--input-shape NAME=1,3,224,224: fixed shapes for the inputs of fixed-shape profiles."""
     fixed_dims: dict[str, int] = field(default_factory=dict)
     """--fix-dim NAME=VALUE: a value for a symbolic dim (dim_param) everywhere in the graph."""
+    self_test_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """--self-test-shape NAME=1,3,640,640: the shapes of the inputs edgepack makes up (edgepack/inputs.py)."""
     min_accelerated_fraction: float | None = None
     """None: the profile's coverage.min_accelerated_fraction."""
     max_partitions: int | None = None

@@ -39,6 +39,7 @@ import onnx
 from .accuracy import check, compare
 from .calibration import RANDOM, Samples, load_samples, split_for_validation
 from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
+from .inputs import plan_for
 from .job import Artifact, Job
 from .modelinfo import describe_io
 from .ort_tools import load_ort_tools
@@ -198,7 +199,8 @@ def _profile_default(artifact: Artifact, job: Job, host: str, device: str) -> tu
 def _calibration(job: Job, inputs: list[dict[str, Any]]) -> Samples | None:
     if not job.options.calibration:
         return None
-    samples = load_samples(job.options.calibration, inputs)
+    samples = load_samples(job.options.calibration, inputs,
+                           plan=plan_for(job, inputs) if job.options.calibration == RANDOM else None)
     if samples.origin != RANDOM and not job.options.validation:
         samples = split_for_validation(samples)[0]
     return samples

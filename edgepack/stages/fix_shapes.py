@@ -79,7 +79,7 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
                 example = ",".join(str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims))
                 hint = f"pass --input-shape {name}={example} with N the size the app will use"
-                if isinstance(dim, str):
+                if isinstance(dim, str) and dim.isidentifier():  # some exporters write "?" as a name: --fix-dim ?=N cannot work
                     hint += f", or --fix-dim {dim}=N"
                 raise UsageError(f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
                                  where=where, hint=hint)
@@ -152,16 +152,16 @@ def _fmt(dims: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+def parse_input_shapes(values: list[str] | None, flag: str = "--input-shape") -> dict[str, tuple[int, ...]]:
     """``["image=1,3,224,224", ...]`` (the --input-shape flags) -> ``{"image": (1, 3, 224, 224)}``."""
     shapes: dict[str, tuple[int, ...]] = {}
     for value in values or []:
-        name, dims = _split_flag("--input-shape", value, "NAME=1,3,224,224")
+        name, dims = _split_flag(flag, value, "NAME=1,3,224,224")
         try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
+            shapes[name] = tuple(int(d) for d in dims.split(",")) if dims != "scalar" else ()
         except ValueError:
-            raise UsageError(f"--input-shape {value}: sizes must be integers separated by commas",
-                             hint=f"e.g. --input-shape {name}=1,3,224,224") from None
+            raise UsageError(f"{flag} {value}: sizes must be integers separated by commas (or 'scalar')",
+                             hint=f"e.g. {flag} {name}=1,3,224,224") from None
     return shapes
 
 

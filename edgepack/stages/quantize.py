@@ -24,6 +24,7 @@ import onnx
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
 from ..errors import AccuracyError, ConversionError, UsageError, first_line
+from ..inputs import plan_for
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
 from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
@@ -60,7 +61,8 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     calibration = None
     if recipe == "static":
-        calibration = load_samples(job.options.calibration, inputs)
+        calibration = load_samples(job.options.calibration, inputs,
+                                   plan=plan_for(job, inputs) if job.options.calibration == RANDOM else None)
         if calibration.origin != RANDOM and not job.options.validation:
             calibration = split_for_validation(calibration)[0]
         report["options"]["calibration_method"] = job.options.calibration_method or settings.calibration_method
@@ -152,7 +154,7 @@ def validation_samples(job: Job, inputs: list[dict[str, Any]]) -> Samples:
         return load_samples(job.options.validation, inputs, what="validation")
     if job.options.calibration and job.options.calibration != RANDOM:
         return split_for_validation(load_samples(job.options.calibration, inputs))[1]
-    return generated_validation(inputs)
+    return generated_validation(inputs, plan=plan_for(job, inputs))
 
 
 _CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
@@ -162,9 +164,10 @@ _CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of nam
 def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str, Any]:
     """The gate's figures: the FP32 reference and the quantized model on the validation inputs. Either
     failing in onnxruntime is a ConversionError naming which model and the first line of what it said."""
-    expected = _run(job.source.reference, validation, job, "the FP32 model",
-                    hint="the model itself does not run in onnxruntime with graph optimizations on: "
-                    "re-export it from its source (e.g. not from a file onnxruntime's optimizer wrote)")
+    blame = ("the model does not run on these inputs: check them against what the model takes"
+             if validation.origin != "generated" else
+             "edgepack's generated inputs do not fit the model: give --validation (or --sample-inputs) with real inputs")
+    expected = _run(job.source.reference, validation, job, f"the FP32 model on {validation.origin} inputs", hint=blame)
     got = _run(quantized, validation, job, f"the {recipe}-quantized model", names=list(expected[0]),
                hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
                f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none")

@@ -3,7 +3,9 @@
 Rules:
 1. The bundle is loaded through its own runtime shim (checksums verified, the manifest's session
    options, the CPU provider), so a converted model that does not load never ships.
-2. It runs on the user's ``--sample-inputs`` or on generated inputs; the reference model runs on the same.
+2. It runs on the user's ``--sample-inputs`` (one input set exactly as the model takes it, or several
+   stacked on a new first axis) or on inputs fitted to the model (edgepack.inputs, shapes recorded);
+   the reference model runs on the same.
    The reference runs first and is released before the bundle is loaded, so a large model is never
    held twice in memory at once.
 3. Max abs error and cosine similarity go into the manifest; missing the profile's tolerance is an error.
@@ -21,9 +23,9 @@ import onnx
 from ..accuracy import check, compare
 from ..calibration import load_samples
 from ..errors import AccuracyError, ConversionError, first_line
+from ..inputs import plan_for
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
-from ..samples import generate_inputs
 from .quantize import validation_samples
 
 __all__ = ["self_test"]
@@ -44,20 +46,27 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
 
     quantized = artifact.precision != "fp32"
     inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
+    fitted: dict = {}
     if job.options.sample_inputs:
-        given = load_samples(job.options.sample_inputs, inputs, what="sample input")
+        given = load_samples(job.options.sample_inputs, inputs, what="sample input", one_set=True)
         samples, origin = given.feeds, given.origin
     elif quantized:
         validation = validation_samples(job, inputs)
         samples, origin = validation.feeds, validation.origin
     else:
-        samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
+        plan = plan_for(job, inputs)
+        samples, origin, fitted = plan.generate(seed=0, count=SAMPLE_SETS), "generated", plan.report()
+    if origin == "generated" and not fitted:
+        fitted = plan_for(job, inputs).report()
     output_names = [o["name"] for o in outputs]
     try:
         expected = _run_reference(job, output_names, samples)
     except Exception as exc:
         detail = first_line(exc)
-        raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
+        hint = ("edgepack's generated inputs do not fit the model: give --sample-inputs with a real input set"
+                if origin == "generated" else "the model does not run on these inputs: check them against what it takes")
+        raise ConversionError(f"running the FP32 reference model on {origin} inputs failed: {detail}",
+                              where=job.profile.name, hint=hint) from None
     try:
         # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
         bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
@@ -79,7 +88,8 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
     figures = compare(expected, got)
     if quantized:
-        return artifact, _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
+        report = _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
+        return artifact, {**report, **fitted}
     tolerance = job.profile.accuracy
     passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
     report = {
@@ -92,6 +102,7 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         "sample_sets": len(samples),
         "providers": bundled.providers,
         "onnxruntime": ort.__version__,
+        **fitted,
         **figures,
     }
     if not passed:
