@@ -13,9 +13,9 @@ dtypes and fixed dims must match the model's inputs; an error names the input, w
 what was found.
 
 ``--sample-inputs`` is read with ``one_set=True``: an array of the input's rank (a scalar included) is
-one value exactly as the model takes it, never split, since a dynamic first axis need not be a batch
-(a sequence, a sample count). Several sets only when every input stacks them on a new first axis, or
-from a folder of .npz files.
+one value exactly as the model takes it, split only along a first axis the model declares as a batch
+(named like ``batch``), since a dynamic first axis need not be a batch (a sequence, a sample count).
+Several sets otherwise only when every input stacks them on a new first axis, or from a folder of .npz files.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
-from .inputs import InputPlan
+from .inputs import InputPlan, is_batch_dim
 from .samples import generate_inputs
 
 __all__ = ["Samples", "load_samples", "random_samples", "generated_validation", "split_for_validation",
@@ -156,7 +156,7 @@ def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str, 
     rank = len(shape)
     if array.ndim == rank + 1:
         samples = list(array)
-    elif array.ndim == rank and one_set:
+    elif array.ndim == rank and one_set and not (rank and is_batch_dim(shape[0])):
         samples = [array]
     elif array.ndim == rank and rank > 0:
         batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1

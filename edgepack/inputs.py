@@ -31,7 +31,7 @@ import onnx
 from .errors import UsageError, first_line
 from .modelinfo import iter_graphs
 
-__all__ = ["InputPlan", "fit_inputs", "plan_for", "LADDER", "node_of_error"]
+__all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
 
 LADDER = [
     {"spatial": 64, "samples": 512, "sequence": 16, "other": 8, "rate": 16000},
@@ -198,11 +198,16 @@ def _shapes(specs: list[dict[str, Any]], level: dict[str, int], given: dict[str,
     return shapes
 
 
+def is_batch_dim(dim: Any) -> bool:
+    """A dim the model names as a batch (``batch``, ``batch_size``, ``N``)."""
+    return isinstance(dim, str) and bool(_BATCH.search(dim.lower()))
+
+
 def _role(spec: dict[str, Any], axis: int, dim: Any) -> str:
     """batch, spatial, samples, sequence, channels or other (rule 1)."""
     shape = spec["shape"]
     label = dim.lower() if isinstance(dim, str) else ""
-    if label and _BATCH.search(label):
+    if is_batch_dim(dim):
         return "batch"
     if label and _SPATIAL.search(label):
         return "spatial"

@@ -122,8 +122,8 @@ def test_sample_inputs_with_dynamic_first_axes_that_are_not_batches(tmp_path):
     """Two rank-1 inputs of different lengths: one input set, not rows that 'hold different numbers of samples'."""
     nodes = [helper.make_node("ReduceSum", ["signal"], ["a"], keepdims=0), helper.make_node("ReduceSum", ["window"], ["b"], keepdims=0),
              helper.make_node("Mul", ["a", "b"], ["y"])]
-    graph = helper.make_graph(nodes, "lengths", [helper.make_tensor_value_info("signal", TensorProto.FLOAT, ["n"]),
-                                                 helper.make_tensor_value_info("window", TensorProto.FLOAT, ["m"])],
+    graph = helper.make_graph(nodes, "lengths", [helper.make_tensor_value_info("signal", TensorProto.FLOAT, ["samples"]),
+                                                 helper.make_tensor_value_info("window", TensorProto.FLOAT, ["taps"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "lengths")
     np.savez(tmp_path / "one.npz", signal=np.ones(5, np.float32), window=np.ones(3, np.float32))
