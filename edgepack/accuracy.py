@@ -3,23 +3,40 @@
 ``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
 (``[batch, classes]``, float) the share of rows whose arg-max agrees with the reference's (top-1
 agreement). ``check`` holds figures against tolerances and says by how much they miss.
+
+Non-tensor outputs (an ai.onnx.ml ZipMap's sequence of maps, a sequence of tensors) are compared as the
+numbers they hold, in order (map values by sorted key).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import zlib
+
 import numpy as np
 
-__all__ = ["compare", "top1_agreement", "check"]
+__all__ = ["compare", "top1_agreement", "check", "as_numbers"]
+
+
+def as_numbers(value: Any) -> np.ndarray:
+    """An output as one flat float64 array: tensors as they are, sequences and maps element by element."""
+    if isinstance(value, dict):
+        return np.concatenate([as_numbers(value[k]) for k in sorted(value)] or [np.zeros(0)])
+    if isinstance(value, (list, tuple)):
+        return np.concatenate([as_numbers(v) for v in value] or [np.zeros(0)])
+    array = np.asarray(value)
+    if array.dtype.kind in "USO":  # string labels: equal or not
+        return np.array([zlib.crc32(str(v).encode()) for v in array.ravel()], dtype=np.float64)
+    return array.astype(np.float64).ravel()
 
 
 def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Max and mean absolute error and cosine similarity per output, over all sample sets, plus the worst."""
     per_output: dict[str, Any] = {}
     for name in reference[0]:
-        ref = np.concatenate([np.asarray(r[name], dtype=np.float64).ravel() for r in reference])
-        got = np.concatenate([np.asarray(c[name], dtype=np.float64).ravel() for c in candidate])
+        ref = np.concatenate([as_numbers(r[name]) for r in reference])
+        got = np.concatenate([as_numbers(c[name]) for c in candidate])
         if ref.shape != got.shape:
             per_output[name] = {"max_abs_error": float("inf"), "mean_abs_error": float("inf"), "cosine": 0.0,
                                 "note": f"shape {got.shape} differs from the reference's {ref.shape}"}
@@ -48,7 +65,7 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
 def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
     """Share of rows with the same arg-max, or None when the output is not classifier-shaped
     (rank 2, float, at least two classes)."""
-    if not reference or any(np.asarray(r).ndim != 2 for r in reference + candidate):
+    if not reference or any(not isinstance(r, np.ndarray) or r.ndim != 2 for r in reference + candidate):
         return None
     ref = np.concatenate([np.asarray(r) for r in reference])
     got = np.concatenate([np.asarray(c) for c in candidate])

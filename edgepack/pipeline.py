@@ -173,4 +173,5 @@ def _load_report(source: Source) -> dict[str, Any]:
         "nodes": info["nodes"],
         "subgraphs": info["subgraphs"],
         "passes": info["passes"],
+        **({"notice": "; ".join(info["notices"])} if info["notices"] else {}),
     }

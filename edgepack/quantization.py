@@ -2,7 +2,10 @@
 
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
-   it, onnxruntime's quantizer trips over stale shape information in exported models.
+   it, onnxruntime's quantizer trips over stale shape information in exported models. Each try is a
+   checked step (edgepack.checked): when symbolic shape inference fails, or its optimizer writes a model
+   onnxruntime cannot load, the next try leaves that part out; when every try fails, the model is
+   quantized as it is, and ``preprocess_notice`` says so.
 2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
    Initializers that onnxruntime's optimizer invented during pre-processing are renamed under
    ``pre_process/``: its MatMul+Add fusion names new initializers with a generator that only avoids
@@ -30,7 +33,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import onnx
 
+from .checked import Feeds, notice_of, run_checked
 from .errors import ConversionError, first_line
+from .fileops import copy_model
 from .modelinfo import external_locations, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
@@ -61,6 +66,8 @@ class QuantizeResult:
     """Initializers stored in 8-bit or 16-bit types."""
     excluded_nodes: list[str]
     preprocess: str
+    preprocess_notice: str | None = None
+    """Set when a pre-processing try was skipped (rule 1)."""
 
     def report(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,6 +105,7 @@ def quantize_model(
     calibration: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
+    check_inputs: Feeds = lambda model: None,
 ) -> QuantizeResult:
     """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +114,7 @@ def quantize_model(
     for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
         stale.unlink(missing_ok=True)
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
-    preprocess = prepare(source, prepared, external=external)
+    preprocess, preprocess_notice = prepare(source, prepared, external=external, check_inputs=check_inputs)
     excluded = sorted(exclude_nodes)
     try:
         with _quiet():
@@ -142,39 +150,45 @@ def quantize_model(
         low_precision_weights=sum(1 for t in proto.graph.initializer if t.data_type in LOW_PRECISION),
         excluded_nodes=excluded,
         preprocess=preprocess,
+        preprocess_notice=preprocess_notice,
     )
 
 
-def prepare(source: Path, out: Path, *, external: bool) -> str:
-    """quant_pre_process, then a name for every node. Symbolic shape inference fails on some graphs
-    (it does not know every op): then onnx's shape inference alone is used, and the report says so."""
+PREPROCESS_TRIES = [
+    ("quant_pre_process", {}),
+    ("quant_pre_process without symbolic shape inference", {"skip_symbolic_shape": True}),
+    ("quant_pre_process without symbolic shape inference and its optimizer", {"skip_symbolic_shape": True,
+                                                                               "skip_optimization": True}),
+]
+
+
+def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = lambda model: None) -> tuple[str, str | None]:
+    """quant_pre_process, then a name for every node (rule 1): what was run, and a notice when a try was skipped."""
     load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
                   external_data_location=out.name + ".data" if external else None)
-    note = "quant_pre_process"
-    try:
-        if model_bytes(source) > EXTERNAL_DATA_THRESHOLD:
-            # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model
-            raise _TooLarge("over 1 GiB")
-        with _quiet():
-            quant_pre_process(str(source), str(out), **kwargs)
-    except Exception as exc:
-        note = f"quant_pre_process without symbolic shape inference ({type(exc).__name__}: {str(exc)[:80]})"
-        try:
-            with _quiet():
-                quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
-        except Exception as exc2:
-            detail = first_line(exc2)
-            raise ConversionError(f"quantization pre-processing failed: {detail[:300]}",
-                                  hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
+    # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model: not over 1 GiB
+    tries = PREPROCESS_TRIES[1:] if model_bytes(source) > EXTERNAL_DATA_THRESHOLD else PREPROCESS_TRIES
+    records = []
+    for label, options in tries:
+        def run(options=options) -> Path:
+            for stale in (out, out.with_name(out.name + ".data")):
+                stale.unlink(missing_ok=True)
+            quant_pre_process(str(source), str(out), **kwargs, **options)
+            return out
+
+        used, record = run_checked(label, source, run, feeds=check_inputs)
+        records.append(record)
+        if used == out:
+            break
+    else:
+        copy_model(source, out)
     _name_nodes(out, source)
-    return note
-
-
-class _TooLarge(Exception):
-    pass
+    if records[-1]["status"] == "skipped":
+        return "no pre-processing", f"{notice_of(records)}; quantized without pre-processing"
+    return records[-1]["step"], notice_of(records)
 
 
 def _name_nodes(path: Path, source: Path) -> None:

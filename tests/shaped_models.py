@@ -224,14 +224,15 @@ def outer_scope_subgraph_output() -> onnx.ModelProto:
     return _model(graph)
 
 
-def fp16_overflow() -> onnx.ModelProto:
-    """Activations above float16's range (65504): FP16 misses any accuracy gate, FP32 is exact."""
+def fp16_underflow() -> onnx.ModelProto:
+    """Weights below float16's smallest subnormal (6e-8), scaled back up after the MatMul: in FP16 they are 0,
+    so FP16 misses any accuracy gate while FP32 is exact."""
     rng = _rng(10)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "big"], ["y"])],
-                              "overflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["y"])],
+                              "underflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-                              [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
-                               numpy_helper.from_array(np.full((8,), 1e6, np.float32), "big")])
+                              [numpy_helper.from_array((rng.standard_normal((8, 8)) * 1e-9).astype(np.float32), "w"),
+                               numpy_helper.from_array(np.full((8,), 1e4, np.float32), "scale")])
     return _model(graph)
 
 

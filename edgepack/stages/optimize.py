@@ -6,12 +6,16 @@ Rules:
 2. Hardware-specific fusions are left to onnxruntime's optimizer, which the convert stage runs
    with the target's platform, so they match the device.
 3. External data stays memory-mapped and is written back as a side file.
+4. Each pass is a checked step (edgepack.checked): a pass that raises (onnx-ir cannot read every model)
+   or writes a model that does not load or agree with the one before it is skipped, with a notice.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes import PassManager
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
     DeduplicateHashedInitializersPass,
@@ -20,30 +24,43 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
+from ..checked import job_inputs, notice_of, run_checked
 from ..job import Artifact, Job
+from ..modelinfo import iter_nodes
 from .save import save_model
 
 __all__ = ["optimize"]
 
 
 def optimize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    model = ir.load(artifact.path)
-    before = _count_nodes(model)
-    passes = PassManager(
-        [
-            IdentityEliminationPass(),
-            DeduplicateHashedInitializersPass(),
-            RemoveUnusedNodesPass(),
-            RemoveUnusedFunctionsPass(),
-            RemoveUnusedOpsetsPass(),
-        ]
-    )
-    passes(model)
-    after = _count_nodes(model)
-    out = save_model(model, job.workdir / "optimized.onnx")
-    report = {"stage": "optimize", "summary": f"{before} -> {after} nodes", "nodes_before": before, "nodes_after": after}
-    return Artifact(path=out, precision=artifact.precision), report
+    passes = [
+        IdentityEliminationPass(),
+        DeduplicateHashedInitializersPass(),
+        RemoveUnusedNodesPass(),
+        RemoveUnusedFunctionsPass(),
+        RemoveUnusedOpsetsPass(),
+    ]
+    current, records = artifact.path, []
+    for index, pass_ in enumerate(passes):
+        out = job.workdir / "optimize" / f"{index}-{type(pass_).__name__}" / "optimized.onnx"
+
+        def apply(before: Path = current, pass_=pass_, out: Path = out) -> Path:
+            model = ir.load(before)
+            pass_(model)
+            out.parent.mkdir(parents=True)
+            return save_model(model, out)
+
+        current, record = run_checked(type(pass_).__name__, current, apply, feeds=job_inputs(job))
+        records.append(record)
+    before, after = _count_nodes(artifact.path), _count_nodes(current)
+    report = {"stage": "optimize", "summary": f"{before} -> {after} nodes", "nodes_before": before, "nodes_after": after,
+              "steps": records}
+    notice = notice_of(records)
+    if notice:
+        report["notice"] = notice
+        job.say(f"NOTE: {notice}")
+    return Artifact(path=current, precision=artifact.precision), report
 
 
-def _count_nodes(model: ir.Model) -> int:
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+def _count_nodes(path: Path) -> int:
+    return sum(1 for _ in iter_nodes(onnx.load_model(path, load_external_data=False)))

@@ -12,6 +12,11 @@ Rules:
    by how much and what to try. With ``--auto-exclude`` (static only) the nodes with the most
    quantization noise stay in float, 1, 2, 4... of them, up to ``quantization.max_auto_exclude``.
 4. Every figure, the recipe's options and where the data came from go into the report (the manifest).
+5. When the recipe is the profile's default (no ``--quantize``) and it misses the gate or fails, the
+   profile's ``quantization.default_fallbacks`` are tried in order (``auto_exclude``, another recipe,
+   ``none`` for FP32); the first that passes ships, with a notice naming the default, why it missed and
+   what shipped. The user never asked for quantization, so a miss is no reason to ship nothing. An
+   explicit ``--quantize`` stays strict.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
-from ..errors import AccuracyError, ConversionError, UsageError, first_line
+from ..checked import job_inputs
+from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
 from ..inputs import plan_for
 from ..job import Artifact, Job
 from ..modelinfo import describe_io
@@ -34,6 +40,49 @@ __all__ = ["quantize", "resolve_recipe", "validation_samples"]
 
 def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     recipe, fallback = resolve_recipe(job)
+    try:
+        return _quantize(artifact, job, recipe, fallback, job.options.auto_exclude)
+    except (AccuracyError, ConversionError) as exc:
+        if job.options.quantize:
+            raise
+        return _default_fallback(artifact, job, recipe, fallback, exc)
+
+
+def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
+                      missed: EdgepackError) -> tuple[Artifact, dict]:
+    """Rule 5: the next of the profile's default_fallbacks that passes, or the last error when none does."""
+    tried = [{"recipe": recipe, "error": missed.message}]
+    for name in job.profile.quantization.default_fallbacks:
+        if name == "auto_exclude" and (recipe != "static" or job.options.auto_exclude):
+            continue  # auto-exclude ranks nodes by QDQ noise: static only
+        if name == recipe:
+            continue
+        job.say(f"NOTE: the profile's default {recipe} missed ({missed.message}); trying {name}")
+        try:
+            if name == "auto_exclude":
+                shipped, report = _quantize(artifact, job, recipe, fallback, True)
+            elif name == "none":
+                shipped, report = artifact, {"stage": "quantize", "recipe": "none", "requested": None,
+                                             "profile_default": job.profile.quantization.default,
+                                             "summary": "none: FP32 kept"}
+            else:
+                shipped, report = _quantize(artifact, job, name, None, False)
+        except (AccuracyError, ConversionError) as exc:
+            tried.append({"recipe": name, "error": exc.message})
+            continue
+        label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(name, name)
+        notice = (f"the profile's default recipe {recipe} missed ({missed.message}); shipped {label} instead "
+                  "(quantization.default_fallbacks; --quantize makes a recipe strict)")
+        job.say(f"NOTE: {notice}")
+        report = {**report, "notice": "; ".join(filter(None, [report.get("notice"), notice])),
+                  "default_fallback": {"from": recipe, "to": name, "tried": tried}}
+        report["summary"] += f" [default {recipe} missed: shipped {label}]"
+        return shipped, report
+    raise missed
+
+
+def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
+              auto_exclude: bool) -> tuple[Artifact, dict]:
     report: dict[str, Any] = {"stage": "quantize", "recipe": recipe, "requested": job.options.quantize,
                               "profile_default": job.profile.quantization.default}
     if fallback:
@@ -80,12 +129,12 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     while True:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method)
+                                calibration_method=job.options.calibration_method, check_inputs=job_inputs(job))
         figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
         attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
-        if not misses or not job.options.auto_exclude or recipe != "static":
+        if not misses or not auto_exclude or recipe != "static":
             break
         if ranking is None:
             prepared = result.path.with_name(result.path.stem + ".pre.onnx")
@@ -97,6 +146,9 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         excluded = [n for n, _ in ranking[: min(limit, max(1, 2 * len(excluded)))]]
         job.say(f"auto-exclude: {'; '.join(misses)}; retrying with {len(excluded)} node(s) in float")
 
+    if result.preprocess_notice:
+        report["notice"] = f"quantization pre-processing: {result.preprocess_notice}"
+        job.say(f"NOTE: {report['notice']}")
     report.update({
         "result": result.report(),
         "tolerance": dataclasses.asdict(tolerance),
