@@ -132,38 +132,46 @@ def voice_activity() -> onnx.ModelProto:
 
 
 def if_with_constant_weights() -> onnx.ModelProto:
-    """An If whose branches hold their weights in Constant nodes (paddle2onnx and spox exports do this)."""
+    """An If whose branches hold their small weights in Constant nodes and return them through an Identity whose
+    declared shape has another rank (paddle2onnx writes such branches): onnxruntime runs it with a warning,
+    onnx-ir's IdentityEliminationPass raises PassError ("Shapes must have the same rank")."""
     rng = _rng(5)
 
     def branch(tag: str) -> onnx.GraphProto:
-        weight = (rng.standard_normal((4, 4)) * 0.5).astype(np.float32)
-        return helper.make_graph([_const(f"w_{tag}", weight), helper.make_node("MatMul", ["x", f"w_{tag}"], [f"y_{tag}"])],
-                                 tag, [], [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [None, 4])])
+        graph = helper.make_graph([_const(f"w_{tag}", (rng.standard_normal((2, 2)) * 0.5).astype(np.float32)),
+                                   helper.make_node("Identity", [f"w_{tag}"], [f"y_{tag}"])],
+                                  tag, [], [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [None])])
+        graph.value_info.append(helper.make_tensor_value_info(f"w_{tag}", TensorProto.FLOAT, [2, 2]))
+        return graph
 
     nodes = [_const("zero", np.array(0.0, np.float32)),
              helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
              helper.make_node("Greater", ["total", "zero"], ["positive"]),
-             helper.make_node("If", ["positive"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
-    graph = helper.make_graph(nodes, "if_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+             helper.make_node("If", ["positive"], ["weight"], then_branch=branch("then"), else_branch=branch("else")),
+             helper.make_node("MatMul", ["x", "weight"], ["y"])]
+    graph = helper.make_graph(nodes, "if_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
     return _model(graph)
 
 
 def loop_with_constant_weights() -> onnx.ModelProto:
-    """A Loop whose body multiplies by a weight held in a Constant node, three times."""
-    weight = (_rng(6).standard_normal((4, 4)) * 0.5).astype(np.float32)
+    """A Loop whose body multiplies by a small weight held in a Constant node, three times, and hands the result on
+    through an Identity declared with another rank: the same PassError as in an If branch."""
     body = helper.make_graph(
-        [_const("w_body", weight), helper.make_node("MatMul", ["carried", "w_body"], ["carried_out"]),
+        [_const("w_body", (_rng(6).standard_normal((2, 2)) * 0.5).astype(np.float32)),
+         helper.make_node("MatMul", ["carried", "w_body"], ["product"]),
+         helper.make_node("Identity", ["product"], ["carried_out"]),
          helper.make_node("Identity", ["cond_in"], ["cond_out"])],
         "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried", TensorProto.FLOAT, [None, 4])],
+         helper.make_tensor_value_info("carried", TensorProto.FLOAT, [None, 2])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [None, 4])])
+         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [None])])
+    body.value_info.append(helper.make_tensor_value_info("product", TensorProto.FLOAT, [None, 2]))
     nodes = [_const("trips", np.array(3, np.int64)), _const("go", np.array(True)),
              helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)]
-    graph = helper.make_graph(nodes, "loop_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    graph = helper.make_graph(nodes, "loop_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
     return _model(graph)
 
 

@@ -10,6 +10,8 @@ Rules:
    dim and the flag to pass: guessing a sequence length or an image size would ship a wrong model.
 3. onnxruntime's own functions do the work (``make_dim_param_fixed``, ``make_input_shape_fixed``, then
    ``fix_output_shapes``). External data stays in side files (``make_dynamic_shape_fixed`` would inline it).
+   Fixing the output shapes is a checked step (edgepack.checked): it runs onnx.checker, which refuses
+   IR-3 models onnxruntime runs; then the inputs are fixed and the outputs keep their declared shapes.
 4. Profiles with ``shapes.fixed: false`` keep the model's shapes.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from ..checked import Feeds, job_inputs, notice_of, run_checked
 from ..ort_tools import load_ort_tools
 from ..errors import UsageError
 from ..job import Artifact, Job
@@ -38,7 +41,8 @@ def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         return artifact, {"stage": "fix_shapes", "summary": "not required: the profile takes dynamic shapes", "applied": False}
     shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
                                   job.profile.shapes.defaults, where=where)
-    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
+    records: list[dict[str, Any]] = []
+    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
     fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
     report = {
         "stage": "fix_shapes",
@@ -47,7 +51,11 @@ def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         "input_shapes": {name: list(dims) for name, dims in shapes.items()},
         "assumed_batch_dims": assumed,
         "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
+        "steps": records,
     }
+    if notice_of(records):
+        report["notice"] = notice_of(records)
+        job.say(f"NOTE: {report['notice']}")
     return Artifact(path=out, precision=artifact.precision), report
 
 
@@ -87,9 +95,10 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     return shapes, assumed
 
 
-def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files copied beside
-    it (onnx.checker refuses hard-linked side files)."""
+def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]], *,
+                 feeds: Feeds = lambda model: None, records: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred, a checked step whose record goes to
+    ``records``) to ``folder``, side files copied beside it (onnx.checker refuses hard-linked side files)."""
     load_ort_tools()
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
@@ -104,17 +113,25 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
         target = folder / location
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.parent / location, target)
+    inputs_fixed = folder / f"{source.stem}.inputs-fixed.onnx"
+    onnx.save_model(proto, inputs_fixed)
     out = folder / source.name
-    onnx.save_model(proto, out)
-    # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        fix_output_shapes(proto)
-    finally:
-        os.chdir(previous)
-    onnx.save_model(proto, out)
-    return out
+
+    def outputs() -> Path:
+        # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
+        previous = os.getcwd()
+        os.chdir(folder)
+        try:
+            fix_output_shapes(proto)
+        finally:
+            os.chdir(previous)
+        onnx.save_model(proto, out)
+        return out
+
+    used, record = run_checked("fix_output_shapes", inputs_fixed, outputs, feeds=feeds)
+    if records is not None:
+        records.append(record)
+    return used
 
 
 def _check_flags(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
