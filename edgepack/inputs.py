@@ -125,9 +125,10 @@ def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tup
     last = tries[-1]
     raise UsageError(
         f"edgepack could not build inputs this model accepts; the last try, shapes {_text(last['input_shapes'])}, "
-        f"failed at {node_of_error(last['error'])}: {last['error']}",
+        f"failed at {node_of_error(last['error'])}: give --sample-inputs",
         where=str(model.name),
-        hint="give --sample-inputs (an .npz of one real input set), or the sizes with --self-test-shape NAME=D0,D1,...",
+        hint=f"onnxruntime said: {last['error']}; --sample-inputs takes one real input set (.npz of named arrays), "
+             "--self-test-shape NAME=D0,D1,... just the sizes",
     )
 
 
