@@ -129,7 +129,12 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
     try:
         with held_back():
             session = _session(after)
-    except Exception as exc:  # onnxruntime refuses the model: the step broke it
+    except Exception as exc:  # onnxruntime refuses the model: the step broke it, unless the model before was refused too
+        try:
+            with held_back():
+                _session(before)
+        except Exception:
+            return None, "none: the model before it does not load either"
         return f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}", "load"
     try:
         sets = feeds(after)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .errors import UsageError, first_line
+from .errors import ConversionError, UsageError, first_line
 from .modelinfo import iter_graphs
 
 __all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
@@ -154,7 +154,13 @@ def _session_runner(model: Path) -> Callable[[dict[str, Any]], None]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a refusal becomes one recorded try, not an onnxruntime log line
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # no inputs involved: the model itself does not load
+        raise ConversionError(f"the FP32 model does not run in onnxruntime {ort.__version__}: {first_line(exc)[:400]}",
+                              where=model.name, hint="the model itself does not load in onnxruntime with graph "
+                              "optimizations on: re-export it from its source (e.g. not from a file onnxruntime's "
+                              "optimizer wrote)") from None
     return lambda feeds: session.run(None, feeds)
 
 

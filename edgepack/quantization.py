@@ -177,6 +177,7 @@ def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = la
             for stale in (out, out.with_name(out.name + ".data")):
                 stale.unlink(missing_ok=True)
             quant_pre_process(str(source), str(out), **kwargs, **options)
+            _name_nodes(out, source)  # part of the step: its invented initializer names fail a second optimization
             return out
 
         used, record = run_checked(label, source, run, feeds=check_inputs)
@@ -185,7 +186,7 @@ def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = la
             break
     else:
         copy_model(source, out)
-    _name_nodes(out, source)
+        _name_nodes(out, source)
     if records[-1]["status"] == "skipped":
         return "no pre-processing", f"{notice_of(records)}; quantized without pre-processing"
     return records[-1]["step"], notice_of(records)

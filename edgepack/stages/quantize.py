@@ -219,7 +219,7 @@ def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str,
     blame = ("the model does not run on these inputs: check them against what the model takes"
              if validation.origin != "generated" else
              "edgepack's generated inputs do not fit the model: give --validation (or --sample-inputs) with real inputs")
-    expected = _run(job.source.reference, validation, job, f"the FP32 model on {validation.origin} inputs", hint=blame)
+    expected = _run(job.source.reference, validation, job, "the FP32 model", hint=blame)
     got = _run(quantized, validation, job, f"the {recipe}-quantized model", names=list(expected[0]),
                hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
                f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none")
