@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from .errors import ConversionError, UsageError, first_line
-from .modelinfo import iter_graphs
+from .modelinfo import format_shape, iter_graphs
 
 __all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
 
@@ -136,6 +136,17 @@ def plan_for(job, specs: list[dict[str, Any]]) -> InputPlan:
     """The plan for a packaging job: its FP32 reference, the inputs as the artifact declares them (fixed for
     fixed-shape targets), the user's sizes (rule 4)."""
     options = job.options
+    by_name = {spec["name"]: spec for spec in specs}
+    for name, dims in options.self_test_shapes.items():
+        shape = by_name[name]["shape"] if name in by_name else None
+        if name not in by_name:
+            raise UsageError(f"--self-test-shape names input {name!r}, which the model does not have",
+                             hint=f"the model's inputs are: {', '.join(by_name) or 'none'}")
+        if shape is not None and (len(dims) != len(shape) or any(
+                isinstance(d, int) and d > 0 and d != size for d, size in zip(shape, dims))):
+            raise UsageError(f"--self-test-shape {name}={','.join(map(str, dims)) or 'scalar'} does not fit input "
+                             f"{name!r} of shape {format_shape(shape)}",
+                             hint="keep the model's fixed dims and its rank")
     return fit_inputs(job.source.reference, specs, given={**options.input_shapes, **options.self_test_shapes},
                       named=options.fixed_dims)
 

@@ -140,3 +140,11 @@ def test_self_test_shape_flag_reaches_the_manifest(tmp_path, cli):
     manifest = json.loads((tmp_path / "out" / "det-linux-x64" / "manifest.json").read_text())
     self_test = next(r for r in manifest["stages"] if r["stage"] == "self_test")
     assert self_test["input_shapes"] == {"image": [1, 3, 96, 160]}
+
+
+def test_self_test_shape_is_checked_against_the_model(tmp_path, cli, clean_failure):
+    path = shaped_models.save(shaped_models.detector(), tmp_path, "det")
+    unknown = cli("package", path, "-t", "linux-x64", "-o", tmp_path / "out", "--self-test-shape", "pixels=1,3,64,64")
+    clean_failure(unknown, "--self-test-shape names input 'pixels'", "the model's inputs are: image")
+    wrong = cli("package", path, "-t", "linux-x64", "-o", tmp_path / "out", "--self-test-shape", "image=1,4,64,64")
+    clean_failure(wrong, "does not fit input 'image' of shape [batch, 3, height, width]")
