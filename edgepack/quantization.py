@@ -187,9 +187,14 @@ def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = la
     else:
         copy_model(source, out)
         _name_nodes(out, source)
+    failed = "; ".join(f"{r['step']} failed ({r['reason']})" for r in records if r["status"] == "skipped")
     if records[-1]["status"] == "skipped":
-        return "no pre-processing", f"{notice_of(records)}; quantized without pre-processing"
-    return records[-1]["step"], notice_of(records)
+        return "no pre-processing", f"{failed}: quantized without pre-processing"
+    done = records[-1]["step"]
+    if done == PREPROCESS_TRIES[1][0] and records[-1]["status"] == "applied":
+        # symbolic shape inference does not know every op; onnx's shape inference stands in, as it always did
+        return f"{done} ({(failed or 'the model is over 1 GiB')[:100]})", None
+    return done, "; ".join(filter(None, [f"{failed}: used {done}" if failed else None, notice_of(records)]))
 
 
 def _name_nodes(path: Path, source: Path) -> None:

@@ -94,7 +94,7 @@ def embedding(vocabulary: int = 10) -> onnx.ModelProto:
 
 def voice_activity() -> onnx.ModelProto:
     """A VAD like silero's: audio [batch, samples], a recurrent state [2, batch, 16] whose batch dim is unnamed and
-    not first, and a scalar int64 ``sr`` that must be 8000 or 16000 (any other rate reshapes to nothing)."""
+    not first, and a scalar int64 ``sr`` that must be 8000 or 16000 (any other rate reshapes the audio to [sr, sr])."""
     rng = _rng(4)
     hop = {16000: 64, 8000: 32}
 
@@ -105,9 +105,10 @@ def voice_activity() -> onnx.ModelProto:
         return helper.make_graph(nodes, f"rate_{rate}", [], [helper.make_tensor_value_info(f"level_{rate}", TensorProto.FLOAT, [None, 1])],
                                  [numpy_helper.from_array(np.array([0, -1, hop[rate]], np.int64), f"frame_{rate}")])
 
-    refuse = helper.make_graph([helper.make_node("Reshape", ["audio", "nothing"], ["refused"])], "other_rate", [],
-                               [helper.make_tensor_value_info("refused", TensorProto.FLOAT, [None, None, None, None])],
-                               [numpy_helper.from_array(np.array([7, 13, 3, -1], np.int64), "nothing")])
+    refuse = helper.make_graph([helper.make_node("Unsqueeze", ["sr", "axis0"], ["sr1"]),
+                                helper.make_node("Concat", ["sr1", "sr1"], ["nothing"], axis=0),
+                                helper.make_node("Reshape", ["audio", "nothing"], ["refused"])], "other_rate", [],
+                               [helper.make_tensor_value_info("refused", TensorProto.FLOAT, [None, None])])
     eight = helper.make_graph([helper.make_node("If", ["is_8k"], ["level_inner"], then_branch=branch(8000), else_branch=refuse)],
                               "maybe_8k", [], [helper.make_tensor_value_info("level_inner", TensorProto.FLOAT, [None, 1])])
     nodes = [helper.make_node("Equal", ["sr", "k16"], ["is_16k"]),

@@ -10,8 +10,9 @@ Rules:
    dim and the flag to pass: guessing a sequence length or an image size would ship a wrong model.
 3. onnxruntime's own functions do the work (``make_dim_param_fixed``, ``make_input_shape_fixed``, then
    ``fix_output_shapes``). External data stays in side files (``make_dynamic_shape_fixed`` would inline it).
-   Fixing the output shapes is a checked step (edgepack.checked): it runs onnx.checker, which refuses
-   IR-3 models onnxruntime runs; then the inputs are fixed and the outputs keep their declared shapes.
+   Both are checked steps (edgepack.checked). Fixing the output shapes runs onnx.checker, which refuses
+   IR-3 models onnxruntime runs: then the outputs keep their declared shapes. A model onnxruntime refuses
+   at the fixed sizes stays as it was, with a notice. Sequence and map inputs have no shape to fix.
 4. Profiles with ``shapes.fixed: false`` keep the model's shapes.
 """
 
@@ -44,10 +45,12 @@ def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
     records: list[dict[str, Any]] = []
     out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
     fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+    applied = out != artifact.path
     report = {
         "stage": "fix_shapes",
-        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-        "applied": True,
+        "summary": (f"fixed {fixed}" if applied else f"not applied: fixing {fixed} breaks the model (see notice)")
+        + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+        "applied": applied,
         "input_shapes": {name: list(dims) for name, dims in shapes.items()},
         "assumed_batch_dims": assumed,
         "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
@@ -63,9 +66,12 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 defaults: dict[str, list[int]], *, where: str) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """The fixed shape of every input (rules 1 and 2), and the dims assumed to be batch dims."""
     inputs = _check_flags(proto, input_shapes, fixed_dims, where)
+    non_tensors = {io["name"] for io in describe_io(proto)[0] if io["dtype"].endswith("_type")}
     shapes: dict[str, tuple[int, ...]] = {}
     assumed: list[str] = []
     for name, dims in inputs.items():
+        if name in non_tensors:
+            continue  # a sequence or map has no shape to fix
         if name in input_shapes:
             shapes[name] = tuple(input_shapes[name])
             continue
@@ -114,7 +120,16 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.parent / location, target)
     inputs_fixed = folder / f"{source.stem}.inputs-fixed.onnx"
-    onnx.save_model(proto, inputs_fixed)
+
+    def inputs() -> Path:
+        onnx.save_model(proto, inputs_fixed)
+        return inputs_fixed
+
+    used, record = run_checked("make_input_shape_fixed", source, inputs, feeds=feeds)
+    if records is not None:
+        records.append(record)
+    if used == source:  # at these sizes onnxruntime refuses the model: it stays as it was, with a notice
+        return source
     out = folder / source.name
 
     def outputs() -> Path:
