@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,11 @@ examples:
   edgepack package model.onnx --target rpi-arm64 --quantize static --calibration calib/
                                                      static INT8 calibrated on your data (.npz files)
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
+  edgepack keygen keys/release                       new P-256 signing key: keys/release.priv, keys/release.pub
+  edgepack package model.onnx --target rpi-arm64 --sign-key keys/release.priv
+                                                     ...and sign the bundle (model.sig, OpenSSF model-signing format)
+  edgepack verify build/model-rpi-arm64 --public-key keys/release.pub
+                                                     ...check its files and its signature
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
 
@@ -129,11 +135,35 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--dynamic", action="append", metavar="INPUT:AXIS=NAME",
                          help="PyTorch models: make an axis dynamic, e.g. input:0=batch (input by forward() name "
                          "or index; repeatable); its example size must be at least 2")
+    package.add_argument("--sign-key", type=Path, metavar="PEM",
+                         help="sign every bundle with this P-256 private key (model.sig, OpenSSF model-signing format)")
+    package.add_argument("--sign-passphrase-env", metavar="VAR",
+                         help="with --sign-key: the environment variable holding the key's passphrase")
+    package.add_argument("--pin-key", type=Path, metavar="PEM",
+                         help="pin this P-256 public key beside the shim of python bundles: the shim then refuses "
+                         "bundles not signed with it")
     package.set_defaults(handler=_cmd_package)
 
-    verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest")
+    verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest (and its signature)")
     verify.add_argument("bundle", type=Path)
+    verify.add_argument("--public-key", type=Path, metavar="PEM",
+                        help="also require model.sig signed with this P-256 public key over every file")
     verify.set_defaults(handler=_cmd_verify)
+
+    keygen = sub.add_parser("keygen", parents=[after], help="create a P-256 key pair for signing bundles",
+                            description="Write NAME.priv (PEM PKCS#8, mode 0600, encrypted with --passphrase-env) and "
+                            "NAME.pub (PEM). Existing files are never overwritten.")
+    keygen.add_argument("name", type=Path, metavar="NAME")
+    keygen.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in VAR")
+    keygen.set_defaults(handler=_cmd_keygen)
+
+    sign = sub.add_parser("sign", parents=[after], help="sign an existing bundle (writes model.sig)",
+                          description="Verify BUNDLE against its manifest, then write model.sig over every file "
+                          "(OpenSSF model-signing format, ECDSA P-256). Nothing else in the bundle changes.")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, metavar="PEM", help="P-256 private key")
+    sign.add_argument("--passphrase-env", metavar="VAR", help="the environment variable holding the key's passphrase")
+    sign.set_defaults(handler=_cmd_sign)
 
     inspect = sub.add_parser("inspect", parents=[after], help="describe an ONNX model")
     inspect.add_argument("model", type=Path)
@@ -195,7 +225,14 @@ def _cmd_package(args) -> int:
                       freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
                       calibration=args.calibration, calibration_method=args.calibration_method,
                       validation=args.validation, auto_exclude=args.auto_exclude,
-                      tune=args.tune)
+                      tune=args.tune, sign_key=args.sign_key, sign_passphrase_env=args.sign_passphrase_env,
+                      pin_key=args.pin_key)
+    if args.sign_passphrase_env and not args.sign_key:
+        raise UsageError("--sign-passphrase-env only applies with --sign-key")
+    if args.pin_key:
+        from .signing import load_public_key
+
+        load_public_key(args.pin_key)  # before any work: a wrong file (a private key!) is refused at once
     if args.tune_budget is not None:
         if not args.tune or not args.tune_budget > 0:
             raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
@@ -221,6 +258,8 @@ def _cmd_package(args) -> int:
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
                 if r.frozen:
                     print(f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)")
+                if r.signed_by:
+                    print(f"        {'':<16} signed: model.sig, key {r.signed_by}")
                 for notice in r.notices:
                     print(f"        notice: {notice}")
             else:
@@ -259,12 +298,16 @@ def _with_example_shapes(options, example: str):
 
 def _cmd_verify(args) -> int:
     from .manifest import verify_bundle
+    from .signing import load_public_key, verify_signature
 
+    signed_by = verify_signature(args.bundle, load_public_key(args.public_key)) if args.public_key else None
     result = verify_bundle(args.bundle)
     if args.json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:
-        print(f"ok: {result.checked} files of {args.bundle} match its manifest")
+        unchecked = " (model.sig not checked: give --public-key)" if (args.bundle / "model.sig").is_file() else ""
+        print(f"ok: {result.checked} files of {args.bundle} match its manifest"
+              + (f", signed by key {signed_by}" if signed_by else unchecked))
     else:
         for kind in ("missing", "extra", "changed"):
             for rel in getattr(result, kind):
@@ -273,6 +316,39 @@ def _cmd_verify(args) -> int:
         _error(f"{args.bundle}: {len(result.missing)} missing, {len(result.extra)} extra, "
                f"{len(result.changed)} changed file(s)")
         return 7
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from .signing import generate_key
+
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if not passphrase:
+            raise UsageError(f"the environment variable {args.passphrase_env} is not set or empty",
+                             hint=f"export {args.passphrase_env}=... with the passphrase to encrypt the key with")
+    private, public = args.name.with_name(args.name.name + ".priv"), args.name.with_name(args.name.name + ".pub")
+    key_id = generate_key(private, public, passphrase)
+    if args.json:
+        _print_json({"private_key": str(private), "public_key": str(public), "fingerprint": key_id,
+                     "encrypted": passphrase is not None})
+    else:
+        print(f"private key: {private} ({'encrypted, ' if passphrase else ''}mode 0600: keep it out of bundles and repositories)")
+        print(f"public key:  {public}")
+        print(f"fingerprint: {key_id}")
+    return 0
+
+
+def _cmd_sign(args) -> int:
+    from .signing import load_private_key, sign_bundle
+
+    signed = sign_bundle(args.bundle, load_private_key(args.key, args.passphrase_env))
+    if args.json:
+        _print_json({"bundle": str(args.bundle), "signature": str(signed.signature), "fingerprint": signed.fingerprint,
+                     "files": signed.files})
+    else:
+        print(f"signed: {signed.signature} over {signed.files} files, key {signed.fingerprint}")
     return 0
 
 

@@ -67,6 +67,12 @@ class Options:
     """Choose the recipe by building, gating and timing candidates on this host (edgepack/tune.py)."""
     tune_budget: float = 300.0
     """Seconds ``tune`` may take in all; measuring stops when they are spent."""
+    sign_key: Path | None = None
+    """A P-256 private key (PEM): every bundle gets ``model.sig`` (edgepack/signing.py)."""
+    sign_passphrase_env: str | None = None
+    """The environment variable holding ``sign_key``'s passphrase."""
+    pin_key: Path | None = None
+    """A P-256 public key pinned beside the shim of python bundles: the shim then refuses unsigned bundles."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
+from .signing import load_private_key, sign_checked
 from .stages.bundle import bundle
 from .stages.check import check
 from .stages.convert import convert
@@ -66,6 +67,8 @@ class Result:
     seconds: float = 0.0
     frozen: dict[str, Any] | None = None
     """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
+    signed_by: str | None = None
+    """With a signing key: its fingerprint, as recorded in the bundle's model.sig."""
 
     @property
     def notices(self) -> list[str]:
@@ -82,6 +85,8 @@ class Result:
             data["notices"] = self.notices
         if self.frozen:
             data["frozen"] = self.frozen
+        if self.signed_by:
+            data["signed_by"] = self.signed_by
         if self.error:
             data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
                              "exit_code": self.error.exit_code}
@@ -120,6 +125,7 @@ def package_model(
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
     destinations = refuse_existing_output(name, profiles, options)
+    signing_key = load_private_key(options.sign_key, options.sign_passphrase_env) if options.sign_key else None
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")
         source_dir = Path(scratch) / "source"
@@ -131,7 +137,8 @@ def package_model(
         for profile in profiles:
             workdir = Path(scratch) / profile.name
             workdir.mkdir()
-            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress))
+            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
+                                        signing_key))
         if options.freeze:
             from .freeze import freeze_result
 
@@ -141,7 +148,7 @@ def package_model(
 
 
 def _package_one(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
-                 progress: Callable[[str], None]) -> Result:
+                 progress: Callable[[str], None], signing_key=None) -> Result:
     started = time.perf_counter()
     try:
         with atomic_folder(destination, force=options.force) as staging:
@@ -156,7 +163,11 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                 job.reports.append(report)
                 job.say(f"{report['stage']}: {report['summary']} ({time.perf_counter() - stage_started:.1f} s)")
             written = finalize(artifact, job)
-        return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started)
+            signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
+            if signed_by:
+                job.say(f"signed: model.sig, key {signed_by}")
+        return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started,
+                      signed_by=signed_by)
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
 

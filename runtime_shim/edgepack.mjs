@@ -11,6 +11,9 @@
  * 2. manifest.json is fetched (with options.manifestIntegrity, if given, as its Subresource Integrity)
  *    and must list every file this loader needs with a well-formed sha384 integrity. A malformed
  *    integrity is refused here, because browsers treat one as "no check at all".
+ *    With options.publicKey, model.sig must be a model-signing signature by that ECDSA P-256 key
+ *    (WebCrypto) over these very manifest bytes and the manifest-listed digests (verifySignature below),
+ *    before any other file is fetched.
  * 3. Every file (onnxruntime-web's JavaScript and WebAssembly, the model, its external data) must
  *    match its sha384 integrity in the manifest: checked with crypto.subtle as it streams in (with
  *    progress) in secure contexts, or by fetch() itself (fetch(url, {integrity})) elsewhere. A
@@ -67,6 +70,8 @@ const runtimes = new Map();
  * @param {object} [options]
  * @param {string|URL} [options.baseUrl] the bundle folder (default: the folder of this module)
  * @param {string} [options.manifestIntegrity] 'sha384-...' of manifest.json, to pin the manifest itself
+ * @param {string|CryptoKey} [options.publicKey] the signer's P-256 public key (PEM, or a CryptoKey for ECDSA
+ *   P-256 verify): the bundle must then carry model.sig signed with it
  * @param {(p: {file: string, loaded: number, total: number}) => void} [options.onProgress] per-file download progress
  */
 export async function load(options = {}) {
@@ -79,7 +84,8 @@ export async function load(options = {}) {
     });
   }
   const onProgress = options.onProgress ?? (() => {});
-  const manifest = await fetchManifest(base, options.manifestIntegrity);
+  const { manifest, bytes: manifestBytes } = await fetchManifest(base, options.manifestIntegrity);
+  const signedBy = options.publicKey ? await verifySignature(base, manifest, manifestBytes, options.publicKey) : null;
   const web = manifest.profile?.web;
   if (!web?.entry || !Array.isArray(web.ort_web_files)) {
     throw new EdgepackError('profile.web (the onnxruntime-web files of this bundle) is missing', { file: 'manifest.json' });
@@ -132,6 +138,7 @@ export async function load(options = {}) {
     crossOriginIsolated: isolated,
     warnings,
     manifest,
+    signedBy,
     ort,
     timings: { fetchMs: fetched - started, sessionMs: ready - fetched, loadMs: ready - started },
     /** Run the model. feeds: {name: {data, dims}} or onnxruntime-web Tensors; returns {name: Tensor} (data, dims, type). */
@@ -162,7 +169,7 @@ async function fetchManifest(base, manifestIntegrity) {
   if (manifest?.schema !== SCHEMA || typeof manifest.files !== 'object' || !manifest.model || !manifest.runtime) {
     throw new EdgepackError(`not an edgepack manifest (expected schema ${SCHEMA})`, { file: 'manifest.json' });
   }
-  return manifest;
+  return { manifest, bytes };
 }
 
 function entryOf(manifest, rel) {
@@ -378,4 +385,133 @@ function toTensor(ort, spec, value) {
     throw new EdgepackError(`${where}: ${data.length} values, but dims [${dims.join(', ')}] need ${count}`);
   }
   return new ort.Tensor(type, data, dims);
+}
+
+// --- signatures: model.sig in the OpenSSF model-signing format, checked with WebCrypto ----------------
+
+const SIGNATURE = 'model.sig';
+const BUNDLE_MEDIA_TYPE = 'application/vnd.dev.sigstore.bundle.v0.3+json';
+const PAYLOAD_TYPE = 'application/vnd.in-toto+json';
+const PREDICATE_TYPE = 'https://model_signing/signature/v1.0';
+const P256 = { name: 'ECDSA', namedCurve: 'P-256' };
+
+/**
+ * Check model.sig against publicKey and the manifest just fetched; return the key's fingerprint (SHA-256
+ * hex of its PEM, model-signing's key hint). The signed statement must list manifest.json with the
+ * SHA-256 of manifestBytes and every file of manifest.json with its sha256: every later file is then
+ * held to its manifest integrity, so the signature covers every byte the loader uses.
+ */
+async function verifySignature(base, manifest, manifestBytes, publicKey) {
+  const refuse = (message, hint) => new EdgepackError(message, { file: SIGNATURE, hint });
+  if (!globalThis.crypto?.subtle) {
+    throw refuse('a signature is required but this page has no WebCrypto (crypto.subtle needs a secure context)',
+      'serve the page over https, or from localhost');
+  }
+  const { key, fingerprint } = await importP256(publicKey);
+  const sigBytes = await fetchPlain(new URL(SIGNATURE, base), SIGNATURE).catch((error) => {
+    throw refuse(`the bundle is not signed (${error.message.split('\n')[0]}) and options.publicKey requires a signature by key ${fingerprint}`);
+  });
+  let envelope, payload, signature, hint;
+  try {
+    const document = JSON.parse(new TextDecoder().decode(sigBytes));
+    envelope = document.dsseEnvelope;
+    if (document.mediaType !== BUNDLE_MEDIA_TYPE || envelope.payloadType !== PAYLOAD_TYPE || envelope.signatures.length !== 1) {
+      throw new Error('not a model-signing key signature');
+    }
+    hint = document.verificationMaterial?.publicKey?.hint;
+    payload = fromBase64(envelope.payload);
+    signature = derToP1363(fromBase64(envelope.signatures[0].sig));
+  } catch (error) {
+    throw refuse(`malformed (${error.message})`);
+  }
+  if (hint && hint !== fingerprint) {
+    throw refuse(`signed with another key: it names key ${hint}, the required key is ${fingerprint}`);
+  }
+  const head = new TextEncoder().encode(`DSSEv1 ${PAYLOAD_TYPE.length} ${PAYLOAD_TYPE} ${payload.length} `);
+  const signed = new Uint8Array(head.length + payload.length);
+  signed.set(head);
+  signed.set(payload, head.length);
+  if (!signature || !(await crypto.subtle.verify({ name: 'ECDSA', hash: 'SHA-256' }, key, signature, signed))) {
+    throw refuse(`the signature does not verify with key ${fingerprint} (tampered, or signed with another key)`);
+  }
+  const digests = { 'manifest.json': await sha256Hex(manifestBytes) };
+  for (const [rel, entry] of Object.entries(manifest.files)) digests[rel] = entry.sha256;
+  const problem = await statementProblem(payload, digests);
+  if (problem) throw refuse(problem);
+  return fingerprint;
+}
+
+async function importP256(publicKey) {
+  let spki;
+  if (typeof publicKey === 'string') {
+    const body = /-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----/.exec(publicKey);
+    if (!body) throw new EdgepackError('options.publicKey is not a PEM public key (-----BEGIN PUBLIC KEY-----)');
+    spki = fromBase64(body[1].replace(/\s+/g, ''));
+  } else if (publicKey instanceof CryptoKey) {
+    spki = new Uint8Array(await crypto.subtle.exportKey('spki', publicKey));
+  } else {
+    throw new EdgepackError('options.publicKey must be a PEM string or a CryptoKey');
+  }
+  let key;
+  try {
+    key = await crypto.subtle.importKey('spki', spki, P256, false, ['verify']);
+  } catch (error) {
+    throw new EdgepackError(`options.publicKey is not an ECDSA P-256 public key (${error.message})`);
+  }
+  const text = btoa(String.fromCharCode(...spki)).replace(/.{1,64}/g, '$&\n');
+  const fingerprint = await sha256Hex(new TextEncoder().encode(`-----BEGIN PUBLIC KEY-----\n${text}-----END PUBLIC KEY-----\n`));
+  return { key, fingerprint };
+}
+
+/** What differs between the signed statement and the bundle's digests (null: nothing). */
+async function statementProblem(payload, digests) {
+  let statement, listed, root;
+  try {
+    statement = JSON.parse(new TextDecoder().decode(payload));
+    const { serialization, resources } = statement.predicate;
+    if (serialization.method !== 'files' || serialization.hash_type !== 'sha256') return 'only files/sha256 serialization is read';
+    listed = Object.fromEntries(resources.map((r) => [r.name, r.digest]));
+    const all = new Uint8Array(resources.length * 32);
+    resources.forEach((r, i) => {
+      if (r.algorithm !== 'sha256' || !/^[0-9a-f]{64}$/.test(r.digest)) throw new Error(`bad digest for ${r.name}`);
+      all.set(r.digest.match(/../g).map((h) => parseInt(h, 16)), i * 32);
+    });
+    root = await sha256Hex(all);
+  } catch (error) {
+    return `the signed statement is malformed (${error.message})`;
+  }
+  if (statement.predicateType !== PREDICATE_TYPE) return `the signed statement is not a model-signing v1.0 statement (${statement.predicateType})`;
+  if (root !== statement.subject?.[0]?.digest?.sha256) return 'the signed statement is inconsistent (its subject digest does not match its resources)';
+  const found = {
+    'not signed': Object.keys(digests).filter((rel) => !(rel in listed)).sort(),
+    'signed but not in the bundle': Object.keys(listed).filter((rel) => !(rel in digests)).sort(),
+    'changed since signing': Object.keys(digests).filter((rel) => rel in listed && listed[rel] !== digests[rel]).sort(),
+  };
+  const parts = Object.entries(found).filter(([, names]) => names.length).map(([kind, names]) => `${kind}: ${names.join(', ')}`);
+  return parts.length ? parts.join('; ') : null;
+}
+
+/** A strict DER ECDSA signature as WebCrypto's r||s (64 bytes); null when it is not strict DER. */
+function derToP1363(der) {
+  if (der.length < 8 || der[0] !== 0x30 || der[1] >= 0x80 || der[1] !== der.length - 2) return null;
+  const out = new Uint8Array(64);
+  let i = 2;
+  for (const at of [0, 32]) {
+    if (der[i] !== 0x02) return null;
+    const size = der[i + 1];
+    let body = der.subarray(i + 2, i + 2 + size);
+    if (size === 0 || size > 33 || body.length !== size || body[0] & 0x80 || (size > 1 && body[0] === 0 && !(body[1] & 0x80))) return null;
+    if (size === 33) body = body.subarray(1);
+    out.set(body, at + 32 - body.length);
+    i += 2 + size;
+  }
+  return i === der.length ? out : null;
+}
+
+function fromBase64(text) {
+  return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+}
+
+async function sha256Hex(bytes) {
+  return Array.from(new Uint8Array(await crypto.subtle.digest('SHA-256', bytes)), (b) => b.toString(16).padStart(2, '0')).join('');
 }

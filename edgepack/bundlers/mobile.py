@@ -29,7 +29,7 @@ from ..stages.convert import CONFIG_NAME
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
 
 SESSION_OPTIONS = "session_options.json"
-LOADERS = {"kotlin": ["EdgepackVerifier.kt", "EdgepackLoader.kt"], "swift": ["EdgepackLoader.swift"]}
+LOADERS = {"kotlin": ["EdgepackVerifier.kt", "EdgepackSignature.kt", "EdgepackLoader.kt"], "swift": ["EdgepackLoader.swift"]}
 
 
 class MobileBundler:

@@ -1,11 +1,13 @@
 // Loads an edgepack bundle in an Android app with onnxruntime-android (coordinates in README.md).
 //
 //   val session = EdgepackLoader.createSession(OrtEnvironment.getEnvironment(), bundleDir)
+//   val session = EdgepackLoader.createSession(env, bundleDir, publicKeyPem = SIGNER_PUBLIC_KEY)  // signed bundles
 //
 // bundleDir must be a folder of real files (copy the bundle out of the APK's assets into
 // context.filesDir first: assets are compressed entries, not files). Every file is checked against
 // manifest.json (EdgepackVerifier.kt) before the session is created; a changed, missing or extra file
-// throws BundleVerificationException and no model is loaded.
+// throws BundleVerificationException and no model is loaded. With publicKeyPem (the signer's P-256 key,
+// pinned in the app), model.sig must be signed by that key over every file (EdgepackSignature.kt), first.
 package ai.edgepack
 
 import ai.onnxruntime.OrtEnvironment
@@ -18,7 +20,8 @@ import java.util.EnumSet
 object EdgepackLoader {
     const val SESSION_OPTIONS = "session_options.json"
 
-    fun createSession(env: OrtEnvironment, bundle: File): OrtSession {
+    fun createSession(env: OrtEnvironment, bundle: File, publicKeyPem: String? = null): OrtSession {
+        if (publicKeyPem != null) EdgepackSignature.verify(bundle, publicKeyPem)
         val manifest = EdgepackVerifier.verify(bundle)
         val settings = JSONObject(File(bundle, SESSION_OPTIONS).readText(Charsets.UTF_8))
         val options = OrtSession.SessionOptions()

@@ -2,14 +2,18 @@
 // coordinates in README.md). Add the bundle folder to the app as a folder reference, then:
 //
 //   let session = try EdgepackLoader.createSession(env: ORTEnv(loggingLevel: .warning), bundle: folderURL)
+//   let session = try EdgepackLoader.createSession(env: env, bundle: folderURL, publicKeyPEM: signerKey)  // signed
 //
+// With publicKeyPEM (the signer's P-256 key, pinned in the app), model.sig must first be signed by that
+// key (CryptoKit) over every file of the bundle: see verifySignature. Not compiled by edgepack's tests
+// (no Swift toolchain for iOS on Linux); its Kotlin twin, EdgepackSignature.kt, is compiled and run.
 // Every file is checked against manifest.json before the session is created. Refused, in this order
 // for each manifest entry (sorted by path):
 //   unsafe:  the entry's path is empty, absolute, has a backslash, or a "", "." or ".." segment
 //   missing: no regular file at that path (a symbolic link counts as missing)
 //   changed: the size differs, or the SHA-256 (read in 1 MiB chunks) differs
 // then, walking the bundle folder:
-//   extra:   a file the manifest does not list (manifest.json itself excepted)
+//   extra:   a file the manifest does not list (manifest.json and model.sig excepted)
 import CryptoKit
 import Foundation
 import onnxruntime_objc
@@ -23,6 +27,7 @@ enum EdgepackLoader {
     static let manifestName = "manifest.json"
     static let schema = "edgepack.manifest/1"
     static let sessionOptionsName = "session_options.json"
+    static let signatureName = "model.sig"
 
     /// The parsed manifest, once every file of `bundle` matches it.
     static func verify(bundle: URL) throws -> [String: Any] {
@@ -59,7 +64,7 @@ enum EdgepackLoader {
                 let path = (root as NSString).appendingPathComponent(rel)
                 let isLink = (try? fm.attributesOfItem(atPath: path))?[.type] as? FileAttributeType == .typeSymbolicLink
                 if fm.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue, !isLink { continue }
-                if rel != manifestName && files[rel] == nil { problems.append("extra: \(rel)") }
+                if rel != manifestName && rel != signatureName && files[rel] == nil { problems.append("extra: \(rel)") }
             }
         }
         if !problems.isEmpty { throw BundleVerificationError(problems: problems) }
@@ -80,7 +85,90 @@ enum EdgepackLoader {
         return hasher.finalize().map { String(format: "%02x", $0) }.joined()
     }
 
-    static func createSession(env: ORTEnv, bundle: URL) throws -> ORTSession {
+    /// The signer's fingerprint once model.sig (OpenSSF model-signing format: a Sigstore bundle with a DSSE
+    /// envelope around an in-toto statement of every file's SHA-256) is signed by `publicKeyPEM` and lists
+    /// exactly the manifest's digests plus manifest.json's own; `verify` then ties every byte to the manifest.
+    static func verifySignature(bundle: URL, publicKeyPEM: String) throws -> String {
+        func refuse(_ problem: String) -> BundleVerificationError { BundleVerificationError(problems: ["signature: \(problem)"]) }
+        let key: P256.Signing.PublicKey
+        do { key = try P256.Signing.PublicKey(pemRepresentation: publicKeyPEM) } catch { throw refuse("the public key is not a P-256 PEM key") }
+        let pem = "-----BEGIN PUBLIC KEY-----\n"
+            + key.derRepresentation.base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
+            + "\n-----END PUBLIC KEY-----\n"
+        let fingerprint = SHA256.hash(data: Data(pem.utf8)).map { String(format: "%02x", $0) }.joined()
+        guard let data = try? Data(contentsOf: bundle.appendingPathComponent(signatureName)) else {
+            throw refuse("the bundle is not signed (no \(signatureName)) and a signature by key \(fingerprint) is required")
+        }
+        guard let document = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
+              document["mediaType"] as? String == "application/vnd.dev.sigstore.bundle.v0.3+json",
+              let envelope = document["dsseEnvelope"] as? [String: Any],
+              envelope["payloadType"] as? String == "application/vnd.in-toto+json",
+              let signatures = envelope["signatures"] as? [[String: Any]], signatures.count == 1,
+              let payload = Data(base64Encoded: envelope["payload"] as? String ?? ""),
+              let der = Data(base64Encoded: signatures[0]["sig"] as? String ?? "")
+        else { throw refuse("\(signatureName) is not a model-signing key signature") }
+        let hint = ((document["verificationMaterial"] as? [String: Any])?["publicKey"] as? [String: Any])?["hint"] as? String ?? ""
+        if !hint.isEmpty && hint != fingerprint {
+            throw refuse("signed with another key: \(signatureName) names key \(hint), the required key is \(fingerprint)")
+        }
+        let payloadType = "application/vnd.in-toto+json"
+        let signed = Data("DSSEv1 \(payloadType.utf8.count) \(payloadType) \(payload.count) ".utf8) + payload
+        guard let signature = try? P256.Signing.ECDSASignature(derRepresentation: der),
+              key.isValidSignature(signature, for: signed)  // SHA-256 of `signed`, as model-signing signs it
+        else { throw refuse("the signature does not verify with key \(fingerprint) (tampered, or signed with another key)") }
+
+        let manifestURL = bundle.appendingPathComponent(manifestName)
+        guard let manifestData = try? Data(contentsOf: manifestURL),
+              let manifest = (try? JSONSerialization.jsonObject(with: manifestData)) as? [String: Any],
+              let files = manifest["files"] as? [String: [String: Any]]
+        else { throw refuse("cannot read \(manifestName)") }
+        var digests = files.mapValues { $0["sha256"] as? String ?? "" }
+        digests[manifestName] = SHA256.hash(data: manifestData).map { String(format: "%02x", $0) }.joined()
+        guard let statement = (try? JSONSerialization.jsonObject(with: payload)) as? [String: Any],
+              statement["predicateType"] as? String == "https://model_signing/signature/v1.0",
+              let predicate = statement["predicate"] as? [String: Any],
+              let serialization = predicate["serialization"] as? [String: Any],
+              serialization["method"] as? String == "files", serialization["hash_type"] as? String == "sha256",
+              let resources = predicate["resources"] as? [[String: Any]],
+              let subject = ((statement["subject"] as? [[String: Any]])?.first?["digest"] as? [String: Any])?["sha256"] as? String
+        else { throw refuse("the signed statement is not a model-signing v1.0 files/sha256 statement") }
+        var listed: [String: String] = [:]
+        var root = SHA256()
+        for resource in resources {
+            guard resource["algorithm"] as? String == "sha256", let name = resource["name"] as? String,
+                  let digest = resource["digest"] as? String, digest.count == 64,
+                  let bytes = hexBytes(digest)
+            else { throw refuse("the signed statement is malformed") }
+            listed[name] = digest
+            root.update(data: bytes)
+        }
+        if root.finalize().map({ String(format: "%02x", $0) }).joined() != subject {
+            throw refuse("the signed statement is inconsistent (its subject digest does not match its resources)")
+        }
+        let found: [(String, [String])] = [
+            ("not signed", digests.keys.filter { listed[$0] == nil }.sorted()),
+            ("signed but not in the bundle", listed.keys.filter { digests[$0] == nil }.sorted()),
+            ("changed since signing", digests.keys.filter { listed[$0] != nil && listed[$0] != digests[$0] }.sorted()),
+        ]
+        let problems = found.filter { !$0.1.isEmpty }.map { "\($0.0): \($0.1.joined(separator: ", "))" }
+        if !problems.isEmpty { throw refuse(problems.joined(separator: "; ")) }
+        return fingerprint
+    }
+
+    static func hexBytes(_ hex: String) -> Data? {
+        var data = Data()
+        var index = hex.startIndex
+        while index < hex.endIndex {
+            let next = hex.index(index, offsetBy: 2)
+            guard let byte = UInt8(hex[index..<next], radix: 16) else { return nil }
+            data.append(byte)
+            index = next
+        }
+        return data
+    }
+
+    static func createSession(env: ORTEnv, bundle: URL, publicKeyPEM: String? = nil) throws -> ORTSession {
+        if let publicKeyPEM { _ = try verifySignature(bundle: bundle, publicKeyPEM: publicKeyPEM) }
         let manifest = try verify(bundle: bundle)
         let data = try Data(contentsOf: bundle.appendingPathComponent(sessionOptionsName))
         guard let settings = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {

@@ -6,7 +6,7 @@
 //   missing: no regular file at that path (a symbolic link counts as missing)
 //   changed: the size differs, or the SHA-256 (read in 1 MiB chunks) differs
 // then, walking the bundle folder:
-//   extra:   a file the manifest does not list (manifest.json itself excepted)
+//   extra:   a file the manifest does not list (manifest.json and model.sig excepted: EdgepackSignature.kt)
 package ai.edgepack
 
 import org.json.JSONObject
@@ -21,6 +21,7 @@ class BundleVerificationException(val problems: List<String>) :
 object EdgepackVerifier {
     const val MANIFEST = "manifest.json"
     const val SCHEMA = "edgepack.manifest/1"
+    const val SIGNATURE = "model.sig"
 
     /** The parsed manifest, once every file of [bundle] matches it; otherwise a [BundleVerificationException]. */
     fun verify(bundle: File): JSONObject {
@@ -50,7 +51,7 @@ object EdgepackVerifier {
         }
         bundle.walkTopDown().filter { it != bundle && !it.isDirectory }.forEach {
             val rel = it.relativeTo(bundle).invariantSeparatorsPath
-            if (rel != MANIFEST && rel !in listed) problems.add("extra: $rel")
+            if (rel != MANIFEST && rel != SIGNATURE && rel !in listed) problems.add("extra: $rel")
         }
         if (problems.isNotEmpty()) throw BundleVerificationException(problems)
         return manifest
