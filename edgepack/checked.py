@@ -29,7 +29,7 @@ from .accuracy import compare
 from .errors import EdgepackError, first_line
 from .modelinfo import iter_graphs
 
-__all__ = ["run_checked", "job_inputs", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
+__all__ = ["run_checked", "run_ir_passes", "job_inputs", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
 
 MIN_COSINE = 0.9999
 ABS_TOLERANCE = 1e-3
@@ -58,6 +58,28 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
     if reason:
         return before, {**record, "status": "skipped", "reason": reason}
     return after, record
+
+
+def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> tuple[Path, list[dict[str, Any]]]:
+    """Each onnx-ir pass as a checked step, each on what the last kept step wrote (``folder/<n>-<pass>/``):
+    the model that results, and a record per pass."""
+    import onnx_ir as ir
+
+    from .stages.save import save_model
+
+    current, records = model, []
+    for index, pass_ in enumerate(passes):
+        out = folder / f"{index}-{type(pass_).__name__}" / model.name
+
+        def apply(before: Path = current, pass_=pass_, out: Path = out) -> Path:
+            loaded = ir.load(before)
+            pass_(loaded)
+            out.parent.mkdir(parents=True)
+            return save_model(loaded, out)
+
+        current, record = run_checked(type(pass_).__name__, current, apply, feeds=feeds)
+        records.append(record)
+    return current, records
 
 
 def job_inputs(job) -> Feeds:

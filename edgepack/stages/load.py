@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
-from ..checked import held_back, notice_of, run_checked
+from ..checked import held_back, notice_of, run_ir_passes
 from ..errors import ModelError, UsageError, first_line
 from ..fileops import copy_model
 from ..graphcheck import check_structure
@@ -34,7 +33,6 @@ from ..job import Source
 from ..manifest import hash_file
 from ..modelinfo import describe_io, external_locations, iter_nodes, opsets, summarize
 from .check import ops_without_kernel
-from .save import save_model
 
 __all__ = ["load", "parse_model"]
 
@@ -64,21 +62,9 @@ def parse_model(path: Path) -> onnx.ModelProto:
 
 def _write_reference(path: Path, workdir: Path) -> tuple[Path, list[dict[str, Any]]]:
     """Rule 4: the FP32 reference in ``workdir``, and a record per onnx-ir pass."""
-    current = copy_model(path, workdir / "source" / path.name)
-    records = []
-    for pass_ in (RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()):
-        step = type(pass_).__name__
-        out = workdir / step / "reference.onnx"
-
-        def apply(before: Path = current, pass_=pass_, out: Path = out) -> Path:
-            model = ir.load(before)
-            pass_(model)
-            out.parent.mkdir()
-            return save_model(model, out)
-
-        current, record = run_checked(step, current, apply, feeds=lambda after: _check_inputs(path, after))
-        records.append(record)
-    return current, records
+    copied = copy_model(path, workdir / "source" / "reference.onnx")
+    return run_ir_passes([RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()], copied, workdir,
+                         feeds=lambda after: _check_inputs(path, after))
 
 
 def _check_inputs(source: Path, model: Path) -> list[dict[str, Any]] | None:

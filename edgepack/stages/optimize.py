@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
     DeduplicateHashedInitializersPass,
@@ -24,10 +23,9 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from ..checked import job_inputs, notice_of, run_checked
+from ..checked import job_inputs, notice_of, run_ir_passes
 from ..job import Artifact, Job
 from ..modelinfo import iter_nodes
-from .save import save_model
 
 __all__ = ["optimize"]
 
@@ -40,18 +38,7 @@ def optimize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         RemoveUnusedFunctionsPass(),
         RemoveUnusedOpsetsPass(),
     ]
-    current, records = artifact.path, []
-    for index, pass_ in enumerate(passes):
-        out = job.workdir / "optimize" / f"{index}-{type(pass_).__name__}" / "optimized.onnx"
-
-        def apply(before: Path = current, pass_=pass_, out: Path = out) -> Path:
-            model = ir.load(before)
-            pass_(model)
-            out.parent.mkdir(parents=True)
-            return save_model(model, out)
-
-        current, record = run_checked(type(pass_).__name__, current, apply, feeds=job_inputs(job))
-        records.append(record)
+    current, records = run_ir_passes(passes, artifact.path, job.workdir / "optimize", feeds=job_inputs(job))
     before, after = _count_nodes(artifact.path), _count_nodes(current)
     report = {"stage": "optimize", "summary": f"{before} -> {after} nodes", "nodes_before": before, "nodes_after": after,
               "steps": records}
