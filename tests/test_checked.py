@@ -155,3 +155,24 @@ def test_unnamed_question_mark_dim_suggests_input_shape_not_fix_dim(tmp_path):
     [fixed] = package_model(path, [load_profile("android-nnapi")],
                             Options(output=tmp_path / "out", input_shapes={"x": (1, 5)}, min_accelerated_fraction=0.0))
     assert fixed.ok, fixed.error
+
+
+def test_a_step_whose_outputs_differ_is_skipped_and_one_that_agrees_is_kept(tmp_path):
+    """Rule 2 of edgepack.checked, on a real session: a changed weight is caught, a faithful rewrite passes."""
+    from edgepack.checked import run_checked
+
+    before = shaped_models.save(shaped_models.embedding(), tmp_path, "before")
+    feeds = lambda model: [{"input_ids": np.array([[1, 2, 3]], np.int64)}]  # noqa: E731
+
+    def changed() -> Path:
+        model = onnx.load(before)
+        model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+            onnx.numpy_helper.to_array(model.graph.initializer[0]) * 1.5, "table"))
+        return shaped_models.save(model, tmp_path, "changed")
+
+    kept, record = run_checked("scale weights", before, changed, feeds=feeds)
+    assert kept == before and record["status"] == "skipped" and "outputs differ" in record["reason"]
+    kept, record = run_checked("rewrite", before, lambda: shaped_models.save(onnx.load(before), tmp_path, "same"), feeds=feeds)
+    assert kept == tmp_path / "same.onnx" and record == {"step": "rewrite", "status": "applied", "checked": "outputs"}
+    kept, record = run_checked("crash", before, lambda: 1 / 0, feeds=feeds)
+    assert kept == before and record["reason"] == "ZeroDivisionError: division by zero"
