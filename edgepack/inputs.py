@@ -15,7 +15,8 @@ Rules:
    that refused it: edgepack's inputs are at fault there, never the user's model.
 4. Sizes the user gives win: ``--self-test-shape NAME=D0,D1,...`` (any target), then ``--input-shape``
    and ``--fix-dim`` (the app's sizes). Real inputs (``--sample-inputs``) bypass all of this.
-5. Non-tensor inputs: a sequence of tensors gets two tensors of its element type.
+5. Non-tensor inputs: a sequence of tensors gets two tensors of its element type; a map (an ai.onnx.ml
+   DictVectorizer's input) gets the keys of the vocabulary that reads it, else 0..3.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class InputPlan:
     specs: list[dict[str, Any]]
     shapes: dict[str, tuple[int, ...]]
     rules: dict[str, tuple[str, Any]]
-    """Per input: ("normal", None), ("ints", (low, high)), ("fill", value), ("sequence", (elem dtype, shape))."""
+    """Per input: ("normal", None), ("ints", (low, high)), ("fill", value), ("sequence", (elem dtype, shape)),
+    ("map", (keys, value dtype))."""
     tries: list[dict[str, Any]] = field(default_factory=list)
     """Every candidate tried, in order: shapes, and the error of those that failed."""
 
@@ -69,6 +71,9 @@ class InputPlan:
         if kind == "sequence":
             dtype, elem_shape = arg
             return [_tensor(np.dtype(dtype), elem_shape, "normal", None, rng) for _ in range(2)]
+        if kind == "map":
+            keys, dtype = arg
+            return {key: _tensor(np.dtype(dtype), (), "normal", None, rng).item() for key in keys}
         return _tensor(np.dtype(spec["dtype"]), shape, kind, arg, rng)
 
     def report(self) -> dict[str, Any]:
@@ -261,6 +266,9 @@ def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[st
             elem_shape = tuple(d.dim_value if d.dim_value > 0 else 2 for d in elem.shape.dim)
             rules[name] = ("sequence", (onnx.helper.tensor_dtype_to_np_dtype(elem.elem_type).name, elem_shape))
             continue
+        if vi is not None and vi.type.WhichOneof("value") == "map_type":
+            rules[name] = ("map", _map_keys(proto, vi))
+            continue
         if spec["shape"] is None and vi is not None and vi.type.WhichOneof("value") != "tensor_type":
             raise UsageError(f"edgepack cannot make up a value for input {name!r} of type {vi.type.WhichOneof('value')}",
                              where=name, hint="give --sample-inputs with a real input set")
@@ -280,6 +288,21 @@ def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[st
         else:
             rules[name] = ("normal", None)
     return rules
+
+
+def _map_keys(proto: onnx.ModelProto, vi: onnx.ValueInfoProto) -> tuple[list[Any], str]:
+    """Keys for a map input: the vocabulary of the DictVectorizer that reads it, else 0..3 (rule 5)."""
+    map_type = vi.type.map_type
+    string_keys = map_type.key_type == onnx.TensorProto.STRING
+    values = onnx.helper.tensor_dtype_to_np_dtype(map_type.value_type.tensor_type.elem_type).name
+    for node in proto.graph.node:
+        if node.op_type == "DictVectorizer" and vi.name in node.input:
+            for attr in node.attribute:
+                if attr.name == "string_vocabulary" and string_keys:
+                    return [k.decode() for k in attr.strings], values
+                if attr.name == "int64_vocabulary" and not string_keys:
+                    return list(attr.ints), values
+    return ([str(k) for k in range(4)] if string_keys else list(range(4))), values
 
 
 _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}

@@ -203,6 +203,17 @@ def zipmap_classifier() -> onnx.ModelProto:
     return _model(graph, ml=True)
 
 
+def dict_vectorizer() -> onnx.ModelProto:
+    """An ai.onnx.ml pipeline taking a map input (feature name -> value), as skl2onnx writes for dict features."""
+    features = onnx.ValueInfoProto(name="features", type=helper.make_map_type_proto(
+        TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    nodes = [helper.make_node("DictVectorizer", ["features"], ["dense"], domain="ai.onnx.ml", string_vocabulary=["a", "b", "c"]),
+             helper.make_node("Mul", ["dense", "weights"], ["y"])]
+    graph = helper.make_graph(nodes, "dict_features", [features], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+                              [numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "weights")])
+    return _model(graph, ml=True)
+
+
 def sequence_io() -> onnx.ModelProto:
     """A model taking and returning a sequence of tensors (onnx node-conformance cases have such I/O)."""
     seq = helper.make_tensor_sequence_value_info

@@ -122,6 +122,13 @@ def test_sequence_inputs_and_outputs_package_and_run_through_the_shim(tmp_path):
     assert len(got["more"]) == 3 and got["joined"].shape == (6, 3)
 
 
+def test_map_input_packages_with_keys_from_its_vocabulary(tmp_path):
+    [result] = _package(tmp_path, "dict_vectorizer")
+    assert result.ok, result.error
+    assert result.manifest["model"]["inputs"] == [{"name": "features", "dtype": "map_type", "shape": None}]
+    assert _report(result, "self_test")["passed"]
+
+
 def test_default_recipe_that_misses_the_gate_ships_fp32_with_a_notice(tmp_path):
     [result] = _package(tmp_path, "int8_outlier")
     assert result.ok, result.error
