@@ -20,6 +20,8 @@ import contextlib
 import hashlib
 import io
 import logging
+import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +32,7 @@ from .accuracy import compare
 from .errors import EdgepackError, first_line
 from .modelinfo import iter_graphs
 
-__all__ = ["run_checked", "run_ir_passes", "job_inputs", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
+__all__ = ["run_checked", "run_ir_passes", "job_inputs", "work_paths_out", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
 
 MIN_COSINE = 0.9999
 ABS_TOLERANCE = 1e-3
@@ -47,9 +49,9 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
             after = make()
             repaired = repair_outer_scope_outputs(after)
     except EdgepackError as exc:
-        return before, {"step": step, "status": "skipped", "reason": exc.message, "checked": "raised"}
+        return before, {"step": step, "status": "skipped", "reason": work_paths_out(exc.message), "checked": "raised"}
     except Exception as exc:  # a library failing in any way is a step to skip, not a crash
-        return before, {"step": step, "status": "skipped", "reason": f"{type(exc).__name__}: {first_line(exc)}",
+        return before, {"step": step, "status": "skipped", "reason": work_paths_out(f"{type(exc).__name__}: {first_line(exc)}"),
                         "checked": "raised"}
     record: dict[str, Any] = {"step": step, "status": "repaired" if repaired else "applied"}
     if repaired:
@@ -59,6 +61,14 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
     if reason:
         return before, {**record, "status": "skipped", "reason": reason}
     return after, record
+
+
+_WORK_PATH = re.compile(re.escape(tempfile.gettempdir()) + r"/edgepack-[^\s'\"]*")
+
+
+def work_paths_out(text: str) -> str:
+    """A library's message without edgepack's scratch paths, which change every run: manifests are reproducible."""
+    return _WORK_PATH.sub("<work file>", text)
 
 
 def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> tuple[Path, list[dict[str, Any]]]:
@@ -158,7 +168,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
                 _session(before)
         except Exception:
             return None, "none: the model before it does not load either"
-        return f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}", "load"
+        return work_paths_out(f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}"), "load"
     try:
         sets = feeds(after)
     except EdgepackError:
@@ -170,7 +180,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
             expected = _OUTPUTS.get(_key(before, sets)) or _outputs(_session(before), sets)
             got = _outputs(session, sets)
     except Exception as exc:
-        return f"what it wrote fails to run: {first_line(exc)[:300]}", "outputs"
+        return work_paths_out(f"what it wrote fails to run: {first_line(exc)[:300]}"), "outputs"
     _OUTPUTS[_key(after, sets)] = got  # the next step's "before": one session per step, not two
     if list(expected[0]) != list(got[0]):
         return f"its outputs {list(got[0])} differ from the model's {list(expected[0])}", "outputs"

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from .checked import work_paths_out
 from .errors import ConversionError, UsageError, first_line
 from .modelinfo import format_shape, iter_graphs
 
@@ -121,7 +122,7 @@ def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tup
         try:
             run(plan.generate(seed=0, count=1)[0])
         except Exception as exc:  # onnxruntime raises many kinds from native code
-            tries.append({"input_shapes": _shown(shapes), "error": first_line(exc)[:300]})
+            tries.append({"input_shapes": _shown(shapes), "error": work_paths_out(first_line(exc)[:300])})
             continue
         tries.append({"input_shapes": _shown(shapes), "error": None})
         plan = InputPlan(specs, shapes, level_rules, tries)

@@ -10,6 +10,7 @@ whose profile-default quantization misses the accuracy gate.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,18 @@ def test_a_step_whose_outputs_differ_is_skipped_and_one_that_agrees_is_kept(tmp_
     assert kept == tmp_path / "same.onnx" and record == {"step": "rewrite", "status": "applied", "checked": "outputs"}
     kept, record = run_checked("crash", before, lambda: 1 / 0, feeds=feeds)
     assert kept == before and record["reason"] == "ZeroDivisionError: division by zero"
+
+
+def test_notices_with_library_messages_keep_bundles_reproducible(tmp_path):
+    """The FP16 model onnxruntime refuses names its scratch path in the error; the notice must not carry it."""
+    path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
+    manifests = []
+    for out in ("a", "second-run"):
+        [result] = package_model(path, [load_profile("ios-coreml")],
+                                 Options(output=tmp_path / out, min_accelerated_fraction=0.0,
+                                         input_shapes={"audio": (1, 512), "state": (2, 1, 16)}))
+        assert result.ok, result.error
+        manifests.append((result.bundle / "manifest.json").read_text())
+    scratch = f"{tempfile.gettempdir()}/edgepack-"
+    assert "shipped FP32 instead" in manifests[0] and "<work file>" in manifests[0] and scratch not in manifests[0]
+    assert manifests[0] == manifests[1]

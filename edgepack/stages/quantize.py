@@ -28,7 +28,7 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
-from ..checked import job_inputs
+from ..checked import job_inputs, work_paths_out
 from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
 from ..inputs import plan_for
 from ..job import Artifact, Job
@@ -51,13 +51,14 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
 def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
                       missed: EdgepackError) -> tuple[Artifact, dict]:
     """Rule 5: the next of the profile's default_fallbacks that passes, or the last error when none does."""
-    tried = [{"recipe": recipe, "error": missed.message}]
+    why = work_paths_out(missed.message)
+    tried = [{"recipe": recipe, "error": why}]
     for name in job.profile.quantization.default_fallbacks:
         if name == "auto_exclude" and (recipe != "static" or job.options.auto_exclude):
             continue  # auto-exclude ranks nodes by QDQ noise: static only
         if name == recipe:
             continue
-        job.say(f"NOTE: the profile's default {recipe} missed ({missed.message}); trying {name}")
+        job.say(f"NOTE: the profile's default {recipe} missed ({why}); trying {name}")
         try:
             if name == "auto_exclude":
                 shipped, report = _quantize(artifact, job, recipe, fallback, True)
@@ -68,10 +69,10 @@ def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[
             else:
                 shipped, report = _quantize(artifact, job, name, None, False)
         except (AccuracyError, ConversionError) as exc:
-            tried.append({"recipe": name, "error": exc.message})
+            tried.append({"recipe": name, "error": work_paths_out(exc.message)})
             continue
         label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(name, name)
-        notice = (f"the profile's default recipe {recipe} missed ({missed.message}); shipped {label} instead "
+        notice = (f"the profile's default recipe {recipe} missed ({why}); shipped {label} instead "
                   "(quantization.default_fallbacks; --quantize makes a recipe strict)")
         job.say(f"NOTE: {notice}")
         report = {**report, "notice": "; ".join(filter(None, [report.get("notice"), notice])),
