@@ -100,6 +100,10 @@ def job_inputs(job) -> Feeds:
 
     def feeds(model: Path) -> list[dict[str, Any]] | None:
         specs = describe_io(onnx.load_model(model, load_external_data=False))[0]
+        if job.options.sample_inputs:  # real inputs win over made-up ones
+            from .calibration import load_samples
+
+            return load_samples(job.options.sample_inputs, specs, what="sample input", one_set=True).feeds[:1]
         return plan_for(job, specs).generate(seed=5, count=1)
 
     return feeds

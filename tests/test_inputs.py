@@ -79,13 +79,18 @@ def test_ladder_climbs_until_the_reference_runs(tmp_path):
     assert plan.tries[0]["error"] and plan.tries[-1]["error"] is None
 
 
-def test_no_candidate_runs_says_so_and_asks_for_sample_inputs(tmp_path):
-    """The message blames edgepack's inputs, names the last shapes and the node, and says what to give."""
+def _never_fits(tmp_path: Path) -> Path:
+    """Runs only when batch x features is a multiple of 91 (7 x 13): no made-up size is."""
     graph = helper.make_graph([helper.make_node("Reshape", ["x", "impossible"], ["y"], name="fold")], "never",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "features"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 13, None])],
                               [numpy_helper.from_array(np.array([7, 13, -1], np.int64), "impossible")])
-    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "never")
+    return shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "never")
+
+
+def test_no_candidate_runs_says_so_and_asks_for_sample_inputs(tmp_path):
+    """The message blames edgepack's inputs, names the last shapes and the node, and says what to give."""
+    path = _never_fits(tmp_path)
     with pytest.raises(UsageError) as caught:
         fit_inputs(path, describe_io(onnx.load_model(path))[0])
     message = str(caught.value)
@@ -103,6 +108,17 @@ def test_models_that_need_fitted_inputs_package_and_record_the_shapes(tmp_path, 
     self_test = next(r for r in manifest["stages"] if r["stage"] == "self_test")
     assert self_test["passed"] and set(self_test["input_shapes"]) == {i["name"] for i in manifest["model"]["inputs"]}
     assert self_test["tries"][-1]["error"] is None
+
+
+def test_sample_inputs_win_where_no_made_up_input_fits(tmp_path):
+    """With the profile's default (dynamic INT8) the gate and every checked step run on the user's one input set."""
+    path = _never_fits(tmp_path)
+    np.savez(tmp_path / "one.npz", x=np.random.default_rng(0).standard_normal((1, 91)).astype(np.float32))
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", sample_inputs=tmp_path / "one.npz"))
+    assert result.ok, result.error
+    stages = {r["stage"]: r for r in result.manifest["stages"]}
+    assert stages["self_test"]["sample_sets"] == 1 and stages["self_test"]["inputs"] == str(tmp_path / "one.npz")
+    assert all(step["checked"] == "outputs" for step in stages["optimize"]["steps"])
 
 
 def test_sample_inputs_are_one_set_with_a_scalar_rate(tmp_path):

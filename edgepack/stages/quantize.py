@@ -7,8 +7,8 @@ Rules:
    ``--calibration`` refuses. Random calibration happens only with ``--calibration random``.
 2. A model that is already quantized is kept as it is (reported, not quantized again).
 3. The gate: the quantized model runs beside the FP32 reference on validation inputs (``--validation``,
-   else the last fifth of the calibration samples, else generated inputs); cosine, top-1 agreement and
-   (if the profile sets it) max abs error must meet ``quantization.tolerance``. A miss is an error saying
+   else the last fifth of the calibration samples, else ``--sample-inputs``, else generated inputs);
+   cosine, top-1 agreement and (if the profile sets it) max abs error must meet ``quantization.tolerance``. A miss is an error saying
    by how much and what to try. With ``--auto-exclude`` (static only) the nodes with the most
    quantization noise stay in float, 1, 2, 4... of them, up to ``quantization.max_auto_exclude``.
 4. Every figure, the recipe's options and where the data came from go into the report (the manifest).
@@ -207,6 +207,8 @@ def validation_samples(job: Job, inputs: list[dict[str, Any]]) -> Samples:
         return load_samples(job.options.validation, inputs, what="validation")
     if job.options.calibration and job.options.calibration != RANDOM:
         return split_for_validation(load_samples(job.options.calibration, inputs))[1]
+    if job.options.sample_inputs:  # real inputs win over made-up ones
+        return load_samples(job.options.sample_inputs, inputs, what="sample input", one_set=True)
     return generated_validation(inputs, plan=plan_for(job, inputs))
 
 
