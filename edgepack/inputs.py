@@ -114,10 +114,10 @@ def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tup
     seen = set()
     for level in LADDER:
         shapes = _shapes(specs, level, given or {}, named or {})
-        if repr(shapes) in seen:
-            continue
-        seen.add(repr(shapes))
         level_rules = {name: (("fill", level["rate"]) if rule == ("rate", None) else rule) for name, rule in rules.items()}
+        if repr((shapes, level_rules)) in seen:
+            continue
+        seen.add(repr((shapes, level_rules)))
         plan = InputPlan(specs, shapes, level_rules)
         try:
             run(plan.generate(seed=0, count=1)[0])

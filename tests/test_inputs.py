@@ -164,3 +164,22 @@ def test_self_test_shape_is_checked_against_the_model(tmp_path, cli, clean_failu
     clean_failure(unknown, "--self-test-shape names input 'pixels'", "the model's inputs are: image")
     wrong = cli("package", path, "-t", "linux-x64", "-o", tmp_path / "out", "--self-test-shape", "image=1,4,64,64")
     clean_failure(wrong, "does not fit input 'image' of shape [batch, 3, height, width]")
+
+
+def test_rate_ladder_reaches_8000_when_16000_is_refused(tmp_path):
+    """A model for 8 kHz audio only: the candidates with sr 16000 fail, the one with 8000 runs."""
+    refuse = helper.make_graph([helper.make_node("Unsqueeze", ["sr", "axis0"], ["sr1"]),
+                                helper.make_node("Concat", ["sr1", "sr1"], ["square"], axis=0),
+                                helper.make_node("Reshape", ["audio", "square"], ["refused"])], "refuse", [],
+                               [helper.make_tensor_value_info("refused", TensorProto.FLOAT, [None, None])])
+    accept = helper.make_graph([helper.make_node("Identity", ["audio"], ["kept"])], "accept", [],
+                               [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [None, None])])
+    nodes = [helper.make_node("Equal", ["sr", "k8"], ["is_8k"]),
+             helper.make_node("If", ["is_8k"], ["y"], then_branch=accept, else_branch=refuse)]
+    graph = helper.make_graph(nodes, "eight", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 256]),
+                                               helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+                              [numpy_helper.from_array(np.array(8000, np.int64), "k8"), numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "eight")
+    plan = fit_inputs(path, describe_io(onnx.load_model(path))[0])
+    assert int(plan.generate(seed=0, count=1)[0]["sr"]) == 8000 and len(plan.tries) == 2
