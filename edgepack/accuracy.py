@@ -6,6 +6,8 @@ agreement). ``check`` holds figures against tolerances and says by how much they
 
 Non-tensor outputs (an ai.onnx.ml ZipMap's sequence of maps, a sequence of tensors) are compared as the
 numbers they hold, in order (map values by sorted key).
+
+``error_histograms`` counts each output's absolute errors per decade, for the build report.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["compare", "top1_agreement", "check", "as_numbers"]
+__all__ = ["compare", "top1_agreement", "check", "as_numbers", "error_histograms", "ERROR_EDGES"]
 
 
 def as_numbers(value: Any) -> np.ndarray:
@@ -29,6 +31,10 @@ def as_numbers(value: Any) -> np.ndarray:
     if array.dtype.kind in "USO":  # string labels: equal or not
         return np.array([zlib.crc32(str(v).encode()) for v in array.ravel()], dtype=np.float64)
     return array.astype(np.float64).ravel()
+
+
+ERROR_EDGES = [0.0, *(10.0 ** k for k in range(-8, 1))]
+"""Bin i holds errors in [ERROR_EDGES[i], ERROR_EDGES[i + 1]); the last bin, errors of 1 and more."""
 
 
 def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -60,6 +66,22 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
     if agreements:
         figures["top1_agreement"] = min(agreements)
     return figures
+
+
+def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Per output, how many of its values over all sample sets are off by how much (bins of ``ERROR_EDGES``);
+    outputs whose shape differs from the reference's have none."""
+    found = {}
+    for name in reference[0]:
+        ref = np.concatenate([as_numbers(r[name]) for r in reference])
+        got = np.concatenate([as_numbers(c[name]) for c in candidate])
+        if ref.shape != got.shape:
+            continue
+        diff = np.abs(ref - got)
+        diff[~np.isfinite(diff)] = np.inf
+        counts = np.bincount(np.searchsorted(ERROR_EDGES, diff, side="right") - 1, minlength=len(ERROR_EDGES))
+        found[name] = {"edges": ERROR_EDGES, "counts": [int(c) for c in counts]}
+    return found
 
 
 def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:

@@ -30,7 +30,7 @@ import onnx
 
 from .accuracy import compare
 from .errors import EdgepackError, first_line
-from .modelinfo import iter_graphs
+from .onnxio.modelinfo import iter_graphs
 
 __all__ = ["run_checked", "run_ir_passes", "job_inputs", "work_paths_out", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
 
@@ -76,7 +76,7 @@ def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> t
     the model that results, and a record per pass."""
     import onnx_ir as ir
 
-    from .stages.save import save_model
+    from .onnxio.save import save_model
 
     current, records = model, []
     for index, pass_ in enumerate(passes):
@@ -96,7 +96,7 @@ def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> t
 def job_inputs(job) -> Feeds:
     """Check inputs for a packaging job's steps: fitted to the job's FP32 reference (edgepack.inputs)."""
     from .inputs import plan_for
-    from .modelinfo import describe_io
+    from .onnxio.modelinfo import describe_io
 
     def feeds(model: Path) -> list[dict[str, Any]] | None:
         specs = describe_io(onnx.load_model(model, load_external_data=False))[0]

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import progress as steps
 from .errors import EdgepackError, UsageError
+from .recipes import RECIPES
 
 EPILOG = """\
 examples:
@@ -31,6 +33,7 @@ examples:
   edgepack verify build/model-rpi-arm64 --public-key keys/release.pub
                                                      ...check its files and its signature
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
+  edgepack report build                              compare the bundles in build/ (report.html, report.md)
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
@@ -99,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--self-test-shape", action="append", metavar="NAME=D0,D1,...",
                          help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
                          "needs particular sizes (repeatable), e.g. image=1,3,640,640")
-    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
+    package.add_argument("--quantize", choices=list(RECIPES),
                          help="quantization recipe (default: the profile's)")
     package.add_argument("--calibration", metavar="PATH|random",
                          help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
@@ -172,6 +175,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
+    report = sub.add_parser("report", parents=[after], help="compare the bundles of a build folder in report.html and report.md",
+                            description="Write BUILD_DIR/report.html (one self-contained page with charts) and "
+                            "BUILD_DIR/report.md comparing every bundle in BUILD_DIR from its manifest: sizes, accuracy "
+                            "against FP32, accelerator coverage, --tune candidates, notices, checksums and tool versions. "
+                            "package writes it by itself when it packages several targets.")
+    report.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    report.set_defaults(handler=_cmd_report)
+
     serve = sub.add_parser("serve", parents=[after], help="serve a web bundle on 127.0.0.1 with the headers it needs",
                            description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
                            "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
@@ -210,36 +222,30 @@ def _cmd_targets(args) -> int:
 
 
 def _cmd_package(args) -> int:
-    import dataclasses
-
     from .api import package_source
-    from .job import Options
+    from .flags import parse_fixed_dims, parse_input_shapes
+    from .pipeline.job import Options
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    if args.onefile and not args.freeze:
-        raise UsageError("--onefile only applies with --freeze")
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
                       freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
                       calibration=args.calibration, calibration_method=args.calibration_method,
                       validation=args.validation, auto_exclude=args.auto_exclude,
-                      tune=args.tune, sign_key=args.sign_key, sign_passphrase_env=args.sign_passphrase_env,
-                      pin_key=args.pin_key)
-    if args.sign_passphrase_env and not args.sign_key:
-        raise UsageError("--sign-passphrase-env only applies with --sign-key")
+                      tune=args.tune, tune_budget=args.tune_budget, input_shapes=parse_input_shapes(args.input_shape),
+                      self_test_shapes=parse_input_shapes(args.self_test_shape, flag="--self-test-shape"),
+                      fixed_dims=parse_fixed_dims(args.fix_dim), min_accelerated_fraction=args.min_accelerated_fraction,
+                      max_partitions=args.max_partitions, sign_key=args.sign_key,
+                      sign_passphrase_env=args.sign_passphrase_env, pin_key=args.pin_key)
     if args.pin_key:
-        from .signing import load_public_key
+        from .bundle.signing import load_public_key
 
         load_public_key(args.pin_key)  # before any work: a wrong file (a private key!) is refused at once
-    if args.tune_budget is not None:
-        if not args.tune or not args.tune_budget > 0:
-            raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
-        options = dataclasses.replace(options, tune_budget=args.tune_budget)
-    options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
-    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch, \
+            steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
         if args.example:
             from .examples import write_example
 
@@ -265,25 +271,10 @@ def _cmd_package(args) -> int:
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:
-        if not r.ok and not args.json:
-            _error(f"[{r.target}] {r.error}")
-    failed = [r for r in results if not r.ok]
-    return failed[0].error.exit_code if failed else 0
-
-
-def _with_coverage_options(options, args):
-    import dataclasses
-
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
-
-    if args.min_accelerated_fraction is not None and not 0.0 <= args.min_accelerated_fraction <= 1.0:
-        raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
-    if args.max_partitions is not None and args.max_partitions < 0:
-        raise UsageError(f"--max-partitions {args.max_partitions}: expected 0 or more")
-    self_test_shapes = parse_input_shapes(getattr(args, "self_test_shape", None), flag="--self-test-shape")
-    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape), self_test_shapes=self_test_shapes,
-                               fixed_dims=parse_fixed_dims(args.fix_dim),
-                               min_accelerated_fraction=args.min_accelerated_fraction, max_partitions=args.max_partitions)
+        if r.error and not args.json:
+            _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
+    failed = [r.error for r in results if r.error]
+    return failed[0].exit_code if failed else 0
 
 
 def _with_example_shapes(options, example: str):
@@ -297,11 +288,12 @@ def _with_example_shapes(options, example: str):
 
 
 def _cmd_verify(args) -> int:
-    from .manifest import verify_bundle
-    from .signing import load_public_key, verify_signature
+    from .bundle.manifest import verify_bundle
+    from .bundle.signing import load_public_key, verify_signature
 
     signed_by = verify_signature(args.bundle, load_public_key(args.public_key)) if args.public_key else None
-    result = verify_bundle(args.bundle)
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.json)):
+        result = verify_bundle(args.bundle)
     if args.json:
         _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:
@@ -320,7 +312,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_keygen(args) -> int:
-    from .signing import generate_key
+    from .bundle.signing import generate_key
 
     passphrase = None
     if args.passphrase_env:
@@ -341,7 +333,7 @@ def _cmd_keygen(args) -> int:
 
 
 def _cmd_sign(args) -> int:
-    from .signing import load_private_key, sign_bundle
+    from .bundle.signing import load_private_key, sign_bundle
 
     signed = sign_bundle(args.bundle, load_private_key(args.key, args.passphrase_env))
     if args.json:
@@ -353,8 +345,8 @@ def _cmd_sign(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    from .onnxio.modelinfo import format_shape, summarize
     from .stages.load import parse_model
-    from .modelinfo import format_shape, summarize
 
     info = summarize(parse_model(args.model), args.model)
     if args.target:
@@ -380,8 +372,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _inspect_coverage(args) -> dict[str, Any]:
+    from .flags import parse_fixed_dims, parse_input_shapes
     from .inspect_coverage import coverage_for_target
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
 
     return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
 
@@ -390,6 +382,18 @@ def _print_coverage(data: dict[str, Any]) -> None:
     print(f"coverage for {data['target']} ({data['checker']}):")
     for line in data["lines"]:
         print(f"  {line}")
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
+        written = write_report(args.build_dir)
+    if args.json:
+        _print_json(written.to_dict())
+    else:
+        print(f"wrote {written.html} and {written.markdown} ({len(written.bundles)} bundles)")
+    return 0
 
 
 def _cmd_serve(args) -> int:

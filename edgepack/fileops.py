@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UsageError
 
@@ -24,7 +24,7 @@ def copy_model(src: Path, dst: Path) -> Path:
     """An ONNX model byte for byte at ``dst``, its side files beside it at the same relative places."""
     import onnx
 
-    from .modelinfo import external_locations
+    from .onnxio.modelinfo import external_locations
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     for location in sorted({loc for _, loc, _, _ in external_locations(onnx.load_model(src, load_external_data=False))}):

@@ -31,7 +31,7 @@ import onnx
 
 from .checked import work_paths_out
 from .errors import ConversionError, UsageError, first_line
-from .modelinfo import format_shape, iter_graphs
+from .onnxio.modelinfo import format_shape, iter_graphs
 
 __all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
 

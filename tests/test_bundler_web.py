@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edgepack import ortweb
+from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import list_files, read_manifest, verify_bundle
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.manifest import list_files, read_manifest, verify_bundle
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-
 from tests.test_ortweb import make_tarball
 
 
@@ -43,7 +42,8 @@ def test_cli_packages_a_web_bundle_offline_from_a_local_tarball(tarball, tmp_pat
     assert report["ort_web"]["origin"] == f"local tarball {tarball}"
     assert manifest["profile"]["web"]["entry"] == "ort.wasm.bundle.min.mjs"
     readme = (bundle / "README.md").read_text(encoding="utf-8")
-    for expected in ["import { load } from './cnn-browser-wasm/edgepack.mjs'",
+    for expected in ["import { load, clearCache, events } from './cnn-browser-wasm/edgepack.mjs'", "clearCache()",
+                     "## Offline cache", "not-isolated",
                      '"image": { data: new Float32Array(3072), dims: [1, 3, 32, 32] }',
                      "Cross-Origin-Embedder-Policy: require-corp", "nginx", "Apache", "Caddy", "_headers",
                      "ThreadingHTTPServer", "application/wasm", "manifestIntegrity"]:

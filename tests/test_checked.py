@@ -22,10 +22,10 @@ from onnx import TensorProto, helper
 from onnx_ir.passes.common import IdentityEliminationPass
 
 from edgepack.errors import AccuracyError, ModelError, UsageError
-from edgepack.job import Options
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.quantization import prepare
+from edgepack.recipes.quantize import prepare
 from tests import shaped_models
 
 THIRD_PARTY_NOISE = ("Traceback", "ONNX Runtime Model Optimization Failed", "[W:onnxruntime", "[E:onnxruntime", "internal error")

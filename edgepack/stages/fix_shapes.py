@@ -20,46 +20,69 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from ..checked import Feeds, job_inputs, notice_of, run_checked
-from ..ort_tools import load_ort_tools
 from ..errors import UsageError
-from ..job import Artifact, Job
-from ..modelinfo import describe_io, external_locations
+from ..onnxio.modelinfo import describe_io, external_locations
+from ..ort_tools import load_ort_tools
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, optional
 
-__all__ = ["fix_shapes", "plan_shapes", "apply_shapes", "parse_input_shapes", "parse_fixed_dims"]
+__all__ = ["FixShapes", "FixShapesResult", "plan_shapes", "apply_shapes"]
 
 
-def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    proto = onnx.load_model(artifact.path, load_external_data=False)
-    where = str(job.source.path)
-    if not job.profile.shapes.fixed:
-        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, where)
-        return artifact, {"stage": "fix_shapes", "summary": "not required: the profile takes dynamic shapes", "applied": False}
-    shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
-                                  job.profile.shapes.defaults, where=where)
-    records: list[dict[str, Any]] = []
-    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
-    fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
-    applied = out != artifact.path
-    report = {
-        "stage": "fix_shapes",
-        "summary": (f"fixed {fixed}" if applied else f"not applied: fixing {fixed} breaks the model (see notice)")
-        + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-        "applied": applied,
-        "input_shapes": {name: list(dims) for name, dims in shapes.items()},
-        "assumed_batch_dims": assumed,
-        "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
-        "steps": records,
-    }
-    if notice_of(records):
-        report["notice"] = notice_of(records)
-        job.say(f"NOTE: {report['notice']}")
-    return Artifact(path=out, precision=artifact.precision), report
+@dataclass(frozen=True, kw_only=True)
+class FixShapesResult(StageResult):
+    stage = "fix_shapes"
+    summary: str
+    applied: bool
+    input_shapes: dict[str, list[int]] | None = optional()
+    assumed_batch_dims: list[str] | None = optional()
+    outputs: list[dict[str, Any]] | None = optional()
+    """The outputs' shapes once inferred from the fixed inputs."""
+    steps: list[dict[str, Any]] | None = optional()
+    """The checked steps (rule 3): fixing the inputs, then the outputs."""
+    notice: str | None = optional()
+
+
+class FixShapes(Stage):
+    name = "fix_shapes"
+
+    def applies(self, job: Job) -> bool:
+        return job.profile.shapes.fixed
+
+    def skip(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        """The flags are still checked against the model (rule 1)."""
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, str(job.source.path))
+        return FixShapesResult(summary="not required: the profile takes dynamic shapes", applied=False)
+
+    def run(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        where = str(job.source.path)
+        shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
+                                      job.profile.shapes.defaults, where=where)
+        records: list[dict[str, Any]] = []
+        out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
+        fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+        applied = out != artifact.path
+        notice = notice_of(records)
+        if notice:
+            job.say(f"NOTE: {notice}")
+        return FixShapesResult(
+            summary=(f"fixed {fixed}" if applied else f"not applied: fixing {fixed} breaks the model (see notice)")
+            + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+            applied=applied, steps=records, notice=notice,
+            input_shapes={name: list(dims) for name, dims in shapes.items()},
+            assumed_batch_dims=assumed,
+            outputs=describe_io(onnx.load_model(out, load_external_data=False))[1],
+            artifact=Artifact(path=out, precision=artifact.precision),
+        )
 
 
 def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
@@ -182,35 +205,3 @@ def _check_shape(name: str, dims: list[Any], given: tuple[int, ...], where: str,
 
 def _fmt(dims: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-def parse_input_shapes(values: list[str] | None, flag: str = "--input-shape") -> dict[str, tuple[int, ...]]:
-    """``["image=1,3,224,224", ...]`` (the --input-shape flags) -> ``{"image": (1, 3, 224, 224)}``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in values or []:
-        name, dims = _split_flag(flag, value, "NAME=1,3,224,224")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.split(",")) if dims != "scalar" else ()
-        except ValueError:
-            raise UsageError(f"{flag} {value}: sizes must be integers separated by commas (or 'scalar')",
-                             hint=f"e.g. {flag} {name}=1,3,224,224") from None
-    return shapes
-
-
-def parse_fixed_dims(values: list[str] | None) -> dict[str, int]:
-    """``["batch=1", ...]`` (the --fix-dim flags) -> ``{"batch": 1}``."""
-    dims: dict[str, int] = {}
-    for value in values or []:
-        name, size = _split_flag("--fix-dim", value, "NAME=VALUE")
-        try:
-            dims[name] = int(size)
-        except ValueError:
-            raise UsageError(f"--fix-dim {value}: the size must be an integer", hint=f"e.g. --fix-dim {name}=1") from None
-    return dims
-
-
-def _split_flag(flag: str, value: str, form: str) -> tuple[str, str]:
-    name, sep, rest = value.partition("=")
-    if not sep or not name.strip() or not rest.strip():
-        raise UsageError(f"{flag} {value!r}: expected {form}")
-    return name.strip(), rest.strip()

@@ -6,7 +6,7 @@ Rules:
    outputs without a shape); a refusal only when onnxruntime refuses it too.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
-3. Every node input exists and the graphs have no cycle (edgepack.graphcheck), and every op has a
+3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
    kernel in onnxruntime: a model no target can run is refused before anything is written.
 4. The model is copied (never modified in place), then re-written through onnx-ir, which memory-maps
    external data: initializers listed as graph inputs (IR 3) are removed from the inputs, weights held
@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,43 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
+from ..bundle.manifest import hash_file
 from ..checked import held_back, notice_of, run_ir_passes
 from ..errors import ModelError, UsageError, first_line
 from ..fileops import copy_model
-from ..graphcheck import check_structure
 from ..inputs import fit_inputs
-from ..job import Source
-from ..manifest import hash_file
-from ..modelinfo import describe_io, external_locations, iter_nodes, opsets, summarize
-from .check import ops_without_kernel
+from ..onnxio.graphcheck import check_structure
+from ..onnxio.kernels import ops_without_kernel
+from ..onnxio.modelinfo import describe_io, external_locations, iter_nodes, opsets, summarize
+from ..pipeline.job import Source
+from ..pipeline.stage import StageResult, optional
 
-__all__ = ["load", "parse_model"]
+__all__ = ["load", "load_result", "LoadResult", "parse_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadResult(StageResult):
+    stage = "load"
+    summary: str
+    source: str
+    sha256: str
+    nodes: int
+    subgraphs: int
+    passes: dict[str, str]
+    """onnx-ir passes run on the copy (rule 4): applied, repaired or skipped."""
+    notice: str | None = optional()
+
+
+def load_result(source: Source) -> LoadResult:
+    """The load stage's result, for every target's manifest (the model is loaded once for all)."""
+    info = source.info
+    external = info["external_data"]
+    extra = (f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB"
+             if external["files"] else "")
+    return LoadResult(summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
+                      source=source.path.name, sha256=info["sha256"], nodes=info["nodes"],
+                      subgraphs=info["subgraphs"], passes=info["passes"],
+                      notice="; ".join(info["notices"]) or None)
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:

@@ -6,47 +6,63 @@ Rules:
 2. Hardware-specific fusions are left to onnxruntime's optimizer, which the convert stage runs
    with the target's platform, so they match the device.
 3. External data stays memory-mapped and is written back as a side file.
-4. Each pass is a checked step (edgepack.checked): a pass that raises (onnx-ir cannot read every model)
-   or writes a model that does not load or agree with the one before it is skipped, with a notice.
+4. Each pass is a checked step (edgepack.checked): a pass that raises (onnx-ir cannot read every model;
+   IdentityEliminationPass raises on If branches returning Constant weights through a differently ranked
+   Identity) or writes a model that does not load or agree with the one before it is skipped, with a notice.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     DeduplicateHashedInitializersPass,
+    IdentityEliminationPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
 )
 
 from ..checked import job_inputs, notice_of, run_ir_passes
-from ..job import Artifact, Job
-from ..modelinfo import iter_nodes
+from ..onnxio.modelinfo import iter_nodes
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, optional
 
-__all__ = ["optimize"]
+__all__ = ["Optimize", "OptimizeResult"]
 
 
-def optimize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    passes = [
-        IdentityEliminationPass(),
-        DeduplicateHashedInitializersPass(),
-        RemoveUnusedNodesPass(),
-        RemoveUnusedFunctionsPass(),
-        RemoveUnusedOpsetsPass(),
-    ]
-    current, records = run_ir_passes(passes, artifact.path, job.workdir / "optimize", feeds=job_inputs(job))
-    before, after = _count_nodes(artifact.path), _count_nodes(current)
-    report = {"stage": "optimize", "summary": f"{before} -> {after} nodes", "nodes_before": before, "nodes_after": after,
-              "steps": records}
-    notice = notice_of(records)
-    if notice:
-        report["notice"] = notice
-        job.say(f"NOTE: {notice}")
-    return Artifact(path=current, precision=artifact.precision), report
+@dataclass(frozen=True, kw_only=True)
+class OptimizeResult(StageResult):
+    stage = "optimize"
+    summary: str
+    nodes_before: int
+    nodes_after: int
+    steps: list[dict[str, Any]]
+    """One record per pass: applied, repaired or skipped, and what was checked (rule 4)."""
+    notice: str | None = optional()
+
+
+class Optimize(Stage):
+    name = "optimize"
+
+    def run(self, artifact: Artifact, job: Job) -> OptimizeResult:
+        passes = [
+            IdentityEliminationPass(),
+            DeduplicateHashedInitializersPass(),
+            RemoveUnusedNodesPass(),
+            RemoveUnusedFunctionsPass(),
+            RemoveUnusedOpsetsPass(),
+        ]
+        current, records = run_ir_passes(passes, artifact.path, job.workdir / "optimize", feeds=job_inputs(job))
+        before, after = _count_nodes(artifact.path), _count_nodes(current)
+        notice = notice_of(records)
+        if notice:
+            job.say(f"NOTE: {notice}")
+        return OptimizeResult(summary=f"{before} -> {after} nodes", nodes_before=before, nodes_after=after,
+                              steps=records, notice=notice, artifact=Artifact(path=current, precision=artifact.precision))
 
 
 def _count_nodes(path: Path) -> int:
