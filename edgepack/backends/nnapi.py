@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .base import Backend
+from .base import Backend, mobile_helpers_table
 
 __all__ = ["Nnapi", "NnapiOptions"]
 
@@ -22,3 +22,12 @@ class Nnapi(Backend):
     providers = ("NnapiExecutionProvider",)
     checker = "nnapi"
     options = {"NnapiExecutionProvider": NnapiOptions}
+
+    def measure(self, model, coverage):
+        """onnxruntime's own NNAPI checker: its operator table, dynamic-shape rule and partition count."""
+        from ..coverage import usability_checker, usability_report
+
+        return usability_report(model, "nnapi", "nnapi_supported_ops.md", usability_checker().check_nnapi_partitions)
+
+    def operator_table(self, profile):
+        return mobile_helpers_table("nnapi_supported_ops.md")

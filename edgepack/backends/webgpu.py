@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend
+from .base import Backend, listed_ops
 
 __all__ = ["Webgpu"]
 
@@ -11,3 +11,12 @@ class Webgpu(Backend):
     name = "webgpu"
     providers = ("webgpu", "wasm")
     checker = "webgpu"
+
+    def measure(self, model, coverage):
+        """Each node's operator against the profile's ``coverage.op_list`` (onnxruntime-web's WebGPU kernels)."""
+        from ..coverage import list_report
+
+        return list_report(model, coverage)
+
+    def operator_table(self, profile):
+        return listed_ops(profile)

@@ -6,6 +6,9 @@ Integrity ``sha384-`` string for browsers). It is written with sorted keys and n
 packaging the same input twice gives the same bytes (``SOURCE_DATE_EPOCH`` adds a ``created`` date).
 ``manifest_sha256`` is the manifest's own checksum: the SHA-256 of manifest.json with that value written
 as 64 zeros, so a changed byte anywhere in the manifest is caught too.
+
+What the manifest says besides its files is ``Content``, a tree of frozen dataclasses whose fields are the
+keys of runtime_shim/manifest.schema.json (the tests hold the two together); ``to_dict()`` is what is written.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ import json
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import VerificationError
 from ..progress import step
 
+if TYPE_CHECKING:
+    from ..profiles import Profile
+
 __all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
-           "SEAL_KEY", "seal_matches"]
+           "SEAL_KEY", "seal_matches", "Content", "ModelEntry", "Tensor", "SourceModel", "RuntimeEntry",
+           "ProviderEntry", "SessionEntry"]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "model.sig"
@@ -37,6 +44,79 @@ _BIG = 16 << 20
 SEAL_KEY = "manifest_sha256"
 _SEAL_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
 _BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: list[int | str | None] | None
+    """An int when fixed, the symbolic name when named, None when unnamed; None alone: not even the rank is known."""
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The user's model, as given."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    file: str
+    format: Literal["onnx", "ort"]
+    ort_style: str | None
+    external_data: list[str]
+    precision: str
+    ir_version: int
+    opsets: dict[str, int]
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    source: SourceModel
+
+
+@dataclass(frozen=True)
+class ProviderEntry:
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionEntry:
+    intra_op_num_threads: int
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"]
+    config_entries: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    package: str
+    version: str
+    execution_providers: list[ProviderEntry]
+    strict_providers: bool
+    session_options: SessionEntry
+
+
+@dataclass(frozen=True)
+class Content:
+    """The manifest apart from ``schema``, ``files``, ``created`` and ``manifest_sha256`` (``write_manifest``)."""
+
+    target: str
+    profile: Profile
+    bundle_kind: Literal["python", "web", "mobile"]
+    model: ModelEntry
+    runtime: RuntimeEntry
+    reduced_ops_config: str | None
+    tools: dict[str, str]
+    stages: list[dict[str, Any]]
+    """Each stage's record (``StageResult.record``), the steps before loading first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's keys as plain data, the profile as its YAML keys (``Profile.to_dict``)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "profile": self.profile.to_dict(), "model": asdict(self.model), "runtime": asdict(self.runtime)}
 
 
 def hash_file(path: Path) -> dict[str, Any]:
@@ -108,24 +188,23 @@ def seal_matches(raw: bytes) -> bool:
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:
-    path = bundle / MANIFEST_NAME
-    if not bundle.is_dir():
+    """The parsed manifest, checked by the shim's own rules (``manifest_problem``): every reader of a
+    bundle, the device and ``edgepack verify``, refuses the same manifests. The seal is not checked here."""
+    shim = _shim()
+    if not Path(bundle).is_dir():
         raise VerificationError("not a bundle folder", where=str(bundle))
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VerificationError("no manifest.json: this is not an edgepack bundle", where=str(bundle)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VerificationError(f"manifest.json is unreadable: {exc}", where=str(bundle)) from None
-    except RecursionError:
-        raise VerificationError("manifest.json is unreadable: nested too deeply", where=str(bundle)) from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-        raise VerificationError(f"manifest.json: expected schema {SCHEMA!r}, found {found!r}", where=str(bundle))
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(_valid_entry(k, v) for k, v in files.items()):
-        raise VerificationError("manifest.json: 'files' is missing or malformed", where=str(bundle))
-    return manifest
+        return shim.read_manifest(Path(bundle), check_seal=False)
+    except shim.VerificationError as exc:
+        text = str(exc)
+        prefix = f"{bundle}: "
+        raise VerificationError(text[len(prefix):] if text.startswith(prefix) else text, where=str(bundle)) from None
+
+
+def _shim():
+    from ..runtime_shim import edgepack_shim
+
+    return edgepack_shim
 
 
 @dataclass
@@ -146,45 +225,14 @@ class VerifyResult:
 
 
 def verify_bundle(bundle: Path) -> VerifyResult:
-    """Recompute every checksum of ``bundle`` against its manifest."""
+    """Recompute every checksum of ``bundle`` against its manifest, opening only regular files inside it."""
+    shim = _shim()
     manifest = read_manifest(bundle)
-    expected: dict[str, dict] = manifest["files"]
-    present = list_files(bundle)
-    result = VerifyResult(bundle=bundle)
-    if not seal_matches((bundle / MANIFEST_NAME).read_bytes()):
-        result.changed.append(MANIFEST_NAME)
-    result.extra = [rel for rel in present if rel not in expected]
-    for rel, entry in sorted(expected.items()):
-        path = bundle / rel
-        try:
-            present = not path.is_symlink() and path.is_file()
-        except (OSError, ValueError):  # a name too long or otherwise impossible here: no such file
-            present = False
-        if not present:
-            result.missing.append(rel)
-            continue
-        result.checked += 1
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            result.changed.append(rel)
+    report = shim.check_files(Path(bundle), manifest)
+    result = VerifyResult(bundle=bundle, missing=report.missing, extra=report.extra, changed=report.changed,
+                          checked=report.checked)
+    with shim.open_in_bundle(Path(bundle), MANIFEST_NAME) as f:
+        raw = f.read(shim.MAX_MANIFEST_BYTES + 1)
+    if not seal_matches(raw):
+        result.changed.insert(0, MANIFEST_NAME)
     return result
-
-
-def _sha256(path: Path) -> str:
-    """SHA-256 alone: checking a file needs no SRI digest (both together took 4.5x as long on 64 MB: sha384 has no SHA-NI)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _valid_entry(rel: Any, entry: Any) -> bool:
-    return (
-        isinstance(rel, str)
-        and rel
-        and not rel.startswith("/")
-        and ".." not in rel.split("/")
-        and isinstance(entry, dict)
-        and isinstance(entry.get("sha256"), str)
-        and isinstance(entry.get("size"), int)
-    )

@@ -7,6 +7,7 @@ so a failure leaves nothing behind. The results of the stages end up in the bund
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.signing import load_private_key, sign_checked
+from ..destination import check_destination
 from ..errors import EdgepackError, UsageError
 from ..fileops import atomic_folder
 from ..profiles import Profile
+from ..recipes.kernels import refuse_unsupported
 from ..stages.load import load, load_result
 from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
@@ -67,18 +70,25 @@ def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
     return output / f"{model_name}-{profile.name}"
 
 
-def refuse_existing_output(name: str, profiles: list[Profile], options: Options) -> dict[str, Path]:
+def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
+                           inputs: tuple[Path, ...] = ()) -> dict[str, Path]:
     """Each target's bundle folder; a UsageError before any work when one (or its frozen executable)
-    exists and ``options.force`` is not set."""
+    exists and ``options.force`` is not set, or may not be written or replaced (edgepack/destination.py)."""
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
-    existing = [str(d) for d in destinations.values() if d.exists()]
+    existing = [str(d) for d in destinations.values() if os.path.lexists(d)]
     if options.freeze:
         from ..bundle.freeze import frozen_path
 
         existing += [str(frozen_path(destinations[p.name])) for p in profiles
-                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
+                     if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    for profile in profiles:
+        check_destination(destinations[profile.name], force=options.force, inputs=inputs)
+        if options.freeze and profile.bundle.kind == "python":
+            from ..bundle.freeze import frozen_path, not_frozen
+
+            check_destination(frozen_path(destinations[profile.name]), force=options.force, recognise=not_frozen)
     return destinations
 
 
@@ -94,7 +104,8 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    destinations = refuse_existing_output(name, profiles, options)
+    refuse_unsupported(profiles, options)
+    destinations = refuse_existing_output(name, profiles, options, inputs=(model,))
     signing_key = load_private_key(options.sign_key, options.sign_passphrase_env) if options.sign_key else None
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         progress(f"load {model}")
@@ -122,7 +133,7 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                  progress: Callable[[str], None], signing_key=None) -> Result:
     started = time.perf_counter()
     try:
-        with atomic_folder(destination, force=options.force) as staging:
+        with atomic_folder(destination, force=options.force, inputs=source_files(source)) as staging:
             job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
                       destination=destination, progress=progress)
             job.results.append(load_result(source))
@@ -145,3 +156,8 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                       signed_by=signed_by)
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
+
+
+def source_files(source: Source) -> list[Path]:
+    """The user's model and its side files: never inside a folder packaging replaces."""
+    return [source.path] + [source.path.parent / rel for rel in source.info["external_data"]["files"]]

@@ -2,7 +2,9 @@
 
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
-   it, onnxruntime's quantizer trips over stale shape information in exported models. Each try is a
+   it, onnxruntime's quantizer trips over stale shape information in exported models. A recipe that
+   needs no shapes says so (``Recipe.preprocess``, int4): it is spared the full copy pre-processing writes,
+   and its nodes are named in memory. Each pre-processing try is a
    checked step (edgepack.checked): when symbolic shape inference fails, or its optimizer writes a model
    onnxruntime cannot load, the next try leaves that part out; when every try fails, the model is
    quantized as it is, and ``preprocess_notice`` says so.
@@ -24,11 +26,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -36,15 +37,18 @@ import onnx
 from .. import progress
 from ..checked import Feeds, notice_of, run_checked
 from ..errors import ConversionError, first_line
-from ..fileops import copy_model
+from ..fileops import copy_model, working_directory
 from ..onnxio.modelinfo import external_locations, iter_graphs, iter_nodes
 from ..onnxio.save import EXTERNAL_DATA_THRESHOLD
 from ..ort_tools import load_ort_tools
 from . import RECIPES
 from .base import QUANTIZED_OPS
 
+if TYPE_CHECKING:
+    from ..profiles import Profile
+
 __all__ = ["Quantized", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes",
-           "op_types", "quant_type", "Reader"]
+           "op_types", "quant_type", "Reader", "name_nodes"]
 LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -53,7 +57,7 @@ LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.Tenso
 class Quantized:
     path: Path
     precision: str
-    """'int8' or 'fp16'."""
+    """The recipe's: 'int8', 'fp16', 'int4' or 'q4f16'."""
     bytes_before: int
     bytes_after: int
     external_data: bool
@@ -65,9 +69,13 @@ class Quantized:
     preprocess: str
     preprocess_notice: str | None = None
     """Set when a pre-processing try was skipped (rule 1)."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the recipe left in float, and why (reported only when there is something)."""
 
     def report(self) -> dict[str, Any]:
         data = asdict(self)
+        if not self.notes:
+            del data["notes"]
         data["path"] = self.path.name
         data["size_ratio"] = round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None
         return data
@@ -103,9 +111,11 @@ def quantize_model(
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
     check_inputs: Feeds = lambda model: None,
+    target: Profile | None = None,
 ) -> Quantized:
     """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed) with the recipe
-    named ``method`` and its ``settings`` (edgepack/recipes)."""
+    named ``method`` and its ``settings`` (edgepack/recipes), for the ``target`` profile (the 4-bit recipes
+    read which kernels its runtime has and the opset it reads)."""
     if method not in RECIPES or RECIPES[method].settings is None:
         raise ValueError(f"unknown recipe {method!r}")
     recipe = RECIPES[method]
@@ -115,12 +125,19 @@ def quantize_model(
     for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
         stale.unlink(missing_ok=True)
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
-    preprocess, preprocess_notice = prepare(source, prepared, external=external, check_inputs=check_inputs)
+    # onnxruntime's helpers write temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
+    # folder: it is the job's scratch folder while they run
+    preprocess_notice = None
+    if recipe.preprocess:
+        with working_directory(out.parent):
+            preprocess, preprocess_notice = prepare(source, prepared, external=external, check_inputs=check_inputs)
+    else:
+        prepared, preprocess = source, "none (weight-only: nodes named in memory)"
     excluded = sorted(exclude_nodes)
     try:
-        with progress.step(f"{method} quantization"), _quiet():
-            recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded, external=external,
-                         calibration_method=calibration_method)
+        with progress.step(f"{method} quantization"), _quiet(), working_directory(out.parent):
+            notes = recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded,
+                                 external=external, calibration_method=calibration_method, target=target)
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
@@ -144,6 +161,7 @@ def quantize_model(
         excluded_nodes=excluded,
         preprocess=preprocess,
         preprocess_notice=preprocess_notice,
+        notes=notes or {},
     )
 
 
@@ -169,12 +187,7 @@ def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = la
         def run(options=options) -> Path:
             for stale in (out, out.with_name(out.name + ".data")):
                 stale.unlink(missing_ok=True)
-            previous = os.getcwd()
-            os.chdir(out.parent)  # symbolic shape inference writes sym_shape_infer_temp.onnx and its data to the cwd
-            try:
-                quant_pre_process(str(source.resolve()), str(out.resolve()), **kwargs, **options)
-            finally:
-                os.chdir(previous)
+            quant_pre_process(str(source), str(out), **kwargs, **options)
             _name_nodes(out, source)  # part of the step: its invented initializer names fail a second optimization
             return out
 
@@ -198,6 +211,12 @@ def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = la
 def _name_nodes(path: Path, source: Path) -> None:
     proto = onnx.load_model(path, load_external_data=False)
     _rename_invented_initializers(proto, onnx.load_model(source, load_external_data=False))
+    name_nodes(proto)
+    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """A name for every node that has none (rule 2)."""
     used = {n.name for n in iter_nodes(proto) if n.name}
     count = 0
     for node in iter_nodes(proto):
@@ -209,7 +228,6 @@ def _name_nodes(path: Path, source: Path) -> None:
             node.name = name
             used.add(name)
             count += 1
-    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
 
 
 _INVENTED_PREFIX = "pre_process/"

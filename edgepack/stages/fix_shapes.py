@@ -18,7 +18,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import onnx
 
 from ..checked import Feeds, job_inputs, notice_of, run_checked
 from ..errors import UsageError
+from ..fileops import working_directory
 from ..onnxio.modelinfo import describe_io, external_locations
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
@@ -157,12 +157,8 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
 
     def outputs() -> Path:
         # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
-        previous = os.getcwd()
-        os.chdir(folder)
-        try:
+        with working_directory(folder):
             fix_output_shapes(proto)
-        finally:
-            os.chdir(previous)
         onnx.save_model(proto, out)
         return out
 

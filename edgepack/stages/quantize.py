@@ -195,7 +195,8 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
     while True:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method, check_inputs=job_inputs(job))
+                                calibration_method=job.options.calibration_method, target=job.profile,
+                                check_inputs=job_inputs(job))
         figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
@@ -228,7 +229,7 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
             f"({validation.origin}): {'; '.join(misses)}"
             + (f" (after leaving {len(excluded)} node(s) in float)" if excluded else ""),
             where=job.profile.name,
-            hint="try " + ", or ".join(chosen.what_to_try(job.options)) + "; --quantize none keeps FP32",
+            hint="try " + ", or ".join(chosen.what_to_try(job.options, settings)) + "; --quantize none keeps FP32",
         )
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
