@@ -40,13 +40,13 @@ PAIRS: dict[tuple[str, str], str | None] = {
     ("onnx-simple-sequence-model1", "linux-x64"): None,
     ("silero-vad-16k-sequence", "android-nnapi"): None,
     ("silero-vad", "linux-x64"): INTERNAL_PASS,
-    ("openwakeword-hey-jarvis", "rpi-arm64"): BROKEN_PREPROCESS,
-    ("ort-mul-1", "rpi-arm64"): STRICT_CHECKER,
-    ("ort-logreg-iris", "rpi-arm64"): UNREADABLE,
+    ("openwakeword-hey-jarvis", "rpi-arm64"): None,
+    ("ort-mul-1", "rpi-arm64"): None,
+    ("ort-logreg-iris", "rpi-arm64"): None,
     ("onnx-simple-expand-shape-model1", "rpi-arm64"): WRONG_BLAME,
-    ("onnx-pytorch-embedding", "rpi-arm64"): PREPROCESS_IR3,
-    ("onnx-light-squeezenet", "android-nnapi"): FIX_SHAPES_IR3,
-    ("silero-vad-16k-sequence", "browser-wasm"): DEFAULT_RECIPE,
+    ("onnx-pytorch-embedding", "rpi-arm64"): None,
+    ("onnx-light-squeezenet", "android-nnapi"): None,
+    ("silero-vad-16k-sequence", "browser-wasm"): None,
 }
 
 
