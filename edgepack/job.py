@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from .execution import Execution
 from .profiles import Profile
 
 __all__ = ["Artifact", "Options", "Source", "Job"]
@@ -71,6 +72,8 @@ class Options:
     """The environment variable holding ``sign_key``'s passphrase."""
     pin_key: Path | None = None
     """A P-256 public key pinned beside the shim of python bundles: the shim then refuses unsigned bundles."""
+    execution: Execution = field(default_factory=Execution)
+    """Worker processes, Ray, the bundle cache (edgepack/execution.py): how the bundles are made, not what they hold."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,6 @@ when every stage passed, so a failure leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +19,12 @@ from .errors import BudgetError, EdgepackError, UsageError
 from .fileops import atomic_folder
 from .job import Artifact, Job, Options, Source
 from .profiles import Profile
-from .signing import load_private_key, sign_checked
+from .signing import sign_checked
 from .stages.bundle import bundle
 from .stages.check import check
 from .stages.convert import convert
 from .stages.coverage import coverage
 from .stages.fix_shapes import fix_shapes
-from .stages.load import load
 from .stages.manifest import finalize, manifest
 from .stages.optimize import optimize
 from .stages.quantize import quantize
@@ -69,6 +66,8 @@ class Result:
     """With --freeze: where the frozen executable is and how big (edgepack/freeze.py)."""
     signed_by: str | None = None
     """With a signing key: its fingerprint, as recorded in the bundle's model.sig."""
+    cache: str | None = None
+    """With the bundle cache (edgepack/cache.py): "hit" when restored from it, "stored" when built and added."""
 
     @property
     def notices(self) -> list[str]:
@@ -87,6 +86,8 @@ class Result:
             data["frozen"] = self.frozen
         if self.signed_by:
             data["signed_by"] = self.signed_by
+        if self.cache:
+            data["cache"] = self.cache
         if self.error:
             data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
                              "exit_code": self.error.exit_code}
@@ -125,26 +126,10 @@ def package_model(
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
     destinations = refuse_existing_output(name, profiles, options)
-    signing_key = load_private_key(options.sign_key, options.sign_passphrase_env) if options.sign_key else None
-    with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
-        progress(f"load {model}")
-        source_dir = Path(scratch) / "source"
-        source_dir.mkdir()
-        source = load(model, source_dir, name)
-        if origin:
-            source = dataclasses.replace(source, origin=list(origin))
-        results = []
-        for profile in profiles:
-            workdir = Path(scratch) / profile.name
-            workdir.mkdir()
-            results.append(_package_one(source, profile, options, workdir, destinations[profile.name], progress,
-                                        signing_key))
-        if options.freeze:
-            from .freeze import freeze_result
+    # loaded once here; the targets run here, in worker processes or on Ray, each bundle maybe from the cache
+    from .executors import ModelWork, package_models
 
-            results = [freeze_result(r, p, onefile=options.onefile, force=options.force, progress=progress)
-                       for r, p in zip(results, profiles)]
-        return results
+    return package_models([ModelWork(model, name, profiles, options, destinations, origin)], progress)[0]
 
 
 def _package_one(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
