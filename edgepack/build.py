@@ -228,7 +228,7 @@ def add_execution_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="build every bundle, neither reading nor filling the cache")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="bundle cache folder, may be shared by several machines "
-                        "(default: $EDGEPACK_BUNDLE_CACHE or ~/.cache/edgepack/bundles)")
+                        "(default: $EDGEPACK_BUNDLE_CACHE, 'off' for none, or ~/.cache/edgepack/bundles)")
     parser.add_argument("--cache-max-mb", type=float, metavar="MB",
                         help=f"evict least recently used bundles past this size (default: {DEFAULT_CACHE_MAX_MB:g})")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",

@@ -338,7 +338,10 @@ def _cmd_cache(args) -> int:
     from .cache import BundleCache
     from .execution import DEFAULT_CACHE_MAX_MB, default_cache_dir
 
-    cache = BundleCache(args.cache_dir or default_cache_dir(), DEFAULT_CACHE_MAX_MB)
+    folder = args.cache_dir or default_cache_dir()
+    if folder is None:
+        raise UsageError("the bundle cache is off ($EDGEPACK_BUNDLE_CACHE=off)", hint="give --cache-dir DIR")
+    cache = BundleCache(folder, DEFAULT_CACHE_MAX_MB)
     if args.action == "clear":
         removed = cache.clear()
         if args.json:

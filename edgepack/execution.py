@@ -28,10 +28,12 @@ class Execution:
     """Least recently used bundles are evicted once the cache holds more."""
 
 
-def default_cache_dir() -> Path:
-    """``$EDGEPACK_BUNDLE_CACHE``, else ``bundles`` beside the onnxruntime-web cache (``~/.cache/edgepack``)."""
+def default_cache_dir() -> Path | None:
+    """``$EDGEPACK_BUNDLE_CACHE`` (``off``: no cache, for CI jobs that must build everything), else ``bundles``
+    beside the onnxruntime-web cache (``~/.cache/edgepack/bundles``)."""
     if os.environ.get("EDGEPACK_BUNDLE_CACHE"):
-        return Path(os.environ["EDGEPACK_BUNDLE_CACHE"])
+        value = os.environ["EDGEPACK_BUNDLE_CACHE"]
+        return None if value == "off" else Path(value)
     from .ortweb import cache_dir
 
     return cache_dir().parent / "bundles"

@@ -8,8 +8,8 @@ Rules:
    the bundle is written here, into a staging folder renamed into place (signed first, when signing:
    the private key never leaves this process).
 3. Without ``--ray-address`` (or ``$RAY_ADDRESS``) a Ray instance is started on this machine for the
-   run, with ``--jobs`` CPUs, no dashboard and no usage statistics, and shut down at the end; an
-   existing cluster is joined and left running.
+   run, bound to 127.0.0.1, with ``--jobs`` CPUs, no dashboard and no usage statistics, and shut down
+   at the end; an existing cluster (or a Ray already initialised by the caller) is joined and left running.
 4. Ray's own log lines stay out of edgepack's output (``log_to_driver=False``, ERROR level).
 """
 
@@ -55,7 +55,9 @@ class RayExecutor:
             if address:
                 settings["address"] = address
             else:
-                settings.update(address="local", num_cpus=self._execution.jobs, include_dashboard=False)
+                # a private instance, reachable from this machine only
+                settings.update(address="local", num_cpus=self._execution.jobs, include_dashboard=False,
+                                _node_ip_address="127.0.0.1")
             try:
                 ray.init(**settings)
             except (ConnectionError, RuntimeError, ValueError) as exc:
