@@ -315,7 +315,7 @@ def _cmd_build(args) -> int:
     done = run_build(build, pairs, options, progress=progress)
     failed = [r for _, r in done if not r.ok]
     if args.json:
-        _print_json({"results": [{"model": name, **r.to_dict()} for name, r in done], "ok": not failed,
+        _print_json({"results": [{**r.to_dict(), "name": name} for name, r in done], "ok": not failed,
                      "pairs": len(done), "shard": args.shard,
                      "cache": {kind: sum(r.cache == kind for _, r in done) for kind in ("hit", "stored")}})
     else:

@@ -262,7 +262,7 @@ def test_failing_pairs_do_not_stop_the_others(tmp_path, clean_failure):
     assert done.returncode == 3, err  # the first failure's code: the unreadable model
     assert "Traceback" not in err
     summary = json.loads(out)
-    outcome = {(r["model"], r["target"]): (r["ok"], r.get("error", {}).get("type")) for r in summary["results"]}
+    outcome = {(r["name"], r["target"]): (r["ok"], r.get("error", {}).get("type")) for r in summary["results"]}
     assert outcome == {("broken", "linux-x64"): (False, "ModelError"), ("broken", "tiny"): (False, "ModelError"),
                        ("cnn", "linux-x64"): (True, None), ("cnn", "tiny"): (False, "BudgetError")}
     assert verify_bundle(tmp_path / "build" / "cnn-linux-x64").ok
