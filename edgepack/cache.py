@@ -6,7 +6,8 @@ Rules:
    are hashed by content: calibration and validation data, sample inputs, a local onnxruntime-web
    tarball, a pinned key), the signing key's fingerprint, and the tools (edgepack's version and the
    digest of its own files, so an edited checkout misses; onnx, onnxruntime, onnx-ir,
-   onnxconverter-common, numpy, Python; onnxruntime-web is pinned by the web profiles themselves).
+   onnxconverter-common, numpy, Python; onnxruntime-web is pinned by the web profiles themselves), and
+   ``$SOURCE_DATE_EPOCH``, which the manifest records.
    How the build runs (jobs, executor, cache settings, output folder, --force) is not in the key.
 2. Only a complete bundle enters the cache: the pipeline has verified it, it is copied to a temporary
    folder inside the cache and renamed into place, so a reader never sees half an entry.
@@ -77,6 +78,7 @@ def bundle_key(model: Path, bundle_name: str, profile, options, *, signer: str |
         "signer": signer,
         "origin": origin or [],
         "tools": tool_versions(),
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),  # the manifest records it
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

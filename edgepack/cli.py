@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", parents=[after], help="the bundle cache: info, or clear it")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--cache-dir", type=Path, metavar="DIR",
-                       help="the cache folder (default: $EDGEPACK_BUNDLE_CACHE or ~/.cache/edgepack/bundles)")
+                       help="the cache folder (default: $EDGEPACK_BUNDLE_CACHE, else ~/.cache/edgepack/bundles)")
     cache.set_defaults(handler=_cmd_cache)
 
     verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest (and its signature)")

@@ -158,6 +158,9 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
         monkeypatch.setattr(cache_module, "tool_versions", lambda: {**tools, package_name: "0.0.0-other"})
         keys[package_name] = bundle_key(model, "cnn-linux-x64", profile, options)
     monkeypatch.undo()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    keys["SOURCE_DATE_EPOCH"] = bundle_key(model, "cnn-linux-x64", profile, options)
+    monkeypatch.undo()
     assert len(set(keys.values()) | {base}) == len(keys) + 1, keys
     assert bundle_key(model, "cnn-linux-x64", profile, options) == base
 
