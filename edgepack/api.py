@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable
 
 from .errors import UsageError
 from .job import Options
-from .pipeline import Result, package_model
 from .profiles import Profile, resolve_targets
+from .results import Result
 
 __all__ = ["package", "package_source", "is_torch_input"]
 
@@ -75,6 +75,8 @@ def package_source(
         raise UsageError(f"a {path.suffix} file holds weights or a pickled module, which edgepack does not load",
                          where=str(path),
                          hint="point at the code instead (pkg.module:factory), or save a .pt2 with torch.export.save")
+    from .pipeline import package_model  # here: onnx and onnxruntime load only when a bundle is built
+
     return package_model(path, profiles, options, name=name, progress=progress)
 
 

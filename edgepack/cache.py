@@ -53,14 +53,9 @@ _TOOLS = ("edgepack", "onnx", "onnxruntime", "onnx-ir", "onnxconverter-common", 
           "torch", "onnxscript")
 
 
-def bundle_key(model: Path, bundle_name: str, profile, options, *, signer: str | None = None,
-               origin: list[dict[str, Any]] | None = None) -> str | None:
-    """The cache key of one bundle (rule 1); None when the model cannot even be parsed (the load stage
-    then reports why, and nothing is cached)."""
-    try:
-        model_files = _model_digests(model)
-    except Exception:  # any parse failure: the load stage gives the real error
-        return None
+def bundle_key(model_files: dict[str, str], bundle_name: str, profile, options, *, signer: str | None = None,
+               origin: list[dict[str, Any]] | None = None) -> str:
+    """The cache key of one bundle (rule 1). ``model_files``: ``model_digests`` of the model."""
     options_part = {}
     for f in dataclasses.fields(options):
         if f.name in _RUN_ONLY:
@@ -84,19 +79,23 @@ def bundle_key(model: Path, bundle_name: str, profile, options, *, signer: str |
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _model_digests(model: Path) -> dict[str, str]:
+def model_digests(model: Path, locations: list[str] | None = None) -> dict[str, str]:
+    """SHA-256 of the model file and of every external-data file it names (read from the model unless
+    ``locations`` is given). Raises on a model that cannot be parsed."""
+    digests = {model.name: _file_sha256(model)}
+    for location in external_data_files(model) if locations is None else locations:
+        side = model.parent / location
+        digests[location] = _file_sha256(side) if side.is_file() else "missing"
+    return digests
+
+
+def external_data_files(model: Path) -> list[str]:
     import onnx
 
     from .modelinfo import external_locations
 
     proto = onnx.load_model(model, load_external_data=False)
-    locations = sorted({location for _, location, _, _ in external_locations(proto)})
-    del proto
-    digests = {model.name: _file_sha256(model)}
-    for location in locations:
-        side = model.parent / location
-        digests[location] = _file_sha256(side) if side.is_file() else "missing"
-    return digests
+    return sorted({location for _, location, _, _ in external_locations(proto)})
 
 
 def _path_digest(path: Path) -> str:
@@ -162,12 +161,34 @@ class BundleCache:
         self.root = Path(root)
         self.max_bytes = int(max_mb * 1e6)
         try:
-            for folder in (self.root / "entries", self.root / "tmp"):
+            for folder in (self.root / "entries", self.root / "models", self.root / "tmp"):
                 folder.mkdir(parents=True, exist_ok=True)
             (self.root / "lock").touch(exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot use the bundle cache: {exc}", where=str(self.root),
                              hint="give a writable folder with --cache-dir, or pass --no-cache") from None
+
+    def model_files(self, model: Path) -> dict[str, str] | None:
+        """``model_digests`` of ``model``, None when it cannot be parsed (the load stage then says why).
+        The names of its external-data files are remembered by the model's digest, so a warm build
+        hashes files and never pays for importing onnx."""
+        try:
+            digest = _file_sha256(model)
+        except OSError:
+            return None
+        memo = self.root / "models" / f"{digest}.json"
+        try:
+            locations = json.loads(memo.read_text(encoding="utf-8"))["external_data"]
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                locations = external_data_files(model)
+            except Exception:  # any parse failure: not cached
+                return None
+            temp = Path(tempfile.mkstemp(prefix="model.", dir=self.root / "tmp")[1])
+            temp.write_text(json.dumps({"external_data": locations}), encoding="utf-8")
+            os.chmod(temp, 0o644)
+            os.replace(temp, memo)
+        return model_digests(model, locations)
 
     def restore(self, key: str, destination: Path, *, force: bool,
                 public_key=None) -> tuple[dict[str, Any] | None, str | None]:

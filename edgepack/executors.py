@@ -31,8 +31,8 @@ from .errors import EdgepackError, UsageError
 from .execution import Execution
 from .fileops import atomic_folder
 from .job import Options, Source
-from .pipeline import Result, _package_one
 from .profiles import Profile
+from .results import Result
 
 __all__ = ["ModelWork", "package_models"]
 
@@ -76,12 +76,13 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
     keys: dict[tuple[int, str], str] = {}
     for index, work in enumerate(works):
         signer = signers[index]
+        model_files = cache.model_files(work.model) if cache else None
+        if not model_files:
+            continue
         for profile in work.profiles:
             destination = work.destinations[profile.name]
-            key = cache and bundle_key(work.model, destination.name, profile, work.options,
-                                       signer=signer.fingerprint if signer else None, origin=work.origin)
-            if not key:
-                continue
+            key = bundle_key(model_files, destination.name, profile, work.options,
+                             signer=signer.fingerprint if signer else None, origin=work.origin)
             keys[index, profile.name] = key
             started = time.perf_counter()
             manifest, problem = cache.restore(key, destination, force=work.options.force,
@@ -189,6 +190,8 @@ class InlineExecutor:
         self._pending.append((tag, source, profile, options, workdir, destination, signer))
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
+        from .pipeline import _package_one
+
         for tag, source, profile, options, workdir, destination, signer in self._pending:
             result = _package_one(source, profile, options, workdir, destination, progress,
                                   signer.key if signer else None)
@@ -231,6 +234,8 @@ class ProcessExecutor:
 def _work(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
           key_der: bytes | None) -> tuple[Result, list[str]]:
     """Worker-process entry: one pair, its progress lines returned with its result."""
+    from .pipeline import _package_one
+
     lines: list[str] = []
     result = _package_one(source, profile, options, workdir, destination, lines.append,
                           _private_key(key_der) if key_der else None)

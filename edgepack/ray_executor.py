@@ -26,8 +26,9 @@ from .errors import UsageError
 from .execution import Execution
 from .fileops import atomic_folder
 from .job import Options, Source
-from .pipeline import Result, _package_one
+from .pipeline import _package_one
 from .profiles import Profile
+from .results import Result
 from .signing import sign_checked
 
 __all__ = ["RayExecutor"]

@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from edgepack import cache as cache_module
 from edgepack.build import load_build_file, parse_shard, select_pairs
-from edgepack.cache import BundleCache, bundle_key
+from edgepack.cache import BundleCache, bundle_key, model_digests
 from edgepack.errors import ProfileError, UsageError
 from edgepack.examples import write_example
 from edgepack.execution import Execution
@@ -120,28 +122,26 @@ def test_corrupt_entry_is_detected_and_rebuilt(fleet, tmp_path):
 
 
 def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
-    model, profile = fleet["model"], load_profile("linux-x64")
+    model, profile = model_digests(fleet["model"]), load_profile("linux-x64")
     options = Options(output=tmp_path)
     base = bundle_key(model, "cnn-linux-x64", profile, options)
-    assert base and base == bundle_key(model, "cnn-linux-x64", profile, options)
+    assert base == bundle_key(model, "cnn-linux-x64", profile, options)
     # how the build runs is not in the key
     run_only = dataclasses.replace(options, output=tmp_path / "elsewhere", force=True,
                                    execution=Execution(jobs=4, executor="ray", cache=tmp_path))
     assert bundle_key(model, "cnn-linux-x64", profile, run_only) == base
 
     changed_model = tmp_path / "changed.onnx"
-    data = bytearray(model.read_bytes())
-    data[-1] ^= 1
-    changed_model.write_bytes(bytes(data))
+    proto = onnx.load(fleet["model"])
+    proto.doc_string = "another build of the model"
+    onnx.save(proto, changed_model)
     calibration = tmp_path / "calib.npz"
-    import numpy as np
-
     np.savez(calibration, input=np.zeros((1, 3, 32, 32), np.float32))
     other_calibration = tmp_path / "calib2.npz"
     np.savez(other_calibration, input=np.ones((1, 3, 32, 32), np.float32))
     static = dataclasses.replace(options, quantize="static", calibration=str(calibration))
     keys = {
-        "model": bundle_key(changed_model, "cnn-linux-x64", profile, options),
+        "model": bundle_key(model_digests(changed_model), "cnn-linux-x64", profile, options),
         "name": bundle_key(model, "other-linux-x64", profile, options),
         "profile": bundle_key(model, "cnn-linux-x64", dataclasses.replace(
             profile, budget=dataclasses.replace(profile.budget, max_bundle_mb=1.0)), options),
@@ -166,19 +166,22 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
 
 
 def test_external_data_is_part_of_the_key(tmp_path):
-    import onnx
-
     model = onnx.load(write_example("cnn", tmp_path))
     external = tmp_path / "ext" / "m.onnx"
     external.parent.mkdir()
     onnx.save_model(model, external, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     profile, options = load_profile("linux-x64"), Options()
-    before = bundle_key(external, "m-linux-x64", profile, options)
+    before = bundle_key(model_digests(external), "m-linux-x64", profile, options)
     side = external.with_name("m.onnx.data")
     data = bytearray(side.read_bytes())
     data[0] ^= 1
     side.write_bytes(bytes(data))
-    assert before and bundle_key(external, "m-linux-x64", profile, options) != before
+    assert list(model_digests(external)) == ["m.onnx", "m.onnx.data"]
+    assert bundle_key(model_digests(external), "m-linux-x64", profile, options) != before
+    memo = BundleCache(tmp_path / "cache", 100)
+    assert memo.model_files(external) == model_digests(external)
+    assert memo.model_files(external) == model_digests(external)  # from the remembered names this time
+    assert memo.model_files(tmp_path / "ext" / "m.onnx.data") is None  # not a model: the load stage says why
 
 
 def test_lru_eviction_keeps_the_recently_used(tmp_path):
