@@ -190,9 +190,9 @@ class InlineExecutor:
         self._pending.append((tag, source, profile, options, workdir, destination, signer))
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
-        from .pipeline import _package_one
-
         for tag, source, profile, options, workdir, destination, signer in self._pending:
+            from .pipeline import _package_one  # not before: a build whose bundles all come from the cache needs none of it
+
             result = _package_one(source, profile, options, workdir, destination, progress,
                                   signer.key if signer else None)
             yield tag, result, []
