@@ -3,6 +3,7 @@
 ``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
 (``[batch, classes]``, float) the share of rows whose arg-max agrees with the reference's (top-1
 agreement). ``check`` holds figures against tolerances and says by how much they miss.
+``error_histograms`` counts each output's absolute errors per decade, for the build report.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compare", "top1_agreement", "check"]
+__all__ = ["compare", "top1_agreement", "check", "error_histograms", "ERROR_EDGES"]
+
+ERROR_EDGES = [0.0, *(10.0 ** k for k in range(-8, 1))]
+"""Bin i holds errors in [ERROR_EDGES[i], ERROR_EDGES[i + 1]); the last bin, errors of 1 and more."""
 
 
 def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -43,6 +47,22 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
     if agreements:
         figures["top1_agreement"] = min(agreements)
     return figures
+
+
+def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Per output, how many of its values over all sample sets are off by how much (bins of ``ERROR_EDGES``);
+    outputs whose shape differs from the reference's have none."""
+    found = {}
+    for name in reference[0]:
+        ref = np.concatenate([np.asarray(r[name], dtype=np.float64).ravel() for r in reference])
+        got = np.concatenate([np.asarray(c[name], dtype=np.float64).ravel() for c in candidate])
+        if ref.shape != got.shape:
+            continue
+        diff = np.abs(ref - got)
+        diff[~np.isfinite(diff)] = np.inf
+        counts = np.bincount(np.searchsorted(ERROR_EDGES, diff, side="right") - 1, minlength=len(ERROR_EDGES))
+        found[name] = {"edges": ERROR_EDGES, "counts": [int(c) for c in counts]}
+    return found
 
 
 def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:

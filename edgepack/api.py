@@ -60,7 +60,20 @@ def package_source(
     dynamic: Any = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[Result]:
-    """Route ``model`` to the ONNX pipeline, or through the PyTorch export first."""
+    """Route ``model`` to the ONNX pipeline, or through the PyTorch export first. With several targets, the
+    build report (edgepack.report) is written beside the bundles."""
+    results = _package_source(model, profiles, options, name=name, example_inputs=example_inputs, dynamic=dynamic,
+                              progress=progress)
+    if len(profiles) > 1 and any(r.ok for r in results):
+        from .report import write_report
+
+        written = write_report(options.output)
+        progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
+    return results
+
+
+def _package_source(model: Any, profiles: list[Profile], options: Options, *, name: str | None, example_inputs: Any,
+                    dynamic: Any, progress: Callable[[str], None]) -> list[Result]:
     if is_torch_input(model):
         _require_torch()
         from .torch_package import package_torch

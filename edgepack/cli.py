@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import progress as steps
 from .build import add_execution_flags
 from .errors import EdgepackError, UsageError
 
@@ -32,6 +33,7 @@ examples:
   edgepack verify build/model-rpi-arm64 --public-key keys/release.pub
                                                      ...check its files and its signature
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
+  edgepack report build                              compare the bundles in build/ (report.html, report.md)
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
   edgepack build edgepack.yaml --jobs 2              every model of a build file for its targets, two at a time
   edgepack build edgepack.yaml --shard 2/4           ...the second quarter of the pairs (a CI matrix sharing a cache)
@@ -198,6 +200,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
+    report = sub.add_parser("report", parents=[after], help="compare the bundles of a build folder in report.html and report.md",
+                            description="Write BUILD_DIR/report.html (one self-contained page with charts) and "
+                            "BUILD_DIR/report.md comparing every bundle in BUILD_DIR from its manifest: sizes, accuracy "
+                            "against FP32, accelerator coverage, --tune candidates, notices, checksums and tool versions. "
+                            "package writes it by itself when it packages several targets.")
+    report.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    report.set_defaults(handler=_cmd_report)
+
     serve = sub.add_parser("serve", parents=[after], help="serve a web bundle on 127.0.0.1 with the headers it needs",
                            description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
                            "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
@@ -266,7 +277,8 @@ def _cmd_package(args) -> int:
         options = dataclasses.replace(options, tune_budget=args.tune_budget)
     options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
-    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch, \
+            steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
         if args.example:
             from .examples import write_example
 
@@ -312,7 +324,13 @@ def _cmd_build(args) -> int:
     options = Options(output=output, force=args.force, ort_web=args.ort_web, sign_key=args.sign_key,
                       sign_passphrase_env=args.sign_passphrase_env, execution=execution_from_args(args))
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
-    done = run_build(build, pairs, options, progress=progress)
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
+        done = run_build(build, pairs, options, progress=progress)
+        if len(done) > 1 and any(r.ok for _, r in done):
+            from .report import write_report
+
+            written = write_report(output)
+            progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
     failed = [r for _, r in done if not r.ok]
     if args.json:
         _print_json({"results": [{**r.to_dict(), "name": name} for name, r in done], "ok": not failed,
@@ -386,7 +404,8 @@ def _cmd_verify(args) -> int:
     from .signing import load_public_key, verify_signature
 
     signed_by = verify_signature(args.bundle, load_public_key(args.public_key)) if args.public_key else None
-    result = verify_bundle(args.bundle)
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.json)):
+        result = verify_bundle(args.bundle)
     if args.json:
         _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:
@@ -475,6 +494,18 @@ def _print_coverage(data: dict[str, Any]) -> None:
     print(f"coverage for {data['target']} ({data['checker']}):")
     for line in data["lines"]:
         print(f"  {line}")
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
+        written = write_report(args.build_dir)
+    if args.json:
+        _print_json(written.to_dict())
+    else:
+        print(f"wrote {written.html} and {written.markdown} ({len(written.bundles)} bundles)")
+    return 0
 
 
 def _cmd_serve(args) -> int:

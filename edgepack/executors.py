@@ -32,6 +32,7 @@ from .execution import Execution
 from .fileops import atomic_folder
 from .job import Options, Source
 from .profiles import Profile
+from .progress import about
 from .results import Result
 
 __all__ = ["ModelWork", "package_models"]
@@ -193,8 +194,9 @@ class InlineExecutor:
         for tag, source, profile, options, workdir, destination, signer in self._pending:
             from .pipeline import _package_one  # not before: a build whose bundles all come from the cache needs none of it
 
-            result = _package_one(source, profile, options, workdir, destination, progress,
-                                  signer.key if signer else None)
+            with about(profile.name):
+                result = _package_one(source, profile, options, workdir, destination, progress,
+                                      signer.key if signer else None)
             yield tag, result, []
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import EdgepackError
+from .progress import step
 from .profiles import Profile
 
 __all__ = ["FreezeError", "freeze_bundle", "freeze_result", "frozen_path", "host_arch", "device_command",
@@ -188,7 +189,8 @@ def _self_check(executable: Path, bundle: Path) -> None:
 
 def _run(command: list[str], what: str, env: dict | None = None) -> None:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        with step(f"freeze: {what}"):
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
     except OSError as exc:
         raise FreezeError(f"{what} failed: {exc}") from None
     if done.returncode != 0:

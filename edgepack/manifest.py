@@ -16,11 +16,13 @@ import hashlib
 import json
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import VerificationError
+from .progress import step
 
 __all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
            "SEAL_KEY", "seal_matches"]
@@ -30,6 +32,8 @@ SIGNATURE_NAME = "model.sig"
 """The bundle's signature (edgepack/signing.py), written after the manifest: like the manifest, never listed in it."""
 SCHEMA = "edgepack.manifest/1"
 _CHUNK = 1 << 20
+_BIG = 16 << 20
+"""Files this large are hashed once per manifest write (``_hash_once``) and with progress shown."""
 SEAL_KEY = "manifest_sha256"
 _SEAL_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
 _BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
@@ -38,16 +42,19 @@ _BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
 def hash_file(path: Path) -> dict[str, Any]:
     """Size, SHA-256 and SRI sha384 of one file, read once in chunks (never whole into memory)."""
     sha256, sha384, size = hashlib.sha256(), hashlib.sha384(), 0
-    with open(path, "rb") as f:
+    total = path.stat().st_size
+    shown = step(f"checksums of {path.name}", total=total, unit="bytes") if total >= _BIG else nullcontext()
+    with open(path, "rb") as f, shown as hashing:
         while chunk := f.read(_CHUNK):
             sha256.update(chunk)
             sha384.update(chunk)
             size += len(chunk)
+            if hashing:
+                hashing.advance(len(chunk))
     integrity = "sha384-" + base64.b64encode(sha384.digest()).decode("ascii")
     return {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
 
 
-_BIG = 16 << 20
 _big_hashes: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
 
 

@@ -33,6 +33,7 @@ from packaging.version import Version
 
 from .errors import DownloadError, ProfileError, UsageError, VerificationError
 from .profiles import Profile
+from .progress import step
 
 __all__ = ["OrtWeb", "pinned_version", "cache_dir", "fetch_tarball", "open_tarball", "extract_files"]
 
@@ -102,10 +103,12 @@ def fetch_tarball(version: str, cache: Path | None = None) -> OrtWeb:
     fd, partial = tempfile.mkstemp(prefix=f".{tarball.name}.", suffix=".partial", dir=cache)
     try:
         digest = hashlib.sha512()
-        with os.fdopen(fd, "wb") as out, _get(url) as response:
+        with os.fdopen(fd, "wb") as out, _get(url) as response, \
+                step(f"downloading {PACKAGE}@{version}", total=response.length, unit="bytes") as download:
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
+                download.advance(len(chunk))
         got = "sha512-" + base64.b64encode(digest.digest()).decode("ascii")
         if got != integrity:
             raise VerificationError(

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import onnx
 
+from . import progress
 from .errors import ConversionError, first_line
 from .modelinfo import external_locations, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
@@ -109,7 +110,7 @@ def quantize_model(
     preprocess = prepare(source, prepared, external=external)
     excluded = sorted(exclude_nodes)
     try:
-        with _quiet():
+        with progress.step(f"{method} quantization"), _quiet():
             if method == "dynamic":
                 _dynamic(prepared, out, recipe, excluded, external)
             elif method == "static":
@@ -250,14 +251,18 @@ def _dynamic(prepared: Path, out: Path, recipe: DynamicRecipe, excluded: list[st
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over a list of feeds."""
+    """onnxruntime's CalibrationDataReader protocol over a list of feeds; ``step`` counts the samples read."""
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+    def __init__(self, feeds: list[dict[str, np.ndarray]], step: progress.Step | None = None):
         self.feeds = feeds
+        self.step = step
         self.iterator: Iterator[dict[str, np.ndarray]] = iter(feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.iterator, None)
+        feed = next(self.iterator, None)
+        if feed is not None and self.step:
+            self.step.advance()
+        return feed
 
     def rewind(self) -> None:
         self.iterator = iter(self.feeds)
@@ -273,20 +278,21 @@ def _static(prepared: Path, out: Path, recipe: StaticRecipe, calibration: list[d
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     method = calibration_method or recipe.calibration_method
-    quantize_static(
-        prepared, out, _Reader(calibration),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]),
-        per_channel=recipe.per_channel,
-        activation_type=_qtype(recipe.activation_type),
-        weight_type=_qtype(recipe.weight_type),
-        nodes_to_exclude=excluded,
-        use_external_data_format=external,
-        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[method],
-        extra_options={"ActivationSymmetric": recipe.symmetric_activations,
-                       "WeightSymmetric": recipe.symmetric_weights},
-    )
+    with progress.step(f"calibrating ({method}) on {len(calibration)} sample(s)", total=len(calibration)) as step:
+        quantize_static(
+            prepared, out, _Reader(calibration, step),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=_op_types(recipe.op_types, recipe.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]),
+            per_channel=recipe.per_channel,
+            activation_type=_qtype(recipe.activation_type),
+            weight_type=_qtype(recipe.weight_type),
+            nodes_to_exclude=excluded,
+            use_external_data_format=external,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            extra_options={"ActivationSymmetric": recipe.symmetric_activations,
+                           "WeightSymmetric": recipe.symmetric_weights},
+        )
 
 
 def _fp16(prepared: Path, out: Path, recipe: Fp16Recipe, excluded: list[str], external: bool) -> None:

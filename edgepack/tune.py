@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from . import progress
 from .accuracy import check, compare
 from .calibration import RANDOM, Samples, load_samples, split_for_validation
 from .errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
@@ -304,23 +305,25 @@ def time_round_robin(candidates: list[Candidate], sessions: dict[str, Any], feed
     active = list(candidates)
     notes = []
     rounds = 0
-    while rounds < max_rounds:
-        if rounds >= MIN_ROUNDS and time.perf_counter() > deadline:
-            notes.append(f"timing stopped after {rounds} round(s): the tuning budget of {budget:g} s was spent "
-                         f"(--tune-budget)")
-            break
-        shift = rounds % len(active)
-        for candidate in active[shift:] + active[:shift]:
-            start = time.perf_counter()
-            sessions[candidate.name].run(None, feed)
-            candidate.latencies.append(time.perf_counter() - start)
-        rounds += 1
-        if rounds == PRUNE_AFTER and len(active) > 1:
-            leader = min(c.median for c in active)
-            for candidate in [c for c in active if min(c.latencies) > PRUNE_FACTOR * leader]:
-                candidate.note = (f"timed {rounds} rounds only: its fastest run was {min(candidate.latencies) / leader:.1f}x "
-                                  f"the leader's median")
-                active.remove(candidate)
+    with progress.step(f"tune: timing {len(candidates)} candidate(s), rounds", total=max_rounds) as step:
+        while rounds < max_rounds:
+            if rounds >= MIN_ROUNDS and time.perf_counter() > deadline:
+                notes.append(f"timing stopped after {rounds} round(s): the tuning budget of {budget:g} s was spent "
+                             f"(--tune-budget)")
+                break
+            shift = rounds % len(active)
+            for candidate in active[shift:] + active[:shift]:
+                start = time.perf_counter()
+                sessions[candidate.name].run(None, feed)
+                candidate.latencies.append(time.perf_counter() - start)
+            rounds += 1
+            step.advance()
+            if rounds == PRUNE_AFTER and len(active) > 1:
+                leader = min(c.median for c in active)
+                for candidate in [c for c in active if min(c.latencies) > PRUNE_FACTOR * leader]:
+                    candidate.note = (f"timed {rounds} rounds only: its fastest run was {min(candidate.latencies) / leader:.1f}x "
+                                      f"the leader's median")
+                    active.remove(candidate)
     return notes
 
 

@@ -37,6 +37,7 @@ RUN_JS = """async ({ bundleUrl, feeds, options }) => {
   let model;
   try {
     model = await load({ ...options, onProgress: (p) => progress.push(p) });
+    await model.cached;
   } catch (error) {
     return { error: error.message, name: error.name, file: error.file ?? null, progress };
   }
@@ -51,7 +52,7 @@ RUN_JS = """async ({ bundleUrl, feeds, options }) => {
   }
   const info = { outputs: results, backend: model.backend, fallbacks: model.fallbacks, threads: model.threads,
                  crossOriginIsolated: model.crossOriginIsolated, warnings: model.warnings, timings: model.timings,
-                 format: model.manifest.model.format, progress };
+                 format: model.manifest.model.format, verification: model.verification, sources: model.sources, signedBy: model.signedBy, progress };
   await model.dispose();
   return info;
 }"""
@@ -70,10 +71,19 @@ def run_bundle(page, bundle_url: str, feeds: list[dict[str, np.ndarray]] = (), *
     return result
 
 
-def fresh_page(context, url: str):
-    """A new page (a new document, so no onnxruntime-web instance is reused) at ``url``."""
+# A browser without integrity on fetch(): the loader takes its 'hash' path (crypto.subtle).
+WITHOUT_FETCH_INTEGRITY = "delete Request.prototype.integrity;"
+
+
+def fresh_page(context, url: str, init_script: str | None = None):
+    """A new page (a new document, so no onnxruntime-web instance is reused) at ``url``, with the loader's Cache API
+    cache emptied (else a file verified by an earlier test would be served from it, not from the server);
+    ``init_script`` runs before the page's own scripts."""
     page = context.new_page()
+    if init_script:
+        page.add_init_script(init_script)
     page.goto(url)
+    page.evaluate("async () => { if (globalThis.caches) await caches.delete('edgepack'); }")
     return page
 
 

@@ -27,7 +27,7 @@ from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
 
-from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
+from tests.in_browser import CHROMIUM, WITHOUT_FETCH_INTEGRITY, chromium, flip_byte, fresh_page, run_bundle
 
 pytestmark = [
     pytest.mark.browser,
@@ -72,9 +72,10 @@ def browser(playwright):
         yield context
 
 
-def mlp_with_external_data(folder: Path) -> Path:
+def mlp_with_external_data(folder: Path, seed: int = 3) -> Path:
     """A two-layer MLP whose weights live in a side file ``weights.bin`` (external data)."""
-    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array((rng.standard_normal((16, 64)) / 4).astype(np.float32), "w1"),
         numpy_helper.from_array((0.1 * rng.standard_normal(64)).astype(np.float32), "b1"),
@@ -238,7 +239,10 @@ def test_feeds_accept_tensors_typed_arrays_and_refuse_bad_inputs(browser, site, 
     assert "4 values, but dims [1, 5] need 5" in wrong_size
 
 
-# --- every kind of file is verified ----------------------------------------------------------------------
+# --- every kind of file is verified, on both paths -----------------------------------------------------------
+
+# 'sri': fetch(url, {integrity}) checks each file; 'hash': a browser without that, where crypto.subtle does.
+PATHS = {"sri": None, "hash": WITHOUT_FETCH_INTEGRITY}
 
 
 def tampered_copy(bundle: Path, rel: str, name: str) -> Path:
@@ -248,33 +252,53 @@ def tampered_copy(bundle: Path, rel: str, name: str) -> Path:
     return copy
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_each_verification_path_loads_and_says_it_ran(browser, site, bundles, path):
+    bundle = bundles["mlp-onnx"]
+    feeds = inputs_for(bundle)[:1]
+    page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
+    messages = []
+    page.on("console", lambda m: messages.append(m.text))
+    result = run_bundle(page, url_of(site, bundle), feeds)
+    page.close()
+    assert "error" not in result, result.get("error")
+    assert result["verification"] == path and result["warnings"] == []
+    assert_close(result["outputs"], bundle_reference(bundle, feeds))
+    noticed = [m for m in messages if "verified with crypto.subtle" in m]
+    assert len(noticed) == (1 if path == "hash" else 0), messages
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind, rel", [
     ("runtime-js", "ort/ort.wasm.bundle.min.mjs"),
     ("wasm", "ort/ort-wasm-simd-threaded.wasm"),
     ("model", "model/mlp.onnx"),
     ("external-data", "model/mlp.onnx.data"),
 ])
-def test_a_flipped_byte_is_refused(browser, site, bundles, kind, rel):
-    copy = tampered_copy(bundles["mlp-onnx"], rel, kind)
-    page = fresh_page(browser, site[1] + "blank.html")
+def test_a_flipped_byte_is_refused(browser, site, bundles, kind, rel, path):
+    copy = tampered_copy(bundles["mlp-onnx"], rel, f"{kind}-{path}")
+    page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
     result = run_bundle(page, url_of(site, copy), [])
     page.close()
     assert result.get("error"), f"a flipped byte in {rel} was not noticed"
     assert result["file"] == rel
     assert result["error"].startswith(f"{rel}: refused: its content does not match manifest.json")
+    # both paths name the digest the file really has
+    assert hash_file(copy / rel)["integrity"] in result["error"]
 
 
-def test_a_longer_or_shorter_file_is_refused(browser, site, bundles):
+@pytest.mark.parametrize("path", PATHS)
+def test_a_longer_or_shorter_file_is_refused(browser, site, bundles, path):
     rel = "model/mlp.onnx.data"
     size = read_manifest(bundles["mlp-onnx"])["files"][rel]["size"]
     errors = {}
     for kind, change in (("longer", lambda data: data + b"\0"), ("shorter", lambda data: data[:-4])):
-        copy = bundles["mlp-onnx"].with_name(f"mlp-{kind}")
+        copy = bundles["mlp-onnx"].with_name(f"mlp-{kind}-{path}")
         shutil.copytree(bundles["mlp-onnx"], copy, copy_function=os.link)
         data = (copy / rel).read_bytes()
         (copy / rel).unlink()
         (copy / rel).write_bytes(change(data))
-        page = fresh_page(browser, site[1] + "blank.html")
+        page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
         errors[kind] = run_bundle(page, url_of(site, copy), [])["error"]
         page.close()
     assert errors["longer"] == f"{rel}: refused: longer than the {size} bytes manifest.json records"
@@ -282,7 +306,8 @@ def test_a_longer_or_shorter_file_is_refused(browser, site, bundles):
     assert f"{size - 4} bytes" in errors["shorter"]
 
 
-def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles):
+@pytest.mark.parametrize("path", PATHS)
+def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles, path):
     bundle = bundles["mlp-onnx"]
     pinned = hash_file(bundle / "manifest.json")["integrity"]
     text = (bundle / "manifest.json").read_text(encoding="utf-8")
@@ -300,37 +325,38 @@ def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles):
         "syntax": ('"schema"', '#schema"', {}, "manifest.json", "not valid JSON"),
     }
     for case, (old, new, options, file, message) in cases.items():
-        copy = bundle.with_name(f"{bundle.name}-manifest-{case}")
+        copy = bundle.with_name(f"{bundle.name}-manifest-{case}-{path}")
         shutil.copytree(bundle, copy, copy_function=os.link)
         (copy / "manifest.json").unlink()
         assert text.count(old) >= 1
         (copy / "manifest.json").write_text(text.replace(old, new, 1), encoding="utf-8")
-        page = fresh_page(browser, site[1] + "blank.html")
+        page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
         result = run_bundle(page, url_of(site, copy), [], **options)
         page.close()
         assert result.get("error"), f"manifest case {case} was not noticed"
         assert result["file"] == file and message in result["error"], (case, result["error"])
     # and the untouched, pinned manifest loads
-    page = fresh_page(browser, site[1] + "blank.html")
-    assert "error" not in run_bundle(page, url_of(site, bundle), [], manifestIntegrity=pinned)
+    page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
+    loaded = run_bundle(page, url_of(site, bundle), [], manifestIntegrity=pinned)
     page.close()
+    assert "error" not in loaded and loaded["verification"] == path
 
 
-def test_without_crypto_subtle_fetch_integrity_refuses_a_flipped_byte(browser, site, bundles):
-    """Plain-http pages (not localhost) have no crypto.subtle: then fetch(url, {integrity}) does the check."""
+def test_a_plain_http_page_without_crypto_subtle_or_cache_still_verifies(browser, site, bundles):
+    """Plain-http pages (not localhost) have neither crypto.subtle nor the Cache API: fetch(url, {integrity}) checks."""
     good = bundles["mlp-onnx"]
     bad = tampered_copy(good, "model/mlp.onnx.data", "no-subtle")
-    page = browser.new_page()
-    page.add_init_script("Object.defineProperty(globalThis.crypto, 'subtle', { value: undefined });")
-    page.goto(site[1] + "blank.html")
+    page = fresh_page(browser, site[1] + "blank.html",
+                      "Object.defineProperty(globalThis.crypto, 'subtle', { value: undefined });"
+                      "Object.defineProperty(globalThis, 'caches', { value: undefined });")
     refused = run_bundle(page, url_of(site, bad), [])
     loaded = run_bundle(page, url_of(site, good), [])
+    again = run_bundle(page, url_of(site, good), [])
     page.close()
     assert refused["file"] == "model/mlp.onnx.data" and "refused: its content does not match manifest.json" in refused["error"]
-    assert "error" not in loaded
-    # fetch() hands the body over only once verified: progress is 0 then the total
-    data = [p for p in loaded["progress"] if p["file"] == "model/mlp.onnx.data"]
-    assert [p["loaded"] for p in data] == [0, data[0]["total"]]
+    assert "got another digest" in refused["error"]
+    assert "error" not in loaded and loaded["verification"] == "sri"
+    assert set(again["sources"].values()) == {"network"}
 
 
 def test_http_errors_and_unreachable_servers_name_the_file(browser, site, bundles):
@@ -347,27 +373,233 @@ def test_http_errors_and_unreachable_servers_name_the_file(browser, site, bundle
     assert no_server["file"] == "manifest.json" and "cannot fetch http://127.0.0.1:9/bundle/manifest.json" in no_server["error"]
 
 
+# --- the offline cache (Cache API, keyed by content) ---------------------------------------------------------
+
+NEEDED = {"ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm", "model/mlp.onnx", "model/mlp.onnx.data"}
+
+
+def cache_key(origin: str, integrity: str) -> str:
+    """The loader's Cache API key of a file's content."""
+    return f"{origin}.edgepack-cache/{integrity.replace('/', '_').replace('+', '-')}"
+
+
+def cached_keys(page) -> set[str]:
+    return set(page.evaluate("async () => (await (await caches.open('edgepack')).keys()).map((r) => r.url)"))
+
+
+def served(folder: Path, bundle: Path):
+    """``bundle`` copied (hard links) to ``folder/app/`` and ``folder`` served on a port of its own (an origin, so
+    a cache, of its own)."""
+    shutil.copytree(bundle, folder / "app", copy_function=os.link)
+    (folder / "blank.html").write_text("<!doctype html><title>blank</title>", encoding="utf-8")
+    return start_server(folder, require_manifest=False)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, ort_web_tarball, onnx_profile, tmp_path,
+                                                      signed):
+    options = {}
+    bundle = bundles["mlp-onnx"]
+    if signed:
+        from edgepack.signing import generate_key
+
+        generate_key(tmp_path / "release.priv", tmp_path / "release.pub", None)
+        [result] = package_model(models["mlp"], [load_profile(str(onnx_profile))],
+                                 Options(output=tmp_path / "signed", ort_web=ort_web_tarball, sign_key=tmp_path / "release.priv"))
+        assert result.ok, result.error
+        bundle, options = result.bundle, {"publicKey": (tmp_path / "release.pub").read_text()}
+    feeds = inputs_for(bundle)[:1]
+    server = served(tmp_path / "site", bundle)
+    url = server.url
+    page = fresh_page(browser, url + "blank.html")
+    online = run_bundle(page, url + "app/", feeds, **options)
+    page.close()
+    server.shutdown()
+    server.server_close()
+    assert "error" not in online, online.get("error")
+    assert set(online["sources"].values()) == {"network"}
+
+    # The page and edgepack.mjs stand for the site's own offline copy (e.g. its service worker's); everything
+    # else goes to the network, where nothing listens any more.
+    shell = {url + "blank.html": ("text/html", tmp_path / "site/blank.html"),
+             url + "app/edgepack.mjs": ("text/javascript", tmp_path / "site/app/edgepack.mjs")}
+    tried = []
+
+    def route(request_route):
+        request = request_route.request
+        if request.url in shell:
+            kind, path = shell[request.url]
+            request_route.fulfill(body=path.read_bytes(), content_type=kind, headers={
+                "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"})
+        else:
+            tried.append(request.url)
+            request_route.continue_()
+
+    page = browser.new_page()
+    page.route(url + "**", route)
+    page.goto(url + "blank.html")
+    offline = run_bundle(page, url + "app/", feeds, **options)
+    page.close()
+    assert "error" not in offline, offline.get("error")
+    latest = ["manifest.json", "model.sig"] if signed else ["manifest.json"]
+    assert offline["sources"] == {**{rel: "cache" for rel in latest}, **{rel: "cache" for rel in NEEDED}}
+    assert tried == [url + "app/" + rel for rel in latest], "only these are asked of the network (for a newer version)"
+    assert (offline["signedBy"] is not None) == signed and offline["signedBy"] == online["signedBy"]
+    assert_close(offline["outputs"], online["outputs"], atol=0)
+    assert offline["crossOriginIsolated"] is True and offline["threads"] >= 2
+
+
+def test_a_new_bundle_version_replaces_the_changed_files_in_the_cache(browser, models, ort_web_tarball, onnx_profile,
+                                                                      tmp_path):
+    v1 = package(models["mlp"], str(onnx_profile), tmp_path / "v1", ort_web_tarball)
+    v2 = package(mlp_with_external_data(tmp_path / "retrained", seed=4), str(onnx_profile), tmp_path / "v2",
+                 ort_web_tarball)
+    old, new = read_manifest(v1)["files"], read_manifest(v2)["files"]
+    changed = {rel for rel in NEEDED if old[rel]["integrity"] != new[rel]["integrity"]}
+    assert changed == {"model/mlp.onnx", "model/mlp.onnx.data"}
+    feeds = inputs_for(v2)[:1]
+    server = served(tmp_path / "site", v1)
+    try:
+        page = fresh_page(browser, server.url + "blank.html")
+        first = run_bundle(page, server.url + "app/", feeds)
+        before = cached_keys(page)
+        page.close()
+        shutil.rmtree(tmp_path / "site/app")
+        shutil.copytree(v2, tmp_path / "site/app", copy_function=os.link)
+        page = browser.new_page()
+        page.goto(server.url + "blank.html")
+        second = run_bundle(page, server.url + "app/", feeds)
+        after = cached_keys(page)
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "error" not in first and "error" not in second, (first.get("error"), second.get("error"))
+    assert_close(second["outputs"], bundle_reference(v2, feeds))
+    assert second["sources"] == {"manifest.json": "network", **{rel: "network" if rel in changed else "cache" for rel in NEEDED}}
+    for rel in NEEDED:
+        assert cache_key(server.url, old[rel]["integrity"]) in before
+        assert cache_key(server.url, new[rel]["integrity"]) in after
+    assert not {cache_key(server.url, old[rel]["integrity"]) for rel in changed} & after, "the old version's files stay cached"
+
+
+DAMAGE = """async ({ key, how }) => {
+  const cache = await caches.open('edgepack');
+  let bytes = new Uint8Array(await (await cache.match(key)).arrayBuffer());
+  if (how === 'flip') bytes[bytes.length >> 1] ^= 1;
+  if (how === 'truncate') bytes = bytes.slice(0, -1);
+  const type = how === 'mime' ? 'application/octet-stream' : 'application/wasm';
+  await cache.put(key, new Response(bytes, { headers: { 'Content-Type': type } }));
+}"""
+
+
+def test_a_damaged_cache_entry_is_detected_and_replaced_and_clear_cache_empties_it(browser, site, bundles):
+    bundle = bundles["mlp-onnx"]
+    feeds = inputs_for(bundle)[:1]
+    url = url_of(site, bundle)
+    files = read_manifest(bundle)["files"]
+    page = fresh_page(browser, site[1] + "blank.html")
+    first = run_bundle(page, url, feeds)
+    page.close()
+
+    def visit(damage=None):
+        page = browser.new_page()
+        page.goto(site[1] + "blank.html")
+        messages = []
+        page.on("console", lambda m: messages.append(m.text))
+        page.evaluate("""async (url) => {
+          window.damaged = [];
+          (await import(url + 'edgepack.mjs')).events.addEventListener('cache-damaged', (e) => window.damaged.push(e.detail.file));
+        }""", url)
+        if damage:
+            rel, how = damage
+            page.evaluate(DAMAGE, {"key": cache_key(site[1], files[rel]["integrity"]), "how": how})
+        result = run_bundle(page, url, feeds)  # it waits for model.cached, which includes the check after the load
+        result["damaged"] = page.evaluate("window.damaged")
+        page.close()
+        assert "error" not in result, result.get("error")
+        return result, messages
+
+    # as a disk error or another script of the site could: a cached copy one byte short is seen before use
+    short, messages = visit(("ort/ort-wasm-simd-threaded.wasm", "truncate"))
+    assert short["sources"]["ort/ort-wasm-simd-threaded.wasm"] == "network" and short["sources"]["model/mlp.onnx"] == "cache"
+    assert short["damaged"] == ["ort/ort-wasm-simd-threaded.wasm"]
+    assert any("ort/ort-wasm-simd-threaded.wasm: its cached copy no longer matches" in m for m in messages), messages
+    assert_close(short["outputs"], first["outputs"], atol=0)
+    # one bit flipped, same size: found by hashing it again after the load, said, deleted and fetched again
+    flipped, messages = visit(("model/mlp.onnx.data", "flip"))
+    assert flipped["sources"]["model/mlp.onnx.data"] == "cache"
+    assert flipped["damaged"] == ["model/mlp.onnx.data"]
+    assert any("model/mlp.onnx.data: its cached copy no longer matches" in m for m in messages), messages
+    # a cached WebAssembly that cannot be compiled as it streams (here: stored without its MIME type) comes
+    # from the network instead
+    mime, messages = visit(("ort/ort-wasm-simd-threaded.wasm", "mime"))
+    assert mime["sources"]["ort/ort-wasm-simd-threaded.wasm"] == "network" and mime["damaged"] == []
+    assert_close(mime["outputs"], first["outputs"], atol=0)
+    # replaced: the next visit takes every file from the cache again, and computes what the first did
+    again, messages = visit()
+    assert {rel for rel, source in again["sources"].items() if source == "cache"} == NEEDED and again["damaged"] == []
+    assert_close(again["outputs"], first["outputs"], atol=0)
+
+    page = browser.new_page()
+    page.goto(site[1] + "blank.html")
+    cleared = page.evaluate(f"async () => (await import('{url}edgepack.mjs')).clearCache()")
+    exists = page.evaluate("caches.has('edgepack')")
+    after_clear = run_bundle(page, url, feeds)
+    page.close()
+    assert cleared is True and exists is False
+    assert set(after_clear["sources"].values()) == {"network"}
+
+
 # --- progress, threads, file:// and the demo page ----------------------------------------------------------
 
 
 def test_progress_reports_every_file_up_to_its_size(browser, site, bundles):
     bundle = bundles["mlp-onnx"]
-    page = fresh_page(browser, site[1] + "blank.html")
-    result = run_bundle(page, url_of(site, bundle), [])
-    page.close()
     files = read_manifest(bundle)["files"]
-    needed = {"ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm", "model/mlp.onnx", "model/mlp.onnx.data"}
-    seen = {}
-    for p in result["progress"]:
-        assert p["total"] == files[p["file"]]["size"] and 0 <= p["loaded"] <= p["total"]
-        assert p["loaded"] >= seen.get(p["file"], 0)
-        seen[p["file"]] = p["loaded"]
-    assert seen == {rel: files[rel]["size"] for rel in needed}
-    wasm_steps = [p["loaded"] for p in result["progress"] if p["file"] == "ort/ort-wasm-simd-threaded.wasm"]
-    assert len(wasm_steps) > 2, "the 14 MB WebAssembly file should stream in several chunks"
+    runs = {}
+    for visit, path in (("sri", "sri"), ("hash", "hash"), ("cached", "sri")):
+        page = fresh_page(browser, site[1] + "blank.html", PATHS[path]) if visit != "cached" else browser.new_page()
+        if visit == "cached":
+            page.goto(site[1] + "blank.html")
+        runs[visit] = run_bundle(page, url_of(site, bundle), [])["progress"]
+        page.close()
+    for visit, progress in runs.items():
+        seen = {}
+        for p in progress:
+            assert p["total"] == files[p["file"]]["size"] and 0 <= p["loaded"] <= p["total"]
+            assert p["loaded"] >= seen.get(p["file"], 0)
+            assert p["source"] == ("cache" if visit == "cached" else "network")
+            seen[p["file"]] = p["loaded"]
+        assert seen == {rel: files[rel]["size"] for rel in NEEDED}, visit
+    steps = {visit: [p["loaded"] for p in progress if p["file"] == "ort/ort-wasm-simd-threaded.wasm"] for visit, progress in runs.items()}
+    # the browser hands over a fetch(url, {integrity}) body only once verified; hashed here, it streams in chunks
+    assert steps["sri"] == [0, files["ort/ort-wasm-simd-threaded.wasm"]["size"]]
+    assert len(steps["hash"]) > 2, "the 14 MB WebAssembly file should stream in several chunks"
+    assert steps["cached"] == [files["ort/ort-wasm-simd-threaded.wasm"]["size"]]
 
 
-def test_not_isolated_page_runs_one_thread_and_says_so(browser, bundles, tmp_path):
+@pytest.fixture(scope="module")
+def three_thread_bundle(site, models, ort_web_tarball, tmp_path_factory) -> Path:
+    text = Path(load_profile("browser-wasm").source).read_text(encoding="utf-8")
+    assert "intra_op_num_threads: 0" in text
+    path = tmp_path_factory.mktemp("profiles") / "browser-wasm-3-threads.yaml"
+    path.write_text(text.replace("name: browser-wasm", "name: browser-wasm-3-threads")
+                    .replace("intra_op_num_threads: 0", "intra_op_num_threads: 3"), encoding="utf-8")
+    return package(models["cnn"], str(path), site[0], ort_web_tarball)
+
+
+def test_an_isolated_page_runs_the_profiles_thread_count(browser, site, three_thread_bundle):
+    feeds = inputs_for(three_thread_bundle)[:1]
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, three_thread_bundle), feeds)
+    page.close()
+    assert "error" not in result, result.get("error")
+    assert result["crossOriginIsolated"] is True and result["threads"] == 3
+    assert_close(result["outputs"], bundle_reference(three_thread_bundle, feeds))
+
+
+def test_not_isolated_page_runs_one_thread_and_says_so_once(browser, bundles, tmp_path):
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
     import threading
@@ -385,16 +617,23 @@ def test_not_isolated_page_runs_one_thread_and_says_so(browser, bundles, tmp_pat
         page = fresh_page(browser, url + "README.md")
         messages = []
         page.on("console", lambda m: messages.append(m.text))
+        page.evaluate("""async (url) => {
+          window.notices = [];
+          (await import(url + 'edgepack.mjs')).events.addEventListener('not-isolated', (e) => window.notices.push(e.detail));
+        }""", url)
         feeds = inputs_for(bundles["cnn"])[:1]
-        result = run_bundle(page, url, feeds)
+        results = [run_bundle(page, url, feeds) for _ in range(2)]
+        notices = page.evaluate("window.notices")
         page.close()
     finally:
         server.shutdown()
         server.server_close()
-    assert "error" not in result, result.get("error")
-    assert result["crossOriginIsolated"] is False and result["threads"] == 1
-    assert any("not crossOriginIsolated" in w for w in result["warnings"])
-    assert any("not crossOriginIsolated" in m for m in messages)
+    for result in results:
+        assert "error" not in result, result.get("error")
+        assert result["crossOriginIsolated"] is False and result["threads"] == 1
+        assert any("not crossOriginIsolated" in w for w in result["warnings"])
+    assert len([m for m in messages if "not crossOriginIsolated" in m]) == 1, messages
+    assert len(notices) == 1 and notices[0]["threads"] == 1 and "Cross-Origin-Embedder-Policy" in notices[0]["message"]
 
 
 def test_file_url_gives_a_clear_error(browser, bundles):

@@ -43,7 +43,8 @@ def test_cli_packages_a_web_bundle_offline_from_a_local_tarball(tarball, tmp_pat
     assert report["ort_web"]["origin"] == f"local tarball {tarball}"
     assert manifest["profile"]["web"]["entry"] == "ort.wasm.bundle.min.mjs"
     readme = (bundle / "README.md").read_text(encoding="utf-8")
-    for expected in ["import { load } from './cnn-browser-wasm/edgepack.mjs'",
+    for expected in ["import { load, clearCache, events } from './cnn-browser-wasm/edgepack.mjs'", "clearCache()",
+                     "## Offline cache", "not-isolated",
                      '"image": { data: new Float32Array(3072), dims: [1, 3, 32, 32] }',
                      "Cross-Origin-Embedder-Policy: require-corp", "nginx", "Apache", "Caddy", "_headers",
                      "ThreadingHTTPServer", "application/wasm", "manifestIntegrity"]:

@@ -6,7 +6,8 @@ Rules:
 2. It runs on the user's ``--sample-inputs`` or on generated inputs; the reference model runs on the same.
    The reference runs first and is released before the bundle is loaded, so a large model is never
    held twice in memory at once.
-3. Max abs error and cosine similarity go into the manifest; missing the profile's tolerance is an error.
+3. Max abs error and cosine similarity go into the manifest, with a histogram of each output's errors;
+   missing the profile's tolerance is an error.
 4. A quantized (INT8 or FP16) bundle is held to ``quantization.tolerance`` instead of ``accuracy`` (meant
    for FP32), runs on the inputs the quantization gate used, and its size after ORT conversion is
    compared with the quantized .onnx: weights re-inflated by the conversion are reported.
@@ -18,7 +19,7 @@ import os
 
 import onnx
 
-from ..accuracy import check, compare
+from ..accuracy import check, compare, error_histograms
 from ..calibration import load_samples
 from ..errors import AccuracyError, ConversionError, first_line
 from ..job import Artifact, Job
@@ -78,6 +79,8 @@ def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         detail = first_line(exc)
         raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
     figures = compare(expected, got)
+    for name, histogram in error_histograms(expected, got).items():
+        figures["outputs"][name]["abs_error_histogram"] = histogram
     if quantized:
         return artifact, _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
     tolerance = job.profile.accuracy
