@@ -32,11 +32,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from in_browser import chromium  # noqa: E402
 
-from edgepack import ortweb  # noqa: E402
+from edgepack.bundle import ortweb  # noqa: E402
+from edgepack.bundle.manifest import read_manifest  # noqa: E402
 from edgepack.examples import write_example  # noqa: E402
-from edgepack.job import Options  # noqa: E402
-from edgepack.manifest import read_manifest  # noqa: E402
-from edgepack.pipeline import package_model  # noqa: E402
+from edgepack.pipeline.job import Options  # noqa: E402
+from edgepack.pipeline.run import package_model  # noqa: E402
 from edgepack.profiles import load_profile  # noqa: E402
 from edgepack.serve import start_server  # noqa: E402
 

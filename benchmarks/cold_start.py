@@ -77,10 +77,10 @@ def timed(command: list[str], env: dict) -> tuple[float, float]:
 
 
 def package_cnn(folder: Path) -> Path:
+    from edgepack.bundle.freeze import host_arch
     from edgepack.examples import write_example
-    from edgepack.freeze import host_arch
-    from edgepack.job import Options
-    from edgepack.pipeline import package_model
+    from edgepack.pipeline.job import Options
+    from edgepack.pipeline.run import package_model
     from edgepack.profiles import builtin_profile_names, load_profile
 
     profile = next(p for p in map(load_profile, builtin_profile_names())

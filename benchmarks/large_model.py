@@ -106,7 +106,7 @@ PROBES = {
     "onnxruntime session (path, prepacking off)": "import onnxruntime as ort; o = ort.SessionOptions(); "
     "o.add_session_config_entry('session.disable_prepacking', '1'); "
     "s = ort.InferenceSession(MODEL, o, providers=['CPUExecutionProvider'])",
-    "edgepack.manifest.hash_file (side file)": "from edgepack.manifest import hash_file; hash_file(MODEL + '.data')",
+    "edgepack.bundle.manifest.hash_file (side file)": "from edgepack.bundle.manifest import hash_file; hash_file(MODEL + '.data')",
 }
 
 
@@ -179,7 +179,7 @@ def main() -> int:
             for name in PROBES:
                 rows.append((name, run_probe(name, model, scratch)))
 
-        print(f"\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
+        print("\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
         for name, r in rows:
             print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
         return 0 if packaged["exit"] == 0 else 1

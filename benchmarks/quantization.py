@@ -2,7 +2,7 @@
 
 Two models built in torch with seeded random weights: a ResNet-18-like CNN at 1x3x224x224 and a small
 transformer encoder (4 layers, hidden 256, 4 heads) at sequence 128. Each recipe is applied by
-edgepack's own code (``edgepack.quantization``), static ones calibrated on 32 inputs drawn like the
+edgepack's own code (``edgepack.recipes``), static ones calibrated on 32 inputs drawn like the
 test inputs. There is no real data set here, so the CNN is made to behave like a trained classifier on
 a synthetic one: images are one of CLASSES random prototype images plus noise, batch norms carry
 statistics measured on such images (plus a random affine part), and the classifier head is fitted to
@@ -37,8 +37,10 @@ import torch
 from torch import nn
 
 from edgepack.accuracy import compare
-from edgepack.profiles import DynamicRecipe, Fp16Recipe, StaticRecipe
-from edgepack.quantization import model_bytes, quantize_model
+from edgepack.recipes.dynamic import DynamicSettings
+from edgepack.recipes.fp16 import Fp16Settings
+from edgepack.recipes.quantize import model_bytes, quantize_model
+from edgepack.recipes.static import StaticSettings
 
 ALL_OPS = ["Conv", "MatMul", "Attention", "LSTM", "Gather"]
 
@@ -52,14 +54,14 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("dynamic S8, MatMul/Gather only", "dynamic", DynamicRecipe(), "fallback: rpi, linux-x64"),
-    Variant("dynamic U8 incl. Conv", "dynamic", DynamicRecipe(weight_type="uint8", op_types=ALL_OPS), "fallback: browser-wasm"),
-    Variant("dynamic S8 incl. Conv", "dynamic", DynamicRecipe(weight_type="int8", op_types=ALL_OPS), "(not used)"),
-    Variant("static QDQ U8S8 per-channel", "static", StaticRecipe(), "rpi, linux-x64, nnapi"),
+    Variant("dynamic S8, MatMul/Gather only", "dynamic", DynamicSettings(), "fallback: rpi, linux-x64"),
+    Variant("dynamic U8 incl. Conv", "dynamic", DynamicSettings(weight_type="uint8", op_types=ALL_OPS), "fallback: browser-wasm"),
+    Variant("dynamic S8 incl. Conv", "dynamic", DynamicSettings(weight_type="int8", op_types=ALL_OPS), "(not used)"),
+    Variant("static QDQ U8S8 per-channel", "static", StaticSettings(), "rpi, linux-x64, nnapi"),
     Variant("static QDQ S8S8 symmetric", "static",
-            StaticRecipe(activation_type="int8", weight_type="int8", symmetric_activations=True), "jetson --quantize static"),
-    Variant("static QDQ U8U8 per-channel", "static", StaticRecipe(weight_type="uint8"), "browser-wasm"),
-    Variant("fp16 (float32 I/O)", "fp16", Fp16Recipe(), "ios, jetson, webgpu"),
+            StaticSettings(activation_type="int8", weight_type="int8", symmetric_activations=True), "jetson --quantize static"),
+    Variant("static QDQ U8U8 per-channel", "static", StaticSettings(weight_type="uint8"), "browser-wasm"),
+    Variant("fp16 (float32 I/O)", "fp16", Fp16Settings(), "ios, jetson, webgpu"),
 ]
 
 

@@ -45,7 +45,6 @@ def best_of(repeats: int, action) -> float:
 
 
 def grown(bundle: Path, folder: Path, megabytes: int) -> tuple[Path, dict]:
-    from edgepack.manifest import write_manifest
 
     copy = Path(shutil.copytree(bundle, folder / f"{megabytes}MB" / bundle.name))
     (copy / "model.sig").unlink(missing_ok=True)
@@ -69,9 +68,9 @@ def main() -> None:
 
     from model_signing import signing as upstream_signing
 
-    from edgepack.manifest import verify_bundle, write_manifest
+    from edgepack.bundle.manifest import verify_bundle, write_manifest
+    from edgepack.bundle.signing import generate_key, load_private_key, sign_bundle
     from edgepack.runtime_shim import edgepack_shim as shim
-    from edgepack.signing import generate_key, load_private_key, sign_bundle
 
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="edgepack-signing-") as scratch:

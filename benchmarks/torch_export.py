@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgepack.torch_export import _quiet
-from edgepack.torch_verify import check_export
+from edgepack.torch.export import _quiet
+from edgepack.torch.verify import check_export
 
 
 class CNN(nn.Module):

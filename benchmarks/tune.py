@@ -37,8 +37,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantization import build  # noqa: E402  (the same seeded models as the quantization benchmark)
 
-from edgepack.job import Options  # noqa: E402
-from edgepack.pipeline import package_model  # noqa: E402
+from edgepack.pipeline.job import Options  # noqa: E402
+from edgepack.pipeline.run import package_model  # noqa: E402
 from edgepack.profiles import load_profile  # noqa: E402
 from edgepack.runtime_shim import edgepack_shim  # noqa: E402
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import UsageError
-from .job import Options
+from .pipeline.job import Options
+from .pipeline.result import Result
 from .profiles import Profile, resolve_targets
-from .results import Result
 
 __all__ = ["package", "package_source", "is_torch_input"]
 
@@ -76,7 +77,7 @@ def _package_source(model: Any, profiles: list[Profile], options: Options, *, na
                     dynamic: Any, progress: Callable[[str], None]) -> list[Result]:
     if is_torch_input(model):
         _require_torch()
-        from .torch_package import package_torch
+        from .torch.package import package_torch
 
         return package_torch(model, profiles, options, name=name, example_inputs_given=example_inputs,
                              dynamic=dynamic, progress=progress)
@@ -88,7 +89,7 @@ def _package_source(model: Any, profiles: list[Profile], options: Options, *, na
         raise UsageError(f"a {path.suffix} file holds weights or a pickled module, which edgepack does not load",
                          where=str(path),
                          hint="point at the code instead (pkg.module:factory), or save a .pt2 with torch.export.save")
-    from .pipeline import package_model  # here: onnx and onnxruntime load only when a bundle is built
+    from .pipeline.run import package_model  # here: onnx and onnxruntime load only when a bundle is built
 
     return package_model(path, profiles, options, name=name, progress=progress)
 

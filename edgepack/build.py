@@ -170,7 +170,7 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *, progress: Ca
     """Package every pair; (model name, Result) for each, in pair order (rule 3)."""
     from .api import is_torch_input, package_source
     from .executors import ModelWork, package_models
-    from .results import Result, bundle_path, refuse_existing_output
+    from .pipeline.result import Result, bundle_path, refuse_existing_output
 
     base = Path(build.source).parent
     output = base_options.output

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 from .errors import UsageError
 from .fileops import atomic_folder
-from .manifest import read_manifest, verify_bundle
+from .bundle.manifest import read_manifest, verify_bundle
 
 __all__ = ["BundleCache", "bundle_key", "CacheInfo"]
 
@@ -92,7 +92,7 @@ def model_digests(model: Path, locations: list[str] | None = None) -> dict[str, 
 def external_data_files(model: Path) -> list[str]:
     import onnx
 
-    from .modelinfo import external_locations
+    from .onnxio.modelinfo import external_locations
 
     proto = onnx.load_model(model, load_external_data=False)
     return sorted({location for _, location, _, _ in external_locations(proto)})
@@ -298,7 +298,7 @@ def _problem(bundle: Path, public_key) -> str | None:
         if not result.ok:
             return f"{len(result.missing)} missing, {len(result.extra)} extra, {len(result.changed)} changed file(s)"
         if public_key is not None:
-            from .signing import verify_signature
+            from .bundle.signing import verify_signature
 
             verify_signature(bundle, public_key)
     except VerificationError as exc:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import UsageError
 from .samples import generate_inputs
 
+if TYPE_CHECKING:
+    from .pipeline.job import Options
+
 __all__ = ["Samples", "load_samples", "random_samples", "generated_validation", "split_for_validation",
-           "RANDOM", "RANDOM_COUNT", "VALIDATION_COUNT"]
+           "calibration_samples", "validation_samples", "RANDOM", "RANDOM_COUNT", "VALIDATION_COUNT"]
 
 RANDOM = "random"
 RANDOM_COUNT = 32
@@ -99,6 +102,27 @@ def split_for_validation(samples: Samples) -> tuple[Samples, Samples]:
     held = max(1, n // 5)
     return (Samples(samples.feeds[:-held], samples.origin),
             Samples(samples.feeds[-held:], f"{samples.origin} (last {held} of {n} samples held out)"))
+
+
+def calibration_samples(options: Options, inputs: list[dict[str, Any]]) -> Samples | None:
+    """What static quantization calibrates on: ``--calibration`` less the last fifth, held out for validation
+    when no ``--validation`` is given (random calibration keeps all: validation is generated apart)."""
+    if not options.calibration:
+        return None
+    samples = load_samples(options.calibration, inputs)
+    if samples.origin != RANDOM and not options.validation:
+        samples = split_for_validation(samples)[0]
+    return samples
+
+
+def validation_samples(options: Options, inputs: list[dict[str, Any]]) -> Samples:
+    """The inputs the quantization gate uses, for the self-test to run the bundle on the same ones:
+    ``--validation``, else the fifth of ``--calibration`` held out, else generated inputs."""
+    if options.validation:
+        return load_samples(options.validation, inputs, what="validation")
+    if options.calibration and options.calibration != RANDOM:
+        return split_for_validation(load_samples(options.calibration, inputs))[1]
+    return generated_validation(inputs)
 
 
 def _read(path: Path, what: str):

@@ -14,6 +14,7 @@ from . import __version__
 from . import progress as steps
 from .build import add_execution_flags
 from .errors import EdgepackError, UsageError
+from .recipes import RECIPES
 
 EPILOG = """\
 examples:
@@ -102,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--force", action="store_true", help="replace existing bundles")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--quantize", choices=["none", "dynamic", "static", "fp16"],
+    package.add_argument("--quantize", choices=list(RECIPES),
                          help="quantization recipe (default: the profile's)")
     package.add_argument("--calibration", metavar="PATH|random",
                          help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
@@ -247,35 +248,28 @@ def _cmd_targets(args) -> int:
 
 
 def _cmd_package(args) -> int:
-    import dataclasses
-
     from .api import package_source
     from .build import execution_from_args
-    from .job import Options
+    from .flags import parse_fixed_dims, parse_input_shapes
+    from .pipeline.job import Options
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
         raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
     profiles = resolve_targets(args.target)
-    if args.onefile and not args.freeze:
-        raise UsageError("--onefile only applies with --freeze")
     options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
                       freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
                       calibration=args.calibration, calibration_method=args.calibration_method,
                       validation=args.validation, auto_exclude=args.auto_exclude,
-                      tune=args.tune, sign_key=args.sign_key, sign_passphrase_env=args.sign_passphrase_env,
-                      pin_key=args.pin_key, execution=execution_from_args(args))
-    if args.sign_passphrase_env and not args.sign_key:
-        raise UsageError("--sign-passphrase-env only applies with --sign-key")
+                      tune=args.tune, tune_budget=args.tune_budget, input_shapes=parse_input_shapes(args.input_shape),
+                      fixed_dims=parse_fixed_dims(args.fix_dim), min_accelerated_fraction=args.min_accelerated_fraction,
+                      max_partitions=args.max_partitions, sign_key=args.sign_key,
+                      sign_passphrase_env=args.sign_passphrase_env, pin_key=args.pin_key,
+                      execution=execution_from_args(args))
     if args.pin_key:
-        from .signing import load_public_key
+        from .bundle.signing import load_public_key
 
         load_public_key(args.pin_key)  # before any work: a wrong file (a private key!) is refused at once
-    if args.tune_budget is not None:
-        if not args.tune or not args.tune_budget > 0:
-            raise UsageError(f"--tune-budget {args.tune_budget:g}: expected a number of seconds above 0, with --tune")
-        options = dataclasses.replace(options, tune_budget=args.tune_budget)
-    options = _with_coverage_options(options, args)
     progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch, \
             steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
@@ -305,15 +299,15 @@ def _cmd_package(args) -> int:
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
     for r in results:
-        if not r.ok and not args.json:
-            _error(f"[{r.target}] {r.error}")
-    failed = [r for r in results if not r.ok]
-    return failed[0].error.exit_code if failed else 0
+        if r.error and not args.json:
+            _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
+    failed = [r.error for r in results if r.error]
+    return failed[0].exit_code if failed else 0
 
 
 def _cmd_build(args) -> int:
     from .build import execution_from_args, load_build_file, parse_shard, run_build, select_pairs
-    from .job import Options
+    from .pipeline.job import Options
 
     if args.sign_passphrase_env and not args.sign_key:
         raise UsageError("--sign-passphrase-env only applies with --sign-key")
@@ -345,8 +339,8 @@ def _cmd_build(args) -> int:
             else:
                 print(f"FAILED  {name:<16} {r.target:<16} (see the error below)")
         for name, r in done:
-            if not r.ok:
-                _error(f"[{name} {r.target}] {r.error}")
+            if r.error:
+                _error(f"[{name} {r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
         if not done:
             print("no (model, target) pairs selected")
     return failed[0].error.exit_code if failed else 0
@@ -375,20 +369,6 @@ def _cmd_cache(args) -> int:
     return 0
 
 
-def _with_coverage_options(options, args):
-    import dataclasses
-
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
-
-    if args.min_accelerated_fraction is not None and not 0.0 <= args.min_accelerated_fraction <= 1.0:
-        raise UsageError(f"--min-accelerated-fraction {args.min_accelerated_fraction}: expected a share between 0 and 1")
-    if args.max_partitions is not None and args.max_partitions < 0:
-        raise UsageError(f"--max-partitions {args.max_partitions}: expected 0 or more")
-    return dataclasses.replace(options, input_shapes=parse_input_shapes(args.input_shape),
-                               fixed_dims=parse_fixed_dims(args.fix_dim),
-                               min_accelerated_fraction=args.min_accelerated_fraction, max_partitions=args.max_partitions)
-
-
 def _with_example_shapes(options, example: str):
     """The example's documented input shapes for fixed-shape targets, unless the user gave some."""
     import dataclasses
@@ -400,8 +380,8 @@ def _with_example_shapes(options, example: str):
 
 
 def _cmd_verify(args) -> int:
-    from .manifest import verify_bundle
-    from .signing import load_public_key, verify_signature
+    from .bundle.manifest import verify_bundle
+    from .bundle.signing import load_public_key, verify_signature
 
     signed_by = verify_signature(args.bundle, load_public_key(args.public_key)) if args.public_key else None
     with steps.shown(steps.mode_for(sys.stderr, quiet=args.json)):
@@ -424,7 +404,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_keygen(args) -> int:
-    from .signing import generate_key
+    from .bundle.signing import generate_key
 
     passphrase = None
     if args.passphrase_env:
@@ -445,7 +425,7 @@ def _cmd_keygen(args) -> int:
 
 
 def _cmd_sign(args) -> int:
-    from .signing import load_private_key, sign_bundle
+    from .bundle.signing import load_private_key, sign_bundle
 
     signed = sign_bundle(args.bundle, load_private_key(args.key, args.passphrase_env))
     if args.json:
@@ -457,8 +437,8 @@ def _cmd_sign(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    from .onnxio.modelinfo import format_shape, summarize
     from .stages.load import parse_model
-    from .modelinfo import format_shape, summarize
 
     info = summarize(parse_model(args.model), args.model)
     if args.target:
@@ -484,8 +464,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _inspect_coverage(args) -> dict[str, Any]:
+    from .flags import parse_fixed_dims, parse_input_shapes
     from .inspect_coverage import coverage_for_target
-    from .stages.fix_shapes import parse_fixed_dims, parse_input_shapes
 
     return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
 

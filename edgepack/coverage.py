@@ -6,7 +6,7 @@ Rules:
 2. ``nnapi`` and ``coreml`` use onnxruntime's own checker (``onnxruntime.tools.mobile_helpers``): its
    supported-operator tables, its dynamic-shape rule (a node with a dynamic input stays on the CPU) and
    its partition count. CoreML is checked for the profile's ``coverage.coreml_format``.
-3. ``tensorrt`` and ``webgpu`` check each node's operator against a list kept in ``edgepack/data``
+3. ``tensorrt``, ``webgpu`` and ``xnnpack`` check each node's operator against a list kept in ``edgepack/data``
    (named by the profile's ``coverage.op_list``, with its source and version in its header). Their
    partition count is an estimate: the connected components of supported nodes.
 4. The report gives the share of nodes on the accelerator, the partitions, the unsupported operator
@@ -31,7 +31,7 @@ from typing import Any
 import onnx
 
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
-from .modelinfo import iter_graphs, iter_nodes
+from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import Coverage
 
@@ -50,7 +50,7 @@ class CoverageError(EdgepackError):
 @dataclass
 class CoverageReport:
     checker: str
-    """nnapi, coreml-mlprogram, coreml-neuralnetwork, tensorrt or webgpu."""
+    """nnapi, coreml-mlprogram, coreml-neuralnetwork, tensorrt, webgpu or xnnpack."""
     nodes: int
     supported_nodes: int
     partitions: int

@@ -29,6 +29,8 @@ class EdgepackError(Exception):
         super().__init__(message)
         self.message = message
         self.where = where
+        self.stage: str | None = None
+        """The pipeline stage that raised it, set by the pipeline."""
         self.hint = hint
 
     def __str__(self) -> str:

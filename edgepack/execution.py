@@ -34,7 +34,7 @@ def default_cache_dir() -> Path | None:
     if os.environ.get("EDGEPACK_BUNDLE_CACHE"):
         value = os.environ["EDGEPACK_BUNDLE_CACHE"]
         return None if value == "off" else Path(value)
-    from .ortweb import cache_dir
+    from .bundle.ortweb import cache_dir
 
     return cache_dir().parent / "bundles"
 

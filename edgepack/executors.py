@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 from .errors import EdgepackError, UsageError
 from .execution import Execution
 from .fileops import atomic_folder
-from .job import Options, Source
+from .pipeline.job import Options, Source
 from .profiles import Profile
 from .progress import about
-from .results import Result
+from .pipeline.result import Result
 
 __all__ = ["ModelWork", "package_models"]
 
@@ -129,7 +129,7 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
     for index, work in enumerate(works):
         done = [results[index, p.name] for p in work.profiles]
         if work.options.freeze:
-            from .freeze import freeze_result
+            from .bundle.freeze import freeze_result
 
             done = [freeze_result(r, p, onefile=work.options.onefile, force=work.options.force, progress=progress)
                     for r, p in zip(done, work.profiles)]
@@ -151,7 +151,7 @@ def _signer(options: Options) -> _Signer | None:
         return None
     from cryptography.hazmat.primitives import serialization
 
-    from .signing import fingerprint, load_private_key
+    from .bundle.signing import fingerprint, load_private_key
 
     key = load_private_key(options.sign_key, options.sign_passphrase_env)
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
@@ -192,7 +192,7 @@ class InlineExecutor:
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
         for tag, source, profile, options, workdir, destination, signer in self._pending:
-            from .pipeline import _package_one  # not before: a build whose bundles all come from the cache needs none of it
+            from .pipeline.run import _package_one  # not before: a build whose bundles all come from the cache needs none of it
 
             with about(profile.name):
                 result = _package_one(source, profile, options, workdir, destination, progress,
@@ -205,7 +205,7 @@ class ProcessExecutor:
 
     def __init__(self, jobs: int):
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["edgepack.pipeline"])
+        context.set_forkserver_preload(["edgepack.pipeline.run"])
         self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
         self._futures: dict[Any, Any] = {}
 
@@ -236,7 +236,7 @@ class ProcessExecutor:
 def _work(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
           key_der: bytes | None) -> tuple[Result, list[str]]:
     """Worker-process entry: one pair, its progress lines returned with its result."""
-    from .pipeline import _package_one
+    from .pipeline.run import _package_one
 
     lines: list[str] = []
     result = _package_one(source, profile, options, workdir, destination, lines.append,

@@ -28,7 +28,7 @@ def coverage_for_target(model: Path, target: str, input_shapes: dict[str, tuple[
         result["lines"] = ["no accelerator to check (coverage.checker: none): the target runs on the CPU"]
         return result
     before = measure(model, settings)
-    after, shapes, assumed = before, None, []
+    after, shapes, assumed = before, None, list[str]()
     if profile.shapes.fixed:
         proto = onnx.load_model(model, load_external_data=False)
         shapes, assumed = plan_shapes(proto, input_shapes, fixed_dims, profile.shapes.defaults, where=str(model))

@@ -20,7 +20,9 @@ from typing import Any, Literal
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+from .backends import BACKENDS, backend_of, checkers
 from .errors import ProfileError, UsageError
+from .recipes import RECIPES, variants
 
 __all__ = [
     "Profile",
@@ -73,44 +75,6 @@ class OrtFormat:
 
 
 @dataclass(frozen=True)
-class StaticRecipe:
-    """Static INT8 in QDQ format, calibrated on data (onnxruntime.quantization.quantize_static)."""
-
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    weight_type: Literal["uint8", "int8"] = "int8"
-    per_channel: bool = True
-    symmetric_activations: bool = False
-    """TensorRT needs symmetric QDQ (zero point 0) for activations and weights."""
-    symmetric_weights: bool = True
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    """distribution is left out: onnxruntime meant it for FP8, it gives poor INT8 ranges (measured: cosine 0.71)."""
-    op_types: list[str] = field(default_factory=list)
-    """Op types to quantize; empty: every type onnxruntime can quantize."""
-    exclude_op_types: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class DynamicRecipe:
-    """Weights INT8 ahead of time, activations quantized at run time (quantize_dynamic); no calibration."""
-
-    weight_type: Literal["uint8", "int8"] = "int8"
-    """int8: MatMulInteger S8 was faster than U8 on the encoder (benchmarks/quantization.py)."""
-    per_channel: bool = False
-    op_types: list[str] = field(default_factory=lambda: ["MatMul", "Attention", "LSTM", "Gather"])
-    """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5-8x with int8 weights
-    (benchmarks/quantization.py)."""
-    exclude_op_types: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Fp16Recipe:
-    """Weights and compute in FP16, float32 inputs and outputs kept (onnxconverter-common)."""
-
-    exclude_op_types: list[str] = field(default_factory=list)
-    """Op types kept in FP32 (a Cast is put around them)."""
-
-
-@dataclass(frozen=True)
 class QuantizedAccuracy:
     """How close a quantized (or FP16) model must stay to the FP32 source, on validation inputs."""
 
@@ -121,23 +85,31 @@ class QuantizedAccuracy:
     """None: not gated (INT8 abs errors scale with the output's range); reported anyway."""
 
 
+def _recipe_settings() -> dict[str, Any]:
+    return {name: r.settings() for name, r in RECIPES.items() if r.settings}
+
+
 @dataclass(frozen=True)
 class Quantization:
-    default: Literal["none", "dynamic", "static", "fp16"] = "none"
-    without_calibration: Literal["refuse", "none", "dynamic", "fp16"] = "refuse"
-    """What a ``static`` default becomes when no calibration data is given (reported in the manifest);
-    ``refuse`` stops with an error. An explicit ``--quantize static`` always needs calibration data."""
-    static: StaticRecipe = field(default_factory=StaticRecipe)
-    dynamic: DynamicRecipe = field(default_factory=DynamicRecipe)
-    fp16: Fp16Recipe = field(default_factory=Fp16Recipe)
+    default: str = "none"
+    """A recipe's name (edgepack/recipes)."""
+    without_calibration: str = "refuse"
+    """What a default that needs calibration (``static``) becomes when no calibration data is given (reported
+    in the manifest); ``refuse`` stops with an error. An explicit ``--quantize static`` always needs calibration data."""
+    recipes: dict[str, Any] = field(default_factory=_recipe_settings, metadata={"keys_of": "recipes"})
+    """Each recipe's settings, read from a key of its own name (``static:``, ``dynamic:``, ``fp16:``)."""
     tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
-    tune_candidates: list[Literal["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "fp16"]] = field(
+    tune_candidates: list[str] = field(
         default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8"])
-    """Recipes ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
+    """Recipe variants ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
     default_evidence: str = ""
     """The measurement behind ``default``: what ``--tune`` reports when it cannot time on the device's CPU."""
+
+    def settings(self, recipe: str) -> Any:
+        """The profile's settings of ``recipe`` (None for one without settings, e.g. none)."""
+        return self.recipes.get(recipe)
 
 
 @dataclass(frozen=True)
@@ -149,11 +121,12 @@ class Shapes:
 
 @dataclass(frozen=True)
 class Coverage:
-    checker: Literal["none", "nnapi", "coreml", "tensorrt", "webgpu"] = "none"
+    checker: str = "none"
+    """The checker of the profile's accelerator (edgepack/backends), or none (the CPU: nothing to measure)."""
     min_accelerated_fraction: float = 0.0
     max_partitions: int | None = None
     op_list: str = ""
-    """For list-based checkers (tensorrt, webgpu): the operator list in edgepack/data, named with its version."""
+    """For list-based checkers (tensorrt, webgpu, xnnpack): the operator list in edgepack/data, named with its version."""
     coreml_format: Literal["MLProgram", "NeuralNetwork"] = "MLProgram"
     """Which CoreML model format's operator table the coreml checker uses."""
 
@@ -223,8 +196,11 @@ class Profile:
     """Where the profile was read from (not a YAML key)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """As written in the manifest: the YAML's keys (each recipe's settings under its own name)."""
         data = dataclasses.asdict(self)
         data.pop("source")
+        data["quantization"] = {key: value for name, item in data["quantization"].items()
+                                for key, value in (item.items() if name == "recipes" else [(name, item)])}
         return data
 
 
@@ -303,6 +279,8 @@ def _check_semantics(profile: Profile, where: str) -> None:
             f"key 'runtime.version': expected a version specifier like '>=1.20', found {profile.runtime.version!r}",
             where=where,
         ) from None
+    _check_recipes(profile.quantization, where)
+    _check_providers(profile, where)
     if not profile.execution_providers:
         raise ProfileError("key 'execution_providers': expected at least one provider, found none", where=where)
     if not 0.0 < profile.accuracy.min_cosine <= 1.0:
@@ -322,6 +300,49 @@ def _check_semantics(profile: Profile, where: str) -> None:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
 
 
+def _check_providers(profile: Profile, where: str) -> None:
+    """Every provider belongs to a backend (edgepack/backends) and its options are the backend's, checked by
+    its rules; the coverage checker is the one of a backend the profile uses."""
+    used = set()
+    for i, ep in enumerate(profile.execution_providers):
+        backend = backend_of(ep.name)
+        key = f"execution_providers[{i}]"
+        if backend is None:
+            raise ProfileError(f"key '{key}.name': no backend runs {ep.name!r}",
+                               where=where, hint="known providers: " + ", ".join(p for b in BACKENDS.values() for p in b.providers))
+        used.add(backend.checker)
+        kind = backend.options.get(ep.name)
+        if kind is None:
+            if ep.options:
+                raise ProfileError(f"key '{key}.options': {ep.name} takes no options, found {sorted(ep.options)}",
+                                   where=where)
+            continue
+        problem = backend.check(ep.name, _build(kind, ep.options, where, f"{key}.options."))
+        if problem:
+            raise ProfileError(f"key '{key}.options': {problem}", where=where)
+    checker = profile.coverage.checker
+    choices = ["none", *checkers()]
+    if checker not in choices:
+        raise ProfileError(f"key 'coverage.checker': expected one of {', '.join(map(repr, choices))}, found {checker!r}",
+                           where=where)
+    if checker != "none" and checker not in used:
+        raise ProfileError(f"key 'coverage.checker': {checker!r} measures a provider this profile does not list",
+                           where=where)
+
+
+def _check_recipes(quantization: Quantization, where: str) -> None:
+    """Recipe names are the registry's (edgepack/recipes)."""
+    without = ["refuse", *(name for name, r in RECIPES.items() if not r.needs_calibration)]
+    checks = [("quantization.default", quantization.default, list(RECIPES)),
+              ("quantization.without_calibration", quantization.without_calibration, without),
+              *((f"quantization.tune_candidates[{i}]", name, list(variants()))
+                for i, name in enumerate(quantization.tune_candidates))]
+    for key, value, choices in checks:
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ProfileError(f"key {key!r}: expected one of {shown}, found {value!r}", where=where)
+
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 
@@ -333,20 +354,31 @@ def _build(cls, data: Any, where: str, prefix: str):
         raise ProfileError(f"key {prefix.rstrip('.') or '(top)'!r}: expected a mapping, found {_kind(data)}", where=where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - set(fields), key=str)
+    spread = {f.name: _SPREAD[f.metadata["keys_of"]]() for f in fields.values() if "keys_of" in f.metadata}
+    known = {*(set(fields) - set(spread)), *(key for kinds in spread.values() for key in kinds)}
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ProfileError(
-            f"unknown key {prefix}{unknown[0]!r}", where=where, hint=f"known keys here: {', '.join(sorted(fields))}"
+            f"unknown key {prefix}{unknown[0]!r}", where=where, hint=f"known keys here: {', '.join(sorted(known))}"
         )
-    values = {}
+    values: dict[str, Any] = {}
+    for name, kinds in spread.items():
+        values[name] = {key: _build(kind, data[key], where, f"{prefix}{key}.") if key in data else kind()
+                        for key, kind in kinds.items()}
     for name, f in fields.items():
         key = f"{prefix}{name}"
+        if name in spread:
+            continue
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ProfileError(f"missing key {key!r}", where=where)
             continue
         values[name] = _convert(hints[name], data[name], where, key)
     return cls(**values)
+
+
+_SPREAD = {"recipes": lambda: {name: r.settings for name, r in RECIPES.items() if r.settings}}
+"""Fields whose entries are keys of the section itself, one per registered plug-in."""
 
 
 def _convert(tp, value: Any, where: str, key: str):

@@ -25,11 +25,11 @@ from typing import Any, Iterator
 from .errors import UsageError
 from .execution import Execution
 from .fileops import atomic_folder
-from .job import Options, Source
-from .pipeline import _package_one
+from .pipeline.job import Options, Source
+from .pipeline.run import _package_one
 from .profiles import Profile
-from .results import Result
-from .signing import sign_checked
+from .pipeline.result import Result
+from .bundle.signing import sign_checked
 
 __all__ = ["RayExecutor"]
 
@@ -84,7 +84,7 @@ class RayExecutor:
     def submit(self, tag, shared, profile: Profile, options: Options, workdir: Path, destination: Path,
                signer) -> None:
         files, source = shared
-        elsewhere = dataclasses.replace(options, force=False, freeze=False, execution=Execution())
+        elsewhere = dataclasses.replace(options, force=False, freeze=False, onefile=False, execution=Execution())
         ref = self._remote.remote(files, source, profile, elsewhere, destination.name)
         self._tasks[ref] = (tag, destination, options.force, signer)
 

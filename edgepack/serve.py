@@ -20,8 +20,8 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .bundle.manifest import MANIFEST_NAME
 from .errors import UsageError
-from .manifest import MANIFEST_NAME
 
 __all__ = ["HEADERS", "MIME_TYPES", "BundleServer", "make_server", "start_server"]
 

@@ -17,12 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepack import ortweb
 from edgepack.accuracy import check, compare
+from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import hash_file, read_manifest
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.manifest import hash_file, read_manifest
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
@@ -401,7 +401,7 @@ def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, 
     options = {}
     bundle = bundles["mlp-onnx"]
     if signed:
-        from edgepack.signing import generate_key
+        from edgepack.bundle.signing import generate_key
 
         generate_key(tmp_path / "release.priv", tmp_path / "release.pub", None)
         [result] = package_model(models["mlp"], [load_profile(str(onnx_profile))],
@@ -602,7 +602,6 @@ def test_an_isolated_page_runs_the_profiles_thread_count(browser, site, three_th
 def test_not_isolated_page_runs_one_thread_and_says_so_once(browser, bundles, tmp_path):
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-    import threading
 
     class Plain(SimpleHTTPRequestHandler):  # right MIME types, no COOP/COEP headers
         extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".wasm": "application/wasm"}

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack import ortweb
-from edgepack.job import Options
-from edgepack.manifest import MANIFEST_NAME, write_manifest
-from edgepack.pipeline import package_model
+from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import MANIFEST_NAME, write_manifest
+from edgepack.bundle.signing import SIGNATURE_NAME, generate_key
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.serve import start_server
-from edgepack.signing import SIGNATURE_NAME, generate_key
-
-from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page, run_bundle
+from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page
 
 pytestmark = [
     pytest.mark.browser,

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edgepack import ortweb
+from edgepack.bundle import ortweb
+from edgepack.bundle.manifest import list_files, read_manifest, verify_bundle
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.manifest import list_files, read_manifest, verify_bundle
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-
 from tests.test_ortweb import make_tarball
 
 

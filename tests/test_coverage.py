@@ -15,8 +15,9 @@ from onnx import TensorProto, helper
 from edgepack.coverage import CoverageError, gate, load_op_list, measure
 from edgepack.errors import UsageError
 from edgepack.examples import write_example
+from edgepack.flags import parse_fixed_dims, parse_input_shapes
 from edgepack.profiles import Coverage, load_profile
-from edgepack.stages.fix_shapes import apply_shapes, parse_fixed_dims, parse_input_shapes, plan_shapes
+from edgepack.stages.fix_shapes import apply_shapes, plan_shapes
 
 NNAPI = Coverage(checker="nnapi")
 COREML_MLPROGRAM = Coverage(checker="coreml", coreml_format="MLProgram")
@@ -272,8 +273,8 @@ def test_package_refuses_a_bad_shape_flag_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_fixed_shape_bundle_self_test_runs_on_the_fixed_shapes(tmp_path):
-    from edgepack.job import Options
-    from edgepack.pipeline import package_model
+    from edgepack.pipeline.job import Options
+    from edgepack.pipeline.run import package_model
 
     model = write_example("cnn", tmp_path)
     [result] = package_model(model, [load_profile("android-nnapi")],
@@ -301,8 +302,8 @@ def test_fixing_shapes_keeps_external_data_in_a_side_file(cnn, tmp_path):
 
 
 def test_package_a_model_with_external_data_for_a_fixed_shape_target(cnn, tmp_path, monkeypatch):
-    from edgepack.job import Options
-    from edgepack.pipeline import package_model
+    from edgepack.pipeline.job import Options
+    from edgepack.pipeline.run import package_model
 
     source = tmp_path / "src"
     source.mkdir()

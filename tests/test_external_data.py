@@ -5,7 +5,6 @@ with a notice, or fail where the profile forbids it; a 0-byte model never reache
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import stat
 import subprocess
@@ -17,17 +16,24 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.external_models import (
-    B1, IR_VERSION, OPSET, W1, W2, expected_output, external_tensor, tree_digest, write_split_model,
-)
-
 import edgepack.stages.convert as convert_stage
+from edgepack.bundle.manifest import read_manifest, verify_bundle
 from edgepack.errors import ConversionError
-from edgepack.job import Artifact, Job, Options, Source
-from edgepack.manifest import read_manifest, verify_bundle
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Artifact, Job, Options, Source
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.stages.bundle import bundle
+from edgepack.stages.bundle import Bundle
+from tests.external_models import (
+    B1,
+    IR_VERSION,
+    OPSET,
+    W1,
+    W2,
+    expected_output,
+    external_tensor,
+    tree_digest,
+    write_split_model,
+)
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 TARGETS = Path(__file__).resolve().parent.parent / "targets"
@@ -196,13 +202,13 @@ def test_a_zero_byte_model_never_reaches_a_bundle(tmp_path):
               source=Source(name="model", path=empty, reference=empty, info={}), staging=staging,
               destination=tmp_path / "dest")
     with pytest.raises(ConversionError, match="missing or empty"):
-        bundle(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
+        Bundle().run(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
     assert list(staging.iterdir()) == []
 
 
 def test_big_bundle_files_are_hashed_once_per_version(tmp_path, monkeypatch):
     """The manifest is written twice per bundle; a model's weights are hashed once, and again only if changed."""
-    import edgepack.manifest as manifest_module
+    import edgepack.bundle.manifest as manifest_module
 
     calls: list[Path] = []
     real = manifest_module.hash_file

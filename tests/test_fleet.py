@@ -24,11 +24,11 @@ from edgepack.cache import BundleCache, bundle_key, model_digests
 from edgepack.errors import ProfileError, UsageError
 from edgepack.examples import write_example
 from edgepack.execution import Execution
-from edgepack.job import Options
-from edgepack.manifest import verify_bundle
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.bundle.manifest import verify_bundle
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.signing import generate_key, load_public_key, verify_signature
+from edgepack.bundle.signing import generate_key, load_public_key, verify_signature
 
 TARGETS = ["linux-x64", "rpi-arm64"]
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepack.freeze import device_command, frozen_path, host_arch, pyinstaller_args, runtime_requirements
+from edgepack.bundle.freeze import device_command, frozen_path, host_arch, pyinstaller_args, runtime_requirements
 from edgepack.profiles import builtin_profile_names, load_profile
 
 PYTHON_PROFILES = [load_profile(name) for name in builtin_profile_names() if load_profile(name).bundle.kind == "python"]

@@ -17,12 +17,20 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.external_models import (
-    B1, IR_VERSION, OPSET, W1, W2, external_tensor, mlp_graph, tree_digest, write_inline_model, write_split_model,
-)
-
 from edgepack.errors import ModelError
 from edgepack.stages.load import parse_model
+from tests.external_models import (
+    B1,
+    IR_VERSION,
+    OPSET,
+    W1,
+    W2,
+    external_tensor,
+    mlp_graph,
+    tree_digest,
+    write_inline_model,
+    write_split_model,
+)
 
 
 def _save(folder: Path, model: onnx.ModelProto, name: str = "model.onnx") -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.manifest import MANIFEST_NAME, hash_file, verify_bundle, write_manifest
+from edgepack.bundle.manifest import MANIFEST_NAME, hash_file, verify_bundle, write_manifest
 
 
 @pytest.fixture

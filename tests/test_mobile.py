@@ -23,8 +23,8 @@ import pytest
 
 from edgepack.errors import ProfileError
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 
 REFUSALS = ("manifest: ", "unsafe: ", "missing: ", "changed: ", "extra: ")

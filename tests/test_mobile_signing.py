@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.job import Options
-from edgepack.manifest import MANIFEST_NAME, write_manifest
-from edgepack.pipeline import package_model
-from edgepack.profiles import load_profile
+from edgepack.bundle.manifest import MANIFEST_NAME, write_manifest
+from edgepack.bundle.signing import SIGNATURE_NAME, generate_key
 from edgepack.examples import write_example
-from edgepack.signing import SIGNATURE_NAME, generate_key
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
+from edgepack.profiles import load_profile
 
 ANDROID_JSON = Path("/usr/share/java/com.android.json.jar")
 KOTLIN_MAIN = """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack import ortweb
+from edgepack.bundle import ortweb
 from edgepack.errors import DownloadError, ProfileError, UsageError, VerificationError
 from edgepack.profiles import load_profile
 from edgepack.serve import start_server

@@ -14,7 +14,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from edgepack.accuracy import check, compare
-from edgepack.manifest import verify_bundle
+from edgepack.bundle.manifest import verify_bundle
 from edgepack.profiles import builtin_profile_names, load_profile
 from edgepack.runtime_shim import edgepack_shim
 

@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgepack.bundle.manifest import hash_file, read_manifest, verify_bundle, write_manifest
 from edgepack.errors import EdgepackError
-from edgepack.manifest import hash_file, read_manifest, verify_bundle, write_manifest
 from edgepack.profiles import Profile, builtin_profile_names, load_profile
 
 TARGETS = Path(__file__).resolve().parent.parent / "targets"

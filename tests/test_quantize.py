@@ -18,15 +18,18 @@ from edgepack.accuracy import compare
 from edgepack.calibration import generated_validation, random_samples
 from edgepack.errors import AccuracyError, UsageError
 from edgepack.examples import EXAMPLE_SHAPES, build_example, write_example
-from edgepack.job import Options
-from edgepack.modelinfo import describe_io, external_locations
-from edgepack.pipeline import package_model
-from edgepack.profiles import DynamicRecipe, Fp16Recipe, StaticRecipe, load_profile
-from edgepack.quantization import already_quantized, quantize_model
+from edgepack.onnxio.modelinfo import describe_io, external_locations
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
+from edgepack.profiles import load_profile
+from edgepack.recipes.dynamic import DynamicSettings
+from edgepack.recipes.fp16 import Fp16Settings
+from edgepack.recipes.quantize import already_quantized, quantize_model
+from edgepack.recipes.static import StaticSettings
 from edgepack.stages.fix_shapes import apply_shapes
 from edgepack.stages.load import load
 
-RECIPES = {"dynamic": DynamicRecipe(op_types=["Conv", "MatMul", "Gather"]), "static": StaticRecipe(), "fp16": Fp16Recipe()}
+RECIPES = {"dynamic": DynamicSettings(op_types=["Conv", "MatMul", "Gather"]), "static": StaticSettings(), "fp16": Fp16Settings()}
 
 
 def _figures(reference: Path, candidate: Path, feeds: list[dict]) -> dict:
@@ -144,7 +147,7 @@ def test_calibration_methods_all_run(tmp_path: Path):
     inputs, _ = describe_io(onnx.load(source))
     calibration = random_samples(inputs, count=8).feeds
     for method in ("entropy", "percentile"):
-        result = quantize_model(source, tmp_path / method / "q.onnx", "static", StaticRecipe(), calibration=calibration,
+        result = quantize_model(source, tmp_path / method / "q.onnx", "static", StaticSettings(), calibration=calibration,
                                 calibration_method=method)
         assert _figures(source, result.path, generated_validation(inputs, count=8).feeds)["cosine"] > 0.99, method
 
@@ -254,7 +257,7 @@ def test_weights_held_in_constant_nodes_end_up_quantized(tmp_path: Path):
     source = load(model, tmp_path / "work")
     assert source.info["passes"]["LiftConstantsToInitializersPass"] is True
     inputs, _ = describe_io(onnx.load(source.reference))
-    for method, recipe in (("static", StaticRecipe()), ("dynamic", DynamicRecipe())):
+    for method, recipe in (("static", StaticSettings()), ("dynamic", DynamicSettings())):
         result = quantize_model(source.reference, tmp_path / method / "q.onnx", method, recipe,
                                 calibration=random_samples(inputs).feeds)
         quantized = onnx.load(result.path)
@@ -267,7 +270,7 @@ def test_weights_held_in_constant_nodes_end_up_quantized(tmp_path: Path):
 
 def test_already_quantized_models_are_not_quantized_again(tmp_path: Path):
     source = write_example("transformer", tmp_path)
-    once = quantize_model(source, tmp_path / "once" / "transformer.onnx", "dynamic", DynamicRecipe())
+    once = quantize_model(source, tmp_path / "once" / "transformer.onnx", "dynamic", DynamicSettings())
     assert already_quantized(once.path)["MatMulInteger"] > 0
     (result,) = package_model(once.path, [load_profile("linux-x64")],
                               Options(output=tmp_path / "build", quantize="static", calibration="random"))
@@ -301,7 +304,7 @@ def test_a_retry_rewrites_external_data_instead_of_appending(tmp_path: Path):
     inputs, _ = describe_io(model)
     sizes = []
     for _ in range(2):
-        result = quantize_model(tmp_path / "cnn.onnx", tmp_path / "out" / "q.onnx", "static", StaticRecipe(),
+        result = quantize_model(tmp_path / "cnn.onnx", tmp_path / "out" / "q.onnx", "static", StaticSettings(),
                                 calibration=random_samples(inputs, count=4).feeds)
         sizes.append((tmp_path / "out" / "q.onnx.data").stat().st_size)
     assert sizes[0] == sizes[1]

@@ -2,7 +2,7 @@
 
 onnxruntime's converter lays out the .ort's kernel type string table in hash-map order, which changes
 with the state of the converting process (without edgepack's rewrite, 15 conversions of the example
-transformer gave 7-8 different files). ``edgepack.stages.ort_canonical`` rewrites that table in one
+transformer gave 7-8 different files). ``edgepack.onnxio.ort_canonical`` rewrites that table in one
 canonical layout; these tests check the rewrite on real converter output and on the whole pipeline.
 """
 
@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 
 from edgepack.examples import write_example
-from edgepack.stages.ort_canonical import canonical_ort_bytes, canonicalize_ort_file
+from edgepack.onnxio.ort_canonical import canonical_ort_bytes, canonicalize_ort_file
 
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
 
@@ -35,7 +35,7 @@ def converted(tmp_path_factory) -> dict[str, bytes]:
     for style, name in (("Fixed", f"{model.stem}.ort"), ("Runtime", f"{model.stem}.with_runtime_opt.ort")):
         out = folder / style
         out.mkdir()
-        subprocess.run([sys.executable, "-m", "edgepack.stages.convert", str(model), str(out), style, "arm"],
+        subprocess.run([sys.executable, "-m", "edgepack.onnxio.ort_convert", str(model), str(out), style, "arm"],
                        check=True, capture_output=True, env=ENV)
         files[style] = (out / name).read_bytes()
     return files

@@ -23,11 +23,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgepack.bundle.manifest import verify_bundle as host_verify
 from edgepack.errors import EdgepackError
 from edgepack.examples import build_example, write_example
-from edgepack.job import Options
-from edgepack.manifest import verify_bundle as host_verify
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.runtime_shim import edgepack_shim as shim
 

@@ -1,4 +1,4 @@
-"""Signed bundles (edgepack/signing.py, the shim's verifier): real keys, real bundles, the upstream
+"""Signed bundles (edgepack/bundle/signing.py, the shim's verifier): real keys, real bundles, the upstream
 ``model_signing`` CLI both ways, and every refusal through the packager, the shim's API and its CLI."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from edgepack.manifest import MANIFEST_NAME, write_manifest
+from edgepack.bundle.manifest import MANIFEST_NAME, write_manifest
+from edgepack.bundle.signing import PINNED_KEY_NAME, SIGNATURE_NAME
 from edgepack.runtime_shim import edgepack_shim as shim
-from edgepack.signing import PINNED_KEY_NAME, SIGNATURE_NAME
 
 DATA = Path(__file__).resolve().parent / "data"
 PASSPHRASE_ENV = "EDGEPACK_TEST_KEY_PASSPHRASE"

@@ -260,7 +260,7 @@ def test_pt2_program_keeps_its_dynamic_shapes(tmp_path: Path):
 
 
 def test_example_input_and_dynamic_specs_are_checked():
-    from edgepack import torch_inputs
+    from edgepack.torch import inputs as torch_inputs
 
     assert torch_inputs.parse_example_input("2x128:int64") == ([2, 128], torch.int64)
     assert torch_inputs.parse_example_input("1x3x8x8") == ([1, 3, 8, 8], torch.float32)
@@ -335,7 +335,7 @@ def test_a_size_baked_in_by_tracing_is_caught_at_a_second_size(tmp_path: Path):
     dynamic: right on the example, wrong at any other length."""
     import warnings
 
-    from edgepack.torch_verify import check_export
+    from edgepack.torch.verify import check_export
 
     x = torch.randn(2, 8, 4)
     path = tmp_path / "baked.onnx"

@@ -14,10 +14,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.examples import write_example
-from edgepack.job import Options
-from edgepack.pipeline import package_model
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
-from edgepack.tune import Candidate, choose, host_arch, select, time_round_robin
+from edgepack.recipes.search import Candidate, choose, host_arch, select, time_round_robin
 
 WIDTH = 256
 
@@ -28,7 +28,6 @@ def _model(path: Path, *, factor: float = 2.0, heavy_layers: int = 0) -> Path:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Mul", ["x", "factor"], ["scaled"])]
     inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor")]
-    out = "scaled"
     if heavy_layers:
         h = "x"
         for i in range(heavy_layers):
@@ -38,7 +37,6 @@ def _model(path: Path, *, factor: float = 2.0, heavy_layers: int = 0) -> Path:
         inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
         nodes += [helper.make_node("ReduceSum", [h], ["s"], keepdims=1), helper.make_node("Mul", ["s", "zero"], ["nothing"]),
                   helper.make_node("Add", ["scaled", "nothing"], ["y"])]
-        out = "y"
     else:
         nodes.append(helper.make_node("Identity", ["scaled"], ["y"]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
@@ -216,11 +214,11 @@ def test_tune_and_quantize_together_is_a_usage_error(tmp_path: Path, cli, clean_
 
 
 def test_an_already_quantized_model_is_kept_as_it_is(tmp_path: Path):
-    from edgepack.profiles import DynamicRecipe
-    from edgepack.quantization import quantize_model
+    from edgepack.recipes.dynamic import DynamicSettings
+    from edgepack.recipes.quantize import quantize_model
 
     quantized = quantize_model(write_example("cnn", tmp_path), tmp_path / "q" / "cnnq.onnx", "dynamic",
-                               DynamicRecipe(op_types=["Conv", "MatMul"])).path
+                               DynamicSettings(op_types=["Conv", "MatMul"])).path
     (result,) = package_model(quantized, [_profile(tmp_path, "host", host_arch())],
                               Options(output=tmp_path / "out", tune=True))
     assert result.ok, result.error

@@ -256,7 +256,7 @@ def tune_chart(bundle: Bundle, prefix: str) -> str:
 def _tune(figure, bundle: Bundle) -> None:
     from matplotlib.lines import Line2D
 
-    from ..tune import TIE
+    from ..recipes.search import TIE
 
     data: dict[str, Any] = bundle.stage("quantize")["tune"]
     candidates = data["candidates"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EdgepackError
-from ..manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
+from ..bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 from ..progress import track
 
 __all__ = ["Bundle", "collect"]
@@ -164,7 +164,7 @@ def _gzipped_size(path: Path) -> int:
 
 def _signature(folder: Path) -> tuple[str, str]:
     """(status, what to say) of the bundle's model.sig (rule 3)."""
-    from ..signing import PINNED_KEY_NAME, load_public_key, verify_signature
+    from ..bundle.signing import PINNED_KEY_NAME, load_public_key, verify_signature
 
     path = folder / SIGNATURE_NAME
     if not path.is_file():

@@ -1,1 +1,1 @@
-"""The packaging stages, one module each, in pipeline order (see edgepack/pipeline.py)."""
+"""The packaging stages, one module each, in pipeline order (see edgepack/pipeline/plan.py)."""

@@ -1,48 +1,64 @@
 """Stage 6, bundle: lay the model out in the staging folder, then let the bundle kind's bundler add its files.
 
 Every bundle has ``model/<name>.ort`` (or ``.onnx`` with its side files), the reduced-operator config
-when the model was converted, and what its kind's bundler writes (edgepack/bundlers). Files are written
+when the model was converted, and what its kind's bundler writes (edgepack/bundle). Files are written
 with mode 0644 whatever the source's mode was.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
-from ..bundlers import bundler_for
+from ..bundle import bundler_for
 from ..errors import ConversionError
 from ..fileops import copy_file
-from ..job import Artifact, Job
-from ..modelinfo import external_locations
-from .convert import CONFIG_NAME
+from ..onnxio.modelinfo import external_locations
+from ..onnxio.ort_convert import CONFIG_NAME
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, flattened
 
-__all__ = ["bundle"]
+__all__ = ["Bundle", "BundleResult"]
 
 
-def bundle(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    if not artifact.path.is_file() or artifact.path.stat().st_size == 0:
-        # e.g. the 0-byte .ort a failed conversion leaves behind: it must never reach a bundle
-        raise ConversionError(f"the {artifact.format} model to bundle is missing or empty", where=job.profile.name)
-    model_dir = job.staging / "model"
-    model_dir.mkdir(parents=True)
-    suffix = ".ort" if artifact.format == "ort" else ".onnx"
-    target = model_dir / f"{job.source.name}{suffix}"
-    files = [target]
-    if artifact.format == "onnx":
-        files += _copy_onnx_with_data(artifact, target)
-    else:
-        copy_file(artifact.path, target)
-    if artifact.ops_config:
-        _write_config(artifact, job)
-    bundled = Artifact(path=target, format=artifact.format, ort_style=artifact.ort_style,
-                       ops_config=job.staging / CONFIG_NAME if artifact.ops_config else None,
-                       precision=artifact.precision, onnx=artifact.onnx_path)
-    extra = bundler_for(job.profile.bundle.kind).write(bundled, job)
-    report = {"stage": "bundle", "summary": f"{job.profile.bundle.kind} bundle", "kind": job.profile.bundle.kind,
-              "model_file": target.relative_to(job.staging).as_posix(), **extra}
-    return bundled, report
+@dataclass(frozen=True, kw_only=True)
+class BundleResult(StageResult):
+    stage = "bundle"
+    summary: str
+    kind: str
+    model_file: str
+    files: dict[str, Any] = flattened()
+    """What the bundle kind's bundler wrote (shim, loader, web assets), as it reports it."""
+
+
+class Bundle(Stage):
+    name = "bundle"
+
+    def run(self, artifact: Artifact, job: Job) -> BundleResult:
+        if not artifact.path.is_file() or artifact.path.stat().st_size == 0:
+            # e.g. the 0-byte .ort a failed conversion leaves behind: it must never reach a bundle
+            raise ConversionError(f"the {artifact.format} model to bundle is missing or empty", where=job.profile.name)
+        model_dir = job.staging / "model"
+        model_dir.mkdir(parents=True)
+        suffix = ".ort" if artifact.format == "ort" else ".onnx"
+        target = model_dir / f"{job.source.name}{suffix}"
+        files = [target]
+        if artifact.format == "onnx":
+            files += _copy_onnx_with_data(artifact, target)
+        else:
+            copy_file(artifact.path, target)
+        if artifact.ops_config:
+            _write_config(artifact, job)
+        bundled = Artifact(path=target, format=artifact.format, ort_style=artifact.ort_style,
+                           ops_config=job.staging / CONFIG_NAME if artifact.ops_config else None,
+                           precision=artifact.precision, onnx=artifact.onnx_path)
+        kind = job.profile.bundle.kind
+        extra = bundler_for(kind).write(bundled, job)
+        return BundleResult(summary=extra.pop("summary", f"{kind} bundle"), kind=kind,
+                            model_file=target.relative_to(job.staging).as_posix(), files=extra, artifact=bundled)
 
 
 def _copy_onnx_with_data(artifact: Artifact, target) -> list:
@@ -66,7 +82,7 @@ def _copy_onnx_with_data(artifact: Artifact, target) -> list:
 
 
 def _external_tensors(proto):
-    from ..modelinfo import iter_tensors
+    from ..onnxio.modelinfo import iter_tensors
 
     return [t for t in iter_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
 

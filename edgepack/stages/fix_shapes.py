@@ -17,38 +17,59 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from ..ort_tools import load_ort_tools
 from ..errors import UsageError
-from ..job import Artifact, Job
-from ..modelinfo import describe_io, external_locations
+from ..onnxio.modelinfo import describe_io, external_locations
+from ..ort_tools import load_ort_tools
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, optional
 
-__all__ = ["fix_shapes", "plan_shapes", "apply_shapes", "parse_input_shapes", "parse_fixed_dims"]
+__all__ = ["FixShapes", "FixShapesResult", "plan_shapes", "apply_shapes"]
 
 
-def fix_shapes(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    proto = onnx.load_model(artifact.path, load_external_data=False)
-    where = str(job.source.path)
-    if not job.profile.shapes.fixed:
-        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, where)
-        return artifact, {"stage": "fix_shapes", "summary": "not required: the profile takes dynamic shapes", "applied": False}
-    shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
-                                  job.profile.shapes.defaults, where=where)
-    out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
-    fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
-    report = {
-        "stage": "fix_shapes",
-        "summary": f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-        "applied": True,
-        "input_shapes": {name: list(dims) for name, dims in shapes.items()},
-        "assumed_batch_dims": assumed,
-        "outputs": describe_io(onnx.load_model(out, load_external_data=False))[1],
-    }
-    return Artifact(path=out, precision=artifact.precision), report
+@dataclass(frozen=True, kw_only=True)
+class FixShapesResult(StageResult):
+    stage = "fix_shapes"
+    summary: str
+    applied: bool
+    input_shapes: dict[str, list[int]] | None = optional()
+    assumed_batch_dims: list[str] | None = optional()
+    outputs: list[dict[str, Any]] | None = optional()
+    """The outputs' shapes once inferred from the fixed inputs."""
+
+
+class FixShapes(Stage):
+    name = "fix_shapes"
+
+    def applies(self, job: Job) -> bool:
+        return job.profile.shapes.fixed
+
+    def skip(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        """The flags are still checked against the model (rule 1)."""
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        _check_flags(proto, job.options.input_shapes, job.options.fixed_dims, str(job.source.path))
+        return FixShapesResult(summary="not required: the profile takes dynamic shapes", applied=False)
+
+    def run(self, artifact: Artifact, job: Job) -> FixShapesResult:
+        proto = onnx.load_model(artifact.path, load_external_data=False)
+        where = str(job.source.path)
+        shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
+                                      job.profile.shapes.defaults, where=where)
+        out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
+        fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+        return FixShapesResult(
+            summary=f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+            applied=True,
+            input_shapes={name: list(dims) for name, dims in shapes.items()},
+            assumed_batch_dims=assumed,
+            outputs=describe_io(onnx.load_model(out, load_external_data=False))[1],
+            artifact=Artifact(path=out, precision=artifact.precision),
+        )
 
 
 def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
@@ -150,35 +171,3 @@ def _check_shape(name: str, dims: list[Any], given: tuple[int, ...], where: str,
 
 def _fmt(dims: list[Any]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
-
-
-def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
-    """``["image=1,3,224,224", ...]`` (the --input-shape flags) -> ``{"image": (1, 3, 224, 224)}``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in values or []:
-        name, dims = _split_flag("--input-shape", value, "NAME=1,3,224,224")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            raise UsageError(f"--input-shape {value}: sizes must be integers separated by commas",
-                             hint=f"e.g. --input-shape {name}=1,3,224,224") from None
-    return shapes
-
-
-def parse_fixed_dims(values: list[str] | None) -> dict[str, int]:
-    """``["batch=1", ...]`` (the --fix-dim flags) -> ``{"batch": 1}``."""
-    dims: dict[str, int] = {}
-    for value in values or []:
-        name, size = _split_flag("--fix-dim", value, "NAME=VALUE")
-        try:
-            dims[name] = int(size)
-        except ValueError:
-            raise UsageError(f"--fix-dim {value}: the size must be an integer", hint=f"e.g. --fix-dim {name}=1") from None
-    return dims
-
-
-def _split_flag(flag: str, value: str, form: str) -> tuple[str, str]:
-    name, sep, rest = value.partition("=")
-    if not sep or not name.strip() or not rest.strip():
-        raise UsageError(f"{flag} {value!r}: expected {form}")
-    return name.strip(), rest.strip()

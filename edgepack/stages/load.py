@@ -4,7 +4,7 @@ Rules:
 1. The model must be a non-empty file that parses as ONNX and passes ``onnx.checker``.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
-3. Every node input exists and the graphs have no cycle (edgepack.graphcheck), and every op has a
+3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
    kernel in onnxruntime: a model no target can run is refused before anything is written.
 4. The model is re-written (never modified in place) through onnx-ir, which memory-maps external data:
    initializers listed as graph inputs (IR 3) are removed from the inputs, weights held in Constant
@@ -14,6 +14,7 @@ Rules:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -21,15 +22,39 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
+from ..bundle.manifest import hash_file
 from ..errors import EdgepackError, ModelError, first_line
-from ..graphcheck import check_structure
-from ..job import Source
-from ..manifest import hash_file
-from ..modelinfo import external_locations, iter_nodes, opsets, summarize
-from .check import ops_without_kernel
-from .save import save_model
+from ..onnxio.graphcheck import check_structure
+from ..onnxio.kernels import ops_without_kernel
+from ..onnxio.modelinfo import external_locations, iter_nodes, opsets, summarize
+from ..onnxio.save import save_model
+from ..pipeline.job import Source
+from ..pipeline.stage import StageResult
 
-__all__ = ["load", "parse_model"]
+__all__ = ["load", "load_result", "LoadResult", "parse_model"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadResult(StageResult):
+    stage = "load"
+    summary: str
+    source: str
+    sha256: str
+    nodes: int
+    subgraphs: int
+    passes: dict[str, bool]
+    """onnx-ir passes applied to the copy (rule 4), and whether each changed it."""
+
+
+def load_result(source: Source) -> LoadResult:
+    """The load stage's result, for every target's manifest (the model is loaded once for all)."""
+    info = source.info
+    external = info["external_data"]
+    extra = (f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB"
+             if external["files"] else "")
+    return LoadResult(summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
+                      source=source.path.name, sha256=info["sha256"], nodes=info["nodes"],
+                      subgraphs=info["subgraphs"], passes=info["passes"])
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:

@@ -8,25 +8,42 @@ what the model takes and returns, what every stage did, and the checksum of ever
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
 import onnx
 
-from ..job import Artifact, Job
-from ..manifest import write_manifest
-from ..modelinfo import describe_io, format_shape, opsets
+from ..bundle.manifest import write_manifest
+from ..onnxio.modelinfo import describe_io, format_shape, opsets
+from ..onnxio.ort_convert import session_entries
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult
 
-__all__ = ["manifest", "finalize", "describe"]
+__all__ = ["Manifest", "ManifestResult", "finalize", "describe"]
 
 REPORT = "REPORT.md"
 
 
-def manifest(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    written = write_manifest(job.staging, describe(artifact, job))
-    total = sum(entry["size"] for entry in written["files"].values())
-    return artifact, {"stage": "manifest", "summary": f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
-                      "files": len(written["files"]), "bytes": total}
+@dataclass(frozen=True, kw_only=True)
+class ManifestResult(StageResult):
+    stage = "manifest"
+    summary: str
+    files: int
+    bytes: int
+
+
+class Manifest(Stage):
+    """Written here so the self-test loads the bundle as the device will (checksums verified), and again by
+    ``finalize`` once every stage has reported."""
+
+    name = "manifest"
+
+    def run(self, artifact: Artifact, job: Job) -> ManifestResult:
+        written = write_manifest(job.staging, describe(artifact, job))
+        total = sum(entry["size"] for entry in written["files"].values())
+        return ManifestResult(summary=f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
+                              files=len(written["files"]), bytes=total)
 
 
 def finalize(artifact: Artifact, job: Job) -> dict[str, Any]:
@@ -40,12 +57,7 @@ def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
     profile = job.profile
     proto = onnx.load_model(artifact.onnx_path, load_external_data=False)
     inputs, outputs = describe_io(proto)
-    entries = dict(profile.session.config_entries)
-    if artifact.format == "ort":
-        entries["session.load_model_format"] = "ORT"
-    if artifact.ort_style == "Runtime":
-        # without it onnxruntime silently ignores the saved runtime optimizations
-        entries["session.enable_saved_runtime_optimizations"] = "1"
+    entries = session_entries(profile.session.config_entries, artifact.format, artifact.ort_style)
     model_file = artifact.path.relative_to(job.staging).as_posix()
     side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
     return {
@@ -78,7 +90,7 @@ def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
         },
         "reduced_ops_config": artifact.ops_config.name if artifact.ops_config else None,
         "tools": _tool_versions(),
-        "stages": job.reports,
+        "stages": job.records(),
     }
 
 

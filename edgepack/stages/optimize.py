@@ -10,39 +10,53 @@ Rules:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 from onnx_ir.passes import PassManager
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     DeduplicateHashedInitializersPass,
+    IdentityEliminationPass,
     RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
 )
 
-from ..job import Artifact, Job
-from .save import save_model
+from ..onnxio.save import save_model
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult
 
-__all__ = ["optimize"]
+__all__ = ["Optimize", "OptimizeResult"]
 
 
-def optimize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    model = ir.load(artifact.path)
-    before = _count_nodes(model)
-    passes = PassManager(
-        [
-            IdentityEliminationPass(),
-            DeduplicateHashedInitializersPass(),
-            RemoveUnusedNodesPass(),
-            RemoveUnusedFunctionsPass(),
-            RemoveUnusedOpsetsPass(),
-        ]
-    )
-    passes(model)
-    after = _count_nodes(model)
-    out = save_model(model, job.workdir / "optimized.onnx")
-    report = {"stage": "optimize", "summary": f"{before} -> {after} nodes", "nodes_before": before, "nodes_after": after}
-    return Artifact(path=out, precision=artifact.precision), report
+@dataclass(frozen=True, kw_only=True)
+class OptimizeResult(StageResult):
+    stage = "optimize"
+    summary: str
+    nodes_before: int
+    nodes_after: int
+
+
+class Optimize(Stage):
+    name = "optimize"
+
+    def run(self, artifact: Artifact, job: Job) -> OptimizeResult:
+        model = ir.load(artifact.path)
+        before = _count_nodes(model)
+        passes = PassManager(
+            [
+                IdentityEliminationPass(),
+                DeduplicateHashedInitializersPass(),
+                RemoveUnusedNodesPass(),
+                RemoveUnusedFunctionsPass(),
+                RemoveUnusedOpsetsPass(),
+            ]
+        )
+        passes(model)
+        after = _count_nodes(model)
+        out = save_model(model, job.workdir / "optimized.onnx")
+        return OptimizeResult(summary=f"{before} -> {after} nodes", nodes_before=before, nodes_after=after,
+                              artifact=Artifact(path=out, precision=artifact.precision))
 
 
 def _count_nodes(model: ir.Model) -> int:

@@ -12,63 +12,134 @@ Rules:
    by how much and what to try. With ``--auto-exclude`` (static only) the nodes with the most
    quantization noise stay in float, 1, 2, 4... of them, up to ``quantization.max_auto_exclude``.
 4. Every figure, the recipe's options and where the data came from go into the report (the manifest).
+5. With ``--tune`` the recipe is chosen by a search over recipes instead (edgepack/recipes/search.py): it builds,
+   gates and times candidates as they would ship, converted, and the winner's conversion is what ships.
+   Where it cannot time (another CPU architecture, a model already quantized) rule 1 applies, and the
+   report says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
 from ..accuracy import check, compare
-from ..calibration import RANDOM, Samples, generated_validation, load_samples, split_for_validation
+from ..calibration import RANDOM, Samples, calibration_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, UsageError, first_line
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
-from ..quantization import already_quantized, quantize_model, rank_sensitive_nodes
+from ..onnxio.modelinfo import describe_io
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, optional
+from ..recipes import RECIPES
+from ..recipes.quantize import already_quantized, quantize_model, rank_sensitive_nodes
+from ..recipes.search import host_arch, search
 
-__all__ = ["quantize", "resolve_recipe", "validation_samples"]
+__all__ = ["Quantize", "QuantizeResult", "resolve_recipe"]
 
 
-def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
+@dataclass(frozen=True, kw_only=True)
+class QuantizeResult(StageResult):
+    stage = "quantize"
+    recipe: str
+    requested: str | None
+    """``--quantize``, ``tune`` for a search, None for the profile's default."""
+    profile_default: str
+    fallback: dict[str, str] | None = optional()
+    unused_options: str | None = optional()
+    already_quantized: dict[str, int] | None = optional()
+    options: dict[str, Any] | None = optional()
+    calibration: dict[str, Any] | None = optional()
+    validation: dict[str, Any] | None = optional()
+    sensitivity: list[dict[str, Any]] | None = optional()
+    tune: dict[str, Any] | None = optional()
+    """With ``--tune``: the candidates, their figures and timings, and why the winner won (or why nothing was timed)."""
+    result: dict[str, Any] | None = optional()
+    tolerance: dict[str, Any] | None = optional()
+    figures: dict[str, Any] | None = optional()
+    passed: bool | None = optional()
+    attempts: list[dict[str, Any]] | None = optional()
+    summary: str
+    notice: str | None = optional()
+
+
+class Quantize(Stage):
+    name = "quantize"
+
+    def __init__(self, *, tune: bool = False):
+        self.tune = tune
+
+    def run(self, artifact: Artifact, job: Job) -> QuantizeResult:
+        if not self.tune:
+            return quantize(artifact, job)
+        host, device = host_arch(), job.profile.device.arch
+        if device != host:
+            return _untimed_default(artifact, job, host, device)
+        if already_quantized(artifact.path):
+            kept = quantize(artifact, job)  # keeps the model as it is, and says so
+            return dataclasses.replace(kept, tune={"timed": False, "reason": "the model is already quantized: no recipe to choose"})
+        outcome = search(artifact, job)
+        return QuantizeResult(recipe=outcome.winner.method, requested="tune",
+                              profile_default=job.profile.quantization.default, tune=outcome.report,
+                              result=outcome.winner.quantize_report, figures=outcome.winner.figures or None,
+                              passed=True, summary=outcome.summary, notice=outcome.notice,
+                              artifact=outcome.winner.artifact)
+
+
+def _untimed_default(artifact: Artifact, job: Job, host: str, device: str) -> QuantizeResult:
+    """Rule 5: x86 timings of an ARM bundle are never presented as device speed."""
+    settings = job.profile.quantization
+    evidence = settings.default_evidence or "the profile records no measurement for it"
+    reason = (f"--tune cannot time {job.profile.name}: its CPU is {device} and this machine is {host}, so timings "
+              f"here say nothing about the device; the profile's default recipe ({settings.default}) is used "
+              f"instead. Its basis: {evidence}")
+    job.say(f"NOTE: {reason}")
+    chosen = quantize(artifact, job)
+    return dataclasses.replace(
+        chosen, tune={"timed": False, "host_arch": host, "device_arch": device, "reason": reason,
+                      "default": settings.default, "default_evidence": evidence},
+        notice=reason if not chosen.notice else f"{chosen.notice}; {reason}",
+        summary=f"{chosen.summary} [--tune: not timed on a {host} host for a {device} device; profile default]")
+
+
+def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
     recipe, fallback = resolve_recipe(job)
-    report: dict[str, Any] = {"stage": "quantize", "recipe": recipe, "requested": job.options.quantize,
+    chosen = RECIPES[recipe]
+    report: dict[str, Any] = {"recipe": recipe, "requested": job.options.quantize,
                               "profile_default": job.profile.quantization.default}
     if fallback:
         report["fallback"] = fallback
         job.say(f"NOTE: {fallback['message']}")
-    unused = [flag for flag, given, used in (
-        ("--calibration", job.options.calibration, recipe == "static"),
-        ("--calibration-method", job.options.calibration_method, recipe == "static"),
-        ("--auto-exclude", job.options.auto_exclude, recipe == "static"),
-        ("--validation", job.options.validation, recipe != "none")) if given and not used]
+    unused = [flag for flag, given in (
+        ("--calibration", job.options.calibration), ("--calibration-method", job.options.calibration_method),
+        ("--auto-exclude", job.options.auto_exclude), ("--validation", job.options.validation))
+        if given and flag not in chosen.flags]
     if unused:
         report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
         job.say(f"NOTE: {report['unused_options']}")
-    if recipe == "none":
-        note = f" [fallback from static: {fallback['reason']}]" if fallback else ""
-        return artifact, {**report, "summary": f"none: FP32 kept{note}"}
+    settings = job.profile.quantization.settings(recipe)
+    if settings is None:
+        note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
+        return QuantizeResult(**report, summary=f"{recipe}: {chosen.description} kept{note}")
     found = already_quantized(artifact.path)
     if found:
         listed = ", ".join(f"{k} x{v}" for k, v in found.items())
         job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
-        return artifact, {**report, "recipe": "none", "already_quantized": found,
-                          "summary": f"already quantized ({listed}): kept as it is, {recipe} not applied"}
-    settings = getattr(job.profile.quantization, recipe)
+        return QuantizeResult(**{**report, "recipe": "none"}, already_quantized=found,
+                              summary=f"already quantized ({listed}): kept as it is, {recipe} not applied")
     report["options"] = dataclasses.asdict(settings)
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     calibration = None
-    if recipe == "static":
-        calibration = load_samples(job.options.calibration, inputs)
-        if calibration.origin != RANDOM and not job.options.validation:
-            calibration = split_for_validation(calibration)[0]
+    if chosen.needs_calibration:
+        calibration = calibration_samples(job.options, inputs)
+        assert calibration is not None  # resolve_recipe refuses static without --calibration
         report["options"]["calibration_method"] = job.options.calibration_method or settings.calibration_method
         report["calibration"] = {"origin": calibration.origin, "samples": len(calibration.feeds),
                                  "random": calibration.origin == RANDOM}
         if calibration.origin == RANDOM:
             job.say("NOTE: calibrated on random inputs (--calibration random): accuracy on real data is unknown")
-    validation = validation_samples(job, inputs)
+    validation = validation_samples(job.options, inputs)
     report["validation"] = {"origin": validation.origin, "samples": len(validation.feeds)}
 
     tolerance = job.profile.quantization.tolerance
@@ -83,7 +154,7 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
         attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
-        if not misses or not job.options.auto_exclude or recipe != "static":
+        if not misses or not job.options.auto_exclude or not chosen.auto_exclude:
             break
         if ranking is None:
             prepared = result.path.with_name(result.path.stem + ".pre.onnx")
@@ -108,51 +179,42 @@ def quantize(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
             f"({validation.origin}): {'; '.join(misses)}"
             + (f" (after leaving {len(excluded)} node(s) in float)" if excluded else ""),
             where=job.profile.name,
-            hint=_what_to_try(recipe, job),
+            hint="try " + ", or ".join(chosen.what_to_try(job.options)) + "; --quantize none keeps FP32",
         )
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
     excluded_note = f", {len(excluded)} node(s) left in float" if excluded else ""
-    fallback_note = f" [fallback from static: {fallback['reason']}]" if fallback else ""
+    fallback_note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
     data_note = f", calibrated on {calibration.origin}" if calibration else ""
-    report["summary"] = (f"{recipe}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB ({ratio:.2f}x), "
-                         f"cosine {figures['cosine']:.5f}{top1} on {len(validation.feeds)} validation sample(s)"
-                         f"{data_note}{excluded_note}{fallback_note}")
-    return Artifact(path=result.path, precision=result.precision), report
+    summary = (f"{recipe}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB ({ratio:.2f}x), "
+               f"cosine {figures['cosine']:.5f}{top1} on {len(validation.feeds)} validation sample(s)"
+               f"{data_note}{excluded_note}{fallback_note}")
+    return QuantizeResult(**report, summary=summary, artifact=Artifact(path=result.path, precision=result.precision))
 
 
 def resolve_recipe(job: Job) -> tuple[str, dict[str, str] | None]:
     """The recipe to run and, when the profile's default could not be used as is, why (rule 1)."""
     settings = job.profile.quantization
     requested = job.options.quantize
-    if job.options.auto_exclude and requested not in (None, "static"):
-        raise UsageError(f"--auto-exclude works with static quantization, not {requested}",
-                         hint="use --quantize static --calibration DATA --auto-exclude")
     if requested:
-        if requested == "static" and not job.options.calibration:
-            raise UsageError("static quantization needs calibration data (--calibration)", where=job.profile.name,
-                             hint=_CALIBRATION_HINT + "; or --quantize dynamic / fp16, which need none")
+        if RECIPES[requested].needs_calibration and not job.options.calibration:
+            others = " / ".join(n for n, r in RECIPES.items() if r.settings and not r.needs_calibration)
+            raise UsageError(f"{requested} quantization needs calibration data (--calibration)", where=job.profile.name,
+                             hint=_CALIBRATION_HINT + f"; or --quantize {others}, which need none")
         return requested, None
-    if settings.default != "static" or job.options.calibration:
-        return settings.default, None
+    default = settings.default
+    if not RECIPES[default].needs_calibration or job.options.calibration:
+        return default, None
     if settings.without_calibration == "refuse":
-        raise UsageError("the profile's default recipe is static quantization, which needs calibration data (--calibration)",
+        others = "|".join(n for n, r in RECIPES.items() if not r.needs_calibration)
+        raise UsageError(f"the profile's default recipe is {default} quantization, which needs calibration data (--calibration)",
                          where=job.profile.name,
-                         hint=_CALIBRATION_HINT + "; or choose a recipe with --quantize none|dynamic|fp16")
+                         hint=_CALIBRATION_HINT + f"; or choose a recipe with --quantize {others}")
     return settings.without_calibration, {
-        "from": "static", "to": settings.without_calibration, "reason": "no calibration data given (--calibration)",
-        "message": f"the profile's default is static quantization but no calibration data was given (--calibration): "
+        "from": default, "to": settings.without_calibration, "reason": "no calibration data given (--calibration)",
+        "message": f"the profile's default is {default} quantization but no calibration data was given (--calibration): "
                    f"using the profile's fallback {settings.without_calibration!r} instead",
     }
-
-
-def validation_samples(job: Job, inputs: list[dict[str, Any]]) -> Samples:
-    """The inputs the gate used (rule 3), for the self-test to run the bundle on the same ones."""
-    if job.options.validation:
-        return load_samples(job.options.validation, inputs, what="validation")
-    if job.options.calibration and job.options.calibration != RANDOM:
-        return split_for_validation(load_samples(job.options.calibration, inputs))[1]
-    return generated_validation(inputs)
 
 
 _CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
@@ -190,16 +252,3 @@ def _run(model, validation: Samples, job: Job, what: str, *, hint: str,
 def _headline(figures: dict[str, Any]) -> dict[str, Any]:
     keys = ("max_abs_error", "mean_abs_error", "cosine", "top1_agreement")
     return {k: figures[k] for k in keys if k in figures}
-
-
-def _what_to_try(recipe: str, job: Job) -> str:
-    tries = {
-        "static": ["--auto-exclude" if not job.options.auto_exclude else
-                   "raise quantization.max_auto_exclude in the profile",
-                   "--calibration-method entropy or percentile", "more (and representative) --calibration data",
-                   "--quantize fp16 or --quantize dynamic"],
-        "dynamic": ["--quantize static with --calibration data", "exclude op types in quantization.dynamic.exclude_op_types",
-                    "--quantize fp16"],
-        "fp16": ["exclude op types in quantization.fp16.exclude_op_types (kept in FP32)"],
-    }[recipe]
-    return "try " + ", or ".join(tries) + "; --quantize none keeps FP32"

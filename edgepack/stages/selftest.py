@@ -16,18 +16,21 @@ Rules:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import onnx
 
 from ..accuracy import check, compare, error_histograms
-from ..calibration import load_samples
+from ..calibration import load_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, first_line
-from ..job import Artifact, Job
-from ..modelinfo import describe_io
+from ..onnxio.modelinfo import describe_io
+from ..pipeline.job import Artifact, Job
+from ..pipeline.stage import Stage, StageResult, flattened, optional
 from ..samples import generate_inputs
-from .quantize import validation_samples
+from .convert import ConvertResult
 
-__all__ = ["self_test"]
+__all__ = ["SelfTest", "SelfTestResult"]
 
 SAMPLE_SETS = 3
 GROWTH_WARNING = 1.25
@@ -37,74 +40,86 @@ GROWTH_FLOOR = 64 * 1024
 """Below this, growth is the ORT format's own overhead on a small model."""
 
 
-def self_test(artifact: Artifact, job: Job) -> tuple[Artifact, dict]:
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    import onnxruntime as ort
+@dataclass(frozen=True, kw_only=True)
+class SelfTestResult(StageResult):
+    stage = "self_test"
+    summary: str
+    passed: bool
+    tolerance: str | None = optional()
+    """Which of the profile's tolerances applied, when not ``accuracy``."""
+    inputs: str
+    sample_sets: int
+    providers: list[str]
+    onnxruntime: str
+    figures: dict[str, Any] = flattened()
+    size_after_conversion: dict[str, Any] | None = optional()
+    size_warning: str | None = optional()
 
-    from ..runtime_shim import edgepack_shim
 
-    quantized = artifact.precision != "fp32"
-    inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
-    if job.options.sample_inputs:
-        given = load_samples(job.options.sample_inputs, inputs, what="sample input")
-        samples, origin = given.feeds, given.origin
-    elif quantized:
-        validation = validation_samples(job, inputs)
-        samples, origin = validation.feeds, validation.origin
-    else:
-        samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
-    output_names = [o["name"] for o in outputs]
-    try:
-        expected = _run_reference(job, output_names, samples)
-    except Exception as exc:
-        detail = first_line(exc)
-        raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
-    try:
-        # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
-        bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
-    except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-        detail = first_line(exc)
+class SelfTest(Stage):
+    name = "self_test"
+
+    def run(self, artifact: Artifact, job: Job) -> SelfTestResult:
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        import onnxruntime as ort
+
+        from ..runtime_shim import edgepack_shim
+
+        quantized = artifact.precision != "fp32"
+        inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
+        if job.options.sample_inputs:
+            given = load_samples(job.options.sample_inputs, inputs, what="sample input")
+            samples, origin = given.feeds, given.origin
+        elif quantized:
+            validation = validation_samples(job.options, inputs)
+            samples, origin = validation.feeds, validation.origin
+        else:
+            samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
+        output_names = [o["name"] for o in outputs]
+        try:
+            expected = _run_reference(job, output_names, samples)
+        except Exception as exc:
+            detail = first_line(exc)
+            raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
+        try:
+            # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
+            bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
+        except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
+            detail = first_line(exc)
+            if quantized:
+                raise ConversionError(
+                    f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
+                    f"({artifact.ort_style or 'no'} style): {detail}", where=job.profile.name,
+                    hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style "
+                         f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
+                ) from None
+            raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
+                                  hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
+        try:
+            got = [bundled.run(feeds) for feeds in samples]
+        except Exception as exc:
+            detail = first_line(exc)
+            raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
+        figures = compare(expected, got)
+        for name, histogram in error_histograms(expected, got).items():
+            figures["outputs"][name]["abs_error_histogram"] = histogram
         if quantized:
-            raise ConversionError(
-                f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
-                f"({artifact.ort_style or 'no'} style): {detail}", where=job.profile.name,
-                hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style "
-                     f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
-            ) from None
-        raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
-                              hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
-    try:
-        got = [bundled.run(feeds) for feeds in samples]
-    except Exception as exc:
-        detail = first_line(exc)
-        raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
-    figures = compare(expected, got)
-    for name, histogram in error_histograms(expected, got).items():
-        figures["outputs"][name]["abs_error_histogram"] = histogram
-    if quantized:
-        return artifact, _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
-    tolerance = job.profile.accuracy
-    passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
-    report = {
-        "stage": "self_test",
-        "summary": f"{'passed' if passed else 'FAILED'}: max abs error {figures['max_abs_error']:.3g} "
-        f"(<= {tolerance.max_abs_error:g}), cosine {figures['cosine']:.6f} (>= {tolerance.min_cosine:g}) "
-        f"on {len(samples)} {origin} input set(s)",
-        "passed": passed,
-        "inputs": origin,
-        "sample_sets": len(samples),
-        "providers": bundled.providers,
-        "onnxruntime": ort.__version__,
-        **figures,
-    }
-    if not passed:
-        raise AccuracyError(
-            f"the packaged model's outputs miss the tolerance: max abs error {figures['max_abs_error']:.4g} "
-            f"(allowed {tolerance.max_abs_error:g}), cosine {figures['cosine']:.6f} (required {tolerance.min_cosine:g})",
-            where=job.profile.name,
-            hint="check the model with --sample-inputs of real data, or loosen accuracy in the profile if that is acceptable",
+            return _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
+        tolerance = job.profile.accuracy
+        passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
+        if not passed:
+            raise AccuracyError(
+                f"the packaged model's outputs miss the tolerance: max abs error {figures['max_abs_error']:.4g} "
+                f"(allowed {tolerance.max_abs_error:g}), cosine {figures['cosine']:.6f} (required {tolerance.min_cosine:g})",
+                where=job.profile.name,
+                hint="check the model with --sample-inputs of real data, or loosen accuracy in the profile if that is acceptable",
+            )
+        return SelfTestResult(
+            summary=f"passed: max abs error {figures['max_abs_error']:.3g} (<= {tolerance.max_abs_error:g}), cosine "
+            f"{figures['cosine']:.6f} (>= {tolerance.min_cosine:g}) on {len(samples)} {origin} input set(s)",
+            passed=passed, inputs=origin, sample_sets=len(samples), providers=bundled.providers,
+            onnxruntime=ort.__version__, figures=figures,
         )
-    return artifact, report
 
 
 def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> list[dict]:
@@ -115,39 +130,28 @@ def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> li
     return [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
 
 
-def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, count: int, providers, version: str) -> dict:
+def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, count: int, providers,
+                      version: str) -> SelfTestResult:
     tolerance = job.profile.quantization.tolerance
     misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                    max_abs_error=tolerance.max_abs_error)
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
-    report = {
-        "stage": "self_test",
-        "summary": f"{'passed' if not misses else 'FAILED'} ({artifact.precision}, quantization tolerance): cosine "
-        f"{figures['cosine']:.6f} (>= {tolerance.min_cosine:g}){top1}, max abs error {figures['max_abs_error']:.3g} "
-        f"on {count} {origin} input set(s)",
-        "passed": not misses,
-        "tolerance": "quantization.tolerance",
-        "inputs": origin,
-        "sample_sets": count,
-        "providers": providers,
-        "onnxruntime": version,
-        **figures,
-    }
-    converted = next((r for r in job.reports if r["stage"] == "convert" and "ort_bytes" in r), None)
-    if converted:
-        onnx_bytes, ort_bytes = converted["onnx_bytes"], converted["ort_bytes"]
+    size, warning = None, None
+    converted = job.result(ConvertResult)
+    if converted and converted.ort_bytes is not None and converted.onnx_bytes is not None:
+        onnx_bytes, ort_bytes = converted.onnx_bytes, converted.ort_bytes
         source_bytes = job.source.bytes
         saved = source_bytes - onnx_bytes
-        report["size_after_conversion"] = {"source_bytes": source_bytes, "onnx_bytes": onnx_bytes,
-                                           "ort_bytes": ort_bytes, "ratio": round(ort_bytes / onnx_bytes, 3)}
+        size = {"source_bytes": source_bytes, "onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes,
+                "ratio": round(ort_bytes / onnx_bytes, 3)}
         grown = ort_bytes - onnx_bytes
         if ort_bytes > GROWTH_WARNING * onnx_bytes and grown > GROWTH_FLOOR and saved > 0 and grown > saved / 2:
             other = "Runtime" if artifact.ort_style == "Fixed" else "Fixed"
-            report["size_warning"] = (
+            warning = (
                 f"the .ort is {ort_bytes / onnx_bytes:.2f}x the size of the quantized .onnx ({ort_bytes / 1e6:.2f} MB vs "
                 f"{onnx_bytes / 1e6:.2f} MB; FP32 source {source_bytes / 1e6:.2f} MB): the conversion re-inflated weights; "
                 f"try ort_format.style {other} in the profile, or another recipe")
-            job.say(f"WARNING: {report['size_warning']}")
+            job.say(f"WARNING: {warning}")
     if misses:
         raise AccuracyError(
             f"the packaged {artifact.precision} model misses the quantization tolerance after conversion: {'; '.join(misses)}",
@@ -155,4 +159,9 @@ def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, 
             hint="the quantized .onnx passed the gate, so the ORT conversion changed the numbers: try ort_format.style "
                  "Fixed/Runtime, or another recipe (--quantize)",
         )
-    return report
+    return SelfTestResult(
+        summary=f"passed ({artifact.precision}, quantization tolerance): cosine {figures['cosine']:.6f} "
+        f"(>= {tolerance.min_cosine:g}){top1}, max abs error {figures['max_abs_error']:.3g} on {count} {origin} input set(s)",
+        passed=True, tolerance="quantization.tolerance", inputs=origin, sample_sets=count, providers=providers,
+        onnxruntime=version, figures=figures, size_after_conversion=size, size_warning=warning,
+    )

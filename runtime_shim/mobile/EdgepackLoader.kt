@@ -42,6 +42,7 @@ object EdgepackLoader {
             val provider = providers.getJSONObject(i)
             when (val name = provider.getString("name")) {
                 "NnapiExecutionProvider" -> options.addNnapi(nnapiFlags(provider.optJSONObject("options")))
+                "XnnpackExecutionProvider" -> options.addXnnpack(stringOptions(provider.optJSONObject("options")))
                 "CPUExecutionProvider" -> Unit // always there, after the others
                 else -> throw IllegalArgumentException("$SESSION_OPTIONS names $name, which this loader cannot add")
             }
@@ -49,6 +50,9 @@ object EdgepackLoader {
         val model = File(bundle, manifest.getJSONObject("model").getString("file"))
         return env.createSession(model.path, options)
     }
+
+    private fun stringOptions(options: JSONObject?): Map<String, String> =
+        options?.keys()?.asSequence()?.associateWith { options.getString(it) } ?: emptyMap()
 
     private fun nnapiFlags(options: JSONObject?): EnumSet<NNAPIFlags> {
         val flags = EnumSet.noneOf(NNAPIFlags::class.java)

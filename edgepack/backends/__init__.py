@@ -1,0 +1,26 @@
+"""Execution-provider backends, registered once: profiles are checked against them when they load.
+A new accelerator family is a module here (a ``Backend``, edgepack/backends/base.py), its line below,
+and a profile in targets/."""
+
+from __future__ import annotations
+
+from .base import Backend
+from .coreml import Coreml
+from .cpu import Cpu
+from .nnapi import Nnapi
+from .tensorrt import Tensorrt
+from .webgpu import Webgpu
+from .xnnpack import Xnnpack
+
+__all__ = ["BACKENDS", "Backend", "backend_of", "checkers"]
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Cpu(), Tensorrt(), Nnapi(), Coreml(), Webgpu(), Xnnpack())}
+
+
+def backend_of(provider: str) -> Backend | None:
+    return next((b for b in BACKENDS.values() if provider in b.providers), None)
+
+
+def checkers() -> list[str]:
+    """Every coverage checker a profile may name."""
+    return [b.checker for b in BACKENDS.values() if b.checker]

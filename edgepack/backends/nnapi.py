@@ -1,0 +1,24 @@
+"""Android NNAPI (deprecated upstream, still shipped in onnxruntime-android); the Kotlin loader adds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import Backend
+
+__all__ = ["Nnapi", "NnapiOptions"]
+
+
+@dataclass(frozen=True)
+class NnapiOptions:
+    flags: list[Literal["NNAPI_FLAG_USE_FP16", "NNAPI_FLAG_USE_NCHW", "NNAPI_FLAG_CPU_DISABLED",
+                        "NNAPI_FLAG_CPU_ONLY"]] = field(default_factory=list)
+    """ai.onnxruntime.providers.NNAPIFlags, as the loader maps them (prefix NNAPI_FLAG_ removed)."""
+
+
+class Nnapi(Backend):
+    name = "nnapi"
+    providers = ("NnapiExecutionProvider",)
+    checker = "nnapi"
+    options = {"NnapiExecutionProvider": NnapiOptions}

@@ -1,0 +1,13 @@
+"""onnxruntime-web in the browser: the WebGPU provider, with wasm (the CPU) behind it."""
+
+from __future__ import annotations
+
+from .base import Backend
+
+__all__ = ["Webgpu"]
+
+
+class Webgpu(Backend):
+    name = "webgpu"
+    providers = ("webgpu", "wasm")
+    checker = "webgpu"

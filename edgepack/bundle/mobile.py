@@ -1,0 +1,147 @@
+"""Mobile bundles (Android NNAPI or XNNPACK, iOS CoreML): the .ort model, its reduced-operator config and what an app needs.
+
+Rules:
+1. The profile's ``mobile`` section is the only source of package coordinates and build arguments; its
+   ``onnxruntime_version`` must satisfy ``runtime.version`` and be at least the onnxruntime that wrote
+   the .ort (an older runtime may not read it).
+2. ``session_options.json`` holds what the app's session needs: threads, optimization level, config
+   entries (ORT format, saved runtime optimizations) and the providers with their options, in order.
+3. The loader (Kotlin or Swift, from ``runtime_shim/mobile``) verifies every file's SHA-256 against
+   ``manifest.json`` before it creates the session.
+4. ``BUILD.md`` gives the exact build.py command line for a reduced-size onnxruntime from the bundle's
+   config, and the Gradle / CocoaPods / Swift Package Manager coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from importlib import metadata, resources
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from ..errors import ProfileError
+from ..fileops import copy_file
+from ..onnxio.ort_convert import CONFIG_NAME, session_entries
+from ..pipeline.job import Artifact, Job
+
+__all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
+
+SESSION_OPTIONS = "session_options.json"
+LOADERS = {"kotlin": ["EdgepackVerifier.kt", "EdgepackSignature.kt", "EdgepackLoader.kt"], "swift": ["EdgepackLoader.swift"]}
+
+
+class MobileBundler:
+    def write(self, model: Artifact, job: Job) -> dict:
+        profile = job.profile
+        mobile = profile.mobile
+        if mobile is None:
+            raise ProfileError("bundle.kind is mobile but the profile has no 'mobile' section", where=profile.source,
+                               hint="add mobile: {loader, onnxruntime_version, gradle or cocoapods, build_args}")
+        version = _app_runtime_version(job)
+        settings = session_options(model, job)
+        (job.staging / SESSION_OPTIONS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        loader_dir = job.staging / "loader"
+        loader_dir.mkdir()
+        for name in LOADERS[mobile.loader]:
+            copy_file(resources.files("edgepack.runtime_shim") / "mobile" / name, loader_dir / name)
+        coordinates = package_coordinates(job)
+        build = build_command(job)
+        (job.staging / "BUILD.md").write_text(_build_text(job, coordinates, build), encoding="utf-8")
+        (job.staging / "README.md").write_text(_readme_text(job, coordinates), encoding="utf-8")
+        return {"summary": f"{mobile.loader} loader, onnxruntime {version}", "loader": [f"loader/{n}" for n in LOADERS[mobile.loader]],
+                "session_options": SESSION_OPTIONS, "onnxruntime_version": version, "coordinates": coordinates,
+                "reduced_build_command": build}
+
+
+def session_options(model: Artifact, job: Job) -> dict:
+    profile = job.profile
+    entries = session_entries(profile.session.config_entries, model.format, model.ort_style)
+    return {
+        "model": f"model/{model.path.name}",
+        "intra_op_num_threads": profile.session.intra_op_num_threads,
+        "graph_optimization_level": profile.session.graph_optimization_level,
+        "config_entries": entries,
+        "execution_providers": [{"name": ep.name, "options": ep.options} for ep in profile.execution_providers],
+    }
+
+
+def package_coordinates(job: Job) -> dict[str, str]:
+    mobile = job.profile.mobile
+    version = mobile.onnxruntime_version
+    found = {}
+    if mobile.gradle:
+        found["gradle"] = f'implementation("{mobile.gradle}:{version}")'
+    if mobile.cocoapods:
+        found["cocoapods"] = f"pod '{mobile.cocoapods}', '{version}'"
+    if mobile.swiftpm_url:
+        found["swiftpm"] = (f'.package(url: "{mobile.swiftpm_url}", exact: "{version}")'
+                            f'  // product: "{mobile.swiftpm_product}"')
+    return found
+
+
+def build_command(job: Job) -> str:
+    """The build.py command line, run from an onnxruntime checkout at the app's version, bundle config included."""
+    args = ["python", "tools/ci_build/build.py", "--build_dir", "build/edgepack-reduced",
+            *job.profile.mobile.build_args, "--include_ops_by_config", f"<bundle>/{CONFIG_NAME}",
+            "--enable_reduced_operator_type_support"]
+    return " ".join(a if a.startswith(("$", "<")) else shlex.quote(a) for a in args)
+
+
+def _app_runtime_version(job: Job) -> str:
+    profile = job.profile
+    version = profile.mobile.onnxruntime_version
+    if Version(version) not in SpecifierSet(profile.runtime.version):
+        raise ProfileError(f"mobile.onnxruntime_version {version} does not satisfy runtime.version {profile.runtime.version}",
+                           where=profile.source)
+    writer = metadata.version("onnxruntime")
+    if Version(version).release[:2] < Version(writer).release[:2]:
+        raise ProfileError(
+            f"the .ort model is written by onnxruntime {writer}, but the app would link onnxruntime {version}, "
+            "which may not read it", where=profile.source,
+            hint=f"set mobile.onnxruntime_version to {writer} or later")
+    return version
+
+
+def _build_text(job: Job, coordinates: dict[str, str], build: str) -> str:
+    mobile = job.profile.mobile
+    lines = [f"# onnxruntime {mobile.onnxruntime_version} for {job.profile.name}", "",
+             "## The full package", ""]
+    names = {"gradle": "Gradle (app/build.gradle.kts)", "cocoapods": "CocoaPods (Podfile)",
+             "swiftpm": "Swift Package Manager (Package.swift)"}
+    for kind, line in coordinates.items():
+        lines += [f"{names[kind]}:", "", "```", line, "```", ""]
+    lines += [
+        "## A reduced-size onnxruntime",
+        "",
+        f"`{CONFIG_NAME}` lists the operators and types of this bundle's model, taken from the .ort file",
+        "itself. Build an onnxruntime that holds only those kernels, from a checkout of onnxruntime at tag",
+        f"v{mobile.onnxruntime_version} (`<bundle>` is this folder; `$...` are your SDK paths):",
+        "",
+        "```",
+        build,
+        "```",
+        "",
+        "`--minimal_build extended` is needed for the runtime optimizations saved in the .ort and for the",
+        "NNAPI/CoreML providers. A model packaged later with other operators needs a new build.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _readme_text(job: Job, coordinates: dict[str, str]) -> str:
+    mobile = job.profile.mobile
+    files = ", ".join(f"`loader/{n}`" for n in LOADERS[mobile.loader])
+    return "\n".join([
+        f"# {job.source.name} for {job.profile.name}",
+        "",
+        f"{job.profile.description}.",
+        "",
+        f"- `model/`: the model in ORT format; `{SESSION_OPTIONS}`: the session settings the app must use",
+        f"- {files}: load the bundle, verifying every file's SHA-256 against `manifest.json` first",
+        f"- `{CONFIG_NAME}` and `BUILD.md`: build a reduced-size onnxruntime for this model",
+        "",
+        "Link onnxruntime " + mobile.onnxruntime_version + ": " + "; ".join(f"`{c}`" for c in coordinates.values()),
+        "",
+    ])

@@ -1,0 +1,72 @@
+"""The packaging run: one model, loaded once, packaged for each target by the stages of ``plan``.
+
+A target's bundle is built in a temporary folder and renamed into place only when every stage passed,
+so a failure leaves nothing behind. The results of the stages end up in the bundle's manifest and REPORT.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..bundle.signing import sign_checked
+from ..errors import EdgepackError
+from ..fileops import atomic_folder
+from ..profiles import Profile
+from ..stages.load import load_result
+from ..stages.manifest import finalize
+from .job import Artifact, Job, Options, Source
+from .plan import plan
+from .result import Result, bundle_path, refuse_existing_output
+
+__all__ = ["Result", "package_model", "bundle_path", "refuse_existing_output"]
+
+
+def package_model(
+    model: Path,
+    profiles: list[Profile],
+    options: Options,
+    *,
+    name: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+    origin: list[dict[str, Any]] | None = None,
+) -> list[Result]:
+    """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
+    that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
+    name = name or model.stem
+    destinations = refuse_existing_output(name, profiles, options)
+    # loaded once here; the targets run here, in worker processes or on Ray, each bundle maybe from the cache
+    from ..executors import ModelWork, package_models
+
+    return package_models([ModelWork(model, name, profiles, options, destinations, origin)], progress)[0]
+
+
+def _package_one(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
+                 progress: Callable[[str], None], signing_key=None) -> Result:
+    started = time.perf_counter()
+    try:
+        with atomic_folder(destination, force=options.force) as staging:
+            job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
+                      destination=destination, progress=progress)
+            job.results.append(load_result(source))
+            artifact = Artifact(path=source.reference)
+            for stage in plan(profile, options):
+                stage_started = time.perf_counter()
+                try:
+                    result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
+                except EdgepackError as exc:
+                    exc.stage = stage.name
+                    raise
+                job.results.append(result)
+                artifact = result.artifact or artifact
+                job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - stage_started:.1f} s)")
+            written = finalize(artifact, job)
+            signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
+            if signed_by:
+                job.say(f"signed: model.sig, key {signed_by}")
+        return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started,
+                      signed_by=signed_by)
+    except EdgepackError as exc:
+        return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)

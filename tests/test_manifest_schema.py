@@ -1,0 +1,136 @@
+"""One JSON Schema for the manifest (runtime_shim/manifest.schema.json): every bundle's manifest validates
+against it, and every key the Python shim and the web loader read is one it declares."""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from edgepack.bundle import manifest as packager_manifest
+from edgepack.examples import EXAMPLE_SHAPES
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
+from edgepack.profiles import Bundle, builtin_profile_names, resolve_targets
+from edgepack.recipes import RECIPES
+from edgepack.runtime_shim import edgepack_shim
+
+SHIM = Path(edgepack_shim.__file__).parent
+SCHEMA = json.loads((SHIM / "manifest.schema.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def bundles(examples, tmp_path_factory) -> list[Path]:
+    """Both examples for every built-in target."""
+    out = tmp_path_factory.mktemp("schema")
+    found = []
+    for name, model in examples.items():
+        options = Options(output=out, input_shapes=EXAMPLE_SHAPES.get(name, {}))
+        results = package_model(model, resolve_targets(["all"]), options, name=name)
+        assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok]
+        found += [r.bundle for r in results]
+    return found
+
+
+def test_the_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+
+
+def test_every_bundle_manifest_validates(bundles):
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    assert len(bundles) == 2 * len(builtin_profile_names())
+    for bundle in bundles:
+        errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(_manifest(bundle))]
+        assert not errors, f"{bundle.name}: {errors[:5]}"
+
+
+def test_every_reader_names_the_schema_it_reads():
+    schema_id = SCHEMA["properties"]["schema"]["const"]
+    assert packager_manifest.SCHEMA == edgepack_shim.SCHEMA == schema_id
+    for reader in ("edgepack.mjs", "mobile/EdgepackVerifier.kt", "mobile/EdgepackLoader.swift"):
+        assert f"{schema_id}" in (SHIM / reader).read_text(encoding="utf-8"), reader
+
+
+def test_the_schema_allows_what_the_registries_and_profiles_allow():
+    assert set(SCHEMA["properties"]["model"]["properties"]["precision"]["enum"]) == {r.precision for r in RECIPES.values()}
+    assert set(SCHEMA["properties"]["bundle_kind"]["enum"]) == set(typing.get_args(typing.get_type_hints(Bundle)["kind"]))
+
+
+def test_the_python_shim_reads_only_declared_keys(bundles, monkeypatch):
+    read: set[tuple[str, ...]] = set()
+    loads = json.loads
+    monkeypatch.setattr(edgepack_shim.json, "loads", lambda text, **kw: _recording(loads(text, **kw), (), read))
+    for bundle in bundles:
+        if (bundle / "edgepack_shim.py").is_file():
+            edgepack_shim.load(bundle, providers=["CPUExecutionProvider"], check_runtime=False)
+    assert ("model", "inputs") in read and ("runtime", "session_options", "config_entries") in read
+    undeclared = sorted(path for path in read if not _declared(path))
+    assert not undeclared, undeclared
+
+
+def test_the_web_loader_reads_only_declared_keys():
+    source = (SHIM / "edgepack.mjs").read_text(encoding="utf-8")
+    paths = {tuple(m.split(".")[1:]) for m in re.findall(r"\bmanifest(?:\.[A-Za-z_]\w*)+", source)}
+    paths.discard(("json",))  # the file's name, not a key
+    assert ("model", "inputs") in paths
+    undeclared = sorted(path for path in paths if not _declared(path))
+    assert not undeclared, undeclared
+
+
+def _manifest(bundle: Path) -> dict[str, Any]:
+    return json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+
+
+class _Recorder(dict):
+    """A mapping that notes every key read from it, with its path from the manifest's top."""
+
+    def __init__(self, data, path, read):
+        super().__init__(data)
+        self._path, self._read = path, read
+
+    def __getitem__(self, key):
+        self._read.add((*self._path, key))
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._read.add((*self._path, key))
+        return super().get(key, default)
+
+
+def _recording(value, path, read):
+    if isinstance(value, dict):
+        return _Recorder({k: _recording(v, (*path, k) if path[:1] not in (("files",), ("profile",)) else (*path, "*"), read)
+                          for k, v in value.items()}, path, read)
+    if isinstance(value, list):
+        return [_recording(v, (*path, "[]"), read) for v in value]
+    return value
+
+
+def _declared(path: tuple[str, ...]) -> bool:
+    """Whether the schema declares the key ``path`` ("[]" steps into array items, "*" into any key)."""
+    node: Any = SCHEMA
+    for step in path:
+        node = _resolve(node)
+        if step == "[]":
+            node = node.get("items")
+        elif step == "*" or step not in node.get("properties", {}):
+            extra = node.get("additionalProperties", node.get("type") == "object" and "properties" not in node)
+            if extra is False or extra is None:
+                return False
+            node = extra if isinstance(extra, dict) else {}
+        else:
+            node = node["properties"][step]
+        if node is None:
+            return False
+    return True
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    return node
