@@ -33,7 +33,8 @@ from edgepack.examples import EXAMPLE_SHAPES, write_example
 
 
 def run(args: list[str], cache: Path) -> tuple[float, dict]:
-    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0", "EDGEPACK_BUNDLE_CACHE": str(cache)}
+    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "EDGEPACK_BUNDLE_CACHE": str(cache)}
     load = os.getloadavg()[0]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "edgepack", *args, "--json", "--force"], capture_output=True,

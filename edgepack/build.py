@@ -16,15 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
 from .errors import EdgepackError, ProfileError, UsageError
 from .execution import DEFAULT_CACHE_MAX_MB, Execution, available_cores, default_cache_dir
-from .profiles import _build, _kind, _NAME
+from .profiles import _NAME, _build, _kind
 
 __all__ = ["BuildFile", "ModelEntry", "load_build_file", "select_pairs", "parse_shard", "run_build",
            "add_execution_flags", "execution_from_args"]
@@ -166,7 +167,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def run_build(build: BuildFile, pairs: list[Pair], base_options, *, progress: Callable[[str], None]) -> list[tuple[str, Any]]:
+def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
+              progress: Callable[[str], None]) -> list[tuple[str, Any]]:
     """Package every pair; (model name, Result) for each, in pair order (rule 3)."""
     from .api import is_torch_input, package_source
     from .executors import ModelWork, package_models
@@ -178,7 +180,7 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *, progress: Ca
     for pair in pairs:
         grouped.setdefault(model_name(pair.entry), (pair.entry, []))[1].append(pair.profile)
     options_of = {name: _options(entry, base, base_options) for name, (entry, _) in grouped.items()}
-    for name, (entry, profiles) in grouped.items():  # every refusal before any work
+    for name, (_, profiles) in grouped.items():  # every refusal before any work
         refuse_existing_output(name, profiles, options_of[name])
     results: dict[tuple[str, str], Any] = {}
     works = []
@@ -196,7 +198,7 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *, progress: Ca
         else:
             destinations = {p.name: bundle_path(output, name, p) for p in profiles}
             works.append(ModelWork(Path(model), name, profiles, options_of[name], destinations))
-    for work, done in zip(works, package_models(works, progress, keep_going=True)):
+    for work, done in zip(works, package_models(works, progress, keep_going=True), strict=True):
         results.update({(work.name, r.target): r for r in done})
     return [(model_name(p.entry), results[model_name(p.entry), p.profile.name]) for p in pairs]
 
@@ -224,15 +226,18 @@ def _relative(value: str, base: Path) -> str:
 
 def add_execution_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-j", "--jobs", type=int, metavar="N",
-                        help=f"(model, target) pairs at once, in worker processes (default: the cores, {available_cores()} here)")
-    parser.add_argument("--no-cache", action="store_true", help="build every bundle, neither reading nor filling the cache")
+                        help="(model, target) pairs at once, in worker processes "
+                        f"(default: the cores, {available_cores()} here)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="build every bundle, neither reading nor filling the cache")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="bundle cache folder, may be shared by several machines "
                         "(default: $EDGEPACK_BUNDLE_CACHE, 'off' for none, or ~/.cache/edgepack/bundles)")
     parser.add_argument("--cache-max-mb", type=float, metavar="MB",
                         help=f"evict least recently used bundles past this size (default: {DEFAULT_CACHE_MAX_MB:g})")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local: worker processes on this machine; ray: one Ray task per pair (pip install 'edgepack[ray]')")
+                        help="local: worker processes on this machine; "
+                        "ray: one Ray task per pair (pip install 'edgepack[ray]')")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, else a Ray instance "
                         "started on this machine for the run)")

@@ -31,16 +31,17 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from .bundle.manifest import read_manifest, verify_bundle
 from .errors import UsageError
 from .fileops import atomic_folder
-from .bundle.manifest import read_manifest, verify_bundle
 
 __all__ = ["BundleCache", "bundle_key", "CacheInfo"]
 

@@ -8,11 +8,12 @@ Rules:
 3. A pair whose bundle is in the cache is restored before anything is loaded: an unchanged fleet
    costs hashing its inputs and copying its bundles. A model none of whose pairs missed is never loaded.
 4. A failing pair is reported in its result; the other pairs go on.
-5. Worker processes start from a fork server that has imported the pipeline once (`import
-   edgepack.pipeline` took 2.8 s in a fresh interpreter at load 10 on 2 cores), not by forking this
-   process: numpy's and onnxruntime's threads are already running here. No more workers start than
-   there are pairs to build. Workers get the signing key as bytes, so nothing reads the passphrase twice. Ray tasks never see the signing key: the bundle comes back as bytes, is signed here and renamed
-   into place here.
+5. Worker processes start from a fork server that has imported the pipeline once (importing it took
+   2.8 s in a fresh interpreter at load 10 on 2 cores), not by forking this process: numpy's and
+   onnxruntime's threads are already running here. No more workers start than
+   there are pairs to build. Workers get the signing key as bytes, so nothing reads the passphrase
+   twice. Ray tasks never see the signing key: the bundle comes back as bytes, is signed here and
+   renamed into place here.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import dataclasses
 import multiprocessing
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import EdgepackError, UsageError
 from .execution import Execution
-from .fileops import atomic_folder
 from .pipeline.job import Options, Source
+from .pipeline.result import Result
 from .profiles import Profile
 from .progress import about
-from .pipeline.result import Result
 
 __all__ = ["ModelWork", "package_models"]
 
@@ -132,7 +133,7 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
             from .bundle.freeze import freeze_result
 
             done = [freeze_result(r, p, onefile=work.options.onefile, force=work.options.force, progress=progress)
-                    for r, p in zip(done, work.profiles)]
+                    for r, p in zip(done, work.profiles, strict=True)]
         out.append(done)
     return out
 
@@ -192,7 +193,8 @@ class InlineExecutor:
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
         for tag, source, profile, options, workdir, destination, signer in self._pending:
-            from .pipeline.run import _package_one  # not before: a build whose bundles all come from the cache needs none of it
+            # not before: a build whose bundles all come from the cache needs none of the pipeline
+            from .pipeline.run import _package_one
 
             with about(profile.name):
                 result = _package_one(source, profile, options, workdir, destination, progress,

@@ -19,17 +19,18 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from .bundle.signing import sign_checked
 from .errors import UsageError
 from .execution import Execution
 from .fileops import atomic_folder
 from .pipeline.job import Options, Source
+from .pipeline.result import Result
 from .pipeline.run import _package_one
 from .profiles import Profile
-from .pipeline.result import Result
-from .bundle.signing import sign_checked
 
 __all__ = ["RayExecutor"]
 

@@ -20,15 +20,15 @@ import pytest
 
 from edgepack import cache as cache_module
 from edgepack.build import load_build_file, parse_shard, select_pairs
+from edgepack.bundle.manifest import verify_bundle
+from edgepack.bundle.signing import generate_key, load_public_key, verify_signature
 from edgepack.cache import BundleCache, bundle_key, model_digests
 from edgepack.errors import ProfileError, UsageError
 from edgepack.examples import write_example
 from edgepack.execution import Execution
 from edgepack.pipeline.job import Options
-from edgepack.bundle.manifest import verify_bundle
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import builtin_profile_names, load_profile
-from edgepack.bundle.signing import generate_key, load_public_key, verify_signature
 
 TARGETS = ["linux-x64", "rpi-arm64"]
 ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -155,7 +155,8 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
     tools = cache_module.tool_versions()
     assert {"edgepack", "edgepack-files", "onnx", "onnxruntime", "onnx-ir", "python"} <= set(tools)
     for package_name in ("onnxruntime", "onnx", "onnx-ir", "edgepack", "edgepack-files"):
-        monkeypatch.setattr(cache_module, "tool_versions", lambda: {**tools, package_name: "0.0.0-other"})
+        other = {**tools, package_name: "0.0.0-other"}
+        monkeypatch.setattr(cache_module, "tool_versions", lambda other=other: other)
         keys[package_name] = bundle_key(model, "cnn-linux-x64", profile, options)
     monkeypatch.undo()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -210,7 +211,8 @@ def write_build_file(folder: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("text, needles", [
     ("models: [{model: a.onnx, colour: red}]\ntargets: [linux-x64]\n", ["unknown key models[0].'colour'"]),
-    ("models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n", ["'models[0].quantize'", "'static'", "'int4'"]),
+    ("models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n",
+     ["'models[0].quantize'", "'static'", "'int4'"]),
     ("models: [{model: a.onnx, input_shapes: {x: five}}]\ntargets: [linux-x64]\n",
      ["'models[0].input_shapes.x'", "expected a list", "the string 'five'"]),
     ("models: [{model: a.onnx}, {model: b/a.onnx}]\ntargets: [linux-x64]\n", ["'models[1].name'", "'a'", "models[0]"]),
@@ -284,7 +286,7 @@ def test_two_concurrent_builds_share_one_cache(tmp_path):
     runners = [build_cli(path, "--json", "--jobs", "1", "--cache-dir", cache, "-o", tmp_path / f"out{i}", cwd=tmp_path)
                for i in (1, 2)]
     outputs = [r.communicate(timeout=600) for r in runners]
-    for runner, (out, err) in zip(runners, outputs):
+    for runner, (_, err) in zip(runners, outputs, strict=True):
         assert runner.returncode == 0, err
     assert tree(tmp_path / "out1") == tree(tmp_path / "out2")
     entries = list((cache / "entries").iterdir())
