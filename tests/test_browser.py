@@ -600,6 +600,7 @@ def test_an_isolated_page_runs_the_profiles_thread_count(browser, site, three_th
 
 
 def test_not_isolated_page_runs_one_thread_and_says_so_once(browser, bundles, tmp_path):
+    import threading
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
