@@ -180,13 +180,16 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
     for pair in pairs:
         grouped.setdefault(model_name(pair.entry), (pair.entry, []))[1].append(pair.profile)
     options_of = {name: _options(entry, base, base_options) for name, (entry, _) in grouped.items()}
-    for name, (_, profiles) in grouped.items():  # every refusal before any work
-        refuse_existing_output(name, profiles, options_of[name])
+    models = {}
+    for name, (entry, profiles) in grouped.items():  # every refusal before any work
+        local = _relative(entry.model, base)
+        models[name] = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
+        refuse_existing_output(name, profiles, options_of[name],
+                               inputs=(Path(models[name]),) if models[name] == local else ())
     results: dict[tuple[str, str], Any] = {}
     works = []
     for name, (entry, profiles) in grouped.items():
-        local = _relative(entry.model, base)
-        model = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
+        model = models[name]
         if is_torch_input(model):
             try:
                 done = package_source(model, profiles, options_of[name], name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except OSError as exc:  # a path the system refuses (too long, no permission, a file where a folder must be)
+        if args.debug:
+            raise
+        _error(f"{exc.filename or 'a file'}: {exc.strerror or exc}\n  hint: check the paths given on the command line")
+        return 2
     except Exception as exc:  # a bug in edgepack or a library: still one clear line unless --debug
         if args.debug:
             raise
@@ -100,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("-t", "--target", action="append", required=True, metavar="TARGET",
                          help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)")
     package.add_argument("-o", "--output", type=Path, default=Path("build"), help="output folder (default: build/)")
-    package.add_argument("--force", action="store_true", help="replace existing bundles")
+    package.add_argument("--force", action="store_true",
+                         help="replace existing bundles (only folders edgepack wrote, holding no file of yours)")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
     package.add_argument("--quantize", choices=list(RECIPES),
@@ -516,7 +523,14 @@ def _print_json(data: Any) -> None:
 
 
 def _error(message: str) -> None:
-    print(f"edgepack: error: {message}", file=sys.stderr)
+    print(f"edgepack: error: {_bounded(message)}", file=sys.stderr)
+
+
+def _bounded(message: str, longest: int = 200) -> str:
+    """``message`` with every run of over ``longest`` non-blank characters (a path or value the user or a
+    file gave) cut in the middle, so that no message grows with its input."""
+    return re.sub(r"\S{%d,}" % (longest + 1), lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
+                  message)
 
 
 if __name__ == "__main__":

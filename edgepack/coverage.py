@@ -34,6 +34,7 @@ from .errors import ConversionError, EdgepackError, ProfileError, first_line
 from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .profiles import Coverage
+from .safety import op_list_names, shown
 
 __all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report"]
 
@@ -162,10 +163,10 @@ def _list_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
 @functools.cache
 def load_op_list(name: str) -> tuple[dict[str, tuple[int, int | None]], str]:
     """``{op: (first opset, last opset or None)}`` and the list's version line, from edgepack/data/<name>."""
+    if name not in op_list_names():  # never a path: only the lists shipped with edgepack
+        raise ProfileError(f"coverage.op_list {shown(name)} is not a list in edgepack/data",
+                           hint="name one of: " + ", ".join(op_list_names()))
     path = resources.files("edgepack") / "data" / name
-    if not name or not path.is_file():
-        raise ProfileError(f"coverage.op_list {name!r} is not a list in edgepack/data",
-                           hint="name one of: " + ", ".join(sorted(p.name for p in (resources.files("edgepack") / "data").iterdir())))
     table: dict[str, tuple[int, int | None]] = {}
     version = ""
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .destination import check_destination, nearest_existing
 from .errors import UsageError
 
-__all__ = ["copy_file", "atomic_folder"]
+__all__ = ["copy_file", "atomic_folder", "working_directory"]
 
 
 def copy_file(src, dst) -> None:
@@ -21,19 +22,28 @@ def copy_file(src, dst) -> None:
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``destination``; rename it into place only if the block succeeds.
+def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = (),
+                  recognise: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder; rename it to ``destination`` only if the block succeeds.
 
-    On any failure the temporary folder is removed and ``destination`` is left as it was.
+    The temporary folder sits in the closest existing folder on the way to ``destination`` (so the rename
+    stays on one filesystem) and the folders up to ``destination`` are made only at the rename: on any
+    failure nothing is left, not even an empty output folder. What may be replaced, and what never
+    (the ``inputs``), is ``destination.check_destination``'s rule, checked again at the rename.
     """
-    if destination.exists() and not force:
-        raise UsageError(f"{destination} already exists", hint="pass --force to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    check_destination(destination, force=force, inputs=inputs, recognise=recognise)
+    parent = nearest_existing(destination.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write in {parent}: {exc.strerror or exc}", where=str(destination),
+                         hint="choose an -o in a folder you can write") from None
     os.chmod(staging, 0o755)
     try:
         yield staging
-        if destination.exists():
+        check_destination(destination, force=force, inputs=inputs, recognise=recognise)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(destination):
             old = staging.with_suffix(".old")
             destination.rename(old)
             staging.rename(destination)
@@ -43,3 +53,15 @@ def atomic_folder(destination: Path, *, force: bool) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def working_directory(folder: Path) -> Iterator[Path]:
+    """Run a block with ``folder`` as the current folder: for library helpers that write files relative
+    to it (onnxruntime's quantization pre-processing, onnx's checker looking for side files)."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(previous)

@@ -23,6 +23,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from .backends import BACKENDS, backend_of, checkers
 from .errors import ProfileError, UsageError
 from .recipes import RECIPES, variants
+from .safety import check_profile, load_yaml, shown
 
 __all__ = [
     "Profile",
@@ -218,7 +219,7 @@ def load_profile(name_or_path: str) -> Profile:
     if name_or_path not in builtin_profile_names():
         known = ", ".join(builtin_profile_names())
         raise UsageError(
-            f"unknown target {name_or_path!r}",
+            f"unknown target {shown(name_or_path)}",
             hint=f"built-in targets: {known}, or all; or pass a path to your own profile .yaml",
         )
     return _load_file(Path(str(_builtin_dir() / f"{name_or_path}.yaml")))
@@ -243,7 +244,7 @@ def _builtin_dir():
 
 def _load_file(path: Path) -> Profile:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"cannot read profile: {exc}", where=str(path)) from None
     except yaml.YAMLError as exc:
@@ -256,7 +257,7 @@ def _load_file(path: Path) -> Profile:
         raise ProfileError(f"expected a mapping of profile keys, found {_kind(data)}", where=str(path))
     schema = data.pop("schema", SCHEMA)
     if schema != SCHEMA:
-        raise ProfileError(f"key 'schema': expected {SCHEMA!r}, found {schema!r}", where=str(path))
+        raise ProfileError(f"key 'schema': expected {SCHEMA!r}, found {shown(schema)}", where=str(path))
     profile = _build(Profile, data, str(path), "")
     profile = dataclasses.replace(profile, source=str(path))
     _check_semantics(profile, str(path))
@@ -266,7 +267,7 @@ def _load_file(path: Path) -> Profile:
 def _check_semantics(profile: Profile, where: str) -> None:
     if not _NAME.fullmatch(profile.name):
         raise ProfileError(
-            f"key 'name': expected letters, digits, '.', '_' or '-' (it names the bundle folder), found {profile.name!r}",
+            f"key 'name': expected letters, digits, '.', '_' or '-' (it names the bundle folder), found {shown(profile.name)}",
             where=where,
         )
     if profile.session.intra_op_num_threads < 0:
@@ -276,7 +277,7 @@ def _check_semantics(profile: Profile, where: str) -> None:
         SpecifierSet(profile.runtime.version)
     except InvalidSpecifier:
         raise ProfileError(
-            f"key 'runtime.version': expected a version specifier like '>=1.20', found {profile.runtime.version!r}",
+            f"key 'runtime.version': expected a version specifier like '>=1.20', found {shown(profile.runtime.version)}",
             where=where,
         ) from None
     _check_recipes(profile.quantization, where)
@@ -298,6 +299,7 @@ def _check_semantics(profile: Profile, where: str) -> None:
                        ("runtime.max_ir_version", profile.runtime.max_ir_version)):
         if value <= 0:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
+    check_profile(profile, where)
 
 
 def _check_providers(profile: Profile, where: str) -> None:
@@ -359,7 +361,7 @@ def _build(cls, data: Any, where: str, prefix: str):
     unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ProfileError(
-            f"unknown key {prefix}{unknown[0]!r}", where=where, hint=f"known keys here: {', '.join(sorted(known))}"
+            f"unknown key {prefix}{shown(unknown[0])}", where=where, hint=f"known keys here: {', '.join(sorted(known))}"
         )
     values: dict[str, Any] = {}
     for name, kinds in spread.items():
@@ -394,7 +396,7 @@ def _convert(tp, value: Any, where: str, key: str):
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ProfileError(f"key {key!r}: expected one of {choices}, found {value!r}", where=where)
+            raise ProfileError(f"key {key!r}: expected one of {choices}, found {shown(value)}", where=where)
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -403,7 +405,7 @@ def _convert(tp, value: Any, where: str, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ProfileError(f"key {key!r}: expected a mapping, found {_kind(value)}", where=where)
-        return {_convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{k}") for k, v in value.items()}
+        return {_convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{shown(k)}") for k, v in value.items()}
     if tp is Any:
         _check_plain(value, where, key)
         return value
@@ -445,6 +447,6 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}".lower()}.get(
-        type(value), f"{type(value).__name__} {value!r}"
+    return {dict: "a mapping", list: "a list", str: f"the string {shown(value)}", bool: f"{value}".lower()}.get(
+        type(value), f"{type(value).__name__} {shown(value)}"
     )

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import numpy as np
 
-__all__ = ["generate_inputs", "concrete_shape"]
+from .errors import UsageError
+
+__all__ = ["generate_inputs", "concrete_shape", "MEMORY_BUDGET"]
+
+MEMORY_BUDGET = 2 << 30
+"""Bytes all generated input sets of one call may take. A model declares its own input dims (seen:
+[2**40, 2**40], which allocated until MemoryError): over this, edgepack refuses instead of allocating."""
 
 DEFAULT_DIM = 8
 """Size given to a dynamic dim after the first (sequence length, image side) when nothing says otherwise."""
@@ -28,6 +36,7 @@ def concrete_shape(shape: list | None, overrides: dict[str, int] | None = None) 
 def generate_inputs(inputs: list[dict[str, Any]], *, seed: int = 0, count: int = 1) -> list[dict[str, np.ndarray]]:
     """``count`` deterministic input sets. Floats ~ N(0, 1); integers in [0, 16) (ids and indices stay
     in range of any table); inputs named like masks are all ones; booleans are True."""
+    _check_budget(inputs, count)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
@@ -44,3 +53,18 @@ def generate_inputs(inputs: list[dict[str, Any]], *, seed: int = 0, count: int =
         samples.append(feeds)
     return samples
 
+
+
+def _check_budget(inputs: list[dict[str, Any]], count: int) -> None:
+    sizes = {spec["name"]: math.prod(concrete_shape(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+             for spec in inputs}
+    total = sum(sizes.values()) * count
+    if total > MEMORY_BUDGET:
+        largest = max(sizes, key=sizes.get)
+        spec = next(s for s in inputs if s["name"] == largest)
+        shape = "x".join(map(str, concrete_shape(spec["shape"])))
+        raise UsageError(
+            f"generated inputs would take {total / 2**30:.3g} GiB ({count} set(s); input {largest[:80]!r} is {shape[:80]}), "
+            f"over the budget of {MEMORY_BUDGET >> 30} GiB",
+            hint="give real inputs with --sample-inputs (and --calibration/--validation for quantization), "
+                 "or smaller dims with --input-shape / --fix-dim")

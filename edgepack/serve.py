@@ -7,6 +7,10 @@ It listens on 127.0.0.1 only and sends what onnxruntime-web needs from a server:
    make the page ``crossOriginIsolated`` so onnxruntime-web can run several threads;
 3. ``Cache-Control: no-cache`` with an ``ETag`` per file version, so a reload revalidates (cheap 304s)
    and a changed file is never served stale from the browser's cache.
+4. Only regular files inside the folder, reached through no symbolic link (the shim's
+   ``open_in_bundle``): a link to a file outside is 404, never its bytes. Every request gets a status
+   (404 for a name that cannot be a file here, 414 for a path over ``MAX_PATH`` characters), sockets
+   time out, and threads are bounded (the shim's ``bounded_server``).
 
 Standard library only; for production use your own web server with the headers in the bundle's README.
 """
@@ -19,9 +23,11 @@ import threading
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from .bundle.manifest import MANIFEST_NAME
 from .errors import UsageError
+from .runtime_shim.edgepack_shim import SOCKET_TIMEOUT, bounded_server, open_in_bundle
 
 __all__ = ["HEADERS", "MIME_TYPES", "BundleServer", "make_server", "start_server"]
 
@@ -45,22 +51,42 @@ MIME_TYPES = {
 }
 
 
+MAX_PATH = 2048
+
+
 class _Handler(SimpleHTTPRequestHandler):
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
     quiet = True
+    timeout = SOCKET_TIMEOUT
+    default_request_version = "HTTP/1.0"  # an unparseable request line still gets a status line
     _etag: str | None = None
 
     def send_head(self):
         self._etag = None
-        path = Path(self.translate_path(self.path))
-        if path.is_file():
-            stat = path.stat()
-            self._etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
-            if self.headers.get("If-None-Match") == self._etag:
-                self.send_response(HTTPStatus.NOT_MODIFIED)
-                self.end_headers()
-                return None
-        return super().send_head()
+        if len(self.path) > MAX_PATH:
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG, f"paths are at most {MAX_PATH} characters")
+            return None
+        rel = _relative(self.path)
+        try:
+            f = open_in_bundle(Path(self.directory), rel) if rel else None
+        except (OSError, ValueError):
+            f = None
+        if f is None:
+            self.send_error(HTTPStatus.NOT_FOUND, "no such file in this bundle")
+            return None
+        stat = os.fstat(f.fileno())
+        self._etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+        if self.headers.get("If-None-Match") == self._etag:
+            f.close()
+            self.send_response(HTTPStatus.NOT_MODIFIED)
+            self.end_headers()
+            return None
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", self.guess_type(rel))
+        self.send_header("Content-Length", str(stat.st_size))
+        self.send_header("Last-Modified", self.date_time_string(stat.st_mtime))
+        self.end_headers()
+        return f
 
     def list_directory(self, path):
         self.send_error(HTTPStatus.NOT_FOUND, "no directory listings")
@@ -78,8 +104,24 @@ class _Handler(SimpleHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-class BundleServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _relative(url_path: str) -> str | None:
+    """The bundle-relative file a request path names ("/" is index.html), or None when it cannot name one."""
+    try:
+        path = unquote(urlsplit(url_path).path, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if "\x00" in path or "\\" in path:
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    if path.endswith("/") or not parts:
+        parts.append("index.html")
+    return "/".join(parts)
+
+
+class BundleServer(bounded_server(ThreadingHTTPServer)):
+    name = "edgepack serve"
 
     @property
     def url(self) -> str:
@@ -90,6 +132,8 @@ class BundleServer(ThreadingHTTPServer):
 def make_server(folder: Path, port: int = 0, *, quiet: bool = True, require_manifest: bool = True) -> BundleServer:
     """A server for ``folder`` on 127.0.0.1:``port`` (0: any free port), bound but not yet serving."""
     folder = Path(folder)
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected 0 (any free port) to 65535")
     if not folder.is_dir():
         raise UsageError("not a folder", where=str(folder), hint="pass a bundle folder written by `edgepack package`")
     if require_manifest and not (folder / MANIFEST_NAME).is_file():
@@ -97,8 +141,8 @@ def make_server(folder: Path, port: int = 0, *, quiet: bool = True, require_mani
     handler = functools.partial(type("Handler", (_Handler,), {"quiet": quiet}), directory=os.fspath(folder))
     try:
         return BundleServer(("127.0.0.1", port), handler)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}",
+    except (OSError, OverflowError) as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {getattr(exc, 'strerror', None) or exc}",
                          hint="pick another --port, or 0 for any free port") from None
 
 

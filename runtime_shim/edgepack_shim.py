@@ -1,12 +1,13 @@
 """Run an edgepack bundle on the device: verify its files, then load and run its model.
 
-Needs only the Python standard library, numpy and onnxruntime. From inside the bundle folder:
+Needs only the Python standard library, numpy and onnxruntime. From the folder holding the bundle
+(inputs and outputs stay outside it: `run` refuses to write into the bundle, whose files are checksummed):
 
-    python edgepack_shim.py info                        # model I/O, target, providers wanted vs available
-    python edgepack_shim.py verify                      # every file's checksum against manifest.json
-    python edgepack_shim.py run inputs.npz -o out.npz   # .npy for a single-input model; --json prints a summary
-    python edgepack_shim.py bench --runs 200            # first-run time, p50/p90/p99 latency, throughput
-    python edgepack_shim.py serve --port 8080           # HTTP JSON endpoint on 127.0.0.1
+    python BUNDLE/edgepack_shim.py info                        # model I/O, target, providers wanted vs available
+    python BUNDLE/edgepack_shim.py verify                      # every file's checksum against manifest.json
+    python BUNDLE/edgepack_shim.py run inputs.npz -o out.npz   # .npy for a single-input model; --json: a summary
+    python BUNDLE/edgepack_shim.py bench --runs 200            # first-run time, p50/p90/p99 latency, throughput
+    python BUNDLE/edgepack_shim.py serve --port 8080           # HTTP JSON endpoint on 127.0.0.1
 
 or from Python:
 
@@ -26,6 +27,9 @@ What it guarantees:
   with their options). A missing preferred provider is reported; with ``--strict-providers`` (or the
   manifest's ``strict_providers``) it is refused instead of silently falling back to the CPU.
 - Inputs are checked by name, dtype (lossless casts only), rank and fixed dims before running.
+- Only regular files inside the bundle are opened, through no symbolic link; session config entries and
+  provider options must be on this file's allow-list (none names a file), so a manifest cannot make
+  onnxruntime write or read outside the bundle.
 
 Exit codes: 0 ok, 1 other errors, 2 usage or bad inputs, 4 onnxruntime or providers do not match the
 bundle, 5 onnxruntime failed to load or run the model, 7 the bundle's files do not match its manifest.
@@ -39,9 +43,12 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # before onnxruntime is imp
 
 import argparse
 import base64
+import errno
 import hashlib
 import json
+import math
 import re
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -103,37 +110,56 @@ def default_bundle() -> Path:
 
 def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
     """The parsed manifest. With ``check_seal``, any changed byte of manifest.json is refused."""
-    path = Path(bundle) / MANIFEST
     try:
-        raw = path.read_bytes()
-        manifest = json.loads(raw.decode("utf-8"))
+        with open_in_bundle(bundle, MANIFEST) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise VerificationError(f"{bundle}: no {MANIFEST} here, so this is not an edgepack bundle "
                                 "(pass --bundle FOLDER)") from None
-    except (OSError, ValueError, RecursionError) as exc:
-        raise VerificationError(f"{bundle}: changed: {MANIFEST} (unreadable: {type(exc).__name__})") from None
+    except OSError as exc:
+        raise VerificationError(f"{bundle}: {MANIFEST} is not a regular file of the bundle "
+                                f"({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise VerificationError(f"{bundle}: {MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB: not an edgepack manifest")
+    try:
+        if _nesting(raw) > MAX_NESTING:
+            raise ValueError("nested too deeply")
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise VerificationError(f"{bundle}: {MANIFEST} is unreadable ({type(exc).__name__}): changed, or not an "
+                                "edgepack manifest") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise VerificationError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
     if check_seal and not seal_matches(raw, manifest):
         raise VerificationError(f"{bundle}: changed: {MANIFEST} (its own checksum does not match)")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not all(_safe_entry(rel, entry) for rel, entry in files.items()):
-        raise VerificationError(f"{bundle}: {MANIFEST} has a missing, malformed or unsafe 'files' list")
-    problem = _structure_problem(manifest)
+    problem = manifest_problem(manifest)
     if problem:
         raise VerificationError(f"{bundle}: {MANIFEST} is malformed: {problem}")
     return manifest
 
 
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest (None: nothing): the one set of rules every reader applies
+    (``edgepack verify`` calls this function too), so that a damaged manifest is one clear error even
+    with --no-verify, no path leads outside the bundle, and no session setting names a file."""
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        return f"not an edgepack manifest ({SCHEMA})"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(_safe_entry(rel, entry) for rel, entry in files.items()):
+        return "the 'files' list is missing, malformed or names a path outside the bundle"
+    return _structure_problem(manifest)
+
+
 def _structure_problem(manifest: dict) -> str | None:
-    """What is wrong with the parts of the manifest this shim reads (None: nothing), so that a damaged
-    manifest is one clear error even with --no-verify, and no path can lead outside the bundle."""
     model, runtime = manifest.get("model"), manifest.get("runtime")
     if not isinstance(model, dict) or not isinstance(runtime, dict):
         return "'model' and 'runtime' must be mappings"
-    for rel in [model.get("file")] + list(model.get("external_data") or []):
+    side_files = model.get("external_data") or []
+    if not isinstance(side_files, list):
+        return "'model.external_data' must be a list of file names"
+    for rel in [model.get("file")] + side_files:
         if not _safe_entry(rel, {"sha256": "", "size": 0}):
-            return f"model file {rel!r} is not a relative path inside the bundle"
+            return f"model file {_shown(rel)} is not a relative path inside the bundle"
     for key in ("inputs", "outputs"):
         specs = model.get(key)
         if not isinstance(specs, list) or not all(
@@ -145,14 +171,134 @@ def _structure_problem(manifest: dict) -> str | None:
             isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("options", {}), dict)
             for p in providers):
         return "'runtime.execution_providers' must be a non-empty list of {name, options}"
+    for p in providers:
+        for key, value in (p.get("options") or {}).items():
+            problem = provider_option_problem(p["name"], key, value)
+            if problem:
+                return f"provider option {_shown(p['name'])}: {_shown(key)}: {problem}"
     settings = runtime.get("session_options", {})
     if not isinstance(settings, dict) or not isinstance(settings.get("config_entries", {}), dict):
         return "'runtime.session_options' must be a mapping"
+    for key, value in (settings.get("config_entries") or {}).items():
+        problem = config_entry_problem(key, value)
+        if problem:
+            return f"session config entry {_shown(key)}: {problem}"
     threads = settings.get("intra_op_num_threads", 0)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        return "'runtime.session_options.intra_op_num_threads' must be a whole number >= 0"
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= MAX_THREADS:
+        return f"'runtime.session_options.intra_op_num_threads' must be a whole number from 0 to {MAX_THREADS}"
     if settings.get("graph_optimization_level", "all") not in ("disable", "basic", "extended", "all"):
         return "'runtime.session_options.graph_optimization_level' must be disable, basic, extended or all"
+    return None
+
+
+def _nesting(raw: bytes) -> int:
+    """How deeply the JSON text nests arrays and objects (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for token in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[{]|[\]}]', raw):
+        char = token.group()[:1]
+        if char in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _bounded(message: str, longest: int = 200) -> str:
+    """``message`` with every run of over ``longest`` non-blank characters (a path, a name from a file) cut
+    in the middle, so that no message grows with its input."""
+    return re.sub(r"\S{%d,}" % (longest + 1), lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
+                  message)
+
+
+def _shown(value) -> str:
+    """A value from a file for a message: at most 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Session settings a bundle may ask for: those known to name no file onnxruntime would write or read.
+# The same lists as edgepack/safety.py (a test keeps them equal); this file must stand alone.
+CONFIG_ENTRIES = frozenset({
+    "session.load_model_format",
+    "session.enable_saved_runtime_optimizations",
+    "session.qdqisint8allowed",
+    "session.disable_prepacking",
+    "session.disable_quant_qdq",
+    "session.disable_double_qdq_remover",
+    "session.enable_quant_qdq_cleanup",
+    "session.disable_cpu_ep_fallback",
+    "session.allow_released_opsets_only",
+    "session.set_denormal_as_zero",
+    "session.use_deterministic_compute",
+    "session.intra_op.allow_spinning",
+    "session.inter_op.allow_spinning",
+    "session.disable_aot_function_inlining",
+    "optimization.enable_gelu_approximation",
+    "optimization.disable_specified_optimizers",
+    "optimization.minimal_build_optimizations",
+})
+PROVIDER_OPTIONS = {
+    "CPUExecutionProvider": frozenset(),
+    "CUDAExecutionProvider": frozenset({
+        "device_id", "gpu_mem_limit", "arena_extend_strategy", "cudnn_conv_algo_search",
+        "do_copy_in_default_stream", "cudnn_conv_use_max_workspace", "cudnn_conv1d_pad_to_nc1d", "enable_cuda_graph",
+        "prefer_nhwc", "use_tf32", "tunable_op_enable", "tunable_op_tuning_enable", "enable_skip_layer_norm_strict_mode",
+    }),
+    "TensorrtExecutionProvider": frozenset({
+        "device_id", "trt_fp16_enable", "trt_int8_enable", "trt_bf16_enable", "trt_engine_cache_enable",
+        "trt_timing_cache_enable", "trt_max_workspace_size", "trt_builder_optimization_level",
+        "trt_max_partition_iterations", "trt_min_subgraph_size", "trt_dla_enable", "trt_dla_core",
+        "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
+        "trt_cuda_graph_enable", "trt_sparsity_enable", "trt_auxiliary_streams", "trt_build_heuristics_enable",
+        "tensorrt_version", "dynamic_dims",
+    }),
+    "NnapiExecutionProvider": frozenset({"flags"}),
+    "CoreMLExecutionProvider": frozenset({
+        "ModelFormat", "MLComputeUnits", "RequireStaticInputShapes", "EnableOnSubgraphs", "SpecializationStrategy",
+        "AllowLowPrecisionAccumulationOnGPU", "ModelCacheDirectory",
+    }),
+    "XnnpackExecutionProvider": frozenset({"intra_op_num_threads"}),
+    "wasm": frozenset(),
+    "webgpu": frozenset({"preferredLayout"}),
+}
+CACHE_OPTION = ("CoreMLExecutionProvider", "ModelCacheDirectory")
+CACHE_VALUE = re.compile(r"\$CACHES/[A-Za-z0-9._-]{1,100}")
+MAX_THREADS = 1024
+MAX_TEXT = 256
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_NESTING = 64
+
+
+def config_entry_problem(key, value) -> str | None:
+    if key not in CONFIG_ENTRIES:
+        return "not an entry known to be safe (it may name a file onnxruntime writes)"
+    return _text_problem(value)
+
+
+def provider_option_problem(provider, key, value) -> str | None:
+    if key not in PROVIDER_OPTIONS.get(provider, ()):
+        return "not an option known to be safe for this provider (it may name a file or folder)"
+    if (provider, key) == CACHE_OPTION:
+        return None if isinstance(value, str) and CACHE_VALUE.fullmatch(value) else \
+            "expected $CACHES/<folder name> (the app's caches folder), found another path"
+    if key == "dynamic_dims":
+        return None  # [min, opt, max] lists of numbers, checked where TensorRT options are made
+    for item in value if isinstance(value, list) else [value]:
+        problem = _text_problem(item)
+        if problem:
+            return problem
+    return None
+
+
+def _text_problem(value) -> str | None:
+    if not isinstance(value, (str, int, float, bool)):
+        return "expected text, a number or true/false"
+    text = str(value)
+    if len(text) > MAX_TEXT:
+        return f"the value is longer than {MAX_TEXT} characters"
+    if "/" in text or "\\" in text or "\x00" in text:
+        return f"the value {_shown(value)} looks like a path, and paths are not accepted here"
     return None
 
 
@@ -171,12 +317,46 @@ def _safe_entry(rel, entry) -> bool:
             and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+def open_in_bundle(bundle: Path, rel: str):
+    """``bundle/rel`` opened for reading only if it is a regular file reached through real folders: no
+    symbolic link on the way (O_NOFOLLOW on every component), and no FIFO or device, which could block
+    forever or never end. Raises OSError (FileNotFoundError when a component does not exist)."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    flags = os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    parts = rel.split("/")
+    if os.open in os.supports_dir_fd and nofollow:
+        folder = os.open(bundle, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parts[:-1]:
+                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=folder)
+                os.close(folder)
+                folder = inner
+            fd = os.open(parts[-1], flags, dir_fd=folder)
+        finally:
+            os.close(folder)
+    else:  # no dir_fd (Windows): check each component, then open
+        path = Path(bundle)
+        for part in parts:
+            path = path / part
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                raise OSError(errno.ELOOP, "a symbolic link", str(path))
+        fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", rel)
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def sha256_of(bundle: Path, rel: str) -> tuple:
+    """(size, SHA-256) of a bundle file, read in chunks through ``open_in_bundle``."""
+    digest, size = hashlib.sha256(), 0
+    with open_in_bundle(bundle, rel) as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 @dataclass
@@ -204,10 +384,12 @@ def check_files(bundle: Path, manifest: dict) -> VerifyReport:
     expected = manifest["files"]
     changed, missing = [], []
     for rel, entry in sorted(expected.items()):
-        path = bundle / rel
-        if path.is_symlink() or not path.is_file():
+        try:
+            found = sha256_of(bundle, rel)
+        except (OSError, ValueError):  # a link, a FIFO, a name impossible here: not the bundle's file
             missing.append(rel)
-        elif path.stat().st_size != entry["size"] or sha256_of(path) != entry["sha256"]:
+            continue
+        if found != (entry["size"], entry["sha256"]):
             changed.append(rel)
     extra = []
     for dirpath, dirnames, filenames in os.walk(bundle):
@@ -419,12 +601,19 @@ def required_key(public_key=None):
 
 def verify_signature(bundle: Path, manifest: dict, key: PublicKey) -> str:
     """Check model.sig against ``key`` and the manifest; return the key's fingerprint or raise VerificationError."""
-    path = Path(bundle) / SIGNATURE
-    if not path.is_file():
-        raise VerificationError(f"{bundle}: the bundle is not signed (no {SIGNATURE}) and a signature by key "
-                                f"{key.fingerprint} ({key.source}) is required")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        with open_in_bundle(Path(bundle), SIGNATURE) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise VerificationError(f"{bundle}: the bundle is not signed (no {SIGNATURE}) and a signature by key "
+                                f"{key.fingerprint} ({key.source}) is required") from None
+    except OSError as exc:
+        raise VerificationError(f"{bundle}: {SIGNATURE} is not a regular file of the bundle "
+                                f"({exc.strerror or type(exc).__name__})") from None
+    try:
+        if len(raw) > MAX_MANIFEST_BYTES or _nesting(raw) > MAX_NESTING:
+            raise ValueError("too large or nested too deeply")
+        document = json.loads(raw.decode("utf-8"))
         hint = (document["verificationMaterial"].get("publicKey") or {}).get("hint")
         envelope = document["dsseEnvelope"]
         payload = base64.b64decode(envelope["payload"], validate=True)
@@ -443,7 +632,7 @@ def verify_signature(bundle: Path, manifest: dict, key: PublicKey) -> str:
         raise VerificationError(f"{bundle}: {SIGNATURE}: the signature does not verify with key {key.fingerprint} "
                                 "(tampered, or signed with another key)")
     digests = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
-    digests[MANIFEST] = sha256_of(Path(bundle) / MANIFEST)
+    digests[MANIFEST] = sha256_of(Path(bundle), MANIFEST)[1]
     problem = _statement_problem(payload, digests)
     if problem:
         raise VerificationError(f"{bundle}: {SIGNATURE}: {problem}")
@@ -882,26 +1071,38 @@ def read_inputs(path: Path, model: Model) -> dict:
     """An .npz of named arrays, or an .npy for a single-input model."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read inputs from {path}: {exc}") from None
-    if isinstance(data, np.ndarray):
-        if len(model.inputs) != 1:
-            names = ", ".join(spec["name"] for spec in model.inputs)
-            raise UsageError(f"{path} holds one array but the model has {len(model.inputs)} inputs ({names}); "
-                             "use an .npz with one array per input name")
-        return {model.inputs[0]["name"]: data}
-    with data:
-        return {name: data[name] for name in data.files}
+        if not isinstance(data, np.ndarray):
+            with data:
+                return {name: data[name] for name in data.files}
+    except OSError as exc:
+        raise UsageError(f"cannot read inputs from {_shown(str(path))}: {exc.strerror or exc}") from None
+    except Exception as exc:  # numpy and zipfile raise many types for a file that is not .npy/.npz
+        raise UsageError(f"cannot read inputs from {_shown(str(path))}: not a valid .npz or .npy file "
+                         f"({type(exc).__name__}: {_shown(_first_line(exc))[1:-1]})") from None
+    if len(model.inputs) != 1:
+        names = ", ".join(spec["name"] for spec in model.inputs)
+        raise UsageError(f"{path} holds one array but the model has {len(model.inputs)} inputs ({names}); "
+                         "use an .npz with one array per input name")
+    return {model.inputs[0]["name"]: data}
+
+
+MAX_SAMPLE_BYTES = 1 << 30
+"""Generated inputs larger than this (dims from the manifest, which may be huge) are refused, not allocated."""
 
 
 def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
     """Random inputs of the model's shapes: dynamic dims from ``dims`` by name, else 1 (first axis) or 8."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds, total = {}, 0
     for spec in specs:
         shape = [d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
                  for axis, d in enumerate(spec.get("shape") or [])]
         dtype = _numpy_dtype(spec["dtype"]) or np.dtype("float32")
+        total += math.prod(shape) * dtype.itemsize
+        if total > MAX_SAMPLE_BYTES:
+            raise UsageError(f"generated inputs would take over {MAX_SAMPLE_BYTES >> 30} GiB (input "
+                             f"{_shown(spec['name'])} is {_shape_text(shape)}): give real inputs with --inputs, "
+                             "or smaller dynamic dims with --dim")
         if "mask" in spec["name"].lower() or dtype == np.bool_:
             feeds[spec["name"]] = np.ones(shape, dtype=dtype)
         elif dtype.kind in "iu":
@@ -1031,19 +1232,13 @@ def _load_for(args) -> tuple:
 
 
 def cmd_run(args) -> int:
+    output = output_path(Path(args.output), Path(args.bundle))
     model, load_seconds = _load_for(args)
     feeds = read_inputs(Path(args.inputs), model)
     started = time.perf_counter()
     outputs = model.run(feeds)
     run_seconds = time.perf_counter() - started
-    output = Path(args.output)
-    temp = output.with_name(f".{output.name}.partial")
-    with open(temp, "wb") as f:
-        if output.suffix == ".npy" and len(outputs) == 1:
-            np.save(f, next(iter(outputs.values())))
-        else:
-            np.savez(f, **outputs)
-    os.replace(temp, output)
+    write_outputs(output, outputs)
     if args.json:
         return _print_json({
             "ok": True, "output_file": str(output), "providers": model.providers, "verified": not args.no_verify,
@@ -1054,6 +1249,43 @@ def cmd_run(args) -> int:
         print(f"{name}: {value.dtype} {tuple(value.shape)}")
     print(f"wrote {output} ({model.providers[0]}, {run_seconds * 1000:.2f} ms)")
     return 0
+
+
+def output_path(output: Path, bundle: Path) -> Path:
+    """``output`` if a file can be written there, checked before any work: not inside the bundle (whose
+    every file is checksummed, so ``verify`` would then fail), not a folder, in a folder that exists."""
+    try:
+        where = output.resolve()
+        if where.is_relative_to(bundle.resolve()):
+            raise UsageError(f"-o {_shown(str(output))} is inside the bundle {bundle}: the bundle's files are "
+                             "checksummed, so `verify` would report it; write the outputs elsewhere "
+                             "(e.g. -o ../outputs.npz)")
+        if where.is_dir():
+            raise UsageError(f"-o {_shown(str(output))} is a folder: name the file to write, e.g. {output / 'outputs.npz'}")
+        if not where.parent.is_dir():
+            raise UsageError(f"-o {_shown(str(output))}: the folder {_shown(str(output.parent))} does not exist")
+    except OSError as exc:
+        raise UsageError(f"-o {_shown(str(output))}: {exc.strerror or exc}") from None
+    if not os.access(where.parent, os.W_OK):
+        raise UsageError(f"-o {_shown(str(output))}: the folder {_shown(str(output.parent))} is not writable")
+    return output
+
+
+def write_outputs(output: Path, outputs: dict) -> None:
+    """Write the outputs atomically: a temporary file beside ``output``, renamed over it, removed on failure."""
+    temp = output.with_name(f".{output.name}.partial")
+    try:
+        with open(temp, "wb") as f:
+            if output.suffix == ".npy" and len(outputs) == 1:
+                np.save(f, next(iter(outputs.values())))
+            else:
+                np.savez(f, **outputs)
+        os.replace(temp, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {_shown(str(output))}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
 
 
 def _summary(value: np.ndarray) -> dict:
@@ -1125,6 +1357,8 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgepack-shim"
         protocol_version = "HTTP/1.1"
+        timeout = SOCKET_TIMEOUT  # a client that stops sending loses its connection instead of holding a thread
+        default_request_version = "HTTP/1.0"  # an unparseable request line still gets a status line
 
         def do_GET(self):
             if self.path == "/health":
@@ -1132,22 +1366,27 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
             elif self.path in ("/", "/info"):
                 self._reply(200, info)
             else:
-                self._reply(404, {"error": f"no such path {self.path}: use POST /run, GET /info or GET /health"})
+                self._reply(404, {"error": f"no such path {_shown(self.path)}: use POST /run, GET /info or GET /health"})
 
         def do_POST(self):
             if self.path != "/run":
-                return self._reply(404, {"error": f"no such path {self.path}: use POST /run"})
+                return self._reply(404, {"error": f"no such path {_shown(self.path)}: use POST /run"})
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None:
                 return self._reply(411, {"error": "a Content-Length header is required"}, close=True)
+            if not (length.isascii() and length.isdigit()) or len(length) > 20:
+                return self._reply(400, {"error": "the Content-Length header is not a number of bytes"}, close=True)
             if int(length) > max_bytes:
                 self._discard(int(length))
                 return self._reply(413, {"error": f"request body of {length} bytes is over the limit of "
                                                   f"{max_bytes} bytes (serve --max-request-mb)"}, close=True)
+            raw = self.rfile.read(int(length))
+            if _nesting(raw) > MAX_NESTING:
+                return self._reply(400, {"error": f"the body nests deeper than {MAX_NESTING} levels"})
             try:
-                body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+                body = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
-                return self._reply(400, {"error": f"the body is not JSON: {exc}"})
+                return self._reply(400, {"error": f"the body is not JSON: {_shown(str(exc))[1:-1]}"})
             try:
                 if not isinstance(body, dict) or set(body) != {"inputs"}:
                     raise InputError('the request body must be {"inputs": {"<input name>": [nested lists], ...}}')
@@ -1191,20 +1430,69 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
                 sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
     verbose = threading.Event()
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = bounded_server(ThreadingHTTPServer)((host, port), Handler)
     server.verbose = verbose
     return server
+
+
+SOCKET_TIMEOUT = 30.0
+MAX_CONNECTIONS = 32
+
+
+def bounded_server(base):
+    """``base`` (a ThreadingHTTPServer) with at most MAX_CONNECTIONS threads: a connection over the limit
+    gets 503 and is closed. A handler's failure is one line on stderr, never a traceback."""
+    import threading
+
+    class Bounded(base):
+        daemon_threads = True
+        name = "edgepack_shim"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):
+                try:
+                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                    b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address):
+            exc = sys.exc_info()[1]
+            if not isinstance(exc, (ConnectionError, TimeoutError)):
+                print(f"{self.name}: error: request from {client_address[0]} failed: {type(exc).__name__}: "
+                      f"{_shown(_first_line(exc))[1:-1]}", file=sys.stderr)
+
+    return Bounded
 
 
 def cmd_serve(args) -> int:
     if args.max_request_mb <= 0:
         raise UsageError("--max-request-mb must be positive")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected 0 (any free port) to 65535")
     model, _ = _load_for(args)
     try:
         server = make_server(model, args.host, args.port, int(args.max_request_mb * (1 << 20)))
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    except (OSError, OverflowError) as exc:
+        raise UsageError(f"cannot listen on {_shown(args.host)[1:-1]}:{args.port}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
     if args.verbose:
         server.verbose.set()
     host, port = server.server_address[:2]
@@ -1277,13 +1565,13 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ShimError as exc:
-        print(f"edgepack_shim: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"edgepack_shim: error: {_bounded(' '.join(str(exc).split()))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("edgepack_shim: error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug here or in a library: still one line
-        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_bounded(_first_line(exc))}", file=sys.stderr)
         return 1
 
 

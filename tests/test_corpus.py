@@ -127,8 +127,6 @@ def test_a_true_refusal_stays_one(prepared, profiles, tmp_path):
     assert "0/1 nodes (0.0%) run on nnapi" in record["why"] and "Sign" in record["why"], record
 
 
-@pytest.mark.xfail(strict=True, reason="onnxruntime's symbolic shape inference (quantization pre-processing) writes "
-                                       "sym_shape_infer_temp.onnx and a <uuid>.data side file into the current directory")
 def test_nothing_is_left_in_the_working_directory(prepared, profiles, tmp_path):
     record = package_pair(prepared("magika-standard-v3-3"), profiles["rpi-arm64"], tmp_path, timeout=300)
     assert record["status"] == "ok", record

@@ -23,6 +23,7 @@ from edgepack.pipeline.job import Artifact, Job, Options, Source
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.stages.bundle import Bundle
+from tests.support.manifests import minimal_content
 from tests.external_models import (
     B1,
     IR_VERSION,
@@ -180,8 +181,8 @@ def test_model_over_the_ort_limit_fails_where_the_profile_forbids_onnx(tmp_path,
     assert not result.ok
     assert isinstance(result.error, ConversionError)
     assert "allow_onnx_fallback: false" in str(result.error)
-    assert not result.bundle.exists()
-    assert not any(p.name.endswith(".partial") for p in (tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # not even the output folder
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
 
 
 def test_mobile_profiles_forbid_the_onnx_fallback():
@@ -215,12 +216,14 @@ def test_big_bundle_files_are_hashed_once_per_version(tmp_path, monkeypatch):
     monkeypatch.setattr(manifest_module, "hash_file", lambda path: calls.append(path) or real(path))
     big = tmp_path / "model.onnx.data"
     big.write_bytes(b"\1" * (17 << 20))
-    first = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
-    again = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    (tmp_path / "model.onnx").write_bytes(b"model")
+    content = minimal_content("model.onnx", ["model.onnx.data"])
+    first = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
+    again = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
     assert first == again and calls.count(big) == 1
     with open(big, "r+b") as f:  # same size, same inode, new content
         f.write(b"\2")
     os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
-    changed = manifest_module.write_manifest(tmp_path, {})["files"]["model.onnx.data"]
+    changed = manifest_module.write_manifest(tmp_path, content)["files"]["model.onnx.data"]
     assert changed["sha256"] != first["sha256"] and changed == real(big)
     assert verify_bundle(tmp_path).ok

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.bundle.manifest import MANIFEST_NAME, hash_file, verify_bundle, write_manifest
+from tests.support.manifests import minimal_content
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def bundle(tmp_path) -> Path:
     (root / "model" / "m.ort").write_bytes(bytes(range(256)) * 40)
     (root / "model" / "m.onnx.data").write_bytes(b"\x01" * 5000)
     (root / "README.md").write_text("hello\n")
-    write_manifest(root, {"target": "t"})
+    write_manifest(root, minimal_content("model/m.ort", ["model/m.onnx.data"]))
     return root
 
 

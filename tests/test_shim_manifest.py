@@ -46,7 +46,7 @@ def _damaged(bundle: Path, tmp_path: Path, change) -> Path:
 ])
 def test_malformed_manifest_is_refused_even_without_verification(bundle, tmp_path, change, message):
     damaged = _damaged(bundle, tmp_path, change)
-    done = _shim(damaged, "run", "--no-verify", "x.npz")
+    done = _shim(damaged, "run", "--no-verify", "x.npz", "-o", str(tmp_path / "out.npz"))
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert message in done.stderr, done.stderr

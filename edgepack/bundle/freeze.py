@@ -36,7 +36,8 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import EdgepackError
+from ..destination import check_destination
+from ..errors import EdgepackError, UsageError
 from ..profiles import Profile
 from ..progress import step
 
@@ -155,8 +156,7 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
             f"  {device_command(bundle, profile, onefile=onefile)}",
             where=profile.name)
     destination = frozen_path(bundle)
-    if destination.exists() and not force:
-        raise FreezeError(f"{destination} already exists", where=profile.name, hint="pass --force to replace it")
+    _check_frozen_destination(destination, force)
     started = time.perf_counter()
     python = runtime_venv(runtime_requirements(profile), progress)
     progress(f"[{profile.name}] freeze: PyInstaller {'onefile' if onefile else 'onedir'} build")
@@ -173,12 +173,28 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
             built = scratch / "dist" / EXECUTABLE
         _self_check(built / EXECUTABLE, bundle)
         size = sum(p.stat().st_size for p in built.rglob("*") if p.is_file() and not p.is_symlink())
+        _check_frozen_destination(destination, force)
         if destination.exists():
             shutil.rmtree(destination)
         built.rename(destination)
     return {"path": str(destination), "executable": str(destination / EXECUTABLE),
             "mode": "onefile" if onefile else "onedir", "bytes": size,
             "seconds": round(time.perf_counter() - started, 1), "environment": str(python.parent.parent)}
+
+
+def _check_frozen_destination(destination: Path, force: bool) -> None:
+    try:
+        check_destination(destination, force=force, recognise=not_frozen)
+    except UsageError as exc:
+        raise FreezeError(exc.message, where=exc.where, hint=exc.hint) from None
+
+
+def not_frozen(folder: Path) -> str | None:
+    """Why --force may not replace ``folder`` (it must be a frozen executable's folder), or None."""
+    executable = folder / EXECUTABLE
+    if executable.is_symlink() or not executable.is_file():
+        return f"holds no {EXECUTABLE} executable (it is not a frozen bundle executable)"
+    return None
 
 
 def _self_check(executable: Path, bundle: Path) -> None:

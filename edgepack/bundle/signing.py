@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import UsageError, VerificationError
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
+from ..runtime_shim import edgepack_shim as shim
 
 __all__ = ["SIGNATURE_NAME", "PINNED_KEY_NAME", "generate_key", "load_private_key", "load_public_key",
            "fingerprint", "public_pem", "sign_bundle", "sign_checked", "verify_signature", "SignResult"]
@@ -168,7 +169,7 @@ class SignResult:
 def bundle_digests(bundle: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """Every file's SHA-256 for the statement: the manifest's own digests plus manifest.json's, hashed now."""
     digests = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
-    digests[MANIFEST_NAME] = hashlib.sha256((bundle / MANIFEST_NAME).read_bytes()).hexdigest()
+    digests[MANIFEST_NAME] = shim.sha256_of(Path(bundle), MANIFEST_NAME)[1]
     return digests
 
 
@@ -237,13 +238,20 @@ def verify_signature(bundle: Path, public_key) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     where = str(bundle)
-    path = bundle / SIGNATURE_NAME
     expected_key = fingerprint(public_key)
-    if not path.is_file():
+    try:  # only a regular file inside the bundle, through no link (a FIFO would hang the read)
+        with shim.open_in_bundle(Path(bundle), SIGNATURE_NAME) as f:
+            text = f.read(shim.MAX_MANIFEST_BYTES + 1).decode("utf-8")
+    except FileNotFoundError:
         raise VerificationError(f"the bundle is not signed (no {SIGNATURE_NAME}) and a public key was given",
-                                where=where, hint="sign it with `edgepack sign BUNDLE --key KEY`")
+                                where=where, hint="sign it with `edgepack sign BUNDLE --key KEY`") from None
+    except OSError as exc:
+        raise VerificationError(f"{SIGNATURE_NAME} is not a regular file of the bundle ({exc.strerror or exc})",
+                                where=where) from None
+    except UnicodeDecodeError as exc:
+        raise VerificationError(f"{SIGNATURE_NAME} is malformed ({type(exc).__name__})", where=where) from None
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(text)
         hint = document["verificationMaterial"].get("publicKey", {}).get("hint")
         envelope = document["dsseEnvelope"]
         payload = base64.b64decode(envelope["payload"], validate=True)

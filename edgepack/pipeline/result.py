@@ -6,10 +6,12 @@ the cache and reporting them needs none of it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..destination import check_destination
 from ..errors import EdgepackError, UsageError
 from ..profiles import Profile
 from .job import Options
@@ -61,16 +63,23 @@ def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
     return output / f"{model_name}-{profile.name}"
 
 
-def refuse_existing_output(name: str, profiles: list[Profile], options: Options) -> dict[str, Path]:
+def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
+                           inputs: tuple[Path, ...] = ()) -> dict[str, Path]:
     """Each target's bundle folder; a UsageError before any work when one (or its frozen executable)
-    exists and ``options.force`` is not set."""
+    exists and ``options.force`` is not set, or may not be written or replaced (edgepack/destination.py)."""
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
-    existing = [str(d) for d in destinations.values() if d.exists()]
+    existing = [str(d) for d in destinations.values() if os.path.lexists(d)]
     if options.freeze:
         from ..bundle.freeze import frozen_path
 
         existing += [str(frozen_path(destinations[p.name])) for p in profiles
-                     if p.bundle.kind == "python" and frozen_path(destinations[p.name]).exists()]
+                     if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
+    for profile in profiles:
+        check_destination(destinations[profile.name], force=options.force, inputs=inputs)
+        if options.freeze and profile.bundle.kind == "python":
+            from ..bundle.freeze import frozen_path, not_frozen
+
+            check_destination(frozen_path(destinations[profile.name]), force=options.force, recognise=not_frozen)
     return destinations

@@ -36,7 +36,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    destinations = refuse_existing_output(name, profiles, options)
+    destinations = refuse_existing_output(name, profiles, options, inputs=(model,))
     # loaded once here; the targets run here, in worker processes or on Ray, each bundle maybe from the cache
     from ..executors import ModelWork, package_models
 
@@ -47,7 +47,7 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                  progress: Callable[[str], None], signing_key=None) -> Result:
     started = time.perf_counter()
     try:
-        with atomic_folder(destination, force=options.force) as staging:
+        with atomic_folder(destination, force=options.force, inputs=source_files(source)) as staging:
             job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
                       destination=destination, progress=progress)
             job.results.append(load_result(source))
@@ -70,3 +70,8 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
                       signed_by=signed_by)
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
+
+
+def source_files(source: Source) -> list[Path]:
+    """The user's model and its side files: never inside a folder packaging replaces."""
+    return [source.path] + [source.path.parent / rel for rel in source.info["external_data"]["files"]]

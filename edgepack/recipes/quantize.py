@@ -31,6 +31,7 @@ import onnx
 
 from .. import progress
 from ..errors import ConversionError, first_line
+from ..fileops import working_directory
 from ..onnxio.modelinfo import external_locations, iter_graphs, iter_nodes
 from ..onnxio.save import EXTERNAL_DATA_THRESHOLD
 from ..ort_tools import load_ort_tools
@@ -106,10 +107,13 @@ def quantize_model(
     for stale in (out, prepared):  # onnx appends to an existing side file: start from nothing on a retry
         stale.unlink(missing_ok=True)
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
-    preprocess = prepare(source, prepared, external=external)
+    # onnxruntime's helpers write temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
+    # folder: it is the job's scratch folder while they run
+    with working_directory(out.parent):
+        preprocess = prepare(source, prepared, external=external)
     excluded = sorted(exclude_nodes)
     try:
-        with progress.step(f"{method} quantization"), _quiet():
+        with progress.step(f"{method} quantization"), _quiet(), working_directory(out.parent):
             recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded, external=external,
                          calibration_method=calibration_method)
     except ConversionError:

@@ -15,7 +15,6 @@ Rules:
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import onnx
 
 from ..errors import UsageError
+from ..fileops import working_directory
 from ..onnxio.modelinfo import describe_io, external_locations
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
@@ -128,12 +128,8 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
     out = folder / source.name
     onnx.save_model(proto, out)
     # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
+    with working_directory(folder):
         fix_output_shapes(proto)
-    finally:
-        os.chdir(previous)
     onnx.save_model(proto, out)
     return out
 
