@@ -214,7 +214,7 @@ def write_build_file(folder: Path, text: str) -> Path:
     ("models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n",
      ["'models[0].quantize'", "'static'", "'int4'"]),
     ("models: [{model: a.onnx, input_shapes: {x: five}}]\ntargets: [linux-x64]\n",
-     ["'models[0].input_shapes.x'", "expected a list", "the string 'five'"]),
+     ["models[0].input_shapes.", "'x'", "expected a list", "the string 'five'"]),
     ("models: [{model: a.onnx}, {model: b/a.onnx}]\ntargets: [linux-x64]\n", ["'models[1].name'", "'a'", "models[0]"]),
     ("models: [{model: a.onnx}]\n", ["'models[0].targets'", "at least one target"]),
     ("models: []\ntargets: [linux-x64]\n", ["'models'", "at least one model"]),
