@@ -4,6 +4,7 @@
     python benchmarks/large_model.py --probes        # also: peak RSS of each suspect step on its own
     python benchmarks/large_model.py --quantizer     # also: onnxruntime's quantize_dynamic on the same model
     python benchmarks/large_model.py --gigabytes 1 --inline   # a model under 2 GiB, weights inline: ORT format
+    python benchmarks/large_model.py --quantize none,int4     # package with each recipe in turn
 
 The model is a chain of MatMuls with float32 [D, D] weights, written one layer at a time to a side
 file (the builder never holds more than one layer). Each measured step runs in its own subprocess;
@@ -78,11 +79,16 @@ def build_model(folder: Path, gigabytes: float, inline: bool = False) -> Path:
 
 
 def _without_budget(target: str, folder: Path) -> Path:
-    """The built-in profile with its size budget raised: an FP32 model this large is over every device budget."""
+    """The built-in profile with its size budget raised: an FP32 model this large is over every device budget.
+    Its quantization gate is lowered: the outputs of a chain of random MatMuls are no classes (top-1 off), and
+    int4's error compounds over nine 8192x8192 layers (cosine 0.982), while this measures memory."""
     from edgepack.profiles import load_profile
 
     text = Path(load_profile(target).source).read_text(encoding="utf-8")
-    lines = [("  max_bundle_mb: 100000" if line.strip().startswith("max_bundle_mb:") else line) for line in text.splitlines()]
+    lines = [("  max_bundle_mb: 100000" if line.strip().startswith("max_bundle_mb:") else
+              "    min_top1_agreement: 0.0" if line.strip().startswith("min_top1_agreement:") else
+              "    min_cosine: 0.95" if line.startswith("    min_cosine:") else line)
+             for line in text.splitlines()]
     path = folder / f"{target}.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -135,6 +141,7 @@ def main() -> int:
     parser.add_argument("--quantizer", action="store_true", help="measure onnxruntime's quantize_dynamic too")
     parser.add_argument("--inline", action="store_true", help="weights inside the .onnx (needs --gigabytes under 2)")
     parser.add_argument("--keep", action="store_true", help="keep the model and bundle")
+    parser.add_argument("--quantize", default="none", help="recipes to package with, comma-separated (default: none)")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_into:
@@ -157,18 +164,21 @@ def main() -> int:
         rows = []
         log = scratch / "package.log"
         profile = _without_budget(args.target, scratch)
-        packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", str(profile),
-                            "--quantize", "none", "-o", str(scratch / "build")],
-                           env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
-        rows.append((f"edgepack package --target {args.target} --quantize none", packaged))
-        print(log.read_text(encoding="utf-8", errors="replace").rstrip())
-        bundle = scratch / "build" / f"model-{args.target}"
-        if packaged["exit"] == 0:
-            manifest = json.loads((bundle / "manifest.json").read_text())
-            convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
-            print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
-                  f"convert fallback: {convert.get('fallback')}")
-            shutil.rmtree(scratch / "build")
+        failed = False
+        for recipe in args.quantize.split(","):
+            packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", str(profile),
+                                "--quantize", recipe, "-o", str(scratch / "build")],
+                               env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
+            rows.append((f"edgepack package --target {args.target} --quantize {recipe}", packaged))
+            print(log.read_text(encoding="utf-8", errors="replace").rstrip())
+            bundle = scratch / "build" / f"model-{args.target}"
+            failed = failed or packaged["exit"] != 0
+            if packaged["exit"] == 0:
+                manifest = json.loads((bundle / "manifest.json").read_text())
+                convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
+                print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
+                      f"convert fallback: {convert.get('fallback')}")
+                shutil.rmtree(scratch / "build")
         if args.quantizer:
             rows.append(("onnxruntime quantize_dynamic (use_external_data_format=True)",
                          measure([sys.executable, "-c", QUANTIZE, str(model), str(scratch / "q.onnx")],
@@ -182,7 +192,7 @@ def main() -> int:
         print("\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
         for name, r in rows:
             print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
-        return 0 if packaged["exit"] == 0 else 1
+        return 1 if failed else 0
     finally:
         if args.keep:
             print(f"kept {scratch}")

@@ -173,6 +173,7 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
     from .api import is_torch_input, package_source
     from .executors import ModelWork, package_models
     from .pipeline.result import Result, bundle_path, refuse_existing_output
+    from .recipes.kernels import refuse_unsupported
 
     base = Path(build.source).parent
     output = base_options.output
@@ -181,7 +182,7 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
         grouped.setdefault(model_name(pair.entry), (pair.entry, []))[1].append(pair.profile)
     options_of = {name: _options(entry, base, base_options) for name, (entry, _) in grouped.items()}
     models = {}
-    for name, (entry, profiles) in grouped.items():  # every refusal before any work
+    for name, (entry, profiles) in grouped.items():  # every refusal of the output before any work
         local = _relative(entry.model, base)
         models[name] = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
         refuse_existing_output(name, profiles, options_of[name],
@@ -190,6 +191,12 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
     works = []
     for name, (entry, profiles) in grouped.items():
         model = models[name]
+        try:
+            refuse_unsupported(profiles, options_of[name])  # a recipe a target cannot run fails this model only
+        except EdgepackError as exc:
+            results.update({(name, p.name): Result(p.name, bundle_path(output, name, p), False, error=exc)
+                            for p in profiles})
+            continue
         if is_torch_input(model):
             try:
                 done = package_source(model, profiles, options_of[name], name=name,

@@ -188,6 +188,8 @@ def load_op_list(name: str) -> tuple[dict[str, tuple[int, int | None]], str]:
 
 
 def _is_listed(node: onnx.NodeProto, table: dict[str, tuple[int, int | None]], opset: dict[str, int]) -> bool:
+    if node.domain == "com.microsoft":  # listed as com.microsoft:Op, each with a single version
+        return f"com.microsoft:{node.op_type}" in table
     if (node.domain or "ai.onnx") != "ai.onnx" or node.op_type not in table:
         return False
     first, last = table[node.op_type]

@@ -1,8 +1,8 @@
 """Built-in example models, generated in code with seeded weights (no download, no torch).
 
 ``cnn``: a small image classifier, input ``image`` [batch, 3, 32, 32] float32 -> ``logits`` [batch, 10].
-``transformer``: a one-layer encoder, ``input_ids`` and ``attention_mask`` [batch, sequence] int64 ->
-``last_hidden_state`` [batch, sequence, 64].
+``transformer``: a one-layer encoder (``build_transformer(layers=...)`` stacks more), ``input_ids`` and
+``attention_mask`` [batch, sequence] int64 -> ``last_hidden_state`` [batch, sequence, 64].
 Both use ai.onnx opset 17 and IR version 8, which every built-in target's runtime loads.
 """
 
@@ -68,7 +68,8 @@ def build_cnn(seed: int = 0) -> onnx.ModelProto:
     return _finish(graph)
 
 
-def build_transformer(seed: int = 0, vocab: int = 1000, hidden: int = 64, heads: int = 4, ffn: int = 128) -> onnx.ModelProto:
+def build_transformer(seed: int = 0, vocab: int = 1000, hidden: int = 64, heads: int = 4, ffn: int = 128,
+                      layers: int = 1) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
     head_dim = hidden // heads
@@ -123,41 +124,51 @@ def build_transformer(seed: int = 0, vocab: int = 1000, hidden: int = 64, heads:
     const("one_scalar", np.array(1, dtype=np.int64))
     x = layer_norm("emb_ln", "emb")
 
-    # self-attention with an additive mask from attention_mask
-    q = split_heads("q", dense("q_proj", x, hidden, hidden))
-    k = split_heads("k", dense("k_proj", x, hidden, hidden))
-    v = split_heads("v", dense("v_proj", x, hidden, hidden))
-    nodes += [
-        helper.make_node("Transpose", [k], ["k_t"], perm=[0, 1, 3, 2]),
-        helper.make_node("MatMul", [q, "k_t"], ["scores_raw"]),
-        helper.make_node("Mul", ["scores_raw", "scale"], ["scores"]),
-        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mask_f", "unsqueeze_axes"], ["mask_4d"]),
-        helper.make_node("Sub", ["f_one", "mask_4d"], ["mask_inv"]),
-        helper.make_node("Mul", ["mask_inv", "mask_fill"], ["mask_add"]),
-        helper.make_node("Add", ["scores", "mask_add"], ["scores_masked"]),
-        helper.make_node("Softmax", ["scores_masked"], ["probs"], axis=-1),
-        helper.make_node("MatMul", ["probs", v], ["context_h"]),
-        helper.make_node("Transpose", ["context_h"], ["context_t"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["context_t", "merge_shape"], ["context"]),
-    ]
-    attn = dense("out_proj", "context", hidden, hidden)
-    nodes.append(helper.make_node("Add", [x, attn], ["res1"]))
-    x = layer_norm("attn_ln", "res1")
+    for layer in range(layers):
+        # layer 0 keeps the one-layer example's tensor names (and its weights: same draws in the same order)
+        p = "" if layer == 0 else f"layer{layer}."
+        last = layer == layers - 1
+        # self-attention with an additive mask from attention_mask
+        q = split_heads(f"{p}q", dense(f"{p}q_proj", x, hidden, hidden))
+        k = split_heads(f"{p}k", dense(f"{p}k_proj", x, hidden, hidden))
+        v = split_heads(f"{p}v", dense(f"{p}v_proj", x, hidden, hidden))
+        nodes += [
+            helper.make_node("Transpose", [k], [f"{p}k_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [q, f"{p}k_t"], [f"{p}scores_raw"]),
+            helper.make_node("Mul", [f"{p}scores_raw", "scale"], [f"{p}scores"]),
+        ]
+        if layer == 0:
+            nodes += [
+                helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+                helper.make_node("Unsqueeze", ["mask_f", "unsqueeze_axes"], ["mask_4d"]),
+                helper.make_node("Sub", ["f_one", "mask_4d"], ["mask_inv"]),
+                helper.make_node("Mul", ["mask_inv", "mask_fill"], ["mask_add"]),
+            ]
+        nodes += [
+            helper.make_node("Add", [f"{p}scores", "mask_add"], [f"{p}scores_masked"]),
+            helper.make_node("Softmax", [f"{p}scores_masked"], [f"{p}probs"], axis=-1),
+            helper.make_node("MatMul", [f"{p}probs", v], [f"{p}context_h"]),
+            helper.make_node("Transpose", [f"{p}context_h"], [f"{p}context_t"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [f"{p}context_t", "merge_shape"], [f"{p}context"]),
+        ]
+        attn = dense(f"{p}out_proj", f"{p}context", hidden, hidden)
+        nodes.append(helper.make_node("Add", [x, attn], [f"{p}res1"]))
+        x = layer_norm(f"{p}attn_ln", f"{p}res1")
 
-    # feed-forward with exact GELU: 0.5 * h * (1 + erf(h / sqrt(2)))
-    h = dense("ffn_in", x, hidden, ffn)
-    nodes += [
-        helper.make_node("Mul", [h, "sqrt_half"], ["gelu_s"]),
-        helper.make_node("Erf", ["gelu_s"], ["gelu_e"]),
-        helper.make_node("Add", ["gelu_e", "f_one"], ["gelu_a"]),
-        helper.make_node("Mul", [h, "gelu_a"], ["gelu_m"]),
-        helper.make_node("Mul", ["gelu_m", "half"], ["gelu"]),
-    ]
-    out = dense("ffn_out", "gelu", ffn, hidden)
-    nodes.append(helper.make_node("Add", [x, out], ["res2"]))
-    nodes.append(helper.make_node("LayerNormalization", ["res2", *_ln_params(const, rng, hidden, "out_ln")],
-                                  ["last_hidden_state"], axis=-1, epsilon=1e-5))
+        # feed-forward with exact GELU: 0.5 * h * (1 + erf(h / sqrt(2)))
+        h = dense(f"{p}ffn_in", x, hidden, ffn)
+        nodes += [
+            helper.make_node("Mul", [h, "sqrt_half"], [f"{p}gelu_s"]),
+            helper.make_node("Erf", [f"{p}gelu_s"], [f"{p}gelu_e"]),
+            helper.make_node("Add", [f"{p}gelu_e", "f_one"], [f"{p}gelu_a"]),
+            helper.make_node("Mul", [h, f"{p}gelu_a"], [f"{p}gelu_m"]),
+            helper.make_node("Mul", [f"{p}gelu_m", "half"], [f"{p}gelu"]),
+        ]
+        out = dense(f"{p}ffn_out", f"{p}gelu", ffn, hidden)
+        nodes.append(helper.make_node("Add", [x, out], [f"{p}res2"]))
+        x = "last_hidden_state" if last else f"{p}hidden"
+        nodes.append(helper.make_node("LayerNormalization", [f"{p}res2", *_ln_params(const, rng, hidden, f"{p}out_ln")],
+                                      [x], axis=-1, epsilon=1e-5))
     graph = helper.make_graph(
         nodes,
         "edgepack_example_transformer",

@@ -103,7 +103,7 @@ class Quantization:
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
     tune_candidates: list[str] = field(
-        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8"])
+        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "int4"])
     """Recipe variants ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
     default_evidence: str = ""
     """The measurement behind ``default``: what ``--tune`` reports when it cannot time on the device's CPU."""
@@ -333,7 +333,11 @@ def _check_providers(profile: Profile, where: str) -> None:
 
 
 def _check_recipes(quantization: Quantization, where: str) -> None:
-    """Recipe names are the registry's (edgepack/recipes)."""
+    """Recipe names are the registry's (edgepack/recipes), and each recipe's settings pass its own check."""
+    for name, recipe in RECIPES.items():
+        problem = recipe.check(quantization.settings(name)) if recipe.settings else None
+        if problem:
+            raise ProfileError(f"key 'quantization.{name}.{problem[0]}': {problem[1]}", where=where)
     without = ["refuse", *(name for name, r in RECIPES.items() if not r.needs_calibration)]
     checks = [("quantization.default", quantization.default, list(RECIPES)),
               ("quantization.without_calibration", quantization.without_calibration, without),

@@ -35,7 +35,7 @@
  *    profile's thread count; without one it runs one thread and says so once per page (console and a
  *    'not-isolated' event on `events`) and in every result's warnings.
  * 7. The manifest's execution providers are tried in order (e.g. webgpu, then wasm); the result
- *    says which one runs and why the ones before it did not. An FP16 model skips webgpu when the
+ *    says which one runs and why the ones before it did not. An FP16 or q4f16 model skips webgpu when the
  *    GPU adapter lacks the 'shader-f16' feature: onnxruntime-web would create the session and then
  *    fail on the first run.
  *
@@ -627,9 +627,10 @@ function answerFetch(url, answer) {
 async function createSession(ort, modelBytes, sessionOptions, manifest) {
   const fallbacks = [];
   for (const provider of manifest.runtime.execution_providers) {
-    const missing = provider.name === 'webgpu' && manifest.model.precision === 'fp16' && !(await hasShaderF16());
+    const halfPrecision = ['fp16', 'q4f16'].includes(manifest.model.precision);
+    const missing = provider.name === 'webgpu' && halfPrecision && !(await hasShaderF16());
     if (missing) {
-      fallbacks.push({ backend: provider.name, error: "the GPU adapter has no 'shader-f16' feature, which this FP16 model needs" });
+      fallbacks.push({ backend: provider.name, error: `the GPU adapter has no 'shader-f16' feature, which this ${manifest.model.precision} model needs` });
       continue;
     }
     try {

@@ -125,7 +125,8 @@ def test_every_recipe_and_plugin_a_profile_names_is_registered(name):
 
 def test_every_registered_recipe_declares_its_interface():
     for name, recipe in RECIPES.items():
-        assert recipe.name == name and recipe.precision in ("fp32", "int8", "fp16") and recipe.description
+        assert recipe.precision in ("fp32", "int8", "fp16", "int4", "q4f16")
+        assert recipe.name == name and recipe.description
         assert recipe.variants, f"{name} has no --tune candidate"
         if recipe.settings:
             assert dataclasses.is_dataclass(recipe.settings)

@@ -12,13 +12,19 @@ from .tensorrt import Tensorrt
 from .webgpu import Webgpu
 from .xnnpack import Xnnpack
 
-__all__ = ["BACKENDS", "Backend", "backend_of", "checkers"]
+__all__ = ["BACKENDS", "Backend", "backend_of", "checkers", "accelerator_of"]
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Cpu(), Tensorrt(), Nnapi(), Coreml(), Webgpu(), Xnnpack())}
 
 
 def backend_of(provider: str) -> Backend | None:
     return next((b for b in BACKENDS.values() if provider in b.providers), None)
+
+
+def accelerator_of(profile) -> Backend:
+    """The backend that runs what a profile's accelerator takes: the one its ``coverage.checker`` measures,
+    the CPU when it measures none (a wasm bundle runs onnxruntime's CPU kernels)."""
+    return next((b for b in BACKENDS.values() if b.checker and b.checker == profile.coverage.checker), BACKENDS["cpu"])
 
 
 def checkers() -> list[str]:

@@ -1,15 +1,23 @@
 """The backend interface: one execution-provider family (CPU, TensorRT, NNAPI, CoreML, WebGPU, XNNPACK).
 
 A backend declares the provider names a profile may list for it, the coverage checker that measures how
-much of a model it takes (implemented in edgepack/coverage.py), and the typed options each provider
-accepts. A profile's provider options are read into that type when the profile loads, and ``check`` applies
-the rules the device's loader applies later, so a wrong option fails on the packaging host, not on the device.
+much of a model it takes (implemented in edgepack/coverage.py), the typed options each provider
+accepts, and whether its runtime has a kernel for a ``com.microsoft`` operator a recipe writes
+(``kernel_gap``: the CPU from onnxruntime's kernel registry, an accelerator from its operator table).
+A profile's provider options are read into that type when the profile loads, and ``check`` applies the rules
+the device's loader applies later, so a wrong option fails on the packaging host, not on the device.
 The runtime shim keeps its own copy of the rules it needs on the device (runtime_shim/ stands alone).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import functools
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ..profiles import Profile
 
 __all__ = ["Backend"]
 
@@ -26,3 +34,34 @@ class Backend:
     def check(self, provider: str, options: Any) -> str | None:
         """What is wrong with ``options`` (already read into their type) beyond their types; None: nothing."""
         return None
+
+    def operator_table(self, profile: Profile) -> tuple[str, frozenset[str]]:
+        """The name of the accelerator's operator table for ``profile`` and its ``domain:Op`` entries."""
+        raise NotImplementedError(f"the {self.name} backend has no operator table")
+
+    def kernel_gap(self, profile: Profile, op: str, activation: str) -> str | None:
+        """Why the runtime of ``profile`` cannot run the ``com.microsoft`` operator ``op`` on ``activation``
+        inputs on this backend; None: it can. An accelerator answers from its operator table."""
+        from .cpu import first_release
+
+        table, ops = self.operator_table(profile)
+        if f"com.microsoft:{op}" in ops:
+            return None
+        return (f"the {self.checker} provider's operator table ({table}) has no com.microsoft {op}; "
+                f"onnxruntime's CPU provider has it from {first_release(op)}")
+
+
+def listed_ops(profile: Profile) -> tuple[str, frozenset[str]]:
+    """The operator list a list-based checker reads (edgepack/data, named by ``coverage.op_list``)."""
+    from ..coverage import load_op_list
+
+    return f"edgepack/data/{profile.coverage.op_list}", frozenset(load_op_list(profile.coverage.op_list)[0])
+
+
+@functools.cache
+def mobile_helpers_table(name: str) -> tuple[str, frozenset[str]]:
+    """The ``domain:Op`` rows of one of onnxruntime's ``tools/mobile_helpers`` tables."""
+    import onnxruntime
+
+    text = (Path(onnxruntime.__file__).parent / "tools" / "mobile_helpers" / name).read_text(encoding="utf-8")
+    return name, frozenset(re.findall(r"^\|([\w.]+:\w+)\|", text, flags=re.MULTILINE))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .base import Backend
+from .base import Backend, mobile_helpers_table
 
 __all__ = ["Coreml", "CoremlOptions"]
 
@@ -25,3 +25,8 @@ class Coreml(Backend):
     providers = ("CoreMLExecutionProvider",)
     checker = "coreml"
     options = {"CoreMLExecutionProvider": CoremlOptions}
+
+    def operator_table(self, profile):
+        from ..coverage import COREML_TABLES
+
+        return mobile_helpers_table(COREML_TABLES[profile.coverage.coreml_format])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .base import Backend
+from .base import Backend, mobile_helpers_table
 
 __all__ = ["Nnapi", "NnapiOptions"]
 
@@ -22,3 +22,6 @@ class Nnapi(Backend):
     providers = ("NnapiExecutionProvider",)
     checker = "nnapi"
     options = {"NnapiExecutionProvider": NnapiOptions}
+
+    def operator_table(self, profile):
+        return mobile_helpers_table("nnapi_supported_ops.md")

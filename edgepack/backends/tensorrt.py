@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import Backend
+from .base import Backend, listed_ops
 
 __all__ = ["Tensorrt", "TensorrtOptions"]
 
@@ -49,3 +49,6 @@ class Tensorrt(Backend):
         if options.trt_builder_optimization_level is not None and not 0 <= options.trt_builder_optimization_level <= 5:
             return f"trt_builder_optimization_level: expected 0 to 5, found {options.trt_builder_optimization_level}"
         return None
+
+    def operator_table(self, profile):
+        return listed_ops(profile)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend
+from .base import Backend, listed_ops
 
 __all__ = ["Webgpu"]
 
@@ -11,3 +11,6 @@ class Webgpu(Backend):
     name = "webgpu"
     providers = ("webgpu", "wasm")
     checker = "webgpu"
+
+    def operator_table(self, profile):
+        return listed_ops(profile)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Backend
+from .base import Backend, listed_ops
 
 __all__ = ["Xnnpack", "XnnpackOptions"]
 
@@ -25,3 +25,6 @@ class Xnnpack(Backend):
         if options.intra_op_num_threads < 0:
             return f"intra_op_num_threads: expected 0 (the session's count) or more, found {options.intra_op_num_threads}"
         return None
+
+    def operator_table(self, profile):
+        return listed_ops(profile)

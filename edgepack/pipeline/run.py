@@ -15,6 +15,7 @@ from ..bundle.signing import sign_checked
 from ..errors import EdgepackError
 from ..fileops import atomic_folder
 from ..profiles import Profile
+from ..recipes.kernels import refuse_unsupported
 from ..stages.load import load_result
 from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
@@ -36,6 +37,7 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
+    refuse_unsupported(profiles, options)
     destinations = refuse_existing_output(name, profiles, options, inputs=(model,))
     # loaded once here; the targets run here, in worker processes or on Ray, each bundle maybe from the cache
     from ..executors import ModelWork, package_models

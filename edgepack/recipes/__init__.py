@@ -8,11 +8,12 @@ from .base import Recipe, Variant
 from .dynamic import Dynamic
 from .fp16 import Fp16
 from .fp32 import Fp32
+from .int4 import Int4, Q4f16
 from .static import Static
 
 __all__ = ["RECIPES", "recipe", "variants", "Recipe", "Variant"]
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (Fp32(), Static(), Dynamic(), Fp16())}
+RECIPES: dict[str, Recipe] = {r.name: r for r in (Fp32(), Static(), Dynamic(), Fp16(), Int4(), Q4f16())}
 """In this order in the CLI's help; recipes with settings in this order in a profile's ``quantization``."""
 
 

@@ -3,7 +3,9 @@
 A recipe is a small object: its ``name`` (what ``--quantize`` and a profile's ``quantization.default``
 say), the ``precision`` of the model it writes, its ``settings`` (the dataclass of its section in a
 profile's ``quantization``, None when it has none), the options it reads, its ``--tune`` variants, and
-``apply`` (write the quantized model from the pre-processed one). Everything around it (pre-processing,
+``apply`` (write the quantized model from the pre-processed one), and the ``com.microsoft`` kernels that
+model needs (``kernels``: each target's backend says before any work whether its runtime has them,
+edgepack/recipes/kernels.py). Everything around it (pre-processing,
 the accuracy gate, auto-exclude, reporting) is the same for every recipe (edgepack/recipes/quantize.py,
 edgepack/stages/quantize.py).
 
@@ -20,12 +22,14 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..pipeline.job import Options
+    from ..profiles import Profile
 
-__all__ = ["Recipe", "Variant", "QUANTIZED_OPS"]
+__all__ = ["Recipe", "Variant", "Kernel", "QUANTIZED_OPS"]
 
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul",
+    "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
+    "DynamicQuantizeMatMul",
     "QAttention", "QGemm", "DynamicQuantizeLSTM", "QEmbedLayerNormalization"})
 """Op types that carry quantized data: what ``already_quantized`` looks for and the report counts."""
 
@@ -36,6 +40,16 @@ class Variant:
 
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A ``com.microsoft`` operator a recipe writes, on inputs of the ``activation`` type."""
+
+    op: str
+    activation: str
+    required: bool = True
+    """False: where the target's runtime lacks it, the recipe writes its model without it (and says so)."""
 
 
 class Recipe:
@@ -52,12 +66,24 @@ class Recipe:
     variants: ClassVar[dict[str, Variant]] = {}
     marked_ops: ClassVar[frozenset[str]] = QUANTIZED_OPS
     """Op types of the written model the report counts."""
+    preprocess: ClassVar[bool] = True
+    """Whether it starts from onnxruntime's quantization pre-processing (edgepack/recipes/quantize.py, rule 1)."""
 
     def apply(self, prepared: Path, out: Path, settings: Any, *, calibration: list[dict[str, np.ndarray]] | None,
-              excluded: list[str], external: bool, calibration_method: str | None) -> None:
-        """Write the quantized model to ``out`` (external data beside it when ``external``)."""
+              excluded: list[str], external: bool, calibration_method: str | None,
+              target: Profile | None) -> dict[str, Any] | None:
+        """Write the quantized model to ``out`` (external data beside it when ``external``); return notes for
+        the report (what was left in float, and why), if any. ``target``: the profile it is written for."""
         raise NotImplementedError(f"recipe {self.name} writes no model")
 
-    def what_to_try(self, options: Options) -> list[str]:
+    def kernels(self, settings: Any) -> tuple[Kernel, ...]:
+        """The ``com.microsoft`` operators its model holds with these settings, beyond onnxruntime's usual ones."""
+        return ()
+
+    def check(self, settings: Any) -> tuple[str, str] | None:
+        """The settings key that is wrong beyond its type, and what is wrong with it; None: nothing."""
+        return None
+
+    def what_to_try(self, options: Options, settings: Any) -> list[str]:
         """What to try when its model misses the accuracy gate."""
         return []

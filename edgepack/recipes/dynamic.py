@@ -33,7 +33,7 @@ class Dynamic(Recipe):
                 "dynamic_s8": Variant("dynamic INT8, S8 weights", {"weight_type": "int8"})}
 
     def apply(self, prepared, out, settings: DynamicSettings, *, calibration, excluded, external,
-              calibration_method) -> None:
+              calibration_method, target) -> None:
         from ..ort_tools import load_ort_tools
         from .quantize import op_types, quant_type
 
@@ -50,6 +50,6 @@ class Dynamic(Recipe):
             use_external_data_format=external,
         )
 
-    def what_to_try(self, options) -> list[str]:
+    def what_to_try(self, options, settings) -> list[str]:
         return ["--quantize static with --calibration data", "exclude op types in quantization.dynamic.exclude_op_types",
                 "--quantize fp16"]

@@ -2,7 +2,9 @@
 
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
-   it, onnxruntime's quantizer trips over stale shape information in exported models.
+   it, onnxruntime's quantizer trips over stale shape information in exported models. A recipe that
+   needs no shapes says so (``Recipe.preprocess``, int4): it is spared the full copy pre-processing writes,
+   and its nodes are named in memory.
 2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
    Initializers that onnxruntime's optimizer invented during pre-processing are renamed under
    ``pre_process/``: its MatMul+Add fusion names new initializers with a generator that only avoids
@@ -22,9 +24,9 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -38,8 +40,11 @@ from ..ort_tools import load_ort_tools
 from . import RECIPES
 from .base import QUANTIZED_OPS
 
+if TYPE_CHECKING:
+    from ..profiles import Profile
+
 __all__ = ["Quantized", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes",
-           "op_types", "quant_type", "Reader"]
+           "op_types", "quant_type", "Reader", "name_nodes"]
 LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
@@ -48,7 +53,7 @@ LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.Tenso
 class Quantized:
     path: Path
     precision: str
-    """'int8' or 'fp16'."""
+    """The recipe's: 'int8', 'fp16', 'int4' or 'q4f16'."""
     bytes_before: int
     bytes_after: int
     external_data: bool
@@ -58,9 +63,13 @@ class Quantized:
     """Initializers stored in 8-bit or 16-bit types."""
     excluded_nodes: list[str]
     preprocess: str
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the recipe left in float, and why (reported only when there is something)."""
 
     def report(self) -> dict[str, Any]:
         data = asdict(self)
+        if not self.notes:
+            del data["notes"]
         data["path"] = self.path.name
         data["size_ratio"] = round(self.bytes_after / self.bytes_before, 4) if self.bytes_before else None
         return data
@@ -95,9 +104,11 @@ def quantize_model(
     calibration: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
+    target: Profile | None = None,
 ) -> Quantized:
     """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed) with the recipe
-    named ``method`` and its ``settings`` (edgepack/recipes)."""
+    named ``method`` and its ``settings`` (edgepack/recipes), for the ``target`` profile (the 4-bit recipes
+    read which kernels its runtime has and the opset it reads)."""
     if method not in RECIPES or RECIPES[method].settings is None:
         raise ValueError(f"unknown recipe {method!r}")
     recipe = RECIPES[method]
@@ -109,13 +120,16 @@ def quantize_model(
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
     # onnxruntime's helpers write temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
     # folder: it is the job's scratch folder while they run
-    with working_directory(out.parent):
-        preprocess = prepare(source, prepared, external=external)
+    if recipe.preprocess:
+        with working_directory(out.parent):
+            preprocess = prepare(source, prepared, external=external)
+    else:
+        prepared, preprocess = source, "none (weight-only: nodes named in memory)"
     excluded = sorted(exclude_nodes)
     try:
         with progress.step(f"{method} quantization"), _quiet(), working_directory(out.parent):
-            recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded, external=external,
-                         calibration_method=calibration_method)
+            notes = recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded,
+                                 external=external, calibration_method=calibration_method, target=target)
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
@@ -138,6 +152,7 @@ def quantize_model(
         low_precision_weights=sum(1 for t in proto.graph.initializer if t.data_type in LOW_PRECISION),
         excluded_nodes=excluded,
         preprocess=preprocess,
+        notes=notes or {},
     )
 
 
@@ -176,6 +191,12 @@ class _TooLarge(Exception):
 def _name_nodes(path: Path, source: Path) -> None:
     proto = onnx.load_model(path, load_external_data=False)
     _rename_invented_initializers(proto, onnx.load_model(source, load_external_data=False))
+    name_nodes(proto)
+    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """A name for every node that has none (rule 2)."""
     used = {n.name for n in iter_nodes(proto) if n.name}
     count = 0
     for node in iter_nodes(proto):
@@ -187,7 +208,6 @@ def _name_nodes(path: Path, source: Path) -> None:
             node.name = name
             used.add(name)
             count += 1
-    onnx.save_model(proto, path)  # external data references stay as they are: the side file is untouched
 
 
 _INVENTED_PREFIX = "pre_process/"

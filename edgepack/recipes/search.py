@@ -7,7 +7,8 @@ Rules:
    an ARM bundle are never presented as device speed. An already quantized model is kept as it is.
 2. Candidates are the profile's ``quantization.tune_candidates``: FP32, dynamic INT8 with U8 or S8
    weights, static QDQ U8S8 or S8S8 per-channel (only with ``--calibration``, ``random`` included),
-   FP16. Each is quantized by ``edgepack.recipes`` from the profile's recipe settings and converted
+   FP16, INT4 weight-only (only where the target's runtime has MatMulNBits, edgepack/recipes/kernels.py).
+   Each is quantized by ``edgepack.recipes`` from the profile's recipe settings and converted
    as the convert stage would, so it is the file that would ship (the winner's conversion is shipped,
    not made again), and opened with the session options the
    shim would use on the device (threads, optimization level, config entries).
@@ -48,6 +49,7 @@ from ..onnxio.ort_convert import model_bytes as onnx_model_bytes
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
 from . import variants
+from .kernels import required_gaps
 from .quantize import model_bytes, quantize_model
 
 __all__ = ["search", "Outcome", "host_arch", "Candidate", "select", "time_round_robin", "choose"]
@@ -146,6 +148,10 @@ def search(artifact: Artifact, job: Job) -> Outcome:
         if variants()[name][0].needs_calibration and calibration is None:
             notes.append(f"{name} not built: static quantization needs --calibration DATA (or --calibration random)")
             continue
+        gaps = required_gaps(job.profile, variants()[name][0].name)
+        if gaps:
+            notes.append(f"{name} not built: {'; '.join(gaps.values())}")
+            continue
         job.say(f"tune: building {name}")
         try:
             candidates.append(_build(name, artifact, job, calibration))
@@ -184,7 +190,7 @@ def _build(name: str, artifact: Artifact, job: Job, calibration: Samples | None)
         result = quantize_model(artifact.path, folder / "quantized" / "quantized.onnx", recipe.name,
                                 dataclasses.replace(settings, **variant.overrides),
                                 calibration=calibration.feeds if recipe.needs_calibration and calibration else None,
-                                calibration_method=job.options.calibration_method)
+                                calibration_method=job.options.calibration_method, target=job.profile)
         quantize_report = result.report()
         source = Artifact(path=result.path, precision=result.precision)
     shipped = _as_shipped(source, job, folder / "ort")

@@ -44,7 +44,7 @@ class Static(Recipe):
     }
 
     def apply(self, prepared, out, settings: StaticSettings, *, calibration, excluded, external,
-              calibration_method) -> None:
+              calibration_method, target) -> None:
         from ..errors import ConversionError
         from ..ort_tools import load_ort_tools
         from .quantize import Reader, op_types, quant_type
@@ -72,7 +72,7 @@ class Static(Recipe):
                                "WeightSymmetric": settings.symmetric_weights},
             )
 
-    def what_to_try(self, options) -> list[str]:
+    def what_to_try(self, options, settings) -> list[str]:
         return ["--auto-exclude" if not options.auto_exclude else "raise quantization.max_auto_exclude in the profile",
                 "--calibration-method entropy or percentile", "more (and representative) --calibration data",
                 "--quantize fp16 or --quantize dynamic"]

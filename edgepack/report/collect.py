@@ -104,8 +104,10 @@ class Bundle:
         """(stage, text) of every notice, fallback, unused option and size warning the stages recorded."""
         found = []
         for r in self.manifest.get("stages", []):
-            texts = [r.get("notice"), (r.get("fallback") or {}).get("message"), r.get("unused_options"),
-                     r.get("size_warning")]
+            fallback = r.get("fallback")
+            # the quantize stage records a fallback as {reason, message}; the PyTorch export as the exporter's name
+            fallback_text = fallback.get("message") if isinstance(fallback, dict) else fallback
+            texts = [r.get("notice"), fallback_text, r.get("unused_options"), r.get("size_warning")]
             seen: set[str] = set()
             for text in texts:
                 # a fallback's message is often repeated inside the notice: show it once

@@ -149,7 +149,7 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
     while True:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method)
+                                calibration_method=job.options.calibration_method, target=job.profile)
         figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
@@ -179,7 +179,7 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
             f"({validation.origin}): {'; '.join(misses)}"
             + (f" (after leaving {len(excluded)} node(s) in float)" if excluded else ""),
             where=job.profile.name,
-            hint="try " + ", or ".join(chosen.what_to_try(job.options)) + "; --quantize none keeps FP32",
+            hint="try " + ", or ".join(chosen.what_to_try(job.options, settings)) + "; --quantize none keeps FP32",
         )
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""

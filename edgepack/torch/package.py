@@ -31,6 +31,7 @@ from ..onnxio.save import save_model
 from ..pipeline.job import Options
 from ..pipeline.run import Result, bundle_path, package_model, refuse_existing_output
 from ..profiles import Profile
+from ..recipes.kernels import refuse_unsupported
 from .export import Export, export_dynamo, export_legacy
 from .inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, parse_dynamic, resolve, run_module
 from .verify import check_export
@@ -56,6 +57,7 @@ def package_torch(
     pipeline for each target on the file that fits it. Per-target failures are returned, not raised."""
     torch_model = resolve(model, name)
     name = torch_model.name
+    refuse_unsupported(profiles, options)
     refuse_existing_output(name, profiles, options)  # before the slow export
     entries = parse_dynamic(dynamic)
     if entries and torch_model.exported:

@@ -1,0 +1,259 @@
+"""4-bit weight-only recipes: ``int4`` (float32 activations) and ``q4f16`` (FP16 activations, for WebGPU).
+
+Rules:
+1. Weights of MatMul nodes are quantized in blocks of ``block_size`` along the reduction axis by
+   onnxruntime's own ``MatMulNBitsQuantizer`` (round to nearest, QOperator format): each such MatMul becomes
+   a ``com.microsoft`` MatMulNBits. Embedding tables (a Gather whose data is a 2-D float initializer)
+   become GatherBlockQuantized where the target's runtime has that kernel. No calibration data is needed.
+2. ``q4f16`` converts the model to FP16 first (float32 inputs and outputs kept, as the fp16 recipe does,
+   with its exclusions), then quantizes the FP16 weights: MatMulNBits with FP16 activations.
+3. Before any work, every target says whether its runtime has the kernels (edgepack/recipes/kernels.py):
+   MatMulNBits missing refuses the recipe, naming the op and the runtime version that has it; only
+   GatherBlockQuantized missing keeps embeddings in float and the report says so.
+4. The quantizer writes a quantized Gather's table as int4/uint4 tensors, which need IR 10 and ai.onnx
+   opset 21: an older model is upgraded with onnx's version converter first (the quantizer itself would
+   only relabel the opset); when the upgrade fails, or the target's runtime reads an older opset,
+   embeddings stay in float. The ORT format has no 4-bit tensor type ("Unsupported tensor data type
+   '<unknown>'" at load, onnxruntime 1.31), so the tables are then repacked as uint8 with ``bits=4``, the
+   kernel's other form: two values per byte along the last axis, low nibble first (measured identical
+   outputs). Tables with an odd last dim stay in float.
+5. ``accuracy_level`` is MatMulNBits' own attribute: 4 computes in int8 (MLAS's fastest CPU path on
+   x86 and ARM64), 0 leaves it to the kernel. The accuracy gate of the quantize stage applies as for
+   every recipe.
+6. ``int4`` skips onnxruntime's quantization pre-processing: weight-only quantization needs no shape
+   information, and pre-processing writes a full copy of the model first (``q4f16`` keeps it: the FP16
+   converter relies on its shape inference). Its nodes are named in memory instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .base import QUANTIZED_OPS, Kernel, Recipe, Variant
+
+__all__ = ["Int4", "Q4f16", "Int4Settings", "Q4f16Settings"]
+
+MATMUL_OP = "MatMulNBits"
+GATHER_OP = "GatherBlockQuantized"
+GATHER_OPSET = 21
+"""int4/uint4 tensors exist from IR 10 / ai.onnx opset 21."""
+
+
+@dataclass(frozen=True)
+class Int4Settings:
+    """4-bit weight-only block quantization (onnxruntime MatMulNBitsQuantizer), no calibration."""
+
+    block_size: int = 32
+    """Weights per scale along the reduction axis: a power of two, at least 16. benchmarks/int4.py (random
+    weights): 32 gave cosine 0.994 on the transformer example and 0.986 on a 4-layer encoder at 0.164x FP32
+    size; 128 gave 0.992 and 0.976 at 0.138x."""
+    symmetric: bool = False
+    """False: a 4-bit zero point per block as well (4 bits more per block, more accurate on skewed blocks)."""
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    """MatMulNBits' compute type: 0 the kernel's choice, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fastest on CPUs)."""
+    op_types: list[Literal["MatMul", "Gather"]] = field(default_factory=lambda: ["MatMul", "Gather"])
+    """Gather: embedding tables as GatherBlockQuantized, where the target's runtime has it."""
+
+
+@dataclass(frozen=True)
+class Q4f16Settings(Int4Settings):
+    """4-bit weights on an FP16 model (fp16.exclude_op_types apply too); WebGPU runs it with shader-f16."""
+
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 0
+    """With FP16 activations, level 4 gave cosine 0.840 on onnxruntime 1.31's CPU provider (transformer
+    example, Runtime-style .ort) against 0.994 at level 0."""
+
+
+class Int4(Recipe):
+    name = "int4"
+    description = "INT4 weight-only (MatMulNBits)"
+    precision = "int4"
+    settings = Int4Settings
+    flags = ("--validation",)
+    variants = {"int4": Variant("INT4 weight-only (MatMulNBits)")}
+    preprocess = False
+    activation = "float"
+
+    def kernels(self, settings: Int4Settings) -> tuple[Kernel, ...]:
+        gather = (Kernel(GATHER_OP, self.activation, required=False),) if "Gather" in settings.op_types else ()
+        return (Kernel(MATMUL_OP, self.activation), *gather)
+
+    def check(self, settings: Int4Settings) -> tuple[str, str] | None:
+        size = settings.block_size
+        if size < 16 or size & (size - 1):
+            return "block_size", f"expected a power of two, at least 16 (MatMulNBits), found {size}"
+        return None
+
+    def apply(self, prepared, out, settings: Int4Settings, *, calibration, excluded, external,
+              calibration_method, target) -> dict[str, Any]:
+        import onnx
+
+        from .quantize import name_nodes
+
+        model = onnx.load_model(prepared)
+        name_nodes(model)
+        return quantize_4bit(model, out, self.name, settings, excluded, external, target)
+
+    def what_to_try(self, options, settings: Int4Settings) -> list[str]:
+        return [f"a smaller quantization.int4.block_size (now {settings.block_size})",
+                "quantization.int4.op_types [MatMul] (embeddings in float)", "--quantize dynamic"]
+
+
+class Q4f16(Int4):
+    name = "q4f16"
+    description = "4-bit weights on FP16 activations (WebGPU with shader-f16)"
+    precision = "q4f16"
+    settings = Q4f16Settings
+    variants = {"q4f16": Variant("4-bit weights, FP16 activations (float32 I/O)")}
+    marked_ops = QUANTIZED_OPS | {"Cast"}
+    preprocess = True
+    activation = "float16"
+
+    def apply(self, prepared, out, settings: Int4Settings, *, calibration, excluded, external,
+              calibration_method, target) -> dict[str, Any]:
+        import onnx
+
+        from .fp16 import fp16_model
+
+        if target is None:
+            raise ValueError(f"the {self.name} recipe needs the target profile")
+        model = fp16_model(onnx.load_model(prepared), target.quantization.settings("fp16"), excluded)
+        return quantize_4bit(model, out, self.name, settings, excluded, external, target)
+
+    def what_to_try(self, options, settings: Int4Settings) -> list[str]:
+        return [f"a smaller quantization.q4f16.block_size (now {settings.block_size})", "--quantize fp16"]
+
+
+def quantize_4bit(model, out, method: str, settings: Int4Settings, excluded: list[str], external: bool,
+                  target) -> dict[str, Any]:
+    """Write the 4-bit model of ``model`` (every node named) to ``out``; return notes for the report: what
+    was quantized and what was left in float, and why."""
+    from ..errors import ConversionError
+    from ..onnxio.modelinfo import iter_nodes
+    from ..ort_tools import load_ort_tools
+    from .fp16 import save
+    from .kernels import kernel_gaps
+
+    load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if target is None:
+        raise ValueError(f"the {method} recipe needs the target profile")
+    gather = GATHER_OP not in kernel_gaps(target, method, settings)
+    notes: dict[str, Any] = {}
+    types = [t for t in settings.op_types if t != "Gather" or gather]
+    if "Gather" in settings.op_types and not gather:
+        notes["gather"] = f"embeddings kept in float: the target's runtime has no {GATHER_OP}"
+    tables = _embedding_tables(model) if "Gather" in types else set()
+    if tables:
+        model, why_not = _for_int4_tensors(model, target.runtime.max_opset)
+        if why_not:
+            notes["gather"] = f"embeddings kept in float: {why_not}"
+            types.remove("Gather")
+            tables = set()
+    # Gathers on anything but a 2-D float table (shape constants, int64 data) are not embeddings
+    skip = set(excluded) | {n.name for n in iter_nodes(model) if n.op_type == "Gather" and n.name not in tables}
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=4, block_size=settings.block_size, is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level or None, nodes_to_exclude=sorted(skip),
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=tuple(types),
+    )
+    with _quiet_quantizer():
+        quantizer.process()
+    written = quantizer.model.model
+    if not any(n.op_type == MATMUL_OP for n in iter_nodes(written)):
+        raise ConversionError(f"{method} found no MatMul with a constant 2-D weight to quantize",
+                              hint="4-bit weights are for MatMul-heavy models (transformers); Conv and Gemm are not "
+                              "quantized by it: try --quantize static or dynamic")
+    _repack_tables_as_uint8(written)
+    save(written, out, external=external)
+    ops = [n.op_type for n in iter_nodes(written)]
+    notes["matmuls_left_in_float"] = ops.count("MatMul")
+    if "Gather" in types:
+        notes["embeddings_quantized"] = ops.count(GATHER_OP)
+    return notes
+
+
+def _embedding_tables(model) -> set[str]:
+    """Names of Gather nodes whose data is a 2-D float or FP16 initializer (an embedding table) with an
+    even last dim (rule 4)."""
+    import onnx
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    tables = {t.name for t in model.graph.initializer
+              if t.data_type in floats and len(t.dims) == 2 and t.dims[1] % 2 == 0}
+    return {n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables
+            and not any(a.name == "axis" and a.i != 0 for a in n.attribute)}
+
+
+def _for_int4_tensors(model, max_opset: int):
+    """Rule 4: the model at opset 21 / IR 10, or the reason it cannot be."""
+    import onnx
+    import onnx.version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= GATHER_OPSET:
+        return model, ""
+    if max_opset < GATHER_OPSET:
+        return model, f"int4 tensors need ai.onnx opset {GATHER_OPSET}, the target's runtime reads up to {max_opset}"
+    # the FP16 converter leaves value_info entries for graph outputs at float16; the version converter
+    # would keep those and turn a float32 output into float16
+    ends = {v.name for v in [*model.graph.input, *model.graph.output]}
+    stale = [v for v in model.graph.value_info if v.name in ends]
+    for entry in stale:
+        model.graph.value_info.remove(entry)
+    try:
+        upgraded = onnx.version_converter.convert_version(model, GATHER_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and ValidationErrors
+        return model, f"upgrading opset {opset} to {GATHER_OPSET} for int4 tensors failed ({type(exc).__name__})"
+    upgraded.ir_version = max(upgraded.ir_version, 10)
+    return upgraded, ""
+
+
+def _repack_tables_as_uint8(model) -> None:
+    """Rule 4: every GatherBlockQuantized table and its zero points from int4/uint4 to uint8 with two
+    values per byte along the last axis. Signed values (-8..7, no zero points) move to 0..15 around the
+    uint8 form's default zero point 8."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != GATHER_OP or inits[node.input[0]].data_type == onnx.TensorProto.UINT8:
+            continue
+        data = inits[node.input[0]]
+        values = numpy_helper.to_array(data).astype(np.int16)
+        if data.data_type == onnx.TensorProto.INT4:
+            values += 8
+        data.CopyFrom(numpy_helper.from_array(_pack_rows(values.astype(np.uint8)), data.name))
+        if len(node.input) > 3 and node.input[3]:
+            zero_points = inits[node.input[3]]
+            packed = _pack_rows(numpy_helper.to_array(zero_points).astype(np.uint8))
+            zero_points.CopyFrom(numpy_helper.from_array(packed, zero_points.name))
+        node.attribute.append(onnx.helper.make_attribute("bits", 4))
+
+
+def _pack_rows(values):
+    import numpy as np
+
+    if values.shape[-1] % 2:
+        values = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, 1)])
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """The quantizer logs one INFO line per node on its own handler."""
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
