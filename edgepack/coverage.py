@@ -3,12 +3,13 @@
 Rules:
 1. Every checker looks at the model as onnxruntime's mobile usability checker does: optimized at the
    BASIC level (constant folding, semantics-preserving fusions), then shape-inferred.
-2. ``nnapi`` and ``coreml`` use onnxruntime's own checker (``onnxruntime.tools.mobile_helpers``): its
-   supported-operator tables, its dynamic-shape rule (a node with a dynamic input stays on the CPU) and
+2. Each backend (edgepack/backends) owns its checker and picks one of the two kinds here. ``nnapi`` and
+   ``coreml`` use onnxruntime's own checker (``usability_report``, from ``onnxruntime.tools.mobile_helpers``):
+   its supported-operator tables, its dynamic-shape rule (a node with a dynamic input stays on the CPU) and
    its partition count. CoreML is checked for the profile's ``coverage.coreml_format``.
 3. ``tensorrt``, ``webgpu`` and ``xnnpack`` check each node's operator against a list kept in ``edgepack/data``
-   (named by the profile's ``coverage.op_list``, with its source and version in its header). Their
-   partition count is an estimate: the connected components of supported nodes.
+   (``list_report``; the list is named by the profile's ``coverage.op_list``, with its source and version in
+   its header). Their partition count is an estimate: the connected components of supported nodes.
 4. The report gives the share of nodes on the accelerator, the partitions, the unsupported operator
    types with counts and, for the shape-aware checkers, the nodes held back only by dynamic shapes.
 5. ``gate`` fails when the share is under ``min_accelerated_fraction`` or the partitions are more than
@@ -23,23 +24,25 @@ import functools
 import io
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from .backends import checker_backend
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
 from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
-from .profiles import Coverage
 from .safety import op_list_names, shown
 
-__all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report"]
+if TYPE_CHECKING:
+    from .profiles import Coverage
 
-SHAPE_AWARE = {"nnapi", "coreml"}
-COREML_TABLES = {"MLProgram": "coreml_supported_mlprogram_ops.md", "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
+__all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report", "usability_checker",
+           "usability_report", "list_report", "load_op_list"]
 
 
 class CoverageError(EdgepackError):
@@ -81,20 +84,19 @@ class CoverageReport:
 
 
 def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
-    """Coverage of the ONNX model at ``model_path`` (external data beside it) for the profile's checker."""
-    if coverage.checker == "none":
-        raise ValueError("no coverage checker")
+    """Coverage of the ONNX model at ``model_path`` (external data beside it), measured by the backend whose
+    checker the profile names."""
+    backend = checker_backend(coverage.checker)
+    if backend is None:
+        raise ValueError(f"no coverage checker {coverage.checker!r}")
     with tempfile.TemporaryDirectory(prefix="edgepack-coverage-") as tmp:
         try:
-            model = prepare(model_path, Path(tmp))
-            if coverage.checker in SHAPE_AWARE:
-                return _onnxruntime_checker(model, coverage)
+            return backend.measure(prepare(model_path, Path(tmp)), coverage)
         except (ValueError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
             # onnxruntime raises bare Exception subclasses from C++; its checker needs inferred shapes
             detail = first_line(exc)
             raise ConversionError(f"the {coverage.checker} coverage check could not run: {detail}", where=str(model_path),
                                   hint="the model's shapes could not be inferred; run it through onnx.shape_inference to see why") from None
-        return _list_checker(model, coverage)
 
 
 def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
@@ -107,20 +109,21 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
     return ModelProtoWithShapeInfo(optimized).model_with_shape_info
 
 
-def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
+def usability_checker():
+    """onnxruntime's ``usability_checker`` module (``onnxruntime.tools.mobile_helpers``), importable."""
     load_ort_tools()
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
 
-    if coverage.checker == "nnapi":
-        check = uc.check_nnapi_partitions
-        name, source = "nnapi", "onnxruntime.tools.mobile_helpers nnapi_supported_ops.md"
-    else:
-        table = COREML_TABLES[coverage.coreml_format]
-        check = functools.partial(_coreml, table=table)
-        name, source = f"coreml-{coverage.coreml_format.lower()}", f"onnxruntime.tools.mobile_helpers {table}"
+    return uc
+
+
+def usability_report(model: onnx.ModelProto, name: str, table: str,
+                     partitions: Callable[[onnx.ModelProto, bool], Any]) -> CoverageReport:
+    """The report of onnxruntime's own checker: ``partitions(model, require_fixed_shapes)`` is its
+    ``check_*_partitions`` for the backend, reading its supported-operator ``table``."""
     with _quiet():
-        fixed = check(model, True)
-        if_fixed = check(model, False)
+        fixed = partitions(model, True)
+        if_fixed = partitions(model, False)
     # the checker keeps a set of unsupported types; count the nodes with its own table
     unsupported = collections.Counter(
         _domain_op(node) for node in iter_nodes(model) if not fixed.supported_ops_checker.is_op_supported(node)
@@ -129,18 +132,13 @@ def _onnxruntime_checker(model: onnx.ModelProto, coverage: Coverage) -> Coverage
         checker=name, nodes=fixed.num_nodes, supported_nodes=fixed.num_supported_nodes, partitions=fixed.num_partitions,
         partitions_estimated=False, unsupported_ops=dict(unsupported.most_common()),
         dynamic_shape_nodes=if_fixed.num_supported_nodes - fixed.num_supported_nodes,
-        source=f"{source} (onnxruntime {_ort_version()})",
+        source=f"onnxruntime.tools.mobile_helpers {table} (onnxruntime {_ort_version()})",
     )
 
 
-def _coreml(model, require_fixed, *, table):
-    load_ort_tools()
-    from onnxruntime.tools.mobile_helpers import usability_checker as uc
-
-    return uc.check_coreml_partitions(model, require_fixed, table)
-
-
-def _list_checker(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
+def list_report(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
+    """The report of a list-based checker: each node's operator against ``coverage.op_list``, partitions
+    estimated as connected components of supported nodes."""
     table, header = load_op_list(coverage.op_list)
     opset = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     total = supported_count = partitions = 0

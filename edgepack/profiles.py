@@ -313,13 +313,16 @@ def _check_providers(profile: Profile, where: str) -> None:
             raise ProfileError(f"key '{key}.name': no backend runs {ep.name!r}",
                                where=where, hint="known providers: " + ", ".join(p for b in BACKENDS.values() for p in b.providers))
         used.add(backend.checker)
+        chosen = next((option for option in ep.options if option in backend.chosen_on_device), None)
+        if chosen is not None:
+            raise ProfileError(f"key '{key}.options.{chosen}': {backend.chosen_on_device[chosen]}", where=where)
         kind = backend.options.get(ep.name)
         if kind is None:
             if ep.options:
                 raise ProfileError(f"key '{key}.options': {ep.name} takes no options, found {sorted(ep.options)}",
                                    where=where)
             continue
-        problem = backend.check(ep.name, _build(kind, ep.options, where, f"{key}.options."))
+        problem = backend.check(ep.name, _build(kind, ep.options, where, f"{key}.options."), profile)
         if problem:
             raise ProfileError(f"key '{key}.options': {problem}", where=where)
     checker = profile.coverage.checker

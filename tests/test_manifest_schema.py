@@ -3,6 +3,7 @@ against it, and every key the Python shim and the web loader read is one it decl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import typing
@@ -13,10 +14,11 @@ import jsonschema
 import pytest
 
 from edgepack.bundle import manifest as packager_manifest
+from edgepack.bundle.manifest import Content, ModelEntry, ProviderEntry, RuntimeEntry, SessionEntry, SourceModel, Tensor
 from edgepack.examples import EXAMPLE_SHAPES
 from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
-from edgepack.profiles import Bundle, builtin_profile_names, resolve_targets
+from edgepack.profiles import Bundle, builtin_profile_names, load_profile, resolve_targets
 from edgepack.recipes import RECIPES
 from edgepack.runtime_shim import edgepack_shim
 
@@ -59,6 +61,53 @@ def test_every_reader_names_the_schema_it_reads():
 def test_the_schema_allows_what_the_registries_and_profiles_allow():
     assert set(SCHEMA["properties"]["model"]["properties"]["precision"]["enum"]) == {r.precision for r in RECIPES.values()}
     assert set(SCHEMA["properties"]["bundle_kind"]["enum"]) == set(typing.get_args(typing.get_type_hints(Bundle)["kind"]))
+
+
+WRITTEN_BESIDE = {"schema", "files", "created", "manifest_sha256"}
+"""Top-level keys ``write_manifest`` adds to the content."""
+
+
+def test_the_typed_manifest_declares_the_schemas_keys():
+    """Each dataclass of the tree has exactly the keys its place in the schema declares, required ones included."""
+    tree = {(): Content, ("model",): ModelEntry, ("model", "source"): SourceModel,
+            ("model", "inputs", "[]"): Tensor, ("model", "outputs", "[]"): Tensor, ("runtime",): RuntimeEntry,
+            ("runtime", "execution_providers", "[]"): ProviderEntry, ("runtime", "session_options"): SessionEntry}
+    for path, cls in tree.items():
+        node = SCHEMA
+        for step in path:
+            node = _resolve(node["items"] if step == "[]" else node["properties"][step])
+        node = _resolve(node)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        declared = set(node["properties"]) - (WRITTEN_BESIDE if not path else set())
+        assert fields == declared, (path, fields ^ declared)
+        assert set(node["required"]) - WRITTEN_BESIDE <= fields, path
+
+
+def test_a_typed_manifest_written_with_a_date_validates(tmp_path, monkeypatch):
+    profile = load_profile("linux-x64")
+    tensor = Tensor(name="x", dtype="float32", shape=["batch", 3, None])
+    content = Content(
+        target=profile.name, profile=profile, bundle_kind=profile.bundle.kind,
+        model=ModelEntry(file="model/m.onnx", format="onnx", ort_style=None, external_data=[], precision="fp32",
+                         ir_version=10, opsets={"ai.onnx": 21}, inputs=[tensor], outputs=[Tensor("y", "float32", None)],
+                         source=SourceModel(name="m.onnx", sha256="0" * 64, bytes=1)),
+        runtime=RuntimeEntry(package="onnxruntime", version=">=1.20",
+                             execution_providers=[ProviderEntry(name="CPUExecutionProvider", options={})],
+                             strict_providers=False,
+                             session_options=SessionEntry(intra_op_num_threads=0, graph_optimization_level="all",
+                                                          config_entries={})),
+        reduced_ops_config=None, tools={"python": "3", "edgepack": "0", "onnxruntime": "1"},
+        stages=[{"stage": "load", "summary": "loaded"}])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "m.onnx").write_bytes(b"\0")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    packager_manifest.write_manifest(tmp_path, content.to_dict())
+    manifest = _manifest(tmp_path)
+    assert manifest["model"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 3, None]}]
+    assert manifest["profile"] == json.loads(json.dumps(profile.to_dict()))
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(manifest)]
+    assert not errors, errors
 
 
 def test_the_python_shim_reads_only_declared_keys(bundles, monkeypatch):

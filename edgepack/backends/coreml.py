@@ -9,6 +9,9 @@ from .base import Backend, mobile_helpers_table
 
 __all__ = ["Coreml", "CoremlOptions"]
 
+TABLES = {"MLProgram": "coreml_supported_mlprogram_ops.md", "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
+"""onnxruntime's supported-operator table for each CoreML model format."""
+
 
 @dataclass(frozen=True)
 class CoremlOptions:
@@ -26,7 +29,14 @@ class Coreml(Backend):
     checker = "coreml"
     options = {"CoreMLExecutionProvider": CoremlOptions}
 
-    def operator_table(self, profile):
-        from ..coverage import COREML_TABLES
+    def measure(self, model, coverage):
+        """onnxruntime's own CoreML checker, with the table of the profile's ``coverage.coreml_format``."""
+        from ..coverage import usability_checker, usability_report
 
-        return mobile_helpers_table(COREML_TABLES[profile.coverage.coreml_format])
+        table = TABLES[coverage.coreml_format]
+        check = usability_checker().check_coreml_partitions
+        return usability_report(model, f"coreml-{coverage.coreml_format.lower()}", table,
+                                lambda m, require_fixed: check(m, require_fixed, table))
+
+    def operator_table(self, profile):
+        return mobile_helpers_table(TABLES[profile.coverage.coreml_format])

@@ -23,5 +23,11 @@ class Nnapi(Backend):
     checker = "nnapi"
     options = {"NnapiExecutionProvider": NnapiOptions}
 
+    def measure(self, model, coverage):
+        """onnxruntime's own NNAPI checker: its operator table, dynamic-shape rule and partition count."""
+        from ..coverage import usability_checker, usability_report
+
+        return usability_report(model, "nnapi", "nnapi_supported_ops.md", usability_checker().check_nnapi_partitions)
+
     def operator_table(self, profile):
         return mobile_helpers_table("nnapi_supported_ops.md")

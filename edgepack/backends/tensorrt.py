@@ -3,12 +3,20 @@
 The shim turns these options into onnxruntime's TensorRT provider options on the device
 (``edgepack_shim.tensorrt_options``): ``trt_*`` pass through, ``tensorrt_version`` and ``dynamic_dims``
 describe the device, and the cache paths are the shim's to choose (per GPU and TensorRT version).
+
+Rules checked when the profile loads, the shim's own on the device:
+1. Engine and timing cache paths and the optimization-profile shapes are the shim's: a profile sets
+   ``trt_*_cache_enable`` and ``dynamic_dims`` instead.
+2. ``dynamic_dims`` are [min, opt, max] ranges with 1 <= min <= opt <= max.
+3. INT8 follows the model: left out, the shim switches ``trt_int8_enable`` on for an int8 (QDQ) model and
+   leaves it off otherwise, so an explicit value that contradicts the profile's default recipe is refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..recipes import RECIPES
 from .base import Backend, listed_ops
 
 __all__ = ["Tensorrt", "TensorrtOptions"]
@@ -39,10 +47,28 @@ class Tensorrt(Backend):
     providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     checker = "tensorrt"
     options = {"TensorrtExecutionProvider": TensorrtOptions, "CUDAExecutionProvider": CudaOptions}
+    chosen_on_device = {
+        **dict.fromkeys(("trt_engine_cache_path", "trt_timing_cache_path"),
+                        "the shim keeps caches outside the read-only bundle, in a folder per GPU and TensorRT version "
+                        "(an engine only loads on those); set trt_engine_cache_enable or trt_timing_cache_enable"),
+        **dict.fromkeys(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"),
+                        "the shim builds the optimization profile from the model's inputs; set dynamic_dims"),
+    }
 
-    def check(self, provider: str, options) -> str | None:
+    def measure(self, model, coverage):
+        """Each node's operator against the profile's ``coverage.op_list`` (the TensorRT ONNX parser's operators)."""
+        from ..coverage import list_report
+
+        return list_report(model, coverage)
+
+    def check(self, provider: str, options, profile) -> str | None:
         if not isinstance(options, TensorrtOptions):
             return None
+        precision = RECIPES[profile.quantization.default].precision
+        if options.trt_int8_enable is not None and options.trt_int8_enable != (precision == "int8"):
+            return (f"trt_int8_enable: {str(options.trt_int8_enable).lower()} contradicts the default recipe "
+                    f"{profile.quantization.default!r} ({precision}); leave it out: the shim switches INT8 on for an "
+                    "int8 model and leaves it off otherwise")
         for name, value in options.dynamic_dims.items():
             if len(value) != 3 or not 1 <= value[0] <= value[1] <= value[2]:
                 return f"dynamic_dims.{name}: expected [min, opt, max] with 1 <= min <= opt <= max, found {value}"

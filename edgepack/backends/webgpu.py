@@ -12,5 +12,11 @@ class Webgpu(Backend):
     providers = ("webgpu", "wasm")
     checker = "webgpu"
 
+    def measure(self, model, coverage):
+        """Each node's operator against the profile's ``coverage.op_list`` (onnxruntime-web's WebGPU kernels)."""
+        from ..coverage import list_report
+
+        return list_report(model, coverage)
+
     def operator_table(self, profile):
         return listed_ops(profile)

@@ -21,7 +21,13 @@ class Xnnpack(Backend):
     checker = "xnnpack"
     options = {"XnnpackExecutionProvider": XnnpackOptions}
 
-    def check(self, provider: str, options) -> str | None:
+    def measure(self, model, coverage):
+        """Each node's operator against the profile's ``coverage.op_list`` (the XNNPACK provider's kernels)."""
+        from ..coverage import list_report
+
+        return list_report(model, coverage)
+
+    def check(self, provider: str, options, profile) -> str | None:
         if options.intra_op_num_threads < 0:
             return f"intra_op_num_threads: expected 0 (the session's count) or more, found {options.intra_op_num_threads}"
         return None

@@ -6,6 +6,9 @@ Integrity ``sha384-`` string for browsers). It is written with sorted keys and n
 packaging the same input twice gives the same bytes (``SOURCE_DATE_EPOCH`` adds a ``created`` date).
 ``manifest_sha256`` is the manifest's own checksum: the SHA-256 of manifest.json with that value written
 as 64 zeros, so a changed byte anywhere in the manifest is caught too.
+
+What the manifest says besides its files is ``Content``, a tree of frozen dataclasses whose fields are the
+keys of runtime_shim/manifest.schema.json (the tests hold the two together); ``to_dict()`` is what is written.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ import json
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import VerificationError
 from ..progress import step
 
+if TYPE_CHECKING:
+    from ..profiles import Profile
+
 __all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
-           "SEAL_KEY", "seal_matches"]
+           "SEAL_KEY", "seal_matches", "Content", "ModelEntry", "Tensor", "SourceModel", "RuntimeEntry",
+           "ProviderEntry", "SessionEntry"]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "model.sig"
@@ -37,6 +44,79 @@ _BIG = 16 << 20
 SEAL_KEY = "manifest_sha256"
 _SEAL_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
 _BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: list[int | str | None] | None
+    """An int when fixed, the symbolic name when named, None when unnamed; None alone: not even the rank is known."""
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The user's model, as given."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    file: str
+    format: Literal["onnx", "ort"]
+    ort_style: str | None
+    external_data: list[str]
+    precision: str
+    ir_version: int
+    opsets: dict[str, int]
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    source: SourceModel
+
+
+@dataclass(frozen=True)
+class ProviderEntry:
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionEntry:
+    intra_op_num_threads: int
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"]
+    config_entries: dict[str, str]
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    package: str
+    version: str
+    execution_providers: list[ProviderEntry]
+    strict_providers: bool
+    session_options: SessionEntry
+
+
+@dataclass(frozen=True)
+class Content:
+    """The manifest apart from ``schema``, ``files``, ``created`` and ``manifest_sha256`` (``write_manifest``)."""
+
+    target: str
+    profile: Profile
+    bundle_kind: Literal["python", "web", "mobile"]
+    model: ModelEntry
+    runtime: RuntimeEntry
+    reduced_ops_config: str | None
+    tools: dict[str, str]
+    stages: list[dict[str, Any]]
+    """Each stage's record (``StageResult.record``), the steps before loading first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's keys as plain data, the profile as its YAML keys (``Profile.to_dict``)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "profile": self.profile.to_dict(), "model": asdict(self.model), "runtime": asdict(self.runtime)}
 
 
 def hash_file(path: Path) -> dict[str, Any]:

@@ -21,9 +21,10 @@ from importlib import metadata, resources
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from ..backends import session_entries
 from ..errors import ProfileError
 from ..fileops import copy_file
-from ..onnxio.ort_convert import CONFIG_NAME, session_entries
+from ..onnxio.ort_convert import CONFIG_NAME
 from ..pipeline.job import Artifact, Job
 
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
@@ -57,7 +58,7 @@ class MobileBundler:
 
 def session_options(model: Artifact, job: Job) -> dict:
     profile = job.profile
-    entries = session_entries(profile.session.config_entries, model.format, model.ort_style)
+    entries = session_entries(profile, model.format, model.ort_style)
     return {
         "model": f"model/{model.path.name}",
         "intra_op_num_threads": profile.session.intra_op_num_threads,

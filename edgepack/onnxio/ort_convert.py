@@ -21,7 +21,7 @@ from ..errors import ConversionError
 from .modelinfo import external_locations
 from .ort_canonical import canonicalize_ort_file
 
-__all__ = ["convert_to_ort", "session_entries", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
+__all__ = ["convert_to_ort", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
 
 CONFIG_NAME = "required_operators_and_types.config"
 
@@ -51,18 +51,6 @@ def convert_to_ort(model: Path, out_dir: Path, style: str, platform: str, *, whe
         raise ConversionError(f"the converted .ort cannot be made reproducible: {exc}", where=where,
                               hint="use the onnxruntime version pinned in pyproject.toml") from None
     return ort_path, config
-
-
-def session_entries(entries: dict[str, str], model_format: str, ort_style: str | None) -> dict[str, str]:
-    """The profile's session config entries plus what an .ort model needs to load as converted (the shim
-    applies the same rule on the device)."""
-    entries = dict(entries)
-    if model_format == "ort":
-        entries["session.load_model_format"] = "ORT"
-    if ort_style == "Runtime":
-        # without it onnxruntime silently ignores the saved runtime optimizations
-        entries["session.enable_saved_runtime_optimizations"] = "1"
-    return entries
 
 
 def model_bytes(path: Path) -> int:

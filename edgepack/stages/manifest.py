@@ -1,5 +1,5 @@
-"""Stage 7, manifest: describe the bundle once, write it as ``manifest.json`` (for machines) and
-``REPORT.md`` (for people).
+"""Stage 7, manifest: describe the bundle once (a typed ``Content``, edgepack/bundle/manifest.py), write it
+as ``manifest.json`` (for machines) and ``REPORT.md`` (for people).
 
 The manifest says how the device must load the model (runtime range, providers, session options),
 what the model takes and returns, what every stage did, and the checksum of every file.
@@ -14,9 +14,18 @@ from typing import Any
 
 import onnx
 
-from ..bundle.manifest import write_manifest
+from ..backends import session_entries
+from ..bundle.manifest import (
+    Content,
+    ModelEntry,
+    ProviderEntry,
+    RuntimeEntry,
+    SessionEntry,
+    SourceModel,
+    Tensor,
+    write_manifest,
+)
 from ..onnxio.modelinfo import describe_io, format_shape, opsets
-from ..onnxio.ort_convert import session_entries
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult
 
@@ -40,7 +49,7 @@ class Manifest(Stage):
     name = "manifest"
 
     def run(self, artifact: Artifact, job: Job) -> ManifestResult:
-        written = write_manifest(job.staging, describe(artifact, job))
+        written = write_manifest(job.staging, describe(artifact, job).to_dict())
         total = sum(entry["size"] for entry in written["files"].values())
         return ManifestResult(summary=f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
                               files=len(written["files"]), bytes=total)
@@ -50,48 +59,47 @@ def finalize(artifact: Artifact, job: Job) -> dict[str, Any]:
     """Write REPORT.md and the manifest again, now that every stage (self-test included) has reported."""
     content = describe(artifact, job)
     (job.staging / REPORT).write_text(_report_text(content), encoding="utf-8")
-    return write_manifest(job.staging, content)
+    return write_manifest(job.staging, content.to_dict())
 
 
-def describe(artifact: Artifact, job: Job) -> dict[str, Any]:
+def describe(artifact: Artifact, job: Job) -> Content:
     profile = job.profile
     proto = onnx.load_model(artifact.onnx_path, load_external_data=False)
     inputs, outputs = describe_io(proto)
-    entries = session_entries(profile.session.config_entries, artifact.format, artifact.ort_style)
+    entries = session_entries(profile, artifact.format, artifact.ort_style)
     model_file = artifact.path.relative_to(job.staging).as_posix()
     side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
-    return {
-        "target": profile.name,
-        "profile": profile.to_dict(),
-        "bundle_kind": profile.bundle.kind,
-        "model": {
-            "file": model_file,
-            "format": artifact.format,
-            "ort_style": artifact.ort_style,
-            "external_data": side_files,
-            "precision": artifact.precision,
-            "ir_version": proto.ir_version,
-            "opsets": opsets(proto),
-            "inputs": inputs,
-            "outputs": outputs,
-            "source": {"name": job.source.path.name, "sha256": job.source.info["sha256"],
-                       "bytes": job.source.bytes},
-        },
-        "runtime": {
-            "package": profile.runtime.package,
-            "version": profile.runtime.version,
-            "execution_providers": [{"name": ep.name, "options": ep.options} for ep in profile.execution_providers],
-            "strict_providers": profile.strict_providers,
-            "session_options": {
-                "intra_op_num_threads": profile.session.intra_op_num_threads,
-                "graph_optimization_level": profile.session.graph_optimization_level,
-                "config_entries": entries,
-            },
-        },
-        "reduced_ops_config": artifact.ops_config.name if artifact.ops_config else None,
-        "tools": _tool_versions(),
-        "stages": job.records(),
-    }
+    return Content(
+        target=profile.name,
+        profile=profile,
+        bundle_kind=profile.bundle.kind,
+        model=ModelEntry(
+            file=model_file,
+            format=artifact.format,
+            ort_style=artifact.ort_style,
+            external_data=side_files,
+            precision=artifact.precision,
+            ir_version=proto.ir_version,
+            opsets=opsets(proto),
+            inputs=[Tensor(**io) for io in inputs],
+            outputs=[Tensor(**io) for io in outputs],
+            source=SourceModel(name=job.source.path.name, sha256=job.source.info["sha256"], bytes=job.source.bytes),
+        ),
+        runtime=RuntimeEntry(
+            package=profile.runtime.package,
+            version=profile.runtime.version,
+            execution_providers=[ProviderEntry(name=ep.name, options=ep.options) for ep in profile.execution_providers],
+            strict_providers=profile.strict_providers,
+            session_options=SessionEntry(
+                intra_op_num_threads=profile.session.intra_op_num_threads,
+                graph_optimization_level=profile.session.graph_optimization_level,
+                config_entries=entries,
+            ),
+        ),
+        reduced_ops_config=artifact.ops_config.name if artifact.ops_config else None,
+        tools=_tool_versions(),
+        stages=job.records(),
+    )
 
 
 def _tool_versions() -> dict[str, str]:
@@ -104,32 +112,32 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _report_text(content: dict[str, Any]) -> str:
-    model = content["model"]
+def _report_text(content: Content) -> str:
+    model = content.model
     lines = [
-        f"# {model['source']['name']} for {content['target']}",
+        f"# {model.source.name} for {content.target}",
         "",
-        content["profile"]["description"],
+        content.profile.description,
         "",
-        f"- model: `{model['file']}` ({model['format']}{', ' + model['ort_style'] + ' style' if model['ort_style'] else ''}, {model['precision']})",
-        f"- runtime: {content['runtime']['package']} {content['runtime']['version']}",
-        f"- execution providers: {', '.join(ep['name'] for ep in content['runtime']['execution_providers'])}",
+        f"- model: `{model.file}` ({model.format}{', ' + model.ort_style + ' style' if model.ort_style else ''}, {model.precision})",
+        f"- runtime: {content.runtime.package} {content.runtime.version}",
+        f"- execution providers: {', '.join(ep.name for ep in content.runtime.execution_providers)}",
         "",
         "| input | dtype | shape |",
         "|---|---|---|",
-        *[f"| {io['name']} | {io['dtype']} | {format_shape(io['shape'])} |" for io in model["inputs"]],
+        *[f"| {io.name} | {io.dtype} | {format_shape(io.shape)} |" for io in model.inputs],
         "",
         "| output | dtype | shape |",
         "|---|---|---|",
-        *[f"| {io['name']} | {io['dtype']} | {format_shape(io['shape'])} |" for io in model["outputs"]],
+        *[f"| {io.name} | {io.dtype} | {format_shape(io.shape)} |" for io in model.outputs],
         "",
         "## Stages",
         "",
-        *[f"- **{r['stage']}**: {r['summary']}" for r in content["stages"]],
+        *[f"- **{r['stage']}**: {r['summary']}" for r in content.stages],
         "",
-        *_coverage_section(content["stages"]),
+        *_coverage_section(content.stages),
     ]
-    notices = [f"- **{r['stage']}**: {r['notice']}" for r in content["stages"] if r.get("notice")]
+    notices = [f"- **{r['stage']}**: {r['notice']}" for r in content.stages if r.get("notice")]
     if notices:
         lines += ["## Notices", "", *notices, ""]
     return "\n".join(lines)
