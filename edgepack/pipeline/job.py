@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..errors import UsageError
+from ..execution import Execution
 from ..profiles import Profile
 from ..recipes import RECIPES
 
@@ -86,6 +87,8 @@ class Options:
     """The environment variable holding ``sign_key``'s passphrase."""
     pin_key: Path | None = None
     """A P-256 public key pinned beside the shim of python bundles: the shim then refuses unsigned bundles."""
+    execution: Execution = field(default_factory=Execution)
+    """Worker processes, Ray, the bundle cache (edgepack/execution.py): how the bundles are made, not what they hold."""
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in RECIPES:
