@@ -8,7 +8,8 @@ Rules:
    sequence length 16; channels 3. A dim named in two inputs gets one size. An unnamed dim after a
    fixed first dim is taken as a batch dim (a recurrent state [2, batch, 128]).
 2. Integer inputs read by a Gather (an embedding table) stay below the table's size on that axis; a
-   scalar integer named like a rate (``sr``, ``sample_rate``) is 16000, then 8000; masks are ones,
+   scalar integer named like a rate (``sr``, ``sample_rate``) is 16000, then 8000; the shape of an
+   Expand or the repeats of a Tile are ones (always valid; random integers are not); masks are ones,
    booleans True, token type ids 0 or 1, other integers in [0, 16).
 3. Candidates go from small to large (``LADDER``); the first one the FP32 reference runs on is used, and
    every try is recorded. When none runs, the error says so, with the last try's shapes and the node
@@ -39,6 +40,8 @@ LADDER = [
     {"spatial": 64, "samples": 512, "sequence": 16, "other": 8, "rate": 16000},
     {"spatial": 224, "samples": 16000, "sequence": 64, "other": 1, "rate": 16000},
     {"spatial": 640, "samples": 16000, "sequence": 128, "other": 32, "rate": 8000},
+    # a dim nothing names may still be audio or a long axis (silero VAD's [batch, ?] needs over 64 samples)
+    {"spatial": 640, "samples": 16000, "sequence": 128, "other": 512, "rate": 16000},
 ]
 """Sizes per dim role, one candidate per row, tried in order (rule 3)."""
 
@@ -256,6 +259,7 @@ def _role(spec: dict[str, Any], axis: int, dim: Any) -> str:
 
 def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[str, tuple[str, Any]]:
     bounds = _gather_bounds(proto)
+    repeats = _shape_operands(proto)
     inputs = {vi.name: vi for vi in proto.graph.input}
     rules: dict[str, tuple[str, Any]] = {}
     for spec in specs:
@@ -282,6 +286,8 @@ def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[st
             rules[name] = ("fill", 1)
         elif dtype.kind in "iu" and len(spec["shape"] or []) <= 1 and _RATE.search(lowered):
             rules[name] = ("rate", None)
+        elif dtype.kind in "iu" and name in repeats:
+            rules[name] = ("fill", 1)
         elif dtype.kind in "iu" and name in bounds:
             rules[name] = ("ints", (0, max(1, min(16, bounds[name]))))
         elif dtype.kind in "iu" and "type" in lowered:
@@ -330,3 +336,22 @@ def _gather_bounds(proto: onnx.ModelProto) -> dict[str, int]:
                     source = origin[node.input[1]]
                     bounds[source] = min(bounds.get(source, dims[axis]), dims[axis])
     return bounds
+
+
+_ONES_ARE_VALID = {"Expand": 1, "Tile": 1}
+"""Op -> the input position of a shape or repeat count that a tensor of ones always satisfies (Expand
+broadcasts, Tile copies once); random integers fail them ("invalid expand shape")."""
+
+
+def _shape_operands(proto: onnx.ModelProto) -> set[str]:
+    """Graph inputs that are (through a Cast) the shape of an Expand or the repeats of a Tile (rule 2)."""
+    origin = {vi.name: vi.name for vi in proto.graph.input}
+    found: set[str] = set()
+    for graph in iter_graphs(proto.graph):
+        for node in graph.node:
+            if node.op_type == "Cast" and node.input and node.input[0] in origin:
+                origin[node.output[0]] = origin[node.input[0]]
+            position = _ONES_ARE_VALID.get(node.op_type)
+            if position is not None and len(node.input) > position and node.input[position] in origin:
+                found.add(origin[node.input[position]])
+    return found

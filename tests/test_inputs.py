@@ -79,6 +79,35 @@ def test_ladder_climbs_until_the_reference_runs(tmp_path):
     assert plan.tries[0]["error"] and plan.tries[-1]["error"] is None
 
 
+def test_an_unnamed_long_axis_reaches_hundreds_of_samples(tmp_path):
+    """[batch, ?] audio as silero VAD declares it: a reflect Pad of 64 needs more than the 32 of "other" dims."""
+    nodes = [helper.make_node("Unsqueeze", ["input", "axis1"], ["wave"]),
+             helper.make_node("Pad", ["wave", "pads"], ["padded"], mode="reflect"),
+             helper.make_node("ReduceMean", ["padded", "axes"], ["y"], keepdims=0)]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array([0, 0, 64, 0, 0, 64], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], inits)
+    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path, "vad")
+    plan = fit_inputs(path, describe_io(onnx.load_model(path))[0])
+    assert plan.shapes["input"][1] > 64
+    _runs(path, plan.generate(seed=0, count=1)[0])
+
+
+def test_an_expand_shape_given_as_an_input_is_ones(tmp_path):
+    """ONNX's own expand test model takes the target shape as an int64 input: random integers do not broadcast."""
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"])], "expand",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7), tmp_path, "expand")
+    plan = fit_inputs(path, describe_io(onnx.load_model(path))[0])
+    feeds = plan.generate(seed=0, count=1)[0]
+    assert feeds["shape"].tolist() == [1, 1, 1]
+    assert _runs(path, feeds)[0].shape == (1, 3, 1)
+
+
 def _never_fits(tmp_path: Path) -> Path:
     """Runs only when batch x features is a multiple of 91 (7 x 13): no made-up size is."""
     graph = helper.make_graph([helper.make_node("Reshape", ["x", "impossible"], ["y"], name="fold")], "never",
