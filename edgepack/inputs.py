@@ -40,8 +40,8 @@ LADDER = [
     {"spatial": 64, "samples": 512, "sequence": 16, "other": 8, "rate": 16000},
     {"spatial": 224, "samples": 16000, "sequence": 64, "other": 1, "rate": 16000},
     {"spatial": 640, "samples": 16000, "sequence": 128, "other": 32, "rate": 8000},
-    # a dim nothing names may still be audio or a long axis (silero VAD's [batch, ?] needs over 64 samples)
-    {"spatial": 640, "samples": 16000, "sequence": 128, "other": 512, "rate": 16000},
+    # audio under another name: silero VAD declares [batch, ?] or [batch, sequence] and needs over 128 samples
+    {"spatial": 640, "samples": 16000, "sequence": 512, "other": 512, "rate": 16000},
 ]
 """Sizes per dim role, one candidate per row, tried in order (rule 3)."""
 

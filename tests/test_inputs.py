@@ -79,19 +79,21 @@ def test_ladder_climbs_until_the_reference_runs(tmp_path):
     assert plan.tries[0]["error"] and plan.tries[-1]["error"] is None
 
 
-def test_an_unnamed_long_axis_reaches_hundreds_of_samples(tmp_path):
-    """[batch, ?] audio as silero VAD declares it: a reflect Pad of 64 needs more than the 32 of "other" dims."""
+@pytest.mark.parametrize("dims", [[None, None], ["batch", "sequence"]])
+def test_audio_under_another_name_reaches_hundreds_of_samples(tmp_path, dims):
+    """[batch, ?] or [batch, sequence] audio as silero VAD declares it: a reflect Pad of 150 needs more samples
+    than an unnamed dim (32) or a sequence (128) gets before the last rung."""
     nodes = [helper.make_node("Unsqueeze", ["input", "axis1"], ["wave"]),
              helper.make_node("Pad", ["wave", "pads"], ["padded"], mode="reflect"),
              helper.make_node("ReduceMean", ["padded", "axes"], ["y"], keepdims=0)]
     inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-             numpy_helper.from_array(np.array([0, 0, 64, 0, 0, 64], np.int64), "pads"),
+             numpy_helper.from_array(np.array([0, 0, 150, 0, 0, 150], np.int64), "pads"),
              numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
-    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, None])],
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])], inits)
     path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path, "vad")
     plan = fit_inputs(path, describe_io(onnx.load_model(path))[0])
-    assert plan.shapes["input"][1] > 64
+    assert plan.shapes["input"][1] > 150
     _runs(path, plan.generate(seed=0, count=1)[0])
 
 
