@@ -3,6 +3,10 @@
 ``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
 (``[batch, classes]``, float) the share of rows whose arg-max agrees with the reference's (top-1
 agreement). ``check`` holds figures against tolerances and says by how much they miss.
+
+Non-tensor outputs (an ai.onnx.ml ZipMap's sequence of maps, a sequence of tensors) are compared as the
+numbers they hold, in order (map values by sorted key).
+
 ``error_histograms`` counts each output's absolute errors per decade, for the build report.
 """
 
@@ -10,9 +14,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import zlib
+
 import numpy as np
 
-__all__ = ["compare", "top1_agreement", "check", "error_histograms", "ERROR_EDGES"]
+__all__ = ["compare", "top1_agreement", "check", "as_numbers", "error_histograms", "ERROR_EDGES"]
+
+
+def as_numbers(value: Any) -> np.ndarray:
+    """An output as one flat float64 array: tensors as they are, sequences and maps element by element."""
+    if isinstance(value, dict):
+        return np.concatenate([as_numbers(value[k]) for k in sorted(value)] or [np.zeros(0)])
+    if isinstance(value, (list, tuple)):
+        return np.concatenate([as_numbers(v) for v in value] or [np.zeros(0)])
+    array = np.asarray(value)
+    if array.dtype.kind in "USO":  # string labels: equal or not
+        return np.array([zlib.crc32(str(v).encode()) for v in array.ravel()], dtype=np.float64)
+    return array.astype(np.float64).ravel()
+
 
 ERROR_EDGES = [0.0, *(10.0 ** k for k in range(-8, 1))]
 """Bin i holds errors in [ERROR_EDGES[i], ERROR_EDGES[i + 1]); the last bin, errors of 1 and more."""
@@ -22,8 +41,8 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
     """Max and mean absolute error and cosine similarity per output, over all sample sets, plus the worst."""
     per_output: dict[str, Any] = {}
     for name in reference[0]:
-        ref = np.concatenate([np.asarray(r[name], dtype=np.float64).ravel() for r in reference])
-        got = np.concatenate([np.asarray(c[name], dtype=np.float64).ravel() for c in candidate])
+        ref = np.concatenate([as_numbers(r[name]) for r in reference])
+        got = np.concatenate([as_numbers(c[name]) for c in candidate])
         if ref.shape != got.shape:
             per_output[name] = {"max_abs_error": float("inf"), "mean_abs_error": float("inf"), "cosine": 0.0,
                                 "note": f"shape {got.shape} differs from the reference's {ref.shape}"}
@@ -54,8 +73,8 @@ def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dic
     outputs whose shape differs from the reference's have none."""
     found = {}
     for name in reference[0]:
-        ref = np.concatenate([np.asarray(r[name], dtype=np.float64).ravel() for r in reference])
-        got = np.concatenate([np.asarray(c[name], dtype=np.float64).ravel() for c in candidate])
+        ref = np.concatenate([as_numbers(r[name]) for r in reference])
+        got = np.concatenate([as_numbers(c[name]) for c in candidate])
         if ref.shape != got.shape:
             continue
         diff = np.abs(ref - got)
@@ -68,7 +87,7 @@ def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dic
 def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
     """Share of rows with the same arg-max, or None when the output is not classifier-shaped
     (rank 2, float, at least two classes)."""
-    if not reference or any(np.asarray(r).ndim != 2 for r in reference + candidate):
+    if not reference or any(not isinstance(r, np.ndarray) or r.ndim != 2 for r in reference + candidate):
         return None
     ref = np.concatenate([np.asarray(r) for r in reference])
     got = np.concatenate([np.asarray(c) for c in candidate])

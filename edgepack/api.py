@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UsageError
 from .pipeline.job import Options
-from .pipeline.run import Result, package_model
+from .pipeline.result import Result
 from .profiles import Profile, resolve_targets
 
 __all__ = ["package", "package_source", "is_torch_input"]
@@ -89,6 +89,8 @@ def _package_source(model: Any, profiles: list[Profile], options: Options, *, na
         raise UsageError(f"a {path.suffix} file holds weights or a pickled module, which edgepack does not load",
                          where=str(path),
                          hint="point at the code instead (pkg.module:factory), or save a .pt2 with torch.export.save")
+    from .pipeline.run import package_model  # here: onnx and onnxruntime load only when a bundle is built
+
     return package_model(path, profiles, options, name=name, progress=progress)
 
 

@@ -11,17 +11,23 @@ An array whose rank is the input's rank + 1 holds samples on its first axis; one
 rank is split along the batch axis into samples of the model's batch size (1 when dynamic). Names,
 dtypes and fixed dims must match the model's inputs; an error names the input, what was expected and
 what was found.
+
+``--sample-inputs`` is read with ``one_set=True``: an array of the input's rank (a scalar included) is
+one value exactly as the model takes it, split only along a first axis the model declares as a batch
+(named like ``batch``), since a dynamic first axis need not be a batch (a sequence, a sample count).
+Several sets otherwise only when every input stacks them on a new first axis, or from a folder of .npz files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .errors import UsageError
+from .inputs import InputPlan, is_batch_dim
 from .samples import generate_inputs
 
 if TYPE_CHECKING:
@@ -45,10 +51,11 @@ class Samples:
     """Where the samples came from, for the report: a path, 'random', 'generated', ..."""
 
 
-def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = "calibration") -> Samples:
-    """Read and check samples from a path (forms 1-4), or generate them for ``random`` (form 5)."""
+def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = "calibration",
+                 plan: InputPlan | None = None, one_set: bool = False) -> Samples:
+    """Read and check samples from a path (forms 1-4), or generate them for ``random`` (form 5) from ``plan``."""
     if str(spec) == RANDOM:
-        return random_samples(inputs)
+        return random_samples(inputs, plan=plan)
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{what} data not found", where=str(path),
@@ -65,10 +72,10 @@ def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = 
                 arrays = _read(file, what)
                 if not isinstance(arrays, dict):
                     raise UsageError("expected named arrays", where=str(file))
-                feeds += _split(arrays, inputs, str(file), what)
+                feeds += _split(arrays, inputs, str(file), what, one_set)
         elif npy:
             arrays = {f.stem: _read(f, what) for f in npy}
-            feeds = _split(arrays, inputs, str(path), what)
+            feeds = _split(arrays, inputs, str(path), what, one_set)
         else:
             raise UsageError(f"the {what} folder holds no .npz or .npy files", where=str(path))
     else:
@@ -79,18 +86,22 @@ def load_samples(spec: str | Path, inputs: list[dict[str, Any]], *, what: str = 
                 raise UsageError(f"an .npy holds one array but the model has {len(inputs)} inputs ({names})",
                                  where=str(path), hint="use an .npz with one array per input name, or a folder of <input>.npy")
             data = {inputs[0]["name"]: data}
-        feeds = _split(data, inputs, str(path), what)
+        feeds = _split(data, inputs, str(path), what, one_set)
     if not feeds:
         raise UsageError(f"the {what} data holds no samples", where=str(path))
     return Samples(feeds, str(path))
 
 
-def random_samples(inputs: list[dict[str, Any]], count: int = RANDOM_COUNT) -> Samples:
-    return Samples(generate_inputs(inputs, seed=RANDOM_SEED, count=count), RANDOM)
+def random_samples(inputs: list[dict[str, Any]], count: int = RANDOM_COUNT, *, plan: InputPlan | None = None) -> Samples:
+    """``plan``: inputs fitted to the model (edgepack.inputs); without it, generic ones."""
+    feeds = plan.generate(seed=RANDOM_SEED, count=count) if plan else generate_inputs(inputs, seed=RANDOM_SEED, count=count)
+    return Samples(feeds, RANDOM)
 
 
-def generated_validation(inputs: list[dict[str, Any]], count: int = VALIDATION_COUNT) -> Samples:
-    return Samples(generate_inputs(inputs, seed=VALIDATION_SEED, count=count), "generated")
+def generated_validation(inputs: list[dict[str, Any]], count: int = VALIDATION_COUNT, *,
+                         plan: InputPlan | None = None) -> Samples:
+    feeds = plan.generate(seed=VALIDATION_SEED, count=count) if plan else generate_inputs(inputs, seed=VALIDATION_SEED, count=count)
+    return Samples(feeds, "generated")
 
 
 def split_for_validation(samples: Samples) -> tuple[Samples, Samples]:
@@ -104,25 +115,31 @@ def split_for_validation(samples: Samples) -> tuple[Samples, Samples]:
             Samples(samples.feeds[-held:], f"{samples.origin} (last {held} of {n} samples held out)"))
 
 
-def calibration_samples(options: Options, inputs: list[dict[str, Any]]) -> Samples | None:
+def calibration_samples(options: Options, inputs: list[dict[str, Any]], *,
+                        fit: Callable[[], InputPlan] | None = None) -> Samples | None:
     """What static quantization calibrates on: ``--calibration`` less the last fifth, held out for validation
-    when no ``--validation`` is given (random calibration keeps all: validation is generated apart)."""
+    when no ``--validation`` is given (random calibration keeps all: validation is generated apart).
+    ``fit``: inputs fitted to the model (edgepack.inputs), for ``random``."""
     if not options.calibration:
         return None
-    samples = load_samples(options.calibration, inputs)
+    samples = load_samples(options.calibration, inputs, plan=fit() if fit and options.calibration == RANDOM else None)
     if samples.origin != RANDOM and not options.validation:
         samples = split_for_validation(samples)[0]
     return samples
 
 
-def validation_samples(options: Options, inputs: list[dict[str, Any]]) -> Samples:
+def validation_samples(options: Options, inputs: list[dict[str, Any]], *,
+                       fit: Callable[[], InputPlan] | None = None) -> Samples:
     """The inputs the quantization gate uses, for the self-test to run the bundle on the same ones:
-    ``--validation``, else the fifth of ``--calibration`` held out, else generated inputs."""
+    ``--validation``, else the fifth of ``--calibration`` held out, else ``--sample-inputs`` (real inputs win
+    over made-up ones), else generated inputs (fitted to the model by ``fit``)."""
     if options.validation:
         return load_samples(options.validation, inputs, what="validation")
     if options.calibration and options.calibration != RANDOM:
         return split_for_validation(load_samples(options.calibration, inputs))[1]
-    return generated_validation(inputs)
+    if options.sample_inputs:
+        return load_samples(options.sample_inputs, inputs, what="sample input", one_set=True)
+    return generated_validation(inputs, plan=fit() if fit else None)
 
 
 def _read(path: Path, what: str):
@@ -137,7 +154,8 @@ def _read(path: Path, what: str):
         return {name: data[name] for name in data.files}
 
 
-def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: str, what: str) -> list[dict[str, np.ndarray]]:
+def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: str, what: str,
+           one_set: bool = False) -> list[dict[str, np.ndarray]]:
     names = [spec["name"] for spec in inputs]
     unknown = sorted(set(arrays) - set(names))
     missing = sorted(set(names) - set(arrays))
@@ -146,16 +164,17 @@ def _split(arrays: dict[str, np.ndarray], inputs: list[dict[str, Any]], where: s
                 ([f"unknown name(s) {', '.join(unknown)}"] if unknown else [])
         raise UsageError(f"{what} data does not match the model: {'; '.join(parts)}", where=where,
                          hint=f"the model's inputs are: {', '.join(names)}")
-    per_input = {spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what) for spec in inputs}
+    per_input = {spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what, one_set) for spec in inputs}
     counts = {name: len(s) for name, s in per_input.items()}
     if len(set(counts.values())) > 1:
         found = ", ".join(f"{name}: {n}" for name, n in counts.items())
-        raise UsageError(f"{what} inputs hold different numbers of samples ({found})", where=where,
-                         hint="give every input the same number of samples")
+        hint = ("give one input set with each array shaped as the model takes it, or stack every input's sets "
+                "on a new first axis" if one_set else "give every input the same number of samples")
+        raise UsageError(f"{what} inputs hold different numbers of samples ({found})", where=where, hint=hint)
     return [{name: per_input[name][i] for name in names} for i in range(next(iter(counts.values())))]
 
 
-def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str) -> list[np.ndarray]:
+def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str, one_set: bool = False) -> list[np.ndarray]:
     name, shape = spec["name"], spec["shape"]
     expected_dtype = np.dtype(spec["dtype"])
     if array.dtype != expected_dtype:
@@ -167,6 +186,8 @@ def _samples_of(array: np.ndarray, spec: dict[str, Any], where: str, what: str) 
     rank = len(shape)
     if array.ndim == rank + 1:
         samples = list(array)
+    elif array.ndim == rank and one_set and not (rank and is_batch_dim(shape[0])):
+        samples = [array]
     elif array.ndim == rank and rank > 0:
         batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
         if array.shape[0] % batch:

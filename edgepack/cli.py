@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__
 from . import progress as steps
+from .build import add_execution_flags
 from .errors import EdgepackError, UsageError
 from .recipes import RECIPES
 
@@ -36,6 +37,9 @@ examples:
   edgepack inspect model.onnx                        IR, opsets, ops, inputs/outputs, external data
   edgepack report build                              compare the bundles in build/ (report.html, report.md)
   edgepack serve build/model-browser-wasm            try a web bundle at http://127.0.0.1:8000/
+  edgepack build edgepack.yaml --jobs 2              every model of a build file for its targets, two at a time
+  edgepack build edgepack.yaml --shard 2/4           ...the second quarter of the pairs (a CI matrix sharing a cache)
+  edgepack cache info                                where the bundle cache is, how many bundles, how big
 
 exit codes: 0 ok, 1 internal error, 2 usage or profile error, 3 unreadable model, 4 model needs a newer
 runtime, 5 conversion failed, 6 accuracy or size budget missed, 7 bundle verification failed,
@@ -106,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="replace existing bundles (only folders edgepack wrote, holding no file of yours)")
     package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
                          help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
+    package.add_argument("--self-test-shape", action="append", metavar="NAME=D0,D1,...",
+                         help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
+                         "needs particular sizes (repeatable), e.g. image=1,3,640,640")
     package.add_argument("--quantize", choices=list(RECIPES),
                          help="quantization recipe (default: the profile's)")
     package.add_argument("--calibration", metavar="PATH|random",
@@ -149,7 +156,32 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument("--pin-key", type=Path, metavar="PEM",
                          help="pin this P-256 public key beside the shim of python bundles: the shim then refuses "
                          "bundles not signed with it")
+    add_execution_flags(package)
     package.set_defaults(handler=_cmd_package)
+
+    build = sub.add_parser(
+        "build", parents=[after], help="package every model of a build file (edgepack.yaml) for its targets",
+        description="Package every (model, target) pair a build file lists, in worker processes or on Ray, "
+        "restoring unchanged bundles from the cache. Every pair is reported; the exit code is non-zero when one failed.",
+    )
+    build.add_argument("file", type=Path, help="the build file (schema edgepack.build/1, see README)")
+    build.add_argument("-t", "--target", action="append", metavar="TARGET", help="only these targets (repeatable)")
+    build.add_argument("-m", "--model", action="append", metavar="NAME", help="only these models (repeatable)")
+    build.add_argument("--shard", metavar="I/N", help="only the I-th of N deterministic parts of the pairs")
+    build.add_argument("-o", "--output", type=Path, help="output folder (default: the file's 'output')")
+    build.add_argument("--force", action="store_true", help="replace existing bundles")
+    build.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    build.add_argument("--ort-web", type=Path, metavar="TGZ", help="onnxruntime-web npm tarball for web bundles (offline)")
+    build.add_argument("--sign-key", type=Path, metavar="PEM", help="sign every bundle with this P-256 private key")
+    build.add_argument("--sign-passphrase-env", metavar="VAR", help="with --sign-key: the variable holding its passphrase")
+    add_execution_flags(build)
+    build.set_defaults(handler=_cmd_build)
+
+    cache = sub.add_parser("cache", parents=[after], help="the bundle cache: info, or clear it")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="the cache folder (default: $EDGEPACK_BUNDLE_CACHE, else ~/.cache/edgepack/bundles)")
+    cache.set_defaults(handler=_cmd_cache)
 
     verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest (and its signature)")
     verify.add_argument("bundle", type=Path)
@@ -227,6 +259,7 @@ def _cmd_targets(args) -> int:
 
 def _cmd_package(args) -> int:
     from .api import package_source
+    from .build import execution_from_args
     from .flags import parse_fixed_dims, parse_input_shapes
     from .pipeline.job import Options
     from .profiles import resolve_targets
@@ -239,9 +272,11 @@ def _cmd_package(args) -> int:
                       calibration=args.calibration, calibration_method=args.calibration_method,
                       validation=args.validation, auto_exclude=args.auto_exclude,
                       tune=args.tune, tune_budget=args.tune_budget, input_shapes=parse_input_shapes(args.input_shape),
+                      self_test_shapes=parse_input_shapes(args.self_test_shape, flag="--self-test-shape"),
                       fixed_dims=parse_fixed_dims(args.fix_dim), min_accelerated_fraction=args.min_accelerated_fraction,
                       max_partitions=args.max_partitions, sign_key=args.sign_key,
-                      sign_passphrase_env=args.sign_passphrase_env, pin_key=args.pin_key)
+                      sign_passphrase_env=args.sign_passphrase_env, pin_key=args.pin_key,
+                      execution=execution_from_args(args))
     if args.pin_key:
         from .bundle.signing import load_public_key
 
@@ -265,7 +300,8 @@ def _cmd_package(args) -> int:
             if r.ok:
                 assert r.manifest is not None  # every written bundle has its manifest
                 size = sum(f["size"] for f in r.manifest["files"].values())
-                print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s)")
+                cached = "  cached" if r.cache == "hit" else ""
+                print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s){cached}")
                 if r.frozen:
                     print(f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)")
                 if r.signed_by:
@@ -279,6 +315,70 @@ def _cmd_package(args) -> int:
             _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
     failed = [r.error for r in results if r.error]
     return failed[0].exit_code if failed else 0
+
+
+def _cmd_build(args) -> int:
+    from .build import execution_from_args, load_build_file, parse_shard, run_build, select_pairs
+    from .pipeline.job import Options
+
+    if args.sign_passphrase_env and not args.sign_key:
+        raise UsageError("--sign-passphrase-env only applies with --sign-key")
+    build = load_build_file(args.file)
+    shard = parse_shard(args.shard) if args.shard else None
+    pairs = select_pairs(build, models=args.model, targets=args.target, shard=shard)
+    output = args.output or Path(build.source).parent / build.output
+    options = Options(output=output, force=args.force, ort_web=args.ort_web, sign_key=args.sign_key,
+                      sign_passphrase_env=args.sign_passphrase_env, execution=execution_from_args(args))
+    progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
+    with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
+        done = run_build(build, pairs, options, progress=progress)
+        if len(done) > 1 and any(r.ok for _, r in done):
+            from .report import write_report
+
+            written = write_report(output)
+            progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
+    failed = [r for _, r in done if not r.ok]
+    if args.json:
+        _print_json({"results": [{**r.to_dict(), "name": name} for name, r in done], "ok": not failed,
+                     "pairs": len(done), "shard": args.shard,
+                     "cache": {kind: sum(r.cache == kind for _, r in done) for kind in ("hit", "stored")}})
+    else:
+        for name, r in done:
+            if r.ok:
+                size = sum(f["size"] for f in r.manifest["files"].values())
+                cached = "  cached" if r.cache == "hit" else ""
+                print(f"ok      {name:<16} {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s){cached}")
+            else:
+                print(f"FAILED  {name:<16} {r.target:<16} (see the error below)")
+        for name, r in done:
+            if r.error:
+                _error(f"[{name} {r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
+        if not done:
+            print("no (model, target) pairs selected")
+    return failed[0].error.exit_code if failed else 0
+
+
+def _cmd_cache(args) -> int:
+    from .cache import BundleCache
+    from .execution import DEFAULT_CACHE_MAX_MB, default_cache_dir
+
+    folder = args.cache_dir or default_cache_dir()
+    if folder is None:
+        raise UsageError("the bundle cache is off ($EDGEPACK_BUNDLE_CACHE=off)", hint="give --cache-dir DIR")
+    cache = BundleCache(folder, DEFAULT_CACHE_MAX_MB)
+    if args.action == "clear":
+        removed = cache.clear()
+        if args.json:
+            _print_json({"path": str(cache.root), "removed": removed})
+        else:
+            print(f"removed {removed} bundle(s) from {cache.root}")
+        return 0
+    info = cache.info()
+    if args.json:
+        _print_json(info.to_dict())
+    else:
+        print(f"{info.path}: {info.entries} bundle(s), {info.bytes / 1e6:.1f} MB")
+    return 0
 
 
 def _with_example_shapes(options, example: str):

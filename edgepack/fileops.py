@@ -12,13 +12,27 @@ from pathlib import Path
 from .destination import check_destination, nearest_existing
 from .errors import UsageError
 
-__all__ = ["copy_file", "atomic_folder", "working_directory"]
+__all__ = ["copy_file", "copy_model", "atomic_folder", "working_directory"]
 
 
 def copy_file(src, dst) -> None:
     """Stream-copy one file and give it mode 0644 (onnx writes side files 0600)."""
     shutil.copyfile(src, dst)
     os.chmod(dst, 0o644)
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """An ONNX model byte for byte at ``dst``, its side files beside it at the same relative places."""
+    import onnx
+
+    from .onnxio.modelinfo import external_locations
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for location in sorted({loc for _, loc, _, _ in external_locations(onnx.load_model(src, load_external_data=False))}):
+        (dst.parent / location).parent.mkdir(parents=True, exist_ok=True)
+        copy_file(src.parent / location, dst.parent / location)
+    copy_file(src, dst)
+    return dst
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Values of the shape flags (``--input-shape``, ``--fix-dim``) read into the form ``Options`` holds."""
+"""Values of the shape flags (``--input-shape``, ``--self-test-shape``, ``--fix-dim``) read into the form ``Options`` holds."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ from .errors import UsageError
 __all__ = ["parse_input_shapes", "parse_fixed_dims"]
 
 
-def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
-    """``["image=1,3,224,224", ...]`` (the --input-shape flags) -> ``{"image": (1, 3, 224, 224)}``."""
+def parse_input_shapes(values: list[str] | None, flag: str = "--input-shape") -> dict[str, tuple[int, ...]]:
+    """``["image=1,3,224,224", ...]`` (the --input-shape or --self-test-shape flags) -> ``{"image": (1, 3, 224, 224)}``;
+    ``scalar`` for a rank-0 input."""
     shapes: dict[str, tuple[int, ...]] = {}
     for value in values or []:
-        name, dims = _split_flag("--input-shape", value, "NAME=1,3,224,224")
+        name, dims = _split_flag(flag, value, "NAME=1,3,224,224")
         try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
+            shapes[name] = tuple(int(d) for d in dims.split(",")) if dims != "scalar" else ()
         except ValueError:
-            raise UsageError(f"--input-shape {value}: sizes must be integers separated by commas",
-                             hint=f"e.g. --input-shape {name}=1,3,224,224") from None
+            raise UsageError(f"{flag} {value}: sizes must be integers separated by commas (or 'scalar')",
+                             hint=f"e.g. {flag} {name}=1,3,224,224") from None
     return shapes
 
 

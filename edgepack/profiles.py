@@ -102,6 +102,11 @@ class Quantization:
     tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
+    default_fallbacks: list[Literal["auto_exclude", "dynamic", "fp16", "none"]] = field(
+        default_factory=lambda: ["auto_exclude", "none"])
+    """When ``default`` (not an explicit --quantize) misses the accuracy gate or fails, what to try next, in
+    order: ``auto_exclude`` (static only) leaves the most sensitive nodes in float, ``none`` ships FP32.
+    What shipped, and why, goes into the notices and the manifest."""
     tune_candidates: list[str] = field(
         default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "int4"])
     """Recipe variants ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""

@@ -904,6 +904,9 @@ def session_options(ort, manifest: dict):
 # --- the model ------------------------------------------------------------------------------------
 
 
+NON_TENSOR_TYPES = ("sequence_type", "map_type", "optional_type", "sparse_tensor_type")
+
+
 def _numpy_dtype(name):
     try:
         return np.dtype(name)
@@ -944,6 +947,8 @@ def check_feeds(specs: list, feeds) -> dict:
 
 def _check_input(spec: dict, value, sizes: dict) -> np.ndarray:
     name, shape = spec["name"], spec.get("shape")
+    if spec["dtype"] in NON_TENSOR_TYPES:
+        return value  # a list (sequence) or dict (map): onnxruntime checks its element types itself
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:

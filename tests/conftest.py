@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# every test builds what it packages (tests of the cache name theirs with --cache-dir); inherited by the CLI runs
+os.environ["EDGEPACK_BUNDLE_CACHE"] = "off"
 
 from edgepack.examples import write_example  # noqa: E402
 

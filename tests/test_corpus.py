@@ -19,18 +19,8 @@ from tests.support.corpus_check import agreement, package_pair, prepare, targets
 
 MODELS = {m.id: m for m in corpus.load_manifest()}
 
-# Failure classes seen on the corpus (benchmarks/corpus/BASELINE.md), each a false failure: onnxruntime runs
-# every one of these models on its reference inputs.
-INTERNAL_PASS = "crash: an onnx-ir pass raises PassError (If subgraphs with weights in Constant nodes)"
-BROKEN_PREPROCESS = ("crash: onnxruntime's quantization pre-processing writes a model onnxruntime cannot load "
-                     "(subgraph output is an outer-scope value), traceback on stderr")
-STRICT_CHECKER = "false refusal: onnx.checker is stricter than onnxruntime (IR 3 initializer not a graph input)"
-UNREADABLE = "false refusal: 'the model cannot be read' for an ai.onnx.ml classifier with a ZipMap seq(map) output"
-WRONG_BLAME = "false refusal: edgepack's generated self-test inputs fail and the model is blamed"
-PREPROCESS_IR3 = "false refusal: quantization pre-processing fails on IR 3 initializers ('Input 1 is undefined!')"
-FIX_SHAPES_IR3 = "crash: the fixed-shape step raises ValidationError on an IR 3 model"
-DEFAULT_RECIPE = "false refusal: the profile's default recipe misses the accuracy gate and the whole target is refused"
-
+# Failure classes seen on the corpus (benchmarks/corpus/BASELINE.md) were each fixed; a new false failure
+# goes in PAIRS as its class (a string), a strict xfail until it is fixed.
 # (model id, target) -> None when it packages and agrees today, else the class of its false failure.
 PAIRS: dict[tuple[str, str], str | None] = {
     ("openwakeword-timer", "rpi-arm64"): None,
@@ -39,14 +29,14 @@ PAIRS: dict[tuple[str, str], str | None] = {
     ("onnx-pytorch-operator-chunk", "rpi-arm64"): None,
     ("onnx-simple-sequence-model1", "linux-x64"): None,
     ("silero-vad-16k-sequence", "android-nnapi"): None,
-    ("silero-vad", "linux-x64"): INTERNAL_PASS,
-    ("openwakeword-hey-jarvis", "rpi-arm64"): BROKEN_PREPROCESS,
-    ("ort-mul-1", "rpi-arm64"): STRICT_CHECKER,
-    ("ort-logreg-iris", "rpi-arm64"): UNREADABLE,
-    ("onnx-simple-expand-shape-model1", "rpi-arm64"): WRONG_BLAME,
-    ("onnx-pytorch-embedding", "rpi-arm64"): PREPROCESS_IR3,
-    ("onnx-light-squeezenet", "android-nnapi"): FIX_SHAPES_IR3,
-    ("silero-vad-16k-sequence", "browser-wasm"): DEFAULT_RECIPE,
+    ("silero-vad", "linux-x64"): None,
+    ("openwakeword-hey-jarvis", "rpi-arm64"): None,
+    ("ort-mul-1", "rpi-arm64"): None,
+    ("ort-logreg-iris", "rpi-arm64"): None,
+    ("onnx-simple-expand-shape-model1", "rpi-arm64"): None,
+    ("onnx-pytorch-embedding", "rpi-arm64"): None,
+    ("onnx-light-squeezenet", "android-nnapi"): None,
+    ("silero-vad-16k-sequence", "browser-wasm"): None,
 }
 
 

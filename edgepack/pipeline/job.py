@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from ..errors import UsageError
+from ..execution import Execution
 from ..profiles import Profile
 from ..recipes import RECIPES
 
@@ -56,6 +57,8 @@ class Options:
     """--input-shape NAME=1,3,224,224: fixed shapes for the inputs of fixed-shape profiles."""
     fixed_dims: dict[str, int] = field(default_factory=dict)
     """--fix-dim NAME=VALUE: a value for a symbolic dim (dim_param) everywhere in the graph."""
+    self_test_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """--self-test-shape NAME=1,3,640,640: the shapes of the inputs edgepack makes up (edgepack/inputs.py)."""
     min_accelerated_fraction: float | None = None
     """None: the profile's coverage.min_accelerated_fraction."""
     max_partitions: int | None = None
@@ -84,6 +87,8 @@ class Options:
     """The environment variable holding ``sign_key``'s passphrase."""
     pin_key: Path | None = None
     """A P-256 public key pinned beside the shim of python bundles: the shim then refuses unsigned bundles."""
+    execution: Execution = field(default_factory=Execution)
+    """Worker processes, Ray, the bundle cache (edgepack/execution.py): how the bundles are made, not what they hold."""
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in RECIPES:

@@ -4,7 +4,10 @@ Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
    it, onnxruntime's quantizer trips over stale shape information in exported models. A recipe that
    needs no shapes says so (``Recipe.preprocess``, int4): it is spared the full copy pre-processing writes,
-   and its nodes are named in memory.
+   and its nodes are named in memory. Each pre-processing try is a
+   checked step (edgepack.checked): when symbolic shape inference fails, or its optimizer writes a model
+   onnxruntime cannot load, the next try leaves that part out; when every try fails, the model is
+   quantized as it is, and ``preprocess_notice`` says so.
 2. Every node gets a name first, so nodes can be left in float by name (``--auto-exclude``).
    Initializers that onnxruntime's optimizer invented during pre-processing are renamed under
    ``pre_process/``: its MatMul+Add fusion names new initializers with a generator that only avoids
@@ -32,8 +35,9 @@ import numpy as np
 import onnx
 
 from .. import progress
+from ..checked import Feeds, notice_of, run_checked
 from ..errors import ConversionError, first_line
-from ..fileops import working_directory
+from ..fileops import copy_model, working_directory
 from ..onnxio.modelinfo import external_locations, iter_graphs, iter_nodes
 from ..onnxio.save import EXTERNAL_DATA_THRESHOLD
 from ..ort_tools import load_ort_tools
@@ -63,6 +67,8 @@ class Quantized:
     """Initializers stored in 8-bit or 16-bit types."""
     excluded_nodes: list[str]
     preprocess: str
+    preprocess_notice: str | None = None
+    """Set when a pre-processing try was skipped (rule 1)."""
     notes: dict[str, Any] = field(default_factory=dict)
     """What the recipe left in float, and why (reported only when there is something)."""
 
@@ -104,6 +110,7 @@ def quantize_model(
     calibration: list[dict[str, np.ndarray]] | None = None,
     exclude_nodes: Iterable[str] = (),
     calibration_method: str | None = None,
+    check_inputs: Feeds = lambda model: None,
     target: Profile | None = None,
 ) -> Quantized:
     """Quantize ``source`` into ``out`` (a fresh .onnx, external data beside it when needed) with the recipe
@@ -120,9 +127,10 @@ def quantize_model(
         stale.with_name(stale.name + ".data").unlink(missing_ok=True)
     # onnxruntime's helpers write temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
     # folder: it is the job's scratch folder while they run
+    preprocess_notice = None
     if recipe.preprocess:
         with working_directory(out.parent):
-            preprocess = prepare(source, prepared, external=external)
+            preprocess, preprocess_notice = prepare(source, prepared, external=external, check_inputs=check_inputs)
     else:
         prepared, preprocess = source, "none (weight-only: nodes named in memory)"
     excluded = sorted(exclude_nodes)
@@ -152,40 +160,52 @@ def quantize_model(
         low_precision_weights=sum(1 for t in proto.graph.initializer if t.data_type in LOW_PRECISION),
         excluded_nodes=excluded,
         preprocess=preprocess,
+        preprocess_notice=preprocess_notice,
         notes=notes or {},
     )
 
 
-def prepare(source: Path, out: Path, *, external: bool) -> str:
-    """quant_pre_process, then a name for every node. Symbolic shape inference fails on some graphs
-    (it does not know every op): then onnx's shape inference alone is used, and the report says so."""
+PREPROCESS_TRIES = [
+    ("quant_pre_process", {}),
+    ("quant_pre_process without symbolic shape inference", {"skip_symbolic_shape": True}),
+    ("quant_pre_process without symbolic shape inference and its optimizer", {"skip_symbolic_shape": True,
+                                                                               "skip_optimization": True}),
+]
+
+
+def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = lambda model: None) -> tuple[str, str | None]:
+    """quant_pre_process, then a name for every node (rule 1): what was run, and a notice when a try was skipped."""
     load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
                   external_data_location=out.name + ".data" if external else None)
-    note = "quant_pre_process"
-    try:
-        if model_bytes(source) > EXTERNAL_DATA_THRESHOLD:
-            # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model
-            raise _TooLarge("over 1 GiB")
-        with _quiet():
-            quant_pre_process(str(source), str(out), **kwargs)
-    except Exception as exc:
-        note = f"quant_pre_process without symbolic shape inference ({type(exc).__name__}: {str(exc)[:80]})"
-        try:
-            with _quiet():
-                quant_pre_process(str(source), str(out), skip_symbolic_shape=True, **kwargs)
-        except Exception as exc2:
-            detail = first_line(exc2)
-            raise ConversionError(f"quantization pre-processing failed: {detail[:300]}",
-                                  hint="run `edgepack inspect` on the model; --quantize none packages it in FP32") from None
-    _name_nodes(out, source)
-    return note
+    # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model: not over 1 GiB
+    tries = PREPROCESS_TRIES[1:] if model_bytes(source) > EXTERNAL_DATA_THRESHOLD else PREPROCESS_TRIES
+    records = []
+    for label, options in tries:
+        def run(options=options) -> Path:
+            for stale in (out, out.with_name(out.name + ".data")):
+                stale.unlink(missing_ok=True)
+            quant_pre_process(str(source), str(out), **kwargs, **options)
+            _name_nodes(out, source)  # part of the step: its invented initializer names fail a second optimization
+            return out
 
-
-class _TooLarge(Exception):
-    pass
+        used, record = run_checked(label, source, run, feeds=check_inputs)
+        records.append(record)
+        if used == out:
+            break
+    else:
+        copy_model(source, out)
+        _name_nodes(out, source)
+    failed = "; ".join(f"{r['step']} failed ({r['reason']})" for r in records if r["status"] == "skipped")
+    if records[-1]["status"] == "skipped":
+        return "no pre-processing", f"{failed}: quantized without pre-processing"
+    done = records[-1]["step"]
+    if done == PREPROCESS_TRIES[1][0] and records[-1]["status"] == "applied":
+        # symbolic shape inference does not know every op; onnx's shape inference stands in, as it always did
+        return f"{done} ({(failed or 'the model is over 1 GiB')[:100]})", None
+    return done, "; ".join(filter(None, [f"{failed}: used {done}" if failed else None, notice_of(records)]))
 
 
 def _name_nodes(path: Path, source: Path) -> None:

@@ -43,6 +43,7 @@ from .. import progress
 from ..accuracy import check, compare
 from ..calibration import Samples, calibration_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, EdgepackError, first_line
+from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
 from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, convert_to_ort
 from ..onnxio.ort_convert import model_bytes as onnx_model_bytes
@@ -137,8 +138,8 @@ def search(artifact: Artifact, job: Job) -> Outcome:
     load_ort_tools()  # before onnxruntime.quantization: keeps torch out of this process
     deadline = started + job.options.tune_seconds
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
-    validation = validation_samples(job.options, inputs)
-    calibration = calibration_samples(job.options, inputs)
+    validation = validation_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
+    calibration = calibration_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
     notes: list[str] = []
     candidates: list[Candidate] = []
     for name in job.profile.quantization.tune_candidates:

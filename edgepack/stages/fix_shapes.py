@@ -10,6 +10,9 @@ Rules:
    dim and the flag to pass: guessing a sequence length or an image size would ship a wrong model.
 3. onnxruntime's own functions do the work (``make_dim_param_fixed``, ``make_input_shape_fixed``, then
    ``fix_output_shapes``). External data stays in side files (``make_dynamic_shape_fixed`` would inline it).
+   Both are checked steps (edgepack.checked). Fixing the output shapes runs onnx.checker, which refuses
+   IR-3 models onnxruntime runs: then the outputs keep their declared shapes. A model onnxruntime refuses
+   at the fixed sizes stays as it was, with a notice. Sequence and map inputs have no shape to fix.
 4. Profiles with ``shapes.fixed: false`` keep the model's shapes.
 """
 
@@ -22,6 +25,7 @@ from typing import Any
 
 import onnx
 
+from ..checked import Feeds, job_inputs, notice_of, run_checked
 from ..errors import UsageError
 from ..fileops import working_directory
 from ..onnxio.modelinfo import describe_io, external_locations
@@ -41,6 +45,9 @@ class FixShapesResult(StageResult):
     assumed_batch_dims: list[str] | None = optional()
     outputs: list[dict[str, Any]] | None = optional()
     """The outputs' shapes once inferred from the fixed inputs."""
+    steps: list[dict[str, Any]] | None = optional()
+    """The checked steps (rule 3): fixing the inputs, then the outputs."""
+    notice: str | None = optional()
 
 
 class FixShapes(Stage):
@@ -60,11 +67,17 @@ class FixShapes(Stage):
         where = str(job.source.path)
         shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
                                       job.profile.shapes.defaults, where=where)
-        out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes)
+        records: list[dict[str, Any]] = []
+        out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
         fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
+        applied = out != artifact.path
+        notice = notice_of(records)
+        if notice:
+            job.say(f"NOTE: {notice}")
         return FixShapesResult(
-            summary=f"fixed {fixed}" + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-            applied=True,
+            summary=(f"fixed {fixed}" if applied else f"not applied: fixing {fixed} breaks the model (see notice)")
+            + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
+            applied=applied, steps=records, notice=notice,
             input_shapes={name: list(dims) for name, dims in shapes.items()},
             assumed_batch_dims=assumed,
             outputs=describe_io(onnx.load_model(out, load_external_data=False))[1],
@@ -76,9 +89,12 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 defaults: dict[str, list[int]], *, where: str) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """The fixed shape of every input (rules 1 and 2), and the dims assumed to be batch dims."""
     inputs = _check_flags(proto, input_shapes, fixed_dims, where)
+    non_tensors = {io["name"] for io in describe_io(proto)[0] if io["dtype"].endswith("_type")}
     shapes: dict[str, tuple[int, ...]] = {}
     assumed: list[str] = []
     for name, dims in inputs.items():
+        if name in non_tensors:
+            continue  # a sequence or map has no shape to fix
         if name in input_shapes:
             shapes[name] = tuple(input_shapes[name])
             continue
@@ -100,7 +116,7 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
                 example = ",".join(str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims))
                 hint = f"pass --input-shape {name}={example} with N the size the app will use"
-                if isinstance(dim, str):
+                if isinstance(dim, str) and dim.isidentifier():  # some exporters write "?" as a name: --fix-dim ?=N cannot work
                     hint += f", or --fix-dim {dim}=N"
                 raise UsageError(f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
                                  where=where, hint=hint)
@@ -108,9 +124,10 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
     return shapes, assumed
 
 
-def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred) to ``folder``, side files copied beside
-    it (onnx.checker refuses hard-linked side files)."""
+def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]], *,
+                 feeds: Feeds = lambda model: None, records: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``proto`` with ``shapes`` fixed (and output shapes inferred, a checked step whose record goes to
+    ``records``) to ``folder``, side files copied beside it (onnx.checker refuses hard-linked side files)."""
     load_ort_tools()
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
@@ -125,13 +142,30 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
         target = folder / location
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source.parent / location, target)
+    inputs_fixed = folder / f"{source.stem}.inputs-fixed.onnx"
+
+    def inputs() -> Path:
+        onnx.save_model(proto, inputs_fixed)
+        return inputs_fixed
+
+    used, record = run_checked("make_input_shape_fixed", source, inputs, feeds=feeds)
+    if records is not None:
+        records.append(record)
+    if used == source:  # at these sizes onnxruntime refuses the model: it stays as it was, with a notice
+        return source
     out = folder / source.name
-    onnx.save_model(proto, out)
-    # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
-    with working_directory(folder):
-        fix_output_shapes(proto)
-    onnx.save_model(proto, out)
-    return out
+
+    def outputs() -> Path:
+        # fix_output_shapes runs onnx.checker on the proto, which looks for side files from the current folder
+        with working_directory(folder):
+            fix_output_shapes(proto)
+        onnx.save_model(proto, out)
+        return out
+
+    used, record = run_checked("fix_output_shapes", inputs_fixed, outputs, feeds=feeds)
+    if records is not None:
+        records.append(record)
+    return used
 
 
 def _check_flags(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],

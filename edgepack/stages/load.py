@@ -1,14 +1,17 @@
 """Stage 1, load: read the user's model once, refuse what is broken or unsafe, write a clean FP32 copy.
 
 Rules:
-1. The model must be a non-empty file that parses as ONNX and passes ``onnx.checker``.
+1. The model must be a non-empty file that parses as ONNX. What ``onnx.checker`` finds becomes a notice
+   when onnxruntime loads the model anyway (old IR-3 models whose initializers are not graph inputs,
+   outputs without a shape); a refusal only when onnxruntime refuses it too.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
 3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
    kernel in onnxruntime: a model no target can run is refused before anything is written.
-4. The model is re-written (never modified in place) through onnx-ir, which memory-maps external data:
-   initializers listed as graph inputs (IR 3) are removed from the inputs, weights held in Constant
-   nodes become initializers. The copy keeps external data when the source had it.
+4. The model is copied (never modified in place), then re-written through onnx-ir, which memory-maps
+   external data: initializers listed as graph inputs (IR 3) are removed from the inputs, weights held
+   in Constant nodes become initializers. Each pass is a checked step (edgepack.checked): one that
+   fails (onnx-ir cannot read ai.onnx.ml map types) or breaks the model is skipped with a notice.
 """
 
 from __future__ import annotations
@@ -16,20 +19,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from ..bundle.manifest import hash_file
-from ..errors import EdgepackError, ModelError, first_line
+from ..checked import held_back, notice_of, run_ir_passes
+from ..errors import ModelError, UsageError, first_line
+from ..fileops import copy_model
+from ..inputs import fit_inputs
 from ..onnxio.graphcheck import check_structure
 from ..onnxio.kernels import ops_without_kernel
-from ..onnxio.modelinfo import external_locations, iter_nodes, opsets, summarize
-from ..onnxio.save import save_model
+from ..onnxio.modelinfo import describe_io, external_locations, iter_nodes, opsets, summarize
 from ..pipeline.job import Source
-from ..pipeline.stage import StageResult
+from ..pipeline.stage import StageResult, optional
 
 __all__ = ["load", "load_result", "LoadResult", "parse_model"]
 
@@ -42,8 +47,9 @@ class LoadResult(StageResult):
     sha256: str
     nodes: int
     subgraphs: int
-    passes: dict[str, bool]
-    """onnx-ir passes applied to the copy (rule 4), and whether each changed it."""
+    passes: dict[str, str]
+    """onnx-ir passes run on the copy (rule 4): applied, repaired or skipped."""
+    notice: str | None = optional()
 
 
 def load_result(source: Source) -> LoadResult:
@@ -54,28 +60,23 @@ def load_result(source: Source) -> LoadResult:
              if external["files"] else "")
     return LoadResult(summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
                       source=source.path.name, sha256=info["sha256"], nodes=info["nodes"],
-                      subgraphs=info["subgraphs"], passes=info["passes"])
+                      subgraphs=info["subgraphs"], passes=info["passes"],
+                      notice="; ".join(info["notices"]) or None)
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     proto = _read_and_check(path)
     info = summarize(proto, path)
     del proto  # a model with inline weights is held once at a time: by the checker, then by onnx-ir
-    _run_onnx_checker(path)
-    reference = workdir / "reference.onnx"
-    try:
-        model = ir.load(path)
-        changes = {}
-        for pass_ in (RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()):
-            changes[type(pass_).__name__] = pass_(model).modified
-        save_model(model, reference)
-    except EdgepackError:
-        raise
-    except Exception as exc:  # onnx-ir raises many kinds on malformed input
-        detail = first_line(exc)
-        raise ModelError(f"the model cannot be read: {detail}", where=str(path),
-                         hint="the file may be malformed; check it with onnx.checker.check_model(path, full_check=True)") from None
-    info.update({"sha256": hash_file(path)["sha256"], "passes": changes})
+    notices = []
+    finding = _run_onnx_checker(path)
+    if finding:
+        notices.append(f"onnx.checker: {finding} (onnxruntime loads the model, so it is packaged)")
+    reference, records = _write_reference(path, workdir)
+    if notice_of(records):
+        notices.append(notice_of(records))
+    info.update({"sha256": hash_file(path)["sha256"], "passes": {r["step"]: r["status"] for r in records},
+                 "notices": notices})
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
 
 
@@ -84,6 +85,21 @@ def parse_model(path: Path) -> onnx.ModelProto:
     proto = _read_and_check(path)
     _run_onnx_checker(path)
     return proto
+
+
+def _write_reference(path: Path, workdir: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """Rule 4: the FP32 reference in ``workdir``, and a record per onnx-ir pass."""
+    copied = copy_model(path, workdir / "source" / "reference.onnx")
+    return run_ir_passes([RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()], copied, workdir,
+                         feeds=lambda after: _check_inputs(path, after))
+
+
+def _check_inputs(source: Path, model: Path) -> list[dict[str, Any]] | None:
+    try:
+        specs = describe_io(onnx.load_model(model, load_external_data=False))[0]
+        return fit_inputs(source, specs).generate(seed=5, count=1)
+    except UsageError:
+        return None  # no inputs fit: the step is checked by loading only
 
 
 def _read_and_check(path: Path) -> onnx.ModelProto:
@@ -114,12 +130,24 @@ def _read_and_check(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _run_onnx_checker(path: Path) -> None:
+def _run_onnx_checker(path: Path) -> str | None:
+    """Rule 1: what onnx.checker finds, when onnxruntime loads the model anyway; a ModelError when it does not."""
     try:
         onnx.checker.check_model(str(path))  # from the path: external data is looked up beside the model, not in the cwd
+        return None
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        first = first_line(exc)
-        raise ModelError(f"the ONNX checker rejects the model: {first}", where=str(path)) from None
+        finding = first_line(exc)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        with held_back():
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises many kinds from native code
+        raise ModelError(f"the ONNX checker rejects the model: {finding}", where=str(path),
+                         hint=f"onnxruntime refuses it too: {first_line(exc)[:300]}") from None
+    return finding
 
 
 def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:

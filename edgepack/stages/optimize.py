@@ -6,14 +6,18 @@ Rules:
 2. Hardware-specific fusions are left to onnxruntime's optimizer, which the convert stage runs
    with the target's platform, so they match the device.
 3. External data stays memory-mapped and is written back as a side file.
+4. Each pass is a checked step (edgepack.checked): a pass that raises (onnx-ir cannot read every model;
+   IdentityEliminationPass raises on If branches returning Constant weights through a differently ranked
+   Identity) or writes a model that does not load or agree with the one before it is skipped, with a notice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import onnx_ir as ir
-from onnx_ir.passes import PassManager
+import onnx
 from onnx_ir.passes.common import (
     DeduplicateHashedInitializersPass,
     IdentityEliminationPass,
@@ -22,9 +26,10 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from ..onnxio.save import save_model
+from ..checked import job_inputs, notice_of, run_ir_passes
+from ..onnxio.modelinfo import iter_nodes
 from ..pipeline.job import Artifact, Job
-from ..pipeline.stage import Stage, StageResult
+from ..pipeline.stage import Stage, StageResult, optional
 
 __all__ = ["Optimize", "OptimizeResult"]
 
@@ -35,29 +40,30 @@ class OptimizeResult(StageResult):
     summary: str
     nodes_before: int
     nodes_after: int
+    steps: list[dict[str, Any]]
+    """One record per pass: applied, repaired or skipped, and what was checked (rule 4)."""
+    notice: str | None = optional()
 
 
 class Optimize(Stage):
     name = "optimize"
 
     def run(self, artifact: Artifact, job: Job) -> OptimizeResult:
-        model = ir.load(artifact.path)
-        before = _count_nodes(model)
-        passes = PassManager(
-            [
-                IdentityEliminationPass(),
-                DeduplicateHashedInitializersPass(),
-                RemoveUnusedNodesPass(),
-                RemoveUnusedFunctionsPass(),
-                RemoveUnusedOpsetsPass(),
-            ]
-        )
-        passes(model)
-        after = _count_nodes(model)
-        out = save_model(model, job.workdir / "optimized.onnx")
+        passes = [
+            IdentityEliminationPass(),
+            DeduplicateHashedInitializersPass(),
+            RemoveUnusedNodesPass(),
+            RemoveUnusedFunctionsPass(),
+            RemoveUnusedOpsetsPass(),
+        ]
+        current, records = run_ir_passes(passes, artifact.path, job.workdir / "optimize", feeds=job_inputs(job))
+        before, after = _count_nodes(artifact.path), _count_nodes(current)
+        notice = notice_of(records)
+        if notice:
+            job.say(f"NOTE: {notice}")
         return OptimizeResult(summary=f"{before} -> {after} nodes", nodes_before=before, nodes_after=after,
-                              artifact=Artifact(path=out, precision=artifact.precision))
+                              steps=records, notice=notice, artifact=Artifact(path=current, precision=artifact.precision))
 
 
-def _count_nodes(model: ir.Model) -> int:
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+def _count_nodes(path: Path) -> int:
+    return sum(1 for _ in iter_nodes(onnx.load_model(path, load_external_data=False)))

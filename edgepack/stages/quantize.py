@@ -16,6 +16,11 @@ Rules:
    gates and times candidates as they would ship, converted, and the winner's conversion is what ships.
    Where it cannot time (another CPU architecture, a model already quantized) rule 1 applies, and the
    report says why.
+6. When the recipe is the profile's default (no ``--quantize``) and it misses the gate or fails, the
+   profile's ``quantization.default_fallbacks`` are tried in order (``auto_exclude``, another recipe,
+   ``none`` for FP32); the first that passes ships, with a notice naming the default, why it missed and
+   what shipped. The user never asked for quantization, so a miss is no reason to ship nothing. An
+   explicit ``--quantize`` stays strict.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, calibration_samples, validation_samples
-from ..errors import AccuracyError, ConversionError, UsageError, first_line
+from ..checked import job_inputs, work_paths_out
+from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
+from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
@@ -61,6 +68,8 @@ class QuantizeResult(StageResult):
     passed: bool | None = optional()
     attempts: list[dict[str, Any]] | None = optional()
     summary: str
+    default_fallback: dict[str, Any] | None = optional()
+    """Rule 5: the profile's default missed and this one of its default_fallbacks shipped."""
     notice: str | None = optional()
 
 
@@ -105,6 +114,43 @@ def _untimed_default(artifact: Artifact, job: Job, host: str, device: str) -> Qu
 
 def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
     recipe, fallback = resolve_recipe(job)
+    try:
+        return _quantize(artifact, job, recipe, fallback, job.options.auto_exclude)
+    except (AccuracyError, ConversionError) as exc:
+        if job.options.quantize:
+            raise
+        return _default_fallback(artifact, job, recipe, fallback, exc)
+
+
+def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
+                      missed: EdgepackError) -> QuantizeResult:
+    """Rule 5: the next of the profile's default_fallbacks that passes, or the miss itself when none does."""
+    why = work_paths_out(missed.message)
+    tried = [{"recipe": recipe, "error": why}]
+    for name in job.profile.quantization.default_fallbacks:
+        if name == recipe or (name == "auto_exclude" and (not RECIPES[recipe].auto_exclude or job.options.auto_exclude)):
+            continue  # auto-exclude ranks nodes by QDQ noise: static only
+        job.say(f"NOTE: the profile's default {recipe} missed ({why}); trying {name}")
+        try:
+            if name == "auto_exclude":
+                shipped = _quantize(artifact, job, recipe, fallback, True)
+            else:
+                shipped = _quantize(artifact, job, name, None, False)
+        except (AccuracyError, ConversionError) as exc:
+            tried.append({"recipe": name, "error": work_paths_out(exc.message)})
+            continue
+        label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(name, name)
+        notice = (f"the profile's default recipe {recipe} missed ({why}); shipped {label} instead "
+                  "(quantization.default_fallbacks; --quantize makes a recipe strict)")
+        job.say(f"NOTE: {notice}")
+        return dataclasses.replace(shipped, notice="; ".join(filter(None, [shipped.notice, notice])),
+                                   default_fallback={"from": recipe, "to": name, "tried": tried},
+                                   summary=f"{shipped.summary} [default {recipe} missed: shipped {label}]")
+    raise missed
+
+
+def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
+              auto_exclude: bool) -> QuantizeResult:
     chosen = RECIPES[recipe]
     report: dict[str, Any] = {"recipe": recipe, "requested": job.options.quantize,
                               "profile_default": job.profile.quantization.default}
@@ -132,14 +178,14 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     calibration = None
     if chosen.needs_calibration:
-        calibration = calibration_samples(job.options, inputs)
+        calibration = calibration_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
         assert calibration is not None  # resolve_recipe refuses static without --calibration
         report["options"]["calibration_method"] = job.options.calibration_method or settings.calibration_method
         report["calibration"] = {"origin": calibration.origin, "samples": len(calibration.feeds),
                                  "random": calibration.origin == RANDOM}
         if calibration.origin == RANDOM:
             job.say("NOTE: calibrated on random inputs (--calibration random): accuracy on real data is unknown")
-    validation = validation_samples(job.options, inputs)
+    validation = validation_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
     report["validation"] = {"origin": validation.origin, "samples": len(validation.feeds)}
 
     tolerance = job.profile.quantization.tolerance
@@ -149,12 +195,13 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
     while True:
         result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
                                 calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method, target=job.profile)
+                                calibration_method=job.options.calibration_method, target=job.profile,
+                                check_inputs=job_inputs(job))
         figures = _measure(job, result.path, validation, recipe)
         misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
                        max_abs_error=tolerance.max_abs_error)
         attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
-        if not misses or not job.options.auto_exclude or not chosen.auto_exclude:
+        if not misses or not auto_exclude or not chosen.auto_exclude:
             break
         if ranking is None:
             prepared = result.path.with_name(result.path.stem + ".pre.onnx")
@@ -166,6 +213,9 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
         excluded = [n for n, _ in ranking[: min(limit, max(1, 2 * len(excluded)))]]
         job.say(f"auto-exclude: {'; '.join(misses)}; retrying with {len(excluded)} node(s) in float")
 
+    if result.preprocess_notice:
+        report["notice"] = f"quantization pre-processing: {result.preprocess_notice}"
+        job.say(f"NOTE: {report['notice']}")
     report.update({
         "result": result.report(),
         "tolerance": dataclasses.asdict(tolerance),
@@ -224,9 +274,10 @@ _CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of nam
 def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str, Any]:
     """The gate's figures: the FP32 reference and the quantized model on the validation inputs. Either
     failing in onnxruntime is a ConversionError naming which model and the first line of what it said."""
-    expected = _run(job.source.reference, validation, job, "the FP32 model",
-                    hint="the model itself does not run in onnxruntime with graph optimizations on: "
-                    "re-export it from its source (e.g. not from a file onnxruntime's optimizer wrote)")
+    blame = ("the model does not run on these inputs: check them against what the model takes"
+             if validation.origin != "generated" else
+             "edgepack's generated inputs do not fit the model: give --validation (or --sample-inputs) with real inputs")
+    expected = _run(job.source.reference, validation, job, "the FP32 model", hint=blame)
     got = _run(quantized, validation, job, f"the {recipe}-quantized model", names=list(expected[0]),
                hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
                f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none")

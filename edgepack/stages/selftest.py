@@ -3,7 +3,9 @@
 Rules:
 1. The bundle is loaded through its own runtime shim (checksums verified, the manifest's session
    options, the CPU provider), so a converted model that does not load never ships.
-2. It runs on the user's ``--sample-inputs`` or on generated inputs; the reference model runs on the same.
+2. It runs on the user's ``--sample-inputs`` (one input set exactly as the model takes it, or several
+   stacked on a new first axis) or on inputs fitted to the model (edgepack.inputs, shapes recorded);
+   the reference model runs on the same.
    The reference runs first and is released before the bundle is loaded, so a large model is never
    held twice in memory at once.
 3. Max abs error and cosine similarity go into the manifest, with a histogram of each output's errors;
@@ -15,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +30,7 @@ from ..errors import AccuracyError, ConversionError, first_line
 from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, flattened, optional
-from ..samples import generate_inputs
+from ..inputs import plan_for
 from .convert import ConvertResult
 
 __all__ = ["SelfTest", "SelfTestResult"]
@@ -51,6 +54,9 @@ class SelfTestResult(StageResult):
     sample_sets: int
     providers: list[str]
     onnxruntime: str
+    input_shapes: dict[str, list[int]] | None = optional()
+    """The shapes of the inputs edgepack made up (edgepack.inputs), and the candidates tried before them."""
+    tries: list[dict[str, Any]] | None = optional()
     figures: dict[str, Any] = flattened()
     size_after_conversion: dict[str, Any] | None = optional()
     size_warning: str | None = optional()
@@ -68,19 +74,23 @@ class SelfTest(Stage):
         quantized = artifact.precision != "fp32"
         inputs, outputs = describe_io(onnx.load_model(artifact.onnx_path, load_external_data=False))
         if job.options.sample_inputs:
-            given = load_samples(job.options.sample_inputs, inputs, what="sample input")
+            given = load_samples(job.options.sample_inputs, inputs, what="sample input", one_set=True)
             samples, origin = given.feeds, given.origin
         elif quantized:
-            validation = validation_samples(job.options, inputs)
+            validation = validation_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
             samples, origin = validation.feeds, validation.origin
         else:
-            samples, origin = generate_inputs(inputs, count=SAMPLE_SETS), "generated"
+            samples, origin = plan_for(job, inputs).generate(seed=0, count=SAMPLE_SETS), "generated"
+        fitted = plan_for(job, inputs).report() if origin == "generated" else {}  # the shapes made up, for the manifest
         output_names = [o["name"] for o in outputs]
         try:
             expected = _run_reference(job, output_names, samples)
         except Exception as exc:
             detail = first_line(exc)
-            raise ConversionError(f"running the FP32 reference model failed: {detail}", where=job.profile.name) from None
+            hint = ("edgepack's generated inputs do not fit the model: give --sample-inputs with a real input set"
+                    if origin == "generated" else "the model does not run on these inputs: check them against what it takes")
+            raise ConversionError(f"running the FP32 reference model on {origin} inputs failed: {detail}",
+                                  where=job.profile.name, hint=hint) from None
         try:
             # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
             bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
@@ -104,7 +114,8 @@ class SelfTest(Stage):
         for name, histogram in error_histograms(expected, got).items():
             figures["outputs"][name]["abs_error_histogram"] = histogram
         if quantized:
-            return _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__)
+            return dataclasses.replace(
+                _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__), **fitted)
         tolerance = job.profile.accuracy
         passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
         if not passed:
@@ -118,7 +129,7 @@ class SelfTest(Stage):
             summary=f"passed: max abs error {figures['max_abs_error']:.3g} (<= {tolerance.max_abs_error:g}), cosine "
             f"{figures['cosine']:.6f} (>= {tolerance.min_cosine:g}) on {len(samples)} {origin} input set(s)",
             passed=passed, inputs=origin, sample_sets=len(samples), providers=bundled.providers,
-            onnxruntime=ort.__version__, figures=figures,
+            onnxruntime=ort.__version__, figures=figures, **fitted,
         )
 
 

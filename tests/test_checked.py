@@ -1,0 +1,201 @@
+"""Every transformation is checked (edgepack/checked.py), what onnxruntime runs is packaged, default recipes fall back.
+
+Each model reproduces a third-party model edgepack used to refuse or crash on, though plain onnxruntime
+runs it: If/Loop bodies with Constant weights (onnx-ir PassError), a subgraph returning an outer-scope
+value (onnx-ir and onnxruntime's optimizer drop the Identity onnxruntime needs), an IR-3 model whose
+initializers are not graph inputs, an ai.onnx.ml classifier ending in ZipMap, sequence I/O, and models
+whose profile-default quantization misses the accuracy gate.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from onnx_ir.passes.common import IdentityEliminationPass
+
+from edgepack.errors import AccuracyError, ModelError, UsageError
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
+from edgepack.profiles import load_profile
+from edgepack.recipes.quantize import prepare
+from tests import shaped_models
+
+THIRD_PARTY_NOISE = ("Traceback", "ONNX Runtime Model Optimization Failed", "[W:onnxruntime", "[E:onnxruntime", "internal error")
+
+
+def _package(tmp_path: Path, name: str, targets=("linux-x64",), **options):
+    path = shaped_models.save(getattr(shaped_models, name)(), tmp_path, name)
+    return package_model(path, [load_profile(t) for t in targets], Options(output=tmp_path / "out", **options))
+
+
+def _report(result, stage: str) -> dict:
+    return next(r for r in result.manifest["stages"] if r["stage"] == stage)
+
+
+@pytest.mark.parametrize("name", ["if_with_constant_weights", "loop_with_constant_weights"])
+def test_a_pass_that_raises_is_skipped_with_a_notice(tmp_path, name):
+    [result] = _package(tmp_path, name, quantize="none")
+    assert result.ok, result.error
+    optimize = _report(result, "optimize")
+    skipped = [s for s in optimize["steps"] if s["status"] == "skipped"]
+    assert [s["step"] for s in skipped] == ["IdentityEliminationPass"] and "same rank" in skipped[0]["reason"]
+    assert any(s["status"] == "applied" for s in optimize["steps"])  # the other passes still ran
+    assert "IdentityEliminationPass skipped" in optimize["notice"]
+    assert _report(result, "self_test")["passed"]
+
+
+def test_outer_scope_subgraph_output_is_repaired_and_nothing_third_party_is_printed(tmp_path, cli):
+    path = shaped_models.save(shaped_models.outer_scope_subgraph_output(), tmp_path, "outer")
+    done = cli("package", path, "-t", "linux-x64", "-o", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    for noise in THIRD_PARTY_NOISE:
+        assert noise not in done.stderr and noise not in done.stdout, noise
+    manifest = json.loads((tmp_path / "out" / "outer-linux-x64" / "manifest.json").read_text())
+    optimize = next(r for r in manifest["stages"] if r["stage"] == "optimize")
+    assert "Identity added for subgraph output 'passed'" in optimize["notice"]
+    assert "notice: optimize:" in done.stdout
+
+
+def test_quantization_pre_processing_output_is_repaired_and_quiet(tmp_path, capfd):
+    """The model onnx-ir's IdentityEliminationPass writes makes onnxruntime's optimizer fail inside
+    quant_pre_process (an ERROR log and a traceback); the checked step repairs what it wrote, silently."""
+    model = ir.from_proto(shaped_models.outer_scope_subgraph_output())
+    IdentityEliminationPass()(model)
+    broken = tmp_path / "broken.onnx"
+    ir.save(model, broken)
+    with pytest.raises(Exception, match="outer scope value"):
+        ort.InferenceSession(str(broken), providers=["CPUExecutionProvider"])
+    capfd.readouterr()
+    done, notice = prepare(broken, tmp_path / "pre.onnx", external=False)
+    assert capfd.readouterr() == ("", "")
+    ort.InferenceSession(str(tmp_path / "pre.onnx"), providers=["CPUExecutionProvider"])
+    assert done == "quant_pre_process" and "Identity added for subgraph output" in notice
+
+
+def test_ir3_model_whose_initializers_are_not_inputs_packages_everywhere(tmp_path):
+    [python, nnapi] = _package(tmp_path, "ir3_initializers_not_inputs", targets=("linux-x64", "android-nnapi"),
+                               input_shapes={"x": (1, 4)}, min_accelerated_fraction=0.0)
+    assert python.ok, python.error
+    assert nnapi.ok, nnapi.error
+    assert "W in initializer but not in graph input" in _report(python, "load")["notice"]
+    assert "fix_output_shapes skipped" in _report(nnapi, "fix_shapes")["notice"]  # onnx.checker inside it refuses IR 3
+    assert _report(nnapi, "self_test")["passed"]
+
+
+def test_a_model_onnxruntime_refuses_is_still_refused(tmp_path):
+    """onnx.checker findings are notices only when onnxruntime loads the model."""
+    model = shaped_models.ir3_initializers_not_inputs()
+    model.graph.node[1].attribute.append(helper.make_attribute("slope", 0.5))  # Relu has no such attribute
+    path = tmp_path / "broken.onnx"
+    onnx.save_model(model, path)
+    with pytest.raises(ModelError, match="the ONNX checker rejects the model") as caught:
+        package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out"))
+    assert "onnxruntime refuses it too" in caught.value.hint and "Unrecognized attribute: slope" in caught.value.hint
+
+
+@pytest.mark.parametrize("target", ["linux-x64", "browser-wasm"])
+def test_zipmap_classifier_with_a_sequence_of_maps_output_packages(tmp_path, target):
+    [result] = _package(tmp_path, "zipmap_classifier", targets=(target,))
+    assert result.ok, result.error
+    outputs = {o["name"]: o["dtype"] for o in result.manifest["model"]["outputs"]}
+    assert outputs == {"label": "int64", "probabilities": "sequence_type"}
+    self_test = _report(result, "self_test")
+    assert self_test["passed"] and self_test["outputs"]["probabilities"]["max_abs_error"] < 1e-6
+    assert "SerdeError" in _report(result, "load")["notice"]  # onnx-ir cannot read map types: its passes were skipped
+
+
+def test_sequence_inputs_and_outputs_package_and_run_through_the_shim(tmp_path):
+    [result] = _package(tmp_path, "sequence_io")
+    assert result.ok, result.error
+    from edgepack.runtime_shim import edgepack_shim
+
+    model = edgepack_shim.load(result.bundle, check_runtime=False)
+    items = [np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)]
+    got = model.run({"items": items, "x": np.full((2, 3), 2.0, np.float32)})
+    assert len(got["more"]) == 3 and got["joined"].shape == (6, 3)
+
+
+def test_map_input_packages_with_keys_from_its_vocabulary(tmp_path):
+    [result] = _package(tmp_path, "dict_vectorizer")
+    assert result.ok, result.error
+    assert result.manifest["model"]["inputs"] == [{"name": "features", "dtype": "map_type", "shape": None}]
+    assert _report(result, "self_test")["passed"]
+
+
+def test_default_recipe_that_misses_the_gate_ships_fp32_with_a_notice(tmp_path):
+    [result] = _package(tmp_path, "int8_outlier")
+    assert result.ok, result.error
+    quantize = _report(result, "quantize")
+    assert quantize["recipe"] == "none" and result.manifest["model"]["precision"] == "fp32"
+    assert quantize["default_fallback"]["from"] == "dynamic" and quantize["default_fallback"]["to"] == "none"
+    assert "the profile's default recipe dynamic missed" in quantize["notice"] and "shipped FP32" in quantize["notice"]
+    assert any("default recipe dynamic missed" in n for n in result.notices)
+
+
+def test_default_fp16_that_misses_the_gate_ships_fp32(tmp_path):
+    [result] = _package(tmp_path, "fp16_underflow", targets=("jetson-orin-trt",))
+    assert result.ok, result.error
+    assert _report(result, "quantize")["default_fallback"]["from"] == "fp16"
+
+
+def test_explicit_recipe_stays_strict(tmp_path):
+    [result] = _package(tmp_path, "int8_outlier", quantize="dynamic")
+    assert not result.ok and isinstance(result.error, AccuracyError)
+
+
+def test_unnamed_question_mark_dim_suggests_input_shape_not_fix_dim(tmp_path):
+    """Some exporters name a dynamic dim '?': --fix-dim ?=N cannot fix it, --input-shape can."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "q",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "?"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "?"])])
+    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "q")
+    [result] = package_model(path, [load_profile("android-nnapi")], Options(output=tmp_path / "out"))
+    assert isinstance(result.error, UsageError)
+    assert "--input-shape x=1,N" in result.error.hint and "--fix-dim" not in result.error.hint
+    [fixed] = package_model(path, [load_profile("android-nnapi")],
+                            Options(output=tmp_path / "out", input_shapes={"x": (1, 5)}, min_accelerated_fraction=0.0))
+    assert fixed.ok, fixed.error
+
+
+def test_a_step_whose_outputs_differ_is_skipped_and_one_that_agrees_is_kept(tmp_path):
+    """Rule 2 of edgepack.checked, on a real session: a changed weight is caught, a faithful rewrite passes."""
+    from edgepack.checked import run_checked
+
+    before = shaped_models.save(shaped_models.embedding(), tmp_path, "before")
+    feeds = lambda model: [{"input_ids": np.array([[1, 2, 3]], np.int64)}]  # noqa: E731
+
+    def changed() -> Path:
+        model = onnx.load(before)
+        model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
+            onnx.numpy_helper.to_array(model.graph.initializer[0]) * 1.5, "table"))
+        return shaped_models.save(model, tmp_path, "changed")
+
+    kept, record = run_checked("scale weights", before, changed, feeds=feeds)
+    assert kept == before and record["status"] == "skipped" and "outputs differ" in record["reason"]
+    kept, record = run_checked("rewrite", before, lambda: shaped_models.save(onnx.load(before), tmp_path, "same"), feeds=feeds)
+    assert kept == tmp_path / "same.onnx" and record == {"step": "rewrite", "status": "applied", "checked": "outputs"}
+    kept, record = run_checked("crash", before, lambda: 1 / 0, feeds=feeds)
+    assert kept == before and record["reason"] == "ZeroDivisionError: division by zero"
+
+
+def test_notices_with_library_messages_keep_bundles_reproducible(tmp_path):
+    """The FP16 model onnxruntime refuses names its scratch path in the error; the notice must not carry it."""
+    path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
+    manifests = []
+    for out in ("a", "second-run"):
+        [result] = package_model(path, [load_profile("ios-coreml")],
+                                 Options(output=tmp_path / out, min_accelerated_fraction=0.0,
+                                         input_shapes={"audio": (1, 512), "state": (2, 1, 16)}))
+        assert result.ok, result.error
+        manifests.append((result.bundle / "manifest.json").read_text())
+    scratch = f"{tempfile.gettempdir()}/edgepack-"
+    assert "shipped FP32 instead" in manifests[0] and "<work file>" in manifests[0] and scratch not in manifests[0]
+    assert manifests[0] == manifests[1]
