@@ -12,9 +12,8 @@ numbers they hold, in order (map values by sorted key).
 
 from __future__ import annotations
 
-from typing import Any
-
 import zlib
+from typing import Any
 
 import numpy as np
 

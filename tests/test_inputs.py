@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.errors import UsageError
 from edgepack.inputs import fit_inputs
-from edgepack.pipeline.job import Options
 from edgepack.onnxio.modelinfo import describe_io
+from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from tests import shaped_models

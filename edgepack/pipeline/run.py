@@ -15,7 +15,6 @@ from ..bundle.signing import sign_checked
 from ..errors import EdgepackError
 from ..fileops import atomic_folder
 from ..profiles import Profile
-from ..progress import about
 from ..recipes.kernels import refuse_unsupported
 from ..stages.load import load_result
 from ..stages.manifest import finalize

@@ -27,10 +27,10 @@ import onnx
 from ..accuracy import check, compare, error_histograms
 from ..calibration import load_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, first_line
+from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, flattened, optional
-from ..inputs import plan_for
 from .convert import ConvertResult
 
 __all__ = ["SelfTest", "SelfTestResult"]
