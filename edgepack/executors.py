@@ -78,8 +78,8 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
     keys: dict[tuple[int, str], str] = {}
     for index, work in enumerate(works):
         signer = signers[index]
-        model_files = cache.model_files(work.model) if cache else None
-        if not model_files:
+        model_files = cache.model_files(work.model) if cache is not None else None
+        if cache is None or not model_files:
             continue
         for profile in work.profiles:
             destination = work.destinations[profile.name]
@@ -121,9 +121,9 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
         for tag, result, lines in executor.completed(progress):
             for line in lines:
                 progress(line)
-            key = keys.get(tag)
-            if result.ok and key:
-                cache.store(key, result.bundle)
+            stored_key = keys.get(tag)
+            if result.ok and stored_key and cache is not None:
+                cache.store(stored_key, result.bundle)
                 result.cache = "stored"
             results[tag] = result
     out = []

@@ -103,7 +103,7 @@ _CACHE: dict[str, InputPlan] = {}
 
 
 def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tuple[int, ...]] | None = None,
-               named: dict[str, int] | None = None, runner: Callable[[list[dict[str, Any]]], None] | None = None) -> InputPlan:
+               named: dict[str, int] | None = None, runner: Callable[[dict[str, Any]], None] | None = None) -> InputPlan:
     """The first candidate (rules 1-4) on which ``model`` runs in onnxruntime; cached per model, specs and sizes.
 
     ``given``: whole shapes per input name; ``named``: sizes of named dims. ``runner`` runs the model on

@@ -45,7 +45,7 @@ class RayExecutor:
         self._ray = ray
         self._execution = execution
         self._started = False
-        self._remote = None
+        self._remote: Any = None
         self._tasks: dict[Any, tuple] = {}
 
     def __enter__(self):

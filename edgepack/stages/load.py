@@ -73,8 +73,9 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     if finding:
         notices.append(f"onnx.checker: {finding} (onnxruntime loads the model, so it is packaged)")
     reference, records = _write_reference(path, workdir)
-    if notice_of(records):
-        notices.append(notice_of(records))
+    skipped = notice_of(records)
+    if skipped:
+        notices.append(skipped)
     info.update({"sha256": hash_file(path)["sha256"], "passes": {r["step"]: r["status"] for r in records},
                  "notices": notices})
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
