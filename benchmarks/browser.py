@@ -86,14 +86,20 @@ def first_inference(page, url: str) -> float:
 
 def offline(page, bundle: Path, url: str) -> float:
     """``url`` (the bundle's index.html) again, answered only for the page and the loader: no server for the rest."""
-    shell = {url: ("text/html", bundle / "index.html"), url.replace("index.html", "edgepack.mjs"): ("text/javascript", bundle / "edgepack.mjs")}
+    shell = {
+        url: ("text/html", bundle / "index.html"),
+        url.replace("index.html", "edgepack.mjs"): ("text/javascript", bundle / "edgepack.mjs"),
+    }
 
     def answer(route):
         if route.request.url not in shell:
             return route.abort("connectionrefused")
         kind, path = shell[route.request.url]
-        route.fulfill(body=path.read_bytes(), content_type=kind, headers={
-            "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"})
+        route.fulfill(
+            body=path.read_bytes(),
+            content_type=kind,
+            headers={"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"},
+        )
 
     page.route(url.rsplit("/", 1)[0] + "/**", answer)
     try:
@@ -113,8 +119,11 @@ def main() -> None:
         bundles = []
         for name in args.models.split(","):
             model = write_example(name, root)
-            results = package_model(model, [load_profile("browser-wasm"), load_profile("browser-webgpu")],
-                                    Options(output=root / "site", ort_web=tarball))
+            results = package_model(
+                model,
+                [load_profile("browser-wasm"), load_profile("browser-webgpu")],
+                Options(output=root / "site", ort_web=tarball),
+            )
             for result in results:
                 if not result.ok:
                     raise SystemExit(str(result.error))
@@ -124,12 +133,18 @@ def main() -> None:
         print(f"{'bundle':<28} {'total MB':>9} {'gzip MB':>8} {'ort/ MB':>8} {'ort/ gz':>8}")
         for bundle in bundles:
             s = sizes(bundle)
-            print(f"{bundle.name:<28} {s['total'] / 1e6:>9.2f} {s['gzip'] / 1e6:>8.2f} {s['runtime'] / 1e6:>8.2f} "
-                  f"{s['runtime_gzip'] / 1e6:>8.2f}")
-        print(f"\ntime to first inference, ms since navigation start (median of {args.runs}; cold = fresh profile, "
-              f"warm = visited again, offline = and again with no server)")
-        print(f"{'bundle':<28} {'edgepack cold':>13} {'warm':>7} {'offline':>7} {'plain ORT cold':>15} {'warm':>7} "
-              f"{'ratio cold':>10} {'warm':>6}  backend")
+            print(
+                f"{bundle.name:<28} {s['total'] / 1e6:>9.2f} {s['gzip'] / 1e6:>8.2f} {s['runtime'] / 1e6:>8.2f} "
+                f"{s['runtime_gzip'] / 1e6:>8.2f}"
+            )
+        print(
+            f"\ntime to first inference, ms since navigation start (median of {args.runs}; cold = fresh profile, "
+            f"warm = visited again, offline = and again with no server)"
+        )
+        print(
+            f"{'bundle':<28} {'edgepack cold':>13} {'warm':>7} {'offline':>7} {'plain ORT cold':>15} {'warm':>7} "
+            f"{'ratio cold':>10} {'warm':>6}  backend"
+        )
         for bundle in bundles:
             url = f"{server.url}{bundle.name}/"
             times = {"edgepack": [], "plain": []}
@@ -144,8 +159,10 @@ def main() -> None:
             med = {k: [statistics.median(visit) for visit in zip(*v)] for k, v in times.items()}
             (cold, warm, off), (plain_cold, plain_warm) = med["edgepack"], med["plain"]
             backend = read_manifest(bundle)["runtime"]["execution_providers"][0]["name"]
-            print(f"{bundle.name:<28} {cold:>13.0f} {warm:>7.0f} {off:>7.0f} {plain_cold:>15.0f} {plain_warm:>7.0f} "
-                  f"{cold / plain_cold:>10.2f} {warm / plain_warm:>6.2f}  {backend} preferred (no GPU here: wasm runs)")
+            print(
+                f"{bundle.name:<28} {cold:>13.0f} {warm:>7.0f} {off:>7.0f} {plain_cold:>15.0f} {plain_warm:>7.0f} "
+                f"{cold / plain_cold:>10.2f} {warm / plain_warm:>6.2f}  {backend} preferred (no GPU here: wasm runs)"
+            )
         server.shutdown()
         shutil.rmtree(root / "site", ignore_errors=True)
 

@@ -83,8 +83,11 @@ def package_cnn(folder: Path) -> Path:
     from edgepack.pipeline.run import package_model
     from edgepack.profiles import builtin_profile_names, load_profile
 
-    profile = next(p for p in map(load_profile, builtin_profile_names())
-                   if p.bundle.kind == "python" and p.device.arch == host_arch())
+    profile = next(
+        p
+        for p in map(load_profile, builtin_profile_names())
+        if p.bundle.kind == "python" and p.device.arch == host_arch()
+    )
     result = package_model(write_example("cnn", folder), [profile], Options(output=folder / "build"))[0]
     if not result.ok:
         raise SystemExit(f"packaging failed: {result.error}")
@@ -111,8 +114,14 @@ def main() -> None:
         out = str(scratch / "out.npz")
         python = sys.executable
         variants = {
-            "shim: python edgepack_shim.py run (verified)": [python, str(bundle / "edgepack_shim.py"), "run",
-                                                             str(inputs), "-o", out],
+            "shim: python edgepack_shim.py run (verified)": [
+                python,
+                str(bundle / "edgepack_shim.py"),
+                "run",
+                str(inputs),
+                "-o",
+                out,
+            ],
             "plain onnxruntime script": [python, str(scratch / "plain_ort.py"), str(model), str(inputs), out],
             "PyTorch eager: import, build, forward": [python, str(scratch / "torch_eager.py"), str(inputs), out],
         }
@@ -125,11 +134,13 @@ def main() -> None:
             timed(variants[name], env)
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         for i in range(args.runs):
-            for name in names[i % len(names):] + names[: i % len(names)]:
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 samples[name].append(timed(variants[name], env))
 
-    medians = {name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
-               for name, runs in samples.items()}
+    medians = {
+        name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
+        for name, runs in samples.items()
+    }
     print(f"cold start, process start -> first inference result; median of {args.runs} interleaved runs each")
     print(f"model: {manifest['model']['file']} of {bundle.name} ({manifest['target']}), batch 1, {sys.platform}")
     width = max(map(len, names))

@@ -35,8 +35,9 @@ from tests.support import corpus  # noqa: E402
 from tests.support.corpus_check import STATUSES, first_line, package_pair, prepare, targets  # noqa: E402
 
 
-def run_model(model: corpus.Model, profiles: list[dict], timeout: float, keep: Path | None, jobs: int,
-              sample_inputs: bool) -> list[dict]:
+def run_model(
+    model: corpus.Model, profiles: list[dict], timeout: float, keep: Path | None, jobs: int, sample_inputs: bool
+) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix=f"corpus-{model.id}-", dir=keep))
     try:
         try:
@@ -99,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per packaging or shim run")
     parser.add_argument("--json", action="store_true", help="print every pair's record as JSON")
     parser.add_argument("--keep", type=Path, help="keep bundles under this folder")
-    parser.add_argument("--sample-inputs", action="store_true",
-                        help="give edgepack the reference inputs with --sample-inputs (models whose inputs are all tensors)")
+    parser.add_argument(
+        "--sample-inputs",
+        action="store_true",
+        help="give edgepack the reference inputs with --sample-inputs (models whose inputs are all tensors)",
+    )
     args = parser.parse_args(argv)
 
     models = corpus.load_manifest()

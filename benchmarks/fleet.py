@@ -34,13 +34,18 @@ from edgepack.examples import EXAMPLE_SHAPES, write_example
 
 
 def run(args: list[str], cache: Path) -> tuple[float, dict]:
-    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "EDGEPACK_BUNDLE_CACHE": str(cache)}
+    env = {
+        **os.environ,
+        "ORT_DISABLE_TELEMETRY": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "EDGEPACK_BUNDLE_CACHE": str(cache),
+    }
     load = os.getloadavg()[0]
     started = time.perf_counter()
     force = [] if args[0] == "report" else ["--force"]
-    done = subprocess.run([sys.executable, "-m", "edgepack", *args, "--json", *force], capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgepack", *args, "--json", *force], capture_output=True, text=True, env=env
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"edgepack {' '.join(args)} failed:\n{done.stderr[-3000:]}")
@@ -61,8 +66,9 @@ def fleet_models(folder: Path, count: int) -> list[dict]:
         weight.CopyFrom(numpy_helper.from_array(scaled, weight.name))
         path = folder / f"model{i}.onnx"
         onnx.save_model(proto, path)
-        models.append({"model": path.name,
-                       "input_shapes": {k: list(v) for k, v in EXAMPLE_SHAPES.get(example, {}).items()}})
+        models.append(
+            {"model": path.name, "input_shapes": {k: list(v) for k, v in EXAMPLE_SHAPES.get(example, {}).items()}}
+        )
     return models
 
 
@@ -87,8 +93,14 @@ def main() -> None:
         parallel, s2 = run(one + ["--jobs", str(args.jobs)], root / "unused")
         pairs = len(s1["results"])
         rows.append((f"{Path(args.model).name} x {pairs} targets, --jobs 1", sequential, s1["load"], ""))
-        rows.append((f"{Path(args.model).name} x {pairs} targets, --jobs {args.jobs}", parallel, s2["load"],
-                     f"{sequential / parallel:.2f}x faster"))
+        rows.append(
+            (
+                f"{Path(args.model).name} x {pairs} targets, --jobs {args.jobs}",
+                parallel,
+                s2["load"],
+                f"{sequential / parallel:.2f}x faster",
+            )
+        )
 
         models = fleet_models(root / "fleet", args.models)
         targets = [t.strip() for t in args.fleet_targets.split(",")]
@@ -101,17 +113,35 @@ def main() -> None:
         pairs = c["pairs"]
         assert w["cache"]["hit"] == pairs, w["cache"]
         rows.append((f"fleet {args.models} models, {pairs} pairs, cold cache", cold, c["load"], ""))
-        rows.append((f"fleet {args.models} models, {pairs} pairs, warm cache", warm, w["load"],
-                     f"{100 * warm / cold:.1f}% of cold"))
+        rows.append(
+            (
+                f"fleet {args.models} models, {pairs} pairs, warm cache",
+                warm,
+                w["load"],
+                f"{100 * warm / cold:.1f}% of cold",
+            )
+        )
         # a build of several pairs ends with the build report, which a warm build writes again too
         report, rep = run(["report", str(root / "fleet-out")], cache)
-        rows.append(("  of which: the build report alone (edgepack report)", report, rep["load"],
-                     f"warm without it: {100 * max(warm - report, 0) / cold:.1f}% of cold"))
+        rows.append(
+            (
+                "  of which: the build report alone (edgepack report)",
+                report,
+                rep["load"],
+                f"warm without it: {100 * max(warm - report, 0) / cold:.1f}% of cold",
+            )
+        )
         ray, r = run(build + ["--executor", "ray", "--no-cache"], cache)
         local, lo = run(build + ["--no-cache"], cache)
         rows.append((f"fleet, local processes (--jobs {args.jobs}, no cache)", local, lo["load"], ""))
-        rows.append((f"fleet, local Ray ({args.jobs} CPUs, no cache)", ray, r["load"],
-                     f"{ray - local:+.1f} s ({ray / local:.2f}x)"))
+        rows.append(
+            (
+                f"fleet, local Ray ({args.jobs} CPUs, no cache)",
+                ray,
+                r["load"],
+                f"{ray - local:+.1f} s ({ray / local:.2f}x)",
+            )
+        )
 
     print(f"{os.cpu_count()} cores; load average is the mean of before and after each run")
     print(f"{'run':<52} {'seconds':>8} {'load':>6}  ratio")

@@ -71,16 +71,25 @@ BROWSER_GATE = 0.97
 
 def build_models(names: list[str], encoder: tuple[int, int, int]) -> dict[str, tuple[onnx.ModelProto, int]]:
     layers, hidden, vocab = encoder
-    models = {"transformer": (build_transformer(), 1000),
-              "encoder": (build_transformer(hidden=hidden, heads=hidden // 64, ffn=4 * hidden, layers=layers,
-                                            vocab=vocab), vocab)}
+    models = {
+        "transformer": (build_transformer(), 1000),
+        "encoder": (
+            build_transformer(hidden=hidden, heads=hidden // 64, ffn=4 * hidden, layers=layers, vocab=vocab),
+            vocab,
+        ),
+    }
     return {name: models[name] for name in names}
 
 
 def feeds(vocab: int, seq: int, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64),
-             "attention_mask": np.ones((1, seq), dtype=np.int64)} for _ in range(count)]
+    return [
+        {
+            "input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64),
+            "attention_mask": np.ones((1, seq), dtype=np.int64),
+        }
+        for _ in range(count)
+    ]
 
 
 def to_ort(path: Path) -> Path:
@@ -88,8 +97,9 @@ def to_ort(path: Path) -> Path:
 
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(io.StringIO()):
-        convert_onnx_models_to_ort(path, output_dir=path.parent, optimization_styles=[OptimizationStyle.Fixed],
-                                   target_platform="amd64")
+        convert_onnx_models_to_ort(
+            path, output_dir=path.parent, optimization_styles=[OptimizationStyle.Fixed], target_platform="amd64"
+        )
     return path.with_suffix(".ort")
 
 
@@ -115,11 +125,17 @@ def make_variants(model: onnx.ModelProto, vocab: int, folder: Path) -> dict[str,
             onnx_path = source
         else:
             out = folder / name.replace(" ", "_") / "model.onnx"
-            onnx_path = quantize_model(source, out, method, recipe, calibration=calibration if method == "static" else None,
-                                       target=PROFILE).path
+            onnx_path = quantize_model(
+                source, out, method, recipe, calibration=calibration if method == "static" else None, target=PROFILE
+            ).path
         ort_path = to_ort(onnx_path)
-        made[name] = {"onnx": onnx_path, "ort": ort_path, "onnx_bytes": model_bytes(onnx_path),
-                      "ort_bytes": ort_path.stat().st_size, "build_s": time.perf_counter() - started}
+        made[name] = {
+            "onnx": onnx_path,
+            "ort": ort_path,
+            "onnx_bytes": model_bytes(onnx_path),
+            "ort_bytes": ort_path.stat().st_size,
+            "build_s": time.perf_counter() - started,
+        }
     return made
 
 
@@ -155,12 +171,17 @@ def measure_accuracy(made: dict[str, dict], vocab: int) -> None:
 def print_table(model_name: str, made: dict[str, dict], seqs: list[int]) -> None:
     fp32, int8 = made["fp32"], made[INT8]
     print(f"\n{model_name}: FP32 {fp32['onnx_bytes'] / 1e6:.2f} MB .onnx, {fp32['ort_bytes'] / 1e6:.2f} MB .ort")
-    head = (f"{'variant':<20} {'.ort MB':>8} {'vs FP32':>8} {'vs INT8':>8} {'.onnx vs FP32':>13} "
-            + "".join(f"{'ms@' + str(s):>9} {'/FP32':>6} {'/INT8':>6}" for s in seqs) + f" {'cosine':>9} {'max err':>8}")
+    head = (
+        f"{'variant':<20} {'.ort MB':>8} {'vs FP32':>8} {'vs INT8':>8} {'.onnx vs FP32':>13} "
+        + "".join(f"{'ms@' + str(s):>9} {'/FP32':>6} {'/INT8':>6}" for s in seqs)
+        + f" {'cosine':>9} {'max err':>8}"
+    )
     print(head)
     for name, v in made.items():
-        row = (f"{name:<20} {v['ort_bytes'] / 1e6:>8.3f} {v['ort_bytes'] / fp32['ort_bytes']:>8.3f} "
-               f"{v['ort_bytes'] / int8['ort_bytes']:>8.3f} {v['onnx_bytes'] / fp32['onnx_bytes']:>13.3f} ")
+        row = (
+            f"{name:<20} {v['ort_bytes'] / 1e6:>8.3f} {v['ort_bytes'] / fp32['ort_bytes']:>8.3f} "
+            f"{v['ort_bytes'] / int8['ort_bytes']:>8.3f} {v['onnx_bytes'] / fp32['onnx_bytes']:>13.3f} "
+        )
         for s in seqs:
             ms = v[f"ms@{s}"]
             row += f"{ms:>9.2f} {ms / fp32[f'ms@{s}']:>6.2f} {ms / int8[f'ms@{s}']:>6.2f}"
@@ -192,28 +213,40 @@ def browser(models: dict[str, tuple[onnx.ModelProto, int]], runs: int, folder: P
         path = folder / f"{name}.onnx"
         onnx.save_model(model, path)
         for label, recipe in (("q4 (int4)", "int4"), ("q8 (dynamic U8)", "dynamic")):
-            [result] = package_model(path, [load_profile(str(lowered))],
-                                     Options(output=site, ort_web=tarball, quantize=recipe), name=f"{name}-{recipe}")
+            [result] = package_model(
+                path,
+                [load_profile(str(lowered))],
+                Options(output=site, ort_web=tarball, quantize=recipe),
+                name=f"{name}-{recipe}",
+            )
             if not result.ok:
                 print(f"{name} {label}: {result.error}")
                 continue
             rows.append((name, label, result.bundle, read_manifest(result.bundle)["model"]["file"]))
     server = start_server(site, require_manifest=False)
-    print(f"\nbrowser-wasm bundles (accuracy gate lowered to cosine {BROWSER_GATE} for this table), headless Chromium "
-          f"(no GPU), time to first inference: median of {runs} fresh browsers")
-    print(f"{'model':<12} {'weights':<16} {'model KB':>9} {'gzip KB':>8} {'bundle MB':>10} {'gzip MB':>8} "
-          f"{'first inference ms':>19}")
+    print(
+        f"\nbrowser-wasm bundles (accuracy gate lowered to cosine {BROWSER_GATE} for this table), headless Chromium "
+        f"(no GPU), time to first inference: median of {runs} fresh browsers"
+    )
+    print(
+        f"{'model':<12} {'weights':<16} {'model KB':>9} {'gzip KB':>8} {'bundle MB':>10} {'gzip MB':>8} "
+        f"{'first inference ms':>19}"
+    )
     try:
         for name, label, bundle, model_file in rows:
             raw = (bundle / model_file).read_bytes()
             total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-            total_gz = sum(len(gzip.compress(p.read_bytes(), compresslevel=6)) for p in bundle.rglob("*") if p.is_file())
+            total_gz = sum(
+                len(gzip.compress(p.read_bytes(), compresslevel=6)) for p in bundle.rglob("*") if p.is_file()
+            )
             cold = []
             for _ in range(runs):
                 with chromium() as context:
                     cold.append(first_inference(context, f"{server.url}{bundle.name}/index.html")[0])
-            print(f"{name:<12} {label:<16} {len(raw) / 1e3:>9.1f} {len(gzip.compress(raw, 6)) / 1e3:>8.1f} "
-                  f"{total / 1e6:>10.2f} {total_gz / 1e6:>8.2f} {statistics.median(cold):>19.0f}")
+            print(
+                f"{name:<12} {label:<16} {len(raw) / 1e3:>9.1f} {len(gzip.compress(raw, 6)) / 1e3:>8.1f} "
+                f"{total / 1e6:>10.2f} {total_gz / 1e6:>8.2f} {statistics.median(cold):>19.0f}"
+            )
     finally:
         server.shutdown()
 
@@ -224,13 +257,17 @@ def main() -> None:
     parser.add_argument("--seqs", default="1,16,128", help="sequence lengths to time (batch 1)")
     parser.add_argument("--models", default="transformer,encoder")
     parser.add_argument("--encoder", default="4,384,8000", help="LAYERS,HIDDEN,VOCAB of the larger encoder")
-    parser.add_argument("--browser", action="store_true", help="also web bundles: bytes and first inference in Chromium")
+    parser.add_argument(
+        "--browser", action="store_true", help="also web bundles: bytes and first inference in Chromium"
+    )
     parser.add_argument("--browser-runs", type=int, default=3)
     args = parser.parse_args()
     seqs = [int(s) for s in args.seqs.split(",")]
     layers, hidden, vocab = (int(x) for x in args.encoder.split(","))
     models = build_models(args.models.split(","), (layers, hidden, vocab))
-    print(f"onnxruntime {ort.__version__}, 1 thread, batch 1; {os.cpu_count()} logical CPUs (shared machine: read ratios)")
+    print(
+        f"onnxruntime {ort.__version__}, 1 thread, batch 1; {os.cpu_count()} logical CPUs (shared machine: read ratios)"
+    )
     with tempfile.TemporaryDirectory(prefix="edgepack-int4-") as scratch:
         for name, (model, model_vocab) in models.items():
             made = make_variants(model, model_vocab, Path(scratch) / name)

@@ -52,15 +52,22 @@ def build_model(folder: Path, gigabytes: float, inline: bool = False) -> Path:
             data.write(b"\0" * pad)
             offset += pad
             data.write(weight.tobytes())
-            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[DIM, DIM],
-                                 data_location=TensorProto.EXTERNAL)
+            tensor = TensorProto(
+                name=f"w{i}", data_type=TensorProto.FLOAT, dims=[DIM, DIM], data_location=TensorProto.EXTERNAL
+            )
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(weight.nbytes))):
                 tensor.external_data.add(key=key, value=value)
             initializers.append(tensor)
             offset += weight.nbytes
             del weight
-            nodes.append(helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"],
-                                          ["y" if i == layers - 1 else f"h{i + 1}"], name=f"matmul{i}"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul",
+                    ["x" if i == 0 else f"h{i}", f"w{i}"],
+                    ["y" if i == layers - 1 else f"h{i + 1}"],
+                    name=f"matmul{i}",
+                )
+            )
     if inline:
         from onnx import numpy_helper
 
@@ -71,8 +78,13 @@ def build_model(folder: Path, gigabytes: float, inline: bool = False) -> Path:
                 array = np.frombuffer(data.read(entries["length"]), dtype=np.float32).reshape(DIM, DIM)
                 tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
         (folder / data_name).unlink()
-    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", DIM])], initializers)
+    graph = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", DIM])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", DIM])],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     model_path.write_bytes(model.SerializeToString())
     return model_path
@@ -85,10 +97,18 @@ def _without_budget(target: str, folder: Path) -> Path:
     from edgepack.profiles import load_profile
 
     text = Path(load_profile(target).source).read_text(encoding="utf-8")
-    lines = [("  max_bundle_mb: 100000" if line.strip().startswith("max_bundle_mb:") else
-              "    min_top1_agreement: 0.0" if line.strip().startswith("min_top1_agreement:") else
-              "    min_cosine: 0.95" if line.startswith("    min_cosine:") else line)
-             for line in text.splitlines()]
+    lines = [
+        (
+            "  max_bundle_mb: 100000"
+            if line.strip().startswith("max_bundle_mb:")
+            else "    min_top1_agreement: 0.0"
+            if line.strip().startswith("min_top1_agreement:")
+            else "    min_cosine: 0.95"
+            if line.startswith("    min_cosine:")
+            else line
+        )
+        for line in text.splitlines()
+    ]
     path = folder / f"{target}.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -150,25 +170,43 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="edgepack-large-", dir=args.workdir))
     try:
-        built = measure([sys.executable, __file__, "--build-into", str(scratch), "--gigabytes", str(args.gigabytes)]
-                        + (["--inline"] if args.inline else []))
+        built = measure(
+            [sys.executable, __file__, "--build-into", str(scratch), "--gigabytes", str(args.gigabytes)]
+            + (["--inline"] if args.inline else [])
+        )
         model = scratch / "model.onnx"
         if built["exit"] != 0 or not model.is_file():
             print("building the model failed", file=sys.stderr)
             return 1
         side = scratch / "model.onnx.data"
         size = model.stat().st_size + (side.stat().st_size if side.exists() else 0)
-        print(f"model: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB) in {scratch}, built in {built['seconds']:.1f} s; "
-              f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB peak RSS")
+        print(
+            f"model: {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB) in {scratch}, built in {built['seconds']:.1f} s; "
+            f"this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB peak RSS"
+        )
 
         rows = []
         log = scratch / "package.log"
         profile = _without_budget(args.target, scratch)
         failed = False
         for recipe in args.quantize.split(","):
-            packaged = measure([sys.executable, "-m", "edgepack", "package", str(model), "--target", str(profile),
-                                "--quantize", recipe, "-o", str(scratch / "build")],
-                               env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, log=log)
+            packaged = measure(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgepack",
+                    "package",
+                    str(model),
+                    "--target",
+                    str(profile),
+                    "--quantize",
+                    recipe,
+                    "-o",
+                    str(scratch / "build"),
+                ],
+                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+                log=log,
+            )
             rows.append((f"edgepack package --target {args.target} --quantize {recipe}", packaged))
             print(log.read_text(encoding="utf-8", errors="replace").rstrip())
             bundle = scratch / "build" / f"model-{args.target}"
@@ -176,13 +214,21 @@ def main() -> int:
             if packaged["exit"] == 0:
                 manifest = json.loads((bundle / "manifest.json").read_text())
                 convert = next(r for r in manifest["stages"] if r["stage"] == "convert")
-                print(f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
-                      f"convert fallback: {convert.get('fallback')}")
+                print(
+                    f"bundle: {manifest['model']['file']} + {manifest['model']['external_data']}, "
+                    f"convert fallback: {convert.get('fallback')}"
+                )
                 shutil.rmtree(scratch / "build")
         if args.quantizer:
-            rows.append(("onnxruntime quantize_dynamic (use_external_data_format=True)",
-                         measure([sys.executable, "-c", QUANTIZE, str(model), str(scratch / "q.onnx")],
-                                 env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})))
+            rows.append(
+                (
+                    "onnxruntime quantize_dynamic (use_external_data_format=True)",
+                    measure(
+                        [sys.executable, "-c", QUANTIZE, str(model), str(scratch / "q.onnx")],
+                        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+                    ),
+                )
+            )
             for extra in scratch.glob("q.onnx*"):
                 extra.unlink()
         if args.probes:
@@ -191,7 +237,9 @@ def main() -> int:
 
         print("\n| step | exit | time s | peak RSS GB | peak RSS / model size |\n|---|---|---|---|---|")
         for name, r in rows:
-            print(f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |")
+            print(
+                f"| {name} | {r['exit']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_rss'] / size:.2f}x |"
+            )
         return 1 if failed else 0
     finally:
         if args.keep:

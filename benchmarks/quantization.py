@@ -55,11 +55,20 @@ class Variant:
 
 VARIANTS = [
     Variant("dynamic S8, MatMul/Gather only", "dynamic", DynamicSettings(), "fallback: rpi, linux-x64"),
-    Variant("dynamic U8 incl. Conv", "dynamic", DynamicSettings(weight_type="uint8", op_types=ALL_OPS), "fallback: browser-wasm"),
+    Variant(
+        "dynamic U8 incl. Conv",
+        "dynamic",
+        DynamicSettings(weight_type="uint8", op_types=ALL_OPS),
+        "fallback: browser-wasm",
+    ),
     Variant("dynamic S8 incl. Conv", "dynamic", DynamicSettings(weight_type="int8", op_types=ALL_OPS), "(not used)"),
     Variant("static QDQ U8S8 per-channel", "static", StaticSettings(), "rpi, linux-x64, nnapi"),
-    Variant("static QDQ S8S8 symmetric", "static",
-            StaticSettings(activation_type="int8", weight_type="int8", symmetric_activations=True), "jetson --quantize static"),
+    Variant(
+        "static QDQ S8S8 symmetric",
+        "static",
+        StaticSettings(activation_type="int8", weight_type="int8", symmetric_activations=True),
+        "jetson --quantize static",
+    ),
     Variant("static QDQ U8U8 per-channel", "static", StaticSettings(weight_type="uint8"), "browser-wasm"),
     Variant("fp16 (float32 I/O)", "fp16", Fp16Settings(), "ios, jetson, webgpu"),
 ]
@@ -88,8 +97,9 @@ class BasicBlock(nn.Module):
 class ResNet18Like(nn.Module):
     def __init__(self, classes: int = 1000):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
@@ -129,13 +139,18 @@ def _train_like(model: ResNet18Like) -> None:
             model(batch)
     model.eval()
     with torch.no_grad():
-        features = torch.cat([torch.flatten(nn.functional.adaptive_avg_pool2d(model.layers(model.stem(b)), 1), 1)
-                              for b in train.split(20)]).double()
+        features = torch.cat(
+            [
+                torch.flatten(nn.functional.adaptive_avg_pool2d(model.layers(model.stem(b)), 1), 1)
+                for b in train.split(20)
+            ]
+        ).double()
     targets = nn.functional.one_hot(torch.arange(len(train)) % CLASSES, CLASSES).double() * 10 - 5
     mean = features.mean(0)
     centred = features - mean
-    weight = torch.linalg.solve(centred.T @ centred + 1.0 * torch.eye(features.shape[1], dtype=torch.float64),
-                                centred.T @ targets)
+    weight = torch.linalg.solve(
+        centred.T @ centred + 1.0 * torch.eye(features.shape[1], dtype=torch.float64), centred.T @ targets
+    )
     model.fc.weight.data = weight.T.float()
     model.fc.bias.data = (targets.mean(0) - mean @ weight).float()
 
@@ -192,13 +207,21 @@ def build(name: str, folder: Path):
         def make_inputs(seed: int, count: int):
             rng = np.random.default_rng(seed)
             return [{"input_ids": rng.integers(0, 8000, (1, 128)).astype(np.int64)} for _ in range(count)]
+
     path = folder / f"{name}.onnx"
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            opset_version=17,
+            dynamo=False,
+        )
     return model, path, make_inputs
 
 
@@ -225,8 +248,9 @@ def ort_size(path: Path, folder: Path, style: str) -> int:
     out = folder / f"ort_{style}_{path.parent.name}"
     out.mkdir(exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        convert_onnx_models_to_ort(path, output_dir=out, optimization_styles=[OptimizationStyle[style]],
-                                   target_platform="arm")
+        convert_onnx_models_to_ort(
+            path, output_dir=out, optimization_styles=[OptimizationStyle[style]], target_platform="arm"
+        )
     suffix = ".with_runtime_opt" if style == "Runtime" else ""
     return (out / f"{path.stem}{suffix}.ort").stat().st_size
 
@@ -278,23 +302,34 @@ def bench(name: str, runs: int, folder: Path, variants: list[Variant]) -> list[s
         session_ = session(fp32, 2)
         logits = np.concatenate([session_.run(None, f)[0] for f in tests])
         ordered = np.sort(logits, axis=1)
-        header = (f"; FP32 top-1 = prototype class on {np.mean(logits.argmax(1) == np.arange(len(tests)) % CLASSES):.0%}"
-                  f" of test inputs, median top-1 margin {np.median(ordered[:, -1] - ordered[:, -2]):.2f}"
-                  f" (logit std {logits.std():.2f})")
-    rows = [f"\n### {name}: {'ResNet-18-like, 1x3x224x224' if name == 'cnn' else 'encoder 4x256, seq 128'}; "
-            f"torch eager FP32 {times[1]['torch']:.1f} ms (1 thread), {times[2]['torch']:.1f} ms (2 threads); "
-            f"ORT FP32 {times[1]['fp32']:.1f} / {times[2]['fp32']:.1f} ms; {len(tests)} test inputs, {runs} runs{header}",
-            "",
-            "| recipe | used by | .onnx size | .ort Fixed | .ort Runtime | 1 thr ms | vs ORT FP32 | vs torch | 2 thr ms "
-            "| vs ORT FP32 | vs torch | cosine | max abs err | top-1 agree |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        header = (
+            f"; FP32 top-1 = prototype class on {np.mean(logits.argmax(1) == np.arange(len(tests)) % CLASSES):.0%}"
+            f" of test inputs, median top-1 margin {np.median(ordered[:, -1] - ordered[:, -2]):.2f}"
+            f" (logit std {logits.std():.2f})"
+        )
+    rows = [
+        f"\n### {name}: {'ResNet-18-like, 1x3x224x224' if name == 'cnn' else 'encoder 4x256, seq 128'}; "
+        f"torch eager FP32 {times[1]['torch']:.1f} ms (1 thread), {times[2]['torch']:.1f} ms (2 threads); "
+        f"ORT FP32 {times[1]['fp32']:.1f} / {times[2]['fp32']:.1f} ms; {len(tests)} test inputs, {runs} runs{header}",
+        "",
+        "| recipe | used by | .onnx size | .ort Fixed | .ort Runtime | 1 thr ms | vs ORT FP32 | vs torch | 2 thr ms "
+        "| vs ORT FP32 | vs torch | cosine | max abs err | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant_name, path in paths.items():
-        figures = accuracy(fp32, path, tests) if variant_name != "fp32" else {"cosine": 1.0, "max_abs_error": 0.0,
-                                                                              "top1_agreement": 1.0 if name == "cnn" else None}
+        figures = (
+            accuracy(fp32, path, tests)
+            if variant_name != "fp32"
+            else {"cosine": 1.0, "max_abs_error": 0.0, "top1_agreement": 1.0 if name == "cnn" else None}
+        )
         used = next((v.used_by for v in variants if v.name == variant_name), "reference")
         top1 = figures.get("top1_agreement")
-        cells = [variant_name, used, f"{model_bytes(path) / fp32_bytes:.3f}x",
-                 *(f"{ort_size(path, folder, style) / fp32_ort[style]:.3f}x" for style in ("Fixed", "Runtime"))]
+        cells = [
+            variant_name,
+            used,
+            f"{model_bytes(path) / fp32_bytes:.3f}x",
+            *(f"{ort_size(path, folder, style) / fp32_ort[style]:.3f}x" for style in ("Fixed", "Runtime")),
+        ]
         for t in (1, 2):
             ms = times[t][variant_name]
             cells += [f"{ms:.1f}", f"{ms / times[t]['fp32']:.2f}x", f"{ms / times[t]['torch']:.2f}x"]
@@ -308,7 +343,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--models", default="cnn,encoder")
     args = parser.parse_args()
-    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; ratios < 1 are faster/smaller")
+    print(
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; ratios < 1 are faster/smaller"
+    )
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as scratch:
         for name in args.models.split(","):
             for row in bench(name, args.runs, Path(scratch), VARIANTS):

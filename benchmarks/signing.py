@@ -85,13 +85,20 @@ def main() -> None:
             written = write_manifest(bundle, content)
             t_hash = best_of(args.repeats, lambda bundle=bundle: verify_bundle(bundle))
             total = sum(e["size"] for e in written["files"].values()) + (bundle / "manifest.json").stat().st_size
-            t_sign = best_of(args.repeats, lambda bundle=bundle, written=written: sign_bundle(bundle, key, manifest=written))
+            t_sign = best_of(
+                args.repeats, lambda bundle=bundle, written=written: sign_bundle(bundle, key, manifest=written)
+            )
             t_sign_existing = best_of(args.repeats, lambda bundle=bundle: sign_bundle(bundle, key))
             upstream = upstream_signing.Config().use_elliptic_key_signer(private_key=scratch / "key.priv")
-            t_upstream = best_of(args.repeats, lambda bundle=bundle, upstream=upstream: upstream.sign(bundle, scratch / "upstream.sig"))
+            t_upstream = best_of(
+                args.repeats, lambda bundle=bundle, upstream=upstream: upstream.sign(bundle, scratch / "upstream.sig")
+            )
             sign_bundle(bundle, key, manifest=written)
             manifest = shim.read_manifest(bundle)
-            t_sig_only = best_of(args.repeats, lambda bundle=bundle, manifest=manifest: shim.verify_signature(bundle, manifest, device_key))
+            t_sig_only = best_of(
+                args.repeats,
+                lambda bundle=bundle, manifest=manifest: shim.verify_signature(bundle, manifest, device_key),
+            )
             t_verify = best_of(args.repeats, lambda bundle=bundle: shim.verify_bundle(bundle))
             t_verify_key = best_of(args.repeats, lambda bundle=bundle: shim.verify_bundle(bundle, device_key))
             assert verify_bundle(bundle).ok
@@ -99,8 +106,16 @@ def main() -> None:
             bundles[megabytes] = bundle
 
         print(f"signing cost vs bundle size; median of {args.repeats} each, ms (one process, warm file cache)")
-        head = ("bundle MB", "edgepack verify", "sign(pipeline)", "sign(existing)", "model_signing sign", "shim sig only",
-                "shim verify", "shim verify+sig")
+        head = (
+            "bundle MB",
+            "edgepack verify",
+            "sign(pipeline)",
+            "sign(existing)",
+            "model_signing sign",
+            "shim sig only",
+            "shim verify",
+            "shim verify+sig",
+        )
         print("  " + "  ".join(f"{h:>18}" for h in head))
         for total, *times in rows:
             print("  " + f"{total / 1e6:>18.2f}  " + "  ".join(f"{t * 1e3:>18.1f}" for t in times))
@@ -114,13 +129,16 @@ def main() -> None:
             command = [sys.executable, str(bundle / "edgepack_shim.py"), "run", str(inputs), "-o", out]
             label = f"+{megabytes} MB" if megabytes else "cnn"
             variants[f"{label}: run (checksums)"] = command
-            variants[f"{label}: run --public-key (checksums + signature)"] = command + ["--public-key", str(scratch / "key.pub")]
+            variants[f"{label}: run --public-key (checksums + signature)"] = command + [
+                "--public-key",
+                str(scratch / "key.pub"),
+            ]
         names = list(variants)
         for name in names:  # once each, untimed: file caches warm for everyone
             timed(variants[name], env)
         samples = {name: [] for name in names}
         for i in range(args.runs):
-            for name in names[i % len(names):] + names[: i % len(names)]:
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 samples[name].append(timed(variants[name], env)[0])
     medians = {name: statistics.median(s) for name, s in samples.items()}
     print(f"\nshim cold start, process start -> first result; median of {args.runs} interleaved runs each")
@@ -128,8 +146,10 @@ def main() -> None:
     for name in names:
         print(f"  {name:<{width}}  {medians[name]:.3f} s")
     for plain, signed in zip(names[::2], names[1::2]):
-        print(f"  {signed.split(':')[0]}: with / without signature = {medians[signed] / medians[plain]:.3f}x "
-              f"(+{(medians[signed] - medians[plain]) * 1e3:.1f} ms)")
+        print(
+            f"  {signed.split(':')[0]}: with / without signature = {medians[signed] / medians[plain]:.3f}x "
+            f"(+{(medians[signed] - medians[plain]) * 1e3:.1f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,14 @@ def bench(name: str, runs: int, budget: float, folder: Path) -> None:
     calibration = write_samples(folder / f"{name}-calib", make_inputs(1000, 40))
     validation = write_samples(folder / f"{name}-valid", make_inputs(2000, 32))
     profile = one_thread_profile(folder)
-    options = Options(output=folder / "out", force=True, calibration=str(calibration), validation=validation,
-                      tune=True, tune_budget=budget)
+    options = Options(
+        output=folder / "out",
+        force=True,
+        calibration=str(calibration),
+        validation=validation,
+        tune=True,
+        tune_budget=budget,
+    )
     started = time.perf_counter()
     (result,) = package_model(path, [profile], options, name=name)
     if not result.ok:
@@ -74,8 +80,12 @@ def bench(name: str, runs: int, budget: float, folder: Path) -> None:
     quantize = next(r for r in result.manifest["stages"] if r["stage"] == "quantize")
     selftest = next(r for r in result.manifest["stages"] if r["stage"] == "self_test")
     tuned = quantize["tune"]
-    print(f"\n## {name}: packaged with --tune in {seconds:.0f} s (tuning {tuned['seconds']} s of a {budget:g} s budget)")
-    print(f"{'candidate':<12} {'gate':<7} {'median ms':>10} {'p90 ms':>8} {'runs':>5} {'MB':>7} {'cosine':>9} {'top-1':>7}")
+    print(
+        f"\n## {name}: packaged with --tune in {seconds:.0f} s (tuning {tuned['seconds']} s of a {budget:g} s budget)"
+    )
+    print(
+        f"{'candidate':<12} {'gate':<7} {'median ms':>10} {'p90 ms':>8} {'runs':>5} {'MB':>7} {'cosine':>9} {'top-1':>7}"
+    )
     for c in tuned["candidates"]:
         acc = c.get("accuracy", {})
         top1 = f"{acc['top1_agreement']:.1%}" if "top1_agreement" in acc else "-"
@@ -83,8 +93,10 @@ def bench(name: str, runs: int, budget: float, folder: Path) -> None:
         median = f"{c['median_ms']:.2f}" if "median_ms" in c else "-"
         p90 = f"{c['p90_ms']:.2f}" if "p90_ms" in c else "-"
         mark = "  <- shipped" if c["name"] == tuned["winner"] else ""
-        print(f"{c['name']:<12} {c['gate']:<7} {median:>10} {p90:>8} {c.get('runs', 0):>5} {c['bytes'] / 1e6:>7.2f} "
-              f"{cos:>9} {top1:>7}{mark}")
+        print(
+            f"{c['name']:<12} {c['gate']:<7} {median:>10} {p90:>8} {c.get('runs', 0):>5} {c['bytes'] / 1e6:>7.2f} "
+            f"{cos:>9} {top1:>7}{mark}"
+        )
     for note in tuned["notes"]:
         print(f"note: {note}")
     print(f"why: {tuned['why']}")
@@ -103,15 +115,18 @@ def bench(name: str, runs: int, budget: float, folder: Path) -> None:
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     fp32 = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    runners = {"torch eager FP32": lambda: model(*tensors), "onnxruntime FP32": lambda: fp32.run(None, feeds),
-               "bundle": lambda: shipped.run(feeds)}
+    runners = {
+        "torch eager FP32": lambda: model(*tensors),
+        "onnxruntime FP32": lambda: fp32.run(None, feeds),
+        "bundle": lambda: shipped.run(feeds),
+    }
     times = {k: [] for k in runners}
     with torch.inference_mode():
         for run in runners.values():
             for _ in range(5):
                 run()
         for i in range(runs):
-            order = list(runners)[i % 3:] + list(runners)[: i % 3]
+            order = list(runners)[i % 3 :] + list(runners)[: i % 3]
             for key in order:
                 start = time.perf_counter()
                 runners[key]()
@@ -120,16 +135,22 @@ def bench(name: str, runs: int, budget: float, folder: Path) -> None:
     size = (result.bundle / manifest["model"]["file"]).stat().st_size
     source = path.stat().st_size
     figures = quantize.get("figures", {})
-    print(f"side by side, {runs} interleaved rounds at 1 thread: " +
-          ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items()))
-    print(f"shipped {tuned['winner']}: {medians['torch eager FP32'] / medians['bundle']:.2f}x faster than PyTorch eager, "
-          f"{medians['onnxruntime FP32'] / medians['bundle']:.2f}x faster than FP32 onnxruntime, "
-          f"{slowest['median_ms'] / winner['median_ms']:.2f}x faster than the slowest candidate ({slowest['name']}), "
-          f"{winner['median_ms'] / fastest:.3f}x the fastest candidate's median")
+    print(
+        f"side by side, {runs} interleaved rounds at 1 thread: "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items())
+    )
+    print(
+        f"shipped {tuned['winner']}: {medians['torch eager FP32'] / medians['bundle']:.2f}x faster than PyTorch eager, "
+        f"{medians['onnxruntime FP32'] / medians['bundle']:.2f}x faster than FP32 onnxruntime, "
+        f"{slowest['median_ms'] / winner['median_ms']:.2f}x faster than the slowest candidate ({slowest['name']}), "
+        f"{winner['median_ms'] / fastest:.3f}x the fastest candidate's median"
+    )
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
-    print(f"size: {size / 1e6:.2f} MB vs FP32 .onnx {source / 1e6:.2f} MB = {size / source:.3f}x; gate passed "
-          f"(cosine {figures.get('cosine', 1.0):.5f}{top1}, max abs error {figures.get('max_abs_error', 0.0):.4g} on "
-          f"{tuned['validation']['samples']} validation inputs); self-test: {selftest['summary']}")
+    print(
+        f"size: {size / 1e6:.2f} MB vs FP32 .onnx {source / 1e6:.2f} MB = {size / source:.3f}x; gate passed "
+        f"(cosine {figures.get('cosine', 1.0):.5f}{top1}, max abs error {figures.get('max_abs_error', 0.0):.4g} on "
+        f"{tuned['validation']['samples']} validation inputs); self-test: {selftest['summary']}"
+    )
 
 
 def main() -> int:

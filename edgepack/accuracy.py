@@ -32,7 +32,7 @@ def as_numbers(value: Any) -> np.ndarray:
     return array.astype(np.float64).ravel()
 
 
-ERROR_EDGES = [0.0, *(10.0 ** k for k in range(-8, 1))]
+ERROR_EDGES = [0.0, *(10.0**k for k in range(-8, 1))]
 """Bin i holds errors in [ERROR_EDGES[i], ERROR_EDGES[i + 1]); the last bin, errors of 1 and more."""
 
 
@@ -43,8 +43,12 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
         ref = np.concatenate([as_numbers(r[name]) for r in reference])
         got = np.concatenate([as_numbers(c[name]) for c in candidate])
         if ref.shape != got.shape:
-            per_output[name] = {"max_abs_error": float("inf"), "mean_abs_error": float("inf"), "cosine": 0.0,
-                                "note": f"shape {got.shape} differs from the reference's {ref.shape}"}
+            per_output[name] = {
+                "max_abs_error": float("inf"),
+                "mean_abs_error": float("inf"),
+                "cosine": 0.0,
+                "note": f"shape {got.shape} differs from the reference's {ref.shape}",
+            }
             continue
         diff = np.abs(ref - got)
         per_output[name] = {
@@ -95,19 +99,30 @@ def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
     return float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
 
 
-def check(figures: dict[str, Any], *, min_cosine: float, min_top1_agreement: float | None = None,
-          max_abs_error: float | None = None) -> list[str]:
+def check(
+    figures: dict[str, Any],
+    *,
+    min_cosine: float,
+    min_top1_agreement: float | None = None,
+    max_abs_error: float | None = None,
+) -> list[str]:
     """Each missed tolerance as a phrase saying by how much; empty when every one is met."""
     misses = []
     if figures["cosine"] < min_cosine:
-        misses.append(f"cosine {figures['cosine']:.6f} is {min_cosine - figures['cosine']:.2g} below the required {min_cosine:g}")
+        misses.append(
+            f"cosine {figures['cosine']:.6f} is {min_cosine - figures['cosine']:.2g} below the required {min_cosine:g}"
+        )
     agreement = figures.get("top1_agreement")
     if agreement is not None and min_top1_agreement is not None and agreement < min_top1_agreement:
-        misses.append(f"top-1 agreement {agreement:.1%} is {100 * (min_top1_agreement - agreement):.1f} points below "
-                      f"the required {min_top1_agreement:.1%}")
+        misses.append(
+            f"top-1 agreement {agreement:.1%} is {100 * (min_top1_agreement - agreement):.1f} points below "
+            f"the required {min_top1_agreement:.1%}"
+        )
     if max_abs_error is not None and figures["max_abs_error"] > max_abs_error:
-        misses.append(f"max abs error {figures['max_abs_error']:.4g} is {figures['max_abs_error'] / max_abs_error:.1f}x "
-                      f"the allowed {max_abs_error:g}")
+        misses.append(
+            f"max abs error {figures['max_abs_error']:.4g} is {figures['max_abs_error'] / max_abs_error:.1f}x "
+            f"the allowed {max_abs_error:g}"
+        )
     return misses
 
 

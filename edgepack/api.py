@@ -45,10 +45,21 @@ def package(
     ``targets``: built-in profile names, ``"all"``, or paths to profile .yaml files.
     """
     profiles = resolve_targets([targets] if isinstance(targets, str) else list(targets))
-    options = Options(output=Path(output), force=force,
-                      sample_inputs=Path(sample_inputs) if sample_inputs is not None else None, quantize=quantize)
-    return package_source(model, profiles, options, name=name, example_inputs=example_inputs, dynamic=dynamic,
-                          progress=progress or (lambda message: None))
+    options = Options(
+        output=Path(output),
+        force=force,
+        sample_inputs=Path(sample_inputs) if sample_inputs is not None else None,
+        quantize=quantize,
+    )
+    return package_source(
+        model,
+        profiles,
+        options,
+        name=name,
+        example_inputs=example_inputs,
+        dynamic=dynamic,
+        progress=progress or (lambda message: None),
+    )
 
 
 def package_source(
@@ -63,8 +74,9 @@ def package_source(
 ) -> list[Result]:
     """Route ``model`` to the ONNX pipeline, or through the PyTorch export first. With several targets, the
     build report (edgepack.report) is written beside the bundles."""
-    results = _package_source(model, profiles, options, name=name, example_inputs=example_inputs, dynamic=dynamic,
-                              progress=progress)
+    results = _package_source(
+        model, profiles, options, name=name, example_inputs=example_inputs, dynamic=dynamic, progress=progress
+    )
     if len(profiles) > 1 and any(r.ok for r in results):
         from .report import write_report
 
@@ -73,22 +85,36 @@ def package_source(
     return results
 
 
-def _package_source(model: Any, profiles: list[Profile], options: Options, *, name: str | None, example_inputs: Any,
-                    dynamic: Any, progress: Callable[[str], None]) -> list[Result]:
+def _package_source(
+    model: Any,
+    profiles: list[Profile],
+    options: Options,
+    *,
+    name: str | None,
+    example_inputs: Any,
+    dynamic: Any,
+    progress: Callable[[str], None],
+) -> list[Result]:
     if is_torch_input(model):
         _require_torch()
         from .torch.package import package_torch
 
-        return package_torch(model, profiles, options, name=name, example_inputs_given=example_inputs,
-                             dynamic=dynamic, progress=progress)
+        return package_torch(
+            model, profiles, options, name=name, example_inputs_given=example_inputs, dynamic=dynamic, progress=progress
+        )
     if example_inputs or dynamic:
-        raise UsageError("--example-input and --dynamic apply to PyTorch models only",
-                         where=str(model), hint="an ONNX model's shapes are in the file")
+        raise UsageError(
+            "--example-input and --dynamic apply to PyTorch models only",
+            where=str(model),
+            hint="an ONNX model's shapes are in the file",
+        )
     path = Path(model)
     if path.suffix in (".pt", ".pth"):
-        raise UsageError(f"a {path.suffix} file holds weights or a pickled module, which edgepack does not load",
-                         where=str(path),
-                         hint="point at the code instead (pkg.module:factory), or save a .pt2 with torch.export.save")
+        raise UsageError(
+            f"a {path.suffix} file holds weights or a pickled module, which edgepack does not load",
+            where=str(path),
+            hint="point at the code instead (pkg.module:factory), or save a .pt2 with torch.export.save",
+        )
     from .pipeline.run import package_model  # here: onnx and onnxruntime load only when a bundle is built
 
     return package_model(path, profiles, options, name=name, progress=progress)
@@ -109,5 +135,7 @@ def _require_torch() -> None:
         import onnxscript  # noqa: F401  the dynamo exporter needs it
         import torch  # noqa: F401
     except ImportError as exc:
-        raise UsageError(f"this input is a PyTorch model, but {exc.name or 'torch'} is not installed",
-                         hint="pip install 'edgepack[torch]'") from None
+        raise UsageError(
+            f"this input is a PyTorch model, but {exc.name or 'torch'} is not installed",
+            hint="pip install 'edgepack[torch]'",
+        ) from None

@@ -27,8 +27,16 @@ from .errors import EdgepackError, ProfileError, UsageError
 from .execution import DEFAULT_CACHE_MAX_MB, Execution, available_cores, default_cache_dir
 from .profiles import _NAME, _build, _kind
 
-__all__ = ["BuildFile", "ModelEntry", "load_build_file", "select_pairs", "parse_shard", "run_build",
-           "add_execution_flags", "execution_from_args"]
+__all__ = [
+    "BuildFile",
+    "ModelEntry",
+    "load_build_file",
+    "select_pairs",
+    "parse_shard",
+    "run_build",
+    "add_execution_flags",
+    "execution_from_args",
+]
 
 SCHEMA = "edgepack.build/1"
 
@@ -105,22 +113,37 @@ def _check_semantics(build: BuildFile, path: Path) -> None:
     for i, entry in enumerate(build.models):
         name = model_name(entry)
         if not _NAME.fullmatch(name):
-            raise ProfileError(f"key 'models[{i}].name': expected letters, digits, '.', '_' or '-' (it names the "
-                               f"bundle folders), found {name!r}", where=where)
+            raise ProfileError(
+                f"key 'models[{i}].name': expected letters, digits, '.', '_' or '-' (it names the "
+                f"bundle folders), found {name!r}",
+                where=where,
+            )
         if name in seen:
-            raise ProfileError(f"key 'models[{i}].name': expected a name no other model has, found {name!r} "
-                               f"(also models[{seen[name]}])", where=where, hint="give one of them a 'name'")
+            raise ProfileError(
+                f"key 'models[{i}].name': expected a name no other model has, found {name!r} "
+                f"(also models[{seen[name]}])",
+                where=where,
+                hint="give one of them a 'name'",
+            )
         seen[name] = i
         if not (entry.targets or build.targets):
-            raise ProfileError(f"key 'models[{i}].targets': expected at least one target (here or in the file's "
-                               "'targets'), found none", where=where)
+            raise ProfileError(
+                f"key 'models[{i}].targets': expected at least one target (here or in the file's "
+                "'targets'), found none",
+                where=where,
+            )
         for shape_name, dims in entry.input_shapes.items():
             if not dims or any(d < 1 for d in dims):
-                raise ProfileError(f"key 'models[{i}].input_shapes.{shape_name}': expected a list of sizes of 1 "
-                                   f"or more, found {dims}", where=where)
+                raise ProfileError(
+                    f"key 'models[{i}].input_shapes.{shape_name}': expected a list of sizes of 1 or more, found {dims}",
+                    where=where,
+                )
         if entry.min_accelerated_fraction is not None and not 0.0 <= entry.min_accelerated_fraction <= 1.0:
-            raise ProfileError(f"key 'models[{i}].min_accelerated_fraction': expected a share between 0 and 1, "
-                               f"found {entry.min_accelerated_fraction}", where=where)
+            raise ProfileError(
+                f"key 'models[{i}].min_accelerated_fraction': expected a share between 0 and 1, "
+                f"found {entry.min_accelerated_fraction}",
+                where=where,
+            )
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:(?P<attr>[A-Za-z_][\w.]*)$")
@@ -133,8 +156,13 @@ def model_name(entry: ModelEntry) -> str:
     return factory["attr"].split(".")[-1] if factory and not entry.model.endswith(".pt2") else Path(entry.model).stem
 
 
-def select_pairs(build: BuildFile, *, models: list[str] | None = None, targets: list[str] | None = None,
-                 shard: tuple[int, int] | None = None) -> list[Pair]:
+def select_pairs(
+    build: BuildFile,
+    *,
+    models: list[str] | None = None,
+    targets: list[str] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[Pair]:
     """The (model, target) pairs to build, in file order (rule 2)."""
     from .profiles import resolve_targets
 
@@ -156,7 +184,7 @@ def select_pairs(build: BuildFile, *, models: list[str] | None = None, targets: 
                 pairs.append(Pair(entry, profile))
     if shard:
         index, count = shard
-        pairs = pairs[index - 1::count]
+        pairs = pairs[index - 1 :: count]
     return pairs
 
 
@@ -167,8 +195,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
-              progress: Callable[[str], None]) -> list[tuple[str, Any]]:
+def run_build(
+    build: BuildFile, pairs: list[Pair], base_options, *, progress: Callable[[str], None]
+) -> list[tuple[str, Any]]:
     """Package every pair; (model name, Result) for each, in pair order (rule 3)."""
     from .api import is_torch_input, package_source
     from .executors import ModelWork, package_models
@@ -185,8 +214,9 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
     for name, (entry, profiles) in grouped.items():  # every refusal of the output before any work
         local = _relative(entry.model, base)
         models[name] = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
-        refuse_existing_output(name, profiles, options_of[name],
-                               inputs=(Path(models[name]),) if models[name] == local else ())
+        refuse_existing_output(
+            name, profiles, options_of[name], inputs=(Path(models[name]),) if models[name] == local else ()
+        )
     results: dict[tuple[str, str], Any] = {}
     works = []
     for name, (entry, profiles) in grouped.items():
@@ -194,14 +224,21 @@ def run_build(build: BuildFile, pairs: list[Pair], base_options, *,
         try:
             refuse_unsupported(profiles, options_of[name])  # a recipe a target cannot run fails this model only
         except EdgepackError as exc:
-            results.update({(name, p.name): Result(p.name, bundle_path(output, name, p), False, error=exc)
-                            for p in profiles})
+            results.update(
+                {(name, p.name): Result(p.name, bundle_path(output, name, p), False, error=exc) for p in profiles}
+            )
             continue
         if is_torch_input(model):
             try:
-                done = package_source(model, profiles, options_of[name], name=name,
-                                      example_inputs=entry.example_inputs or None, dynamic=entry.dynamic or None,
-                                      progress=progress)
+                done = package_source(
+                    model,
+                    profiles,
+                    options_of[name],
+                    name=name,
+                    example_inputs=entry.example_inputs or None,
+                    dynamic=entry.dynamic or None,
+                    progress=progress,
+                )
             except EdgepackError as exc:
                 done = [Result(p.name, bundle_path(output, name, p), False, error=exc) for p in profiles]
             results.update({(name, r.target): r for r in done})
@@ -219,11 +256,19 @@ def _options(entry: ModelEntry, base: Path, options):
 
     calibration = entry.calibration if entry.calibration in (None, "random") else _relative(entry.calibration, base)
     return dataclasses.replace(
-        options, quantize=entry.quantize, calibration=calibration, calibration_method=entry.calibration_method,
-        validation=path(entry.validation), sample_inputs=path(entry.sample_inputs), auto_exclude=entry.auto_exclude,
-        tune=entry.tune, input_shapes={k: tuple(v) for k, v in entry.input_shapes.items()},
-        fixed_dims=dict(entry.fixed_dims), min_accelerated_fraction=entry.min_accelerated_fraction,
-        max_partitions=entry.max_partitions)
+        options,
+        quantize=entry.quantize,
+        calibration=calibration,
+        calibration_method=entry.calibration_method,
+        validation=path(entry.validation),
+        sample_inputs=path(entry.sample_inputs),
+        auto_exclude=entry.auto_exclude,
+        tune=entry.tune,
+        input_shapes={k: tuple(v) for k, v in entry.input_shapes.items()},
+        fixed_dims=dict(entry.fixed_dims),
+        min_accelerated_fraction=entry.min_accelerated_fraction,
+        max_partitions=entry.max_partitions,
+    )
 
 
 def _relative(value: str, base: Path) -> str:
@@ -235,22 +280,41 @@ def _relative(value: str, base: Path) -> str:
 
 
 def add_execution_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-j", "--jobs", type=int, metavar="N",
-                        help="(model, target) pairs at once, in worker processes "
-                        f"(default: the cores, {available_cores()} here)")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="build every bundle, neither reading nor filling the cache")
-    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
-                        help="bundle cache folder, may be shared by several machines "
-                        "(default: $EDGEPACK_BUNDLE_CACHE, 'off' for none, or ~/.cache/edgepack/bundles)")
-    parser.add_argument("--cache-max-mb", type=float, metavar="MB",
-                        help=f"evict least recently used bundles past this size (default: {DEFAULT_CACHE_MAX_MB:g})")
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
-                        help="local: worker processes on this machine; "
-                        "ray: one Ray task per pair (pip install 'edgepack[ray]')")
-    parser.add_argument("--ray-address", metavar="ADDRESS",
-                        help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, else a Ray instance "
-                        "started on this machine for the run)")
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        metavar="N",
+        help=f"(model, target) pairs at once, in worker processes (default: the cores, {available_cores()} here)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="build every bundle, neither reading nor filling the cache"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="bundle cache folder, may be shared by several machines "
+        "(default: $EDGEPACK_BUNDLE_CACHE, 'off' for none, or ~/.cache/edgepack/bundles)",
+    )
+    parser.add_argument(
+        "--cache-max-mb",
+        type=float,
+        metavar="MB",
+        help=f"evict least recently used bundles past this size (default: {DEFAULT_CACHE_MAX_MB:g})",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: worker processes on this machine; ray: one Ray task per pair (pip install 'edgepack[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --executor ray: the cluster to join (default: $RAY_ADDRESS, else a Ray instance "
+        "started on this machine for the run)",
+    )
 
 
 def execution_from_args(args) -> Execution:
@@ -265,5 +329,4 @@ def execution_from_args(args) -> Execution:
     if not max_mb > 0:
         raise UsageError(f"--cache-max-mb {max_mb:g}: expected a size in MB above 0")
     cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    return Execution(jobs=jobs, executor=args.executor, ray_address=args.ray_address, cache=cache,
-                     cache_max_mb=max_mb)
+    return Execution(jobs=jobs, executor=args.executor, ray_address=args.ray_address, cache=cache, cache_max_mb=max_mb)

@@ -50,12 +50,28 @@ _ENTRY = "entry.json"
 _BUNDLE = "bundle"
 _RUN_ONLY = {"output", "force", "freeze", "onefile", "execution", "sign_key", "sign_passphrase_env"}
 """Options that do not change a bundle's bytes (the signing key counts by its fingerprint instead)."""
-_TOOLS = ("edgepack", "onnx", "onnxruntime", "onnx-ir", "onnxconverter-common", "numpy", "cryptography",
-          "torch", "onnxscript")
+_TOOLS = (
+    "edgepack",
+    "onnx",
+    "onnxruntime",
+    "onnx-ir",
+    "onnxconverter-common",
+    "numpy",
+    "cryptography",
+    "torch",
+    "onnxscript",
+)
 
 
-def bundle_key(model_files: dict[str, str], bundle_name: str, profile, options, *, signer: str | None = None,
-               origin: list[dict[str, Any]] | None = None) -> str:
+def bundle_key(
+    model_files: dict[str, str],
+    bundle_name: str,
+    profile,
+    options,
+    *,
+    signer: str | None = None,
+    origin: list[dict[str, Any]] | None = None,
+) -> str:
     """The cache key of one bundle (rule 1). ``model_files``: ``model_digests`` of the model."""
     options_part = {}
     for f in dataclasses.fields(options):
@@ -104,8 +120,9 @@ def _path_digest(path: Path) -> str:
     if path.is_file():
         return _file_sha256(path)
     if path.is_dir():
-        listing = [f"{p.relative_to(path).as_posix()}:{_file_sha256(p)}"
-                   for p in sorted(path.rglob("*")) if p.is_file()]
+        listing = [
+            f"{p.relative_to(path).as_posix()}:{_file_sha256(p)}" for p in sorted(path.rglob("*")) if p.is_file()
+        ]
         return hashlib.sha256("\n".join(listing).encode("utf-8")).hexdigest()
     return f"missing:{path}"
 
@@ -166,8 +183,11 @@ class BundleCache:
                 folder.mkdir(parents=True, exist_ok=True)
             (self.root / "lock").touch(exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot use the bundle cache: {exc}", where=str(self.root),
-                             hint="give a writable folder with --cache-dir, or pass --no-cache") from None
+            raise UsageError(
+                f"cannot use the bundle cache: {exc}",
+                where=str(self.root),
+                hint="give a writable folder with --cache-dir, or pass --no-cache",
+            ) from None
 
     def model_files(self, model: Path) -> dict[str, str] | None:
         """``model_digests`` of ``model``, None when it cannot be parsed (the load stage then says why).
@@ -191,8 +211,9 @@ class BundleCache:
             os.replace(temp, memo)
         return model_digests(model, locations)
 
-    def restore(self, key: str, destination: Path, *, force: bool,
-                public_key=None) -> tuple[dict[str, Any] | None, str | None]:
+    def restore(
+        self, key: str, destination: Path, *, force: bool, public_key=None
+    ) -> tuple[dict[str, Any] | None, str | None]:
         """Put the cached bundle at ``destination`` (rule 3): (its manifest, None) on a hit, (None, None) on
         a miss, (None, what was wrong) when the entry was corrupt (it is deleted)."""
         entry = self.root / "entries" / key
@@ -224,8 +245,9 @@ class BundleCache:
             os.chmod(temp, 0o755)
             shutil.copytree(bundle, temp / _BUNDLE, symlinks=True)
             size = sum(p.stat().st_size for p in (temp / _BUNDLE).rglob("*") if p.is_file())
-            (temp / _ENTRY).write_text(json.dumps({"bundle": bundle.name, "bytes": size, "stored": time.time()}),
-                                       encoding="utf-8")
+            (temp / _ENTRY).write_text(
+                json.dumps({"bundle": bundle.name, "bytes": size, "stored": time.time()}), encoding="utf-8"
+            )
             with self._lock(fcntl.LOCK_EX):
                 entry = self.root / "entries" / key
                 if not entry.exists():  # another writer stored the same bundle first: theirs stays

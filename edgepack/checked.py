@@ -33,7 +33,17 @@ from .accuracy import compare
 from .errors import EdgepackError, first_line
 from .onnxio.modelinfo import iter_graphs
 
-__all__ = ["run_checked", "run_ir_passes", "job_inputs", "work_paths_out", "held_back", "repair_outer_scope_outputs", "notice_of", "MIN_COSINE", "ABS_TOLERANCE"]
+__all__ = [
+    "run_checked",
+    "run_ir_passes",
+    "job_inputs",
+    "work_paths_out",
+    "held_back",
+    "repair_outer_scope_outputs",
+    "notice_of",
+    "MIN_COSINE",
+    "ABS_TOLERANCE",
+]
 
 MIN_COSINE = 0.9999
 ABS_TOLERANCE = 1e-3
@@ -52,8 +62,12 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
     except EdgepackError as exc:
         return before, {"step": step, "status": "skipped", "reason": work_paths_out(exc.message), "checked": "raised"}
     except Exception as exc:  # a library failing in any way is a step to skip, not a crash
-        return before, {"step": step, "status": "skipped", "reason": work_paths_out(f"{type(exc).__name__}: {first_line(exc)}"),
-                        "checked": "raised"}
+        return before, {
+            "step": step,
+            "status": "skipped",
+            "reason": work_paths_out(f"{type(exc).__name__}: {first_line(exc)}"),
+            "checked": "raised",
+        }
     record: dict[str, Any] = {"step": step, "status": "repaired" if repaired else "applied"}
     if repaired:
         record["repairs"] = [f"Identity added for subgraph output {name!r} (an outer-scope value)" for name in repaired]
@@ -116,8 +130,10 @@ def notice_of(records: list[dict[str, Any]]) -> str | None:
     for r in records:
         if r["status"] == "skipped":
             by_reason.setdefault(r["reason"], []).append(r["step"])
-    parts = [f"{', '.join(steps)} skipped ({reason}): the model before {'them' if len(steps) > 1 else 'it'} was kept"
-             for reason, steps in by_reason.items()]
+    parts = [
+        f"{', '.join(steps)} skipped ({reason}): the model before {'them' if len(steps) > 1 else 'it'} was kept"
+        for reason, steps in by_reason.items()
+    ]
     parts += [f"{r['step']}: {'; '.join(r['repairs'])}" for r in records if r["status"] == "repaired"]
     return "; ".join(parts) or None
 
@@ -140,12 +156,22 @@ def held_back():
 def repair_outer_scope_outputs(path: Path) -> list[str]:
     """Rule 3, in place: the names of the subgraph outputs that got an Identity (empty if none needed one)."""
     proto = onnx.load_model(path, load_external_data=False)
-    used = {name for graph in iter_graphs(proto.graph)
-            for name in [*(i.name for i in graph.input), *(t.name for t in graph.initializer),
-                         *(o for n in graph.node for o in n.output)]}
+    used = {
+        name
+        for graph in iter_graphs(proto.graph)
+        for name in [
+            *(i.name for i in graph.input),
+            *(t.name for t in graph.initializer),
+            *(o for n in graph.node for o in n.output),
+        ]
+    }
     repaired = []
     for graph in list(iter_graphs(proto.graph))[1:]:
-        local = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        local = (
+            {i.name for i in graph.input}
+            | {t.name for t in graph.initializer}
+            | {o for n in graph.node for o in n.output}
+        )
         for output in graph.output:
             if output.name in local:
                 continue
@@ -167,7 +193,9 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
     try:
         with held_back():
             session = _session(after)
-    except Exception as exc:  # onnxruntime refuses the model: the step broke it, unless the model before was refused too
+    except (
+        Exception
+    ) as exc:  # onnxruntime refuses the model: the step broke it, unless the model before was refused too
         try:
             with held_back():
                 _session(before)
@@ -192,8 +220,10 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
     figures = compare(expected, got)
     scale = max((float(np.max(np.abs(v))) for r in expected for v in _numeric(r).values() if v.size), default=0.0)
     if figures["cosine"] < MIN_COSINE or figures["max_abs_error"] > ABS_TOLERANCE * (1 + scale):
-        return (f"its outputs differ from the model's (cosine {figures['cosine']:.6f}, "
-                f"max abs error {figures['max_abs_error']:.3g})"), "outputs"
+        return (
+            f"its outputs differ from the model's (cosine {figures['cosine']:.6f}, "
+            f"max abs error {figures['max_abs_error']:.3g})"
+        ), "outputs"
     return None, "outputs"
 
 
@@ -206,7 +236,7 @@ def _key(path: Path, sets: list[dict[str, Any]]) -> str:
     for feeds in sets:
         for name, value in sorted(feeds.items()):
             digest.update(name.encode())
-            for array in (value if isinstance(value, list) else [value]):
+            for array in value if isinstance(value, list) else [value]:
                 digest.update(np.ascontiguousarray(array).tobytes())
     return f"{path}:{digest.hexdigest()}"
 

@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     # the same flags after the command: SUPPRESS keeps a subcommand from resetting what was given before it
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and tool logs")
-    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON on stdout")
+    after.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON on stdout"
+    )
 
     parser = argparse.ArgumentParser(
         prog="edgepack",
@@ -96,71 +98,150 @@ def _parser() -> argparse.ArgumentParser:
     targets.set_defaults(handler=_cmd_targets)
 
     package = sub.add_parser(
-        "package", parents=[after], help="package a model for one or more targets",
+        "package",
+        parents=[after],
+        help="package a model for one or more targets",
         description="Load, check, optimize, quantize, convert to ORT format, bundle, checksum and self-test "
         "a model for each target. Each bundle is written to OUTPUT/<model>-<target>; a failed target leaves nothing.",
     )
-    package.add_argument("model", nargs="?", type=Path,
-                         help="the .onnx file (side files next to it), a PyTorch pkg.module:factory, or a .pt2 program")
+    package.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help="the .onnx file (side files next to it), a PyTorch pkg.module:factory, or a .pt2 program",
+    )
     package.add_argument("--example", choices=_example_names(), help="package a built-in example model instead")
-    package.add_argument("-t", "--target", action="append", required=True, metavar="TARGET",
-                         help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)")
+    package.add_argument(
+        "-t",
+        "--target",
+        action="append",
+        required=True,
+        metavar="TARGET",
+        help="built-in profile name, 'all', or a path to a profile .yaml (repeatable, or comma-separated)",
+    )
     package.add_argument("-o", "--output", type=Path, default=Path("build"), help="output folder (default: build/)")
-    package.add_argument("--force", action="store_true",
-                         help="replace existing bundles (only folders edgepack wrote, holding no file of yours)")
-    package.add_argument("--sample-inputs", type=Path, metavar="NPZ",
-                         help="inputs for the self-test (.npz of named arrays, or .npy for one input)")
-    package.add_argument("--self-test-shape", action="append", metavar="NAME=D0,D1,...",
-                         help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
-                         "needs particular sizes (repeatable), e.g. image=1,3,640,640")
-    package.add_argument("--quantize", choices=list(RECIPES),
-                         help="quantization recipe (default: the profile's)")
-    package.add_argument("--calibration", metavar="PATH|random",
-                         help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
-                         "a folder of .npz samples, or 'random' (a smoke test, marked in the manifest)")
-    package.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"],
-                         help="how static quantization picks ranges (default: the profile's)")
-    package.add_argument("--validation", type=Path, metavar="PATH",
-                         help="inputs for the quantization accuracy gate (default: held-out calibration samples, "
-                         "else generated inputs)")
-    package.add_argument("--auto-exclude", action="store_true",
-                         help="leave the nodes most hurt by quantization in float until the accuracy gate passes")
-    package.add_argument("--tune", action="store_true",
-                         help="choose the recipe by measurement: build FP32, dynamic and (with --calibration) static "
-                         "INT8 candidates, gate each on accuracy, time them as they ship and keep the fastest "
-                         "(only when the target's CPU is this machine's; otherwise the profile's default)")
-    package.add_argument("--tune-budget", type=float, metavar="SECONDS",
-                         help="with --tune: time limit for building and timing candidates (default: 300)")
+    package.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing bundles (only folders edgepack wrote, holding no file of yours)",
+    )
+    package.add_argument(
+        "--sample-inputs",
+        type=Path,
+        metavar="NPZ",
+        help="inputs for the self-test (.npz of named arrays, or .npy for one input)",
+    )
+    package.add_argument(
+        "--self-test-shape",
+        action="append",
+        metavar="NAME=D0,D1,...",
+        help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
+        "needs particular sizes (repeatable), e.g. image=1,3,640,640",
+    )
+    package.add_argument("--quantize", choices=list(RECIPES), help="quantization recipe (default: the profile's)")
+    package.add_argument(
+        "--calibration",
+        metavar="PATH|random",
+        help="calibration data for static quantization: an .npy per input, an .npz of named arrays, "
+        "a folder of .npz samples, or 'random' (a smoke test, marked in the manifest)",
+    )
+    package.add_argument(
+        "--calibration-method",
+        choices=["minmax", "entropy", "percentile"],
+        help="how static quantization picks ranges (default: the profile's)",
+    )
+    package.add_argument(
+        "--validation",
+        type=Path,
+        metavar="PATH",
+        help="inputs for the quantization accuracy gate (default: held-out calibration samples, else generated inputs)",
+    )
+    package.add_argument(
+        "--auto-exclude",
+        action="store_true",
+        help="leave the nodes most hurt by quantization in float until the accuracy gate passes",
+    )
+    package.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose the recipe by measurement: build FP32, dynamic and (with --calibration) static "
+        "INT8 candidates, gate each on accuracy, time them as they ship and keep the fastest "
+        "(only when the target's CPU is this machine's; otherwise the profile's default)",
+    )
+    package.add_argument(
+        "--tune-budget",
+        type=float,
+        metavar="SECONDS",
+        help="with --tune: time limit for building and timing candidates (default: 300)",
+    )
     package.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     _add_shape_flags(package)
-    package.add_argument("--min-accelerated-fraction", type=float, metavar="F",
-                         help="coverage gate: least share of nodes on the accelerator, 0..1 (default: the profile's)")
-    package.add_argument("--max-partitions", type=int, metavar="N",
-                         help="coverage gate: most accelerator partitions (default: the profile's)")
-    package.add_argument("--freeze", action="store_true",
-                         help="also build a standalone executable of the shim beside each python bundle "
-                         "(<bundle>.frozen/, PyInstaller onedir, from a runtime-only environment)")
-    package.add_argument("--onefile", action="store_true", help="with --freeze: one self-extracting file (slower start)")
-    package.add_argument("--ort-web", type=Path, metavar="TGZ",
-                         help="onnxruntime-web npm tarball for web bundles, for offline use (default: fetched from the npm registry and cached)")
-    package.add_argument("--example-input", action="append", metavar="SHAPE[:DTYPE]",
-                         help="PyTorch models: the example shape of each forward() argument, in order "
-                         "(repeatable), e.g. 2x3x224x224 or 2x128:int64")
-    package.add_argument("--dynamic", action="append", metavar="INPUT:AXIS=NAME",
-                         help="PyTorch models: make an axis dynamic, e.g. input:0=batch (input by forward() name "
-                         "or index; repeatable); its example size must be at least 2")
-    package.add_argument("--sign-key", type=Path, metavar="PEM",
-                         help="sign every bundle with this P-256 private key (model.sig, OpenSSF model-signing format)")
-    package.add_argument("--sign-passphrase-env", metavar="VAR",
-                         help="with --sign-key: the environment variable holding the key's passphrase")
-    package.add_argument("--pin-key", type=Path, metavar="PEM",
-                         help="pin this P-256 public key beside the shim of python bundles: the shim then refuses "
-                         "bundles not signed with it")
+    package.add_argument(
+        "--min-accelerated-fraction",
+        type=float,
+        metavar="F",
+        help="coverage gate: least share of nodes on the accelerator, 0..1 (default: the profile's)",
+    )
+    package.add_argument(
+        "--max-partitions",
+        type=int,
+        metavar="N",
+        help="coverage gate: most accelerator partitions (default: the profile's)",
+    )
+    package.add_argument(
+        "--freeze",
+        action="store_true",
+        help="also build a standalone executable of the shim beside each python bundle "
+        "(<bundle>.frozen/, PyInstaller onedir, from a runtime-only environment)",
+    )
+    package.add_argument(
+        "--onefile", action="store_true", help="with --freeze: one self-extracting file (slower start)"
+    )
+    package.add_argument(
+        "--ort-web",
+        type=Path,
+        metavar="TGZ",
+        help="onnxruntime-web npm tarball for web bundles, for offline use (default: fetched from the npm registry and cached)",
+    )
+    package.add_argument(
+        "--example-input",
+        action="append",
+        metavar="SHAPE[:DTYPE]",
+        help="PyTorch models: the example shape of each forward() argument, in order "
+        "(repeatable), e.g. 2x3x224x224 or 2x128:int64",
+    )
+    package.add_argument(
+        "--dynamic",
+        action="append",
+        metavar="INPUT:AXIS=NAME",
+        help="PyTorch models: make an axis dynamic, e.g. input:0=batch (input by forward() name "
+        "or index; repeatable); its example size must be at least 2",
+    )
+    package.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="PEM",
+        help="sign every bundle with this P-256 private key (model.sig, OpenSSF model-signing format)",
+    )
+    package.add_argument(
+        "--sign-passphrase-env",
+        metavar="VAR",
+        help="with --sign-key: the environment variable holding the key's passphrase",
+    )
+    package.add_argument(
+        "--pin-key",
+        type=Path,
+        metavar="PEM",
+        help="pin this P-256 public key beside the shim of python bundles: the shim then refuses "
+        "bundles not signed with it",
+    )
     add_execution_flags(package)
     package.set_defaults(handler=_cmd_package)
 
     build = sub.add_parser(
-        "build", parents=[after], help="package every model of a build file (edgepack.yaml) for its targets",
+        "build",
+        parents=[after],
+        help="package every model of a build file (edgepack.yaml) for its targets",
         description="Package every (model, target) pair a build file lists, in worker processes or on Ray, "
         "restoring unchanged bundles from the cache. Every pair is reported; the exit code is non-zero when one failed.",
     )
@@ -171,34 +252,56 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-o", "--output", type=Path, help="output folder (default: the file's 'output')")
     build.add_argument("--force", action="store_true", help="replace existing bundles")
     build.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    build.add_argument("--ort-web", type=Path, metavar="TGZ", help="onnxruntime-web npm tarball for web bundles (offline)")
+    build.add_argument(
+        "--ort-web", type=Path, metavar="TGZ", help="onnxruntime-web npm tarball for web bundles (offline)"
+    )
     build.add_argument("--sign-key", type=Path, metavar="PEM", help="sign every bundle with this P-256 private key")
-    build.add_argument("--sign-passphrase-env", metavar="VAR", help="with --sign-key: the variable holding its passphrase")
+    build.add_argument(
+        "--sign-passphrase-env", metavar="VAR", help="with --sign-key: the variable holding its passphrase"
+    )
     add_execution_flags(build)
     build.set_defaults(handler=_cmd_build)
 
     cache = sub.add_parser("cache", parents=[after], help="the bundle cache: info, or clear it")
     cache.add_argument("action", choices=["info", "clear"])
-    cache.add_argument("--cache-dir", type=Path, metavar="DIR",
-                       help="the cache folder (default: $EDGEPACK_BUNDLE_CACHE, else ~/.cache/edgepack/bundles)")
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="the cache folder (default: $EDGEPACK_BUNDLE_CACHE, else ~/.cache/edgepack/bundles)",
+    )
     cache.set_defaults(handler=_cmd_cache)
 
-    verify = sub.add_parser("verify", parents=[after], help="check a bundle's files against its manifest (and its signature)")
+    verify = sub.add_parser(
+        "verify", parents=[after], help="check a bundle's files against its manifest (and its signature)"
+    )
     verify.add_argument("bundle", type=Path)
-    verify.add_argument("--public-key", type=Path, metavar="PEM",
-                        help="also require model.sig signed with this P-256 public key over every file")
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="PEM",
+        help="also require model.sig signed with this P-256 public key over every file",
+    )
     verify.set_defaults(handler=_cmd_verify)
 
-    keygen = sub.add_parser("keygen", parents=[after], help="create a P-256 key pair for signing bundles",
-                            description="Write NAME.priv (PEM PKCS#8, mode 0600, encrypted with --passphrase-env) and "
-                            "NAME.pub (PEM). Existing files are never overwritten.")
+    keygen = sub.add_parser(
+        "keygen",
+        parents=[after],
+        help="create a P-256 key pair for signing bundles",
+        description="Write NAME.priv (PEM PKCS#8, mode 0600, encrypted with --passphrase-env) and "
+        "NAME.pub (PEM). Existing files are never overwritten.",
+    )
     keygen.add_argument("name", type=Path, metavar="NAME")
     keygen.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in VAR")
     keygen.set_defaults(handler=_cmd_keygen)
 
-    sign = sub.add_parser("sign", parents=[after], help="sign an existing bundle (writes model.sig)",
-                          description="Verify BUNDLE against its manifest, then write model.sig over every file "
-                          "(OpenSSF model-signing format, ECDSA P-256). Nothing else in the bundle changes.")
+    sign = sub.add_parser(
+        "sign",
+        parents=[after],
+        help="sign an existing bundle (writes model.sig)",
+        description="Verify BUNDLE against its manifest, then write model.sig over every file "
+        "(OpenSSF model-signing format, ECDSA P-256). Nothing else in the bundle changes.",
+    )
     sign.add_argument("bundle", type=Path)
     sign.add_argument("--key", type=Path, required=True, metavar="PEM", help="P-256 private key")
     sign.add_argument("--passphrase-env", metavar="VAR", help="the environment variable holding the key's passphrase")
@@ -206,23 +309,35 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", parents=[after], help="describe an ONNX model")
     inspect.add_argument("model", type=Path)
-    inspect.add_argument("-t", "--target", metavar="TARGET",
-                         help="also report the target accelerator's coverage, before and after fixing shapes")
+    inspect.add_argument(
+        "-t",
+        "--target",
+        metavar="TARGET",
+        help="also report the target accelerator's coverage, before and after fixing shapes",
+    )
     _add_shape_flags(inspect)
     inspect.set_defaults(handler=_cmd_inspect)
 
-    report = sub.add_parser("report", parents=[after], help="compare the bundles of a build folder in report.html and report.md",
-                            description="Write BUILD_DIR/report.html (one self-contained page with charts) and "
-                            "BUILD_DIR/report.md comparing every bundle in BUILD_DIR from its manifest: sizes, accuracy "
-                            "against FP32, accelerator coverage, --tune candidates, notices, checksums and tool versions. "
-                            "package writes it by itself when it packages several targets.")
+    report = sub.add_parser(
+        "report",
+        parents=[after],
+        help="compare the bundles of a build folder in report.html and report.md",
+        description="Write BUILD_DIR/report.html (one self-contained page with charts) and "
+        "BUILD_DIR/report.md comparing every bundle in BUILD_DIR from its manifest: sizes, accuracy "
+        "against FP32, accelerator coverage, --tune candidates, notices, checksums and tool versions. "
+        "package writes it by itself when it packages several targets.",
+    )
     report.add_argument("build_dir", type=Path, metavar="BUILD_DIR")
     report.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     report.set_defaults(handler=_cmd_report)
 
-    serve = sub.add_parser("serve", parents=[after], help="serve a web bundle on 127.0.0.1 with the headers it needs",
-                           description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
-                           "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.")
+    serve = sub.add_parser(
+        "serve",
+        parents=[after],
+        help="serve a web bundle on 127.0.0.1 with the headers it needs",
+        description="Serve BUNDLE on 127.0.0.1 with JavaScript/WebAssembly MIME types and the COOP/COEP "
+        "headers that let onnxruntime-web use threads. For trying a bundle locally, not for production.",
+    )
     serve.add_argument("bundle", type=Path)
     serve.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     serve.set_defaults(handler=_cmd_serve)
@@ -230,10 +345,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_shape_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
-                        help="fixed shape of an input for targets that need fixed shapes (repeatable), e.g. image=1,3,224,224")
-    parser.add_argument("--fix-dim", action="append", metavar="NAME=VALUE",
-                        help="value of a named dynamic dim (dim_param) for targets that need fixed shapes (repeatable)")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D0,D1,...",
+        help="fixed shape of an input for targets that need fixed shapes (repeatable), e.g. image=1,3,224,224",
+    )
+    parser.add_argument(
+        "--fix-dim",
+        action="append",
+        metavar="NAME=VALUE",
+        help="value of a named dynamic dim (dim_param) for targets that need fixed shapes (repeatable)",
+    )
 
 
 def _example_names() -> list[str]:
@@ -248,9 +371,18 @@ def _cmd_targets(args) -> int:
         _print_json([p.to_dict() for p in profiles])
         return 0
     rows = [("TARGET", "KIND", "ARCH", "RUNTIME", "PROVIDERS", "ORT STYLE", "QUANTIZE")]
-    rows += [(p.name, p.bundle.kind, p.device.arch, f"{p.runtime.package}{p.runtime.version}",
-              ",".join(ep.name.replace("ExecutionProvider", "") for ep in p.execution_providers),
-              f"{p.ort_format.style}/{p.ort_format.platform}", p.quantization.default) for p in profiles]
+    rows += [
+        (
+            p.name,
+            p.bundle.kind,
+            p.device.arch,
+            f"{p.runtime.package}{p.runtime.version}",
+            ",".join(ep.name.replace("ExecutionProvider", "") for ep in p.execution_providers),
+            f"{p.ort_format.style}/{p.ort_format.platform}",
+            p.quantization.default,
+        )
+        for p in profiles
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -265,25 +397,45 @@ def _cmd_package(args) -> int:
     from .profiles import resolve_targets
 
     if (args.model is None) == (args.example is None):
-        raise UsageError("give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all")
+        raise UsageError(
+            "give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all"
+        )
     profiles = resolve_targets(args.target)
-    options = Options(output=args.output, force=args.force, sample_inputs=args.sample_inputs, quantize=args.quantize,
-                      freeze=args.freeze, onefile=args.onefile, ort_web=args.ort_web,
-                      calibration=args.calibration, calibration_method=args.calibration_method,
-                      validation=args.validation, auto_exclude=args.auto_exclude,
-                      tune=args.tune, tune_budget=args.tune_budget, input_shapes=parse_input_shapes(args.input_shape),
-                      self_test_shapes=parse_input_shapes(args.self_test_shape, flag="--self-test-shape"),
-                      fixed_dims=parse_fixed_dims(args.fix_dim), min_accelerated_fraction=args.min_accelerated_fraction,
-                      max_partitions=args.max_partitions, sign_key=args.sign_key,
-                      sign_passphrase_env=args.sign_passphrase_env, pin_key=args.pin_key,
-                      execution=execution_from_args(args))
+    options = Options(
+        output=args.output,
+        force=args.force,
+        sample_inputs=args.sample_inputs,
+        quantize=args.quantize,
+        freeze=args.freeze,
+        onefile=args.onefile,
+        ort_web=args.ort_web,
+        calibration=args.calibration,
+        calibration_method=args.calibration_method,
+        validation=args.validation,
+        auto_exclude=args.auto_exclude,
+        tune=args.tune,
+        tune_budget=args.tune_budget,
+        input_shapes=parse_input_shapes(args.input_shape),
+        self_test_shapes=parse_input_shapes(args.self_test_shape, flag="--self-test-shape"),
+        fixed_dims=parse_fixed_dims(args.fix_dim),
+        min_accelerated_fraction=args.min_accelerated_fraction,
+        max_partitions=args.max_partitions,
+        sign_key=args.sign_key,
+        sign_passphrase_env=args.sign_passphrase_env,
+        pin_key=args.pin_key,
+        execution=execution_from_args(args),
+    )
     if args.pin_key:
         from .bundle.signing import load_public_key
 
         load_public_key(args.pin_key)  # before any work: a wrong file (a private key!) is refused at once
-    progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
-    with tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch, \
-            steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
+    progress = (
+        (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="edgepack-example-") as scratch,
+        steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)),
+    ):
         if args.example:
             from .examples import write_example
 
@@ -291,8 +443,15 @@ def _cmd_package(args) -> int:
             options = _with_example_shapes(options, args.example)
         else:
             model, name = args.model, None
-        results = package_source(model, profiles, options, name=name, example_inputs=args.example_input,
-                                 dynamic=args.dynamic, progress=progress)
+        results = package_source(
+            model,
+            profiles,
+            options,
+            name=name,
+            example_inputs=args.example_input,
+            dynamic=args.dynamic,
+            progress=progress,
+        )
     if args.json:
         _print_json({"results": [r.to_dict() for r in results], "ok": all(r.ok for r in results)})
     else:
@@ -303,7 +462,9 @@ def _cmd_package(args) -> int:
                 cached = "  cached" if r.cache == "hit" else ""
                 print(f"ok      {r.target:<16} {r.bundle}  ({size / 1e6:.2f} MB, {r.seconds:.1f} s){cached}")
                 if r.frozen:
-                    print(f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)")
+                    print(
+                        f"        {'':<16} {r.frozen['executable']}  ({r.frozen['mode']}, {r.frozen['bytes'] / 1e6:.0f} MB)"
+                    )
                 if r.signed_by:
                     print(f"        {'':<16} signed: model.sig, key {r.signed_by}")
                 for notice in r.notices:
@@ -327,9 +488,17 @@ def _cmd_build(args) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     pairs = select_pairs(build, models=args.model, targets=args.target, shard=shard)
     output = args.output or Path(build.source).parent / build.output
-    options = Options(output=output, force=args.force, ort_web=args.ort_web, sign_key=args.sign_key,
-                      sign_passphrase_env=args.sign_passphrase_env, execution=execution_from_args(args))
-    progress = (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
+    options = Options(
+        output=output,
+        force=args.force,
+        ort_web=args.ort_web,
+        sign_key=args.sign_key,
+        sign_passphrase_env=args.sign_passphrase_env,
+        execution=execution_from_args(args),
+    )
+    progress = (
+        (lambda message: None) if (args.quiet or args.json) else (lambda message: print(message, file=sys.stderr))
+    )
     with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
         done = run_build(build, pairs, options, progress=progress)
         if len(done) > 1 and any(r.ok for _, r in done):
@@ -339,9 +508,15 @@ def _cmd_build(args) -> int:
             progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
     failed = [r for _, r in done if not r.ok]
     if args.json:
-        _print_json({"results": [{**r.to_dict(), "name": name} for name, r in done], "ok": not failed,
-                     "pairs": len(done), "shard": args.shard,
-                     "cache": {kind: sum(r.cache == kind for _, r in done) for kind in ("hit", "stored")}})
+        _print_json(
+            {
+                "results": [{**r.to_dict(), "name": name} for name, r in done],
+                "ok": not failed,
+                "pairs": len(done),
+                "shard": args.shard,
+                "cache": {kind: sum(r.cache == kind for _, r in done) for kind in ("hit", "stored")},
+            }
+        )
     else:
         for name, r in done:
             if r.ok:
@@ -402,15 +577,19 @@ def _cmd_verify(args) -> int:
         _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:
         unchecked = " (model.sig not checked: give --public-key)" if (args.bundle / "model.sig").is_file() else ""
-        print(f"ok: {result.checked} files of {args.bundle} match its manifest"
-              + (f", signed by key {signed_by}" if signed_by else unchecked))
+        print(
+            f"ok: {result.checked} files of {args.bundle} match its manifest"
+            + (f", signed by key {signed_by}" if signed_by else unchecked)
+        )
     else:
         for kind in ("missing", "extra", "changed"):
             for rel in getattr(result, kind):
                 print(f"{kind}: {rel}")
     if not result.ok:
-        _error(f"{args.bundle}: {len(result.missing)} missing, {len(result.extra)} extra, "
-               f"{len(result.changed)} changed file(s)")
+        _error(
+            f"{args.bundle}: {len(result.missing)} missing, {len(result.extra)} extra, "
+            f"{len(result.changed)} changed file(s)"
+        )
         return 7
     return 0
 
@@ -422,15 +601,25 @@ def _cmd_keygen(args) -> int:
     if args.passphrase_env:
         passphrase = os.environ.get(args.passphrase_env)
         if not passphrase:
-            raise UsageError(f"the environment variable {args.passphrase_env} is not set or empty",
-                             hint=f"export {args.passphrase_env}=... with the passphrase to encrypt the key with")
+            raise UsageError(
+                f"the environment variable {args.passphrase_env} is not set or empty",
+                hint=f"export {args.passphrase_env}=... with the passphrase to encrypt the key with",
+            )
     private, public = args.name.with_name(args.name.name + ".priv"), args.name.with_name(args.name.name + ".pub")
     key_id = generate_key(private, public, passphrase)
     if args.json:
-        _print_json({"private_key": str(private), "public_key": str(public), "fingerprint": key_id,
-                     "encrypted": passphrase is not None})
+        _print_json(
+            {
+                "private_key": str(private),
+                "public_key": str(public),
+                "fingerprint": key_id,
+                "encrypted": passphrase is not None,
+            }
+        )
     else:
-        print(f"private key: {private} ({'encrypted, ' if passphrase else ''}mode 0600: keep it out of bundles and repositories)")
+        print(
+            f"private key: {private} ({'encrypted, ' if passphrase else ''}mode 0600: keep it out of bundles and repositories)"
+        )
         print(f"public key:  {public}")
         print(f"fingerprint: {key_id}")
     return 0
@@ -441,8 +630,14 @@ def _cmd_sign(args) -> int:
 
     signed = sign_bundle(args.bundle, load_private_key(args.key, args.passphrase_env))
     if args.json:
-        _print_json({"bundle": str(args.bundle), "signature": str(signed.signature), "fingerprint": signed.fingerprint,
-                     "files": signed.files})
+        _print_json(
+            {
+                "bundle": str(args.bundle),
+                "signature": str(signed.signature),
+                "fingerprint": signed.fingerprint,
+                "files": signed.files,
+            }
+        )
     else:
         print(f"signed: {signed.signature} over {signed.files} files, key {signed.fingerprint}")
     return 0
@@ -458,12 +653,19 @@ def _cmd_inspect(args) -> int:
     if args.json:
         _print_json(info)
         return 0
-    print(f"{info['file']}: IR {info['ir_version']}, opsets {_fmt_opsets(info['opsets'])}, producer {info['producer'] or '?'}")
+    print(
+        f"{info['file']}: IR {info['ir_version']}, opsets {_fmt_opsets(info['opsets'])}, producer {info['producer'] or '?'}"
+    )
     size = info["size_bytes"] + info["external_data"]["bytes"]
     ext = info["external_data"]
-    print(f"size: {size / 1e6:.2f} MB" + (f" ({len(ext['files'])} external data file(s): {', '.join(ext['files'])})" if ext["files"] else ""))
-    print(f"nodes: {info['nodes']} ({info['subgraphs']} subgraphs), initializers: {info['initializers']}, "
-          f"Constant nodes: {info['constant_nodes']}, quantized: {'yes' if info['quantized'] else 'no'}")
+    print(
+        f"size: {size / 1e6:.2f} MB"
+        + (f" ({len(ext['files'])} external data file(s): {', '.join(ext['files'])})" if ext["files"] else "")
+    )
+    print(
+        f"nodes: {info['nodes']} ({info['subgraphs']} subgraphs), initializers: {info['initializers']}, "
+        f"Constant nodes: {info['constant_nodes']}, quantized: {'yes' if info['quantized'] else 'no'}"
+    )
     for kind in ("inputs", "outputs"):
         print(f"{kind}:")
         for io in info[kind]:
@@ -479,7 +681,9 @@ def _inspect_coverage(args) -> dict[str, Any]:
     from .flags import parse_fixed_dims, parse_input_shapes
     from .inspect_coverage import coverage_for_target
 
-    return coverage_for_target(args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim))
+    return coverage_for_target(
+        args.model, args.target, parse_input_shapes(args.input_shape), parse_fixed_dims(args.fix_dim)
+    )
 
 
 def _print_coverage(data: dict[str, Any]) -> None:
@@ -534,8 +738,9 @@ def _error(message: str) -> None:
 def _bounded(message: str, longest: int = 200) -> str:
     """``message`` with every run of over ``longest`` non-blank characters (a path or value the user or a
     file gave) cut in the middle, so that no message grows with its input."""
-    return re.sub(rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
-                  message)
+    return re.sub(
+        rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4 :], message
+    )
 
 
 if __name__ == "__main__":

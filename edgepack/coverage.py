@@ -41,8 +41,17 @@ from .safety import op_list_names, shown
 if TYPE_CHECKING:
     from .profiles import Coverage
 
-__all__ = ["CoverageError", "CoverageReport", "measure", "gate", "format_report", "usability_checker",
-           "usability_report", "list_report", "load_op_list"]
+__all__ = [
+    "CoverageError",
+    "CoverageReport",
+    "measure",
+    "gate",
+    "format_report",
+    "usability_checker",
+    "usability_report",
+    "list_report",
+    "load_op_list",
+]
 
 
 class CoverageError(EdgepackError):
@@ -74,12 +83,16 @@ class CoverageReport:
         return {**asdict(self), "accelerated_fraction": round(self.fraction, 4)}
 
     def summary(self) -> str:
-        parts = f"{self.partitions} partition{'s' if self.partitions != 1 else ''}" + (" (estimated)" if self.partitions_estimated else "")
+        parts = f"{self.partitions} partition{'s' if self.partitions != 1 else ''}" + (
+            " (estimated)" if self.partitions_estimated else ""
+        )
         text = f"{self.supported_nodes}/{self.nodes} nodes ({self.fraction:.0%}) on {self.checker}, {parts}"
         if self.dynamic_shape_nodes:
             text += f", {self.dynamic_shape_nodes} held back by dynamic shapes"
         if self.unsupported_ops:
-            text += "; unsupported: " + ", ".join(f"{op.removeprefix('ai.onnx:')} x{n}" for op, n in self.unsupported_ops.items())
+            text += "; unsupported: " + ", ".join(
+                f"{op.removeprefix('ai.onnx:')} x{n}" for op, n in self.unsupported_ops.items()
+            )
         return text
 
 
@@ -95,8 +108,11 @@ def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
         except (ValueError, onnx.shape_inference.InferenceError, RuntimeError) as exc:
             # onnxruntime raises bare Exception subclasses from C++; its checker needs inferred shapes
             detail = first_line(exc)
-            raise ConversionError(f"the {coverage.checker} coverage check could not run: {detail}", where=str(model_path),
-                                  hint="the model's shapes could not be inferred; run it through onnx.shape_inference to see why") from None
+            raise ConversionError(
+                f"the {coverage.checker} coverage check could not run: {detail}",
+                where=str(model_path),
+                hint="the model's shapes could not be inferred; run it through onnx.shape_inference to see why",
+            ) from None
 
 
 def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
@@ -117,8 +133,9 @@ def usability_checker():
     return uc
 
 
-def usability_report(model: onnx.ModelProto, name: str, table: str,
-                     partitions: Callable[[onnx.ModelProto, bool], Any]) -> CoverageReport:
+def usability_report(
+    model: onnx.ModelProto, name: str, table: str, partitions: Callable[[onnx.ModelProto, bool], Any]
+) -> CoverageReport:
     """The report of onnxruntime's own checker: ``partitions(model, require_fixed_shapes)`` is its
     ``check_*_partitions`` for the backend, reading its supported-operator ``table``."""
     with _quiet():
@@ -129,8 +146,12 @@ def usability_report(model: onnx.ModelProto, name: str, table: str,
         _domain_op(node) for node in iter_nodes(model) if not fixed.supported_ops_checker.is_op_supported(node)
     )
     return CoverageReport(
-        checker=name, nodes=fixed.num_nodes, supported_nodes=fixed.num_supported_nodes, partitions=fixed.num_partitions,
-        partitions_estimated=False, unsupported_ops=dict(unsupported.most_common()),
+        checker=name,
+        nodes=fixed.num_nodes,
+        supported_nodes=fixed.num_supported_nodes,
+        partitions=fixed.num_partitions,
+        partitions_estimated=False,
+        unsupported_ops=dict(unsupported.most_common()),
         dynamic_shape_nodes=if_fixed.num_supported_nodes - fixed.num_supported_nodes,
         source=f"onnxruntime.tools.mobile_helpers {table} (onnxruntime {_ort_version()})",
     )
@@ -152,8 +173,12 @@ def list_report(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
                 unsupported[_domain_op(node)] += 1
         partitions += _components(graph, ok)
     return CoverageReport(
-        checker=coverage.checker, nodes=total, supported_nodes=supported_count, partitions=partitions,
-        partitions_estimated=True, unsupported_ops=dict(unsupported.most_common()),
+        checker=coverage.checker,
+        nodes=total,
+        supported_nodes=supported_count,
+        partitions=partitions,
+        partitions_estimated=True,
+        unsupported_ops=dict(unsupported.most_common()),
         source=f"edgepack/data/{coverage.op_list} ({header})",
     )
 
@@ -162,8 +187,10 @@ def list_report(model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
 def load_op_list(name: str) -> tuple[dict[str, tuple[int, int | None]], str]:
     """``{op: (first opset, last opset or None)}`` and the list's version line, from edgepack/data/<name>."""
     if name not in op_list_names():  # never a path: only the lists shipped with edgepack
-        raise ProfileError(f"coverage.op_list {shown(name)} is not a list in edgepack/data",
-                           hint="name one of: " + ", ".join(op_list_names()))
+        raise ProfileError(
+            f"coverage.op_list {shown(name)} is not a list in edgepack/data",
+            hint="name one of: " + ", ".join(op_list_names()),
+        )
     path = resources.files("edgepack") / "data" / name
     table: dict[str, tuple[int, int | None]] = {}
     version = ""
@@ -227,7 +254,11 @@ def gate(report: CoverageReport, min_fraction: float, max_partitions: int | None
         raise CoverageError(
             f"only {report.supported_nodes}/{report.nodes} nodes ({report.fraction:.1%}) run on {report.checker}, "
             f"the profile requires at least {min_fraction:.1%}; unsupported operators: {ops}"
-            + (f"; {report.dynamic_shape_nodes} node(s) are held back by dynamic shapes" if report.dynamic_shape_nodes else ""),
+            + (
+                f"; {report.dynamic_shape_nodes} node(s) are held back by dynamic shapes"
+                if report.dynamic_shape_nodes
+                else ""
+            ),
             where=where,
             hint="replace the unsupported operators, fix the input shapes (--input-shape NAME=1,3,224,224), "
             "or lower the gate with --min-accelerated-fraction",

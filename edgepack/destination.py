@@ -28,8 +28,13 @@ from .errors import UsageError
 __all__ = ["check_destination", "not_a_bundle", "nearest_existing"]
 
 
-def check_destination(destination: Path, *, force: bool, inputs: Iterable[Path] = (),
-                      recognise: Callable[[Path], str | None] | None = None) -> None:
+def check_destination(
+    destination: Path,
+    *,
+    force: bool,
+    inputs: Iterable[Path] = (),
+    recognise: Callable[[Path], str | None] | None = None,
+) -> None:
     """Raise UsageError unless a bundle may be written at ``destination`` (rules 1-3).
 
     ``recognise(path)`` says why an existing folder is not one ``--force`` may replace (None: it may);
@@ -45,35 +50,56 @@ def _check(destination: Path, force: bool, inputs: list[Path], recognise) -> Non
     where = _shown(destination)
     for path in inputs:
         if _inside(path, destination):
-            raise UsageError(f"the input {_shown(path)} is inside the output folder, which packaging would replace",
-                             where=where, hint="choose another -o, or move the model out of the old bundle first")
+            raise UsageError(
+                f"the input {_shown(path)} is inside the output folder, which packaging would replace",
+                where=where,
+                hint="choose another -o, or move the model out of the old bundle first",
+            )
     if os.path.islink(destination):
-        raise UsageError("the output is a symbolic link; edgepack does not replace links", where=where,
-                         hint="remove the link or choose another -o")
+        raise UsageError(
+            "the output is a symbolic link; edgepack does not replace links",
+            where=where,
+            hint="remove the link or choose another -o",
+        )
     if os.path.lexists(destination):
         if not os.path.isdir(destination):
-            raise UsageError("the output exists and is a file, not a bundle folder", where=where,
-                             hint="remove it or choose another -o")
+            raise UsageError(
+                "the output exists and is a file, not a bundle folder",
+                where=where,
+                hint="remove it or choose another -o",
+            )
         if not force:
             raise UsageError("the output already exists", where=where, hint="pass --force to replace it")
         problem = recognise(destination)
         if problem:
-            raise UsageError(f"--force replaces only a folder edgepack wrote, and this one {problem}", where=where,
-                             hint="move your files out of it, delete it yourself, or choose another -o")
+            raise UsageError(
+                f"--force replaces only a folder edgepack wrote, and this one {problem}",
+                where=where,
+                hint="move your files out of it, delete it yourself, or choose another -o",
+            )
     parent = nearest_existing(destination.parent)
     longest = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     below = Path(os.path.abspath(destination)).relative_to(parent).parts
     if any(len(os.fsencode(part)) > longest for part in below) or len(os.fsencode(os.path.abspath(destination))) > 4000:
-        raise UsageError(f"the output path is too long for this system (a name over {longest} bytes, or a path over "
-                         "4000)", where=where, hint="choose a shorter -o")
+        raise UsageError(
+            f"the output path is too long for this system (a name over {longest} bytes, or a path over 4000)",
+            where=where,
+            hint="choose a shorter -o",
+        )
     if not parent.is_dir():
-        raise UsageError(f"{_shown(parent)} is a file, so no bundle folder can be made below it", where=where,
-                         hint="-o names the folder that receives one bundle folder per target")
+        raise UsageError(
+            f"{_shown(parent)} is a file, so no bundle folder can be made below it",
+            where=where,
+            hint="-o names the folder that receives one bundle folder per target",
+        )
     try:  # a real write: permission bits say nothing for root, nor for a read-only or special filesystem
         os.rmdir(tempfile.mkdtemp(prefix=".edgepack-probe-", dir=parent))
     except OSError as exc:
-        raise UsageError(f"cannot write in the folder {_shown(parent)}: {exc.strerror or exc}", where=where,
-                         hint="choose an -o in a folder you can write") from None
+        raise UsageError(
+            f"cannot write in the folder {_shown(parent)}: {exc.strerror or exc}",
+            where=where,
+            hint="choose an -o in a folder you can write",
+        ) from None
 
 
 def not_a_bundle(folder: Path) -> str | None:

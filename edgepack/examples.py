@@ -44,9 +44,13 @@ def build_cnn(seed: int = 0) -> onnx.ModelProto:
             numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), f"bn{i}.mean"),
             numpy_helper.from_array((1 + 0.1 * rng.random(c)).astype(np.float32), f"bn{i}.var"),
         ]
-        nodes.append(helper.make_node(
-            "BatchNormalization", [f"conv{i}", f"bn{i}.scale", f"bn{i}.bias", f"bn{i}.mean", f"bn{i}.var"], [f"bn{i}"]
-        ))
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [f"conv{i}", f"bn{i}.scale", f"bn{i}.bias", f"bn{i}.mean", f"bn{i}.var"],
+                [f"bn{i}"],
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"]))
         if i < 2:
             nodes.append(helper.make_node("MaxPool", [f"relu{i}"], [f"pool{i}"], kernel_shape=[2, 2], strides=[2, 2]))
@@ -68,8 +72,9 @@ def build_cnn(seed: int = 0) -> onnx.ModelProto:
     return _finish(graph)
 
 
-def build_transformer(seed: int = 0, vocab: int = 1000, hidden: int = 64, heads: int = 4, ffn: int = 128,
-                      layers: int = 1) -> onnx.ModelProto:
+def build_transformer(
+    seed: int = 0, vocab: int = 1000, hidden: int = 64, heads: int = 4, ffn: int = 128, layers: int = 1
+) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
     head_dim = hidden // heads
@@ -167,8 +172,15 @@ def build_transformer(seed: int = 0, vocab: int = 1000, hidden: int = 64, heads:
         out = dense(f"{p}ffn_out", f"{p}gelu", ffn, hidden)
         nodes.append(helper.make_node("Add", [x, out], [f"{p}res2"]))
         x = "last_hidden_state" if last else f"{p}hidden"
-        nodes.append(helper.make_node("LayerNormalization", [f"{p}res2", *_ln_params(const, rng, hidden, f"{p}out_ln")],
-                                      [x], axis=-1, epsilon=1e-5))
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [f"{p}res2", *_ln_params(const, rng, hidden, f"{p}out_ln")],
+                [x],
+                axis=-1,
+                epsilon=1e-5,
+            )
+        )
     graph = helper.make_graph(
         nodes,
         "edgepack_example_transformer",
@@ -208,6 +220,7 @@ def write_example(name: str, folder: Path) -> Path:
     path = folder / f"{name}.onnx"
     onnx.save_model(build_example(name), path)
     return path
+
 
 EXAMPLE_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     "transformer": {"input_ids": (1, 128), "attention_mask": (1, 128)},

@@ -83,19 +83,32 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
             continue
         for profile in work.profiles:
             destination = work.destinations[profile.name]
-            key = bundle_key(model_files, destination.name, profile, work.options,
-                             signer=signer.fingerprint if signer else None, origin=work.origin)
+            key = bundle_key(
+                model_files,
+                destination.name,
+                profile,
+                work.options,
+                signer=signer.fingerprint if signer else None,
+                origin=work.origin,
+            )
             keys[index, profile.name] = key
             started = time.perf_counter()
-            manifest, problem = cache.restore(key, destination, force=work.options.force,
-                                              public_key=signer.key.public_key() if signer else None)
+            manifest, problem = cache.restore(
+                key, destination, force=work.options.force, public_key=signer.key.public_key() if signer else None
+            )
             if problem:
                 progress(f"[{profile.name}] cache: entry {key[:12]} was corrupt ({problem}): removed, rebuilding")
             if manifest:
                 progress(f"[{profile.name}] cache: restored {destination} (entry {key[:12]}, verified)")
-                results[index, profile.name] = Result(profile.name, destination, True, manifest=manifest,
-                                                      seconds=time.perf_counter() - started,
-                                                      signed_by=signer.fingerprint if signer else None, cache="hit")
+                results[index, profile.name] = Result(
+                    profile.name,
+                    destination,
+                    True,
+                    manifest=manifest,
+                    seconds=time.perf_counter() - started,
+                    signed_by=signer.fingerprint if signer else None,
+                    cache="hit",
+                )
     misses = sum(len(w.profiles) for w in works) - len(results)
     with _executor(execution, misses) as executor, tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         for index, work in enumerate(works):
@@ -109,15 +122,23 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
                     raise
                 progress(f"FAILED  load {work.model}: {exc}")
                 for profile in pending:
-                    results[index, profile.name] = Result(profile.name, work.destinations[profile.name], False,
-                                                          error=exc)
+                    results[index, profile.name] = Result(
+                        profile.name, work.destinations[profile.name], False, error=exc
+                    )
                 continue
             shared = executor.share(source)
             for profile in pending:
                 workdir = Path(scratch) / str(index) / profile.name
                 workdir.mkdir()
-                executor.submit((index, profile.name), shared, profile, work.options, workdir,
-                                work.destinations[profile.name], signers[index])
+                executor.submit(
+                    (index, profile.name),
+                    shared,
+                    profile,
+                    work.options,
+                    workdir,
+                    work.destinations[profile.name],
+                    signers[index],
+                )
         for tag, result, lines in executor.completed(progress):
             for line in lines:
                 progress(line)
@@ -132,8 +153,10 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
         if work.options.freeze:
             from .bundle.freeze import freeze_result
 
-            done = [freeze_result(r, p, onefile=work.options.onefile, force=work.options.force, progress=progress)
-                    for r, p in zip(done, work.profiles, strict=True)]
+            done = [
+                freeze_result(r, p, onefile=work.options.onefile, force=work.options.force, progress=progress)
+                for r, p in zip(done, work.profiles, strict=True)
+            ]
         out.append(done)
     return out
 
@@ -155,8 +178,7 @@ def _signer(options: Options) -> _Signer | None:
     from .bundle.signing import fingerprint, load_private_key
 
     key = load_private_key(options.sign_key, options.sign_passphrase_env)
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return _Signer(key, fingerprint(key.public_key()), der)
 
 
@@ -187,8 +209,16 @@ class InlineExecutor:
     def share(self, source: Source) -> Source:
         return source
 
-    def submit(self, tag, source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
-               signer: _Signer | None) -> None:
+    def submit(
+        self,
+        tag,
+        source: Source,
+        profile: Profile,
+        options: Options,
+        workdir: Path,
+        destination: Path,
+        signer: _Signer | None,
+    ) -> None:
         self._pending.append((tag, source, profile, options, workdir, destination, signer))
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
@@ -197,8 +227,9 @@ class InlineExecutor:
             from .pipeline.run import _package_one
 
             with about(profile.name):
-                result = _package_one(source, profile, options, workdir, destination, progress,
-                                      signer.key if signer else None)
+                result = _package_one(
+                    source, profile, options, workdir, destination, progress, signer.key if signer else None
+                )
             yield tag, result, []
 
 
@@ -221,10 +252,19 @@ class ProcessExecutor:
     def share(self, source: Source) -> Source:
         return source
 
-    def submit(self, tag, source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
-               signer: _Signer | None) -> None:
-        self._futures[self._pool.submit(_work, source, profile, options, workdir, destination,
-                                        signer.der if signer else None)] = tag
+    def submit(
+        self,
+        tag,
+        source: Source,
+        profile: Profile,
+        options: Options,
+        workdir: Path,
+        destination: Path,
+        signer: _Signer | None,
+    ) -> None:
+        self._futures[
+            self._pool.submit(_work, source, profile, options, workdir, destination, signer.der if signer else None)
+        ] = tag
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
         pending = set(self._futures)
@@ -235,14 +275,16 @@ class ProcessExecutor:
                 yield self._futures[future], result, lines
 
 
-def _work(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
-          key_der: bytes | None) -> tuple[Result, list[str]]:
+def _work(
+    source: Source, profile: Profile, options: Options, workdir: Path, destination: Path, key_der: bytes | None
+) -> tuple[Result, list[str]]:
     """Worker-process entry: one pair, its progress lines returned with its result."""
     from .pipeline.run import _package_one
 
     lines: list[str] = []
-    result = _package_one(source, profile, options, workdir, destination, lines.append,
-                          _private_key(key_der) if key_der else None)
+    result = _package_one(
+        source, profile, options, workdir, destination, lines.append, _private_key(key_der) if key_der else None
+    )
     return result, lines
 
 
@@ -251,4 +293,3 @@ def _private_key(der: bytes):
     from cryptography.hazmat.primitives import serialization
 
     return serialization.load_der_private_key(der, password=None)
-

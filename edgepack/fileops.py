@@ -28,7 +28,9 @@ def copy_model(src: Path, dst: Path) -> Path:
     from .onnxio.modelinfo import external_locations
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for location in sorted({loc for _, loc, _, _ in external_locations(onnx.load_model(src, load_external_data=False))}):
+    for location in sorted(
+        {loc for _, loc, _, _ in external_locations(onnx.load_model(src, load_external_data=False))}
+    ):
         (dst.parent / location).parent.mkdir(parents=True, exist_ok=True)
         copy_file(src.parent / location, dst.parent / location)
     copy_file(src, dst)
@@ -36,8 +38,13 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = (),
-                  recognise: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+def atomic_folder(
+    destination: Path,
+    *,
+    force: bool,
+    inputs: Iterable[Path] = (),
+    recognise: Callable[[Path], str | None] | None = None,
+) -> Iterator[Path]:
     """Yield an empty temporary folder; rename it to ``destination`` only if the block succeeds.
 
     The temporary folder sits in the closest existing folder on the way to ``destination`` (so the rename
@@ -50,8 +57,11 @@ def atomic_folder(destination: Path, *, force: bool, inputs: Iterable[Path] = ()
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial", dir=parent))
     except OSError as exc:
-        raise UsageError(f"cannot write in {parent}: {exc.strerror or exc}", where=str(destination),
-                         hint="choose an -o in a folder you can write") from None
+        raise UsageError(
+            f"cannot write in {parent}: {exc.strerror or exc}",
+            where=str(destination),
+            hint="choose an -o in a folder you can write",
+        ) from None
     os.chmod(staging, 0o755)
     try:
         yield staging

@@ -16,8 +16,10 @@ def parse_input_shapes(values: list[str] | None, flag: str = "--input-shape") ->
         try:
             shapes[name] = tuple(int(d) for d in dims.split(",")) if dims != "scalar" else ()
         except ValueError:
-            raise UsageError(f"{flag} {value}: sizes must be integers separated by commas (or 'scalar')",
-                             hint=f"e.g. {flag} {name}=1,3,224,224") from None
+            raise UsageError(
+                f"{flag} {value}: sizes must be integers separated by commas (or 'scalar')",
+                hint=f"e.g. {flag} {name}=1,3,224,224",
+            ) from None
     return shapes
 
 
@@ -29,7 +31,9 @@ def parse_fixed_dims(values: list[str] | None) -> dict[str, int]:
         try:
             dims[name] = int(size)
         except ValueError:
-            raise UsageError(f"--fix-dim {value}: the size must be an integer", hint=f"e.g. --fix-dim {name}=1") from None
+            raise UsageError(
+                f"--fix-dim {value}: the size must be an integer", hint=f"e.g. --fix-dim {name}=1"
+            ) from None
     return dims
 
 

@@ -102,8 +102,14 @@ def _tensor(dtype: np.dtype, shape: tuple[int, ...], kind: str, arg: Any, rng: n
 _CACHE: dict[str, InputPlan] = {}
 
 
-def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tuple[int, ...]] | None = None,
-               named: dict[str, int] | None = None, runner: Callable[[dict[str, Any]], None] | None = None) -> InputPlan:
+def fit_inputs(
+    model: Path,
+    specs: list[dict[str, Any]],
+    *,
+    given: dict[str, tuple[int, ...]] | None = None,
+    named: dict[str, int] | None = None,
+    runner: Callable[[dict[str, Any]], None] | None = None,
+) -> InputPlan:
     """The first candidate (rules 1-4) on which ``model`` runs in onnxruntime; cached per model, specs and sizes.
 
     ``given``: whole shapes per input name; ``named``: sizes of named dims. ``runner`` runs the model on
@@ -118,7 +124,9 @@ def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tup
     seen = set()
     for level in LADDER:
         shapes = _shapes(specs, level, given or {}, named or {})
-        level_rules = {name: (("fill", level["rate"]) if rule == ("rate", None) else rule) for name, rule in rules.items()}
+        level_rules = {
+            name: (("fill", level["rate"]) if rule == ("rate", None) else rule) for name, rule in rules.items()
+        }
         if repr((shapes, level_rules)) in seen:
             continue
         seen.add(repr((shapes, level_rules)))
@@ -138,7 +146,7 @@ def fit_inputs(model: Path, specs: list[dict[str, Any]], *, given: dict[str, tup
         f"failed at {node_of_error(last['error'])}: give --sample-inputs",
         where=str(model.name),
         hint=f"onnxruntime said: {last['error']}; --sample-inputs takes one real input set (.npz of named arrays), "
-             "--self-test-shape NAME=D0,D1,... just the sizes",
+        "--self-test-shape NAME=D0,D1,... just the sizes",
     )
 
 
@@ -150,15 +158,24 @@ def plan_for(job, specs: list[dict[str, Any]]) -> InputPlan:
     for name, dims in options.self_test_shapes.items():
         shape = by_name[name]["shape"] if name in by_name else None
         if name not in by_name:
-            raise UsageError(f"--self-test-shape names input {name!r}, which the model does not have",
-                             hint=f"the model's inputs are: {', '.join(by_name) or 'none'}")
-        if shape is not None and (len(dims) != len(shape) or any(
-                isinstance(d, int) and d > 0 and d != size for d, size in zip(shape, dims))):
-            raise UsageError(f"--self-test-shape {name}={','.join(map(str, dims)) or 'scalar'} does not fit input "
-                             f"{name!r} of shape {format_shape(shape)}",
-                             hint="keep the model's fixed dims and its rank")
-    return fit_inputs(job.source.reference, specs, given={**options.input_shapes, **options.self_test_shapes},
-                      named=options.fixed_dims)
+            raise UsageError(
+                f"--self-test-shape names input {name!r}, which the model does not have",
+                hint=f"the model's inputs are: {', '.join(by_name) or 'none'}",
+            )
+        if shape is not None and (
+            len(dims) != len(shape) or any(isinstance(d, int) and d > 0 and d != size for d, size in zip(shape, dims))
+        ):
+            raise UsageError(
+                f"--self-test-shape {name}={','.join(map(str, dims)) or 'scalar'} does not fit input "
+                f"{name!r} of shape {format_shape(shape)}",
+                hint="keep the model's fixed dims and its rank",
+            )
+    return fit_inputs(
+        job.source.reference,
+        specs,
+        given={**options.input_shapes, **options.self_test_shapes},
+        named=options.fixed_dims,
+    )
 
 
 def node_of_error(message: str) -> str:
@@ -178,10 +195,13 @@ def _session_runner(model: Path) -> Callable[[dict[str, Any]], None]:
     try:
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # no inputs involved: the model itself does not load
-        raise ConversionError(f"the FP32 model does not run in onnxruntime {ort.__version__}: {first_line(exc)[:400]}",
-                              where=model.name, hint="the model itself does not load in onnxruntime with graph "
-                              "optimizations on: re-export it from its source (e.g. not from a file onnxruntime's "
-                              "optimizer wrote)") from None
+        raise ConversionError(
+            f"the FP32 model does not run in onnxruntime {ort.__version__}: {first_line(exc)[:400]}",
+            where=model.name,
+            hint="the model itself does not load in onnxruntime with graph "
+            "optimizations on: re-export it from its source (e.g. not from a file onnxruntime's "
+            "optimizer wrote)",
+        ) from None
     return lambda feeds: session.run(None, feeds)
 
 
@@ -193,8 +213,9 @@ def _text(shapes: dict[str, list[int]]) -> str:
     return "{" + ", ".join(f"{name}: {'x'.join(map(str, dims)) or 'scalar'}" for name, dims in shapes.items()) + "}"
 
 
-def _shapes(specs: list[dict[str, Any]], level: dict[str, int], given: dict[str, tuple[int, ...]],
-            named: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def _shapes(
+    specs: list[dict[str, Any]], level: dict[str, int], given: dict[str, tuple[int, ...]], named: dict[str, int]
+) -> dict[str, tuple[int, ...]]:
     sizes = dict(named)  # a named dim gets one size across inputs
     for spec in specs:  # user-given shapes fix the names they cover first
         if spec["name"] in given and spec["shape"]:
@@ -276,13 +297,18 @@ def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[st
             rules[name] = ("map", _map_keys(proto, vi))
             continue
         if spec["shape"] is None and vi is not None and vi.type.WhichOneof("value") != "tensor_type":
-            raise UsageError(f"edgepack cannot make up a value for input {name!r} of type {vi.type.WhichOneof('value')}",
-                             where=name, hint="give --sample-inputs with a real input set")
+            raise UsageError(
+                f"edgepack cannot make up a value for input {name!r} of type {vi.type.WhichOneof('value')}",
+                where=name,
+                hint="give --sample-inputs with a real input set",
+            )
         try:
             dtype = np.dtype(spec["dtype"])
         except TypeError:
-            raise UsageError(f"edgepack cannot make up values of type {spec['dtype']} for input {name!r}",
-                             hint="give --sample-inputs with a real input set") from None
+            raise UsageError(
+                f"edgepack cannot make up values of type {spec['dtype']} for input {name!r}",
+                hint="give --sample-inputs with a real input set",
+            ) from None
         if "mask" in lowered:
             rules[name] = ("fill", 1)
         elif dtype.kind in "iu" and len(spec["shape"] or []) <= 1 and _RATE.search(lowered):
@@ -330,7 +356,12 @@ def _gather_bounds(proto: onnx.ModelProto) -> dict[str, int]:
         for node in graph.node:
             if node.op_type in _PASS_THROUGH and node.input and node.input[0] in origin:
                 origin[node.output[0]] = origin[node.input[0]]
-            if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in origin and node.input[0] in tables:
+            if (
+                node.op_type == "Gather"
+                and len(node.input) == 2
+                and node.input[1] in origin
+                and node.input[0] in tables
+            ):
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
                 dims = tables[node.input[0]]
                 if dims and -len(dims) <= axis < len(dims):

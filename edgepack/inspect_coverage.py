@@ -19,8 +19,9 @@ from .stages.fix_shapes import apply_shapes, plan_shapes
 __all__ = ["coverage_for_target"]
 
 
-def coverage_for_target(model: Path, target: str, input_shapes: dict[str, tuple[int, ...]],
-                        fixed_dims: dict[str, int]) -> dict[str, Any]:
+def coverage_for_target(
+    model: Path, target: str, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int]
+) -> dict[str, Any]:
     profile = load_profile(target)
     settings = profile.coverage
     result: dict[str, Any] = {"target": profile.name, "checker": settings.checker}
@@ -36,14 +37,26 @@ def coverage_for_target(model: Path, target: str, input_shapes: dict[str, tuple[
             after = measure(apply_shapes(proto, model, Path(tmp), shapes), settings)
     lines = format_report(before, after, fixed_shapes=profile.shapes.fixed)
     if shapes:
-        lines.append("fixed shapes: " + ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in shapes.items())
-                     + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""))
+        lines.append(
+            "fixed shapes: "
+            + ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in shapes.items())
+            + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else "")
+        )
     gate = f"gate: at least {settings.min_accelerated_fraction:.0%} of nodes" + (
-        f", at most {settings.max_partitions} partition(s)" if settings.max_partitions is not None else "")
+        f", at most {settings.max_partitions} partition(s)" if settings.max_partitions is not None else ""
+    )
     passed = after.fraction >= settings.min_accelerated_fraction and (
-        settings.max_partitions is None or after.partitions <= settings.max_partitions)
+        settings.max_partitions is None or after.partitions <= settings.max_partitions
+    )
     lines.append(f"{gate}: {'passes' if passed else 'MISSED'}")
-    result.update({"before": before.to_dict(), "after": after.to_dict(),
-                   "input_shapes": {n: list(d) for n, d in shapes.items()} if shapes else None,
-                   "assumed_batch_dims": assumed, "gate_passed": passed, "lines": lines})
+    result.update(
+        {
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+            "input_shapes": {n: list(d) for n, d in shapes.items()} if shapes else None,
+            "assumed_batch_dims": assumed,
+            "gate_passed": passed,
+            "lines": lines,
+        }
+    )
     return result

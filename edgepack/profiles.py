@@ -103,12 +103,14 @@ class Quantization:
     max_auto_exclude: int = 8
     """--auto-exclude leaves at most this many nodes in float before giving up."""
     default_fallbacks: list[Literal["auto_exclude", "dynamic", "fp16", "none"]] = field(
-        default_factory=lambda: ["auto_exclude", "none"])
+        default_factory=lambda: ["auto_exclude", "none"]
+    )
     """When ``default`` (not an explicit --quantize) misses the accuracy gate or fails, what to try next, in
     order: ``auto_exclude`` (static only) leaves the most sensitive nodes in float, ``none`` ships FP32.
     What shipped, and why, goes into the notices and the manifest."""
     tune_candidates: list[str] = field(
-        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "int4"])
+        default_factory=lambda: ["fp32", "dynamic_u8", "dynamic_s8", "static_u8s8", "static_s8s8", "int4"]
+    )
     """Recipe variants ``--tune`` builds and times on a host with the device's CPU (static ones need calibration data)."""
     default_evidence: str = ""
     """The measurement behind ``default``: what ``--tune`` reports when it cannot time on the device's CPU."""
@@ -205,8 +207,11 @@ class Profile:
         """As written in the manifest: the YAML's keys (each recipe's settings under its own name)."""
         data = dataclasses.asdict(self)
         data.pop("source")
-        data["quantization"] = {key: value for name, item in data["quantization"].items()
-                                for key, value in (item.items() if name == "recipes" else [(name, item)])}
+        data["quantization"] = {
+            key: value
+            for name, item in data["quantization"].items()
+            for key, value in (item.items() if name == "recipes" else [(name, item)])
+        }
         return data
 
 
@@ -276,8 +281,11 @@ def _check_semantics(profile: Profile, where: str) -> None:
             where=where,
         )
     if profile.session.intra_op_num_threads < 0:
-        raise ProfileError(f"key 'session.intra_op_num_threads': expected 0 (automatic) or more, "
-                           f"found {profile.session.intra_op_num_threads}", where=where)
+        raise ProfileError(
+            f"key 'session.intra_op_num_threads': expected 0 (automatic) or more, "
+            f"found {profile.session.intra_op_num_threads}",
+            where=where,
+        )
     try:
         SpecifierSet(profile.runtime.version)
     except InvalidSpecifier:
@@ -294,14 +302,18 @@ def _check_semantics(profile: Profile, where: str) -> None:
             f"key 'accuracy.min_cosine': expected a number in (0, 1], found {profile.accuracy.min_cosine}", where=where
         )
     tolerance = profile.quantization.tolerance
-    for key, value in (("quantization.tolerance.min_cosine", tolerance.min_cosine),
-                       ("quantization.tolerance.min_top1_agreement", tolerance.min_top1_agreement)):
+    for key, value in (
+        ("quantization.tolerance.min_cosine", tolerance.min_cosine),
+        ("quantization.tolerance.min_top1_agreement", tolerance.min_top1_agreement),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ProfileError(f"key {key!r}: expected a number in [0, 1], found {value}", where=where)
-    for key, value in (("accuracy.max_abs_error", profile.accuracy.max_abs_error),
-                       ("budget.max_bundle_mb", profile.budget.max_bundle_mb),
-                       ("runtime.max_opset", profile.runtime.max_opset),
-                       ("runtime.max_ir_version", profile.runtime.max_ir_version)):
+    for key, value in (
+        ("accuracy.max_abs_error", profile.accuracy.max_abs_error),
+        ("budget.max_bundle_mb", profile.budget.max_bundle_mb),
+        ("runtime.max_opset", profile.runtime.max_opset),
+        ("runtime.max_ir_version", profile.runtime.max_ir_version),
+    ):
         if value <= 0:
             raise ProfileError(f"key {key!r}: expected a positive number, found {value}", where=where)
     check_profile(profile, where)
@@ -315,8 +327,11 @@ def _check_providers(profile: Profile, where: str) -> None:
         backend = backend_of(ep.name)
         key = f"execution_providers[{i}]"
         if backend is None:
-            raise ProfileError(f"key '{key}.name': no backend runs {ep.name!r}",
-                               where=where, hint="known providers: " + ", ".join(p for b in BACKENDS.values() for p in b.providers))
+            raise ProfileError(
+                f"key '{key}.name': no backend runs {ep.name!r}",
+                where=where,
+                hint="known providers: " + ", ".join(p for b in BACKENDS.values() for p in b.providers),
+            )
         used.add(backend.checker)
         chosen = next((option for option in ep.options if option in backend.chosen_on_device), None)
         if chosen is not None:
@@ -324,8 +339,9 @@ def _check_providers(profile: Profile, where: str) -> None:
         kind = backend.options.get(ep.name)
         if kind is None:
             if ep.options:
-                raise ProfileError(f"key '{key}.options': {ep.name} takes no options, found {sorted(ep.options)}",
-                                   where=where)
+                raise ProfileError(
+                    f"key '{key}.options': {ep.name} takes no options, found {sorted(ep.options)}", where=where
+                )
             continue
         problem = backend.check(ep.name, _build(kind, ep.options, where, f"{key}.options."), profile)
         if problem:
@@ -333,11 +349,13 @@ def _check_providers(profile: Profile, where: str) -> None:
     checker = profile.coverage.checker
     choices = ["none", *checkers()]
     if checker not in choices:
-        raise ProfileError(f"key 'coverage.checker': expected one of {', '.join(map(repr, choices))}, found {checker!r}",
-                           where=where)
+        raise ProfileError(
+            f"key 'coverage.checker': expected one of {', '.join(map(repr, choices))}, found {checker!r}", where=where
+        )
     if checker != "none" and checker not in used:
-        raise ProfileError(f"key 'coverage.checker': {checker!r} measures a provider this profile does not list",
-                           where=where)
+        raise ProfileError(
+            f"key 'coverage.checker': {checker!r} measures a provider this profile does not list", where=where
+        )
 
 
 def _check_recipes(quantization: Quantization, where: str) -> None:
@@ -347,10 +365,14 @@ def _check_recipes(quantization: Quantization, where: str) -> None:
         if problem:
             raise ProfileError(f"key 'quantization.{name}.{problem[0]}': {problem[1]}", where=where)
     without = ["refuse", *(name for name, r in RECIPES.items() if not r.needs_calibration)]
-    checks = [("quantization.default", quantization.default, list(RECIPES)),
-              ("quantization.without_calibration", quantization.without_calibration, without),
-              *((f"quantization.tune_candidates[{i}]", name, list(variants()))
-                for i, name in enumerate(quantization.tune_candidates))]
+    checks = [
+        ("quantization.default", quantization.default, list(RECIPES)),
+        ("quantization.without_calibration", quantization.without_calibration, without),
+        *(
+            (f"quantization.tune_candidates[{i}]", name, list(variants()))
+            for i, name in enumerate(quantization.tune_candidates)
+        ),
+    ]
     for key, value, choices in checks:
         if value not in choices:
             shown = ", ".join(repr(c) for c in choices)
@@ -365,7 +387,9 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
 
 def _build(cls, data: Any, where: str, prefix: str):
     if not isinstance(data, dict):
-        raise ProfileError(f"key {prefix.rstrip('.') or '(top)'!r}: expected a mapping, found {_kind(data)}", where=where)
+        raise ProfileError(
+            f"key {prefix.rstrip('.') or '(top)'!r}: expected a mapping, found {_kind(data)}", where=where
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     spread = {f.name: _SPREAD[f.metadata["keys_of"]]() for f in fields.values() if "keys_of" in f.metadata}
@@ -377,8 +401,10 @@ def _build(cls, data: Any, where: str, prefix: str):
         )
     values: dict[str, Any] = {}
     for name, kinds in spread.items():
-        values[name] = {key: _build(kind, data[key], where, f"{prefix}{key}.") if key in data else kind()
-                        for key, kind in kinds.items()}
+        values[name] = {
+            key: _build(kind, data[key], where, f"{prefix}{key}.") if key in data else kind()
+            for key, kind in kinds.items()
+        }
     for name, f in fields.items():
         key = f"{prefix}{name}"
         if name in spread:
@@ -417,7 +443,9 @@ def _convert(tp, value: Any, where: str, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ProfileError(f"key {key!r}: expected a mapping, found {_kind(value)}", where=where)
-        return {_convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{shown(k)}") for k, v in value.items()}
+        return {
+            _convert(args[0], k, where, key): _convert(args[1], v, where, f"{key}.{shown(k)}") for k, v in value.items()
+        }
     if tp is Any:
         _check_plain(value, where, key)
         return value
@@ -428,7 +456,9 @@ def _convert(tp, value: Any, where: str, key: str):
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ProfileError(f"key {key!r}: expected {_TYPE_NAMES.get(tp, tp.__name__)}, found {_kind(value)}", where=where)
+        raise ProfileError(
+            f"key {key!r}: expected {_TYPE_NAMES.get(tp, tp.__name__)}, found {_kind(value)}", where=where
+        )
     return value
 
 
@@ -449,8 +479,9 @@ def _check_plain(value: Any, where: str, key: str) -> None:
         elif isinstance(item, float) and not math.isfinite(item):
             raise ProfileError(f"key {key!r}: expected a finite number, found {item}", where=where)
         elif item is not None and not isinstance(item, (str, int, float, bool)):
-            raise ProfileError(f"key {key!r}: expected plain data (text, numbers, lists, mappings), "
-                               f"found {_kind(item)}", where=where)
+            raise ProfileError(
+                f"key {key!r}: expected plain data (text, numbers, lists, mappings), found {_kind(item)}", where=where
+            )
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

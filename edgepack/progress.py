@@ -68,8 +68,11 @@ class _PlainStep:
             self.printed = now
             left = (now - self.started) * (self.total - self.done) / self.done if self.done else None
             eta = f", about {left:.0f} s left" if left is not None else ""
-            print(f"{self.what}: {_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}{eta}",
-                  file=self.stream, flush=True)
+            print(
+                f"{self.what}: {_amount(self.done, self.unit)} of {_amount(self.total, self.unit)}{eta}",
+                file=self.stream,
+                flush=True,
+            )
 
 
 class _Plain:
@@ -108,9 +111,17 @@ class _Bars:
             TimeRemainingColumn,
         )
 
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(), TaskProgressColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=Console(file=stream), transient=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(file=stream),
+            transient=True,
+        )
         self.active = 0
 
     def begin(self, what: str, total: float | None, unit: str) -> Step:

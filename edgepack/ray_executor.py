@@ -40,8 +40,9 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise UsageError("--executor ray needs Ray, which is not installed",
-                             hint="pip install 'edgepack[ray]'") from None
+            raise UsageError(
+                "--executor ray needs Ray, which is not installed", hint="pip install 'edgepack[ray]'"
+            ) from None
         self._ray = ray
         self._execution = execution
         self._started = False
@@ -58,13 +59,20 @@ class RayExecutor:
                 settings["address"] = address
             else:
                 # a private instance, reachable from this machine only
-                settings.update(address="local", num_cpus=self._execution.jobs, include_dashboard=False,
-                                _node_ip_address="127.0.0.1")
+                settings.update(
+                    address="local",
+                    num_cpus=self._execution.jobs,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                )
             try:
                 ray.init(**settings)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UsageError(f"cannot start or join the Ray cluster: {exc}", where=address or "local Ray",
-                                 hint="check --ray-address (ray://HOST:10001 or HOST:6379)") from None
+                raise UsageError(
+                    f"cannot start or join the Ray cluster: {exc}",
+                    where=address or "local Ray",
+                    hint="check --ray-address (ray://HOST:10001 or HOST:6379)",
+                ) from None
             self._started = True
         self._remote = ray.remote(num_cpus=1)(_ray_pair)
         return self
@@ -82,8 +90,7 @@ class RayExecutor:
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         return self._ray.put(files), source
 
-    def submit(self, tag, shared, profile: Profile, options: Options, workdir: Path, destination: Path,
-               signer) -> None:
+    def submit(self, tag, shared, profile: Profile, options: Options, workdir: Path, destination: Path, signer) -> None:
         files, source = shared
         elsewhere = dataclasses.replace(options, force=False, freeze=False, onefile=False, execution=Execution())
         ref = self._remote.remote(files, source, profile, elsewhere, destination.name)
@@ -109,8 +116,9 @@ class RayExecutor:
                 yield tag, result, lines
 
 
-def _ray_pair(files: dict[str, bytes], source: Source, profile: Profile, options: Options,
-              bundle_name: str) -> tuple[Result, dict[str, tuple[bytes, int]] | None, list[str]]:
+def _ray_pair(
+    files: dict[str, bytes], source: Source, profile: Profile, options: Options, bundle_name: str
+) -> tuple[Result, dict[str, tuple[bytes, int]] | None, list[str]]:
     """The Ray task: rebuild the loaded source from its bytes, package one target, return the bundle's files."""
     with tempfile.TemporaryDirectory(prefix="edgepack-ray-") as scratch:
         folder = Path(scratch) / "source"
@@ -125,6 +133,9 @@ def _ray_pair(files: dict[str, bytes], source: Source, profile: Profile, options
         result = _package_one(local, profile, options, workdir, destination, lines.append, None)
         bundle = None
         if result.ok:
-            bundle = {p.relative_to(destination).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
-                      for p in sorted(destination.rglob("*")) if p.is_file()}
+            bundle = {
+                p.relative_to(destination).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
+                for p in sorted(destination.rglob("*"))
+                if p.is_file()
+            }
         return result, bundle, lines

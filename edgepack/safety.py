@@ -29,51 +29,88 @@ from .errors import ProfileError
 if TYPE_CHECKING:
     from .profiles import Profile
 
-__all__ = ["CONFIG_ENTRIES", "PROVIDER_OPTIONS", "MAX_THREADS", "check_profile", "op_list_names", "load_yaml",
-           "shown"]
+__all__ = ["CONFIG_ENTRIES", "PROVIDER_OPTIONS", "MAX_THREADS", "check_profile", "op_list_names", "load_yaml", "shown"]
 
-CONFIG_ENTRIES = frozenset({
-    "session.load_model_format",
-    "session.enable_saved_runtime_optimizations",
-    "session.qdqisint8allowed",
-    "session.disable_prepacking",
-    "session.disable_quant_qdq",
-    "session.disable_double_qdq_remover",
-    "session.enable_quant_qdq_cleanup",
-    "session.disable_cpu_ep_fallback",
-    "session.allow_released_opsets_only",
-    "session.set_denormal_as_zero",
-    "session.use_deterministic_compute",
-    "session.intra_op.allow_spinning",
-    "session.inter_op.allow_spinning",
-    "session.disable_aot_function_inlining",
-    "optimization.enable_gelu_approximation",
-    "optimization.disable_specified_optimizers",
-    "optimization.minimal_build_optimizations",
-})
+CONFIG_ENTRIES = frozenset(
+    {
+        "session.load_model_format",
+        "session.enable_saved_runtime_optimizations",
+        "session.qdqisint8allowed",
+        "session.disable_prepacking",
+        "session.disable_quant_qdq",
+        "session.disable_double_qdq_remover",
+        "session.enable_quant_qdq_cleanup",
+        "session.disable_cpu_ep_fallback",
+        "session.allow_released_opsets_only",
+        "session.set_denormal_as_zero",
+        "session.use_deterministic_compute",
+        "session.intra_op.allow_spinning",
+        "session.inter_op.allow_spinning",
+        "session.disable_aot_function_inlining",
+        "optimization.enable_gelu_approximation",
+        "optimization.disable_specified_optimizers",
+        "optimization.minimal_build_optimizations",
+    }
+)
 """Session config entries that change how a model runs and name no file."""
 
 PROVIDER_OPTIONS = {
     "CPUExecutionProvider": frozenset(),
-    "CUDAExecutionProvider": frozenset({
-        "device_id", "gpu_mem_limit", "arena_extend_strategy", "cudnn_conv_algo_search",
-        "do_copy_in_default_stream", "cudnn_conv_use_max_workspace", "cudnn_conv1d_pad_to_nc1d", "enable_cuda_graph",
-        "prefer_nhwc", "use_tf32", "tunable_op_enable", "tunable_op_tuning_enable", "enable_skip_layer_norm_strict_mode",
-    }),
-    "TensorrtExecutionProvider": frozenset({
-        "device_id", "trt_fp16_enable", "trt_int8_enable", "trt_bf16_enable", "trt_engine_cache_enable",
-        "trt_timing_cache_enable", "trt_max_workspace_size", "trt_builder_optimization_level",
-        "trt_max_partition_iterations", "trt_min_subgraph_size", "trt_dla_enable", "trt_dla_core",
-        "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
-        "trt_cuda_graph_enable", "trt_sparsity_enable", "trt_auxiliary_streams", "trt_build_heuristics_enable",
-        # read by the Python shim, never passed to onnxruntime
-        "tensorrt_version", "dynamic_dims",
-    }),
+    "CUDAExecutionProvider": frozenset(
+        {
+            "device_id",
+            "gpu_mem_limit",
+            "arena_extend_strategy",
+            "cudnn_conv_algo_search",
+            "do_copy_in_default_stream",
+            "cudnn_conv_use_max_workspace",
+            "cudnn_conv1d_pad_to_nc1d",
+            "enable_cuda_graph",
+            "prefer_nhwc",
+            "use_tf32",
+            "tunable_op_enable",
+            "tunable_op_tuning_enable",
+            "enable_skip_layer_norm_strict_mode",
+        }
+    ),
+    "TensorrtExecutionProvider": frozenset(
+        {
+            "device_id",
+            "trt_fp16_enable",
+            "trt_int8_enable",
+            "trt_bf16_enable",
+            "trt_engine_cache_enable",
+            "trt_timing_cache_enable",
+            "trt_max_workspace_size",
+            "trt_builder_optimization_level",
+            "trt_max_partition_iterations",
+            "trt_min_subgraph_size",
+            "trt_dla_enable",
+            "trt_dla_core",
+            "trt_force_sequential_engine_build",
+            "trt_context_memory_sharing_enable",
+            "trt_layer_norm_fp32_fallback",
+            "trt_cuda_graph_enable",
+            "trt_sparsity_enable",
+            "trt_auxiliary_streams",
+            "trt_build_heuristics_enable",
+            # read by the Python shim, never passed to onnxruntime
+            "tensorrt_version",
+            "dynamic_dims",
+        }
+    ),
     "NnapiExecutionProvider": frozenset({"flags"}),
-    "CoreMLExecutionProvider": frozenset({
-        "ModelFormat", "MLComputeUnits", "RequireStaticInputShapes", "EnableOnSubgraphs", "SpecializationStrategy",
-        "AllowLowPrecisionAccumulationOnGPU", "ModelCacheDirectory",
-    }),
+    "CoreMLExecutionProvider": frozenset(
+        {
+            "ModelFormat",
+            "MLComputeUnits",
+            "RequireStaticInputShapes",
+            "EnableOnSubgraphs",
+            "SpecializationStrategy",
+            "AllowLowPrecisionAccumulationOnGPU",
+            "ModelCacheDirectory",
+        }
+    ),
     "XnnpackExecutionProvider": frozenset({"intra_op_num_threads"}),
     "wasm": frozenset(),
     "webgpu": frozenset({"preferredLayout"}),
@@ -98,32 +135,44 @@ def shown(value: Any) -> str:
 
 
 def _small(value: Any) -> bool:
-    return len(value) <= 8 and all(not isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value))
+    return len(value) <= 8 and all(
+        not isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value)
+    )
 
 
 def check_profile(profile: Profile, where: str) -> None:
     """Raise ProfileError naming the key of the first session setting or provider option not known to be safe."""
     threads = profile.session.intra_op_num_threads
     if threads > MAX_THREADS:
-        raise ProfileError(f"key 'session.intra_op_num_threads': expected at most {MAX_THREADS}, found {shown(threads)}",
-                           where=where)
+        raise ProfileError(
+            f"key 'session.intra_op_num_threads': expected at most {MAX_THREADS}, found {shown(threads)}", where=where
+        )
     for key, value in profile.session.config_entries.items():
         problem = config_entry_problem(key, value)
         if problem:
-            raise ProfileError(f"key 'session.config_entries.{shown(key)[1:-1]}': {problem}", where=where,
-                               hint="session entries that name files make onnxruntime write outside the bundle; "
-                                    f"accepted entries: {', '.join(sorted(CONFIG_ENTRIES))}")
+            raise ProfileError(
+                f"key 'session.config_entries.{shown(key)[1:-1]}': {problem}",
+                where=where,
+                hint="session entries that name files make onnxruntime write outside the bundle; "
+                f"accepted entries: {', '.join(sorted(CONFIG_ENTRIES))}",
+            )
     for i, provider in enumerate(profile.execution_providers):
         for key, value in provider.options.items():
             problem = provider_option_problem(provider.name, key, value)
             if problem:
                 known = ", ".join(sorted(PROVIDER_OPTIONS.get(provider.name, ()))) or "none"
-                raise ProfileError(f"key 'execution_providers[{i}].options.{shown(key)[1:-1]}': {problem}", where=where,
-                                   hint=f"options accepted for {shown(provider.name)[1:-1]}: {known}")
+                raise ProfileError(
+                    f"key 'execution_providers[{i}].options.{shown(key)[1:-1]}': {problem}",
+                    where=where,
+                    hint=f"options accepted for {shown(provider.name)[1:-1]}: {known}",
+                )
     if profile.coverage.op_list and profile.coverage.op_list not in op_list_names():
-        raise ProfileError(f"key 'coverage.op_list': expected one of the operator lists shipped with edgepack, "
-                           f"found {shown(profile.coverage.op_list)}", where=where,
-                           hint="name one of: " + ", ".join(op_list_names()))
+        raise ProfileError(
+            f"key 'coverage.op_list': expected one of the operator lists shipped with edgepack, "
+            f"found {shown(profile.coverage.op_list)}",
+            where=where,
+            hint="name one of: " + ", ".join(op_list_names()),
+        )
 
 
 def config_entry_problem(key: str, value: Any) -> str | None:
@@ -136,8 +185,11 @@ def provider_option_problem(provider: str, key: str, value: Any) -> str | None:
     if key not in PROVIDER_OPTIONS.get(provider, ()):
         return "not an option known to be safe for this provider (it may name a file or folder)"
     if (provider, key) == CACHE_OPTION:
-        return None if isinstance(value, str) and CACHE_VALUE.fullmatch(value) else \
-            "expected $CACHES/<folder name> (the app's caches folder), found another path"
+        return (
+            None
+            if isinstance(value, str) and CACHE_VALUE.fullmatch(value)
+            else "expected $CACHES/<folder name> (the app's caches folder), found another path"
+        )
     if key == "dynamic_dims":
         return None  # [min, opt, max] lists of numbers, checked by the shim
     for item in value if isinstance(value, list) else [value]:
@@ -167,8 +219,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a profile",
-                                              event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not accepted in a profile", event.start_mark
+            )
         return super().compose_node(parent, index)
 
 

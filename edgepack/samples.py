@@ -53,10 +53,10 @@ def generate_inputs(inputs: list[dict[str, Any]], *, seed: int = 0, count: int =
     return samples
 
 
-
 def _check_budget(inputs: list[dict[str, Any]], count: int) -> None:
-    sizes = {spec["name"]: math.prod(concrete_shape(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
-             for spec in inputs}
+    sizes = {
+        spec["name"]: math.prod(concrete_shape(spec["shape"])) * np.dtype(spec["dtype"]).itemsize for spec in inputs
+    }
     total = sum(sizes.values()) * count
     if total > MEMORY_BUDGET:
         largest = max(sizes, key=sizes.__getitem__)
@@ -66,4 +66,5 @@ def _check_budget(inputs: list[dict[str, Any]], count: int) -> None:
             f"generated inputs would take {total / 2**30:.3g} GiB ({count} set(s); input {largest[:80]!r} is {shape[:80]}), "
             f"over the budget of {MEMORY_BUDGET >> 30} GiB",
             hint="give real inputs with --sample-inputs (and --calibration/--validation for quantization), "
-                 "or smaller dims with --input-shape / --fix-dim")
+            "or smaller dims with --input-shape / --fix-dim",
+        )

@@ -151,8 +151,10 @@ def make_server(folder: Path, port: int = 0, *, quiet: bool = True, require_mani
     try:
         return BundleServer(("127.0.0.1", port), handler)
     except (OSError, OverflowError) as exc:
-        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {getattr(exc, 'strerror', None) or exc}",
-                         hint="pick another --port, or 0 for any free port") from None
+        raise UsageError(
+            f"cannot listen on 127.0.0.1:{port}: {getattr(exc, 'strerror', None) or exc}",
+            hint="pick another --port, or 0 for any free port",
+        ) from None
 
 
 def start_server(folder: Path, port: int = 0, *, quiet: bool = True, require_manifest: bool = True) -> BundleServer:

@@ -114,20 +114,25 @@ def read_manifest(bundle: Path, *, check_seal: bool = True) -> dict:
         with open_in_bundle(bundle, MANIFEST) as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise VerificationError(f"{bundle}: no {MANIFEST} here, so this is not an edgepack bundle "
-                                "(pass --bundle FOLDER)") from None
+        raise VerificationError(
+            f"{bundle}: no {MANIFEST} here, so this is not an edgepack bundle (pass --bundle FOLDER)"
+        ) from None
     except OSError as exc:
-        raise VerificationError(f"{bundle}: {MANIFEST} is not a regular file of the bundle "
-                                f"({exc.strerror or type(exc).__name__})") from None
+        raise VerificationError(
+            f"{bundle}: {MANIFEST} is not a regular file of the bundle ({exc.strerror or type(exc).__name__})"
+        ) from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise VerificationError(f"{bundle}: {MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB: not an edgepack manifest")
+        raise VerificationError(
+            f"{bundle}: {MANIFEST} is over {MAX_MANIFEST_BYTES >> 20} MiB: not an edgepack manifest"
+        )
     try:
         if _nesting(raw) > MAX_NESTING:
             raise ValueError("nested too deeply")
         manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
-        raise VerificationError(f"{bundle}: {MANIFEST} is unreadable ({type(exc).__name__}): changed, or not an "
-                                "edgepack manifest") from None
+        raise VerificationError(
+            f"{bundle}: {MANIFEST} is unreadable ({type(exc).__name__}): changed, or not an edgepack manifest"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise VerificationError(f"{bundle}: {MANIFEST} is not an edgepack manifest ({SCHEMA})")
     if check_seal and not seal_matches(raw, manifest):
@@ -163,13 +168,22 @@ def _structure_problem(manifest: dict) -> str | None:
     for key in ("inputs", "outputs"):
         specs = model.get(key)
         if not isinstance(specs, list) or not all(
-                isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("dtype"), str)
-                and (s.get("shape") is None or isinstance(s.get("shape"), list)) for s in specs):
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and isinstance(s.get("dtype"), str)
+            and (s.get("shape") is None or isinstance(s.get("shape"), list))
+            for s in specs
+        ):
             return f"'model.{key}' must be a list of {{name, dtype, shape}}"
     providers = runtime.get("execution_providers")
-    if not isinstance(providers, list) or not providers or not all(
+    if (
+        not isinstance(providers, list)
+        or not providers
+        or not all(
             isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("options", {}), dict)
-            for p in providers):
+            for p in providers
+        )
+    ):
         return "'runtime.execution_providers' must be a non-empty list of {name, options}"
     for p in providers:
         for key, value in (p.get("options") or {}).items():
@@ -207,8 +221,9 @@ def _nesting(raw: bytes) -> int:
 def _bounded(message: str, longest: int = 200) -> str:
     """``message`` with every run of over ``longest`` non-blank characters (a path, a name from a file) cut
     in the middle, so that no message grows with its input."""
-    return re.sub(rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4:],
-                  message)
+    return re.sub(
+        rf"\S{{{longest + 1},}}", lambda m: m.group()[: longest // 2] + "..." + m.group()[-longest // 4 :], message
+    )
 
 
 def _shown(value) -> str:
@@ -219,45 +234,83 @@ def _shown(value) -> str:
 
 # Session settings a bundle may ask for: those known to name no file onnxruntime would write or read.
 # The same lists as edgepack/safety.py (a test keeps them equal); this file must stand alone.
-CONFIG_ENTRIES = frozenset({
-    "session.load_model_format",
-    "session.enable_saved_runtime_optimizations",
-    "session.qdqisint8allowed",
-    "session.disable_prepacking",
-    "session.disable_quant_qdq",
-    "session.disable_double_qdq_remover",
-    "session.enable_quant_qdq_cleanup",
-    "session.disable_cpu_ep_fallback",
-    "session.allow_released_opsets_only",
-    "session.set_denormal_as_zero",
-    "session.use_deterministic_compute",
-    "session.intra_op.allow_spinning",
-    "session.inter_op.allow_spinning",
-    "session.disable_aot_function_inlining",
-    "optimization.enable_gelu_approximation",
-    "optimization.disable_specified_optimizers",
-    "optimization.minimal_build_optimizations",
-})
+CONFIG_ENTRIES = frozenset(
+    {
+        "session.load_model_format",
+        "session.enable_saved_runtime_optimizations",
+        "session.qdqisint8allowed",
+        "session.disable_prepacking",
+        "session.disable_quant_qdq",
+        "session.disable_double_qdq_remover",
+        "session.enable_quant_qdq_cleanup",
+        "session.disable_cpu_ep_fallback",
+        "session.allow_released_opsets_only",
+        "session.set_denormal_as_zero",
+        "session.use_deterministic_compute",
+        "session.intra_op.allow_spinning",
+        "session.inter_op.allow_spinning",
+        "session.disable_aot_function_inlining",
+        "optimization.enable_gelu_approximation",
+        "optimization.disable_specified_optimizers",
+        "optimization.minimal_build_optimizations",
+    }
+)
 PROVIDER_OPTIONS = {
     "CPUExecutionProvider": frozenset(),
-    "CUDAExecutionProvider": frozenset({
-        "device_id", "gpu_mem_limit", "arena_extend_strategy", "cudnn_conv_algo_search",
-        "do_copy_in_default_stream", "cudnn_conv_use_max_workspace", "cudnn_conv1d_pad_to_nc1d", "enable_cuda_graph",
-        "prefer_nhwc", "use_tf32", "tunable_op_enable", "tunable_op_tuning_enable", "enable_skip_layer_norm_strict_mode",
-    }),
-    "TensorrtExecutionProvider": frozenset({
-        "device_id", "trt_fp16_enable", "trt_int8_enable", "trt_bf16_enable", "trt_engine_cache_enable",
-        "trt_timing_cache_enable", "trt_max_workspace_size", "trt_builder_optimization_level",
-        "trt_max_partition_iterations", "trt_min_subgraph_size", "trt_dla_enable", "trt_dla_core",
-        "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
-        "trt_cuda_graph_enable", "trt_sparsity_enable", "trt_auxiliary_streams", "trt_build_heuristics_enable",
-        "tensorrt_version", "dynamic_dims",
-    }),
+    "CUDAExecutionProvider": frozenset(
+        {
+            "device_id",
+            "gpu_mem_limit",
+            "arena_extend_strategy",
+            "cudnn_conv_algo_search",
+            "do_copy_in_default_stream",
+            "cudnn_conv_use_max_workspace",
+            "cudnn_conv1d_pad_to_nc1d",
+            "enable_cuda_graph",
+            "prefer_nhwc",
+            "use_tf32",
+            "tunable_op_enable",
+            "tunable_op_tuning_enable",
+            "enable_skip_layer_norm_strict_mode",
+        }
+    ),
+    "TensorrtExecutionProvider": frozenset(
+        {
+            "device_id",
+            "trt_fp16_enable",
+            "trt_int8_enable",
+            "trt_bf16_enable",
+            "trt_engine_cache_enable",
+            "trt_timing_cache_enable",
+            "trt_max_workspace_size",
+            "trt_builder_optimization_level",
+            "trt_max_partition_iterations",
+            "trt_min_subgraph_size",
+            "trt_dla_enable",
+            "trt_dla_core",
+            "trt_force_sequential_engine_build",
+            "trt_context_memory_sharing_enable",
+            "trt_layer_norm_fp32_fallback",
+            "trt_cuda_graph_enable",
+            "trt_sparsity_enable",
+            "trt_auxiliary_streams",
+            "trt_build_heuristics_enable",
+            "tensorrt_version",
+            "dynamic_dims",
+        }
+    ),
     "NnapiExecutionProvider": frozenset({"flags"}),
-    "CoreMLExecutionProvider": frozenset({
-        "ModelFormat", "MLComputeUnits", "RequireStaticInputShapes", "EnableOnSubgraphs", "SpecializationStrategy",
-        "AllowLowPrecisionAccumulationOnGPU", "ModelCacheDirectory",
-    }),
+    "CoreMLExecutionProvider": frozenset(
+        {
+            "ModelFormat",
+            "MLComputeUnits",
+            "RequireStaticInputShapes",
+            "EnableOnSubgraphs",
+            "SpecializationStrategy",
+            "AllowLowPrecisionAccumulationOnGPU",
+            "ModelCacheDirectory",
+        }
+    ),
     "XnnpackExecutionProvider": frozenset({"intra_op_num_threads"}),
     "wasm": frozenset(),
     "webgpu": frozenset({"preferredLayout"}),
@@ -280,8 +333,11 @@ def provider_option_problem(provider, key, value) -> str | None:
     if key not in PROVIDER_OPTIONS.get(provider, ()):
         return "not an option known to be safe for this provider (it may name a file or folder)"
     if (provider, key) == CACHE_OPTION:
-        return None if isinstance(value, str) and CACHE_VALUE.fullmatch(value) else \
-            "expected $CACHES/<folder name> (the app's caches folder), found another path"
+        return (
+            None
+            if isinstance(value, str) and CACHE_VALUE.fullmatch(value)
+            else "expected $CACHES/<folder name> (the app's caches folder), found another path"
+        )
     if key == "dynamic_dims":
         return None  # [min, opt, max] lists of numbers, checked where TensorRT options are made
     for item in value if isinstance(value, list) else [value]:
@@ -312,9 +368,16 @@ def seal_matches(raw: bytes, manifest: dict) -> bool:
 
 
 def _safe_entry(rel, entry) -> bool:
-    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel
-            and ".." not in rel.split("/") and isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int))
+    return (
+        isinstance(rel, str)
+        and rel != ""
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and ".." not in rel.split("/")
+        and isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("size"), int)
+    )
 
 
 def open_in_bundle(bundle: Path, rel: str):
@@ -372,8 +435,14 @@ class VerifyReport:
         return not (self.changed or self.missing or self.extra)
 
     def to_dict(self) -> dict:
-        return {"bundle": str(self.bundle), "ok": self.ok, "checked": self.checked,
-                "changed": self.changed, "missing": self.missing, "extra": self.extra}
+        return {
+            "bundle": str(self.bundle),
+            "ok": self.ok,
+            "checked": self.checked,
+            "changed": self.changed,
+            "missing": self.missing,
+            "extra": self.extra,
+        }
 
     def problems(self) -> str:
         return "; ".join(f"{kind}: {rel}" for kind in ("changed", "missing", "extra") for rel in getattr(self, kind))
@@ -445,8 +514,10 @@ PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 P256_P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
 P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
-P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
-          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+P256_G = (
+    0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+    0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
+)
 # the DER SubjectPublicKeyInfo of every uncompressed P-256 key starts with these bytes (id-ecPublicKey, prime256v1)
 P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
 _INFINITY = (1, 1, 0)
@@ -512,8 +583,14 @@ def _der_signature(sig: bytes):
         if i + 2 > len(sig) or sig[i] != 0x02:
             return None
         size = sig[i + 1]
-        body = sig[i + 2:i + 2 + size]
-        if size == 0 or size > 33 or len(body) != size or body[0] & 0x80 or (size > 1 and body[0] == 0 and not body[1] & 0x80):
+        body = sig[i + 2 : i + 2 + size]
+        if (
+            size == 0
+            or size > 33
+            or len(body) != size
+            or body[0] & 0x80
+            or (size > 1 and body[0] == 0 and not body[1] & 0x80)
+        ):
             return None
         values.append(int.from_bytes(body, "big"))
         i += 2 + size
@@ -562,7 +639,9 @@ def read_public_key(path) -> PublicKey:
     try:
         text = Path(path).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the public key {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+        raise UsageError(
+            f"cannot read the public key {path}: {getattr(exc, 'strerror', None) or type(exc).__name__}"
+        ) from None
     return public_key_from_pem(text, str(path))
 
 
@@ -576,8 +655,11 @@ def public_key_from_pem(text: str, source: str) -> PublicKey:
     except ValueError as exc:
         raise UsageError(f"{source} is not a P-256 public key in PEM form: {exc}") from None
     body = base64.b64encode(der).decode("ascii")
-    pem = "-----BEGIN PUBLIC KEY-----\n" + "".join(body[i:i + 64] + "\n" for i in range(0, len(body), 64)) + \
-          "-----END PUBLIC KEY-----\n"
+    pem = (
+        "-----BEGIN PUBLIC KEY-----\n"
+        + "".join(body[i : i + 64] + "\n" for i in range(0, len(body), 64))
+        + "-----END PUBLIC KEY-----\n"
+    )
     return PublicKey(point, hashlib.sha256(pem.encode("ascii")).hexdigest(), source)
 
 
@@ -594,8 +676,10 @@ def required_key(public_key=None):
     pinned_key = read_public_key(pinned) if pinned else None
     given = read_public_key(public_key) if public_key is not None else None
     if given and pinned_key and given.fingerprint != pinned_key.fingerprint:
-        raise UsageError(f"--public-key {public_key} is not the key pinned beside this shim ({pinned}, "
-                         f"fingerprint {pinned_key.fingerprint})")
+        raise UsageError(
+            f"--public-key {public_key} is not the key pinned beside this shim ({pinned}, "
+            f"fingerprint {pinned_key.fingerprint})"
+        )
     return given or pinned_key
 
 
@@ -605,11 +689,14 @@ def verify_signature(bundle: Path, manifest: dict, key: PublicKey) -> str:
         with open_in_bundle(Path(bundle), SIGNATURE) as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
-        raise VerificationError(f"{bundle}: the bundle is not signed (no {SIGNATURE}) and a signature by key "
-                                f"{key.fingerprint} ({key.source}) is required") from None
+        raise VerificationError(
+            f"{bundle}: the bundle is not signed (no {SIGNATURE}) and a signature by key "
+            f"{key.fingerprint} ({key.source}) is required"
+        ) from None
     except OSError as exc:
-        raise VerificationError(f"{bundle}: {SIGNATURE} is not a regular file of the bundle "
-                                f"({exc.strerror or type(exc).__name__})") from None
+        raise VerificationError(
+            f"{bundle}: {SIGNATURE} is not a regular file of the bundle ({exc.strerror or type(exc).__name__})"
+        ) from None
     try:
         if len(raw) > MAX_MANIFEST_BYTES or _nesting(raw) > MAX_NESTING:
             raise ValueError("too large or nested too deeply")
@@ -625,12 +712,16 @@ def verify_signature(bundle: Path, manifest: dict, key: PublicKey) -> str:
     if kinds != (BUNDLE_MEDIA_TYPE, PAYLOAD_TYPE, 1):
         raise VerificationError(f"{bundle}: {SIGNATURE} is not a model-signing key signature {kinds}")
     if hint and hint != key.fingerprint:
-        raise VerificationError(f"{bundle}: signed with another key: {SIGNATURE} names key {hint}, the required "
-                                f"key is {key.fingerprint} ({key.source})")
+        raise VerificationError(
+            f"{bundle}: signed with another key: {SIGNATURE} names key {hint}, the required "
+            f"key is {key.fingerprint} ({key.source})"
+        )
     signed = b"DSSEv1 %d %s %d %s" % (len(PAYLOAD_TYPE), PAYLOAD_TYPE.encode(), len(payload), payload)
     if not ecdsa_p256_verify(key.point, signature, signed):
-        raise VerificationError(f"{bundle}: {SIGNATURE}: the signature does not verify with key {key.fingerprint} "
-                                "(tampered, or signed with another key)")
+        raise VerificationError(
+            f"{bundle}: {SIGNATURE}: the signature does not verify with key {key.fingerprint} "
+            "(tampered, or signed with another key)"
+        )
     digests = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
     digests[MANIFEST] = sha256_of(Path(bundle), MANIFEST)[1]
     problem = _statement_problem(payload, digests)
@@ -652,13 +743,17 @@ def _statement_problem(payload: bytes, digests: dict):
         return "the signed statement is malformed"
     if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
         return f"the signed statement is not a model-signing v1.0 statement ({statement.get('predicateType')!r})"
-    if (serialization.get("method"), serialization.get("hash_type")) != ("files", "sha256") or len(listed) != len(resources):
+    if (serialization.get("method"), serialization.get("hash_type")) != ("files", "sha256") or len(listed) != len(
+        resources
+    ):
         return "only files/sha256 serialization is read"
     if root != subject:
         return "the signed statement is inconsistent (its subject digest does not match its resources)"
-    found = {"not signed": sorted(set(digests) - set(listed)),
-             "signed but not in the bundle": sorted(set(listed) - set(digests)),
-             "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel])}
+    found = {
+        "not signed": sorted(set(digests) - set(listed)),
+        "signed but not in the bundle": sorted(set(listed) - set(digests)),
+        "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel]),
+    }
     return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in found.items() if names) or None
 
 
@@ -709,8 +804,16 @@ def _simple_satisfies(version: str, spec: str) -> bool:
         want = _release(text)
         width = max(len(have), len(want))
         a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
-        ok = {"==": a == b, "===": a == b, "!=": a != b, "<=": a <= b, ">=": a >= b, "<": a < b, ">": a > b,
-              "~=": a >= b and have[: len(want) - 1] == want[: len(want) - 1]}[op]
+        ok = {
+            "==": a == b,
+            "===": a == b,
+            "!=": a != b,
+            "<=": a <= b,
+            ">=": a >= b,
+            "<": a < b,
+            ">": a > b,
+            "~=": a >= b and have[: len(want) - 1] == want[: len(want) - 1],
+        }[op]
         if not ok:
             return False
     return True
@@ -772,15 +875,22 @@ def tensorrt_profile_shapes(inputs: list, dynamic_dims: dict) -> dict:
 
 
 def _dim_range(name: str, value) -> tuple:
-    if (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, int) for v in value)
-            or not 1 <= value[0] <= value[1] <= value[2]):
-        raise ShimError(f"the manifest's TensorRT dynamic_dims[{name!r}] must be [min, opt, max] with "
-                        f"1 <= min <= opt <= max, found {value!r}")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, int) for v in value)
+        or not 1 <= value[0] <= value[1] <= value[2]
+    ):
+        raise ShimError(
+            f"the manifest's TensorRT dynamic_dims[{name!r}] must be [min, opt, max] with "
+            f"1 <= min <= opt <= max, found {value!r}"
+        )
     return tuple(value)
 
 
-def tensorrt_options(options: dict, *, inputs: list, precision: str, model_sha256: str,
-                     cache_dir: Path, gpu: str, trt_version: str) -> dict:
+def tensorrt_options(
+    options: dict, *, inputs: list, precision: str, model_sha256: str, cache_dir: Path, gpu: str, trt_version: str
+) -> dict:
     """TensorRT provider options from the profile's, as data (no GPU needed to compute them).
 
     - ``trt_*`` options pass through as strings; INT8 is switched on for an int8 (QDQ) model unless the
@@ -793,7 +903,10 @@ def tensorrt_options(options: dict, *, inputs: list, precision: str, model_sha25
     result = {key: option_text(value) for key, value in options.items() if key not in TENSORRT_META}
     if "int8" in precision.lower() and "trt_int8_enable" not in options:
         result["trt_int8_enable"] = "True"
-    engine_cache, timing_cache = _enabled(options.get("trt_engine_cache_enable")), _enabled(options.get("trt_timing_cache_enable"))
+    engine_cache, timing_cache = (
+        _enabled(options.get("trt_engine_cache_enable")),
+        _enabled(options.get("trt_timing_cache_enable")),
+    )
     if engine_cache or timing_cache:
         key = re.sub(r"[^A-Za-z0-9.]+", "-", f"{gpu}-trt{trt_version}").strip("-")
         folder = str(Path(cache_dir) / "tensorrt" / key / model_sha256[:16])
@@ -814,8 +927,9 @@ def gpu_name() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.splitlines()[0].strip()
     except (OSError, subprocess.SubprocessError):
@@ -857,10 +971,15 @@ def provider_plan(manifest: dict, available: list, *, providers=None, cache_dir:
         if name == TENSORRT:
             model = manifest["model"]
             folder = Path(cache_dir) if cache_dir else cache_root()
-            options = tensorrt_options(options, inputs=model["inputs"], precision=model.get("precision", "fp32"),
-                                       model_sha256=manifest["files"][model["file"]]["sha256"],
-                                       cache_dir=folder, gpu=gpu_name(),
-                                       trt_version=tensorrt_library_version(options.get("tensorrt_version")))
+            options = tensorrt_options(
+                options,
+                inputs=model["inputs"],
+                precision=model.get("precision", "fp32"),
+                model_sha256=manifest["files"][model["file"]]["sha256"],
+                cache_dir=folder,
+                gpu=gpu_name(),
+                trt_version=tensorrt_library_version(options.get("tensorrt_version")),
+            )
             _make_cache_dirs(options)
         else:
             options = {key: option_text(value) for key, value in options.items()}
@@ -874,12 +993,18 @@ def _make_cache_dirs(options: dict) -> None:
             try:
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise UsageError(f"cannot create the TensorRT cache folder {options[key]}: {exc.strerror}; "
-                                "set EDGEPACK_CACHE_DIR to a writable folder") from None
+                raise UsageError(
+                    f"cannot create the TensorRT cache folder {options[key]}: {exc.strerror}; "
+                    "set EDGEPACK_CACHE_DIR to a writable folder"
+                ) from None
 
 
-GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                "all": "ORT_ENABLE_ALL"}
+GRAPH_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def session_options(ort, manifest: dict):
@@ -956,22 +1081,29 @@ def _check_input(spec: dict, value, sizes: dict) -> np.ndarray:
     want = _numpy_dtype(spec["dtype"])
     if want is not None and array.dtype != want:
         if not lossless(array.dtype, want):
-            raise InputError(f"input {name!r} must be {want}, got {array.dtype}: only lossless casts are made "
-                             f"(convert it yourself, e.g. x.astype('{want}'), if that is what you mean)")
+            raise InputError(
+                f"input {name!r} must be {want}, got {array.dtype}: only lossless casts are made "
+                f"(convert it yourself, e.g. x.astype('{want}'), if that is what you mean)"
+            )
         array = array.astype(want)
     if shape is not None:
         if array.ndim != len(shape):
-            raise InputError(f"input {name!r} must have {len(shape)} dims {_shape_text(shape)}, "
-                             f"got {array.ndim}: {tuple(array.shape)}")
+            raise InputError(
+                f"input {name!r} must have {len(shape)} dims {_shape_text(shape)}, "
+                f"got {array.ndim}: {tuple(array.shape)}"
+            )
         for axis, (dim, size) in enumerate(zip(shape, array.shape)):
             if isinstance(dim, int) and dim > 0 and size != dim:
-                raise InputError(f"input {name!r} dim {axis} must be {dim} (shape {_shape_text(shape)}), "
-                                 f"got {size}: {tuple(array.shape)}")
+                raise InputError(
+                    f"input {name!r} dim {axis} must be {dim} (shape {_shape_text(shape)}), "
+                    f"got {size}: {tuple(array.shape)}"
+                )
             if isinstance(dim, str):
                 first = sizes.setdefault(dim, (size, name))
                 if first[0] != size:
-                    raise InputError(f"input {name!r} dim {axis} ({dim!r}) is {size} but {dim!r} is "
-                                     f"{first[0]} in input {first[1]!r}")
+                    raise InputError(
+                        f"input {name!r} dim {axis} ({dim!r}) is {size} but {dim!r} is {first[0]} in input {first[1]!r}"
+                    )
     return np.ascontiguousarray(array)
 
 
@@ -1006,8 +1138,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: bool | None = None,
-         check_runtime: bool = True, cache_dir=None, public_key=None) -> Model:
+def load(
+    bundle=None,
+    *,
+    providers=None,
+    verify: bool = True,
+    strict_providers: bool | None = None,
+    check_runtime: bool = True,
+    cache_dir=None,
+    public_key=None,
+) -> Model:
     """Verify ``bundle`` (default: the folder of this file), check onnxruntime, and open a session.
 
     ``public_key``: a PEM public key file; the bundle must then be signed with it (model.sig). A key
@@ -1020,8 +1160,9 @@ def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: 
     bundle = Path(bundle) if bundle is not None else default_bundle()
     key = required_key(public_key)
     if key is not None and not verify:
-        raise UsageError(f"a signature by key {key.fingerprint} ({key.source}) is required, so verification "
-                         "cannot be skipped")
+        raise UsageError(
+            f"a signature by key {key.fingerprint} ({key.source}) is required, so verification cannot be skipped"
+        )
     manifest = verify_bundle(bundle, key) if verify else read_manifest(bundle, check_seal=False)
     import onnxruntime as ort
 
@@ -1031,11 +1172,13 @@ def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: 
     strict = bool(manifest["runtime"].get("strict_providers")) if strict_providers is None else strict_providers
     available = ort.get_available_providers()
     if strict and wanted[0] not in available:
-        raise RuntimeMismatch(f"the preferred provider {wanted[0]} is not in this onnxruntime "
-                              f"(available: {', '.join(available)}) and strict providers are on "
-                              "(--strict-providers or the bundle's strict_providers); install "
-                              f"{manifest['runtime'].get('package', 'onnxruntime')} with {wanted[0]}, "
-                              "or choose providers with --providers")
+        raise RuntimeMismatch(
+            f"the preferred provider {wanted[0]} is not in this onnxruntime "
+            f"(available: {', '.join(available)}) and strict providers are on "
+            "(--strict-providers or the bundle's strict_providers); install "
+            f"{manifest['runtime'].get('package', 'onnxruntime')} with {wanted[0]}, "
+            "or choose providers with --providers"
+        )
     plan = provider_plan(manifest, available, providers=providers, cache_dir=cache_dir)
     path = str(bundle / manifest["model"]["file"])
     options = session_options(ort, manifest)
@@ -1044,8 +1187,10 @@ def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: 
         session = _session(ort, path, options, plan)
     except Exception as exc:
         if strict or plan == [(CPU, {})]:
-            raise ModelError(f"onnxruntime cannot load {manifest['model']['file']} with "
-                             f"{', '.join(name for name, _ in plan)}: {_first_line(exc)}") from None
+            raise ModelError(
+                f"onnxruntime cannot load {manifest['model']['file']} with "
+                f"{', '.join(name for name, _ in plan)}: {_first_line(exc)}"
+            ) from None
         # e.g. TensorRT is in the build but its libraries or the GPU are not there
         fallback = f"{plan[0][0]} failed to start ({_first_line(exc)})"
         try:
@@ -1056,16 +1201,16 @@ def load(bundle=None, *, providers=None, verify: bool = True, strict_providers: 
     if active[0] != wanted[0] and fallback is None:
         fallback = f"{', '.join(name for name in wanted if name not in available)} not in this onnxruntime build"
     if strict and active[0] != wanted[0]:
-        raise RuntimeMismatch(f"the preferred provider {wanted[0]} is not active ({fallback}) and strict "
-                              "providers are on")
+        raise RuntimeMismatch(
+            f"the preferred provider {wanted[0]} is not active ({fallback}) and strict providers are on"
+        )
     return Model(bundle, manifest, session, wanted, fallback)
 
 
 def _session(ort, path: str, options, plan: list):
     names, provider_options = [name for name, _ in plan], [opts for _, opts in plan]
     # enable_fallback=0: onnxruntime's own silent retry on the CPU (at load and in run) is off; this shim reports it
-    session = ort.InferenceSession(path, options, providers=names, provider_options=provider_options,
-                                   enable_fallback=0)
+    session = ort.InferenceSession(path, options, providers=names, provider_options=provider_options, enable_fallback=0)
     session.disable_fallback()
     return session
 
@@ -1083,12 +1228,16 @@ def read_inputs(path: Path, model: Model) -> dict:
     except OSError as exc:
         raise UsageError(f"cannot read inputs from {_shown(str(path))}: {exc.strerror or exc}") from None
     except Exception as exc:  # numpy and zipfile raise many types for a file that is not .npy/.npz
-        raise UsageError(f"cannot read inputs from {_shown(str(path))}: not a valid .npz or .npy file "
-                         f"({type(exc).__name__}: {_shown(_first_line(exc))[1:-1]})") from None
+        raise UsageError(
+            f"cannot read inputs from {_shown(str(path))}: not a valid .npz or .npy file "
+            f"({type(exc).__name__}: {_shown(_first_line(exc))[1:-1]})"
+        ) from None
     if len(model.inputs) != 1:
         names = ", ".join(spec["name"] for spec in model.inputs)
-        raise UsageError(f"{path} holds one array but the model has {len(model.inputs)} inputs ({names}); "
-                         "use an .npz with one array per input name")
+        raise UsageError(
+            f"{path} holds one array but the model has {len(model.inputs)} inputs ({names}); "
+            "use an .npz with one array per input name"
+        )
     return {model.inputs[0]["name"]: data}
 
 
@@ -1101,14 +1250,18 @@ def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     feeds, total = {}, 0
     for spec in specs:
-        shape = [d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
-                 for axis, d in enumerate(spec.get("shape") or [])]
+        shape = [
+            d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
+            for axis, d in enumerate(spec.get("shape") or [])
+        ]
         dtype = _numpy_dtype(spec["dtype"]) or np.dtype("float32")
         total += math.prod(shape) * dtype.itemsize
         if total > MAX_SAMPLE_BYTES:
-            raise UsageError(f"generated inputs would take over {MAX_SAMPLE_BYTES >> 30} GiB (input "
-                             f"{_shown(spec['name'])} is {_shape_text(shape)}): give real inputs with --inputs, "
-                             "or smaller dynamic dims with --dim")
+            raise UsageError(
+                f"generated inputs would take over {MAX_SAMPLE_BYTES >> 30} GiB (input "
+                f"{_shown(spec['name'])} is {_shape_text(shape)}): give real inputs with --inputs, "
+                "or smaller dynamic dims with --dim"
+            )
         if "mask" in spec["name"].lower() or dtype == np.bool_:
             feeds[spec["name"]] = np.ones(shape, dtype=dtype)
         elif dtype.kind in "iu":
@@ -1163,15 +1316,25 @@ def describe(bundle: Path, manifest: dict) -> dict:
         "bundle": str(bundle),
         "target": manifest.get("target"),
         "description": (manifest.get("profile") or {}).get("description", ""),
-        "model": {key: model.get(key) for key in ("file", "format", "ort_style", "precision", "ir_version", "opsets",
-                                                  "external_data")},
+        "model": {
+            key: model.get(key)
+            for key in ("file", "format", "ort_style", "precision", "ir_version", "opsets", "external_data")
+        },
         "inputs": model["inputs"],
         "outputs": model["outputs"],
-        "runtime": {"package": runtime.get("package"), "required": runtime.get("version"),
-                    "installed": installed, "ok": in_range},
-        "providers": {"wanted": wanted, "available": available, "will_use": usable,
-                      "preferred_available": wanted[0] in available,
-                      "strict": bool(runtime.get("strict_providers"))},
+        "runtime": {
+            "package": runtime.get("package"),
+            "required": runtime.get("version"),
+            "installed": installed,
+            "ok": in_range,
+        },
+        "providers": {
+            "wanted": wanted,
+            "available": available,
+            "will_use": usable,
+            "preferred_available": wanted[0] in available,
+            "strict": bool(runtime.get("strict_providers")),
+        },
         "session_options": runtime.get("session_options", {}),
         "files": len(manifest["files"]),
     }
@@ -1188,16 +1351,29 @@ def cmd_info(args) -> int:
     rows = [
         ("bundle", f"{bundle} (target {info['target']})"),
         ("", info["description"]),
-        ("model", f"{model['file']} ({model['format']}{style}, {model['precision']}), IR {model['ir_version']}, "
-                  f"opsets {', '.join(f'{k} {v}' for k, v in (model['opsets'] or {}).items())}"),
+        (
+            "model",
+            f"{model['file']} ({model['format']}{style}, {model['precision']}), IR {model['ir_version']}, "
+            f"opsets {', '.join(f'{k} {v}' for k, v in (model['opsets'] or {}).items())}",
+        ),
         *[("input", f"{io['name']}: {io['dtype']} {_shape_text(io['shape'] or [])}") for io in info["inputs"]],
         *[("output", f"{io['name']}: {io['dtype']} {_shape_text(io['shape'] or [])}") for io in info["outputs"]],
-        ("runtime", f"needs {runtime['package']}{runtime['required']}; installed {installed} "
-                    f"({'ok' if runtime['ok'] else 'DOES NOT MATCH'})"),
+        (
+            "runtime",
+            f"needs {runtime['package']}{runtime['required']}; installed {installed} "
+            f"({'ok' if runtime['ok'] else 'DOES NOT MATCH'})",
+        ),
         ("providers", f"wanted {', '.join(providers['wanted'])}"),
         ("", f"available {', '.join(providers['available']) or '-'}"),
-        ("", f"will use {', '.join(providers['will_use'])}" + ("" if providers["preferred_available"] else
-             f" ({providers['wanted'][0]} missing: {'refused' if providers['strict'] else 'fallback'})")),
+        (
+            "",
+            f"will use {', '.join(providers['will_use'])}"
+            + (
+                ""
+                if providers["preferred_available"]
+                else f" ({providers['wanted'][0]} missing: {'refused' if providers['strict'] else 'fallback'})"
+            ),
+        ),
         ("files", f"{info['files']} listed in {MANIFEST} (not checked here: run `verify`)"),
     ]
     for label, text in rows:
@@ -1214,8 +1390,13 @@ def cmd_verify(args) -> int:
     if args.json:
         _print_json({**report.to_dict(), "signed_by": signer})
     elif report.ok:
-        signed = (f", signed by key {signer}" if signer else
-                  f" ({SIGNATURE} not checked: give --public-key)" if (bundle / SIGNATURE).is_file() else "")
+        signed = (
+            f", signed by key {signer}"
+            if signer
+            else f" ({SIGNATURE} not checked: give --public-key)"
+            if (bundle / SIGNATURE).is_file()
+            else ""
+        )
         print(f"ok: {report.checked} files of {bundle} match {MANIFEST}{signed}")
     if not report.ok:
         raise VerificationError(f"{bundle}: the bundle does not match its manifest: {report.problems()}")
@@ -1224,16 +1405,27 @@ def cmd_verify(args) -> int:
 
 def _load_for(args) -> tuple:
     if args.no_verify:
-        print("edgepack_shim: warning: --no-verify: checksums are NOT checked; a corrupted or altered model may "
-              "load and give wrong outputs (unsafe)", file=sys.stderr)
+        print(
+            "edgepack_shim: warning: --no-verify: checksums are NOT checked; a corrupted or altered model may "
+            "load and give wrong outputs (unsafe)",
+            file=sys.stderr,
+        )
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     started = time.perf_counter()
-    model = load(Path(args.bundle), providers=providers, verify=not args.no_verify,
-                 strict_providers=True if args.strict_providers else None, public_key=args.public_key)
+    model = load(
+        Path(args.bundle),
+        providers=providers,
+        verify=not args.no_verify,
+        strict_providers=True if args.strict_providers else None,
+        public_key=args.public_key,
+    )
     seconds = time.perf_counter() - started
     if model.fallback:
-        print(f"edgepack_shim: warning: running on {model.providers[0]}, not {model.wanted_providers[0]}: "
-              f"{model.fallback}", file=sys.stderr)
+        print(
+            f"edgepack_shim: warning: running on {model.providers[0]}, not {model.wanted_providers[0]}: "
+            f"{model.fallback}",
+            file=sys.stderr,
+        )
     return model, seconds
 
 
@@ -1246,11 +1438,16 @@ def cmd_run(args) -> int:
     run_seconds = time.perf_counter() - started
     write_outputs(output, outputs)
     if args.json:
-        return _print_json({
-            "ok": True, "output_file": str(output), "providers": model.providers, "verified": not args.no_verify,
-            "seconds": {"load": round(load_seconds, 4), "run": round(run_seconds, 4)},
-            "outputs": {name: _summary(value) for name, value in outputs.items()},
-        })
+        return _print_json(
+            {
+                "ok": True,
+                "output_file": str(output),
+                "providers": model.providers,
+                "verified": not args.no_verify,
+                "seconds": {"load": round(load_seconds, 4), "run": round(run_seconds, 4)},
+                "outputs": {name: _summary(value) for name, value in outputs.items()},
+            }
+        )
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {tuple(value.shape)}")
     print(f"wrote {output} ({model.providers[0]}, {run_seconds * 1000:.2f} ms)")
@@ -1263,11 +1460,15 @@ def output_path(output: Path, bundle: Path) -> Path:
     try:
         where = output.resolve()
         if where.is_relative_to(bundle.resolve()):
-            raise UsageError(f"-o {_shown(str(output))} is inside the bundle {bundle}: the bundle's files are "
-                             "checksummed, so `verify` would report it; write the outputs elsewhere "
-                             "(e.g. -o ../outputs.npz)")
+            raise UsageError(
+                f"-o {_shown(str(output))} is inside the bundle {bundle}: the bundle's files are "
+                "checksummed, so `verify` would report it; write the outputs elsewhere "
+                "(e.g. -o ../outputs.npz)"
+            )
         if where.is_dir():
-            raise UsageError(f"-o {_shown(str(output))} is a folder: name the file to write, e.g. {output / 'outputs.npz'}")
+            raise UsageError(
+                f"-o {_shown(str(output))} is a folder: name the file to write, e.g. {output / 'outputs.npz'}"
+            )
         if not where.parent.is_dir():
             raise UsageError(f"-o {_shown(str(output))}: the folder {_shown(str(output.parent))} does not exist")
     except OSError as exc:
@@ -1321,11 +1522,18 @@ def cmd_bench(args) -> int:
     result = {
         "providers": model.providers,
         "inputs": {name: {"dtype": str(a.dtype), "shape": list(a.shape)} for name, a in arrays.items()},
-        "runs": args.runs, "warmup": args.warmup,
-        "load_s": round(load_seconds, 4), "first_run_ms": round(first * 1000, 3),
-        "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 4), "p90": round(float(np.percentile(ms, 90)), 4),
-                       "p99": round(float(np.percentile(ms, 99)), 4), "mean": round(float(ms.mean()), 4),
-                       "min": round(float(ms.min()), 4), "max": round(float(ms.max()), 4)},
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "load_s": round(load_seconds, 4),
+        "first_run_ms": round(first * 1000, 3),
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 4),
+            "p90": round(float(np.percentile(ms, 90)), 4),
+            "p99": round(float(np.percentile(ms, 99)), 4),
+            "mean": round(float(ms.mean()), 4),
+            "min": round(float(ms.min()), 4),
+            "max": round(float(ms.max()), 4),
+        },
         "throughput_per_s": round(len(times) / sum(times), 2),
     }
     if args.json:
@@ -1336,8 +1544,10 @@ def cmd_bench(args) -> int:
     print(f"inputs     {shapes}")
     print(f"load       {load_seconds:.3f} s (verification and session)")
     print(f"first run  {result['first_run_ms']:.3f} ms")
-    print(f"latency    p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
-          f"(mean {lat['mean']:.3f} ms over {args.runs} runs after {args.warmup} warm-up)")
+    print(
+        f"latency    p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
+        f"(mean {lat['mean']:.3f} ms over {args.runs} runs after {args.warmup} warm-up)"
+    )
     print(f"throughput {result['throughput_per_s']:.1f} runs/s (one at a time)")
     return 0
 
@@ -1357,8 +1567,13 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    info = {"target": model.manifest.get("target"), "inputs": model.inputs, "outputs": model.outputs,
-            "providers": model.providers, "max_request_bytes": max_bytes}
+    info = {
+        "target": model.manifest.get("target"),
+        "inputs": model.inputs,
+        "outputs": model.outputs,
+        "providers": model.providers,
+        "max_request_bytes": max_bytes,
+    }
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgepack-shim"
@@ -1372,7 +1587,9 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
             elif self.path in ("/", "/info"):
                 self._reply(200, info)
             else:
-                self._reply(404, {"error": f"no such path {_shown(self.path)}: use POST /run, GET /info or GET /health"})
+                self._reply(
+                    404, {"error": f"no such path {_shown(self.path)}: use POST /run, GET /info or GET /health"}
+                )
 
         def do_POST(self):
             if self.path != "/run":
@@ -1384,8 +1601,14 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
                 return self._reply(400, {"error": "the Content-Length header is not a number of bytes"}, close=True)
             if int(length) > max_bytes:
                 self._discard(int(length))
-                return self._reply(413, {"error": f"request body of {length} bytes is over the limit of "
-                                                  f"{max_bytes} bytes (serve --max-request-mb)"}, close=True)
+                return self._reply(
+                    413,
+                    {
+                        "error": f"request body of {length} bytes is over the limit of "
+                        f"{max_bytes} bytes (serve --max-request-mb)"
+                    },
+                    close=True,
+                )
             raw = self.rfile.read(int(length))
             if _nesting(raw) > MAX_NESTING:
                 return self._reply(400, {"error": f"the body nests deeper than {MAX_NESTING} levels"})
@@ -1403,8 +1626,16 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
                 return self._reply(400, {"error": str(exc)})
             except ShimError as exc:
                 return self._reply(500, {"error": str(exc)})
-            self._reply(200, {"outputs": {name: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
-                                          for name, v in outputs.items()}, "ms": round(ms, 3)})
+            self._reply(
+                200,
+                {
+                    "outputs": {
+                        name: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
+                        for name, v in outputs.items()
+                    },
+                    "ms": round(ms, 3),
+                },
+            )
 
         def do_PUT(self):
             self._reply(405, {"error": "use POST /run, GET /info or GET /health"})
@@ -1461,8 +1692,10 @@ def bounded_server(base):
         def process_request(self, request, client_address):
             if not self.slots.acquire(blocking=False):
                 try:
-                    request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                    b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+                    request.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\nRetry-After: 1\r\n\r\n"
+                    )
                 except OSError:
                     pass
                 self.shutdown_request(request)
@@ -1482,8 +1715,11 @@ def bounded_server(base):
         def handle_error(self, request, client_address):
             exc = sys.exc_info()[1]
             if exc is not None and not isinstance(exc, (ConnectionError, TimeoutError)):
-                print(f"{self.name}: error: request from {client_address[0]} failed: {type(exc).__name__}: "
-                      f"{_shown(_first_line(exc))[1:-1]}", file=sys.stderr)
+                print(
+                    f"{self.name}: error: request from {client_address[0]} failed: {type(exc).__name__}: "
+                    f"{_shown(_first_line(exc))[1:-1]}",
+                    file=sys.stderr,
+                )
 
     return Bounded
 
@@ -1497,16 +1733,23 @@ def cmd_serve(args) -> int:
     try:
         server = make_server(model, args.host, args.port, int(args.max_request_mb * (1 << 20)))
     except (OSError, OverflowError) as exc:
-        raise UsageError(f"cannot listen on {_shown(args.host)[1:-1]}:{args.port}: "
-                         f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise UsageError(
+            f"cannot listen on {_shown(args.host)[1:-1]}:{args.port}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
     if args.verbose:
         server.verbose.set()
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"edgepack_shim: warning: listening on {host}: anyone who reaches this address can run the model "
-              "(no authentication)", file=sys.stderr)
-    print(f"serving {model.manifest['model']['file']} on http://{host}:{port} with {model.providers[0]} "
-          "(POST /run, GET /info, GET /health; Ctrl-C stops)", flush=True)
+        print(
+            f"edgepack_shim: warning: listening on {host}: anyone who reaches this address can run the model "
+            "(no authentication)",
+            file=sys.stderr,
+        )
+    print(
+        f"serving {model.manifest['model']['file']} on http://{host}:{port} with {model.providers[0]} "
+        "(POST /run, GET /info, GET /health; Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1529,25 +1772,39 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgepack_shim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default=str(default_bundle()), help="bundle folder (default: the folder of this file)")
+    parser.add_argument(
+        "--bundle", default=str(default_bundle()), help="bundle folder (default: the folder of this file)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     loading = _Parser(add_help=False)
     loading.add_argument("--no-verify", action="store_true", help="skip checksum verification (unsafe)")
-    loading.add_argument("--strict-providers", action="store_true",
-                         help="refuse to run unless the preferred execution provider is active")
+    loading.add_argument(
+        "--strict-providers",
+        action="store_true",
+        help="refuse to run unless the preferred execution provider is active",
+    )
     loading.add_argument("--providers", metavar="A,B", help="execution providers to use instead of the manifest's")
     signed = _Parser(add_help=False)
-    signed.add_argument("--public-key", metavar="PEM", help=f"require a signature ({SIGNATURE}) by this P-256 public "
-                        f"key (a key pinned beside this file as {PINNED_KEY} is required without this flag)")
+    signed.add_argument(
+        "--public-key",
+        metavar="PEM",
+        help=f"require a signature ({SIGNATURE}) by this P-256 public "
+        f"key (a key pinned beside this file as {PINNED_KEY} is required without this flag)",
+    )
     loading = _Parser(add_help=False, parents=[loading, signed])
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON on stdout")
 
     sub.add_parser("info", parents=[as_json], help="model I/O, target, providers wanted vs available")
-    sub.add_parser("verify", parents=[signed, as_json], help="check every file's checksum against the manifest "
-                   "(and the signature, with --public-key)")
-    run = sub.add_parser("run", parents=[loading, as_json], help="run the model on inputs from an .npz (.npy: one input)")
+    sub.add_parser(
+        "verify",
+        parents=[signed, as_json],
+        help="check every file's checksum against the manifest (and the signature, with --public-key)",
+    )
+    run = sub.add_parser(
+        "run", parents=[loading, as_json], help="run the model on inputs from an .npz (.npy: one input)"
+    )
     run.add_argument("inputs")
     run.add_argument("-o", "--output", default="outputs.npz", help="where to write the outputs (.npz, or .npy for one)")
     bench = sub.add_parser("bench", parents=[loading, as_json], help="first-run time, latency percentiles, throughput")
@@ -1556,7 +1813,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--inputs", help="an .npz/.npy of inputs (default: random inputs of the model's shapes)")
     bench.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a named dynamic dim (repeatable)")
     serve = sub.add_parser("serve", parents=[loading], help="HTTP JSON endpoint (POST /run)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
     serve.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     serve.add_argument("--max-request-mb", type=float, default=16.0, help="largest request body accepted")
     serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -1577,7 +1836,9 @@ def main(argv=None) -> int:
         print("edgepack_shim: error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug here or in a library: still one line
-        print(f"edgepack_shim: error: internal error: {type(exc).__name__}: {_bounded(_first_line(exc))}", file=sys.stderr)
+        print(
+            f"edgepack_shim: error: internal error: {type(exc).__name__}: {_bounded(_first_line(exc))}", file=sys.stderr
+        )
         return 1
 
 

@@ -19,8 +19,14 @@ from edgepack.examples import write_example  # noqa: E402
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m edgepack ARGS`` in a fresh process, as a user would run it."""
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, "-m", "edgepack", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def assert_clean_failure(done: subprocess.CompletedProcess, *needles: str) -> None:

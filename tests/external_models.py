@@ -32,15 +32,28 @@ def mlp_graph(initializers: list[TensorProto]) -> onnx.ModelProto:
         helper.make_node("Relu", ["hb"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
     ]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], initializers)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def external_tensor(name: str, array: np.ndarray, location: str, offset: int, length: int | None = None) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
-                         data_location=TensorProto.EXTERNAL)
-    entries = [("location", location), ("offset", str(offset)), ("length", str(array.nbytes if length is None else length))]
+    tensor = TensorProto(
+        name=name,
+        data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+        dims=array.shape,
+        data_location=TensorProto.EXTERNAL,
+    )
+    entries = [
+        ("location", location),
+        ("offset", str(offset)),
+        ("length", str(array.nbytes if length is None else length)),
+    ]
     for key, value in entries:
         tensor.external_data.add(key=key, value=value)
     return tensor
@@ -55,8 +68,11 @@ def write_split_model(folder: Path, name: str = "mlp.onnx") -> Path:
     a += bytes(b1_offset - len(a)) + B1.tobytes() + bytes(100)  # trailing bytes are allowed
     (folder / "weights" / "a.bin").write_bytes(bytes(a))
     (folder / "b.bin").write_bytes(W2.tobytes())
-    inits = [external_tensor("W1", W1, "weights/a.bin", 64), external_tensor("B1", B1, "weights/a.bin", b1_offset),
-             external_tensor("W2", W2, "b.bin", 0)]
+    inits = [
+        external_tensor("W1", W1, "weights/a.bin", 64),
+        external_tensor("B1", B1, "weights/a.bin", b1_offset),
+        external_tensor("W2", W2, "b.bin", 0),
+    ]
     path = folder / name
     path.write_bytes(mlp_graph(inits).SerializeToString())
     return path

@@ -12,8 +12,15 @@ from typing import Any
 import numpy as np
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @contextlib.contextmanager
@@ -26,7 +33,8 @@ def chromium(playwright=None, extra_args: list[str] = ()) -> Iterator[Any]:
         profile = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgepack-chromium-"))
         playwright = playwright or stack.enter_context(sync_playwright())
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *extra_args])
+            profile, executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *extra_args]
+        )
         stack.callback(context.close)
         yield context
 
@@ -65,10 +73,14 @@ def to_js_feeds(feeds: dict[str, np.ndarray]) -> dict[str, dict]:
 
 def run_bundle(page, bundle_url: str, feeds: list[dict[str, np.ndarray]] = (), **options) -> dict:
     """Load the bundle at ``bundle_url`` in ``page`` and run every input set of ``feeds``; outputs as numpy arrays."""
-    result = page.evaluate(RUN_JS, {"bundleUrl": bundle_url, "feeds": [to_js_feeds(f) for f in feeds], "options": options})
+    result = page.evaluate(
+        RUN_JS, {"bundleUrl": bundle_url, "feeds": [to_js_feeds(f) for f in feeds], "options": options}
+    )
     if "outputs" in result:
-        result["outputs"] = [{name: np.asarray(o["data"], dtype=np.float64).reshape(o["dims"]) for name, o in r.items()}
-                             for r in result["outputs"]]
+        result["outputs"] = [
+            {name: np.asarray(o["data"], dtype=np.float64).reshape(o["dims"]) for name, o in r.items()}
+            for r in result["outputs"]
+        ]
     return result
 
 

@@ -44,51 +44,74 @@ def detector() -> onnx.ModelProto:
     previous, channels = "image", 3
     for i in range(5):
         weight = f"w{i}"
-        inits.append(numpy_helper.from_array((rng.standard_normal((4, channels, 3, 3)) * 0.3).astype(np.float32), weight))
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal((4, channels, 3, 3)) * 0.3).astype(np.float32), weight)
+        )
         nodes.append(helper.make_node("Conv", [previous, weight], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]))
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         previous, channels = f"r{i}", 4
     inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
     for level, (deep, lateral) in enumerate([("r4", "r3"), ("m3", "r2"), ("m2", "r1")]):
         merged = "maps" if lateral == "r1" else f"m{3 - level}"
-        nodes += [helper.make_node("Resize", [deep, "", "scales"], [f"up{level}"], mode="nearest"),
-                  helper.make_node("Add", [f"up{level}", lateral], [merged])]
-    graph = helper.make_graph(nodes, "detector",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
-                              [helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["batch", 4, None, None])], inits)
+        nodes += [
+            helper.make_node("Resize", [deep, "", "scales"], [f"up{level}"], mode="nearest"),
+            helper.make_node("Add", [f"up{level}", lateral], [merged]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("maps", TensorProto.FLOAT, ["batch", 4, None, None])],
+        inits,
+    )
     return _model(graph)
 
 
 def spectrogram() -> onnx.ModelProto:
     """An audio front end: reflect-pad 200 samples on each side, frame and project. Needs over 200 samples."""
     rng = _rng(2)
-    inits = [numpy_helper.from_array(np.array([0, 200, 0, 200], np.int64), "pads"),
-             numpy_helper.from_array(np.array([0, 0, -1, 100], np.int64), "frame"),
-             numpy_helper.from_array(rng.standard_normal((100, 16)).astype(np.float32) * 0.1, "basis")]
-    nodes = [helper.make_node("Pad", ["audio", "pads"], ["padded"], mode="reflect"),
-             helper.make_node("Unsqueeze", ["padded", "axis1"], ["wide"]),
-             helper.make_node("Slice", ["wide", "start", "stop", "axes"], ["cut"]),
-             helper.make_node("Reshape", ["cut", "frame"], ["frames"]),
-             helper.make_node("MatMul", ["frames", "basis"], ["spec"])]
-    inits += [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-              numpy_helper.from_array(np.array([0], np.int64), "start"),
-              numpy_helper.from_array(np.array([400], np.int64), "stop"),
-              numpy_helper.from_array(np.array([2], np.int64), "axes")]
-    graph = helper.make_graph(nodes, "spectrogram",
-                              [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"])],
-                              [helper.make_tensor_value_info("spec", TensorProto.FLOAT, ["batch", 1, None, 16])], inits)
+    inits = [
+        numpy_helper.from_array(np.array([0, 200, 0, 200], np.int64), "pads"),
+        numpy_helper.from_array(np.array([0, 0, -1, 100], np.int64), "frame"),
+        numpy_helper.from_array(rng.standard_normal((100, 16)).astype(np.float32) * 0.1, "basis"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["audio", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("Unsqueeze", ["padded", "axis1"], ["wide"]),
+        helper.make_node("Slice", ["wide", "start", "stop", "axes"], ["cut"]),
+        helper.make_node("Reshape", ["cut", "frame"], ["frames"]),
+        helper.make_node("MatMul", ["frames", "basis"], ["spec"]),
+    ]
+    inits += [
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([400], np.int64), "stop"),
+        numpy_helper.from_array(np.array([2], np.int64), "axes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "spectrogram",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"])],
+        [helper.make_tensor_value_info("spec", TensorProto.FLOAT, ["batch", 1, None, 16])],
+        inits,
+    )
     return _model(graph)
 
 
 def embedding(vocabulary: int = 10) -> onnx.ModelProto:
     """A text encoder's first step: int64 token ids into a table of ``vocabulary`` rows (ids 10..15 are out of range)."""
     table = _rng(3).standard_normal((vocabulary, 8)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["embedded"], axis=0),
-             helper.make_node("ReduceMean", ["embedded"], ["pooled"], axes=[1], keepdims=0)]
-    graph = helper.make_graph(nodes, "embedding",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])],
-                              [numpy_helper.from_array(table, "table")])
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"], axis=0),
+        helper.make_node("ReduceMean", ["embedded"], ["pooled"], axes=[1], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(table, "table")],
+    )
     return _model(graph)
 
 
@@ -99,36 +122,65 @@ def voice_activity() -> onnx.ModelProto:
     hop = {16000: 64, 8000: 32}
 
     def branch(rate: int) -> onnx.GraphProto:
-        nodes = [helper.make_node("Reshape", ["audio", f"frame_{rate}"], [f"framed_{rate}"]),
-                 helper.make_node("ReduceMean", [f"framed_{rate}"], [f"energy_{rate}"], axes=[2], keepdims=0),
-                 helper.make_node("ReduceMean", [f"energy_{rate}"], [f"level_{rate}"], axes=[1], keepdims=1)]
-        return helper.make_graph(nodes, f"rate_{rate}", [], [helper.make_tensor_value_info(f"level_{rate}", TensorProto.FLOAT, [None, 1])],
-                                 [numpy_helper.from_array(np.array([0, -1, hop[rate]], np.int64), f"frame_{rate}")])
+        nodes = [
+            helper.make_node("Reshape", ["audio", f"frame_{rate}"], [f"framed_{rate}"]),
+            helper.make_node("ReduceMean", [f"framed_{rate}"], [f"energy_{rate}"], axes=[2], keepdims=0),
+            helper.make_node("ReduceMean", [f"energy_{rate}"], [f"level_{rate}"], axes=[1], keepdims=1),
+        ]
+        return helper.make_graph(
+            nodes,
+            f"rate_{rate}",
+            [],
+            [helper.make_tensor_value_info(f"level_{rate}", TensorProto.FLOAT, [None, 1])],
+            [numpy_helper.from_array(np.array([0, -1, hop[rate]], np.int64), f"frame_{rate}")],
+        )
 
-    refuse = helper.make_graph([helper.make_node("Unsqueeze", ["sr", "axis0"], ["sr1"]),
-                                helper.make_node("Concat", ["sr1", "sr1"], ["nothing"], axis=0),
-                                helper.make_node("Reshape", ["audio", "nothing"], ["refused"])], "other_rate", [],
-                               [helper.make_tensor_value_info("refused", TensorProto.FLOAT, [None, None])])
-    eight = helper.make_graph([helper.make_node("If", ["is_8k"], ["level_inner"], then_branch=branch(8000), else_branch=refuse)],
-                              "maybe_8k", [], [helper.make_tensor_value_info("level_inner", TensorProto.FLOAT, [None, 1])])
-    nodes = [helper.make_node("Equal", ["sr", "k16"], ["is_16k"]),
-             helper.make_node("Equal", ["sr", "k8"], ["is_8k"]),
-             helper.make_node("If", ["is_16k"], ["level"], then_branch=branch(16000), else_branch=eight),
-             helper.make_node("MatMul", ["state", "mix"], ["mixed"]),
-             helper.make_node("Unsqueeze", ["level", "axis0"], ["level3"]),
-             helper.make_node("Add", ["mixed", "level3"], ["state_out"]),
-             helper.make_node("ReduceMean", ["state_out"], ["pooled"], axes=[0, 2], keepdims=0),
-             helper.make_node("Sigmoid", ["pooled"], ["speech"])]
-    inits = [numpy_helper.from_array(np.array(16000, np.int64), "k16"), numpy_helper.from_array(np.array(8000, np.int64), "k8"),
-             numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.2).astype(np.float32), "mix"),
-             numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    refuse = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["sr", "axis0"], ["sr1"]),
+            helper.make_node("Concat", ["sr1", "sr1"], ["nothing"], axis=0),
+            helper.make_node("Reshape", ["audio", "nothing"], ["refused"]),
+        ],
+        "other_rate",
+        [],
+        [helper.make_tensor_value_info("refused", TensorProto.FLOAT, [None, None])],
+    )
+    eight = helper.make_graph(
+        [helper.make_node("If", ["is_8k"], ["level_inner"], then_branch=branch(8000), else_branch=refuse)],
+        "maybe_8k",
+        [],
+        [helper.make_tensor_value_info("level_inner", TensorProto.FLOAT, [None, 1])],
+    )
+    nodes = [
+        helper.make_node("Equal", ["sr", "k16"], ["is_16k"]),
+        helper.make_node("Equal", ["sr", "k8"], ["is_8k"]),
+        helper.make_node("If", ["is_16k"], ["level"], then_branch=branch(16000), else_branch=eight),
+        helper.make_node("MatMul", ["state", "mix"], ["mixed"]),
+        helper.make_node("Unsqueeze", ["level", "axis0"], ["level3"]),
+        helper.make_node("Add", ["mixed", "level3"], ["state_out"]),
+        helper.make_node("ReduceMean", ["state_out"], ["pooled"], axes=[0, 2], keepdims=0),
+        helper.make_node("Sigmoid", ["pooled"], ["speech"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(16000, np.int64), "k16"),
+        numpy_helper.from_array(np.array(8000, np.int64), "k8"),
+        numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.2).astype(np.float32), "mix"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+    ]
     graph = helper.make_graph(
-        nodes, "vad",
-        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 16]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("speech", TensorProto.FLOAT, [None]),
-         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, None, 16])], inits)
+        nodes,
+        "vad",
+        [
+            helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 16]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("speech", TensorProto.FLOAT, [None]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, None, 16]),
+        ],
+        inits,
+    )
     return _model(graph)
 
 
@@ -139,19 +191,31 @@ def if_with_constant_weights() -> onnx.ModelProto:
     rng = _rng(5)
 
     def branch(tag: str) -> onnx.GraphProto:
-        graph = helper.make_graph([_const(f"w_{tag}", (rng.standard_normal((2, 2)) * 0.5).astype(np.float32)),
-                                   helper.make_node("Identity", [f"w_{tag}"], [f"y_{tag}"])],
-                                  tag, [], [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [None])])
+        graph = helper.make_graph(
+            [
+                _const(f"w_{tag}", (rng.standard_normal((2, 2)) * 0.5).astype(np.float32)),
+                helper.make_node("Identity", [f"w_{tag}"], [f"y_{tag}"]),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"y_{tag}", TensorProto.FLOAT, [None])],
+        )
         graph.value_info.append(helper.make_tensor_value_info(f"w_{tag}", TensorProto.FLOAT, [2, 2]))
         return graph
 
-    nodes = [_const("zero", np.array(0.0, np.float32)),
-             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
-             helper.make_node("Greater", ["total", "zero"], ["positive"]),
-             helper.make_node("If", ["positive"], ["weight"], then_branch=branch("then"), else_branch=branch("else")),
-             helper.make_node("MatMul", ["x", "weight"], ["y"])]
-    graph = helper.make_graph(nodes, "if_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    nodes = [
+        _const("zero", np.array(0.0, np.float32)),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["weight"], then_branch=branch("then"), else_branch=branch("else")),
+        helper.make_node("MatMul", ["x", "weight"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "if_constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    )
     return _model(graph)
 
 
@@ -159,20 +223,35 @@ def loop_with_constant_weights() -> onnx.ModelProto:
     """A Loop whose body multiplies by a small weight held in a Constant node, three times, and hands the result on
     through an Identity declared with another rank: the same PassError as in an If branch."""
     body = helper.make_graph(
-        [_const("w_body", (_rng(6).standard_normal((2, 2)) * 0.5).astype(np.float32)),
-         helper.make_node("MatMul", ["carried", "w_body"], ["product"]),
-         helper.make_node("Identity", ["product"], ["carried_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [
+            _const("w_body", (_rng(6).standard_normal((2, 2)) * 0.5).astype(np.float32)),
+            helper.make_node("MatMul", ["carried", "w_body"], ["product"]),
+            helper.make_node("Identity", ["product"], ["carried_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried", TensorProto.FLOAT, [None, 2])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [None])])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried", TensorProto.FLOAT, [None, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("carried_out", TensorProto.FLOAT, [None]),
+        ],
+    )
     body.value_info.append(helper.make_tensor_value_info("product", TensorProto.FLOAT, [None, 2]))
-    nodes = [_const("trips", np.array(3, np.int64)), _const("go", np.array(True)),
-             helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body)]
-    graph = helper.make_graph(nodes, "loop_constants", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    nodes = [
+        _const("trips", np.array(3, np.int64)),
+        _const("go", np.array(True)),
+        helper.make_node("Loop", ["trips", "go", "x"], ["y"], body=body),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "loop_constants",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    )
     return _model(graph)
 
 
@@ -180,10 +259,13 @@ def ir3_initializers_not_inputs() -> onnx.ModelProto:
     """An IR-3 model (onnxruntime's old test data) whose initializer is not listed as a graph input:
     onnx.checker refuses it ("in initializer but not in graph input"), onnxruntime runs it."""
     weight = (_rng(7).standard_normal((4, 3)) * 0.5).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
-                              "ir3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])],
-                              [numpy_helper.from_array(weight, "W")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "ir3",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(weight, "W")],
+    )
     return _model(graph, opset=7, ir=3)
 
 
@@ -191,37 +273,70 @@ def zipmap_classifier() -> onnx.ModelProto:
     """An ai.onnx.ml classifier as skl2onnx writes it: LinearClassifier, Normalizer, then ZipMap, whose output is a
     sequence of maps (class -> probability) that numpy cannot hold."""
     rng = _rng(8)
-    nodes = [helper.make_node("LinearClassifier", ["features"], ["label", "scores"], domain="ai.onnx.ml",
-                              classlabels_ints=[0, 1, 2], coefficients=rng.standard_normal(12).astype(np.float32).tolist(),
-                              intercepts=[0.1, -0.2, 0.0], multi_class=1, post_transform="SOFTMAX"),
-             helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])]
-    probabilities = onnx.ValueInfoProto(name="probabilities",
-                                        type=helper.make_sequence_type_proto(helper.make_map_type_proto(
-                                            TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))))
-    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]), probabilities])
+    nodes = [
+        helper.make_node(
+            "LinearClassifier",
+            ["features"],
+            ["label", "scores"],
+            domain="ai.onnx.ml",
+            classlabels_ints=[0, 1, 2],
+            coefficients=rng.standard_normal(12).astype(np.float32).tolist(),
+            intercepts=[0.1, -0.2, 0.0],
+            multi_class=1,
+            post_transform="SOFTMAX",
+        ),
+        helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]),
+    ]
+    probabilities = onnx.ValueInfoProto(
+        name="probabilities",
+        type=helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+        ),
+    )
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]), probabilities],
+    )
     return _model(graph, ml=True)
 
 
 def dict_vectorizer() -> onnx.ModelProto:
     """An ai.onnx.ml pipeline taking a map input (feature name -> value), as skl2onnx writes for dict features."""
-    features = onnx.ValueInfoProto(name="features", type=helper.make_map_type_proto(
-        TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
-    nodes = [helper.make_node("DictVectorizer", ["features"], ["dense"], domain="ai.onnx.ml", string_vocabulary=["a", "b", "c"]),
-             helper.make_node("Mul", ["dense", "weights"], ["y"])]
-    graph = helper.make_graph(nodes, "dict_features", [features], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
-                              [numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "weights")])
+    features = onnx.ValueInfoProto(
+        name="features",
+        type=helper.make_map_type_proto(TensorProto.STRING, helper.make_tensor_type_proto(TensorProto.FLOAT, [])),
+    )
+    nodes = [
+        helper.make_node(
+            "DictVectorizer", ["features"], ["dense"], domain="ai.onnx.ml", string_vocabulary=["a", "b", "c"]
+        ),
+        helper.make_node("Mul", ["dense", "weights"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dict_features",
+        [features],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.array([0.5, -1.0, 2.0], np.float32), "weights")],
+    )
     return _model(graph, ml=True)
 
 
 def sequence_io() -> onnx.ModelProto:
     """A model taking and returning a sequence of tensors (onnx node-conformance cases have such I/O)."""
     seq = helper.make_tensor_sequence_value_info
-    nodes = [helper.make_node("SequenceInsert", ["items", "x"], ["more"]),
-             helper.make_node("ConcatFromSequence", ["more"], ["joined"], axis=0)]
-    graph = helper.make_graph(nodes, "sequences",
-                              [seq("items", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                              [seq("more", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("joined", TensorProto.FLOAT, [None, 3])])
+    nodes = [
+        helper.make_node("SequenceInsert", ["items", "x"], ["more"]),
+        helper.make_node("ConcatFromSequence", ["more"], ["joined"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sequences",
+        [seq("items", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [seq("more", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("joined", TensorProto.FLOAT, [None, 3])],
+    )
     return _model(graph)
 
 
@@ -229,18 +344,34 @@ def outer_scope_subgraph_output() -> onnx.ModelProto:
     """An If whose then-branch returns an outer-scope value through an Identity. onnxruntime's basic optimizer
     (run by quantization pre-processing) removes the Identity and writes a model onnxruntime refuses to load."""
     rng = _rng(9)
-    then = helper.make_graph([helper.make_node("Identity", ["hidden"], ["passed"])], "then", [],
-                             [helper.make_tensor_value_info("passed", TensorProto.FLOAT, [None, 16])])
-    other = helper.make_graph([helper.make_node("Neg", ["hidden"], ["negated"])], "else", [],
-                              [helper.make_tensor_value_info("negated", TensorProto.FLOAT, [None, 16])])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["hidden"]),
-             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
-             helper.make_node("Greater", ["total", "zero"], ["positive"]),
-             helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other)]
-    graph = helper.make_graph(nodes, "outer_scope", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
-                              [numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w"),
-                               numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["hidden"], ["passed"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("passed", TensorProto.FLOAT, [None, 16])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["hidden"], ["negated"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("negated", TensorProto.FLOAT, [None, 16])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["hidden"]),
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outer_scope",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [
+            numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
     return _model(graph)
 
 
@@ -248,11 +379,16 @@ def fp16_underflow() -> onnx.ModelProto:
     """Weights below float16's smallest subnormal (6e-8), scaled back up after the MatMul: in FP16 they are 0,
     so FP16 misses any accuracy gate while FP32 is exact."""
     rng = _rng(10)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["y"])],
-                              "underflow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-                              [numpy_helper.from_array((rng.standard_normal((8, 8)) * 1e-9).astype(np.float32), "w"),
-                               numpy_helper.from_array(np.full((8,), 1e4, np.float32), "scale")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["y"])],
+        "underflow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [
+            numpy_helper.from_array((rng.standard_normal((8, 8)) * 1e-9).astype(np.float32), "w"),
+            numpy_helper.from_array(np.full((8,), 1e4, np.float32), "scale"),
+        ],
+    )
     return _model(graph)
 
 
@@ -263,9 +399,16 @@ def int8_outlier() -> onnx.ModelProto:
     weight[0, 0] = 1000.0
     outlier = np.zeros_like(weight)
     outlier[0, 0] = 1000.0
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["all"]), helper.make_node("MatMul", ["x", "w_outlier"], ["big"]),
-             helper.make_node("Sub", ["all", "big"], ["y"])]
-    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
-                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(outlier, "w_outlier")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["all"]),
+        helper.make_node("MatMul", ["x", "w_outlier"], ["big"]),
+        helper.make_node("Sub", ["all", "big"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "outlier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(outlier, "w_outlier")],
+    )
     return _model(graph)

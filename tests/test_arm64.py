@@ -63,11 +63,16 @@ def sysroot(measured):
     except EmulationUnavailable as exc:
         pytest.skip(f"ARM64 emulation cannot run on this machine: {exc}")
     info = root.info
-    built = f"built now in {root.build_seconds:.0f} s" if root.build_seconds is not None else \
-        f"from cache (first build took {info['build_seconds']} s)"
+    built = (
+        f"built now in {root.build_seconds:.0f} s"
+        if root.build_seconds is not None
+        else f"from cache (first build took {info['build_seconds']} s)"
+    )
     measured.append(f"sysroot {root.root} ({info['size_bytes'] / 1e6:.0f} MB, {built})")
-    measured.append(f"{info['qemu']}, QEMU_CPU={root.cpu}; guest Python {info['guest']['python']}, "
-                    f"onnxruntime {info['guest']['onnxruntime']}, numpy {info['guest']['numpy']}")
+    measured.append(
+        f"{info['qemu']}, QEMU_CPU={root.cpu}; guest Python {info['guest']['python']}, "
+        f"onnxruntime {info['guest']['onnxruntime']}, numpy {info['guest']['numpy']}"
+    )
     return root
 
 
@@ -78,7 +83,9 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     for name in ("cnn", "transformer"):
         result = subprocess.run(
             [sys.executable, "-m", "edgepack", "package", "--example", name, "--target", TARGET, "-o", str(out), "-q"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr
         made[name] = out / f"{name}-{TARGET}"
@@ -107,21 +114,33 @@ def test_shim_verifies_and_runs_the_bundle_on_arm64(name, sysroot, bundles, meas
     # a quantized bundle is held to the profile's quantization tolerance against the FP32 source, as the
     # packager's self-test does; against the same bundle on the host it must still match like FP32 does
     quantized = manifest["model"]["precision"] != "fp32"
-    source_min_cosine = manifest["profile"]["quantization"]["tolerance"]["min_cosine"] if quantized else accuracy["min_cosine"]
+    source_min_cosine = (
+        manifest["profile"]["quantization"]["tolerance"]["min_cosine"] if quantized else accuracy["min_cosine"]
+    )
     inputs = example_inputs(name)
     np.savez(tmp_path / "inputs.npz", **inputs)
 
     verified = emulated(sysroot, measured, f"{name}: shim verify", [SHIM, "verify"], bundle)
     assert verified.returncode == 0, verified.stderr
 
-    ran = emulated(sysroot, measured, f"{name}: shim run (batch 2)",
-                   [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "arm64.npz"], bundle)
+    ran = emulated(
+        sysroot,
+        measured,
+        f"{name}: shim run (batch 2)",
+        [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "arm64.npz"],
+        bundle,
+    )
     assert ran.returncode == 0, ran.stderr
     on_arm64 = dict(np.load(tmp_path / "arm64.npz"))
 
     # the same command with the host's Python, onnxruntime and CPU
-    host_run = subprocess.run([sys.executable, SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "host.npz"],
-                              cwd=bundle, capture_output=True, text=True, timeout=120)
+    host_run = subprocess.run(
+        [sys.executable, SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "host.npz"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert host_run.returncode == 0, host_run.stderr
     on_host = dict(np.load(tmp_path / "host.npz"))
     # and the source model, which the profile's tolerance is defined against
@@ -136,8 +155,9 @@ def test_shim_verifies_and_runs_the_bundle_on_arm64(name, sysroot, bundles, meas
             measured.append(f"{name}: {output} arm64 vs {reference}: max abs {max_abs:.2e}, cosine {cosine:.7f}")
             if reference == "host bundle" or not quantized:
                 assert max_abs <= accuracy["max_abs_error"], f"{output} vs {reference}: max abs error {max_abs}"
-            assert cosine >= (accuracy["min_cosine"] if reference == "host bundle" else source_min_cosine), \
+            assert cosine >= (accuracy["min_cosine"] if reference == "host bundle" else source_min_cosine), (
                 f"{output} vs {reference}: cosine {cosine}"
+            )
 
 
 def test_shim_refuses_a_tampered_bundle_on_arm64(sysroot, bundles, measured, tmp_path):
@@ -153,8 +173,13 @@ def test_shim_refuses_a_tampered_bundle_on_arm64(sysroot, bundles, measured, tmp
     assert verified.returncode != 0
     assert "model/cnn.ort" in verified.stdout + verified.stderr and "Traceback" not in verified.stderr
 
-    ran = emulated(sysroot, measured, "tampered cnn: shim run",
-                   [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "out.npz"], bundle)
+    ran = emulated(
+        sysroot,
+        measured,
+        "tampered cnn: shim run",
+        [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "out.npz"],
+        bundle,
+    )
     assert ran.returncode != 0
     assert "model/cnn.ort" in ran.stdout + ran.stderr and "Traceback" not in ran.stderr
     assert not (tmp_path / "out.npz").exists()
@@ -184,8 +209,13 @@ def test_int8_onnxruntime_results_on_arm64_match_the_host(sysroot, measured, tmp
     np.savez(tmp_path / "inputs.npz", **inputs)
     (tmp_path / "run_model.py").write_text(RUN_MODEL, encoding="utf-8")
 
-    ran = emulated(sysroot, measured, "int8 transformer: plain onnxruntime run",
-                   ["run_model.py", int8, tmp_path / "inputs.npz", tmp_path / "arm64.npz"], tmp_path)
+    ran = emulated(
+        sysroot,
+        measured,
+        "int8 transformer: plain onnxruntime run",
+        ["run_model.py", int8, tmp_path / "inputs.npz", tmp_path / "arm64.npz"],
+        tmp_path,
+    )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.split() == ["aarch64", ort.__version__]
     on_arm64 = np.load(tmp_path / "arm64.npz")["arr_0"]
@@ -195,8 +225,10 @@ def test_int8_onnxruntime_results_on_arm64_match_the_host(sysroot, measured, tmp
     tolerance = load_profile(TARGET).accuracy.max_abs_error
     max_abs, cosine = differences(on_arm64, on_host)
     quantization_error, _ = differences(on_host, fp32_on_host)
-    measured.append(f"int8 transformer: arm64 vs host int8: max abs {max_abs:.2e}, cosine {cosine:.7f} "
-                    f"(int8 vs fp32 on the host: {quantization_error:.2e})")
+    measured.append(
+        f"int8 transformer: arm64 vs host int8: max abs {max_abs:.2e}, cosine {cosine:.7f} "
+        f"(int8 vs fp32 on the host: {quantization_error:.2e})"
+    )
     # the tolerance is far below int8's own error, so a different int8 kernel family would not pass
     assert quantization_error > 10 * tolerance
     assert max_abs <= tolerance

@@ -66,16 +66,28 @@ def _jetson(tmp_path: Path, options: str, default: str | None = None) -> Path:
     return path
 
 
-@pytest.mark.parametrize("option", ["trt_engine_cache_path: /tmp/engines", "trt_timing_cache_path: /tmp/timing",
-                                    "trt_profile_opt_shapes: image:1x3x32x32"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "trt_engine_cache_path: /tmp/engines",
+        "trt_timing_cache_path: /tmp/timing",
+        "trt_profile_opt_shapes: image:1x3x32x32",
+    ],
+)
 def test_options_the_shim_chooses_are_refused_with_the_reason(option, tmp_path):
     with pytest.raises(ProfileError, match=f"options.{option.split(':')[0]}': the shim"):
         load_profile(str(_jetson(tmp_path, option)))
 
 
-@pytest.mark.parametrize("value, default, allowed", [
-    ("true", None, False), ("false", None, True), ("true", "dynamic", True), ("false", "dynamic", False),
-])
+@pytest.mark.parametrize(
+    "value, default, allowed",
+    [
+        ("true", None, False),
+        ("false", None, True),
+        ("true", "dynamic", True),
+        ("false", "dynamic", False),
+    ],
+)
 def test_an_explicit_int8_switch_must_agree_with_the_default_recipe(value, default, allowed, tmp_path):
     path = _jetson(tmp_path, f"trt_int8_enable: {value}", default)
     if allowed:
@@ -88,6 +100,7 @@ def test_an_explicit_int8_switch_must_agree_with_the_default_recipe(value, defau
 def test_left_out_int8_follows_the_model_in_the_shim():
     """The rule the profile check mirrors, as the shim applies it."""
     for precision in ("fp32", "fp16", "int8"):
-        options = shim.tensorrt_options({}, inputs=[], precision=precision, model_sha256="0" * 64,
-                                        cache_dir=Path("/c"), gpu="g", trt_version="10")
+        options = shim.tensorrt_options(
+            {}, inputs=[], precision=precision, model_sha256="0" * 64, cache_dir=Path("/c"), gpu="g", trt_version="10"
+        )
         assert options.get("trt_int8_enable") == ("True" if precision == "int8" else None)

@@ -30,7 +30,9 @@ from tests.in_browser import CHROMIUM, WITHOUT_FETCH_INTEGRITY, chromium, flip_b
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"
+    ),
 ]
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -80,22 +82,34 @@ def mlp_with_external_data(folder: Path, seed: int = 3) -> Path:
         numpy_helper.from_array((0.1 * rng.standard_normal(64)).astype(np.float32), "b1"),
         numpy_helper.from_array((rng.standard_normal((64, 8)) / 8).astype(np.float32), "w2"),
     ]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
-             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = folder / "mlp.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
-                    size_threshold=0)
+    onnx.save_model(
+        model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
     return path
 
 
-def package(model: Path, target: str, output: Path, tarball: Path, name: str | None = None,
-            quantize: str | None = None) -> Path:
-    [result] = package_model(model, [load_profile(target)], Options(output=output, ort_web=tarball, quantize=quantize),
-                             name=name)
+def package(
+    model: Path, target: str, output: Path, tarball: Path, name: str | None = None, quantize: str | None = None
+) -> Path:
+    [result] = package_model(
+        model, [load_profile(target)], Options(output=output, ort_web=tarball, quantize=quantize), name=name
+    )
     assert result.ok, result.error
     return result.bundle
 
@@ -103,8 +117,11 @@ def package(model: Path, target: str, output: Path, tarball: Path, name: str | N
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
-    return {"cnn": write_example("cnn", folder), "transformer": write_example("transformer", folder),
-            "mlp": mlp_with_external_data(folder)}
+    return {
+        "cnn": write_example("cnn", folder),
+        "transformer": write_example("transformer", folder),
+        "mlp": mlp_with_external_data(folder),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +129,10 @@ def onnx_profile(tmp_path_factory) -> Path:
     """browser-wasm, but shipping the .onnx (with its external data) instead of converting to .ort."""
     text = Path(load_profile("browser-wasm").source).read_text(encoding="utf-8")
     path = tmp_path_factory.mktemp("profiles") / "browser-wasm-onnx.yaml"
-    path.write_text(text.replace("name: browser-wasm", "name: browser-wasm-onnx").replace("style: Fixed", "style: none"),
-                    encoding="utf-8")
+    path.write_text(
+        text.replace("name: browser-wasm", "name: browser-wasm-onnx").replace("style: Fixed", "style: none"),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -127,7 +146,9 @@ def bundles(site, models, ort_web_tarball, onnx_profile) -> dict[str, Path]:
         "mlp-onnx": package(models["mlp"], str(onnx_profile), root, ort_web_tarball),
         "cnn-webgpu": package(models["cnn"], "browser-webgpu", root, ort_web_tarball),
         # FP32: the only WebGPU adapter here (SwiftShader) has no shader-f16 for the profile's FP16 default
-        "cnn-webgpu-fp32": package(models["cnn"], "browser-webgpu", root, ort_web_tarball, name="cnn-fp32", quantize="none"),
+        "cnn-webgpu-fp32": package(
+            models["cnn"], "browser-webgpu", root, ort_web_tarball, name="cnn-fp32", quantize="none"
+        ),
     }
 
 
@@ -164,8 +185,12 @@ def assert_within_quantization_tolerance(bundle: Path, got: list[dict], source: 
     assert manifest["model"]["precision"] != "fp32", "an FP32 bundle is held to assert_close against its source"
     tolerance = manifest["profile"]["quantization"]["tolerance"]
     figures = compare(reference(source, feeds), got)
-    assert not check(figures, min_cosine=tolerance["min_cosine"], min_top1_agreement=tolerance["min_top1_agreement"],
-                     max_abs_error=tolerance.get("max_abs_error")), figures
+    assert not check(
+        figures,
+        min_cosine=tolerance["min_cosine"],
+        min_top1_agreement=tolerance["min_top1_agreement"],
+        max_abs_error=tolerance.get("max_abs_error"),
+    ), figures
 
 
 def assert_close(got: list[dict], expected: list[dict], atol: float = 1e-4) -> None:
@@ -216,7 +241,8 @@ def test_external_data_ships_as_onnx_with_side_file_or_inlined_in_ort(bundles):
 
 def test_feeds_accept_tensors_typed_arrays_and_refuse_bad_inputs(browser, site, bundles):
     page = fresh_page(browser, site[1] + "blank.html")
-    result = page.evaluate("""async (bundleUrl) => {
+    result = page.evaluate(
+        """async (bundleUrl) => {
       const { load } = await import(bundleUrl + 'edgepack.mjs');
       const m = await load();
       const ids = new BigInt64Array([1n, 2n, 3n, 4n]), mask = [1, 1, 1, 0];
@@ -229,7 +255,9 @@ def test_feeds_accept_tensors_typed_arrays_and_refuse_bad_inputs(browser, site, 
         try { await m.run(feeds); errors.push(null); } catch (e) { errors.push(e.message); }
       }
       return { same: a.last_hidden_state.data.every((v, i) => v === b.last_hidden_state.data[i]), dims: a.last_hidden_state.dims, errors };
-    }""", url_of(site, bundles["transformer"]))
+    }""",
+        url_of(site, bundles["transformer"]),
+    )
     page.close()
     assert result["same"] and result["dims"] == [1, 4, 64]
     missing, wrong_type, wrong_size = result["errors"]
@@ -268,12 +296,15 @@ def test_each_verification_path_loads_and_says_it_ran(browser, site, bundles, pa
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kind, rel", [
-    ("runtime-js", "ort/ort.wasm.bundle.min.mjs"),
-    ("wasm", "ort/ort-wasm-simd-threaded.wasm"),
-    ("model", "model/mlp.onnx"),
-    ("external-data", "model/mlp.onnx.data"),
-])
+@pytest.mark.parametrize(
+    "kind, rel",
+    [
+        ("runtime-js", "ort/ort.wasm.bundle.min.mjs"),
+        ("wasm", "ort/ort-wasm-simd-threaded.wasm"),
+        ("model", "model/mlp.onnx"),
+        ("external-data", "model/mlp.onnx.data"),
+    ],
+)
 def test_a_flipped_byte_is_refused(browser, site, bundles, kind, rel, path):
     copy = tampered_copy(bundles["mlp-onnx"], rel, f"{kind}-{path}")
     page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
@@ -313,14 +344,29 @@ def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles, path)
     wasm_integrity = read_manifest(bundle)["files"]["ort/ort-wasm-simd-threaded.wasm"]["integrity"]
     cases = {
         # anywhere in a pinned manifest (here: the profile's description)
-        "pinned": ("Any modern browser", "Any modern browsdr", {"manifestIntegrity": pinned}, "manifest.json",
-                   "manifest.json: refused: its content does not match options.manifestIntegrity"),
+        "pinned": (
+            "Any modern browser",
+            "Any modern browsdr",
+            {"manifestIntegrity": pinned},
+            "manifest.json",
+            "manifest.json: refused: its content does not match options.manifestIntegrity",
+        ),
         # in a recorded digest: that file is refused
-        "digest": (wasm_integrity, wasm_integrity[:20] + ("B" if wasm_integrity[20] == "A" else "A") + wasm_integrity[21:], {},
-                   "ort/ort-wasm-simd-threaded.wasm", "refused: its content does not match manifest.json"),
+        "digest": (
+            wasm_integrity,
+            wasm_integrity[:20] + ("B" if wasm_integrity[20] == "A" else "A") + wasm_integrity[21:],
+            {},
+            "ort/ort-wasm-simd-threaded.wasm",
+            "refused: its content does not match manifest.json",
+        ),
         # a digest made malformed: browsers would skip the check, the loader refuses
-        "malformed": (wasm_integrity, wasm_integrity[:20] + "!" + wasm_integrity[21:], {},
-                      "ort/ort-wasm-simd-threaded.wasm", "its integrity in manifest.json is malformed"),
+        "malformed": (
+            wasm_integrity,
+            wasm_integrity[:20] + "!" + wasm_integrity[21:],
+            {},
+            "ort/ort-wasm-simd-threaded.wasm",
+            "its integrity in manifest.json is malformed",
+        ),
         "syntax": ('"schema"', '#schema"', {}, "manifest.json", "not valid JSON"),
     }
     for case, (old, new, options, file, message) in cases.items():
@@ -345,14 +391,20 @@ def test_a_plain_http_page_without_crypto_subtle_or_cache_still_verifies(browser
     """Plain-http pages (not localhost) have neither crypto.subtle nor the Cache API: fetch(url, {integrity}) checks."""
     good = bundles["mlp-onnx"]
     bad = tampered_copy(good, "model/mlp.onnx.data", "no-subtle")
-    page = fresh_page(browser, site[1] + "blank.html",
-                      "Object.defineProperty(globalThis.crypto, 'subtle', { value: undefined });"
-                      "Object.defineProperty(globalThis, 'caches', { value: undefined });")
+    page = fresh_page(
+        browser,
+        site[1] + "blank.html",
+        "Object.defineProperty(globalThis.crypto, 'subtle', { value: undefined });"
+        "Object.defineProperty(globalThis, 'caches', { value: undefined });",
+    )
     refused = run_bundle(page, url_of(site, bad), [])
     loaded = run_bundle(page, url_of(site, good), [])
     again = run_bundle(page, url_of(site, good), [])
     page.close()
-    assert refused["file"] == "model/mlp.onnx.data" and "refused: its content does not match manifest.json" in refused["error"]
+    assert (
+        refused["file"] == "model/mlp.onnx.data"
+        and "refused: its content does not match manifest.json" in refused["error"]
+    )
     assert "got another digest" in refused["error"]
     assert "error" not in loaded and loaded["verification"] == "sri"
     assert set(again["sources"].values()) == {"network"}
@@ -369,7 +421,10 @@ def test_http_errors_and_unreachable_servers_name_the_file(browser, site, bundle
     page.close()
     assert missing["file"] == "model/cnn.ort" and "HTTP 404" in missing["error"]
     assert not_a_bundle["file"] == "manifest.json" and "HTTP 404" in not_a_bundle["error"]
-    assert no_server["file"] == "manifest.json" and "cannot fetch http://127.0.0.1:9/bundle/manifest.json" in no_server["error"]
+    assert (
+        no_server["file"] == "manifest.json"
+        and "cannot fetch http://127.0.0.1:9/bundle/manifest.json" in no_server["error"]
+    )
 
 
 # --- the offline cache (Cache API, keyed by content) ---------------------------------------------------------
@@ -395,16 +450,20 @@ def served(folder: Path, bundle: Path):
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
-def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, ort_web_tarball, onnx_profile, tmp_path,
-                                                      signed):
+def test_a_second_visit_works_with_the_server_stopped(
+    browser, bundles, models, ort_web_tarball, onnx_profile, tmp_path, signed
+):
     options = {}
     bundle = bundles["mlp-onnx"]
     if signed:
         from edgepack.bundle.signing import generate_key
 
         generate_key(tmp_path / "release.priv", tmp_path / "release.pub", None)
-        [result] = package_model(models["mlp"], [load_profile(str(onnx_profile))],
-                                 Options(output=tmp_path / "signed", ort_web=ort_web_tarball, sign_key=tmp_path / "release.priv"))
+        [result] = package_model(
+            models["mlp"],
+            [load_profile(str(onnx_profile))],
+            Options(output=tmp_path / "signed", ort_web=ort_web_tarball, sign_key=tmp_path / "release.priv"),
+        )
         assert result.ok, result.error
         bundle, options = result.bundle, {"publicKey": (tmp_path / "release.pub").read_text()}
     feeds = inputs_for(bundle)[:1]
@@ -420,16 +479,21 @@ def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, 
 
     # The page and edgepack.mjs stand for the site's own offline copy (e.g. its service worker's); everything
     # else goes to the network, where nothing listens any more.
-    shell = {url + "blank.html": ("text/html", tmp_path / "site/blank.html"),
-             url + "app/edgepack.mjs": ("text/javascript", tmp_path / "site/app/edgepack.mjs")}
+    shell = {
+        url + "blank.html": ("text/html", tmp_path / "site/blank.html"),
+        url + "app/edgepack.mjs": ("text/javascript", tmp_path / "site/app/edgepack.mjs"),
+    }
     tried = []
 
     def route(request_route):
         request = request_route.request
         if request.url in shell:
             kind, path = shell[request.url]
-            request_route.fulfill(body=path.read_bytes(), content_type=kind, headers={
-                "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"})
+            request_route.fulfill(
+                body=path.read_bytes(),
+                content_type=kind,
+                headers={"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"},
+            )
         else:
             tried.append(request.url)
             request_route.continue_()
@@ -448,11 +512,13 @@ def test_a_second_visit_works_with_the_server_stopped(browser, bundles, models, 
     assert offline["crossOriginIsolated"] is True and offline["threads"] >= 2
 
 
-def test_a_new_bundle_version_replaces_the_changed_files_in_the_cache(browser, models, ort_web_tarball, onnx_profile,
-                                                                      tmp_path):
+def test_a_new_bundle_version_replaces_the_changed_files_in_the_cache(
+    browser, models, ort_web_tarball, onnx_profile, tmp_path
+):
     v1 = package(models["mlp"], str(onnx_profile), tmp_path / "v1", ort_web_tarball)
-    v2 = package(mlp_with_external_data(tmp_path / "retrained", seed=4), str(onnx_profile), tmp_path / "v2",
-                 ort_web_tarball)
+    v2 = package(
+        mlp_with_external_data(tmp_path / "retrained", seed=4), str(onnx_profile), tmp_path / "v2", ort_web_tarball
+    )
     old, new = read_manifest(v1)["files"], read_manifest(v2)["files"]
     changed = {rel for rel in NEEDED if old[rel]["integrity"] != new[rel]["integrity"]}
     assert changed == {"model/mlp.onnx", "model/mlp.onnx.data"}
@@ -475,11 +541,16 @@ def test_a_new_bundle_version_replaces_the_changed_files_in_the_cache(browser, m
         server.server_close()
     assert "error" not in first and "error" not in second, (first.get("error"), second.get("error"))
     assert_close(second["outputs"], bundle_reference(v2, feeds))
-    assert second["sources"] == {"manifest.json": "network", **{rel: "network" if rel in changed else "cache" for rel in NEEDED}}
+    assert second["sources"] == {
+        "manifest.json": "network",
+        **{rel: "network" if rel in changed else "cache" for rel in NEEDED},
+    }
     for rel in NEEDED:
         assert cache_key(server.url, old[rel]["integrity"]) in before
         assert cache_key(server.url, new[rel]["integrity"]) in after
-    assert not {cache_key(server.url, old[rel]["integrity"]) for rel in changed} & after, "the old version's files stay cached"
+    assert not {cache_key(server.url, old[rel]["integrity"]) for rel in changed} & after, (
+        "the old version's files stay cached"
+    )
 
 
 DAMAGE = """async ({ key, how }) => {
@@ -506,10 +577,13 @@ def test_a_damaged_cache_entry_is_detected_and_replaced_and_clear_cache_empties_
         page.goto(site[1] + "blank.html")
         messages = []
         page.on("console", lambda m: messages.append(m.text))
-        page.evaluate("""async (url) => {
+        page.evaluate(
+            """async (url) => {
           window.damaged = [];
           (await import(url + 'edgepack.mjs')).events.addEventListener('cache-damaged', (e) => window.damaged.push(e.detail.file));
-        }""", url)
+        }""",
+            url,
+        )
         if damage:
             rel, how = damage
             page.evaluate(DAMAGE, {"key": cache_key(site[1], files[rel]["integrity"]), "how": how})
@@ -521,7 +595,10 @@ def test_a_damaged_cache_entry_is_detected_and_replaced_and_clear_cache_empties_
 
     # as a disk error or another script of the site could: a cached copy one byte short is seen before use
     short, messages = visit(("ort/ort-wasm-simd-threaded.wasm", "truncate"))
-    assert short["sources"]["ort/ort-wasm-simd-threaded.wasm"] == "network" and short["sources"]["model/mlp.onnx"] == "cache"
+    assert (
+        short["sources"]["ort/ort-wasm-simd-threaded.wasm"] == "network"
+        and short["sources"]["model/mlp.onnx"] == "cache"
+    )
     assert short["damaged"] == ["ort/ort-wasm-simd-threaded.wasm"]
     assert any("ort/ort-wasm-simd-threaded.wasm: its cached copy no longer matches" in m for m in messages), messages
     assert_close(short["outputs"], first["outputs"], atol=0)
@@ -571,7 +648,10 @@ def test_progress_reports_every_file_up_to_its_size(browser, site, bundles):
             assert p["source"] == ("cache" if visit == "cached" else "network")
             seen[p["file"]] = p["loaded"]
         assert seen == {rel: files[rel]["size"] for rel in NEEDED}, visit
-    steps = {visit: [p["loaded"] for p in progress if p["file"] == "ort/ort-wasm-simd-threaded.wasm"] for visit, progress in runs.items()}
+    steps = {
+        visit: [p["loaded"] for p in progress if p["file"] == "ort/ort-wasm-simd-threaded.wasm"]
+        for visit, progress in runs.items()
+    }
     # the browser hands over a fetch(url, {integrity}) body only once verified; hashed here, it streams in chunks
     assert steps["sri"] == [0, files["ort/ort-wasm-simd-threaded.wasm"]["size"]]
     assert len(steps["hash"]) > 2, "the 14 MB WebAssembly file should stream in several chunks"
@@ -583,8 +663,12 @@ def three_thread_bundle(site, models, ort_web_tarball, tmp_path_factory) -> Path
     text = Path(load_profile("browser-wasm").source).read_text(encoding="utf-8")
     assert "intra_op_num_threads: 0" in text
     path = tmp_path_factory.mktemp("profiles") / "browser-wasm-3-threads.yaml"
-    path.write_text(text.replace("name: browser-wasm", "name: browser-wasm-3-threads")
-                    .replace("intra_op_num_threads: 0", "intra_op_num_threads: 3"), encoding="utf-8")
+    path.write_text(
+        text.replace("name: browser-wasm", "name: browser-wasm-3-threads").replace(
+            "intra_op_num_threads: 0", "intra_op_num_threads: 3"
+        ),
+        encoding="utf-8",
+    )
     return package(models["cnn"], str(path), site[0], ort_web_tarball)
 
 
@@ -604,7 +688,11 @@ def test_not_isolated_page_runs_one_thread_and_says_so_once(browser, bundles, tm
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     class Plain(SimpleHTTPRequestHandler):  # right MIME types, no COOP/COEP headers
-        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript", ".wasm": "application/wasm"}
+        extensions_map = {
+            **SimpleHTTPRequestHandler.extensions_map,
+            ".mjs": "text/javascript",
+            ".wasm": "application/wasm",
+        }
 
         def log_message(self, *args):
             pass
@@ -616,10 +704,13 @@ def test_not_isolated_page_runs_one_thread_and_says_so_once(browser, bundles, tm
         page = fresh_page(browser, url + "README.md")
         messages = []
         page.on("console", lambda m: messages.append(m.text))
-        page.evaluate("""async (url) => {
+        page.evaluate(
+            """async (url) => {
           window.notices = [];
           (await import(url + 'edgepack.mjs')).events.addEventListener('not-isolated', (e) => window.notices.push(e.detail));
-        }""", url)
+        }""",
+            url,
+        )
         feeds = inputs_for(bundles["cnn"])[:1]
         results = [run_bundle(page, url, feeds) for _ in range(2)]
         notices = page.evaluate("window.notices")
@@ -655,8 +746,17 @@ def test_demo_page_renders(browser, site, bundles, tmp_path):
     page.close()
     assert demo["status"] == "done", demo.get("error")
     assert screenshot.stat().st_size > 10_000
-    for visible in ("cnn.onnx for browser-wasm", "Ran cnn.onnx on wasm", "backend", "crossOriginIsolated",
-                    "ort/ort-wasm-simd-threaded.wasm", "model/cnn.ort", "time to first inference", "logits", "[1, 10]"):
+    for visible in (
+        "cnn.onnx for browser-wasm",
+        "Ran cnn.onnx on wasm",
+        "backend",
+        "crossOriginIsolated",
+        "ort/ort-wasm-simd-threaded.wasm",
+        "model/cnn.ort",
+        "time to first inference",
+        "logits",
+        "[1, 10]",
+    ):
         assert visible in text, visible
     assert len(demo["outputs"]["logits"]["data"]) == 10
     if os.environ.get("EDGEPACK_KEEP_SCREENSHOT"):
@@ -723,7 +823,9 @@ def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
             f'<!doctype html><script type="importmap">{{"imports": {{"edgepack": "{loader}"}}, '
             f'"integrity": {{"{loader}": "{integrity}"}}}}</script>'
             '<script type="module">import("edgepack").then((m) => m.load()).then((model) => { window.outcome = model.backend; },'
-            ' (error) => { window.outcome = "error: " + error.message; });</script>', encoding="utf-8")
+            ' (error) => { window.outcome = "error: " + error.message; });</script>',
+            encoding="utf-8",
+        )
         page = browser.new_page()
         page.goto(f"{url}{page_path.name}")
         page.wait_for_function("window.outcome !== undefined", timeout=60_000)

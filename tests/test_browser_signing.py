@@ -24,7 +24,9 @@ from tests.in_browser import CHROMIUM, chromium, flip_byte, fresh_page
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"
+    ),
 ]
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -35,8 +37,11 @@ def keys(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("keys")
     for name in ("release", "other"):
         generate_key(folder / f"{name}.priv", folder / f"{name}.pub", None)
-    return {"release": folder / "release.priv", "release.pub": (folder / "release.pub").read_text(),
-            "other.pub": (folder / "other.pub").read_text()}
+    return {
+        "release": folder / "release.priv",
+        "release.pub": (folder / "release.pub").read_text(),
+        "other.pub": (folder / "other.pub").read_text(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,9 @@ def site(tmp_path_factory, keys):
     from edgepack.examples import write_example
 
     model = write_example("cnn", tmp_path_factory.mktemp("models"))
-    [result] = package_model(model, [load_profile("browser-wasm")],
-                             Options(output=root, ort_web=tarball, sign_key=keys["release"]))
+    [result] = package_model(
+        model, [load_profile("browser-wasm")], Options(output=root, ort_web=tarball, sign_key=keys["release"])
+    )
     assert result.ok, result.error
     server = start_server(root, require_manifest=False)
     yield root, server.url, result.bundle
@@ -76,7 +82,8 @@ def load_in_page(browser, site, bundle_url: str, public_key: str) -> dict:
     page = fresh_page(browser, f"{site[1]}blank.html")
     try:
         feeds = [{"image": np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)}]
-        result = page.evaluate("""async ({ bundleUrl, publicKey, feeds }) => {
+        result = page.evaluate(
+            """async ({ bundleUrl, publicKey, feeds }) => {
           const { load } = await import(new URL('edgepack.mjs', bundleUrl).href);
           const files = [];
           try {
@@ -88,8 +95,15 @@ def load_in_page(browser, site, bundle_url: str, public_key: str) -> dict:
           } catch (error) {
             return { error: error.message, file: error.file ?? null, files };
           }
-        }""", {"bundleUrl": bundle_url, "publicKey": public_key,
-               "feeds": [{k: {"data": v.ravel().tolist(), "dims": list(v.shape)} for k, v in f.items()} for f in feeds]})
+        }""",
+            {
+                "bundleUrl": bundle_url,
+                "publicKey": public_key,
+                "feeds": [
+                    {k: {"data": v.ravel().tolist(), "dims": list(v.shape)} for k, v in f.items()} for f in feeds
+                ],
+            },
+        )
     finally:
         page.close()
     return result
@@ -134,8 +148,10 @@ def test_a_changed_file_with_a_recomputed_manifest_is_refused(browser, site, key
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     flip_byte(copy / manifest["model"]["file"], 0.9)
     write_manifest(copy, {k: v for k, v in manifest.items() if k not in ("schema", "files", "manifest_sha256")})
-    _refused(load_in_page(browser, site, copy_url, keys["release.pub"]),
-             f"changed since signing: {MANIFEST_NAME}, {manifest['model']['file']}")
+    _refused(
+        load_in_page(browser, site, copy_url, keys["release.pub"]),
+        f"changed since signing: {MANIFEST_NAME}, {manifest['model']['file']}",
+    )
 
 
 def test_a_tampered_signature_is_refused(browser, site, keys):

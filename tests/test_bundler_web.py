@@ -25,15 +25,44 @@ def tarball() -> Path:
 
 
 def test_cli_packages_a_web_bundle_offline_from_a_local_tarball(tarball, tmp_path):
-    env = {**os.environ, "npm_config_registry": "http://127.0.0.1:9", "EDGEPACK_CACHE_DIR": str(tmp_path / "empty-cache")}
-    done = subprocess.run([sys.executable, "-m", "edgepack", "package", "--example", "cnn", "--target", "browser-wasm",
-                           "--ort-web", str(tarball), "-o", str(tmp_path / "out"), "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "npm_config_registry": "http://127.0.0.1:9",
+        "EDGEPACK_CACHE_DIR": str(tmp_path / "empty-cache"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "package",
+            "--example",
+            "cnn",
+            "--target",
+            "browser-wasm",
+            "--ort-web",
+            str(tarball),
+            "-o",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     bundle = Path(json.loads(done.stdout)["results"][0]["bundle"])
     assert set(list_files(bundle)) == {
-        "README.md", "REPORT.md", "edgepack.mjs", "index.html", "model/cnn.ort", "required_operators_and_types.config",
-        "ort/ort.wasm.bundle.min.mjs", "ort/ort-wasm-simd-threaded.wasm"}
+        "README.md",
+        "REPORT.md",
+        "edgepack.mjs",
+        "index.html",
+        "model/cnn.ort",
+        "required_operators_and_types.config",
+        "ort/ort.wasm.bundle.min.mjs",
+        "ort/ort-wasm-simd-threaded.wasm",
+    }
     assert verify_bundle(bundle).ok
     manifest = read_manifest(bundle)
     report = next(r for r in manifest["stages"] if r["stage"] == "bundle")
@@ -42,11 +71,21 @@ def test_cli_packages_a_web_bundle_offline_from_a_local_tarball(tarball, tmp_pat
     assert report["ort_web"]["origin"] == f"local tarball {tarball}"
     assert manifest["profile"]["web"]["entry"] == "ort.wasm.bundle.min.mjs"
     readme = (bundle / "README.md").read_text(encoding="utf-8")
-    for expected in ["import { load, clearCache, events } from './cnn-browser-wasm/edgepack.mjs'", "clearCache()",
-                     "## Offline cache", "not-isolated",
-                     '"image": { data: new Float32Array(3072), dims: [1, 3, 32, 32] }',
-                     "Cross-Origin-Embedder-Policy: require-corp", "nginx", "Apache", "Caddy", "_headers",
-                     "ThreadingHTTPServer", "application/wasm", "manifestIntegrity"]:
+    for expected in [
+        "import { load, clearCache, events } from './cnn-browser-wasm/edgepack.mjs'",
+        "clearCache()",
+        "## Offline cache",
+        "not-isolated",
+        '"image": { data: new Float32Array(3072), dims: [1, 3, 32, 32] }',
+        "Cross-Origin-Embedder-Policy: require-corp",
+        "nginx",
+        "Apache",
+        "Caddy",
+        "_headers",
+        "ThreadingHTTPServer",
+        "application/wasm",
+        "manifestIntegrity",
+    ]:
         assert expected in readme, expected
     assert not list((tmp_path / "empty-cache").glob("**/*.tgz")), "a local tarball is not copied into the cache"
 

@@ -11,8 +11,10 @@ from edgepack.calibration import RANDOM, load_samples, split_for_validation
 from edgepack.errors import UsageError
 
 IMAGE = [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 8, 8]}]
-TEXT = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]}]
+TEXT = [
+    {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+    {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]},
+]
 
 
 def _images(n: int, dtype=np.float32) -> np.ndarray:
@@ -61,8 +63,9 @@ def test_validation_is_held_out_from_the_calibration_samples(tmp_path: Path):
     calibration, validation = split_for_validation(load_samples(tmp_path / "x.npy", IMAGE))
     assert len(calibration.feeds) == 8 and len(validation.feeds) == 2
     assert "held out" in validation.origin
-    few_cal, few_val = split_for_validation(load_samples(tmp_path / "x.npy", IMAGE).__class__(
-        calibration.feeds[:3], "three"))
+    few_cal, few_val = split_for_validation(
+        load_samples(tmp_path / "x.npy", IMAGE).__class__(calibration.feeds[:3], "three")
+    )
     assert len(few_cal.feeds) == 3 and "themselves" in few_val.origin
 
 
@@ -70,7 +73,10 @@ def test_validation_is_held_out_from_the_calibration_samples(tmp_path: Path):
     "make, expected",
     [
         (lambda d: np.savez(d / "c.npz", pixels=_images(2)), "missing input(s) image; unknown name(s) pixels"),
-        (lambda d: np.save(d / "c.npy", _images(2, np.float64)), "input 'image': expected dtype float32, found float64"),
+        (
+            lambda d: np.save(d / "c.npy", _images(2, np.float64)),
+            "input 'image': expected dtype float32, found float64",
+        ),
         (lambda d: np.save(d / "c.npy", np.zeros((2, 3, 9, 8), np.float32)), "axis 2 is 9, the model needs 8"),
         (lambda d: np.save(d / "c.npy", np.zeros((2, 8), np.float32)), "expected shape [batch, 3, 8, 8]"),
     ],
@@ -98,11 +104,15 @@ def test_npy_for_a_model_with_two_inputs(tmp_path: Path):
     assert "npz" in info.value.hint
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (lambda d: None, "holds no .npz or .npy files"),
-    (lambda d: (np.save(d / "a.npy", _images(1)), np.savez(d / "b.npz", image=_images(1))), "mixes .npz and .npy"),
-    (lambda d: (d / "bad.npz").write_bytes(b"not a zip"), "cannot read calibration data"),
-], ids=["empty-folder", "mixed-folder", "corrupt-file"])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (lambda d: None, "holds no .npz or .npy files"),
+        (lambda d: (np.save(d / "a.npy", _images(1)), np.savez(d / "b.npz", image=_images(1))), "mixes .npz and .npy"),
+        (lambda d: (d / "bad.npz").write_bytes(b"not a zip"), "cannot read calibration data"),
+    ],
+    ids=["empty-folder", "mixed-folder", "corrupt-file"],
+)
 def test_unusable_folders_and_files(tmp_path: Path, setup, expected):
     setup(tmp_path)
     with pytest.raises(UsageError, match=expected):

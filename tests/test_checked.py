@@ -28,7 +28,13 @@ from edgepack.profiles import load_profile
 from edgepack.recipes.quantize import prepare
 from tests import shaped_models
 
-THIRD_PARTY_NOISE = ("Traceback", "ONNX Runtime Model Optimization Failed", "[W:onnxruntime", "[E:onnxruntime", "internal error")
+THIRD_PARTY_NOISE = (
+    "Traceback",
+    "ONNX Runtime Model Optimization Failed",
+    "[W:onnxruntime",
+    "[E:onnxruntime",
+    "internal error",
+)
 
 
 def _package(tmp_path: Path, name: str, targets=("linux-x64",), **options):
@@ -81,8 +87,13 @@ def test_quantization_pre_processing_output_is_repaired_and_quiet(tmp_path, capf
 
 
 def test_ir3_model_whose_initializers_are_not_inputs_packages_everywhere(tmp_path):
-    [python, nnapi] = _package(tmp_path, "ir3_initializers_not_inputs", targets=("linux-x64", "android-nnapi"),
-                               input_shapes={"x": (1, 4)}, min_accelerated_fraction=0.0)
+    [python, nnapi] = _package(
+        tmp_path,
+        "ir3_initializers_not_inputs",
+        targets=("linux-x64", "android-nnapi"),
+        input_shapes={"x": (1, 4)},
+        min_accelerated_fraction=0.0,
+    )
     assert python.ok, python.error
     assert nnapi.ok, nnapi.error
     assert "W in initializer but not in graph input" in _report(python, "load")["notice"]
@@ -153,15 +164,23 @@ def test_explicit_recipe_stays_strict(tmp_path):
 
 def test_unnamed_question_mark_dim_suggests_input_shape_not_fix_dim(tmp_path):
     """Some exporters name a dynamic dim '?': --fix-dim ?=N cannot fix it, --input-shape can."""
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "q",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "?"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "?"])])
-    path = shaped_models.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "q")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "?"])],
+    )
+    path = shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "q"
+    )
     [result] = package_model(path, [load_profile("android-nnapi")], Options(output=tmp_path / "out"))
     assert isinstance(result.error, UsageError)
     assert "--input-shape x=1,N" in result.error.hint and "--fix-dim" not in result.error.hint
-    [fixed] = package_model(path, [load_profile("android-nnapi")],
-                            Options(output=tmp_path / "out", input_shapes={"x": (1, 5)}, min_accelerated_fraction=0.0))
+    [fixed] = package_model(
+        path,
+        [load_profile("android-nnapi")],
+        Options(output=tmp_path / "out", input_shapes={"x": (1, 5)}, min_accelerated_fraction=0.0),
+    )
     assert fixed.ok, fixed.error
 
 
@@ -174,13 +193,16 @@ def test_a_step_whose_outputs_differ_is_skipped_and_one_that_agrees_is_kept(tmp_
 
     def changed() -> Path:
         model = onnx.load(before)
-        model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(
-            onnx.numpy_helper.to_array(model.graph.initializer[0]) * 1.5, "table"))
+        model.graph.initializer[0].CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(model.graph.initializer[0]) * 1.5, "table")
+        )
         return shaped_models.save(model, tmp_path, "changed")
 
     kept, record = run_checked("scale weights", before, changed, feeds=feeds)
     assert kept == before and record["status"] == "skipped" and "outputs differ" in record["reason"]
-    kept, record = run_checked("rewrite", before, lambda: shaped_models.save(onnx.load(before), tmp_path, "same"), feeds=feeds)
+    kept, record = run_checked(
+        "rewrite", before, lambda: shaped_models.save(onnx.load(before), tmp_path, "same"), feeds=feeds
+    )
     assert kept == tmp_path / "same.onnx" and record == {"step": "rewrite", "status": "applied", "checked": "outputs"}
     kept, record = run_checked("crash", before, lambda: 1 / 0, feeds=feeds)
     assert kept == before and record["reason"] == "ZeroDivisionError: division by zero"
@@ -191,9 +213,15 @@ def test_notices_with_library_messages_keep_bundles_reproducible(tmp_path):
     path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
     manifests = []
     for out in ("a", "second-run"):
-        [result] = package_model(path, [load_profile("ios-coreml")],
-                                 Options(output=tmp_path / out, min_accelerated_fraction=0.0,
-                                         input_shapes={"audio": (1, 512), "state": (2, 1, 16)}))
+        [result] = package_model(
+            path,
+            [load_profile("ios-coreml")],
+            Options(
+                output=tmp_path / out,
+                min_accelerated_fraction=0.0,
+                input_shapes={"audio": (1, 512), "state": (2, 1, 16)},
+            ),
+        )
         assert result.ok, result.error
         manifests.append((result.bundle / "manifest.json").read_text())
     scratch = f"{tempfile.gettempdir()}/edgepack-"

@@ -43,9 +43,15 @@ def _det_model() -> onnx.ModelProto:
     """Two Det nodes (no TensorRT, no WebGPU kernel in the lists) and one Relu: 1/3 of the nodes listed."""
     f = TensorProto.FLOAT
     return _model(
-        [helper.make_node("Det", ["x"], ["dx"]), helper.make_node("Relu", ["dx"], ["rx"]),
-         helper.make_node("Det", ["y"], ["dy"])],
-        [helper.make_tensor_value_info("x", f, ["batch", 3, 3]), helper.make_tensor_value_info("y", f, ["batch", 3, 3])],
+        [
+            helper.make_node("Det", ["x"], ["dx"]),
+            helper.make_node("Relu", ["dx"], ["rx"]),
+            helper.make_node("Det", ["y"], ["dy"]),
+        ],
+        [
+            helper.make_tensor_value_info("x", f, ["batch", 3, 3]),
+            helper.make_tensor_value_info("y", f, ["batch", 3, 3]),
+        ],
         [helper.make_tensor_value_info("rx", f, ["batch"]), helper.make_tensor_value_info("dy", f, ["batch"])],
     )
 
@@ -65,7 +71,9 @@ def _onnxruntime_direct(path: Path, tmp: Path, check) -> tuple:
     return check(model, True), check(model, False)
 
 
-@pytest.mark.parametrize("settings", [NNAPI, COREML_MLPROGRAM, COREML_NEURALNETWORK], ids=lambda s: f"{s.checker}-{s.coreml_format}")
+@pytest.mark.parametrize(
+    "settings", [NNAPI, COREML_MLPROGRAM, COREML_NEURALNETWORK], ids=lambda s: f"{s.checker}-{s.coreml_format}"
+)
 def test_cnn_figures_equal_onnxruntime_checker_before_and_after_fixing_shapes(cnn, tmp_path, settings):
     from onnxruntime.tools.mobile_helpers import usability_checker as uc
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
@@ -73,7 +81,10 @@ def test_cnn_figures_equal_onnxruntime_checker_before_and_after_fixing_shapes(cn
     if settings.checker == "nnapi":
         check = uc.check_nnapi_partitions
     else:
-        table = {"MLProgram": "coreml_supported_mlprogram_ops.md", "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}[settings.coreml_format]
+        table = {
+            "MLProgram": "coreml_supported_mlprogram_ops.md",
+            "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md",
+        }[settings.coreml_format]
         check = lambda model, fixed: uc.check_coreml_partitions(model, fixed, table)  # noqa: E731
 
     # the expected "after" model: fixed with onnxruntime's functions directly, the shape spelled out
@@ -118,9 +129,15 @@ def test_list_checkers_count_unsupported_ops_and_estimate_partitions(tmp_path):
 def test_list_checker_partitions_are_connected_components(tmp_path):
     f = TensorProto.FLOAT
     # Relu -> Det -> Relu: the two Relus are separated by an unsupported node, so two partitions
-    model = _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Det", ["a"], ["b"]),
-                    helper.make_node("Relu", ["b"], ["c"])],
-                   [helper.make_tensor_value_info("x", f, [2, 3, 3])], [helper.make_tensor_value_info("c", f, [2])])
+    model = _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Det", ["a"], ["b"]),
+            helper.make_node("Relu", ["b"], ["c"]),
+        ],
+        [helper.make_tensor_value_info("x", f, [2, 3, 3])],
+        [helper.make_tensor_value_info("c", f, [2])],
+    )
     report = measure(_save(model, tmp_path / "split.onnx"), TENSORRT)
     assert (report.supported_nodes, report.partitions) == (2, 2)
 
@@ -131,9 +148,12 @@ def test_webgpu_list_checks_the_operator_version_at_the_model_opset(tmp_path):
     f = TensorProto.FLOAT
 
     def transpose_model(opset):
-        return _model([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]), helper.make_node("Neg", ["t"], ["y"])],
-                      [helper.make_tensor_value_info("x", f, [2, 3])], [helper.make_tensor_value_info("y", f, [3, 2])],
-                      opset=opset)
+        return _model(
+            [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]), helper.make_node("Neg", ["t"], ["y"])],
+            [helper.make_tensor_value_info("x", f, [2, 3])],
+            [helper.make_tensor_value_info("y", f, [3, 2])],
+            opset=opset,
+        )
 
     at_17 = measure(_save(transpose_model(17), tmp_path / "t17.onnx"), WEBGPU)
     at_21 = measure(_save(transpose_model(21), tmp_path / "t21.onnx"), WEBGPU)
@@ -159,8 +179,9 @@ def test_gate_fails_below_the_fraction_and_over_the_partitions(tmp_path):
 
 
 def _edgepack(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def _cli(capsys, *args) -> subprocess.CompletedProcess:
@@ -177,13 +198,27 @@ def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_fla
     model = _save(_det_model(), tmp_path / "det.onnx")
     out = tmp_path / "out"
     # FP32: the profile's FP16 default wraps the Relu between the FP32-only Dets in Casts (5 nodes, not 3)
-    failed = _edgepack("package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q", cwd=tmp_path)
+    failed = _edgepack(
+        "package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q", cwd=tmp_path
+    )
     assert failed.returncode == 6, failed.stderr + failed.stdout
     assert "1/3 nodes" in failed.stderr and "Det x2" in failed.stderr and "--min-accelerated-fraction" in failed.stderr
     assert not out.exists() or not any(out.iterdir())  # nothing left behind
 
-    passed = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q",
-                  "--min-accelerated-fraction", "0.3")
+    passed = _cli(
+        capsys,
+        "package",
+        model,
+        "--target",
+        "jetson-orin-trt",
+        "--quantize",
+        "none",
+        "-o",
+        out,
+        "-q",
+        "--min-accelerated-fraction",
+        "0.3",
+    )
     assert passed.returncode == 0, passed.stderr + passed.stdout
     bundle = out / "det-jetson-orin-trt"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -193,8 +228,23 @@ def test_package_gate_fails_a_model_with_unsupported_ops_and_passes_when_the_fla
     assert "## Accelerator coverage" in (bundle / "REPORT.md").read_text()
     assert "Det x2" in (bundle / "REPORT.md").read_text()
 
-    too_many = _cli(capsys, "package", model, "--target", "jetson-orin-trt", "--quantize", "none", "-o", out, "-q",
-                    "--force", "--min-accelerated-fraction", "0", "--max-partitions", "0")
+    too_many = _cli(
+        capsys,
+        "package",
+        model,
+        "--target",
+        "jetson-orin-trt",
+        "--quantize",
+        "none",
+        "-o",
+        out,
+        "-q",
+        "--force",
+        "--min-accelerated-fraction",
+        "0",
+        "--max-partitions",
+        "0",
+    )
     assert too_many.returncode == 6 and "at most 0" in too_many.stderr
     assert bundle.is_dir()  # the earlier bundle is left as it was
 
@@ -227,14 +277,18 @@ def test_parse_shape_flags():
         parse_fixed_dims(["batch=one"])
 
 
-@pytest.mark.parametrize("shapes, dims, message", [
-    ({"pixels": (1, 128)}, {}, "does not have"),                        # unknown input
-    ({}, {"seq_len": 128}, "no input of the model has"),                # unknown dim
-    ({"input_ids": (1, 128, 1)}, {}, "rank 3, but input 'input_ids' has rank 2"),  # wrong rank
-    ({"input_ids": (0, 128)}, {}, "at least 1"),                        # not a size
-    ({}, {"sequence": 0}, "at least 1"),
-    ({}, {}, r"dynamic dim 1 \('sequence'\)"),                          # nothing names the sequence dim
-], ids=["unknown-input", "unknown-dim", "wrong-rank", "zero-size", "zero-dim", "unnamed-sequence"])
+@pytest.mark.parametrize(
+    "shapes, dims, message",
+    [
+        ({"pixels": (1, 128)}, {}, "does not have"),  # unknown input
+        ({}, {"seq_len": 128}, "no input of the model has"),  # unknown dim
+        ({"input_ids": (1, 128, 1)}, {}, "rank 3, but input 'input_ids' has rank 2"),  # wrong rank
+        ({"input_ids": (0, 128)}, {}, "at least 1"),  # not a size
+        ({}, {"sequence": 0}, "at least 1"),
+        ({}, {}, r"dynamic dim 1 \('sequence'\)"),  # nothing names the sequence dim
+    ],
+    ids=["unknown-input", "unknown-dim", "wrong-rank", "zero-size", "zero-dim", "unnamed-sequence"],
+)
 def test_bad_shape_flags_are_errors(tmp_path, shapes, dims, message):
     with pytest.raises(UsageError, match=message):
         plan_shapes(_transformer_proto(tmp_path), shapes, dims, {}, where="test")
@@ -262,13 +316,35 @@ def test_fix_dim_and_profile_defaults_fill_the_shapes(tmp_path):
 
 def test_package_refuses_a_bad_shape_flag_and_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    result = _cli(capsys, "package", "--example", "cnn", "--target", "android-nnapi", "-o", out, "-q",
-                  "--input-shape", "image=1,3,32")
+    result = _cli(
+        capsys,
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "android-nnapi",
+        "-o",
+        out,
+        "-q",
+        "--input-shape",
+        "image=1,3,32",
+    )
     assert result.returncode == 2
     assert "rank 3, but input 'image' has rank 4" in result.stderr
     assert not out.exists() or not any(out.iterdir())
-    result = _cli(capsys, "package", "--example", "cnn", "--target", "android-nnapi", "-o", out, "-q",
-                  "--input-shape", "image=1,3,32,a")
+    result = _cli(
+        capsys,
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "android-nnapi",
+        "-o",
+        out,
+        "-q",
+        "--input-shape",
+        "image=1,3,32,a",
+    )
     assert result.returncode == 2 and "integers" in result.stderr
 
 
@@ -277,8 +353,9 @@ def test_fixed_shape_bundle_self_test_runs_on_the_fixed_shapes(tmp_path):
     from edgepack.pipeline.run import package_model
 
     model = write_example("cnn", tmp_path)
-    [result] = package_model(model, [load_profile("android-nnapi")],
-                             Options(output=tmp_path / "out", input_shapes={"image": (2, 3, 32, 32)}))
+    [result] = package_model(
+        model, [load_profile("android-nnapi")], Options(output=tmp_path / "out", input_shapes={"image": (2, 3, 32, 32)})
+    )
     assert result.ok, result.error
     assert result.manifest["model"]["inputs"][0]["shape"] == [2, 3, 32, 32]
     assert result.manifest["model"]["outputs"][0]["shape"] == [2, 10]
@@ -290,8 +367,9 @@ def test_fixed_shape_bundle_self_test_runs_on_the_fixed_shapes(tmp_path):
 def test_fixing_shapes_keeps_external_data_in_a_side_file(cnn, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
-    onnx.save_model(onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data",
-                    size_threshold=0)
+    onnx.save_model(
+        onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data", size_threshold=0
+    )
     before = (source / "cnn.onnx.data").read_bytes()
     proto = onnx.load_model(source / "cnn.onnx", load_external_data=False)
     shapes, _ = plan_shapes(proto, {}, {}, {}, where="test")
@@ -307,8 +385,9 @@ def test_package_a_model_with_external_data_for_a_fixed_shape_target(cnn, tmp_pa
 
     source = tmp_path / "src"
     source.mkdir()
-    onnx.save_model(onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data",
-                    size_threshold=0)
+    onnx.save_model(
+        onnx.load(cnn), source / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data", size_threshold=0
+    )
     monkeypatch.chdir(source)  # the load stage's onnx.checker call resolves side files from the current folder
     [result] = package_model(source / "cnn.onnx", [load_profile("android-nnapi")], Options(output=tmp_path / "out"))
     assert result.ok, result.error

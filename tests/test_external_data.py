@@ -74,9 +74,25 @@ def test_several_side_files_at_offsets_packaged_to_ort(tmp_path):
     model = write_split_model(tmp_path / "in")
     before = tree_digest(tmp_path / "in")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "edgepack", "package", str(model), "--target", "rpi-arm64",
-                           "--quantize", "none", "-o", str(out)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "package",
+            str(model),
+            "--target",
+            "rpi-arm64",
+            "--quantize",
+            "none",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     bundle_dir = out / "mlp-rpi-arm64"
     manifest = read_manifest(bundle_dir)
@@ -110,20 +126,36 @@ def _subgraph_model(folder: Path) -> Path:
     """y = If(sum(x) > 0, x @ Wsub (a branch initializer), x @ Wconst (a Constant node)), both tensors external."""
     folder.mkdir(parents=True)
     (folder / "sub.bin").write_bytes(bytes(16) + W1.tobytes() + (2 * W1).tobytes())
-    then = helper.make_graph([helper.make_node("MatMul", ["x", "Wsub"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", W1.shape[1]])],
-                             [external_tensor("Wsub", W1, "sub.bin", 16)])
-    other = helper.make_graph([helper.make_node("MatMul", ["x", "Wconst"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", W1.shape[1]])])
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "Wsub"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", W1.shape[1]])],
+        [external_tensor("Wsub", W1, "sub.bin", 16)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "Wconst"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", W1.shape[1]])],
+    )
     constant = helper.make_node("Constant", [], ["Wconst"])
     constant.attribute.add(name="value", type=onnx.AttributeProto.TENSOR).t.CopyFrom(
-        external_tensor("Wconst", 2 * W1, "sub.bin", 16 + W1.nbytes))
-    nodes = [constant, helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-             helper.make_node("Greater", ["s", "zero"], ["c"]),
-             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
-    graph = helper.make_graph(nodes, "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", W1.shape[1]])],
-                              [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+        external_tensor("Wconst", 2 * W1, "sub.bin", 16 + W1.nbytes)
+    )
+    nodes = [
+        constant,
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "branchy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", W1.shape[1]])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     (folder / "branchy.onnx").write_bytes(model.SerializeToString())
     return folder / "branchy.onnx"
@@ -153,8 +185,9 @@ def test_model_over_the_ort_limit_ships_as_onnx_with_a_notice(tmp_path, monkeypa
     monkeypatch.setattr(convert_stage, "ORT_FORMAT_MAX_BYTES", 512)
     model = write_split_model(tmp_path / "in")
     messages: list[str] = []
-    [result] = package_model(model, [load_profile("rpi-arm64")], Options(output=tmp_path / "out", quantize="none"),
-                             progress=messages.append)
+    [result] = package_model(
+        model, [load_profile("rpi-arm64")], Options(output=tmp_path / "out", quantize="none"), progress=messages.append
+    )
     assert result.ok, result.error
     convert = _stage(result.manifest, "convert")
     assert convert["fallback"] == "onnx" and "over the ORT format's limit" in convert["notice"]
@@ -199,9 +232,14 @@ def test_a_zero_byte_model_never_reaches_a_bundle(tmp_path):
     empty.write_bytes(b"")
     staging = tmp_path / "staging"
     staging.mkdir()
-    job = Job(profile=load_profile("rpi-arm64"), options=Options(output=tmp_path), workdir=tmp_path / "work",
-              source=Source(name="model", path=empty, reference=empty, info={}), staging=staging,
-              destination=tmp_path / "dest")
+    job = Job(
+        profile=load_profile("rpi-arm64"),
+        options=Options(output=tmp_path),
+        workdir=tmp_path / "work",
+        source=Source(name="model", path=empty, reference=empty, info={}),
+        staging=staging,
+        destination=tmp_path / "dest",
+    )
     with pytest.raises(ConversionError, match="missing or empty"):
         Bundle().run(Artifact(path=empty, format="ort", ort_style="Fixed"), job)
     assert list(staging.iterdir()) == []

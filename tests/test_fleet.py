@@ -36,8 +36,11 @@ ENV = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "RAY_USAGE_STATS_ENABLED": "0
 
 def tree(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file below ``folder``: its bytes and mode."""
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mode & 0o777)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def package(model: Path, out: Path, key: Path | None, **execution) -> list:
@@ -54,8 +57,13 @@ def fleet(tmp_path_factory):
     generate_key(key.with_suffix(".priv"), key.with_suffix(".pub"), None)
     results = package(model, root / "sequential", key.with_suffix(".priv"))
     assert all(r.ok for r in results), [str(r.error) for r in results]
-    return {"root": root, "model": model, "key": key.with_suffix(".priv"), "public": key.with_suffix(".pub"),
-            "reference": tree(root / "sequential")}
+    return {
+        "root": root,
+        "model": model,
+        "key": key.with_suffix(".priv"),
+        "public": key.with_suffix(".pub"),
+        "reference": tree(root / "sequential"),
+    }
 
 
 def test_jobs_2_gives_the_sequential_bytes(fleet, tmp_path):
@@ -70,8 +78,15 @@ def local_ray():
     import ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 1024 * 1024, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        logging_level="ERROR",
+    )
     try:
         yield ray
     finally:
@@ -81,8 +96,9 @@ def local_ray():
 def test_ray_tasks_give_the_sequential_bytes(fleet, tmp_path, local_ray):
     results = package(fleet["model"], tmp_path, fleet["key"], jobs=2, executor="ray")
     assert all(r.ok for r in results), [str(r.error) for r in results]
-    assert {r.signed_by for r in results} == {verify_signature(tmp_path / f"cnn-{TARGETS[0]}",
-                                                                 load_public_key(fleet["public"]))}
+    assert {r.signed_by for r in results} == {
+        verify_signature(tmp_path / f"cnn-{TARGETS[0]}", load_public_key(fleet["public"]))
+    }
     assert tree(tmp_path) == fleet["reference"]
     assert local_ray.is_initialized(), "a cluster the caller started is left running"
 
@@ -127,8 +143,9 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
     base = bundle_key(model, "cnn-linux-x64", profile, options)
     assert base == bundle_key(model, "cnn-linux-x64", profile, options)
     # how the build runs is not in the key
-    run_only = dataclasses.replace(options, output=tmp_path / "elsewhere", force=True,
-                                   execution=Execution(jobs=4, executor="ray", cache=tmp_path))
+    run_only = dataclasses.replace(
+        options, output=tmp_path / "elsewhere", force=True, execution=Execution(jobs=4, executor="ray", cache=tmp_path)
+    )
     assert bundle_key(model, "cnn-linux-x64", profile, run_only) == base
 
     changed_model = tmp_path / "changed.onnx"
@@ -143,12 +160,17 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
     keys = {
         "model": bundle_key(model_digests(changed_model), "cnn-linux-x64", profile, options),
         "name": bundle_key(model, "other-linux-x64", profile, options),
-        "profile": bundle_key(model, "cnn-linux-x64", dataclasses.replace(
-            profile, budget=dataclasses.replace(profile.budget, max_bundle_mb=1.0)), options),
+        "profile": bundle_key(
+            model,
+            "cnn-linux-x64",
+            dataclasses.replace(profile, budget=dataclasses.replace(profile.budget, max_bundle_mb=1.0)),
+            options,
+        ),
         "options": bundle_key(model, "cnn-linux-x64", profile, dataclasses.replace(options, quantize="dynamic")),
         "calibration": bundle_key(model, "cnn-linux-x64", profile, static),
-        "calibration data": bundle_key(model, "cnn-linux-x64", profile,
-                                       dataclasses.replace(static, calibration=str(other_calibration))),
+        "calibration data": bundle_key(
+            model, "cnn-linux-x64", profile, dataclasses.replace(static, calibration=str(other_calibration))
+        ),
         "signing key": bundle_key(model, "cnn-linux-x64", profile, options, signer="ab" * 32),
         "other signing key": bundle_key(model, "cnn-linux-x64", profile, options, signer="cd" * 32),
     }
@@ -209,19 +231,29 @@ def write_build_file(folder: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("text, needles", [
-    ("models: [{model: a.onnx, colour: red}]\ntargets: [linux-x64]\n", ["unknown key models[0].'colour'"]),
-    ("models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n",
-     ["'models[0].quantize'", "'static'", "'int4'"]),
-    ("models: [{model: a.onnx, input_shapes: {x: five}}]\ntargets: [linux-x64]\n",
-     ["models[0].input_shapes.", "'x'", "expected a list", "the string 'five'"]),
-    ("models: [{model: a.onnx}, {model: b/a.onnx}]\ntargets: [linux-x64]\n", ["'models[1].name'", "'a'", "models[0]"]),
-    ("models: [{model: a.onnx}]\n", ["'models[0].targets'", "at least one target"]),
-    ("models: []\ntargets: [linux-x64]\n", ["'models'", "at least one model"]),
-    ("targets: [linux-x64]\n", ["missing key 'models'"]),
-    ("schema: edgepack.build/9\nmodels: [{model: a.onnx}]\n", ["'schema'", "edgepack.build/1"]),
-    ("models: [{model: a.onnx\n", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("models: [{model: a.onnx, colour: red}]\ntargets: [linux-x64]\n", ["unknown key models[0].'colour'"]),
+        (
+            "models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n",
+            ["'models[0].quantize'", "'static'", "'int4'"],
+        ),
+        (
+            "models: [{model: a.onnx, input_shapes: {x: five}}]\ntargets: [linux-x64]\n",
+            ["models[0].input_shapes.", "'x'", "expected a list", "the string 'five'"],
+        ),
+        (
+            "models: [{model: a.onnx}, {model: b/a.onnx}]\ntargets: [linux-x64]\n",
+            ["'models[1].name'", "'a'", "models[0]"],
+        ),
+        ("models: [{model: a.onnx}]\n", ["'models[0].targets'", "at least one target"]),
+        ("models: []\ntargets: [linux-x64]\n", ["'models'", "at least one model"]),
+        ("targets: [linux-x64]\n", ["missing key 'models'"]),
+        ("schema: edgepack.build/9\nmodels: [{model: a.onnx}]\n", ["'schema'", "edgepack.build/1"]),
+        ("models: [{model: a.onnx\n", ["not valid YAML"]),
+    ],
+)
 def test_build_file_errors_name_file_key_expected_found(tmp_path, text, needles):
     path = write_build_file(tmp_path, text)
     with pytest.raises(ProfileError) as caught:
@@ -233,8 +265,9 @@ def test_build_file_errors_name_file_key_expected_found(tmp_path, text, needles)
 
 
 def test_shards_split_the_pairs_deterministically(tmp_path):
-    path = write_build_file(tmp_path, "targets: [all]\nmodels:\n" + "".join(
-        f"  - {{model: m{i}.onnx}}\n" for i in range(5)))
+    path = write_build_file(
+        tmp_path, "targets: [all]\nmodels:\n" + "".join(f"  - {{model: m{i}.onnx}}\n" for i in range(5))
+    )
     build = load_build_file(path)
     every = [(p.entry.model, p.profile.name) for p in select_pairs(build)]
     assert len(every) == 5 * len(builtin_profile_names())
@@ -252,27 +285,41 @@ def test_shards_split_the_pairs_deterministically(tmp_path):
 
 
 def build_cli(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgepack", "build", *map(str, args)], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgepack", "build", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_failing_pairs_do_not_stop_the_others(tmp_path, clean_failure):
     write_example("cnn", tmp_path)
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
-    tiny = (Path(__file__).parent.parent / "targets" / "linux-x64.yaml").read_text().replace(
-        "name: linux-x64", "name: tiny")
+    tiny = (
+        (Path(__file__).parent.parent / "targets" / "linux-x64.yaml")
+        .read_text()
+        .replace("name: linux-x64", "name: tiny")
+    )
     tiny = tiny.replace("max_bundle_mb:", "max_bundle_mb: 0.001 #")
     (tmp_path / "tiny.yaml").write_text(tiny)
-    path = write_build_file(tmp_path, "targets: [linux-x64, tiny.yaml]\nmodels:\n  - {model: broken.onnx}\n"
-                                      "  - {model: cnn.onnx}\n")
+    path = write_build_file(
+        tmp_path, "targets: [linux-x64, tiny.yaml]\nmodels:\n  - {model: broken.onnx}\n  - {model: cnn.onnx}\n"
+    )
     done = build_cli(path, "--json", "--jobs", "2", "--no-cache", cwd=tmp_path)
     out, err = done.communicate(timeout=600)
     assert done.returncode == 3, err  # the first failure's code: the unreadable model
     assert "Traceback" not in err
     summary = json.loads(out)
     outcome = {(r["name"], r["target"]): (r["ok"], r.get("error", {}).get("type")) for r in summary["results"]}
-    assert outcome == {("broken", "linux-x64"): (False, "ModelError"), ("broken", "tiny"): (False, "ModelError"),
-                       ("cnn", "linux-x64"): (True, None), ("cnn", "tiny"): (False, "BudgetError")}
+    assert outcome == {
+        ("broken", "linux-x64"): (False, "ModelError"),
+        ("broken", "tiny"): (False, "ModelError"),
+        ("cnn", "linux-x64"): (True, None),
+        ("cnn", "tiny"): (False, "BudgetError"),
+    }
     assert verify_bundle(tmp_path / "build" / "cnn-linux-x64").ok
     assert not (tmp_path / "build" / "cnn-tiny").exists()
 
@@ -283,8 +330,10 @@ def test_two_concurrent_builds_share_one_cache(tmp_path):
         write_example(name, tmp_path)
     path = write_build_file(tmp_path, "targets: [linux-x64]\nmodels: [{model: cnn.onnx}, {model: transformer.onnx}]\n")
     cache = tmp_path / "shared-cache"
-    runners = [build_cli(path, "--json", "--jobs", "1", "--cache-dir", cache, "-o", tmp_path / f"out{i}", cwd=tmp_path)
-               for i in (1, 2)]
+    runners = [
+        build_cli(path, "--json", "--jobs", "1", "--cache-dir", cache, "-o", tmp_path / f"out{i}", cwd=tmp_path)
+        for i in (1, 2)
+    ]
     outputs = [r.communicate(timeout=600) for r in runners]
     for runner, (_, err) in zip(runners, outputs, strict=True):
         assert runner.returncode == 0, err
@@ -298,7 +347,11 @@ def test_two_concurrent_builds_share_one_cache(tmp_path):
     assert again.returncode == 0, err
     assert json.loads(out)["cache"] == {"hit": 2, "stored": 0}
     assert tree(tmp_path / "out3") == tree(tmp_path / "out1")
-    info = subprocess.run([sys.executable, "-m", "edgepack", "cache", "info", "--json", "--cache-dir", str(cache)],
-                          capture_output=True, text=True, env=ENV)
+    info = subprocess.run(
+        [sys.executable, "-m", "edgepack", "cache", "info", "--json", "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert json.loads(info.stdout)["entries"] == 2
     shutil.rmtree(tmp_path / "out3")

@@ -25,7 +25,9 @@ FOREIGN = next(p for p in PYTHON_PROFILES if p.device.arch != host_arch())
 
 
 def edgepack(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=900, cwd=cwd
+    )
 
 
 def test_device_command_is_one_line_that_freezes_from_the_bundle_folder(tmp_path):
@@ -87,12 +89,28 @@ def test_frozen_onedir_runs_the_bundle_without_python(tmp_path):
     # the executable finds its bundle beside its folder, from any working directory
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "in.npz", image=x)
-    run = subprocess.run([str(executable), "run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "frozen.npz"), "--json"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    run = subprocess.run(
+        [str(executable), "run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "frozen.npz"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["verified"] is True
-    python = subprocess.run([sys.executable, str(bundle / "edgepack_shim.py"), "run", str(tmp_path / "in.npz"),
-                             "-o", str(tmp_path / "python.npz")], capture_output=True, text=True, timeout=120)
+    python = subprocess.run(
+        [
+            sys.executable,
+            str(bundle / "edgepack_shim.py"),
+            "run",
+            str(tmp_path / "in.npz"),
+            "-o",
+            str(tmp_path / "python.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert python.returncode == 0, python.stderr
     assert np.array_equal(np.load(tmp_path / "frozen.npz")["logits"], np.load(tmp_path / "python.npz")["logits"])
 

@@ -50,8 +50,13 @@ def _custom_profile(tmp_path: Path, base: str, name: str, replacements: dict[str
 
 def _shim_run(bundle: Path, feeds: dict[str, np.ndarray], folder: Path) -> dict[str, np.ndarray]:
     np.savez(folder / "inputs.npz", **feeds)
-    done = subprocess.run([sys.executable, "edgepack_shim.py", "run", folder / "inputs.npz", "-o", folder / "out.npz"],
-                          cwd=bundle, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "edgepack_shim.py", "run", folder / "inputs.npz", "-o", folder / "out.npz"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return dict(np.load(folder / "out.npz"))
 
@@ -65,8 +70,12 @@ def test_int4_bundle_converts_self_tests_and_runs_in_the_shim(tmp_path: Path):
     quantize = _stage(manifest, "quantize")
     assert quantize["result"]["quantized_ops"] == {"GatherBlockQuantized": 2, "MatMulNBits": 6}
     assert quantize["result"]["notes"] == {"matmuls_left_in_float": 2, "embeddings_quantized": 2}  # attention's own
-    assert quantize["options"] == {"block_size": 32, "symmetric": False, "accuracy_level": 4,
-                                   "op_types": ["MatMul", "Gather"]}
+    assert quantize["options"] == {
+        "block_size": 32,
+        "symmetric": False,
+        "accuracy_level": 4,
+        "op_types": ["MatMul", "Gather"],
+    }
     assert quantize["result"]["size_ratio"] < 0.2 and quantize["passed"]
     assert _stage(manifest, "self_test")["summary"].startswith("passed (int4")
     config = (result.bundle / "required_operators_and_types.config").read_text()
@@ -121,12 +130,15 @@ def _ort_web_tarball() -> Path:
     return ortweb.fetch_tarball(ortweb.pinned_version(load_profile("browser-webgpu"))).path
 
 
-@pytest.mark.parametrize("target, names", [
-    ("android-nnapi", "nnapi_supported_ops.md"),
-    ("ios-coreml", "coreml_supported_mlprogram_ops.md"),
-    ("jetson-orin-trt", "tensorrt-10.3-onnx-ops.txt"),
-    ("android-xnnpack", "xnnpack-1.31-onnx-ops.txt"),
-])
+@pytest.mark.parametrize(
+    "target, names",
+    [
+        ("android-nnapi", "nnapi_supported_ops.md"),
+        ("ios-coreml", "coreml_supported_mlprogram_ops.md"),
+        ("jetson-orin-trt", "tensorrt-10.3-onnx-ops.txt"),
+        ("android-xnnpack", "xnnpack-1.31-onnx-ops.txt"),
+    ],
+)
 def test_an_accelerator_without_the_kernel_refuses_before_any_work(tmp_path: Path, target: str, names: str):
     missing = tmp_path / "does-not-exist.onnx"  # never read: the refusal comes first
     with pytest.raises(CompatibilityError) as refused:
@@ -152,8 +164,12 @@ def test_a_profile_defaulting_to_int4_is_refused_where_the_kernel_is_missing(tmp
 def test_tune_where_it_cannot_time_refuses_a_4bit_default_where_the_kernel_is_missing(tmp_path: Path):
     """--tune on a host of another CPU runs the profile's default: refused before any work like without --tune."""
     other = "x86_64" if host_arch() == "arm64" else "arm64"
-    profile = _custom_profile(tmp_path, "ios-coreml", "coreml-int4", {"  default: fp16\n": "  default: int4\n",
-                                                                      "arch: arm64": f"arch: {other}"})
+    profile = _custom_profile(
+        tmp_path,
+        "ios-coreml",
+        "coreml-int4",
+        {"  default: fp16\n": "  default: int4\n", "arch: arm64": f"arch: {other}"},
+    )
     with pytest.raises(CompatibilityError, match=r"coreml-int4 \(int4\): the coreml provider"):
         package_model(tmp_path / "none.onnx", [profile], Options(output=tmp_path / "out", tune=True))
 
@@ -169,8 +185,17 @@ def test_without_gather_block_quantized_embeddings_stay_in_float_and_the_report_
 
 
 def test_cli_refusal_is_one_clear_message(tmp_path: Path, cli, clean_failure):
-    done = cli("package", "--example", "transformer", "--target", "linux-x64,android-nnapi", "--quantize", "int4",
-               "-o", tmp_path / "out")
+    done = cli(
+        "package",
+        "--example",
+        "transformer",
+        "--target",
+        "linux-x64,android-nnapi",
+        "--quantize",
+        "int4",
+        "-o",
+        tmp_path / "out",
+    )
     clean_failure(done, "android-nnapi", "MatMulNBits")
     assert done.returncode == CompatibilityError.exit_code and not (tmp_path / "out").exists()
 
@@ -184,8 +209,13 @@ def test_a_model_without_matmul_weights_is_a_clear_error(tmp_path: Path):
 def test_int4_keeps_external_data_external(tmp_path: Path):
     folder = tmp_path / "model"
     folder.mkdir()
-    onnx.save_model(build_example("transformer"), folder / "enc.onnx", save_as_external_data=True,
-                    location="enc.onnx.data", size_threshold=0)
+    onnx.save_model(
+        build_example("transformer"),
+        folder / "enc.onnx",
+        save_as_external_data=True,
+        location="enc.onnx.data",
+        size_threshold=0,
+    )
     before = (folder / "enc.onnx.data").read_bytes()
     result = _package(folder / "enc.onnx", "rpi-arm64", tmp_path / "out", "int4")
     assert result.ok, result.error
@@ -197,19 +227,29 @@ def test_int4_keeps_external_data_external(tmp_path: Path):
 def test_block_size_must_be_a_power_of_two_of_at_least_16(tmp_path: Path, size: int):
     text = Path(load_profile("linux-x64").source).read_text() + f"  int4:\n    block_size: {size}\n"
     (tmp_path / "p.yaml").write_text(text)
-    with pytest.raises(ProfileError, match=rf"'quantization.int4.block_size': expected a power of two, at least 16 "
-                                           rf"\(MatMulNBits\), found {size}"):
+    with pytest.raises(
+        ProfileError,
+        match=rf"'quantization.int4.block_size': expected a power of two, at least 16 "
+        rf"\(MatMulNBits\), found {size}",
+    ):
         load_profile(str(tmp_path / "p.yaml"))
 
 
 @pytest.mark.slow
 def test_tune_builds_gates_and_times_int4(tmp_path: Path):
-    profile = _custom_profile(tmp_path, "linux-x64", "host", {
-        "arch: x86_64": f"arch: {host_arch()}", "intra_op_num_threads: 0 ": "intra_op_num_threads: 1 ",
-        "tune_candidates: [fp32, dynamic_u8, dynamic_s8, static_u8s8, static_s8s8, fp16, int4]":
-        "tune_candidates: [fp32, dynamic_s8, int4]"})
-    result = package_model(write_example("transformer", tmp_path), [profile],
-                           Options(output=tmp_path / "out", tune=True, tune_budget=60))[0]
+    profile = _custom_profile(
+        tmp_path,
+        "linux-x64",
+        "host",
+        {
+            "arch: x86_64": f"arch: {host_arch()}",
+            "intra_op_num_threads: 0 ": "intra_op_num_threads: 1 ",
+            "tune_candidates: [fp32, dynamic_u8, dynamic_s8, static_u8s8, static_s8s8, fp16, int4]": "tune_candidates: [fp32, dynamic_s8, int4]",
+        },
+    )
+    result = package_model(
+        write_example("transformer", tmp_path), [profile], Options(output=tmp_path / "out", tune=True, tune_budget=60)
+    )[0]
     assert result.ok, result.error
     rows = {c["name"]: c for c in _stage(result.manifest, "quantize")["tune"]["candidates"]}
     assert set(rows) == {"fp32", "dynamic_s8", "int4"}
@@ -222,8 +262,13 @@ def test_webgpu_coverage_counts_the_4bit_ops_as_on_the_accelerator(tmp_path: Pat
     from edgepack.coverage import measure
 
     profile = load_profile("browser-webgpu")
-    result = quantize_model(write_example("transformer", tmp_path), tmp_path / "q" / "q.onnx", "int4",
-                            load_profile("linux-x64").quantization.settings("int4"), target=load_profile("linux-x64"))
+    result = quantize_model(
+        write_example("transformer", tmp_path),
+        tmp_path / "q" / "q.onnx",
+        "int4",
+        load_profile("linux-x64").quantization.settings("int4"),
+        target=load_profile("linux-x64"),
+    )
     report = measure(result.path, profile.coverage)
     assert not any(op.startswith("com.microsoft:") for op in report.unsupported_ops), report.unsupported_ops
     tensorrt = measure(result.path, load_profile("jetson-orin-trt").coverage)
@@ -240,17 +285,27 @@ def test_repacking_a_table_as_uint8_keeps_every_4bit_value(data_type: int):
     rows, width, block = 8, 32, 16
     low = -8 if data_type == onnx.TensorProto.INT4 else 0
     values = np.random.default_rng(0).permutation(np.arange(rows * width) % 16 + low).reshape(rows, width)
-    inits = [helper.make_tensor("table", data_type, [rows, width], values.ravel().tolist()),
-             numpy_helper.from_array(np.linspace(0.5, 2, rows * 2, dtype=np.float32).reshape(rows, 2), "scales")]
+    inits = [
+        helper.make_tensor("table", data_type, [rows, width], values.ravel().tolist()),
+        numpy_helper.from_array(np.linspace(0.5, 2, rows * 2, dtype=np.float32).reshape(rows, 2), "scales"),
+    ]
     inputs = ["table", "ids", "scales"]
     if data_type == onnx.TensorProto.UINT4:
         inits.append(helper.make_tensor("zp", data_type, [rows, 2], [3, 11] * rows))
         inputs.append("zp")
-    node = helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", block_size=block,
-                            gather_axis=0, quantize_axis=1)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [rows])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    node = helper.make_node(
+        "GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", block_size=block, gather_axis=0, quantize_axis=1
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [rows])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     ids = {"ids": np.arange(rows, dtype=np.int64)[::-1].copy()}
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, ids)[0]

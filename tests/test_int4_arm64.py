@@ -20,9 +20,26 @@ pytestmark = [pytest.mark.arm64, pytest.mark.slow]
 
 
 def test_int4_bundle_runs_in_the_shim_on_arm64(sysroot, measured, tmp_path):  # noqa: F811
-    done = subprocess.run([sys.executable, "-m", "edgepack", "package", "--example", "transformer", "--target", TARGET,
-                           "--quantize", "int4", "-o", str(tmp_path / "out"), "-q"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "package",
+            "--example",
+            "transformer",
+            "--target",
+            TARGET,
+            "--quantize",
+            "int4",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     bundle = tmp_path / "out" / f"transformer-{TARGET}"
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
@@ -32,13 +49,23 @@ def test_int4_bundle_runs_in_the_shim_on_arm64(sysroot, measured, tmp_path):  # 
 
     verified = emulated(sysroot, measured, "int4 transformer: shim verify", [SHIM, "verify"], bundle)
     assert verified.returncode == 0, verified.stderr
-    ran = emulated(sysroot, measured, "int4 transformer: shim run (batch 2)",
-                   [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "arm64.npz"], bundle)
+    ran = emulated(
+        sysroot,
+        measured,
+        "int4 transformer: shim run (batch 2)",
+        [SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "arm64.npz"],
+        bundle,
+    )
     assert ran.returncode == 0, ran.stderr
     on_arm64 = np.load(tmp_path / "arm64.npz")["last_hidden_state"]
 
-    host = subprocess.run([sys.executable, SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "host.npz"],
-                          cwd=bundle, capture_output=True, text=True, timeout=120)
+    host = subprocess.run(
+        [sys.executable, SHIM, "run", tmp_path / "inputs.npz", "-o", tmp_path / "host.npz"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert host.returncode == 0, host.stderr
     on_host = np.load(tmp_path / "host.npz")["last_hidden_state"]
     source = ort.InferenceSession(build_example("transformer").SerializeToString(), providers=["CPUExecutionProvider"])

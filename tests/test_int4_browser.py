@@ -23,7 +23,9 @@ from tests.test_browser import assert_within_quantization_tolerance, bundle_refe
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"
+    ),
 ]
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -37,8 +39,12 @@ def served(tmp_path_factory):
     model = write_example("transformer", tmp_path_factory.mktemp("models"))
     bundles = {}
     for target, recipe in (("browser-wasm", "int4"), ("browser-webgpu", "q4f16")):
-        [result] = package_model(model, [load_profile(target)], Options(output=root, ort_web=tarball, quantize=recipe),
-                                 name=f"transformer-{recipe}")
+        [result] = package_model(
+            model,
+            [load_profile(target)],
+            Options(output=root, ort_web=tarball, quantize=recipe),
+            name=f"transformer-{recipe}",
+        )
         assert result.ok, result.error
         bundles[recipe] = result.bundle
     server = start_server(root, require_manifest=False)

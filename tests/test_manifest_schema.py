@@ -59,8 +59,12 @@ def test_every_reader_names_the_schema_it_reads():
 
 
 def test_the_schema_allows_what_the_registries_and_profiles_allow():
-    assert set(SCHEMA["properties"]["model"]["properties"]["precision"]["enum"]) == {r.precision for r in RECIPES.values()}
-    assert set(SCHEMA["properties"]["bundle_kind"]["enum"]) == set(typing.get_args(typing.get_type_hints(Bundle)["kind"]))
+    assert set(SCHEMA["properties"]["model"]["properties"]["precision"]["enum"]) == {
+        r.precision for r in RECIPES.values()
+    }
+    assert set(SCHEMA["properties"]["bundle_kind"]["enum"]) == set(
+        typing.get_args(typing.get_type_hints(Bundle)["kind"])
+    )
 
 
 WRITTEN_BESIDE = {"schema", "files", "created", "manifest_sha256"}
@@ -69,9 +73,16 @@ WRITTEN_BESIDE = {"schema", "files", "created", "manifest_sha256"}
 
 def test_the_typed_manifest_declares_the_schemas_keys():
     """Each dataclass of the tree has exactly the keys its place in the schema declares, required ones included."""
-    tree = {(): Content, ("model",): ModelEntry, ("model", "source"): SourceModel,
-            ("model", "inputs", "[]"): Tensor, ("model", "outputs", "[]"): Tensor, ("runtime",): RuntimeEntry,
-            ("runtime", "execution_providers", "[]"): ProviderEntry, ("runtime", "session_options"): SessionEntry}
+    tree = {
+        (): Content,
+        ("model",): ModelEntry,
+        ("model", "source"): SourceModel,
+        ("model", "inputs", "[]"): Tensor,
+        ("model", "outputs", "[]"): Tensor,
+        ("runtime",): RuntimeEntry,
+        ("runtime", "execution_providers", "[]"): ProviderEntry,
+        ("runtime", "session_options"): SessionEntry,
+    }
     for path, cls in tree.items():
         node = SCHEMA
         for step in path:
@@ -87,17 +98,32 @@ def test_a_typed_manifest_written_with_a_date_validates(tmp_path, monkeypatch):
     profile = load_profile("linux-x64")
     tensor = Tensor(name="x", dtype="float32", shape=["batch", 3, None])
     content = Content(
-        target=profile.name, profile=profile, bundle_kind=profile.bundle.kind,
-        model=ModelEntry(file="model/m.onnx", format="onnx", ort_style=None, external_data=[], precision="fp32",
-                         ir_version=10, opsets={"ai.onnx": 21}, inputs=[tensor], outputs=[Tensor("y", "float32", None)],
-                         source=SourceModel(name="m.onnx", sha256="0" * 64, bytes=1)),
-        runtime=RuntimeEntry(package="onnxruntime", version=">=1.20",
-                             execution_providers=[ProviderEntry(name="CPUExecutionProvider", options={})],
-                             strict_providers=False,
-                             session_options=SessionEntry(intra_op_num_threads=0, graph_optimization_level="all",
-                                                          config_entries={})),
-        reduced_ops_config=None, tools={"python": "3", "edgepack": "0", "onnxruntime": "1"},
-        stages=[{"stage": "load", "summary": "loaded"}])
+        target=profile.name,
+        profile=profile,
+        bundle_kind=profile.bundle.kind,
+        model=ModelEntry(
+            file="model/m.onnx",
+            format="onnx",
+            ort_style=None,
+            external_data=[],
+            precision="fp32",
+            ir_version=10,
+            opsets={"ai.onnx": 21},
+            inputs=[tensor],
+            outputs=[Tensor("y", "float32", None)],
+            source=SourceModel(name="m.onnx", sha256="0" * 64, bytes=1),
+        ),
+        runtime=RuntimeEntry(
+            package="onnxruntime",
+            version=">=1.20",
+            execution_providers=[ProviderEntry(name="CPUExecutionProvider", options={})],
+            strict_providers=False,
+            session_options=SessionEntry(intra_op_num_threads=0, graph_optimization_level="all", config_entries={}),
+        ),
+        reduced_ops_config=None,
+        tools={"python": "3", "edgepack": "0", "onnxruntime": "1"},
+        stages=[{"stage": "load", "summary": "loaded"}],
+    )
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "m.onnx").write_bytes(b"\0")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -153,8 +179,14 @@ class _Recorder(dict):
 
 def _recording(value, path, read):
     if isinstance(value, dict):
-        return _Recorder({k: _recording(v, (*path, k) if path[:1] not in (("files",), ("profile",)) else (*path, "*"), read)
-                          for k, v in value.items()}, path, read)
+        return _Recorder(
+            {
+                k: _recording(v, (*path, k) if path[:1] not in (("files",), ("profile",)) else (*path, "*"), read)
+                for k, v in value.items()
+            },
+            path,
+            read,
+        )
     if isinstance(value, list):
         return [_recording(v, (*path, "[]"), read) for v in value]
     return value

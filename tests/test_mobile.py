@@ -42,8 +42,12 @@ def verify_like_loaders(bundle: Path) -> list[str]:
     problems = []
     for rel in sorted(files):
         entry = files[rel]
-        safe = (rel and not rel.startswith("/") and "\\" not in rel
-                and all(part not in ("", ".", "..") for part in rel.split("/")))
+        safe = (
+            rel
+            and not rel.startswith("/")
+            and "\\" not in rel
+            and all(part not in ("", ".", "..") for part in rel.split("/"))
+        )
         if not isinstance(entry, dict) or not safe:
             problems.append(f"unsafe: {rel}")
             continue
@@ -72,21 +76,33 @@ def _sha256(path: Path) -> str:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("mobile")
     model = write_example("cnn", folder)
-    results = package_model(model, [load_profile("android-nnapi"), load_profile("ios-coreml")], Options(output=folder / "out"))
+    results = package_model(
+        model, [load_profile("android-nnapi"), load_profile("ios-coreml")], Options(output=folder / "out")
+    )
     assert all(r.ok for r in results), [str(r.error) for r in results]
     return {r.target: r.bundle for r in results}
 
 
-@pytest.mark.parametrize("target, loader, build_flag", [
-    ("android-nnapi", ["loader/EdgepackVerifier.kt", "loader/EdgepackLoader.kt"], "--use_nnapi"),
-    ("ios-coreml", ["loader/EdgepackLoader.swift"], "--use_coreml"),
-])
+@pytest.mark.parametrize(
+    "target, loader, build_flag",
+    [
+        ("android-nnapi", ["loader/EdgepackVerifier.kt", "loader/EdgepackLoader.kt"], "--use_nnapi"),
+        ("ios-coreml", ["loader/EdgepackLoader.swift"], "--use_coreml"),
+    ],
+)
 def test_mobile_bundle_has_what_an_app_needs(bundles, target, loader, build_flag):
     bundle = bundles[target]
     profile = load_profile(target)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    for rel in ["model/cnn.ort", "required_operators_and_types.config", "session_options.json", "BUILD.md",
-                "README.md", "REPORT.md", *loader]:
+    for rel in [
+        "model/cnn.ort",
+        "required_operators_and_types.config",
+        "session_options.json",
+        "BUILD.md",
+        "README.md",
+        "REPORT.md",
+        *loader,
+    ]:
         assert rel in manifest["files"], rel
     assert manifest["model"]["ort_style"] == "Runtime"
 
@@ -99,8 +115,12 @@ def test_mobile_bundle_has_what_an_app_needs(bundles, target, loader, build_flag
         assert f"pod '{profile.mobile.cocoapods}', '{version}'" in build
         assert f'.package(url: "{profile.mobile.swiftpm_url}", exact: "{version}")' in build
     command = next(line for line in build.splitlines() if line.startswith("python tools/ci_build/build.py"))
-    for flag in (build_flag, "--minimal_build extended", "--include_ops_by_config <bundle>/required_operators_and_types.config",
-                 "--enable_reduced_operator_type_support"):
+    for flag in (
+        build_flag,
+        "--minimal_build extended",
+        "--include_ops_by_config <bundle>/required_operators_and_types.config",
+        "--enable_reduced_operator_type_support",
+    ):
         assert flag in command
     bundle_stage = next(r for r in manifest["stages"] if r["stage"] == "bundle")
     assert bundle_stage["reduced_build_command"] == command
@@ -129,6 +149,7 @@ def test_session_options_json_loads_and_runs_the_ort_model(bundles):
 
 def _tamper_cases():
     """(name, change to a copy of the bundle, the problems every loader must report)."""
+
     def flip_byte(b):
         path = b / "model/cnn.ort"
         data = bytearray(path.read_bytes())
@@ -185,8 +206,10 @@ def test_python_mirror_refuses_what_the_loaders_refuse(tampered):
 
 
 def test_loader_sources_carry_the_same_algorithm_and_refusals():
-    sources = {name: (resources.files("edgepack.runtime_shim") / "mobile" / name).read_text()
-               for name in ("EdgepackVerifier.kt", "EdgepackLoader.swift")}
+    sources = {
+        name: (resources.files("edgepack.runtime_shim") / "mobile" / name).read_text()
+        for name in ("EdgepackVerifier.kt", "EdgepackLoader.swift")
+    }
     for name, text in sources.items():
         for refusal in REFUSALS:
             assert f'"{refusal}' in text, (name, refusal)
@@ -216,18 +239,37 @@ ANDROID_JSON = Path("/usr/share/java/com.android.json.jar")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("kotlinc") is None or not ANDROID_JSON.is_file(),
-                    reason="needs kotlinc and Android's org.json for the JVM (Debian packages kotlin, libandroid-json-java)")
+@pytest.mark.skipif(
+    shutil.which("kotlinc") is None or not ANDROID_JSON.is_file(),
+    reason="needs kotlinc and Android's org.json for the JVM (Debian packages kotlin, libandroid-json-java)",
+)
 def test_kotlin_verifier_compiled_and_run_agrees_with_the_mirror(tampered, tmp_path):
     source = resources.files("edgepack.runtime_shim") / "mobile" / "EdgepackVerifier.kt"
     shutil.copyfile(source, tmp_path / "EdgepackVerifier.kt")
     (tmp_path / "Main.kt").write_text(KOTLIN_MAIN)
     jar = tmp_path / "verifier.jar"
-    build = subprocess.run(["kotlinc", str(tmp_path / "EdgepackVerifier.kt"), str(tmp_path / "Main.kt"), "-cp",
-                            str(ANDROID_JSON), "-include-runtime", "-d", str(jar)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [
+            "kotlinc",
+            str(tmp_path / "EdgepackVerifier.kt"),
+            str(tmp_path / "Main.kt"),
+            "-cp",
+            str(ANDROID_JSON),
+            "-include-runtime",
+            "-d",
+            str(jar),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr
-    run = subprocess.run(["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", *[str(b) for _, b, _ in tampered]],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        ["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", *[str(b) for _, b, _ in tampered]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     answers = dict(line.split("\t", 1) for line in run.stdout.splitlines())
     for name, bundle, expected in tampered:

@@ -57,8 +57,11 @@ def cases(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path], dict[str,
     for name in ("release", "other"):
         generate_key(tmp / f"{name}.priv", tmp / f"{name}.pub", None)
         keys[name], keys[f"{name}.pub"] = tmp / f"{name}.priv", tmp / f"{name}.pub"
-    [result] = package_model(write_example("cnn", tmp), [load_profile("android-nnapi")],
-                             Options(output=tmp / "out", sign_key=keys["release"]))
+    [result] = package_model(
+        write_example("cnn", tmp),
+        [load_profile("android-nnapi")],
+        Options(output=tmp / "out", sign_key=keys["release"]),
+    )
     assert result.ok, result.error
     bundles, expected = {}, {}
 
@@ -86,17 +89,33 @@ def cases(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path], dict[str,
     (tampered / SIGNATURE_NAME).write_text(json.dumps(document))
     expected["tampered"] = "signature: the signature does not verify"
     upstream = copy("upstream")
-    done = subprocess.run([sys.executable, "-m", "model_signing", "sign", "key", str(upstream), "--private_key",
-                           str(keys["release"]), "--signature", str(upstream / SIGNATURE_NAME)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_signing",
+            "sign",
+            "key",
+            str(upstream),
+            "--private_key",
+            str(keys["release"]),
+            "--signature",
+            str(upstream / SIGNATURE_NAME),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     expected["upstream"] = f"ok {fingerprint(keys['release.pub'])}"
     return bundles, keys, expected
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("kotlinc") is None or not ANDROID_JSON.is_file(),
-                    reason="needs kotlinc and Android's org.json for the JVM (Debian packages kotlin, libandroid-json-java)")
+@pytest.mark.skipif(
+    shutil.which("kotlinc") is None or not ANDROID_JSON.is_file(),
+    reason="needs kotlinc and Android's org.json for the JVM (Debian packages kotlin, libandroid-json-java)",
+)
 def test_kotlin_loader_verifies_signatures_and_refuses_the_rest(cases, tmp_path):
     bundles, keys, expected = cases
     sources = [tmp_path / name for name in ("EdgepackVerifier.kt", "EdgepackSignature.kt")]
@@ -104,13 +123,30 @@ def test_kotlin_loader_verifies_signatures_and_refuses_the_rest(cases, tmp_path)
         shutil.copyfile(resources.files("edgepack.runtime_shim") / "mobile" / path.name, path)
     (tmp_path / "Main.kt").write_text(KOTLIN_MAIN)
     jar = tmp_path / "loader.jar"
-    build = subprocess.run(["kotlinc", *map(str, sources), str(tmp_path / "Main.kt"), "-cp", str(ANDROID_JSON),
-                            "-include-runtime", "-d", str(jar)], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [
+            "kotlinc",
+            *map(str, sources),
+            str(tmp_path / "Main.kt"),
+            "-cp",
+            str(ANDROID_JSON),
+            "-include-runtime",
+            "-d",
+            str(jar),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr
 
     def answers(key: Path) -> dict[str, str]:
-        run = subprocess.run(["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", str(key), *map(str, bundles.values())],
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            ["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", str(key), *map(str, bundles.values())],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr
         return dict(line.split("\t", 1) for line in run.stdout.splitlines())
 
@@ -124,11 +160,24 @@ def test_kotlin_loader_verifies_signatures_and_refuses_the_rest(cases, tmp_path)
 
 def test_loaders_check_the_signature_before_anything_else():
     kotlin = (resources.files("edgepack.runtime_shim") / "mobile" / "EdgepackLoader.kt").read_text()
-    assert kotlin.index("EdgepackSignature.verify(bundle, publicKeyPem)") < kotlin.index("EdgepackVerifier.verify(bundle)")
+    assert kotlin.index("EdgepackSignature.verify(bundle, publicKeyPem)") < kotlin.index(
+        "EdgepackVerifier.verify(bundle)"
+    )
     swift = (resources.files("edgepack.runtime_shim") / "mobile" / "EdgepackLoader.swift").read_text()
     start = swift.index("static func createSession(")
-    assert start < swift.index("try verifySignature(bundle: bundle", start) < swift.index("try verify(bundle: bundle)", start)
-    for step in ("P256.Signing.PublicKey(pemRepresentation:", "ECDSASignature(derRepresentation:", "isValidSignature(",
-                 "DSSEv1 ", "https://model_signing/signature/v1.0", "changed since signing", "signed with another key",
-                 "model.sig"):
+    assert (
+        start
+        < swift.index("try verifySignature(bundle: bundle", start)
+        < swift.index("try verify(bundle: bundle)", start)
+    )
+    for step in (
+        "P256.Signing.PublicKey(pemRepresentation:",
+        "ECDSASignature(derRepresentation:",
+        "isValidSignature(",
+        "DSSEv1 ",
+        "https://model_signing/signature/v1.0",
+        "changed since signing",
+        "signed with another key",
+        "model.sig",
+    ):
         assert step in swift, step

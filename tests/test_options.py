@@ -12,9 +12,16 @@ from edgepack.pipeline.job import Options
 
 BAD = [
     ({"quantize": "int3"}, ["--quantize", "int3"], "--quantize 'int3': expected one of none, static, dynamic, fp16"),
-    ({"quantize": "dynamic", "auto_exclude": True}, ["--quantize", "dynamic", "--auto-exclude"],
-     "--auto-exclude works with static quantization, not dynamic"),
-    ({"tune_budget": 10.0}, ["--tune-budget", "10"], "--tune-budget 10: expected a number of seconds above 0, with --tune"),
+    (
+        {"quantize": "dynamic", "auto_exclude": True},
+        ["--quantize", "dynamic", "--auto-exclude"],
+        "--auto-exclude works with static quantization, not dynamic",
+    ),
+    (
+        {"tune_budget": 10.0},
+        ["--tune-budget", "10"],
+        "--tune-budget 10: expected a number of seconds above 0, with --tune",
+    ),
     ({"tune": True, "tune_budget": 0.0}, ["--tune", "--tune-budget", "0"], "--tune-budget 0: expected a number"),
     ({"tune": True, "quantize": "fp16"}, ["--tune", "--quantize", "fp16"], "--tune chooses the recipe itself"),
     ({"onefile": True}, ["--onefile"], "--onefile only applies with --freeze"),

@@ -21,8 +21,12 @@ from edgepack.profiles import load_profile
 from edgepack.serve import start_server
 
 
-def make_tarball(path: Path, version: str, name: str = "onnxruntime-web", files: dict[str, bytes] | None = None) -> Path:
-    files = files if files is not None else {"ort.entry.mjs": b"export const x = 1;\n", "ort.wasm": b"\0asm" + bytes(64)}
+def make_tarball(
+    path: Path, version: str, name: str = "onnxruntime-web", files: dict[str, bytes] | None = None
+) -> Path:
+    files = (
+        files if files is not None else {"ort.entry.mjs": b"export const x = 1;\n", "ort.wasm": b"\0asm" + bytes(64)}
+    )
     members = {"package/package.json": json.dumps({"name": name, "version": version}).encode()}
     members.update({f"package/dist/{k}": v for k, v in files.items()})
     members["package/lib/not-wanted.js"] = b"// not copied\n"
@@ -49,9 +53,14 @@ def registry(tmp_path, monkeypatch):
 
     def publish(integrity: str | None = None) -> bytes:
         data = tarball.read_bytes()
-        meta = {"name": "onnxruntime-web", "version": "9.9.9",
-                "dist": {"tarball": f"{server.url}onnxruntime-web/-/onnxruntime-web-9.9.9.tgz",
-                         "integrity": integrity or sri512(data)}}
+        meta = {
+            "name": "onnxruntime-web",
+            "version": "9.9.9",
+            "dist": {
+                "tarball": f"{server.url}onnxruntime-web/-/onnxruntime-web-9.9.9.tgz",
+                "integrity": integrity or sri512(data),
+            },
+        }
         (root / "onnxruntime-web" / "9.9.9").write_text(json.dumps(meta), encoding="utf-8")
         return data
 

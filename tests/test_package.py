@@ -54,18 +54,31 @@ def test_manifest_describes_the_bundle(packaged):
         assert all({"name", "dtype", "shape"} <= set(io) for io in model["inputs"] + model["outputs"])
         assert manifest["runtime"]["version"] == profile.runtime.version
         assert [ep["name"] for ep in manifest["runtime"]["execution_providers"]] == [
-            ep.name for ep in profile.execution_providers]
+            ep.name for ep in profile.execution_providers
+        ]
         assert manifest["reduced_ops_config"] == "required_operators_and_types.config"
         assert set(manifest["tools"]) >= {"edgepack", "onnx", "onnxruntime", "python"}
         stages = [r["stage"] for r in manifest["stages"]]
-        for expected in ("load", "check", "optimize", "quantize", "convert", "bundle", "manifest", "self_test", "budget"):
+        for expected in (
+            "load",
+            "check",
+            "optimize",
+            "quantize",
+            "convert",
+            "bundle",
+            "manifest",
+            "self_test",
+            "budget",
+        ):
             assert expected in stages
         self_test = next(r for r in manifest["stages"] if r["stage"] == "self_test")
         assert self_test["passed"] and self_test["cosine"] > 0.99
         assert "REPORT.md" in manifest["files"]
         if manifest["model"]["ort_style"] == "Runtime":
-            assert manifest["runtime"]["session_options"]["config_entries"][
-                "session.enable_saved_runtime_optimizations"] == "1"
+            assert (
+                manifest["runtime"]["session_options"]["config_entries"]["session.enable_saved_runtime_optimizations"]
+                == "1"
+            )
 
 
 def test_reduced_operator_config_parses_and_covers_the_model(packaged):
@@ -80,8 +93,11 @@ def test_reduced_operator_config_parses_and_covers_the_model(packaged):
     ops = {op for domain_ops in required_ops.values() for version_ops in domain_ops.values() for op in version_ops}
     # generated from the final .ort: Conv+BatchNormalization+Relu appear as the fused kernel the device runs,
     # quantized MatMul+Add as the fused INT8 kernels
-    assert ({"FusedConv", "DynamicQuantizeMatMul"} if name == "cnn" else
-            {"FusedMatMul", "Softmax", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}) <= ops
+    assert (
+        {"FusedConv", "DynamicQuantizeMatMul"}
+        if name == "cnn"
+        else {"FusedMatMul", "Softmax", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+    ) <= ops
 
 
 def test_python_bundle_runs_through_its_shim_like_the_reference(packaged, examples):
@@ -103,8 +119,12 @@ def test_python_bundle_runs_through_its_shim_like_the_reference(packaged, exampl
     np.testing.assert_allclose(got, same_file.run(None, feeds)[0], atol=1e-4)
     tolerance = load_profile("rpi-arm64").quantization.tolerance
     figures = compare([{"out": source.run(None, feeds)[0]}], [{"out": got}])
-    assert not check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
-                     max_abs_error=tolerance.max_abs_error), figures
+    assert not check(
+        figures,
+        min_cosine=tolerance.min_cosine,
+        min_top1_agreement=tolerance.min_top1_agreement,
+        max_abs_error=tolerance.max_abs_error,
+    ), figures
 
 
 def test_existing_bundle_needs_force(packaged, cli):
@@ -121,8 +141,19 @@ def test_existing_bundle_needs_force(packaged, cli):
 def test_self_test_runs_on_the_users_sample_inputs(tmp_path, examples, cli, clean_failure):
     samples = tmp_path / "samples.npz"
     np.savez(samples, image=np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32))
-    done = cli("package", examples["cnn"], "--target", "rpi-arm64", "--quantize", "none", "-o", tmp_path / "out",
-               "--sample-inputs", samples, "-q")
+    done = cli(
+        "package",
+        examples["cnn"],
+        "--target",
+        "rpi-arm64",
+        "--quantize",
+        "none",
+        "-o",
+        tmp_path / "out",
+        "--sample-inputs",
+        samples,
+        "-q",
+    )
     assert done.returncode == 0, done.stderr
     manifest = json.loads((tmp_path / "out" / "cnn-rpi-arm64" / "manifest.json").read_text())
     report = next(r for r in manifest["stages"] if r["stage"] == "self_test")
@@ -151,7 +182,8 @@ def test_input_model_is_never_modified(tmp_path, examples, cli):
 
 def _tiny(opset: int = 17, ir: int = 8, op: str = "Relu", domain: str = "") -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node(op, ["x"], ["y"], domain=domain)], "g",
+        [helper.make_node(op, ["x"], ["y"], domain=domain)],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
@@ -181,12 +213,29 @@ def _bad_inputs(tmp_path: Path, examples) -> dict[str, tuple[Path, list[str], st
         "ir too new": (tmp_path / "ir12.onnx", ["rpi-arm64"], "IR version 12"),
         "unknown op": (tmp_path / "custom.onnx", ["rpi-arm64"], "com.example::Frobnicate"),
         "unknown target": (examples["cnn"], ["raspberry-pi"], "unknown target 'raspberry-pi'"),
-        "invalid profile": (examples["cnn"], [str(tmp_path / "broken.yaml")], "key 'runtime.max_opset': expected an integer"),
+        "invalid profile": (
+            examples["cnn"],
+            [str(tmp_path / "broken.yaml")],
+            "key 'runtime.max_opset': expected an integer",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["not onnx", "truncated", "empty", "missing", "folder", "opset too new",
-                                  "ir too new", "unknown op", "unknown target", "invalid profile"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not onnx",
+        "truncated",
+        "empty",
+        "missing",
+        "folder",
+        "opset too new",
+        "ir too new",
+        "unknown op",
+        "unknown target",
+        "invalid profile",
+    ],
+)
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, examples, cli, clean_failure, case):
     model, targets, message = _bad_inputs(tmp_path, examples)[case]
     out = tmp_path / "out"

@@ -27,19 +27,65 @@ TARGETS = Path(__file__).resolve().parent.parent / "targets"
 PROFILE_TEXTS = [(TARGETS / f"{name}.yaml").read_text(encoding="utf-8") for name in builtin_profile_names()]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-GARBAGE = st.sampled_from([
-    b"\x00", b"\xff\xfe", b"{", b"}", b"[", b"]", b":", b": :", b"- ", b"\t", b"\n  - x\n", b"&a ", b"*a", b"*nope",
-    b"!!python/object:os.system ", b"!!binary x", b"%YAML 9.9\n", b"---\n", b"...\n", b"? ", b"|", b">", b"\"", b"'",
-    b"1e999", b"NaN", b".nan", b".inf", b"-.inf", b"null", b"~", b"true", b"2024-01-01", b"0x1F", b"\xef\xbb\xbf",
-    b"[" * 3000, b"{\"a\":" * 3000, b"\\ud800", b"\"\\ud800\"",
-])
+GARBAGE = st.sampled_from(
+    [
+        b"\x00",
+        b"\xff\xfe",
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b":",
+        b": :",
+        b"- ",
+        b"\t",
+        b"\n  - x\n",
+        b"&a ",
+        b"*a",
+        b"*nope",
+        b"!!python/object:os.system ",
+        b"!!binary x",
+        b"%YAML 9.9\n",
+        b"---\n",
+        b"...\n",
+        b"? ",
+        b"|",
+        b">",
+        b'"',
+        b"'",
+        b"1e999",
+        b"NaN",
+        b".nan",
+        b".inf",
+        b"-.inf",
+        b"null",
+        b"~",
+        b"true",
+        b"2024-01-01",
+        b"0x1F",
+        b"\xef\xbb\xbf",
+        b"[" * 3000,
+        b'{"a":' * 3000,
+        b"\\ud800",
+        b'"\\ud800"',
+    ]
+)
 
 OTHER_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True),
-    st.text(max_size=30), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
-    st.just(""), st.just("../../escape"), st.just("a\x00b"), st.just("x" * 600),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.just(""),
+    st.just("../../escape"),
+    st.just("a\x00b"),
+    st.just("x" * 600),
     st.builds(lambda: {"nested": {"deeper": []}}),  # built fresh each time: corruptions mutate what they draw
-    st.dates(), st.binary(max_size=5),
+    st.dates(),
+    st.binary(max_size=5),
 )
 KEYS = st.one_of(st.text(min_size=1, max_size=12), st.sampled_from(["x" * 600, "a\x00b", "../up", "/abs", "."]))
 
@@ -58,7 +104,7 @@ def byte_corruption(draw, original: bytes) -> bytes:
         elif kind == "insert":
             data[position:position] = draw(GARBAGE)
         elif kind == "delete":
-            del data[position:position + draw(st.integers(1, 40))]
+            del data[position : position + draw(st.integers(1, 40))]
         elif kind == "replace_all":
             data = bytearray(draw(st.binary(max_size=200)))
     return bytes(data)
@@ -138,22 +184,28 @@ def test_profile_tree_corruptions(scratch, data):
     _load_profile_bytes(scratch, text.encode("utf-8"))
 
 
-@pytest.mark.parametrize("text, says", [
-    ("[" * 5000, "YAML"),
-    ("a: &a [1, 2]\nb: *a\n", "aliases"),
-    ("name: x\n" + "x: 1\n" * 2, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("[" * 5000, "YAML"),
+        ("a: &a [1, 2]\nb: *a\n", "aliases"),
+        ("name: x\n" + "x: 1\n" * 2, "unknown key"),
+    ],
+)
 def test_profile_garbage_examples(scratch, text, says):
     with pytest.raises(EdgepackError, match=says):
         load_profile(str(_write(scratch / "g.yaml", text)))
 
 
-@pytest.mark.parametrize("key, value, says", [
-    ("name", "../../outside", "key 'name'"),
-    ("accuracy.max_abs_error", float("nan"), "finite"),
-    ("budget.max_bundle_mb", float("inf"), "finite"),
-    ("session.intra_op_num_threads", -2, "intra_op_num_threads"),
-])
+@pytest.mark.parametrize(
+    "key, value, says",
+    [
+        ("name", "../../outside", "key 'name'"),
+        ("accuracy.max_abs_error", float("nan"), "finite"),
+        ("budget.max_bundle_mb", float("inf"), "finite"),
+        ("session.intra_op_num_threads", -2, "intra_op_num_threads"),
+    ],
+)
 def test_profile_values_that_parse_but_cannot_work(scratch, key, value, says):
     data = yaml.safe_load(PROFILE_TEXTS[0])
     parent = data
@@ -223,7 +275,7 @@ def test_manifest_untouched_bundle_verifies(valid_bundle):
     assert read_manifest(valid_bundle)["files"]["README.md"] == hash_file(valid_bundle / "README.md")
 
 
-@pytest.mark.parametrize("text", ["[" * 100000, "{\"schema\": " * 100000, "\"\\ud800\"", "NaN", ""])
+@pytest.mark.parametrize("text", ["[" * 100000, '{"schema": ' * 100000, '"\\ud800"', "NaN", ""])
 def test_manifest_garbage_examples(valid_bundle, text):
     original = (valid_bundle / "manifest.json").read_bytes()
     try:
@@ -234,11 +286,14 @@ def test_manifest_garbage_examples(valid_bundle, text):
         (valid_bundle / "manifest.json").write_bytes(original)
 
 
-@pytest.mark.parametrize("options, says", [
-    ({"when": __import__("datetime").date(2024, 1, 1)}, "plain data"),
-    ({"ratio": float("nan")}, "finite"),
-    ({"blob": b"\x00\x01"}, "plain data"),
-])
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"when": __import__("datetime").date(2024, 1, 1)}, "plain data"),
+        ({"ratio": float("nan")}, "finite"),
+        ({"blob": b"\x00\x01"}, "plain data"),
+    ],
+)
 def test_provider_options_must_be_plain_data(scratch, options, says):
     """They are copied into manifest.json, which must stay strict JSON."""
     data = yaml.safe_load(PROFILE_TEXTS[0])

@@ -20,7 +20,18 @@ from edgepack.pipeline.stage import StageResult
 from edgepack.profiles import builtin_profile_names, load_profile
 from edgepack.recipes import RECIPES, variants
 
-ORDER = ["check", "fix_shapes", "optimize", "quantize", "coverage", "convert", "bundle", "manifest", "self_test", "budget"]
+ORDER = [
+    "check",
+    "fix_shapes",
+    "optimize",
+    "quantize",
+    "coverage",
+    "convert",
+    "bundle",
+    "manifest",
+    "self_test",
+    "budget",
+]
 SKIPPED = {  # the stages each built-in profile does not need
     "android-nnapi": set(),
     "android-xnnpack": {"fix_shapes"},
@@ -34,9 +45,14 @@ SKIPPED = {  # the stages each built-in profile does not need
 
 
 def _job(name: str, tmp_path: Path, **options) -> Job:
-    return Job(profile=load_profile(name), options=Options(output=tmp_path, **options), workdir=tmp_path,
-               source=Source(name="m", path=tmp_path / "m.onnx", reference=tmp_path / "m.onnx", info={}),
-               staging=tmp_path, destination=tmp_path)
+    return Job(
+        profile=load_profile(name),
+        options=Options(output=tmp_path, **options),
+        workdir=tmp_path,
+        source=Source(name="m", path=tmp_path / "m.onnx", reference=tmp_path / "m.onnx", info={}),
+        staging=tmp_path,
+        destination=tmp_path,
+    )
 
 
 @pytest.mark.parametrize("name", builtin_profile_names())
@@ -143,12 +159,16 @@ def test_every_provider_a_profile_names_has_a_backend(name):
         assert profile.coverage.checker in {b.checker for b in backends if b}
 
 
-@pytest.mark.parametrize("change, message", [
-    ("trt_fp16_enable: true", "trt_fp16_enabled: true"),
-    ("batch: [1, 1, 8]", "batch: [4, 1, 8]"),
-    ("name: CUDAExecutionProvider", "name: CudaExecutionProvider"),
-    ("checker: tensorrt", "checker: coreml"),
-], ids=["unknown option", "dim range", "unknown provider", "checker of another backend"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("trt_fp16_enable: true", "trt_fp16_enabled: true"),
+        ("batch: [1, 1, 8]", "batch: [4, 1, 8]"),
+        ("name: CUDAExecutionProvider", "name: CudaExecutionProvider"),
+        ("checker: tensorrt", "checker: coreml"),
+    ],
+    ids=["unknown option", "dim range", "unknown provider", "checker of another backend"],
+)
 def test_a_wrong_provider_setting_fails_when_the_profile_loads(change, message, tmp_path):
     """Found on the packaging host, not by the shim on the device."""
     source = Path(load_profile("jetson-orin-trt").source).read_text(encoding="utf-8")

@@ -54,13 +54,22 @@ def test_own_profile_file_loads(tmp_path):
     "mutate, expected",
     [
         (lambda d: d["runtime"].pop("max_opset"), "missing key 'runtime.max_opset'"),
-        (lambda d: d["runtime"].update(max_opset="twenty"), "key 'runtime.max_opset': expected an integer, found the string 'twenty'"),
-        (lambda d: d["ort_format"].update(style="Fast"), "key 'ort_format.style': expected one of 'Fixed', 'Runtime', 'none', found 'Fast'"),
+        (
+            lambda d: d["runtime"].update(max_opset="twenty"),
+            "key 'runtime.max_opset': expected an integer, found the string 'twenty'",
+        ),
+        (
+            lambda d: d["ort_format"].update(style="Fast"),
+            "key 'ort_format.style': expected one of 'Fixed', 'Runtime', 'none', found 'Fast'",
+        ),
         (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
         (lambda d: d["runtime"].update(version="latest"), "key 'runtime.version': expected a version specifier"),
         (lambda d: d.update(execution_providers=[]), "expected at least one provider"),
         (lambda d: d["accuracy"].update(min_cosine=2), "key 'accuracy.min_cosine'"),
-        (lambda d: d.update(execution_providers="CPU"), "key 'execution_providers': expected a list, found the string 'CPU'"),
+        (
+            lambda d: d.update(execution_providers="CPU"),
+            "key 'execution_providers': expected a list, found the string 'CPU'",
+        ),
     ],
 )
 def test_invalid_profile_is_one_clear_error(tmp_path, mutate, expected):

@@ -44,7 +44,11 @@ def test_plain_lines_report_a_long_step_now_and_then(monkeypatch):
         with progress.step("timing", total=4) as step:
             for _ in range(4):
                 step.advance()
-    assert stream.getvalue().splitlines() == ["timing ...", "timing: 2 of 4, about 11 s left", "timing: 4 of 4, about 0 s left"]
+    assert stream.getvalue().splitlines() == [
+        "timing ...",
+        "timing: 2 of 4, about 11 s left",
+        "timing: 4 of 4, about 0 s left",
+    ]
 
 
 def test_off_shows_nothing():
@@ -97,8 +101,13 @@ def test_a_terminal_shows_progress_bars(tmp_path):
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1", "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "edgepack", *COMMAND, "-o", str(tmp_path)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgepack", *COMMAND, "-o", str(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=env,
+    )
     os.close(follower)
     seen = b""
     deadline = time.monotonic() + 300

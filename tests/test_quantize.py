@@ -29,14 +29,20 @@ from edgepack.recipes.static import StaticSettings
 from edgepack.stages.fix_shapes import apply_shapes
 from edgepack.stages.load import load
 
-RECIPES = {"dynamic": DynamicSettings(op_types=["Conv", "MatMul", "Gather"]), "static": StaticSettings(), "fp16": Fp16Settings()}
+RECIPES = {
+    "dynamic": DynamicSettings(op_types=["Conv", "MatMul", "Gather"]),
+    "static": StaticSettings(),
+    "fp16": Fp16Settings(),
+}
 
 
 def _figures(reference: Path, candidate: Path, feeds: list[dict]) -> dict:
     ref = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
     names = [o.name for o in ref.get_outputs()]
-    return compare([dict(zip(names, ref.run(names, f))) for f in feeds], [dict(zip(names, got.run(names, f))) for f in feeds])
+    return compare(
+        [dict(zip(names, ref.run(names, f))) for f in feeds], [dict(zip(names, got.run(names, f))) for f in feeds]
+    )
 
 
 def _mlp(path: Path, *, weights_in_constants: bool = False, seed: int = 0) -> Path:
@@ -58,8 +64,13 @@ def _mlp(path: Path, *, weights_in_constants: bool = False, seed: int = 0) -> Pa
         helper.make_node("Relu", ["h2"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w3"], ["y"], name="third_matmul"),
     ]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save_model(model, path)
@@ -78,8 +89,9 @@ def _stage(manifest: dict, name: str) -> dict:
 def test_every_recipe_on_the_examples(tmp_path: Path, example: str, method: str):
     source = write_example(example, tmp_path)
     inputs, _ = describe_io(onnx.load(source))
-    result = quantize_model(source, tmp_path / "out" / "q.onnx", method, RECIPES[method],
-                            calibration=random_samples(inputs).feeds)
+    result = quantize_model(
+        source, tmp_path / "out" / "q.onnx", method, RECIPES[method], calibration=random_samples(inputs).feeds
+    )
     figures = _figures(source, result.path, generated_validation(inputs).feeds)
     assert figures["cosine"] > 0.999, figures
     if example == "cnn":
@@ -89,7 +101,10 @@ def test_every_recipe_on_the_examples(tmp_path: Path, example: str, method: str)
     expected_ratio = 0.55 if method == "fp16" else 0.4
     assert result.bytes_after < expected_ratio * result.bytes_before, result.report()
     assert result.preprocess.startswith("quant_pre_process")
-    io_types = {vi.type.tensor_type.elem_type for vi in [*onnx.load(result.path).graph.input, *onnx.load(result.path).graph.output]}
+    io_types = {
+        vi.type.tensor_type.elem_type
+        for vi in [*onnx.load(result.path).graph.input, *onnx.load(result.path).graph.output]
+    }
     assert TensorProto.FLOAT16 not in io_types  # FP16 keeps float32 inputs and outputs
 
 
@@ -106,8 +121,9 @@ def test_a_fixed_shape_transformer_quantizes_to_a_model_onnxruntime_optimizes_ag
     pairs under the same names and failed with "Attempt to replace the existing tensor"."""
     source = _fixed_transformer(tmp_path)
     inputs, _ = describe_io(onnx.load(source))
-    result = quantize_model(source, tmp_path / "out" / "q.onnx", method, RECIPES[method],
-                            calibration=random_samples(inputs, count=8).feeds)
+    result = quantize_model(
+        source, tmp_path / "out" / "q.onnx", method, RECIPES[method], calibration=random_samples(inputs, count=8).feeds
+    )
     for model in (result.path, result.path.with_name("q.pre.onnx")):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -121,7 +137,9 @@ def test_cli_fp16_fixed_shape_transformer_packages(tmp_path: Path):
     """The README's example on the fp16 target with fixed shapes, with no flags (it was an internal error)."""
     done = _cli("package", "--example", "transformer", "--target", "ios-coreml", "-o", "out", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    quantize = _stage(json.loads((tmp_path / "out" / "transformer-ios-coreml" / "manifest.json").read_text()), "quantize")
+    quantize = _stage(
+        json.loads((tmp_path / "out" / "transformer-ios-coreml" / "manifest.json").read_text()), "quantize"
+    )
     assert quantize["recipe"] == "fp16" and quantize["passed"]
 
 
@@ -133,8 +151,17 @@ def test_a_model_onnxruntime_cannot_load_in_the_gate_is_a_clear_error(tmp_path: 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
     ort.InferenceSession(str(fixed), options, providers=["CPUExecutionProvider"])
-    done = _cli("package", str(tmp_path / "ort_optimized.onnx"), "--target", "linux-x64", "--quantize", "fp16",
-                "-o", "out", cwd=tmp_path)
+    done = _cli(
+        "package",
+        str(tmp_path / "ort_optimized.onnx"),
+        "--target",
+        "linux-x64",
+        "--quantize",
+        "fp16",
+        "-o",
+        "out",
+        cwd=tmp_path,
+    )
     assert done.returncode == 5, done.stdout + done.stderr
     assert "the FP32 model does not run in onnxruntime" in done.stderr
     assert "Attempt to replace the existing tensor" in done.stderr
@@ -147,8 +174,14 @@ def test_calibration_methods_all_run(tmp_path: Path):
     inputs, _ = describe_io(onnx.load(source))
     calibration = random_samples(inputs, count=8).feeds
     for method in ("entropy", "percentile"):
-        result = quantize_model(source, tmp_path / method / "q.onnx", "static", StaticSettings(), calibration=calibration,
-                                calibration_method=method)
+        result = quantize_model(
+            source,
+            tmp_path / method / "q.onnx",
+            "static",
+            StaticSettings(),
+            calibration=calibration,
+            calibration_method=method,
+        )
         assert _figures(source, result.path, generated_validation(inputs, count=8).feeds)["cosine"] > 0.99, method
 
 
@@ -158,8 +191,12 @@ def test_calibration_methods_all_run(tmp_path: Path):
 def test_static_default_without_calibration_falls_back_and_says_so(tmp_path: Path):
     messages: list[str] = []
     source = write_example("transformer", tmp_path)
-    (result,) = package_model(source, [load_profile("rpi-arm64")],
-                              Options(output=tmp_path / "build", calibration_method="entropy"), progress=messages.append)
+    (result,) = package_model(
+        source,
+        [load_profile("rpi-arm64")],
+        Options(output=tmp_path / "build", calibration_method="entropy"),
+        progress=messages.append,
+    )
     assert result.ok, result.error
     report = _stage(result.manifest, "quantize")
     assert report["recipe"] == "dynamic" and report["profile_default"] == "static"
@@ -238,8 +275,11 @@ def test_explicit_static_without_calibration_refuses(tmp_path: Path):
 
 
 def test_a_profile_can_refuse_instead_of_falling_back(tmp_path: Path):
-    text = Path(load_profile("rpi-arm64").source).read_text().replace("without_calibration: dynamic",
-                                                                     "without_calibration: refuse")
+    text = (
+        Path(load_profile("rpi-arm64").source)
+        .read_text()
+        .replace("without_calibration: dynamic", "without_calibration: refuse")
+    )
     (tmp_path / "strict.yaml").write_text(text.replace("name: rpi-arm64", "name: strict"))
     source = write_example("cnn", tmp_path)
     (result,) = package_model(source, [load_profile(str(tmp_path / "strict.yaml"))], Options(output=tmp_path / "b"))
@@ -258,13 +298,19 @@ def test_weights_held_in_constant_nodes_end_up_quantized(tmp_path: Path):
     assert source.info["passes"]["LiftConstantsToInitializersPass"] == "applied"
     inputs, _ = describe_io(onnx.load(source.reference))
     for method, recipe in (("static", StaticSettings()), ("dynamic", DynamicSettings())):
-        result = quantize_model(source.reference, tmp_path / method / "q.onnx", method, recipe,
-                                calibration=random_samples(inputs).feeds)
+        result = quantize_model(
+            source.reference, tmp_path / method / "q.onnx", method, recipe, calibration=random_samples(inputs).feeds
+        )
         quantized = onnx.load(result.path)
-        eight_bit = {t.name for t in quantized.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)
-                     and t.dims and np.prod(t.dims) >= 16 * 10}
+        eight_bit = {
+            t.name
+            for t in quantized.graph.initializer
+            if t.data_type in (TensorProto.INT8, TensorProto.UINT8) and t.dims and np.prod(t.dims) >= 16 * 10
+        }
         assert len(eight_bit) == 3, (method, eight_bit)
-        assert not any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 16 * 10 for t in quantized.graph.initializer)
+        assert not any(
+            t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 16 * 10 for t in quantized.graph.initializer
+        )
         assert not any(n.op_type == "Constant" and np.prod(n.attribute[0].t.dims) >= 16 for n in quantized.graph.node)
 
 
@@ -272,8 +318,11 @@ def test_already_quantized_models_are_not_quantized_again(tmp_path: Path):
     source = write_example("transformer", tmp_path)
     once = quantize_model(source, tmp_path / "once" / "transformer.onnx", "dynamic", DynamicSettings())
     assert already_quantized(once.path)["MatMulInteger"] > 0
-    (result,) = package_model(once.path, [load_profile("linux-x64")],
-                              Options(output=tmp_path / "build", quantize="static", calibration="random"))
+    (result,) = package_model(
+        once.path,
+        [load_profile("linux-x64")],
+        Options(output=tmp_path / "build", quantize="static", calibration="random"),
+    )
     assert result.ok, result.error
     report = _stage(result.manifest, "quantize")
     assert report["recipe"] == "none" and "MatMulInteger" in report["already_quantized"]
@@ -284,13 +333,23 @@ def test_already_quantized_models_are_not_quantized_again(tmp_path: Path):
 def test_external_data_is_kept_through_every_recipe(tmp_path: Path, method: str):
     folder = tmp_path / "model"
     folder.mkdir()
-    onnx.save_model(build_example("cnn"), folder / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data",
-                    size_threshold=0)
+    onnx.save_model(
+        build_example("cnn"),
+        folder / "cnn.onnx",
+        save_as_external_data=True,
+        location="cnn.onnx.data",
+        size_threshold=0,
+    )
     (tmp_path / "work").mkdir()
     source = load(folder / "cnn.onnx", tmp_path / "work")
     inputs, _ = describe_io(onnx.load(source.reference, load_external_data=False))
-    result = quantize_model(source.reference, tmp_path / "out" / "q.onnx", method, RECIPES[method],
-                            calibration=random_samples(inputs, count=8).feeds)
+    result = quantize_model(
+        source.reference,
+        tmp_path / "out" / "q.onnx",
+        method,
+        RECIPES[method],
+        calibration=random_samples(inputs, count=8).feeds,
+    )
     assert result.external_data
     assert external_locations(onnx.load(result.path, load_external_data=False))
     assert (result.path.parent / "q.onnx.data").is_file()
@@ -300,12 +359,19 @@ def test_external_data_is_kept_through_every_recipe(tmp_path: Path, method: str)
 def test_a_retry_rewrites_external_data_instead_of_appending(tmp_path: Path):
     """auto-exclude quantizes into the same path again: onnx appends to an existing side file."""
     model = build_example("cnn")
-    onnx.save_model(model, tmp_path / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model, tmp_path / "cnn.onnx", save_as_external_data=True, location="cnn.onnx.data", size_threshold=0
+    )
     inputs, _ = describe_io(model)
     sizes = []
     for _ in range(2):
-        result = quantize_model(tmp_path / "cnn.onnx", tmp_path / "out" / "q.onnx", "static", StaticSettings(),
-                                calibration=random_samples(inputs, count=4).feeds)
+        result = quantize_model(
+            tmp_path / "cnn.onnx",
+            tmp_path / "out" / "q.onnx",
+            "static",
+            StaticSettings(),
+            calibration=random_samples(inputs, count=4).feeds,
+        )
         sizes.append((tmp_path / "out" / "q.onnx.data").stat().st_size)
     assert sizes[0] == sizes[1]
     ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
@@ -314,11 +380,19 @@ def test_a_retry_rewrites_external_data_instead_of_appending(tmp_path: Path):
 def test_external_data_model_packages_quantized(tmp_path: Path):
     folder = tmp_path / "model"
     folder.mkdir()
-    onnx.save_model(build_example("transformer"), folder / "enc.onnx", save_as_external_data=True,
-                    location="enc.onnx.data", size_threshold=0)
+    onnx.save_model(
+        build_example("transformer"),
+        folder / "enc.onnx",
+        save_as_external_data=True,
+        location="enc.onnx.data",
+        size_threshold=0,
+    )
     before = (folder / "enc.onnx.data").read_bytes()
-    (result,) = package_model(folder / "enc.onnx", [load_profile("rpi-arm64")],
-                              Options(output=tmp_path / "build", quantize="static", calibration="random"))
+    (result,) = package_model(
+        folder / "enc.onnx",
+        [load_profile("rpi-arm64")],
+        Options(output=tmp_path / "build", quantize="static", calibration="random"),
+    )
     assert result.ok, result.error
     assert _stage(result.manifest, "quantize")["result"]["external_data"] is True
     assert (folder / "enc.onnx.data").read_bytes() == before  # the user's files are never modified
@@ -328,11 +402,15 @@ def test_external_data_model_packages_quantized(tmp_path: Path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_static_needs_calibration(tmp_path: Path):
-    done = _cli("package", "--example", "cnn", "--target", "rpi-arm64", "--quantize", "static", "-o", "out", cwd=tmp_path)
+    done = _cli(
+        "package", "--example", "cnn", "--target", "rpi-arm64", "--quantize", "static", "-o", "out", cwd=tmp_path
+    )
     assert done.returncode == 2
     assert "FAILED  rpi-arm64" in done.stdout
     assert "static quantization needs calibration data (--calibration)" in done.stderr
@@ -342,8 +420,21 @@ def test_cli_static_needs_calibration(tmp_path: Path):
 
 def test_cli_calibration_mismatch_is_one_clear_message(tmp_path: Path):
     np.save(tmp_path / "calib.npy", np.zeros((4, 3, 16, 16), dtype=np.float32))
-    done = _cli("package", "--example", "cnn", "--target", "rpi-arm64", "--quantize", "static",
-                "--calibration", "calib.npy", "-o", "out", "--json", cwd=tmp_path)
+    done = _cli(
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "rpi-arm64",
+        "--quantize",
+        "static",
+        "--calibration",
+        "calib.npy",
+        "-o",
+        "out",
+        "--json",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
     error = json.loads(done.stdout)["results"][0]["error"]
     assert "calibration input 'image': expected shape [batch, 3, 32, 32]" in error["message"]
@@ -352,9 +443,25 @@ def test_cli_calibration_mismatch_is_one_clear_message(tmp_path: Path):
 
 def test_cli_quantize_dynamic_with_calibration_method_and_validation(tmp_path: Path):
     np.save(tmp_path / "val.npy", np.random.default_rng(3).standard_normal((6, 3, 32, 32)).astype(np.float32))
-    done = _cli("package", "--example", "cnn", "--target", "linux-x64", "--quantize", "static", "--calibration",
-                "random", "--calibration-method", "percentile", "--validation", "val.npy", "-o", "out", "--json",
-                cwd=tmp_path)
+    done = _cli(
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "linux-x64",
+        "--quantize",
+        "static",
+        "--calibration",
+        "random",
+        "--calibration-method",
+        "percentile",
+        "--validation",
+        "val.npy",
+        "-o",
+        "out",
+        "--json",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     manifest = json.loads((tmp_path / "out" / "cnn-linux-x64" / "manifest.json").read_text())
     report = _stage(manifest, "quantize")
@@ -369,11 +476,14 @@ def test_cli_quantize_dynamic_with_calibration_method_and_validation(tmp_path: P
 def test_a_quantized_model_that_does_not_load_after_conversion_is_reported(tmp_path: Path):
     """A QDQ transformer converted with Runtime style does not load in onnxruntime 1.31 (FACTS.md)."""
     source = write_example("transformer", tmp_path)
-    options = Options(output=tmp_path / "build", quantize="static", calibration="random",
-                      input_shapes=EXAMPLE_SHAPES["transformer"])  # the target needs fixed shapes
+    options = Options(
+        output=tmp_path / "build", quantize="static", calibration="random", input_shapes=EXAMPLE_SHAPES["transformer"]
+    )  # the target needs fixed shapes
     (result,) = package_model(source, [load_profile("android-nnapi")], options)
     assert not result.ok
-    assert "the int8 quantized model does not load in onnxruntime after ORT-format conversion (Runtime style)" in str(result.error)
+    assert "the int8 quantized model does not load in onnxruntime after ORT-format conversion (Runtime style)" in str(
+        result.error
+    )
     assert "--quantize fp16" in result.error.hint
     assert not (tmp_path / "build" / "transformer-android-nnapi").exists()
 
@@ -382,8 +492,9 @@ def test_weights_reinflated_by_conversion_are_reported(tmp_path: Path):
     """Fixed style folds FP16 weights back to FP32 (FACTS.md): the self-test says so."""
     messages: list[str] = []
     source = write_example("transformer", tmp_path)
-    (result,) = package_model(source, [load_profile("rpi-arm64")], Options(output=tmp_path / "b", quantize="fp16"),
-                              progress=messages.append)
+    (result,) = package_model(
+        source, [load_profile("rpi-arm64")], Options(output=tmp_path / "b", quantize="fp16"), progress=messages.append
+    )
     assert result.ok, result.error
     sizes = _stage(result.manifest, "self_test")["size_after_conversion"]
     assert sizes["ort_bytes"] > 1.5 * sizes["onnx_bytes"]
@@ -394,11 +505,26 @@ def test_weights_reinflated_by_conversion_are_reported(tmp_path: Path):
 # --- profile fields ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("old, new, expected", [
-    ("min_top1_agreement: 0.98", "min_top1_agreement: 98", "'quantization.tolerance.min_top1_agreement': expected a number in [0, 1], found 98"),
-    ("weight_type: int8", "weight_type: int4", "'quantization.static.weight_type': expected one of 'uint8', 'int8', found 'int4'"),
-    ("without_calibration: dynamic", "without_calibration: static", "'quantization.without_calibration': expected one of"),
-])
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        (
+            "min_top1_agreement: 0.98",
+            "min_top1_agreement: 98",
+            "'quantization.tolerance.min_top1_agreement': expected a number in [0, 1], found 98",
+        ),
+        (
+            "weight_type: int8",
+            "weight_type: int4",
+            "'quantization.static.weight_type': expected one of 'uint8', 'int8', found 'int4'",
+        ),
+        (
+            "without_calibration: dynamic",
+            "without_calibration: static",
+            "'quantization.without_calibration': expected one of",
+        ),
+    ],
+)
 def test_quantization_fields_are_validated(tmp_path: Path, old: str, new: str, expected: str):
     from edgepack.errors import ProfileError
 

@@ -58,7 +58,9 @@ def test_self_test_records_an_error_histogram_per_output(build):
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (scripts/test.sh installs it)"
+)
 def test_report_opens_in_chromium_with_its_charts(build, tmp_path):
     from PIL import Image
 
@@ -73,8 +75,10 @@ def test_report_opens_in_chromium_with_its_charts(build, tmp_path):
         page.wait_for_load_state("load")
         assert problems == []
         assert requests == [(build / "report.html").as_uri()]  # nothing fetched: every chart is inline
-        charts = {section: page.locator(f"#{section} figure svg").count()
-                  for section in ("size", "accuracy", "coverage", "tune")}
+        charts = {
+            section: page.locator(f"#{section} figure svg").count()
+            for section in ("size", "accuracy", "coverage", "tune")
+        }
         assert charts == {"size": 1, "accuracy": 2, "coverage": 1, "tune": 1}  # accuracy: errors + one histogram
         assert page.locator("#summary tbody tr").count() == len(ALL)
         assert page.locator("#notices .notice").count() >= len(ALL) - 1  # every target but linux-x64 was not timed
@@ -115,9 +119,11 @@ def test_two_builds_of_the_same_model_give_the_same_report(tmp_path, cli):
 
 
 def test_one_target_writes_no_report_and_never_imports_matplotlib(tmp_path):
-    code = ("import sys; from edgepack.cli import main; "
-            f"code = main(['package', '--example', 'cnn', '--target', 'linux-x64', '-o', {str(tmp_path)!r}, '-q']); "
-            "print(code, 'matplotlib' in sys.modules, 'rich' in sys.modules)")
+    code = (
+        "import sys; from edgepack.cli import main; "
+        f"code = main(['package', '--example', 'cnn', '--target', 'linux-x64', '-o', {str(tmp_path)!r}, '-q']); "
+        "print(code, 'matplotlib' in sys.modules, 'rich' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stdout + done.stderr
     assert not (tmp_path / "report.html").exists()
@@ -144,7 +150,10 @@ def test_report_shows_changed_files_and_unreadable_manifests(small_build, tmp_pa
     assert done.stderr == ""
     listed = json.loads(done.stdout)
     assert [(b["folder"], b["readable"]) for b in listed["bundles"]] == [
-        ("cnn-broken", False), ("cnn-linux-x64", True), ("cnn-rpi-arm64", True)]
+        ("cnn-broken", False),
+        ("cnn-linux-x64", True),
+        ("cnn-rpi-arm64", True),
+    ]
     markdown = (build / "report.md").read_text()
     assert "files do not match the manifest: 1 changed" in markdown
     assert "manifest.json is unreadable" in markdown
@@ -159,8 +168,22 @@ def test_report_shows_signatures(small_build, tmp_path, cli):
     shutil.copytree(small_build, build)
     signed = cli("sign", build / "cnn-rpi-arm64", "--key", keys / "release.priv")
     assert signed.returncode == 0, signed.stderr
-    pinned = cli("package", "--example", "cnn", "--target", "linux-x64", "--quantize", "none", "-o", tmp_path / "pinned",
-                 "--sign-key", keys / "release.priv", "--pin-key", keys / "release.pub", "-q")
+    pinned = cli(
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "linux-x64",
+        "--quantize",
+        "none",
+        "-o",
+        tmp_path / "pinned",
+        "--sign-key",
+        keys / "release.priv",
+        "--pin-key",
+        keys / "release.pub",
+        "-q",
+    )
     assert pinned.returncode == 0, pinned.stderr
     shutil.rmtree(build / "cnn-linux-x64")
     shutil.copytree(tmp_path / "pinned" / "cnn-linux-x64", build / "cnn-linux-x64")

@@ -35,8 +35,12 @@ def converted(tmp_path_factory) -> dict[str, bytes]:
     for style, name in (("Fixed", f"{model.stem}.ort"), ("Runtime", f"{model.stem}.with_runtime_opt.ort")):
         out = folder / style
         out.mkdir()
-        subprocess.run([sys.executable, "-m", "edgepack.onnxio.ort_convert", str(model), str(out), style, "arm"],
-                       check=True, capture_output=True, env=ENV)
+        subprocess.run(
+            [sys.executable, "-m", "edgepack.onnxio.ort_convert", str(model), str(out), style, "arm"],
+            check=True,
+            capture_output=True,
+            env=ENV,
+        )
         files[style] = (out / name).read_bytes()
     return files
 
@@ -46,6 +50,7 @@ def _shuffled(seed: int):
         items = list(items)
         random.Random(seed).shuffle(items)
         return items
+
     return order
 
 
@@ -74,8 +79,10 @@ def _run(model: bytes, style: str) -> tuple[list[str], list[np.ndarray]]:
         options.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
-    feeds = {"input_ids": rng.integers(0, 100, (2, 16)).astype(np.int64),
-             "attention_mask": np.array([[1] * 16, [1] * 9 + [0] * 7], dtype=np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, 100, (2, 16)).astype(np.int64),
+        "attention_mask": np.array([[1] * 16, [1] * 9 + [0] * 7], dtype=np.int64),
+    }
     assert sorted(feeds) == sorted(i.name for i in session.get_inputs())
     return [o.name for o in session.get_outputs()], session.run(None, feeds)
 
@@ -106,8 +113,10 @@ def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
     tree = {}
     for path in sorted(root.rglob("*")):
         assert not path.is_symlink(), path
-        tree[path.relative_to(root).as_posix()] = (stat.S_IMODE(path.stat().st_mode),
-                                                   path.read_bytes() if path.is_file() else b"")
+        tree[path.relative_to(root).as_posix()] = (
+            stat.S_IMODE(path.stat().st_mode),
+            path.read_bytes() if path.is_file() else b"",
+        )
     return tree
 
 
@@ -117,9 +126,24 @@ def test_packaging_three_times_gives_identical_bundles(tmp_path):
     seed): every file of every bundle must be the same, byte for byte (manifest checksums included)."""
     trees = []
     for run, out in enumerate([tmp_path / "a", tmp_path / "second", tmp_path / "third-run-folder"]):
-        done = subprocess.run([sys.executable, "-m", "edgepack", "package", "--example", "transformer",
-                               "--target", "all", "-o", str(out), "-q"],
-                              capture_output=True, text=True, env={**ENV, "PYTHONHASHSEED": str(run)})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgepack",
+                "package",
+                "--example",
+                "transformer",
+                "--target",
+                "all",
+                "-o",
+                str(out),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            env={**ENV, "PYTHONHASHSEED": str(run)},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         trees.append(_tree(out))
     first = trees[0]
@@ -137,10 +161,28 @@ def test_static_quantization_gives_identical_bundles(tmp_path):
     (output path, hash seed): the same bytes, manifest included."""
     trees = []
     for run, out in enumerate([tmp_path / "a", tmp_path / "second-run"]):
-        done = subprocess.run([sys.executable, "-m", "edgepack", "package", "--example", "cnn",
-                               "--target", "linux-x64,rpi-arm64,jetson-orin-trt", "--quantize", "static",
-                               "--calibration", "random", "-o", str(out), "-q"],
-                              capture_output=True, text=True, env={**ENV, "PYTHONHASHSEED": str(run)})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgepack",
+                "package",
+                "--example",
+                "cnn",
+                "--target",
+                "linux-x64,rpi-arm64,jetson-orin-trt",
+                "--quantize",
+                "static",
+                "--calibration",
+                "random",
+                "-o",
+                str(out),
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+            env={**ENV, "PYTHONHASHSEED": str(run)},
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         trees.append(_tree(out))
     assert sum(p.endswith(".ort") for p in trees[0]) == 3

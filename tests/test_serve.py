@@ -37,8 +37,12 @@ def get(url: str, headers: dict | None = None):
 def test_mime_types_and_isolation_headers(bundle):
     server = start_server(bundle)
     try:
-        for path, mime in [("edgepack.mjs", "text/javascript"), ("ort/runtime.wasm", "application/wasm"),
-                           ("manifest.json", "application/json"), ("", "text/html; charset=utf-8")]:
+        for path, mime in [
+            ("edgepack.mjs", "text/javascript"),
+            ("ort/runtime.wasm", "application/wasm"),
+            ("manifest.json", "application/json"),
+            ("", "text/html; charset=utf-8"),
+        ]:
             status, headers, _ = get(server.url + path)
             assert status == 200 and headers["Content-Type"] == mime, path
             assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
@@ -74,8 +78,11 @@ def test_only_bundles_are_served(tmp_path):
 
 
 def test_cli_serve(bundle):
-    process = subprocess.Popen([sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0", "--json"],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         url = json.loads(line)["url"]
@@ -87,6 +94,10 @@ def test_cli_serve(bundle):
 
 
 def test_cli_serve_refuses_a_folder_without_manifest(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "edgepack", "serve", str(tmp_path), "--port", "0"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "edgepack", "serve", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "not an edgepack bundle" in done.stderr

@@ -63,14 +63,28 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("shim")
     cnn = write_example("cnn", tmp)
     future = _profile(tmp, "linux-x64", "future-runtime", **{"runtime.version": ">=99"})
-    strict = _profile(tmp, "linux-x64", "strict-trt", strict_providers=True, execution_providers=[
-        {"name": "TensorrtExecutionProvider", "options": {"trt_fp16_enable": True}}, {"name": "CPUExecutionProvider"}])
+    strict = _profile(
+        tmp,
+        "linux-x64",
+        "strict-trt",
+        strict_providers=True,
+        execution_providers=[
+            {"name": "TensorrtExecutionProvider", "options": {"trt_fp16_enable": True}},
+            {"name": "CPUExecutionProvider"},
+        ],
+    )
     found = _package(cnn, ["linux-x64", "jetson-orin-trt", future, strict], tmp / "build")
     found["transformer"] = _package(write_example("transformer", tmp), ["linux-x64"], tmp / "build")["linux-x64"]
     external = tmp / "external" / "cnn.onnx"
     external.parent.mkdir()
-    onnx.save_model(build_example("cnn"), external, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="cnn.onnx.data", size_threshold=0)
+    onnx.save_model(
+        build_example("cnn"),
+        external,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="cnn.onnx.data",
+        size_threshold=0,
+    )
     onnx_style = _profile(tmp, "linux-x64", "x64-onnx", **{"ort_format.style": "none"})
     found["external"] = _package(external, [onnx_style], tmp / "build-external")["x64-onnx"]
     return found
@@ -85,8 +99,14 @@ def copy_of(bundles, tmp_path):
 
 
 def shim_cli(bundle: Path, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(bundle / "edgepack_shim.py"), *args], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(bundle / "edgepack_shim.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -111,8 +131,10 @@ def cnn_input(batch: int = 2, seed: int = 0) -> np.ndarray:
 
 def text_inputs(batch: int = 2, sequence: int = 8) -> dict:
     rng = np.random.default_rng(1)
-    return {"input_ids": rng.integers(0, 100, (batch, sequence)).astype(np.int64),
-            "attention_mask": np.ones((batch, sequence), np.int64)}
+    return {
+        "input_ids": rng.integers(0, 100, (batch, sequence)).astype(np.int64),
+        "attention_mask": np.ones((batch, sequence), np.int64),
+    }
 
 
 # --- tampering is always refused ---------------------------------------------------------------------
@@ -132,10 +154,22 @@ def _manifest_offsets(bundle: Path) -> dict[str, int]:
     }
 
 
-TAMPERING = ["model byte", "manifest: first byte", "manifest: in the description", "manifest: in a file's sha256",
-             "manifest: in a file's size", "manifest: in its own checksum", "manifest: in a stage report",
-             "manifest: last byte", "deleted model", "deleted README", "added file", "added model file",
-             "added bytecode", "model replaced by a link"]
+TAMPERING = [
+    "model byte",
+    "manifest: first byte",
+    "manifest: in the description",
+    "manifest: in a file's sha256",
+    "manifest: in a file's size",
+    "manifest: in its own checksum",
+    "manifest: in a stage report",
+    "manifest: last byte",
+    "deleted model",
+    "deleted README",
+    "added file",
+    "added model file",
+    "added bytecode",
+    "model replaced by a link",
+]
 
 
 def _tamper(bundle: Path, how: str) -> str:
@@ -235,7 +269,9 @@ def test_import_from_the_bundle_folder_keeps_the_bundle_valid(copy_of):
     bundle = copy_of("linux-x64")
     code = "import edgepack_shim, numpy as np; m = edgepack_shim.load(); print(m.run({'image': np.zeros((1, 3, 32, 32), np.float32)})['logits'].shape)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=bundle, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=bundle, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "(1, 10)" in done.stdout
     assert list((bundle / "__pycache__").glob("edgepack_shim.*.pyc"))  # written by the import, tolerated
@@ -272,20 +308,25 @@ def test_run_writes_npy_for_a_single_output(bundles, tmp_path):
     np.save(tmp_path / "x.npy", cnn_input())
     done = shim_cli(bundles["linux-x64"], "run", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
     assert done.returncode == 0, done.stderr
-    assert np.array_equal(np.load(tmp_path / "y.npy"), shim.load(bundles["linux-x64"]).run({"image": cnn_input()})["logits"])
+    assert np.array_equal(
+        np.load(tmp_path / "y.npy"), shim.load(bundles["linux-x64"]).run({"image": cnn_input()})["logits"]
+    )
 
 
-@pytest.mark.parametrize("feeds, message", [
-    ({"image": cnn_input(), "extra": cnn_input()}, "unknown input 'extra': the model's inputs are image"),
-    ({}, "missing input 'image'"),
-    ({"image": cnn_input().astype(np.float64)}, "input 'image' must be float32, got float64: only lossless casts"),
-    ({"image": cnn_input().astype(np.int64)}, "must be float32, got int64"),
-    ({"image": cnn_input()[0]}, "input 'image' must have 4 dims [batch, 3, 32, 32], got 3"),
-    ({"image": np.zeros((1, 3, 31, 32), np.float32)}, "input 'image' dim 2 must be 32"),
-    ({"image": np.zeros((1, 4, 32, 32), np.float32)}, "dim 1 must be 3"),
-    ({"image": np.array([["a"]])}, "must be float32, got <U1"),
-    ([cnn_input()], "inputs must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ({"image": cnn_input(), "extra": cnn_input()}, "unknown input 'extra': the model's inputs are image"),
+        ({}, "missing input 'image'"),
+        ({"image": cnn_input().astype(np.float64)}, "input 'image' must be float32, got float64: only lossless casts"),
+        ({"image": cnn_input().astype(np.int64)}, "must be float32, got int64"),
+        ({"image": cnn_input()[0]}, "input 'image' must have 4 dims [batch, 3, 32, 32], got 3"),
+        ({"image": np.zeros((1, 3, 31, 32), np.float32)}, "input 'image' dim 2 must be 32"),
+        ({"image": np.zeros((1, 4, 32, 32), np.float32)}, "dim 1 must be 3"),
+        ({"image": np.array([["a"]])}, "must be float32, got <U1"),
+        ([cnn_input()], "inputs must be a mapping"),
+    ],
+)
 def test_bad_inputs_give_one_clear_error(bundles, feeds, message):
     model = shim.load(bundles["linux-x64"])
     with pytest.raises(shim.InputError) as caught:
@@ -310,7 +351,9 @@ def test_lossless_casts_are_made(bundles):
     half = cnn_input().astype(np.float16)
     assert np.array_equal(image.run({"image": half})["logits"], image.run({"image": half.astype(np.float32)})["logits"])
     pixels = np.random.default_rng(2).integers(0, 255, (1, 3, 32, 32)).astype(np.uint8)
-    assert np.array_equal(image.run({"image": pixels})["logits"], image.run({"image": pixels.astype(np.float32)})["logits"])
+    assert np.array_equal(
+        image.run({"image": pixels})["logits"], image.run({"image": pixels.astype(np.float32)})["logits"]
+    )
 
 
 def test_run_cli_bad_inputs_exit_2_in_one_line(bundles, tmp_path):
@@ -377,8 +420,26 @@ def test_runtime_out_of_range_is_refused_with_the_install_command(bundles, tmp_p
     assert "DOES NOT MATCH" in shim_cli(bundle, "info").stdout
 
 
-@pytest.mark.parametrize("spec", [">=1.20", ">=1.20,<2", "==1.31.*", "==1.30.*", "~=1.31.0", "~=1.30", "!=1.31.1",
-                                  "<1.31.1", "<=1.31.1", ">1.31", "==1.31.1", ">=99", "~=2.0", "!=1.31.*", "> 1.2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ">=1.20",
+        ">=1.20,<2",
+        "==1.31.*",
+        "==1.30.*",
+        "~=1.31.0",
+        "~=1.30",
+        "!=1.31.1",
+        "<1.31.1",
+        "<=1.31.1",
+        ">1.31",
+        "==1.31.1",
+        ">=99",
+        "~=2.0",
+        "!=1.31.*",
+        "> 1.2",
+    ],
+)
 @pytest.mark.parametrize("version", ["1.31.1", "1.20.0", "1.31", "2.1.0"])
 def test_version_parser_agrees_with_packaging(spec, version):
     from packaging.specifiers import SpecifierSet
@@ -393,18 +454,28 @@ def test_pre_releases_are_compared_by_packaging():
 
 
 def test_strict_providers_refuse_a_missing_preferred_provider(bundles, tmp_path):
-    with pytest.raises(shim.RuntimeMismatch, match="preferred provider TensorrtExecutionProvider is not in this onnxruntime"):
+    with pytest.raises(
+        shim.RuntimeMismatch, match="preferred provider TensorrtExecutionProvider is not in this onnxruntime"
+    ):
         shim.load(bundles["strict-trt"])  # the profile says strict_providers: true
     np.savez(tmp_path / "in.npz", image=cnn_input())
     args = ("run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz"))
     assert_one_line_error(shim_cli(bundles["strict-trt"], *args), 4, "TensorrtExecutionProvider", "strict")
     # jetson-orin-trt is not strict: a reported fallback, unless --strict-providers
     relaxed = shim_cli(bundles["jetson-orin-trt"], *args)
-    assert relaxed.returncode == 0 and "warning: running on CPUExecutionProvider, not TensorrtExecutionProvider" in relaxed.stderr
-    assert_one_line_error(shim_cli(bundles["jetson-orin-trt"], *args, "--strict-providers"), 4, "TensorrtExecutionProvider")
+    assert (
+        relaxed.returncode == 0
+        and "warning: running on CPUExecutionProvider, not TensorrtExecutionProvider" in relaxed.stderr
+    )
+    assert_one_line_error(
+        shim_cli(bundles["jetson-orin-trt"], *args, "--strict-providers"), 4, "TensorrtExecutionProvider"
+    )
     with pytest.raises(shim.RuntimeMismatch):
         shim.load(bundles["jetson-orin-trt"], strict_providers=True)
-    assert shim.load(bundles["jetson-orin-trt"], providers=["CPUExecutionProvider"], strict_providers=True).fallback is None
+    assert (
+        shim.load(bundles["jetson-orin-trt"], providers=["CPUExecutionProvider"], strict_providers=True).fallback
+        is None
+    )
 
 
 def test_tensorrt_options_are_built_from_the_manifest(bundles, tmp_path):
@@ -412,32 +483,58 @@ def test_tensorrt_options_are_built_from_the_manifest(bundles, tmp_path):
     trt = manifest["runtime"]["execution_providers"][0]
     assert trt["name"] == "TensorrtExecutionProvider"
     sha = manifest["files"][manifest["model"]["file"]]["sha256"]
-    options = shim.tensorrt_options(trt["options"], inputs=manifest["model"]["inputs"], precision="fp32",
-                                    model_sha256=sha, cache_dir=tmp_path, gpu="Orin (nvgpu)", trt_version="10.3.0")
+    options = shim.tensorrt_options(
+        trt["options"],
+        inputs=manifest["model"]["inputs"],
+        precision="fp32",
+        model_sha256=sha,
+        cache_dir=tmp_path,
+        gpu="Orin (nvgpu)",
+        trt_version="10.3.0",
+    )
     folder = str(tmp_path / "tensorrt" / "Orin-nvgpu-trt10.3.0" / sha[:16])
     assert options["trt_fp16_enable"] == "True"
     assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == folder
     assert options["trt_timing_cache_enable"] == "True" and options["trt_timing_cache_path"] == folder
     assert "tensorrt_version" not in options and "trt_int8_enable" not in options
-    assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
-        "image:1x3x32x32", "image:1x3x32x32", "image:8x3x32x32")  # batch: [1, 1, 8] in the profile
+    assert (
+        options["trt_profile_min_shapes"],
+        options["trt_profile_opt_shapes"],
+        options["trt_profile_max_shapes"],
+    ) == ("image:1x3x32x32", "image:1x3x32x32", "image:8x3x32x32")  # batch: [1, 1, 8] in the profile
     assert all(isinstance(v, str) for v in options.values())
     # another GPU or TensorRT version never reads these engines
-    other = shim.tensorrt_options(trt["options"], inputs=manifest["model"]["inputs"], precision="fp32",
-                                  model_sha256=sha, cache_dir=tmp_path, gpu="Orin (nvgpu)", trt_version="10.7.0")
+    other = shim.tensorrt_options(
+        trt["options"],
+        inputs=manifest["model"]["inputs"],
+        precision="fp32",
+        model_sha256=sha,
+        cache_dir=tmp_path,
+        gpu="Orin (nvgpu)",
+        trt_version="10.7.0",
+    )
     assert other["trt_engine_cache_path"] != folder
 
 
 def test_tensorrt_profile_shapes_and_int8(bundles):
     inputs = json.loads((bundles["transformer"] / "manifest.json").read_text())["model"]["inputs"]
     shapes = shim.tensorrt_profile_shapes(inputs, {"sequence": [1, 64, 256]})
-    assert shapes == {"trt_profile_min_shapes": "input_ids:1x1,attention_mask:1x1",
-                      "trt_profile_opt_shapes": "input_ids:1x64,attention_mask:1x64",
-                      "trt_profile_max_shapes": "input_ids:16x256,attention_mask:16x256"}
+    assert shapes == {
+        "trt_profile_min_shapes": "input_ids:1x1,attention_mask:1x1",
+        "trt_profile_opt_shapes": "input_ids:1x64,attention_mask:1x64",
+        "trt_profile_max_shapes": "input_ids:16x256,attention_mask:16x256",
+    }
     fixed = [{"name": "x", "dtype": "float32", "shape": [1, 3, 8, 8]}]
     assert shim.tensorrt_profile_shapes(fixed, {}) == {}
-    options = shim.tensorrt_options({"dynamic_dims": {"batch": [1, 4, 8]}}, inputs=inputs, precision="int8-static",
-                                    model_sha256="0" * 64, cache_dir=Path("/c"), gpu="g", trt_version="10")
+    options = shim.tensorrt_options(
+        {"dynamic_dims": {"batch": [1, 4, 8]}},
+        inputs=inputs,
+        precision="int8-static",
+        model_sha256="0" * 64,
+        cache_dir=Path("/c"),
+        gpu="g",
+        trt_version="10",
+    )
     assert options["trt_int8_enable"] == "True" and "dynamic_dims" not in options
     assert "trt_engine_cache_path" not in options
     assert options["trt_profile_opt_shapes"] == "input_ids:4x128,attention_mask:4x128"
@@ -450,15 +547,28 @@ def test_telemetry_is_off(bundles, tmp_path):
     # onnxruntime writes no telemetry file when CI=true, which would fail the control below for the wrong reason
     env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "CI")}
     plain_home, shim_home = tmp_path / "plain", tmp_path / "shim"
-    plain = ("import onnxruntime as ort, numpy as np, sys; s = ort.InferenceSession(sys.argv[1]); "
-             "s.run(None, {'image': np.zeros((1, 3, 32, 32), np.float32)})")
+    plain = (
+        "import onnxruntime as ort, numpy as np, sys; s = ort.InferenceSession(sys.argv[1]); "
+        "s.run(None, {'image': np.zeros((1, 3, 32, 32), np.float32)})"
+    )
     model = bundles["linux-x64"] / "model" / "cnn.ort"
-    done = subprocess.run([sys.executable, "-c", plain, str(model)], env={**env, "HOME": str(plain_home)},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", plain, str(model)],
+        env={**env, "HOME": str(plain_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert (plain_home / ".cache" / "Microsoft").exists()  # what the shim prevents
-    done = shim_cli(bundles["linux-x64"], "run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "o.npz"),
-                    env={**env, "HOME": str(shim_home)})
+    done = shim_cli(
+        bundles["linux-x64"],
+        "run",
+        str(tmp_path / "in.npz"),
+        "-o",
+        str(tmp_path / "o.npz"),
+        env={**env, "HOME": str(shim_home)},
+    )
     assert done.returncode == 0, done.stderr
     assert not (shim_home / ".cache").exists()
 
@@ -501,8 +611,20 @@ def test_bench_json_and_text(bundles):
 
 @pytest.fixture
 def server(bundles):
-    process = subprocess.Popen([sys.executable, str(bundles["linux-x64"] / "edgepack_shim.py"), "serve", "--port", "0",
-                                "--max-request-mb", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(bundles["linux-x64"] / "edgepack_shim.py"),
+            "serve",
+            "--port",
+            "0",
+            "--max-request-mb",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -535,18 +657,28 @@ def test_serve_round_trip_on_localhost(bundles, server):
     assert status == 200 and info["inputs"][0]["name"] == "image" and info["providers"] == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("method, path, body, headers, status, message", [
-    ("POST", "/run", b"{not json", None, 400, "not JSON"),
-    ("POST", "/run", b'{"image": []}', None, 400, 'must be {"inputs"'),
-    ("POST", "/run", json.dumps({"inputs": {"img": [1.0]}}).encode(), None, 400, "unknown input 'img'"),
-    ("POST", "/run", json.dumps({"inputs": {"image": [[1.0, 2.0]]}}).encode(), None, 400, "must have 4 dims"),
-    ("POST", "/run", json.dumps({"inputs": {"image": [[1.0], [2.0, 3.0]]}}).encode(), None, 400, "different lengths"),
-    ("POST", "/run", json.dumps({"inputs": {"image": "cat"}}).encode(), None, 400, "expected numbers"),
-    ("POST", "/run", b"x" * (2 << 20), None, 413, "over the limit"),
-    ("POST", "/run", None, {"Transfer-Encoding": "chunked"}, 411, "Content-Length"),
-    ("GET", "/nope", None, None, 404, "no such path"),
-    ("PUT", "/run", b"{}", None, 405, "use POST /run"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, headers, status, message",
+    [
+        ("POST", "/run", b"{not json", None, 400, "not JSON"),
+        ("POST", "/run", b'{"image": []}', None, 400, 'must be {"inputs"'),
+        ("POST", "/run", json.dumps({"inputs": {"img": [1.0]}}).encode(), None, 400, "unknown input 'img'"),
+        ("POST", "/run", json.dumps({"inputs": {"image": [[1.0, 2.0]]}}).encode(), None, 400, "must have 4 dims"),
+        (
+            "POST",
+            "/run",
+            json.dumps({"inputs": {"image": [[1.0], [2.0, 3.0]]}}).encode(),
+            None,
+            400,
+            "different lengths",
+        ),
+        ("POST", "/run", json.dumps({"inputs": {"image": "cat"}}).encode(), None, 400, "expected numbers"),
+        ("POST", "/run", b"x" * (2 << 20), None, 413, "over the limit"),
+        ("POST", "/run", None, {"Transfer-Encoding": "chunked"}, 411, "Content-Length"),
+        ("GET", "/nope", None, None, 404, "no such path"),
+        ("PUT", "/run", b"{}", None, 405, "use POST /run"),
+    ],
+)
 def test_serve_answers_bad_requests_with_4xx(server, method, path, body, headers, status, message):
     got_status, reply = request(server, method, path, body, headers)
     assert got_status == status and message in reply["error"], reply

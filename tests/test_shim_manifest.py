@@ -35,15 +35,18 @@ def _damaged(bundle: Path, tmp_path: Path, change) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["model"].update(file="../../etc/passwd"), "not a relative path inside the bundle"),
-    (lambda m: m["model"].update(file="/etc/passwd"), "not a relative path inside the bundle"),
-    (lambda m: m.pop("runtime"), "'model' and 'runtime' must be mappings"),
-    (lambda m: m["runtime"].update(execution_providers="CPU"), "execution_providers"),
-    (lambda m: m["runtime"]["session_options"].update(intra_op_num_threads="four"), "intra_op_num_threads"),
-    (lambda m: m["runtime"]["session_options"].update(graph_optimization_level="max"), "graph_optimization_level"),
-    (lambda m: m["model"].update(inputs=[{"name": 3}]), "model.inputs"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["model"].update(file="../../etc/passwd"), "not a relative path inside the bundle"),
+        (lambda m: m["model"].update(file="/etc/passwd"), "not a relative path inside the bundle"),
+        (lambda m: m.pop("runtime"), "'model' and 'runtime' must be mappings"),
+        (lambda m: m["runtime"].update(execution_providers="CPU"), "execution_providers"),
+        (lambda m: m["runtime"]["session_options"].update(intra_op_num_threads="four"), "intra_op_num_threads"),
+        (lambda m: m["runtime"]["session_options"].update(graph_optimization_level="max"), "graph_optimization_level"),
+        (lambda m: m["model"].update(inputs=[{"name": 3}]), "model.inputs"),
+    ],
+)
 def test_malformed_manifest_is_refused_even_without_verification(bundle, tmp_path, change, message):
     damaged = _damaged(bundle, tmp_path, change)
     done = _shim(damaged, "run", "--no-verify", "x.npz", "-o", str(tmp_path / "out.npz"))

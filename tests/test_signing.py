@@ -64,8 +64,12 @@ def keys(tmp_path_factory) -> dict[str, Path]:
     done = edgepack("keygen", folder / "release", "--passphrase-env", PASSPHRASE_ENV)
     assert done.returncode == 0, done.stderr
     assert edgepack("keygen", folder / "other").returncode == 0
-    return {"release": folder / "release.priv", "release.pub": folder / "release.pub",
-            "other": folder / "other.priv", "other.pub": folder / "other.pub"}
+    return {
+        "release": folder / "release.priv",
+        "release.pub": folder / "release.pub",
+        "other": folder / "other.priv",
+        "other.pub": folder / "other.pub",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,11 @@ def built(tmp_path_factory, keys) -> dict[str, Path]:
     and unsigned with the release key pinned beside the shim."""
     tmp = tmp_path_factory.mktemp("signed")
     found = {}
-    for label, extra in (("signed", ["--sign-key", keys["release"], "--sign-passphrase-env", PASSPHRASE_ENV]),
-                         ("unsigned", []), ("pinned", ["--pin-key", keys["release.pub"]])):
+    for label, extra in (
+        ("signed", ["--sign-key", keys["release"], "--sign-passphrase-env", PASSPHRASE_ENV]),
+        ("unsigned", []),
+        ("pinned", ["--pin-key", keys["release.pub"]]),
+    ):
         done = edgepack("package", "--example", "cnn", "--target", "linux-x64", "-o", tmp / label, "-q", *extra)
         assert done.returncode == 0, done.stderr
         found[label] = tmp / label / "cnn-linux-x64"
@@ -86,7 +93,9 @@ def built(tmp_path_factory, keys) -> dict[str, Path]:
 def copy_of(built, tmp_path):
     def copy(name: str) -> Path:
         # the folder keeps its name: it is the signed statement's subject
-        return Path(shutil.copytree(built[name], tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}" / built[name].name))
+        return Path(
+            shutil.copytree(built[name], tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}" / built[name].name)
+        )
 
     return copy
 
@@ -138,8 +147,11 @@ def test_shim_refuses_keys_that_are_not_p256(tmp_path):
     path.write_bytes(p384.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     with pytest.raises(shim.UsageError, match="not a P-256 public key"):
         shim.read_public_key(path)
-    der = bytearray(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    der = bytearray(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     der[-1] ^= 1  # off the curve
     with pytest.raises(ValueError, match="not on the P-256 curve"):
         shim.p256_key_from_der(bytes(der))
@@ -160,7 +172,9 @@ def test_keygen_writes_a_private_key_only_its_owner_can_read_and_never_overwrite
 def test_an_encrypted_key_needs_its_passphrase(built, keys, tmp_path):
     bundle = Path(shutil.copytree(built["unsigned"], tmp_path / "b"))
     assert_refused(edgepack("sign", bundle, "--key", keys["release"]), 2, "passphrase-env")
-    done = run(sys.executable, "-m", "edgepack", "sign", bundle, "--key", keys["release"], "--passphrase-env", "UNSET_VAR_X")
+    done = run(
+        sys.executable, "-m", "edgepack", "sign", bundle, "--key", keys["release"], "--passphrase-env", "UNSET_VAR_X"
+    )
     assert_refused(done, 2, "UNSET_VAR_X is not set")
     assert not (bundle / SIGNATURE_NAME).exists()
 
@@ -168,15 +182,33 @@ def test_an_encrypted_key_needs_its_passphrase(built, keys, tmp_path):
 def test_the_private_key_never_enters_a_bundle(built, keys):
     key = serialization.load_pem_private_key(keys["release"].read_bytes(), ENV[PASSPHRASE_ENV].encode())
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
-    plain = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    secrets = [keys["release"].read_bytes(), plain, scalar, scalar.hex().encode(), base64.b64encode(scalar),
-               base64.b64encode(plain)[:60], b"PRIVATE KEY"]
+    plain = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    secrets = [
+        keys["release"].read_bytes(),
+        plain,
+        scalar,
+        scalar.hex().encode(),
+        base64.b64encode(scalar),
+        base64.b64encode(plain)[:60],
+        b"PRIVATE KEY",
+    ]
     for label in ("signed", "pinned"):
         for rel, data in tree(built[label]).items():
             for secret in secrets:
                 assert secret not in data, (label, rel)
-    done = edgepack("package", "--example", "cnn", "--target", "linux-x64", "-o", keys["release"].parent / "pin",
-                    "--pin-key", keys["release"])
+    done = edgepack(
+        "package",
+        "--example",
+        "cnn",
+        "--target",
+        "linux-x64",
+        "-o",
+        keys["release"].parent / "pin",
+        "--pin-key",
+        keys["release"],
+    )
     assert_refused(done, 2, "cannot read the public key")
     assert not (keys["release"].parent / "pin").exists()
 
@@ -297,7 +329,9 @@ def test_a_pinned_key_is_required_without_being_given(copy_of, keys, tmp_path):
     fingerprint = fingerprint_of(keys["release.pub"])
     assert (bundle / PINNED_KEY_NAME).read_bytes() == keys["release.pub"].read_bytes()
     assert fingerprint in (bundle / "REPORT.md").read_text()
-    bundle_report = next(r for r in json.loads((bundle / MANIFEST_NAME).read_text())["stages"] if r["stage"] == "bundle")
+    bundle_report = next(
+        r for r in json.loads((bundle / MANIFEST_NAME).read_text())["stages"] if r["stage"] == "bundle"
+    )
     assert bundle_report["pinned_key"]["fingerprint"] == fingerprint
     np.save(tmp_path / "in.npy", cnn_input())
     args = ("run", tmp_path / "in.npy", "-o", tmp_path / "out.npz")

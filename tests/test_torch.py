@@ -26,7 +26,7 @@ from edgepack.runtime_shim import edgepack_shim  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["rpi-arm64", "browser-wasm"]
 
-MODELS_SOURCE = textwrap.dedent('''
+MODELS_SOURCE = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -49,7 +49,7 @@ MODELS_SOURCE = textwrap.dedent('''
         model.bn.running_mean.uniform_(-0.2, 0.2)
         model.bn.running_var.uniform_(0.5, 1.5)
         return model
-''')
+""")
 
 
 class TinyEncoder(nn.Module):
@@ -97,8 +97,14 @@ def models_dir(tmp_path: Path) -> Path:
 
 
 def _edgepack(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1", **(env or {})},
+    )
 
 
 def _manifest(bundle: Path) -> dict:
@@ -114,7 +120,9 @@ def _export_report(bundle: Path) -> dict:
 def _profile(tmp_path: Path, name: str, max_opset: int, max_ir: int) -> str:
     text = (ROOT / "targets" / "rpi-arm64.yaml").read_text(encoding="utf-8")
     text = text.replace("name: rpi-arm64", f"name: {name}")
-    text = text.replace("max_opset: 21", f"max_opset: {max_opset}").replace("max_ir_version: 10", f"max_ir_version: {max_ir}")
+    text = text.replace("max_opset: 21", f"max_opset: {max_opset}").replace(
+        "max_ir_version: 10", f"max_ir_version: {max_ir}"
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(text, encoding="utf-8")
     return str(path)
@@ -135,8 +143,22 @@ def _assert_runs_like(bundle: Path, module: nn.Module, x: torch.Tensor) -> None:
 def test_cli_packages_a_cnn_factory_with_a_dynamic_batch(models_dir: Path):
     out = models_dir / "build"
     # FP32 (--quantize none): the bundle is compared with the PyTorch module at the export's tolerance
-    done = _edgepack("package", "tinymodels:build_model", "--example-input", "2x3x16x16", "--dynamic", "image:0=batch",
-                     "--target", ",".join(TARGETS), "--quantize", "none", "-o", str(out), "--json", cwd=models_dir)
+    done = _edgepack(
+        "package",
+        "tinymodels:build_model",
+        "--example-input",
+        "2x3x16x16",
+        "--dynamic",
+        "image:0=batch",
+        "--target",
+        ",".join(TARGETS),
+        "--quantize",
+        "none",
+        "-o",
+        str(out),
+        "--json",
+        cwd=models_dir,
+    )
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)["results"]
     assert [r["target"] for r in results] == TARGETS and all(r["ok"] for r in results)
@@ -164,8 +186,14 @@ def test_transformer_keeps_batch_and_sequence_dynamic(tmp_path: Path):
     sequence length into the attention's Reshape: the check at another length catches it."""
     module = TinyEncoder()
     old = _profile(tmp_path, "pi-ort112", 16, 8)
-    results = edgepack.package(module, example_inputs=("2x8:int64",), dynamic=["input_ids:0=batch", "input_ids:1=seq"],
-                               targets=[*TARGETS, old], output=tmp_path / "out", quantize="none")  # FP32 parity below
+    results = edgepack.package(
+        module,
+        example_inputs=("2x8:int64",),
+        dynamic=["input_ids:0=batch", "input_ids:1=seq"],
+        targets=[*TARGETS, old],
+        output=tmp_path / "out",
+        quantize="none",
+    )  # FP32 parity below
     assert module.training, "the user's module is given back in the mode it was in"
     *fine, baked = results
     assert [r.error for r in fine] == [None, None]
@@ -193,8 +221,13 @@ def test_old_runtimes_get_a_legacy_export_or_a_clear_error(tmp_path: Path):
     fails (the legacy exporter has no attention before opset 14) naming the runtime the model needs."""
     targets = [_profile(tmp_path, "pi-ort113", 17, 8), _profile(tmp_path, "pi-ort16", 13, 7), "browser-wasm"]
     module = ConvAttention()
-    results = edgepack.package(module, example_inputs=(torch.randn(2, 3, 6, 6),), dynamic={"image": {0: "batch"}},
-                               targets=targets, output=tmp_path / "out")
+    results = edgepack.package(
+        module,
+        example_inputs=(torch.randn(2, 3, 6, 6),),
+        dynamic={"image": {0: "batch"}},
+        targets=targets,
+        output=tmp_path / "out",
+    )
     by_target = {r.target: r for r in results}
     old, too_old, browser = by_target["pi-ort113"], by_target["pi-ort16"], by_target["browser-wasm"]
 
@@ -217,8 +250,9 @@ def test_old_runtimes_get_a_legacy_export_or_a_clear_error(tmp_path: Path):
 
 def test_value_dependent_control_flow_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConversionError) as caught:
-        edgepack.package(ValueBranch(), example_inputs=(torch.randn(2, 4),), targets=["rpi-arm64"],
-                         output=tmp_path / "out")
+        edgepack.package(
+            ValueBranch(), example_inputs=(torch.randn(2, 4),), targets=["rpi-arm64"], output=tmp_path / "out"
+        )
     message = str(caught.value)
     assert "control flow depends on tensor values" in message and "torch.where" in message
     assert f"{Path(__file__).name}:" in message and "if x.sum() > 0" in message
@@ -227,15 +261,29 @@ def test_value_dependent_control_flow_is_a_clear_error(tmp_path: Path):
 
 def test_branch_on_a_dynamic_size_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConversionError, match=r"branches on the size of dynamic axis 'batch'.*batch <= 3"):
-        edgepack.package(SizeBranch(), example_inputs=(torch.randn(2, 4),), dynamic={0: {0: "batch"}},
-                         targets=["rpi-arm64"], output=tmp_path / "out")
+        edgepack.package(
+            SizeBranch(),
+            example_inputs=(torch.randn(2, 4),),
+            dynamic={0: {0: "batch"}},
+            targets=["rpi-arm64"],
+            output=tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_wrong_example_shape_is_one_clear_message(models_dir: Path):
     out = models_dir / "build"
-    done = _edgepack("package", "tinymodels:build_model", "--example-input", "2x4x16x16", "--target", "rpi-arm64",
-                     "-o", str(out), cwd=models_dir)
+    done = _edgepack(
+        "package",
+        "tinymodels:build_model",
+        "--example-input",
+        "2x4x16x16",
+        "--target",
+        "rpi-arm64",
+        "-o",
+        str(out),
+        cwd=models_dir,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "the module fails on the example input(s) 2x4x16x16:float32" in done.stderr
@@ -273,15 +321,23 @@ def test_example_input_and_dynamic_specs_are_checked():
         torch_inputs.parse_dynamic(["x=batch"])
 
 
-@pytest.mark.parametrize("dynamic, message", [
-    (["image:0=batch"], "example size of a dynamic axis must be at least 2, found 1"),
-    (["pixels:0=batch"], "no input 'pixels'"),
-    (["image:4=batch"], "has 4 axes"),
-])
+@pytest.mark.parametrize(
+    "dynamic, message",
+    [
+        (["image:0=batch"], "example size of a dynamic axis must be at least 2, found 1"),
+        (["pixels:0=batch"], "no input 'pixels'"),
+        (["image:4=batch"], "has 4 axes"),
+    ],
+)
 def test_bad_dynamic_axes_fail_before_export(tmp_path: Path, dynamic, message):
     with pytest.raises(UsageError, match=message):
-        edgepack.package(ConvAttention(), example_inputs=("1x3x6x6",), dynamic=dynamic, targets=["rpi-arm64"],
-                         output=tmp_path / "out")
+        edgepack.package(
+            ConvAttention(),
+            example_inputs=("1x3x6x6",),
+            dynamic=dynamic,
+            targets=["rpi-arm64"],
+            output=tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -289,14 +345,25 @@ def test_cli_rejects_torch_flags_for_an_onnx_model(tmp_path: Path):
     from edgepack.examples import write_example
 
     model = write_example("cnn", tmp_path)
-    done = _edgepack("package", str(model), "--example-input", "1x3x32x32", "--target", "rpi-arm64",
-                     "-o", str(tmp_path / "out"), cwd=tmp_path)
+    done = _edgepack(
+        "package",
+        str(model),
+        "--example-input",
+        "1x3x32x32",
+        "--target",
+        "rpi-arm64",
+        "-o",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "apply to PyTorch models only" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_without_torch_a_torch_input_says_what_to_install(models_dir: Path):
-    code = ("import sys; sys.modules['torch'] = None; from edgepack.cli import main; "
-            "sys.exit(main(['package', 'tinymodels:build_model', '--example-input', '2x3x8x8', '-t', 'rpi-arm64']))")
+    code = (
+        "import sys; sys.modules['torch'] = None; from edgepack.cli import main; "
+        "sys.exit(main(['package', 'tinymodels:build_model', '--example-input', '2x3x8x8', '-t', 'rpi-arm64']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=models_dir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "pip install 'edgepack[torch]'" in done.stderr and "Traceback" not in done.stderr
@@ -304,7 +371,11 @@ def test_without_torch_a_torch_input_says_what_to_install(models_dir: Path):
 
 
 def _imported_modules(stderr: str) -> set[str]:
-    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:") and "|" in line}
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
 
 
 @pytest.mark.slow
@@ -312,12 +383,29 @@ def test_help_and_onnx_packaging_never_import_torch(tmp_path: Path):
     def heavy(modules: set[str]) -> set[str]:
         return {m for m in modules if m.split(".")[0] in ("torch", "onnxscript")}
 
-    light = subprocess.run([sys.executable, "-c", "import edgepack, sys; print(sorted(m for m in sys.modules if m.startswith(('edgepack', 'onnx'))))"],
-                           capture_output=True, text=True, timeout=60)
+    light = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import edgepack, sys; print(sorted(m for m in sys.modules if m.startswith(('edgepack', 'onnx'))))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert light.stdout.strip() == "['edgepack']", light.stdout
-    for args in (["--help"], ["package", "--help"], ["package", "--example", "cnn", "-t", "rpi-arm64", "-o", str(tmp_path / "out"), "-q"]):
-        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "edgepack", *args], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    for args in (
+        ["--help"],
+        ["package", "--help"],
+        ["package", "--example", "cnn", "-t", "rpi-arm64", "-o", str(tmp_path / "out"), "-q"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "edgepack", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         modules = _imported_modules(done.stderr)
         assert "edgepack.cli" in modules
@@ -341,8 +429,16 @@ def test_a_size_baked_in_by_tracing_is_caught_at_a_second_size(tmp_path: Path):
     path = tmp_path / "baked.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(SizeAsNumber(), (x,), path, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {1: "seq"}})
+        torch.onnx.export(
+            SizeAsNumber(),
+            (x,),
+            path,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {1: "seq"}},
+        )
     figures = check_export(path, SizeAsNumber(), (x,))
     example, other = figures["checks"]
     assert example["case"] == "example" and example["max_abs_error"] < 1e-5
@@ -352,6 +448,11 @@ def test_a_size_baked_in_by_tracing_is_caught_at_a_second_size(tmp_path: Path):
 
 def test_an_axis_the_exporter_fixes_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ConversionError, match=r"asked to be dynamic \(seq\) but the exported model fixes it to 8"):
-        edgepack.package(SizeAsNumber(), example_inputs=("2x8x4",), dynamic=["x:1=seq"], targets=["rpi-arm64"],
-                         output=tmp_path / "out")
+        edgepack.package(
+            SizeAsNumber(),
+            example_inputs=("2x8x4",),
+            dynamic=["x:1=seq"],
+            targets=["rpi-arm64"],
+            output=tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()

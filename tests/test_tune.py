@@ -31,16 +31,29 @@ def _model(path: Path, *, factor: float = 2.0, heavy_layers: int = 0) -> Path:
     if heavy_layers:
         h = "x"
         for i in range(heavy_layers):
-            inits.append(numpy_helper.from_array((rng.standard_normal((WIDTH, WIDTH)) / 16).astype(np.float32), f"w{i}"))
-            nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"h{i}"])]
+            inits.append(
+                numpy_helper.from_array((rng.standard_normal((WIDTH, WIDTH)) / 16).astype(np.float32), f"w{i}")
+            )
+            nodes += [
+                helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]),
+                helper.make_node("Tanh", [f"m{i}"], [f"h{i}"]),
+            ]
             h = f"h{i}"
         inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
-        nodes += [helper.make_node("ReduceSum", [h], ["s"], keepdims=1), helper.make_node("Mul", ["s", "zero"], ["nothing"]),
-                  helper.make_node("Add", ["scaled", "nothing"], ["y"])]
+        nodes += [
+            helper.make_node("ReduceSum", [h], ["s"], keepdims=1),
+            helper.make_node("Mul", ["s", "zero"], ["nothing"]),
+            helper.make_node("Add", ["scaled", "nothing"], ["y"]),
+        ]
     else:
         nodes.append(helper.make_node("Identity", ["scaled"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save_model(model, path)
@@ -59,8 +72,16 @@ GATE = {"min_cosine": 0.9999, "max_abs_error": 1e-3}
 
 
 def _select(candidates: list[Candidate], reference: Path, *, budget: float = 30.0, max_rounds: int = 15):
-    return select(candidates, reference, FEEDS, _session, lambda c: GATE, deadline=time.perf_counter() + budget,
-                  budget=budget, max_rounds=max_rounds)
+    return select(
+        candidates,
+        reference,
+        FEEDS,
+        _session,
+        lambda c: GATE,
+        deadline=time.perf_counter() + budget,
+        budget=budget,
+        max_rounds=max_rounds,
+    )
 
 
 def test_the_faster_of_two_clearly_different_candidates_wins_whatever_the_order(tmp_path: Path):
@@ -124,8 +145,9 @@ def _quantize_report(manifest: dict) -> dict:
 def test_tune_on_this_host_records_every_candidate_and_ships_the_fastest_that_passed(tmp_path: Path):
     source = write_example("cnn", tmp_path)
     profile = _profile(tmp_path, "host", host_arch())
-    (result,) = package_model(source, [profile], Options(output=tmp_path / "out", calibration="random", tune=True,
-                                                         tune_budget=120))
+    (result,) = package_model(
+        source, [profile], Options(output=tmp_path / "out", calibration="random", tune=True, tune_budget=120)
+    )
     assert result.ok, result.error
     tune = _quantize_report(result.manifest)["tune"]
     assert tune["timed"] and tune["threads"] == 1
@@ -150,8 +172,11 @@ def test_candidates_failing_the_gate_are_recorded_and_fp32_ships(tmp_path: Path)
     source = write_example("cnn", tmp_path)
     profile = _profile(tmp_path, "strict", host_arch())
     # no quantized or FP16 candidate comes this close
-    text = Path(profile.source).read_text().replace("    min_top1_agreement: 0.98\n",
-                                                    "    min_top1_agreement: 0.98\n    max_abs_error: 1.0e-7\n")
+    text = (
+        Path(profile.source)
+        .read_text()
+        .replace("    min_top1_agreement: 0.98\n", "    min_top1_agreement: 0.98\n    max_abs_error: 1.0e-7\n")
+    )
     Path(profile.source).write_text(text)
     profile = load_profile(profile.source)
     (result,) = package_model(source, [profile], Options(output=tmp_path / "out", tune=True, tune_budget=120))
@@ -170,8 +195,9 @@ def test_a_small_budget_cuts_tuning_short_and_says_so(tmp_path: Path):
     source = write_example("cnn", tmp_path)
     profile = _profile(tmp_path, "hurried", host_arch())
     started = time.perf_counter()
-    (result,) = package_model(source, [profile], Options(output=tmp_path / "out", calibration="random", tune=True,
-                                                         tune_budget=0.5))
+    (result,) = package_model(
+        source, [profile], Options(output=tmp_path / "out", calibration="random", tune=True, tune_budget=0.5)
+    )
     assert result.ok, result.error
     tune = _quantize_report(result.manifest)["tune"]
     assert tune["seconds"] < 0.5 + 10  # one candidate built (conversion in a child process) and a few rounds
@@ -203,7 +229,10 @@ def test_every_builtin_profile_a_host_cannot_time_documents_its_default():
 
     for name in builtin_profile_names():
         profile = load_profile(name)
-        assert "measured" in profile.quantization.default_evidence or "benchmarks/" in profile.quantization.default_evidence, name
+        assert (
+            "measured" in profile.quantization.default_evidence
+            or "benchmarks/" in profile.quantization.default_evidence
+        ), name
 
 
 def test_tune_and_quantize_together_is_a_usage_error(tmp_path: Path, cli, clean_failure):
@@ -217,10 +246,15 @@ def test_an_already_quantized_model_is_kept_as_it_is(tmp_path: Path):
     from edgepack.recipes.dynamic import DynamicSettings
     from edgepack.recipes.quantize import quantize_model
 
-    quantized = quantize_model(write_example("cnn", tmp_path), tmp_path / "q" / "cnnq.onnx", "dynamic",
-                               DynamicSettings(op_types=["Conv", "MatMul"])).path
-    (result,) = package_model(quantized, [_profile(tmp_path, "host", host_arch())],
-                              Options(output=tmp_path / "out", tune=True))
+    quantized = quantize_model(
+        write_example("cnn", tmp_path),
+        tmp_path / "q" / "cnnq.onnx",
+        "dynamic",
+        DynamicSettings(op_types=["Conv", "MatMul"]),
+    ).path
+    (result,) = package_model(
+        quantized, [_profile(tmp_path, "host", host_arch())], Options(output=tmp_path / "out", tune=True)
+    )
     assert result.ok, result.error
     report = _quantize_report(result.manifest)
     assert report["recipe"] == "none" and report["tune"]["timed"] is False

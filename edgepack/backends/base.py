@@ -71,8 +71,10 @@ class Backend:
         table, ops = self.operator_table(profile)
         if f"com.microsoft:{op}" in ops:
             return None
-        return (f"the {self.checker} provider's operator table ({table}) has no com.microsoft {op}; "
-                f"onnxruntime's CPU provider has it from {first_release(op)}")
+        return (
+            f"the {self.checker} provider's operator table ({table}) has no com.microsoft {op}; "
+            f"onnxruntime's CPU provider has it from {first_release(op)}"
+        )
 
 
 def listed_ops(profile: Profile) -> tuple[str, frozenset[str]]:

@@ -35,8 +35,12 @@ class Coreml(Backend):
 
         table = TABLES[coverage.coreml_format]
         check = usability_checker().check_coreml_partitions
-        return usability_report(model, f"coreml-{coverage.coreml_format.lower()}", table,
-                                lambda m, require_fixed: check(m, require_fixed, table))
+        return usability_report(
+            model,
+            f"coreml-{coverage.coreml_format.lower()}",
+            table,
+            lambda m, require_fixed: check(m, require_fixed, table),
+        )
 
     def operator_table(self, profile):
         return mobile_helpers_table(TABLES[profile.coverage.coreml_format])

@@ -36,14 +36,17 @@ class Cpu(Backend):
         from packaging.version import Version
 
         if activation not in _kernel_types().get(op, ()):
-            return (f"onnxruntime {onnxruntime.__version__}'s CPU provider has no {op} kernel for {activation} "
-                    "activations")
+            return (
+                f"onnxruntime {onnxruntime.__version__}'s CPU provider has no {op} kernel for {activation} activations"
+            )
         major, minor = FIRST_RELEASE[op]
         spec = SpecifierSet(profile.runtime.version)
         older = [f"{major}.{m}.0" for m in range(8, minor) if spec.contains(Version(f"{major}.{m}.0"))]
         if older:
-            return (f"the profile admits {profile.runtime.package} {older[0]} ({profile.runtime.version}), whose CPU "
-                    f"provider has no {op}: it is in onnxruntime from {first_release(op)}")
+            return (
+                f"the profile admits {profile.runtime.package} {older[0]} ({profile.runtime.version}), whose CPU "
+                f"provider has no {op}: it is in onnxruntime from {first_release(op)}"
+            )
         return None
 
 
@@ -55,8 +58,11 @@ def _kernel_types() -> dict[str, frozenset[str]]:
     activation_input = {"MatMulNBits": "T1", "GatherBlockQuantized": "T2"}
     found: dict[str, set[str]] = {}
     for kernel in _pybind_state.get_all_opkernel_def():
-        if kernel.domain == "com.microsoft" and kernel.op_name in activation_input \
-                and kernel.provider == "CPUExecutionProvider":
+        if (
+            kernel.domain == "com.microsoft"
+            and kernel.op_name in activation_input
+            and kernel.provider == "CPUExecutionProvider"
+        ):
             types = kernel.type_constraints.get(activation_input[kernel.op_name], [])
             found.setdefault(kernel.op_name, set()).update(t.removeprefix("tensor(").rstrip(")") for t in types)
     return {op: frozenset(types) for op, types in found.items()}

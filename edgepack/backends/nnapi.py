@@ -12,8 +12,9 @@ __all__ = ["Nnapi", "NnapiOptions"]
 
 @dataclass(frozen=True)
 class NnapiOptions:
-    flags: list[Literal["NNAPI_FLAG_USE_FP16", "NNAPI_FLAG_USE_NCHW", "NNAPI_FLAG_CPU_DISABLED",
-                        "NNAPI_FLAG_CPU_ONLY"]] = field(default_factory=list)
+    flags: list[
+        Literal["NNAPI_FLAG_USE_FP16", "NNAPI_FLAG_USE_NCHW", "NNAPI_FLAG_CPU_DISABLED", "NNAPI_FLAG_CPU_ONLY"]
+    ] = field(default_factory=list)
     """ai.onnxruntime.providers.NNAPIFlags, as the loader maps them (prefix NNAPI_FLAG_ removed)."""
 
 

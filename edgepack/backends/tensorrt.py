@@ -48,11 +48,15 @@ class Tensorrt(Backend):
     checker = "tensorrt"
     options = {"TensorrtExecutionProvider": TensorrtOptions, "CUDAExecutionProvider": CudaOptions}
     chosen_on_device = {
-        **dict.fromkeys(("trt_engine_cache_path", "trt_timing_cache_path"),
-                        "the shim keeps caches outside the read-only bundle, in a folder per GPU and TensorRT version "
-                        "(an engine only loads on those); set trt_engine_cache_enable or trt_timing_cache_enable"),
-        **dict.fromkeys(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"),
-                        "the shim builds the optimization profile from the model's inputs; set dynamic_dims"),
+        **dict.fromkeys(
+            ("trt_engine_cache_path", "trt_timing_cache_path"),
+            "the shim keeps caches outside the read-only bundle, in a folder per GPU and TensorRT version "
+            "(an engine only loads on those); set trt_engine_cache_enable or trt_timing_cache_enable",
+        ),
+        **dict.fromkeys(
+            ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"),
+            "the shim builds the optimization profile from the model's inputs; set dynamic_dims",
+        ),
     }
 
     def measure(self, model, coverage):
@@ -66,9 +70,11 @@ class Tensorrt(Backend):
             return None
         precision = RECIPES[profile.quantization.default].precision
         if options.trt_int8_enable is not None and options.trt_int8_enable != (precision == "int8"):
-            return (f"trt_int8_enable: {str(options.trt_int8_enable).lower()} contradicts the default recipe "
-                    f"{profile.quantization.default!r} ({precision}); leave it out: the shim switches INT8 on for an "
-                    "int8 model and leaves it off otherwise")
+            return (
+                f"trt_int8_enable: {str(options.trt_int8_enable).lower()} contradicts the default recipe "
+                f"{profile.quantization.default!r} ({precision}); leave it out: the shim switches INT8 on for an "
+                "int8 model and leaves it off otherwise"
+            )
         for name, value in options.dynamic_dims.items():
             if len(value) != 3 or not 1 <= value[0] <= value[1] <= value[2]:
                 return f"dynamic_dims.{name}: expected [min, opt, max] with 1 <= min <= opt <= max, found {value}"

@@ -29,7 +29,9 @@ class Xnnpack(Backend):
 
     def check(self, provider: str, options, profile) -> str | None:
         if options.intra_op_num_threads < 0:
-            return f"intra_op_num_threads: expected 0 (the session's count) or more, found {options.intra_op_num_threads}"
+            return (
+                f"intra_op_num_threads: expected 0 (the session's count) or more, found {options.intra_op_num_threads}"
+            )
         return None
 
     def operator_table(self, profile):

@@ -21,6 +21,9 @@ class Bundler(Protocol):
 def bundler_for(kind: str) -> Bundler:
     from . import mobile, python, web
 
-    bundlers: dict[str, Bundler] = {"python": python.PythonBundler(), "web": web.WebBundler(),
-                                    "mobile": mobile.MobileBundler()}
+    bundlers: dict[str, Bundler] = {
+        "python": python.PythonBundler(),
+        "web": web.WebBundler(),
+        "mobile": mobile.MobileBundler(),
+    }
     return bundlers[kind]

@@ -41,13 +41,30 @@ from ..errors import EdgepackError, UsageError
 from ..profiles import Profile
 from ..progress import step
 
-__all__ = ["FreezeError", "freeze_bundle", "freeze_result", "frozen_path", "host_arch", "device_command",
-           "pyinstaller_args", "runtime_requirements"]
+__all__ = [
+    "FreezeError",
+    "freeze_bundle",
+    "freeze_result",
+    "frozen_path",
+    "host_arch",
+    "device_command",
+    "pyinstaller_args",
+    "runtime_requirements",
+]
 
 SHIM = "edgepack_shim.py"
 EXECUTABLE = "edgepack_shim"
-EXCLUDES = ["torch", "onnx", "onnxruntime.transformers", "onnxruntime.quantization", "onnxruntime.tools",
-            "sympy", "matplotlib", "tkinter", "IPython"]
+EXCLUDES = [
+    "torch",
+    "onnx",
+    "onnxruntime.transformers",
+    "onnxruntime.quantization",
+    "onnxruntime.tools",
+    "sympy",
+    "matplotlib",
+    "tkinter",
+    "IPython",
+]
 """Never needed by the shim; excluded even where the environment has them (a device's system packages)."""
 
 
@@ -88,9 +105,22 @@ def runtime_requirements(profile: Profile) -> list[str]:
 
 def pyinstaller_args(script: Path | str, *, onefile: bool, distpath: Path | str, workpath: Path | str) -> list[str]:
     """Arguments after ``python -m PyInstaller``: the same on the host and in the device command."""
-    return ["--noconfirm", "--log-level", "WARN", "--onefile" if onefile else "--onedir", "--name", EXECUTABLE,
-            "--distpath", str(distpath), "--workpath", str(workpath), "--specpath", str(workpath),
-            *[f"--exclude-module={name}" for name in EXCLUDES], str(script)]
+    return [
+        "--noconfirm",
+        "--log-level",
+        "WARN",
+        "--onefile" if onefile else "--onedir",
+        "--name",
+        EXECUTABLE,
+        "--distpath",
+        str(distpath),
+        "--workpath",
+        str(workpath),
+        "--specpath",
+        str(workpath),
+        *[f"--exclude-module={name}" for name in EXCLUDES],
+        str(script),
+    ]
 
 
 def device_command(bundle: Path, profile: Profile, *, onefile: bool) -> str:
@@ -101,15 +131,20 @@ def device_command(bundle: Path, profile: Profile, *, onefile: bool) -> str:
     target = f"../{frozen_path(bundle).name}"
     requirements = [f"{profile.runtime.package}{profile.runtime.version}", "numpy", "pyinstaller>=6.10"]
     args = pyinstaller_args(SHIM, onefile=onefile, distpath=f"{work}/dist", workpath=f"{work}/build")
-    place = (f"mkdir -p {target} && mv {work}/dist/{EXECUTABLE} {target}/" if onefile
-             else f"mv {work}/dist/{EXECUTABLE} {target}")
-    return " && ".join([
-        f"rm -rf {work} {target}",
-        f"python3 -m venv --system-site-packages {venv}",
-        f"{venv}/bin/python -m pip install {shlex.join(requirements)}",
-        f"{venv}/bin/python -m PyInstaller {shlex.join(args)}",
-        place,
-    ])
+    place = (
+        f"mkdir -p {target} && mv {work}/dist/{EXECUTABLE} {target}/"
+        if onefile
+        else f"mv {work}/dist/{EXECUTABLE} {target}"
+    )
+    return " && ".join(
+        [
+            f"rm -rf {work} {target}",
+            f"python3 -m venv --system-site-packages {venv}",
+            f"{venv}/bin/python -m pip install {shlex.join(requirements)}",
+            f"{venv}/bin/python -m PyInstaller {shlex.join(args)}",
+            place,
+        ]
+    )
 
 
 def cache_dir() -> Path:
@@ -130,8 +165,18 @@ def runtime_venv(requirements: list[str], progress: Callable[[str], None]) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{venv.name}.", dir=venv.parent))
     try:
         _run([sys.executable, "-m", "venv", str(staging)], "creating a virtual environment")
-        _run([str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-              *requirements], f"installing {' '.join(requirements)}")
+        _run(
+            [
+                str(staging / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                *requirements,
+            ],
+            f"installing {' '.join(requirements)}",
+        )
         (staging / ".complete").write_text("\n".join(requirements) + "\n", encoding="utf-8")
         try:
             staging.rename(venv)
@@ -143,18 +188,26 @@ def runtime_venv(requirements: list[str], progress: Callable[[str], None]) -> Pa
     return python
 
 
-def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, force: bool = False,
-                  progress: Callable[[str], None] = lambda message: None) -> dict:
+def freeze_bundle(
+    bundle: Path,
+    profile: Profile,
+    *,
+    onefile: bool = False,
+    force: bool = False,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
     """Build ``<bundle>.frozen/edgepack_shim`` and return facts for the report."""
     if profile.bundle.kind != "python":
-        raise FreezeError(f"only python bundles can be frozen, this one is a {profile.bundle.kind} bundle",
-                          where=profile.name)
+        raise FreezeError(
+            f"only python bundles can be frozen, this one is a {profile.bundle.kind} bundle", where=profile.name
+        )
     if profile.device.arch != host_arch():
         raise FreezeError(
             f"cannot freeze for {profile.device.arch} on this {host_arch()} host (PyInstaller does not cross-build); "
             f"the bundle {bundle} is ready. On the device, in the bundle folder, run:\n"
             f"  {device_command(bundle, profile, onefile=onefile)}",
-            where=profile.name)
+            where=profile.name,
+        )
     destination = frozen_path(bundle)
     _check_frozen_destination(destination, force)
     started = time.perf_counter()
@@ -162,9 +215,17 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
     progress(f"[{profile.name}] freeze: PyInstaller {'onefile' if onefile else 'onedir'} build")
     with tempfile.TemporaryDirectory(prefix=f".{destination.name}.", dir=bundle.parent) as folder:
         scratch = Path(folder)
-        _run([str(python), "-m", "PyInstaller",
-              *pyinstaller_args(bundle / SHIM, onefile=onefile, distpath=scratch / "dist", workpath=scratch / "build")],
-             "PyInstaller")
+        _run(
+            [
+                str(python),
+                "-m",
+                "PyInstaller",
+                *pyinstaller_args(
+                    bundle / SHIM, onefile=onefile, distpath=scratch / "dist", workpath=scratch / "build"
+                ),
+            ],
+            "PyInstaller",
+        )
         if onefile:
             built = scratch / "frozen"
             built.mkdir()
@@ -177,9 +238,14 @@ def freeze_bundle(bundle: Path, profile: Profile, *, onefile: bool = False, forc
         if destination.exists():
             shutil.rmtree(destination)
         built.rename(destination)
-    return {"path": str(destination), "executable": str(destination / EXECUTABLE),
-            "mode": "onefile" if onefile else "onedir", "bytes": size,
-            "seconds": round(time.perf_counter() - started, 1), "environment": str(python.parent.parent)}
+    return {
+        "path": str(destination),
+        "executable": str(destination / EXECUTABLE),
+        "mode": "onefile" if onefile else "onedir",
+        "bytes": size,
+        "seconds": round(time.perf_counter() - started, 1),
+        "environment": str(python.parent.parent),
+    }
 
 
 def _check_frozen_destination(destination: Path, force: bool) -> None:
@@ -199,8 +265,11 @@ def not_frozen(folder: Path) -> str | None:
 
 def _self_check(executable: Path, bundle: Path) -> None:
     """The frozen shim must verify the bundle and run its model once before it is kept."""
-    _run([str(executable), "--bundle", str(bundle), "bench", "--runs", "3", "--warmup", "0", "--json"],
-         "the frozen executable's first run", env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    _run(
+        [str(executable), "--bundle", str(bundle), "bench", "--runs", "3", "--warmup", "0", "--json"],
+        "the frozen executable's first run",
+        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+    )
 
 
 def _run(command: list[str], what: str, env: dict | None = None) -> None:
@@ -211,8 +280,10 @@ def _run(command: list[str], what: str, env: dict | None = None) -> None:
         raise FreezeError(f"{what} failed: {exc}") from None
     if done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
-        raise FreezeError(f"{what} failed (exit {done.returncode}): " + " | ".join(tail),
-                          hint=f"the runtime-only environments live in {cache_dir()}; delete one to rebuild it")
+        raise FreezeError(
+            f"{what} failed (exit {done.returncode}): " + " | ".join(tail),
+            hint=f"the runtime-only environments live in {cache_dir()}; delete one to rebuild it",
+        )
 
 
 def freeze_result(result, profile: Profile, *, onefile: bool, force: bool, progress: Callable[[str], None]):
@@ -224,8 +295,10 @@ def freeze_result(result, profile: Profile, *, onefile: bool, force: bool, progr
         return result
     try:
         result.frozen = freeze_bundle(result.bundle, profile, onefile=onefile, force=force, progress=progress)
-        progress(f"[{profile.name}] freeze: {result.frozen['executable']} "
-                 f"({result.frozen['bytes'] / 1e6:.0f} MB, {result.frozen['seconds']:.0f} s)")
+        progress(
+            f"[{profile.name}] freeze: {result.frozen['executable']} "
+            f"({result.frozen['bytes'] / 1e6:.0f} MB, {result.frozen['seconds']:.0f} s)"
+        )
     except FreezeError as exc:
         result.ok, result.error = False, exc
     return result

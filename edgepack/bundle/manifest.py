@@ -30,9 +30,25 @@ from ..progress import step
 if TYPE_CHECKING:
     from ..profiles import Profile
 
-__all__ = ["MANIFEST_NAME", "SIGNATURE_NAME", "SCHEMA", "hash_file", "list_files", "write_manifest", "read_manifest", "verify_bundle",
-           "SEAL_KEY", "seal_matches", "Content", "ModelEntry", "Tensor", "SourceModel", "RuntimeEntry",
-           "ProviderEntry", "SessionEntry"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SIGNATURE_NAME",
+    "SCHEMA",
+    "hash_file",
+    "list_files",
+    "write_manifest",
+    "read_manifest",
+    "verify_bundle",
+    "SEAL_KEY",
+    "seal_matches",
+    "Content",
+    "ModelEntry",
+    "Tensor",
+    "SourceModel",
+    "RuntimeEntry",
+    "ProviderEntry",
+    "SessionEntry",
+]
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "model.sig"
@@ -198,7 +214,7 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     except shim.VerificationError as exc:
         text = str(exc)
         prefix = f"{bundle}: "
-        raise VerificationError(text[len(prefix):] if text.startswith(prefix) else text, where=str(bundle)) from None
+        raise VerificationError(text[len(prefix) :] if text.startswith(prefix) else text, where=str(bundle)) from None
 
 
 def _shim():
@@ -220,8 +236,14 @@ class VerifyResult:
         return not (self.missing or self.extra or self.changed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bundle": str(self.bundle), "ok": self.ok, "checked": self.checked,
-                "missing": self.missing, "extra": self.extra, "changed": self.changed}
+        return {
+            "bundle": str(self.bundle),
+            "ok": self.ok,
+            "checked": self.checked,
+            "missing": self.missing,
+            "extra": self.extra,
+            "changed": self.changed,
+        }
 
 
 def verify_bundle(bundle: Path) -> VerifyResult:
@@ -229,8 +251,9 @@ def verify_bundle(bundle: Path) -> VerifyResult:
     shim = _shim()
     manifest = read_manifest(bundle)
     report = shim.check_files(Path(bundle), manifest)
-    result = VerifyResult(bundle=bundle, missing=report.missing, extra=report.extra, changed=report.changed,
-                          checked=report.checked)
+    result = VerifyResult(
+        bundle=bundle, missing=report.missing, extra=report.extra, changed=report.changed, checked=report.checked
+    )
     with shim.open_in_bundle(Path(bundle), MANIFEST_NAME) as f:
         raw = f.read(shim.MAX_MANIFEST_BYTES + 1)
     if not seal_matches(raw):

@@ -31,7 +31,10 @@ from ..profiles import Mobile
 __all__ = ["MobileBundler", "SESSION_OPTIONS", "LOADERS"]
 
 SESSION_OPTIONS = "session_options.json"
-LOADERS = {"kotlin": ["EdgepackVerifier.kt", "EdgepackSignature.kt", "EdgepackLoader.kt"], "swift": ["EdgepackLoader.swift"]}
+LOADERS = {
+    "kotlin": ["EdgepackVerifier.kt", "EdgepackSignature.kt", "EdgepackLoader.kt"],
+    "swift": ["EdgepackLoader.swift"],
+}
 
 
 class MobileBundler:
@@ -39,11 +42,16 @@ class MobileBundler:
         profile = job.profile
         mobile = profile.mobile
         if mobile is None:
-            raise ProfileError("bundle.kind is mobile but the profile has no 'mobile' section", where=profile.source,
-                               hint="add mobile: {loader, onnxruntime_version, gradle or cocoapods, build_args}")
+            raise ProfileError(
+                "bundle.kind is mobile but the profile has no 'mobile' section",
+                where=profile.source,
+                hint="add mobile: {loader, onnxruntime_version, gradle or cocoapods, build_args}",
+            )
         version = _app_runtime_version(job, mobile)
         settings = session_options(model, job)
-        (job.staging / SESSION_OPTIONS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (job.staging / SESSION_OPTIONS).write_text(
+            json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         loader_dir = job.staging / "loader"
         loader_dir.mkdir()
         for name in LOADERS[mobile.loader]:
@@ -52,9 +60,14 @@ class MobileBundler:
         build = build_command(mobile)
         (job.staging / "BUILD.md").write_text(_build_text(job, mobile, coordinates, build), encoding="utf-8")
         (job.staging / "README.md").write_text(_readme_text(job, mobile, coordinates), encoding="utf-8")
-        return {"summary": f"{mobile.loader} loader, onnxruntime {version}", "loader": [f"loader/{n}" for n in LOADERS[mobile.loader]],
-                "session_options": SESSION_OPTIONS, "onnxruntime_version": version, "coordinates": coordinates,
-                "reduced_build_command": build}
+        return {
+            "summary": f"{mobile.loader} loader, onnxruntime {version}",
+            "loader": [f"loader/{n}" for n in LOADERS[mobile.loader]],
+            "session_options": SESSION_OPTIONS,
+            "onnxruntime_version": version,
+            "coordinates": coordinates,
+            "reduced_build_command": build,
+        }
 
 
 def session_options(model: Artifact, job: Job) -> dict:
@@ -77,16 +90,24 @@ def package_coordinates(mobile: Mobile) -> dict[str, str]:
     if mobile.cocoapods:
         found["cocoapods"] = f"pod '{mobile.cocoapods}', '{version}'"
     if mobile.swiftpm_url:
-        found["swiftpm"] = (f'.package(url: "{mobile.swiftpm_url}", exact: "{version}")'
-                            f'  // product: "{mobile.swiftpm_product}"')
+        found["swiftpm"] = (
+            f'.package(url: "{mobile.swiftpm_url}", exact: "{version}")  // product: "{mobile.swiftpm_product}"'
+        )
     return found
 
 
 def build_command(mobile: Mobile) -> str:
     """The build.py command line, run from an onnxruntime checkout at the app's version, bundle config included."""
-    args = ["python", "tools/ci_build/build.py", "--build_dir", "build/edgepack-reduced",
-            *mobile.build_args, "--include_ops_by_config", f"<bundle>/{CONFIG_NAME}",
-            "--enable_reduced_operator_type_support"]
+    args = [
+        "python",
+        "tools/ci_build/build.py",
+        "--build_dir",
+        "build/edgepack-reduced",
+        *mobile.build_args,
+        "--include_ops_by_config",
+        f"<bundle>/{CONFIG_NAME}",
+        "--enable_reduced_operator_type_support",
+    ]
     return " ".join(a if a.startswith(("$", "<")) else shlex.quote(a) for a in args)
 
 
@@ -94,22 +115,28 @@ def _app_runtime_version(job: Job, mobile: Mobile) -> str:
     profile = job.profile
     version = mobile.onnxruntime_version
     if Version(version) not in SpecifierSet(profile.runtime.version):
-        raise ProfileError(f"mobile.onnxruntime_version {version} does not satisfy runtime.version {profile.runtime.version}",
-                           where=profile.source)
+        raise ProfileError(
+            f"mobile.onnxruntime_version {version} does not satisfy runtime.version {profile.runtime.version}",
+            where=profile.source,
+        )
     writer = metadata.version("onnxruntime")
     if Version(version).release[:2] < Version(writer).release[:2]:
         raise ProfileError(
             f"the .ort model is written by onnxruntime {writer}, but the app would link onnxruntime {version}, "
-            "which may not read it", where=profile.source,
-            hint=f"set mobile.onnxruntime_version to {writer} or later")
+            "which may not read it",
+            where=profile.source,
+            hint=f"set mobile.onnxruntime_version to {writer} or later",
+        )
     return version
 
 
 def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: str) -> str:
-    lines = [f"# onnxruntime {mobile.onnxruntime_version} for {job.profile.name}", "",
-             "## The full package", ""]
-    names = {"gradle": "Gradle (app/build.gradle.kts)", "cocoapods": "CocoaPods (Podfile)",
-             "swiftpm": "Swift Package Manager (Package.swift)"}
+    lines = [f"# onnxruntime {mobile.onnxruntime_version} for {job.profile.name}", "", "## The full package", ""]
+    names = {
+        "gradle": "Gradle (app/build.gradle.kts)",
+        "cocoapods": "CocoaPods (Podfile)",
+        "swiftpm": "Swift Package Manager (Package.swift)",
+    }
     for kind, line in coordinates.items():
         lines += [f"{names[kind]}:", "", "```", line, "```", ""]
     lines += [
@@ -132,15 +159,17 @@ def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: st
 
 def _readme_text(job: Job, mobile: Mobile, coordinates: dict[str, str]) -> str:
     files = ", ".join(f"`loader/{n}`" for n in LOADERS[mobile.loader])
-    return "\n".join([
-        f"# {job.source.name} for {job.profile.name}",
-        "",
-        f"{job.profile.description}.",
-        "",
-        f"- `model/`: the model in ORT format; `{SESSION_OPTIONS}`: the session settings the app must use",
-        f"- {files}: load the bundle, verifying every file's SHA-256 against `manifest.json` first",
-        f"- `{CONFIG_NAME}` and `BUILD.md`: build a reduced-size onnxruntime for this model",
-        "",
-        "Link onnxruntime " + mobile.onnxruntime_version + ": " + "; ".join(f"`{c}`" for c in coordinates.values()),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {job.source.name} for {job.profile.name}",
+            "",
+            f"{job.profile.description}.",
+            "",
+            f"- `model/`: the model in ORT format; `{SESSION_OPTIONS}`: the session settings the app must use",
+            f"- {files}: load the bundle, verifying every file's SHA-256 against `manifest.json` first",
+            f"- `{CONFIG_NAME}` and `BUILD.md`: build a reduced-size onnxruntime for this model",
+            "",
+            "Link onnxruntime " + mobile.onnxruntime_version + ": " + "; ".join(f"`{c}`" for c in coordinates.values()),
+            "",
+        ]
+    )

@@ -63,8 +63,11 @@ def pinned_version(profile: Profile) -> str:
     spec = profile.runtime.version.strip()
     version = spec[2:].strip() if spec.startswith("==") and "," not in spec and "*" not in spec else ""
     if not version:
-        raise ProfileError(f"key 'runtime.version': a web bundle ships one exact {PACKAGE} version, "
-                           f"so it must be pinned like '==1.30.0', found {spec!r}", where=profile.source or profile.name)
+        raise ProfileError(
+            f"key 'runtime.version': a web bundle ships one exact {PACKAGE} version, "
+            f"so it must be pinned like '==1.30.0', found {spec!r}",
+            where=profile.source or profile.name,
+        )
     return version
 
 
@@ -76,7 +79,9 @@ def cache_dir() -> Path:
 
 
 def registry_url() -> str:
-    return (os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
+    return (os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY") or DEFAULT_REGISTRY).rstrip(
+        "/"
+    )
 
 
 def fetch_tarball(version: str, cache: Path | None = None) -> OrtWeb:
@@ -94,17 +99,22 @@ def fetch_tarball(version: str, cache: Path | None = None) -> OrtWeb:
         meta = json.loads(_get(meta_url).read())
         url, integrity = meta["dist"]["tarball"], meta["dist"]["integrity"]
     except (ValueError, KeyError, TypeError):
-        raise DownloadError(f"the npm registry's metadata for {PACKAGE}@{version} has no dist.tarball/dist.integrity",
-                            where=meta_url) from None
+        raise DownloadError(
+            f"the npm registry's metadata for {PACKAGE}@{version} has no dist.tarball/dist.integrity", where=meta_url
+        ) from None
     if not integrity.startswith("sha512-"):
-        raise DownloadError(f"the npm registry gives no sha512 integrity for {PACKAGE}@{version} ({integrity!r})",
-                            where=meta_url)
+        raise DownloadError(
+            f"the npm registry gives no sha512 integrity for {PACKAGE}@{version} ({integrity!r})", where=meta_url
+        )
     cache.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{tarball.name}.", suffix=".partial", dir=cache)
     try:
         digest = hashlib.sha512()
-        with os.fdopen(fd, "wb") as out, _get(url) as response, \
-                step(f"downloading {PACKAGE}@{version}", total=response.length, unit="bytes") as download:
+        with (
+            os.fdopen(fd, "wb") as out,
+            _get(url) as response,
+            step(f"downloading {PACKAGE}@{version}", total=response.length, unit="bytes") as download,
+        ):
             while chunk := response.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
@@ -113,14 +123,19 @@ def fetch_tarball(version: str, cache: Path | None = None) -> OrtWeb:
         if got != integrity:
             raise VerificationError(
                 f"the downloaded {PACKAGE}@{version} tarball does not match the registry's integrity "
-                f"(expected {integrity}, got {got}); it was not kept", where=url,
-                hint="retry; if it persists, the registry or a proxy in between serves altered files")
+                f"(expected {integrity}, got {got}); it was not kept",
+                where=url,
+                hint="retry; if it persists, the registry or a proxy in between serves altered files",
+            )
         os.chmod(partial, 0o644)
         os.replace(partial, tarball)
         recorded.write_text(integrity + "\n", encoding="ascii")
     except (OSError, http.client.HTTPException) as exc:
-        raise DownloadError(f"downloading {PACKAGE}@{version} failed: {exc}", where=url,
-                            hint="check the network, or pass a local tarball with --ort-web PATH") from None
+        raise DownloadError(
+            f"downloading {PACKAGE}@{version} failed: {exc}",
+            where=url,
+            hint="check the network, or pass a local tarball with --ort-web PATH",
+        ) from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -131,7 +146,9 @@ def open_tarball(path: Path, profile: Profile) -> OrtWeb:
     """A local tarball given by the user (rule 3): it must be onnxruntime-web at a version the profile allows."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError("no such file", where=str(path), hint=f"pass the {PACKAGE}-X.Y.Z.tgz that `npm pack {PACKAGE}@X.Y.Z` writes")
+        raise UsageError(
+            "no such file", where=str(path), hint=f"pass the {PACKAGE}-X.Y.Z.tgz that `npm pack {PACKAGE}@X.Y.Z` writes"
+        )
     try:
         with tarfile.open(path, "r:gz") as tar:
             member = tar.extractfile("package/package.json")  # None when it is not a regular file
@@ -144,8 +161,11 @@ def open_tarball(path: Path, profile: Profile) -> OrtWeb:
     if name != PACKAGE:
         raise UsageError(f"the tarball holds the npm package {name!r}, not {PACKAGE!r}", where=str(path))
     if Version(version) not in SpecifierSet(profile.runtime.version):
-        raise UsageError(f"the tarball is {PACKAGE} {version} but the profile {profile.name} pins {profile.runtime.version}",
-                         where=str(path), hint=f"use {PACKAGE}-{pinned_version(profile)}.tgz")
+        raise UsageError(
+            f"the tarball is {PACKAGE} {version} but the profile {profile.name} pins {profile.runtime.version}",
+            where=str(path),
+            hint=f"use {PACKAGE}-{pinned_version(profile)}.tgz",
+        )
     return OrtWeb(path, version, _sri_sha512(path), f"local tarball {path}")
 
 
@@ -156,7 +176,9 @@ def extract_files(ort_web: OrtWeb, names: list[str], destination: Path) -> list[
     """
     for name in names:
         if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise ProfileError(f"key 'web.ort_web_files': {name!r} is not a plain file name of the package's dist/ folder")
+            raise ProfileError(
+                f"key 'web.ort_web_files': {name!r} is not a plain file name of the package's dist/ folder"
+            )
     wanted = {f"package/dist/{name}": name for name in names}
     destination.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -181,23 +203,33 @@ def extract_files(ort_web: OrtWeb, names: list[str], destination: Path) -> list[
         raise UsageError(f"cannot read the {PACKAGE} tarball: {exc}", where=str(ort_web.path)) from None
     missing = [name for name in names if name not in written]
     if missing:
-        raise UsageError(f"{PACKAGE} {ort_web.version} has no dist/{missing[0]}", where=ort_web.origin,
-                         hint="check web.ort_web_files in the profile against the package's files")
+        raise UsageError(
+            f"{PACKAGE} {ort_web.version} has no dist/{missing[0]}",
+            where=ort_web.origin,
+            hint="check web.ort_web_files in the profile against the package's files",
+        )
     return [written[name] for name in names]
 
 
 def _get(url: str):
-    request = urllib.request.Request(url, headers={"Accept": "application/json, application/octet-stream",
-                                                   "User-Agent": "edgepack"})
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json, application/octet-stream", "User-Agent": "edgepack"}
+    )
     try:
         return urllib.request.urlopen(request, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
-        raise DownloadError(f"the npm registry answered HTTP {exc.code} {exc.reason}", where=url,
-                            hint="check the version exists, or pass a local tarball with --ort-web PATH") from None
+        raise DownloadError(
+            f"the npm registry answered HTTP {exc.code} {exc.reason}",
+            where=url,
+            hint="check the version exists, or pass a local tarball with --ort-web PATH",
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DownloadError(f"cannot reach the npm registry: {reason}", where=url,
-                            hint="check the network (or $npm_config_registry), or pass a local tarball with --ort-web PATH") from None
+        raise DownloadError(
+            f"cannot reach the npm registry: {reason}",
+            where=url,
+            hint="check the network (or $npm_config_registry), or pass a local tarball with --ort-web PATH",
+        ) from None
 
 
 def _sri_sha512(path: Path) -> str:

@@ -46,6 +46,8 @@ def _pin_key(job: Job, pin_key: Path) -> dict:
     key = load_public_key(pin_key)
     (job.staging / PINNED_KEY_NAME).write_bytes(public_pem(key))
     # "summary" replaces the bundle stage's own, so REPORT.md names the pinned key
-    return {"pinned_key": {"file": PINNED_KEY_NAME, "fingerprint": fingerprint(key)},
-            "summary": f"python bundle, signing key pinned beside the shim ({PINNED_KEY_NAME}, fingerprint "
-                       f"{fingerprint(key)})"}
+    return {
+        "pinned_key": {"file": PINNED_KEY_NAME, "fingerprint": fingerprint(key)},
+        "summary": f"python bundle, signing key pinned beside the shim ({PINNED_KEY_NAME}, fingerprint "
+        f"{fingerprint(key)})",
+    }

@@ -41,8 +41,19 @@ from ..errors import UsageError, VerificationError
 from ..runtime_shim import edgepack_shim as shim
 from .manifest import MANIFEST_NAME, SIGNATURE_NAME, read_manifest, verify_bundle
 
-__all__ = ["SIGNATURE_NAME", "PINNED_KEY_NAME", "generate_key", "load_private_key", "load_public_key",
-           "fingerprint", "public_pem", "sign_bundle", "sign_checked", "verify_signature", "SignResult"]
+__all__ = [
+    "SIGNATURE_NAME",
+    "PINNED_KEY_NAME",
+    "generate_key",
+    "load_private_key",
+    "load_public_key",
+    "fingerprint",
+    "public_pem",
+    "sign_bundle",
+    "sign_checked",
+    "verify_signature",
+    "SignResult",
+]
 
 PINNED_KEY_NAME = "edgepack_signing.pub"
 """A public key the packager pins beside the shim (``--pin-key``): the shim then refuses unsigned bundles."""
@@ -63,8 +74,11 @@ def generate_key(private_path: Path, public_path: Path, passphrase: str | None) 
         if path.exists():
             raise UsageError(f"{path} already exists", hint="choose another name; keys are never overwritten")
     key = ec.generate_private_key(ec.SECP256R1())
-    encryption = (serialization.BestAvailableEncryption(passphrase.encode("utf-8")) if passphrase
-                  else serialization.NoEncryption())
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase.encode("utf-8"))
+        if passphrase
+        else serialization.NoEncryption()
+    )
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     public_bytes = public_pem(key.public_key())
     private_path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,24 +104,37 @@ def load_private_key(path: Path, passphrase_env: str | None = None):
     passphrase = None
     if passphrase_env:
         if passphrase_env not in os.environ:
-            raise UsageError(f"the environment variable {passphrase_env} is not set", where=str(path),
-                             hint=f"export {passphrase_env}=... with the key's passphrase")
+            raise UsageError(
+                f"the environment variable {passphrase_env} is not set",
+                where=str(path),
+                hint=f"export {passphrase_env}=... with the key's passphrase",
+            )
         passphrase = os.environ[passphrase_env].encode("utf-8")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), passphrase)
     except FileNotFoundError:
-        raise UsageError("no such private key file", where=str(path), hint="create one with `edgepack keygen`") from None
+        raise UsageError(
+            "no such private key file", where=str(path), hint="create one with `edgepack keygen`"
+        ) from None
     except TypeError as exc:  # encrypted without a passphrase, or a passphrase for a plain key
-        hint = ("give its passphrase in an environment variable: --passphrase-env VAR "
-                "(package: --sign-passphrase-env VAR)" if passphrase is None
-                else "this key is not encrypted: drop the passphrase option")
+        hint = (
+            "give its passphrase in an environment variable: --passphrase-env VAR (package: --sign-passphrase-env VAR)"
+            if passphrase is None
+            else "this key is not encrypted: drop the passphrase option"
+        )
         raise UsageError(f"cannot read the private key: {exc}", where=str(path), hint=hint) from None
     except ValueError as exc:
-        raise UsageError(f"cannot read the private key: {exc}", where=str(path),
-                         hint="a PEM EC private key (P-256), with its right passphrase") from None
+        raise UsageError(
+            f"cannot read the private key: {exc}",
+            where=str(path),
+            hint="a PEM EC private key (P-256), with its right passphrase",
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise UsageError("the signing key must be an elliptic-curve P-256 (secp256r1) private key", where=str(path),
-                         hint="create one with `edgepack keygen`")
+        raise UsageError(
+            "the signing key must be an elliptic-curve P-256 (secp256r1) private key",
+            where=str(path),
+            hint="create one with `edgepack keygen`",
+        )
     return key
 
 
@@ -120,8 +147,11 @@ def load_public_key(path: Path):
     except FileNotFoundError:
         raise UsageError("no such public key file", where=str(path)) from None
     except ValueError as exc:
-        raise UsageError(f"cannot read the public key: {exc}", where=str(path),
-                         hint="a PEM public key (-----BEGIN PUBLIC KEY-----), e.g. from `edgepack keygen`") from None
+        raise UsageError(
+            f"cannot read the public key: {exc}",
+            where=str(path),
+            hint="a PEM public key (-----BEGIN PUBLIC KEY-----), e.g. from `edgepack keygen`",
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise UsageError("the public key must be an elliptic-curve P-256 (secp256r1) key", where=str(path))
     return key
@@ -147,8 +177,12 @@ def statement(bundle_name: str, digests: dict[str, str]) -> dict[str, Any]:
         "subject": [{"name": bundle_name, "digest": {"sha256": root}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": False,
-                              "ignore_paths": IGNORE_PATHS},
+            "serialization": {
+                "method": "files",
+                "hash_type": "sha256",
+                "allow_symlinks": False,
+                "ignore_paths": IGNORE_PATHS,
+            },
             "resources": [{"name": rel, "algorithm": "sha256", "digest": digests[rel]} for rel in names],
         },
     }
@@ -186,9 +220,14 @@ def sign_bundle(bundle: Path, key, *, manifest: dict[str, Any] | None = None, na
     if manifest is None:
         result = verify_bundle(bundle)
         if not result.ok:
-            problems = ", ".join(f"{kind} {rel}" for kind in ("missing", "extra", "changed") for rel in getattr(result, kind))
-            raise VerificationError(f"the bundle does not match its manifest, so it is not signed: {problems}",
-                                    where=str(bundle), hint="repackage it, or restore the files")
+            problems = ", ".join(
+                f"{kind} {rel}" for kind in ("missing", "extra", "changed") for rel in getattr(result, kind)
+            )
+            raise VerificationError(
+                f"the bundle does not match its manifest, so it is not signed: {problems}",
+                where=str(bundle),
+                hint="repackage it, or restore the files",
+            )
         manifest = read_manifest(bundle)
     payload = _payload_bytes(statement(name or bundle.resolve().name, bundle_digests(bundle, manifest)))
     signature = key.sign(pae(payload), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
@@ -243,11 +282,15 @@ def verify_signature(bundle: Path, public_key) -> str:
         with shim.open_in_bundle(Path(bundle), SIGNATURE_NAME) as f:
             text = f.read(shim.MAX_MANIFEST_BYTES + 1).decode("utf-8")
     except FileNotFoundError:
-        raise VerificationError(f"the bundle is not signed (no {SIGNATURE_NAME}) and a public key was given",
-                                where=where, hint="sign it with `edgepack sign BUNDLE --key KEY`") from None
+        raise VerificationError(
+            f"the bundle is not signed (no {SIGNATURE_NAME}) and a public key was given",
+            where=where,
+            hint="sign it with `edgepack sign BUNDLE --key KEY`",
+        ) from None
     except OSError as exc:
-        raise VerificationError(f"{SIGNATURE_NAME} is not a regular file of the bundle ({exc.strerror or exc})",
-                                where=where) from None
+        raise VerificationError(
+            f"{SIGNATURE_NAME} is not a regular file of the bundle ({exc.strerror or exc})", where=where
+        ) from None
     except UnicodeDecodeError as exc:
         raise VerificationError(f"{SIGNATURE_NAME} is malformed ({type(exc).__name__})", where=where) from None
     try:
@@ -261,17 +304,25 @@ def verify_signature(bundle: Path, public_key) -> str:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise VerificationError(f"{SIGNATURE_NAME} is malformed ({type(exc).__name__}: {exc})", where=where) from None
     if media_type != BUNDLE_MEDIA_TYPE or payload_type != PAYLOAD_TYPE or len(signatures) != 1:
-        raise VerificationError(f"{SIGNATURE_NAME} is not a model-signing key signature "
-                                f"(media type {media_type!r}, payload type {payload_type!r}, {len(signatures)} signature(s))",
-                                where=where)
+        raise VerificationError(
+            f"{SIGNATURE_NAME} is not a model-signing key signature "
+            f"(media type {media_type!r}, payload type {payload_type!r}, {len(signatures)} signature(s))",
+            where=where,
+        )
     if hint and hint != expected_key:
-        raise VerificationError(f"signed with another key: {SIGNATURE_NAME} names key {hint}, the given public key "
-                                f"is {expected_key}", where=where, hint="verify with the signer's public key")
+        raise VerificationError(
+            f"signed with another key: {SIGNATURE_NAME} names key {hint}, the given public key is {expected_key}",
+            where=where,
+            hint="verify with the signer's public key",
+        )
     try:
         public_key.verify(raw_signature, pae(payload), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise VerificationError(f"{SIGNATURE_NAME}: the signature does not verify with key {expected_key} "
-                                "(tampered, or signed with another key)", where=where) from None
+        raise VerificationError(
+            f"{SIGNATURE_NAME}: the signature does not verify with key {expected_key} "
+            "(tampered, or signed with another key)",
+            where=where,
+        ) from None
     problem = _statement_problem(payload, bundle_digests(bundle, read_manifest(bundle)))
     if problem:
         raise VerificationError(f"{SIGNATURE_NAME}: {problem}", where=where)
@@ -290,12 +341,18 @@ def _statement_problem(payload: bytes, digests: dict[str, str]) -> str | None:
         return "the signed statement is malformed"
     if signed.get("_type") != STATEMENT_TYPE or signed.get("predicateType") != PREDICATE_TYPE:
         return f"the signed statement is not a model-signing v1.0 statement ({signed.get('predicateType')!r})"
-    if serialization.get("method") != "files" or serialization.get("hash_type") != "sha256" or len(listed) != len(resources):
+    if (
+        serialization.get("method") != "files"
+        or serialization.get("hash_type") != "sha256"
+        or len(listed) != len(resources)
+    ):
         return f"the signature uses {serialization.get('method')}/{serialization.get('hash_type')} serialization; only files/sha256 is read"
     root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources)).hexdigest()
     if root != subject:
         return "the signed statement is inconsistent (its subject digest does not match its resources)"
-    found = {"not signed": sorted(set(digests) - set(listed)),
-             "signed but not in the bundle": sorted(set(listed) - set(digests)),
-             "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel])}
+    found = {
+        "not signed": sorted(set(digests) - set(listed)),
+        "signed but not in the bundle": sorted(set(listed) - set(digests)),
+        "changed since signing": sorted(rel for rel in set(digests) & set(listed) if digests[rel] != listed[rel]),
+    }
     return "; ".join(f"{kind}: {', '.join(names)}" for kind, names in found.items() if names) or None

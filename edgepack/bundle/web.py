@@ -29,8 +29,16 @@ LOADER = "edgepack.mjs"
 DEMO = "index.html"
 README_TEMPLATE = "web_README.md"
 
-_JS_ARRAYS = {"float32": "Float32Array", "float64": "Float64Array", "int32": "Int32Array", "int64": "BigInt64Array",
-              "uint8": "Uint8Array", "int8": "Int8Array", "bool": "Uint8Array", "float16": "Uint16Array"}
+_JS_ARRAYS = {
+    "float32": "Float32Array",
+    "float64": "Float64Array",
+    "int32": "Int32Array",
+    "int64": "BigInt64Array",
+    "uint8": "Uint8Array",
+    "int8": "Int8Array",
+    "bool": "Uint8Array",
+    "float16": "Uint16Array",
+}
 
 
 class WebBundler:
@@ -39,9 +47,11 @@ class WebBundler:
         web = profile.web
         wasm = [name for name in web.ort_web_files if name.endswith(".wasm")]
         if web.entry not in web.ort_web_files or not web.entry.endswith(".mjs") or len(wasm) != 1:
-            raise ProfileError("key 'web': a web bundle needs ort_web_files with one .wasm and an entry .mjs listed in them, "
-                               f"found ort_web_files={web.ort_web_files}, entry={web.entry!r}",
-                               where=profile.source or profile.name)
+            raise ProfileError(
+                "key 'web': a web bundle needs ort_web_files with one .wasm and an entry .mjs listed in them, "
+                f"found ort_web_files={web.ort_web_files}, entry={web.entry!r}",
+                where=profile.source or profile.name,
+            )
         version = pinned_version(profile)
         if job.options.ort_web:
             ort_web = open_tarball(job.options.ort_web, profile)
@@ -52,7 +62,9 @@ class WebBundler:
         shim = resources.files("edgepack.runtime_shim")
         copy_file(shim / LOADER, job.staging / LOADER)
         copy_file(shim / DEMO, job.staging / DEMO)
-        (job.staging / "README.md").write_text(_readme(shim / README_TEMPLATE, model, job, ort_web.version), encoding="utf-8")
+        (job.staging / "README.md").write_text(
+            _readme(shim / README_TEMPLATE, model, job, ort_web.version), encoding="utf-8"
+        )
         runtime_bytes = sum(f.stat().st_size for f in files)
         return {
             "summary": f"web bundle, onnxruntime-web {ort_web.version} ({runtime_bytes / 1e6:.1f} MB in ort/)",
@@ -74,12 +86,18 @@ def _readme(template, model: Artifact, job: Job, version: str) -> str:
         feeds.append(f"    {json.dumps(spec['name'])}: {{ data: new {array}({count}), dims: {json.dumps(dims)} }},")
     shown = ", ".join(f"outputs[{json.dumps(o['name'])}].data" for o in outputs)
     example = "\n".join(["  const outputs = await model.run({", *feeds, "  });", f"  console.log({shown});"])
-    listing = [f"| `ort/{name}` | onnxruntime-web {version}{' (the module the loader imports)' if name == job.profile.web.entry else ''} |"
-               for name in job.profile.web.ort_web_files]
+    listing = [
+        f"| `ort/{name}` | onnxruntime-web {version}{' (the module the loader imports)' if name == job.profile.web.entry else ''} |"
+        for name in job.profile.web.ort_web_files
+    ]
     model_file = model.path.relative_to(job.staging).as_posix()
-    listing.append(f"| `{model_file}` | the model ({model.format}{', ' + model.ort_style + ' style' if model.ort_style else ''}) |")
-    listing += [f"| `{p.relative_to(job.staging).as_posix()}` | its external data |"
-                for p in sorted(model.path.parent.glob(model.path.name + ".*data"))]
+    listing.append(
+        f"| `{model_file}` | the model ({model.format}{', ' + model.ort_style + ' style' if model.ort_style else ''}) |"
+    )
+    listing += [
+        f"| `{p.relative_to(job.staging).as_posix()}` | its external data |"
+        for p in sorted(model.path.parent.glob(model.path.name + ".*data"))
+    ]
     return Template(template.read_text(encoding="utf-8")).substitute(
         name=job.source.name,
         target=job.profile.name,

@@ -62,8 +62,11 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str, labe
             if not out:
                 continue
             if out in producer or out in local:
-                raise ModelError(f"{label}: value {out!r} is produced twice (again by {_node_label(node, index)})",
-                                 where=where, hint="each value must have exactly one producer; the model is malformed")
+                raise ModelError(
+                    f"{label}: value {out!r} is produced twice (again by {_node_label(node, index)})",
+                    where=where,
+                    hint="each value must have exactly one producer; the model is malformed",
+                )
             producer[out] = index
     known = local | producer.keys() | outer
     needs: list[set[int]] = []
@@ -76,18 +79,25 @@ def _check_graph(graph: onnx.GraphProto, outer: frozenset[str], where: str, labe
                 raise ModelError(
                     f"{label}: {role.format(name)} {_node_label(node, index)} is produced by no node and is neither "
                     "a graph input nor an initializer",
-                    where=where, hint="the model is incomplete or was cut badly; re-export it",
+                    where=where,
+                    hint="the model is incomplete or was cut badly; re-export it",
                 )
         needs.append({producer[n] for n in direct + inner if n in producer})
     for out in graph.output:
         if out.name not in known:
-            raise ModelError(f"{label}: output {out.name!r} is produced by no node and is not a graph input",
-                             where=where, hint="the model is incomplete or was cut badly; re-export it")
+            raise ModelError(
+                f"{label}: output {out.name!r} is produced by no node and is not a graph input",
+                where=where,
+                hint="the model is incomplete or was cut badly; re-export it",
+            )
     cycle = _find_cycle(needs)
     if cycle:
         path = " -> ".join(_node_label(graph.node[i], i) for i in cycle + cycle[:1])
-        raise ModelError(f"{label}: the graph has a cycle: {path}", where=where,
-                         hint="ONNX graphs must be acyclic; loops belong in a Loop node's body")
+        raise ModelError(
+            f"{label}: the graph has a cycle: {path}",
+            where=where,
+            hint="ONNX graphs must be acyclic; loops belong in a Loop node's body",
+        )
     scope = frozenset(known)
     for index, node in enumerate(graph.node):
         for attr_name, sub in _subgraphs(node):
@@ -109,7 +119,7 @@ def _find_cycle(needs: list[set[int]]) -> list[int]:
                 state[path.pop()] = 2
                 iterators.pop()
             elif state[nxt] == 1:
-                return path[path.index(nxt):]
+                return path[path.index(nxt) :]
             elif state[nxt] == 0:
                 state[nxt] = 1
                 path.append(nxt)

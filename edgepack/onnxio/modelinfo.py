@@ -15,7 +15,16 @@ from onnx import helper
 
 from ..errors import ModelError
 
-__all__ = ["describe_io", "format_shape", "iter_graphs", "iter_nodes", "opsets", "external_locations", "summarize", "dtype_name"]
+__all__ = [
+    "describe_io",
+    "format_shape",
+    "iter_graphs",
+    "iter_nodes",
+    "opsets",
+    "external_locations",
+    "summarize",
+    "dtype_name",
+]
 
 
 def dtype_name(elem_type: int) -> str:
@@ -107,8 +116,10 @@ def _position(entries: dict[str, str], key: str, tensor: str) -> int | None:
     if not text:
         return None
     if not (text.isascii() and text.isdigit()):
-        raise ModelError(f"tensor {tensor!r}: external data {key} {text!r} is not a non-negative integer",
-                         hint="the model is malformed; re-export it")
+        raise ModelError(
+            f"tensor {tensor!r}: external data {key} {text!r} is not a non-negative integer",
+            hint="the model is malformed; re-export it",
+        )
     return int(text)
 
 
@@ -127,8 +138,16 @@ def summarize(model: onnx.ModelProto, path: Path | None = None) -> dict[str, Any
         for loc in side_files:
             side = path.parent / loc
             external_bytes += side.stat().st_size if side.is_file() else 0
-    quantized_ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-                     "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits"}
+    quantized_ops = {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+    }
     return {
         "file": str(path) if path else None,
         "producer": f"{model.producer_name} {model.producer_version}".strip(),

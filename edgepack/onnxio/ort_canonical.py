@@ -71,7 +71,7 @@ def canonical_ort_bytes(data: bytes, *, _write_order=sorted, _alignment=ALIGNMEN
         raise ValueError("ORT-format model too close to the 2 GB flatbuffer limit to be rewritten")
     builder = flatbuffers.Builder(len(tail) + 4096)
     builder.head = len(builder.Bytes) - len(tail)
-    builder.Bytes[builder.head:] = tail
+    builder.Bytes[builder.head :] = tail
     # The model part keeps its distance from the end of the file, and flatbuffers aligns relative to the end:
     # a length that is a multiple of 64 keeps every alignment up to 64 inside it. A fixed value, not one read
     # from the input's length, which differs between the layouts being made canonical.
@@ -83,7 +83,7 @@ def canonical_ort_bytes(data: bytes, *, _write_order=sorted, _alignment=ALIGNMEN
     root.InferenceSessionAddModel(builder, len(data) - model_at)
     root.InferenceSessionAddKernelTypeStrResolver(builder, resolver_offset)
     builder.Finish(root.InferenceSessionEnd(builder), file_identifier=_FILE_ID)
-    canonical = bytes(memoryview(builder.Bytes)[builder.Head():])
+    canonical = bytes(memoryview(builder.Bytes)[builder.Head() :])
     del builder
 
     _check_same(fbs, data, canonical, entries, len(tail))
@@ -171,8 +171,12 @@ def _soffset(buf, position: int) -> int:
 
 def _write_resolver(builder: flatbuffers.Builder, fbs, entries, write_order) -> int:
     """The tables in ``write_order`` (sorted: canonical); the vectors always sorted by key, as onnxruntime does."""
-    entry_mod, op_mod, resolver_mod, arg_mod = (fbs.KernelTypeStrArgsEntry, fbs.OpIdKernelTypeStrArgsEntry,
-                                                fbs.KernelTypeStrResolver, fbs.ArgTypeAndIndex)
+    entry_mod, op_mod, resolver_mod, arg_mod = (
+        fbs.KernelTypeStrArgsEntry,
+        fbs.OpIdKernelTypeStrArgsEntry,
+        fbs.KernelTypeStrResolver,
+        fbs.ArgTypeAndIndex,
+    )
     strings: dict[bytes, int] = {}
 
     def string(value: bytes) -> int:
@@ -196,15 +200,19 @@ def _write_resolver(builder: flatbuffers.Builder, fbs, entries, write_order) -> 
             entry_mod.KernelTypeStrArgsEntryAddKernelTypeStr(builder, name)
             entry_mod.KernelTypeStrArgsEntryAddArgs(builder, args_vector)
             type_str_tables[type_str] = entry_mod.KernelTypeStrArgsEntryEnd(builder)
-        type_strs_vector = _vector(builder, op_mod.OpIdKernelTypeStrArgsEntryStartKernelTypeStrArgsVector,
-                                   [type_str_tables[key] for key in sorted(type_str_tables)])
+        type_strs_vector = _vector(
+            builder,
+            op_mod.OpIdKernelTypeStrArgsEntryStartKernelTypeStrArgsVector,
+            [type_str_tables[key] for key in sorted(type_str_tables)],
+        )
         op_name = string(op_id)
         op_mod.OpIdKernelTypeStrArgsEntryStart(builder)
         op_mod.OpIdKernelTypeStrArgsEntryAddOpId(builder, op_name)
         op_mod.OpIdKernelTypeStrArgsEntryAddKernelTypeStrArgs(builder, type_strs_vector)
         ops[op_id] = op_mod.OpIdKernelTypeStrArgsEntryEnd(builder)
-    ops_vector = _vector(builder, resolver_mod.KernelTypeStrResolverStartOpKernelTypeStrArgsVector,
-                         [ops[key] for key in sorted(ops)])
+    ops_vector = _vector(
+        builder, resolver_mod.KernelTypeStrResolverStartOpKernelTypeStrArgsVector, [ops[key] for key in sorted(ops)]
+    )
     resolver_mod.KernelTypeStrResolverStart(builder)
     resolver_mod.KernelTypeStrResolverAddOpKernelTypeStrArgs(builder, ops_vector)
     return resolver_mod.KernelTypeStrResolverEnd(builder)

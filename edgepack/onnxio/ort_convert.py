@@ -38,8 +38,11 @@ def convert_to_ort(model: Path, out_dir: Path, style: str, platform: str, *, whe
     log = done.stdout + done.stderr
     if done.returncode != 0:
         detail = _last_error_line(log) or f"the converter exited with code {done.returncode}"
-        raise ConversionError(f"ORT-format conversion ({style} style) failed: {detail}",
-                              where=where, hint="run with --debug for onnxruntime's log")
+        raise ConversionError(
+            f"ORT-format conversion ({style} style) failed: {detail}",
+            where=where,
+            hint="run with --debug for onnxruntime's log",
+        )
     suffix = ".with_runtime_opt" if style == "Runtime" else ""
     ort_path = out_dir / f"{model.stem}{suffix}.ort"
     config = out_dir / f"{model.stem}.required_operators_and_types{suffix}.config"
@@ -48,8 +51,11 @@ def convert_to_ort(model: Path, out_dir: Path, style: str, platform: str, *, whe
     try:
         canonicalize_ort_file(ort_path)
     except ValueError as exc:
-        raise ConversionError(f"the converted .ort cannot be made reproducible: {exc}", where=where,
-                              hint="use the onnxruntime version pinned in pyproject.toml") from None
+        raise ConversionError(
+            f"the converted .ort cannot be made reproducible: {exc}",
+            where=where,
+            hint="use the onnxruntime version pinned in pyproject.toml",
+        ) from None
     return ort_path, config
 
 
@@ -81,8 +87,11 @@ def _convert_in_this_process(model: Path, out_dir: Path, style: str, platform: s
     ort.set_default_logger_severity(3)
     with contextlib.redirect_stdout(io.StringIO()):
         converter.convert_onnx_models_to_ort(
-            model, output_dir=out_dir, optimization_styles=[converter.OptimizationStyle[style]],
-            target_platform=platform, enable_type_reduction=True,
+            model,
+            output_dir=out_dir,
+            optimization_styles=[converter.OptimizationStyle[style]],
+            target_platform=platform,
+            enable_type_reduction=True,
         )
 
 

@@ -17,7 +17,9 @@ with a side file the weights are streamed)."""
 def save_model(model: ir.Model, path: Path) -> Path:
     """Subgraph (If/Loop body) initializers count too: onnx-ir re-writes them into the side file with the
     rest, and an external tensor left behind would point at a file that is not in the work folder."""
-    tensors = [v.const_value for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
+    tensors = [
+        v.const_value for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None
+    ]
     has_external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
     weights = sum(t.nbytes for t in tensors)
     _inline_external_attributes(model)
@@ -39,4 +41,6 @@ def _inline_external_attributes(model: ir.Model) -> None:
                 node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.value.numpy(), name=attr.value.name))
             elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
                 node.attributes[name] = ir.AttrTensors(
-                    name, [ir.tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else t for t in attr.value])
+                    name,
+                    [ir.tensor(t.numpy(), name=t.name) if isinstance(t, ir.ExternalTensor) else t for t in attr.value],
+                )

@@ -95,11 +95,14 @@ class Options:
             raise UsageError(f"--quantize {self.quantize!r}: expected one of {', '.join(RECIPES)}")
         if self.auto_exclude and self.quantize and not RECIPES[self.quantize].auto_exclude:
             capable = " or ".join(n for n, r in RECIPES.items() if r.auto_exclude)
-            raise UsageError(f"--auto-exclude works with {capable} quantization, not {self.quantize}",
-                             hint="use --quantize static --calibration DATA --auto-exclude")
+            raise UsageError(
+                f"--auto-exclude works with {capable} quantization, not {self.quantize}",
+                hint="use --quantize static --calibration DATA --auto-exclude",
+            )
         if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
-            raise UsageError(f"--calibration-method {self.calibration_method!r}: expected one of "
-                             f"{', '.join(CALIBRATION_METHODS)}")
+            raise UsageError(
+                f"--calibration-method {self.calibration_method!r}: expected one of {', '.join(CALIBRATION_METHODS)}"
+            )
         if self.tune and self.quantize:
             raise UsageError("--tune chooses the recipe itself: leave out --quantize")
         if self.tune_budget is not None and (not self.tune or not self.tune_budget > 0):
@@ -109,7 +112,9 @@ class Options:
         if self.onefile and not self.freeze:
             raise UsageError("--onefile only applies with --freeze")
         if self.min_accelerated_fraction is not None and not 0.0 <= self.min_accelerated_fraction <= 1.0:
-            raise UsageError(f"--min-accelerated-fraction {self.min_accelerated_fraction}: expected a share between 0 and 1")
+            raise UsageError(
+                f"--min-accelerated-fraction {self.min_accelerated_fraction}: expected a share between 0 and 1"
+            )
         if self.max_partitions is not None and self.max_partitions < 0:
             raise UsageError(f"--max-partitions {self.max_partitions}: expected 0 or more")
 

@@ -40,8 +40,12 @@ class Result:
         return [f"{r['stage']}: {r['notice']}" for r in (self.manifest or {}).get("stages", []) if r.get("notice")]
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"target": self.target, "bundle": str(self.bundle), "ok": self.ok,
-                                "seconds": round(self.seconds, 2)}
+        data: dict[str, Any] = {
+            "target": self.target,
+            "bundle": str(self.bundle),
+            "ok": self.ok,
+            "seconds": round(self.seconds, 2),
+        }
         if self.manifest:
             data["bytes"] = sum(f["size"] for f in self.manifest["files"].values())
             data["model"] = self.manifest["model"]["file"]
@@ -54,8 +58,12 @@ class Result:
         if self.cache:
             data["cache"] = self.cache
         if self.error:
-            data["error"] = {"type": type(self.error).__name__, "message": str(self.error),
-                             "exit_code": self.error.exit_code, "stage": self.error.stage}
+            data["error"] = {
+                "type": type(self.error).__name__,
+                "message": str(self.error),
+                "exit_code": self.error.exit_code,
+                "stage": self.error.stage,
+            }
         return data
 
 
@@ -63,8 +71,9 @@ def bundle_path(output: Path, model_name: str, profile: Profile) -> Path:
     return output / f"{model_name}-{profile.name}"
 
 
-def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
-                           inputs: tuple[Path, ...] = ()) -> dict[str, Path]:
+def refuse_existing_output(
+    name: str, profiles: list[Profile], options: Options, inputs: tuple[Path, ...] = ()
+) -> dict[str, Path]:
     """Each target's bundle folder; a UsageError before any work when one (or its frozen executable)
     exists and ``options.force`` is not set, or may not be written or replaced (edgepack/destination.py)."""
     destinations = {p.name: bundle_path(options.output, name, p) for p in profiles}
@@ -72,8 +81,11 @@ def refuse_existing_output(name: str, profiles: list[Profile], options: Options,
     if options.freeze:
         from ..bundle.freeze import frozen_path
 
-        existing += [str(frozen_path(destinations[p.name])) for p in profiles
-                     if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))]
+        existing += [
+            str(frozen_path(destinations[p.name]))
+            for p in profiles
+            if p.bundle.kind == "python" and os.path.lexists(frozen_path(destinations[p.name]))
+        ]
     if existing and not options.force:
         raise UsageError(f"output already exists: {', '.join(existing)}", hint="pass --force to replace it")
     for profile in profiles:

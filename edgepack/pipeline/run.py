@@ -45,13 +45,27 @@ def package_model(
     return package_models([ModelWork(model, name, profiles, options, destinations, origin)], progress)[0]
 
 
-def _package_one(source: Source, profile: Profile, options: Options, workdir: Path, destination: Path,
-                 progress: Callable[[str], None], signing_key=None) -> Result:
+def _package_one(
+    source: Source,
+    profile: Profile,
+    options: Options,
+    workdir: Path,
+    destination: Path,
+    progress: Callable[[str], None],
+    signing_key=None,
+) -> Result:
     started = time.perf_counter()
     try:
         with atomic_folder(destination, force=options.force, inputs=source_files(source)) as staging:
-            job = Job(profile=profile, options=options, source=source, workdir=workdir, staging=staging,
-                      destination=destination, progress=progress)
+            job = Job(
+                profile=profile,
+                options=options,
+                source=source,
+                workdir=workdir,
+                staging=staging,
+                destination=destination,
+                progress=progress,
+            )
             job.results.append(load_result(source))
             artifact = Artifact(path=source.reference)
             for stage in plan(profile, options):
@@ -68,8 +82,14 @@ def _package_one(source: Source, profile: Profile, options: Options, workdir: Pa
             signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
             if signed_by:
                 job.say(f"signed: model.sig, key {signed_by}")
-        return Result(profile.name, destination, True, manifest=written, seconds=time.perf_counter() - started,
-                      signed_by=signed_by)
+        return Result(
+            profile.name,
+            destination,
+            True,
+            manifest=written,
+            seconds=time.perf_counter() - started,
+            signed_by=signed_by,
+        )
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
 

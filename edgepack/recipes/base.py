@@ -26,11 +26,26 @@ if TYPE_CHECKING:
 
 __all__ = ["Recipe", "Variant", "Kernel", "QUANTIZED_OPS"]
 
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
-    "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
-    "DynamicQuantizeMatMul",
-    "QAttention", "QGemm", "DynamicQuantizeLSTM", "QEmbedLayerNormalization"})
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "DynamicQuantizeMatMul",
+        "QAttention",
+        "QGemm",
+        "DynamicQuantizeLSTM",
+        "QEmbedLayerNormalization",
+    }
+)
 """Op types that carry quantized data: what ``already_quantized`` looks for and the report counts."""
 
 
@@ -69,9 +84,18 @@ class Recipe:
     preprocess: ClassVar[bool] = True
     """Whether it starts from onnxruntime's quantization pre-processing (edgepack/recipes/quantize.py, rule 1)."""
 
-    def apply(self, prepared: Path, out: Path, settings: Any, *, calibration: list[dict[str, np.ndarray]] | None,
-              excluded: list[str], external: bool, calibration_method: str | None,
-              target: Profile | None) -> dict[str, Any] | None:
+    def apply(
+        self,
+        prepared: Path,
+        out: Path,
+        settings: Any,
+        *,
+        calibration: list[dict[str, np.ndarray]] | None,
+        excluded: list[str],
+        external: bool,
+        calibration_method: str | None,
+        target: Profile | None,
+    ) -> dict[str, Any] | None:
         """Write the quantized model to ``out`` (external data beside it when ``external``); return notes for
         the report (what was left in float, and why), if any. ``target``: the profile it is written for."""
         raise NotImplementedError(f"recipe {self.name} writes no model")

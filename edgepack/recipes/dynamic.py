@@ -29,11 +29,14 @@ class Dynamic(Recipe):
     precision = "int8"
     settings = DynamicSettings
     flags = ("--validation",)
-    variants = {"dynamic_u8": Variant("dynamic INT8, U8 weights", {"weight_type": "uint8"}),
-                "dynamic_s8": Variant("dynamic INT8, S8 weights", {"weight_type": "int8"})}
+    variants = {
+        "dynamic_u8": Variant("dynamic INT8, U8 weights", {"weight_type": "uint8"}),
+        "dynamic_s8": Variant("dynamic INT8, S8 weights", {"weight_type": "int8"}),
+    }
 
-    def apply(self, prepared, out, settings: DynamicSettings, *, calibration, excluded, external,
-              calibration_method, target) -> None:
+    def apply(
+        self, prepared, out, settings: DynamicSettings, *, calibration, excluded, external, calibration_method, target
+    ) -> None:
         from ..ort_tools import load_ort_tools
         from .quantize import op_types, quant_type
 
@@ -42,7 +45,8 @@ class Dynamic(Recipe):
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         quantize_dynamic(
-            prepared, out,
+            prepared,
+            out,
             op_types_to_quantize=op_types(settings.op_types, settings.exclude_op_types, IntegerOpsRegistry),
             per_channel=settings.per_channel,
             weight_type=quant_type(settings.weight_type),
@@ -51,5 +55,8 @@ class Dynamic(Recipe):
         )
 
     def what_to_try(self, options, settings) -> list[str]:
-        return ["--quantize static with --calibration data", "exclude op types in quantization.dynamic.exclude_op_types",
-                "--quantize fp16"]
+        return [
+            "--quantize static with --calibration data",
+            "exclude op types in quantization.dynamic.exclude_op_types",
+            "--quantize fp16",
+        ]

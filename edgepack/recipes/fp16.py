@@ -29,8 +29,9 @@ class Fp16(Recipe):
     variants = {"fp16": Variant("FP16 (float32 I/O)")}
     marked_ops = QUANTIZED_OPS | {"Cast"}
 
-    def apply(self, prepared, out, settings: Fp16Settings, *, calibration, excluded, external,
-              calibration_method, target) -> None:
+    def apply(
+        self, prepared, out, settings: Fp16Settings, *, calibration, excluded, external, calibration_method, target
+    ) -> None:
         import onnx
 
         save(fp16_model(onnx.load_model(prepared), settings, excluded), out, external=external)
@@ -48,7 +49,9 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one warning per clipped constant, e.g. -10000.0 in attention masks
         model = float16.convert_float_to_float16(
-            model, keep_io_types=True, disable_shape_infer=True,
+            model,
+            keep_io_types=True,
+            disable_shape_infer=True,
             op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(settings.exclude_op_types)),
             node_block_list=excluded or None,
         )
@@ -61,8 +64,14 @@ def save(model, out: Path, *, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, out, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            out,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=out.name + ".data",
+            size_threshold=1024,
+        )
         os.chmod(out.with_name(out.name + ".data"), 0o644)
     else:
         onnx.save_model(model, out)
@@ -80,5 +89,9 @@ def _align_casts(model) -> None:
         if node.op_type != "Cast" or node.output[0] not in declared:
             continue
         for attr in node.attribute:
-            if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT and declared[node.output[0]] == onnx.TensorProto.FLOAT16:
+            if (
+                attr.name == "to"
+                and attr.i == onnx.TensorProto.FLOAT
+                and declared[node.output[0]] == onnx.TensorProto.FLOAT16
+            ):
                 attr.i = onnx.TensorProto.FLOAT16

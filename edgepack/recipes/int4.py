@@ -87,8 +87,9 @@ class Int4(Recipe):
             return "block_size", f"expected a power of two, at least 16 (MatMulNBits), found {size}"
         return None
 
-    def apply(self, prepared, out, settings: Int4Settings, *, calibration, excluded, external,
-              calibration_method, target) -> dict[str, Any]:
+    def apply(
+        self, prepared, out, settings: Int4Settings, *, calibration, excluded, external, calibration_method, target
+    ) -> dict[str, Any]:
         import onnx
 
         from .quantize import name_nodes
@@ -98,8 +99,11 @@ class Int4(Recipe):
         return quantize_4bit(model, out, self.name, settings, excluded, external, target)
 
     def what_to_try(self, options, settings: Int4Settings) -> list[str]:
-        return [f"a smaller quantization.int4.block_size (now {settings.block_size})",
-                "quantization.int4.op_types [MatMul] (embeddings in float)", "--quantize dynamic"]
+        return [
+            f"a smaller quantization.int4.block_size (now {settings.block_size})",
+            "quantization.int4.op_types [MatMul] (embeddings in float)",
+            "--quantize dynamic",
+        ]
 
 
 class Q4f16(Int4):
@@ -112,8 +116,9 @@ class Q4f16(Int4):
     preprocess = True
     activation = "float16"
 
-    def apply(self, prepared, out, settings: Int4Settings, *, calibration, excluded, external,
-              calibration_method, target) -> dict[str, Any]:
+    def apply(
+        self, prepared, out, settings: Int4Settings, *, calibration, excluded, external, calibration_method, target
+    ) -> dict[str, Any]:
         import onnx
 
         from .fp16 import fp16_model
@@ -127,8 +132,9 @@ class Q4f16(Int4):
         return [f"a smaller quantization.q4f16.block_size (now {settings.block_size})", "--quantize fp16"]
 
 
-def quantize_4bit(model, out, method: str, settings: Int4Settings, excluded: list[str], external: bool,
-                  target) -> dict[str, Any]:
+def quantize_4bit(
+    model, out, method: str, settings: Int4Settings, excluded: list[str], external: bool, target
+) -> dict[str, Any]:
     """Write the 4-bit model of ``model`` (every node named) to ``out``; return notes for the report: what
     was quantized and what was left in float, and why."""
     from ..errors import ConversionError
@@ -158,17 +164,24 @@ def quantize_4bit(model, out, method: str, settings: Int4Settings, excluded: lis
     # Gathers on anything but a 2-D float table (shape constants, int64 data) are not embeddings
     skip = set(excluded) | {n.name for n in iter_nodes(model) if n.op_type == "Gather" and n.name not in tables}
     quantizer = MatMulNBitsQuantizer(
-        model, bits=4, block_size=settings.block_size, is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level or None, nodes_to_exclude=sorted(skip),
-        quant_format=QuantFormat.QOperator, op_types_to_quantize=tuple(types),
+        model,
+        bits=4,
+        block_size=settings.block_size,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level or None,
+        nodes_to_exclude=sorted(skip),
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=tuple(types),
     )
     with _quiet_quantizer():
         quantizer.process()
     written = quantizer.model.model
     if not any(n.op_type == MATMUL_OP for n in iter_nodes(written)):
-        raise ConversionError(f"{method} found no MatMul with a constant 2-D weight to quantize",
-                              hint="4-bit weights are for MatMul-heavy models (transformers); Conv and Gemm are not "
-                              "quantized by it: try --quantize static or dynamic")
+        raise ConversionError(
+            f"{method} found no MatMul with a constant 2-D weight to quantize",
+            hint="4-bit weights are for MatMul-heavy models (transformers); Conv and Gemm are not "
+            "quantized by it: try --quantize static or dynamic",
+        )
     _repack_tables_as_uint8(written)
     save(written, out, external=external)
     ops = [n.op_type for n in iter_nodes(written)]
@@ -184,10 +197,16 @@ def _embedding_tables(model) -> set[str]:
     import onnx
 
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    tables = {t.name for t in model.graph.initializer
-              if t.data_type in floats and len(t.dims) == 2 and t.dims[1] % 2 == 0}
-    return {n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables
-            and not any(a.name == "axis" and a.i != 0 for a in n.attribute)}
+    tables = {
+        t.name for t in model.graph.initializer if t.data_type in floats and len(t.dims) == 2 and t.dims[1] % 2 == 0
+    }
+    return {
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in tables
+        and not any(a.name == "axis" and a.i != 0 for a in n.attribute)
+    }
 
 
 def _for_int4_tensors(model, max_opset: int):

@@ -57,8 +57,11 @@ def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
     if refused:
         listed = "; ".join(f"{name} ({recipe}): {why}" for name, (recipe, why) in refused.items())
         blocked = [p for p in profiles if p.name in refused]
-        others = [n for n in RECIPES if n not in {r for r, _ in refused.values()}
-                  and not any(required_gaps(p, n) for p in blocked)]
+        others = [
+            n
+            for n in RECIPES
+            if n not in {r for r, _ in refused.values()} and not any(required_gaps(p, n) for p in blocked)
+        ]
         raise CompatibilityError(
             f"the recipe writes operators these targets' runtimes have no kernel for: {listed}",
             hint=f"package these targets with another recipe (--quantize {', '.join(others)}), "

@@ -47,10 +47,25 @@ from .base import QUANTIZED_OPS
 if TYPE_CHECKING:
     from ..profiles import Profile
 
-__all__ = ["Quantized", "already_quantized", "quantize_model", "rank_sensitive_nodes", "model_bytes",
-           "op_types", "quant_type", "Reader", "name_nodes"]
-LOW_PRECISION = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-                 onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+__all__ = [
+    "Quantized",
+    "already_quantized",
+    "quantize_model",
+    "rank_sensitive_nodes",
+    "model_bytes",
+    "op_types",
+    "quant_type",
+    "Reader",
+    "name_nodes",
+]
+LOW_PRECISION = {
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT4,
+    onnx.TensorProto.UINT4,
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,9 @@ def already_quantized(path: Path) -> dict[str, int]:
     for node in iter_nodes(proto):
         if node.op_type in QUANTIZED_OPS:
             found[node.op_type] = found.get(node.op_type, 0) + 1
-    fp16 = sum(1 for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
+    fp16 = sum(
+        1 for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    )
     if fp16:
         found["float16 initializers"] = fp16
     return found
@@ -98,7 +115,9 @@ def model_bytes(path: Path) -> int:
     """The .onnx file plus its external data files."""
     proto = onnx.load_model(path, load_external_data=False)
     side = {loc for _, loc, _, _ in external_locations(proto)}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in side if (path.parent / loc).is_file())
+    return path.stat().st_size + sum(
+        (path.parent / loc).stat().st_size for loc in side if (path.parent / loc).is_file()
+    )
 
 
 def quantize_model(
@@ -136,15 +155,25 @@ def quantize_model(
     excluded = sorted(exclude_nodes)
     try:
         with progress.step(f"{method} quantization"), _quiet(), working_directory(out.parent):
-            notes = recipe.apply(prepared, out, settings, calibration=calibration, excluded=excluded,
-                                 external=external, calibration_method=calibration_method, target=target)
+            notes = recipe.apply(
+                prepared,
+                out,
+                settings,
+                calibration=calibration,
+                excluded=excluded,
+                external=external,
+                calibration_method=calibration_method,
+                target=target,
+            )
     except ConversionError:
         raise
     except Exception as exc:  # onnxruntime and onnx raise many kinds from deep inside
         detail = first_line(exc)
-        raise ConversionError(f"{method} quantization failed: {type(exc).__name__}: {detail[:300]}",
-                              hint="exclude the op types it fails on in the profile (quantization.<recipe>.exclude_op_types), "
-                              "or try another recipe (--quantize)") from None
+        raise ConversionError(
+            f"{method} quantization failed: {type(exc).__name__}: {detail[:300]}",
+            hint="exclude the op types it fails on in the profile (quantization.<recipe>.exclude_op_types), "
+            "or try another recipe (--quantize)",
+        ) from None
     proto = onnx.load_model(out, load_external_data=False)
     ops: dict[str, int] = {}
     for node in iter_nodes(proto):
@@ -168,22 +197,30 @@ def quantize_model(
 PREPROCESS_TRIES = [
     ("quant_pre_process", {}),
     ("quant_pre_process without symbolic shape inference", {"skip_symbolic_shape": True}),
-    ("quant_pre_process without symbolic shape inference and its optimizer", {"skip_symbolic_shape": True,
-                                                                               "skip_optimization": True}),
+    (
+        "quant_pre_process without symbolic shape inference and its optimizer",
+        {"skip_symbolic_shape": True, "skip_optimization": True},
+    ),
 ]
 
 
-def prepare(source: Path, out: Path, *, external: bool, check_inputs: Feeds = lambda model: None) -> tuple[str, str | None]:
+def prepare(
+    source: Path, out: Path, *, external: bool, check_inputs: Feeds = lambda model: None
+) -> tuple[str, str | None]:
     """quant_pre_process, then a name for every node (rule 1): what was run, and a notice when a try was skipped."""
     load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    kwargs = dict(save_as_external_data=external, all_tensors_to_one_file=True,
-                  external_data_location=out.name + ".data" if external else None)
+    kwargs = dict(
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        external_data_location=out.name + ".data" if external else None,
+    )
     # symbolic shape inference runs onnx's in-memory inference, which serializes the whole model: not over 1 GiB
     tries = PREPROCESS_TRIES[1:] if model_bytes(source) > EXTERNAL_DATA_THRESHOLD else PREPROCESS_TRIES
     records = []
     for label, options in tries:
+
         def run(options=options) -> Path:
             for stale in (out, out.with_name(out.name + ".data")):
                 stale.unlink(missing_ok=True)
@@ -236,9 +273,15 @@ _INVENTED_PREFIX = "pre_process/"
 def _rename_invented_initializers(proto: onnx.ModelProto, source: onnx.ModelProto) -> None:
     """Rule 2: initializers whose names appear nowhere in the source model get the ``pre_process/`` prefix,
     which no name onnxruntime generates from its fixed base names (``gemm_input_shape``, ...) can equal."""
-    known = {name for graph in iter_graphs(source.graph)
-             for name in [*(t.name for t in graph.initializer), *(i.name for i in graph.input),
-                          *(o for n in graph.node for o in n.output)]}
+    known = {
+        name
+        for graph in iter_graphs(source.graph)
+        for name in [
+            *(t.name for t in graph.initializer),
+            *(i.name for i in graph.input),
+            *(o for n in graph.node for o in n.output),
+        ]
+    }
     renames = {t.name: _INVENTED_PREFIX + t.name for t in proto.graph.initializer if t.name not in known}
     if not renames:
         return
@@ -291,7 +334,9 @@ class Reader:
         return iter(self.feeds)
 
 
-def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path) -> list[tuple[str, float]]:
+def rank_sensitive_nodes(
+    prepared: Path, quantized: Path, feeds: list[dict[str, np.ndarray]], workdir: Path
+) -> list[tuple[str, float]]:
     """Nodes of the float model ordered by the quantization noise on their outputs and weights
     (signal-to-quantization-noise ratio in dB, lowest first), from onnxruntime's qdq_loss_debug."""
     load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
@@ -317,10 +362,11 @@ def rank_sensitive_nodes(prepared: Path, quantized: Path, feeds: list[dict[str, 
             weight_error = compute_weight_error(create_weight_matching(str(prepared), str(quantized)))
     except Exception as exc:  # onnxruntime sessions on the debug models, numpy on their outputs
         detail = first_line(exc)
-        raise ConversionError(f"measuring each node's quantization noise (--auto-exclude) failed: "
-                              f"{type(exc).__name__}: {detail[:300]}",
-                              hint="leave --auto-exclude off and exclude op types in quantization.static.exclude_op_types, "
-                              "or try another recipe (--quantize)") from None
+        raise ConversionError(
+            f"measuring each node's quantization noise (--auto-exclude) failed: {type(exc).__name__}: {detail[:300]}",
+            hint="leave --auto-exclude off and exclude op types in quantization.static.exclude_op_types, "
+            "or try another recipe (--quantize)",
+        ) from None
     proto = onnx.load_model(prepared, load_external_data=False)
     scores: dict[str, float] = {}
     order = {node.name: i for i, node in enumerate(proto.graph.node)}

@@ -104,16 +104,25 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         variant = variants().get(self.name)
-        data: dict[str, Any] = {"name": self.name, "recipe": variant[1].description if variant else self.name,
-                                "precision": self.precision, "bytes": self.bytes,
-                                "gate": "passed" if self.passed else ("failed" if self.figures else "not run")}
+        data: dict[str, Any] = {
+            "name": self.name,
+            "recipe": variant[1].description if variant else self.name,
+            "precision": self.precision,
+            "bytes": self.bytes,
+            "gate": "passed" if self.passed else ("failed" if self.figures else "not run"),
+        }
         if self.misses:
             data["gate_misses"] = self.misses
         if self.figures:
-            data["accuracy"] = {k: self.figures[k] for k in ("cosine", "max_abs_error", "mean_abs_error", "top1_agreement")
-                                if k in self.figures}
+            data["accuracy"] = {
+                k: self.figures[k]
+                for k in ("cosine", "max_abs_error", "mean_abs_error", "top1_agreement")
+                if k in self.figures
+            }
         if self.latencies:
-            data.update(median_ms=round(1e3 * self.median, 4), p90_ms=round(1e3 * self.p90, 4), runs=len(self.latencies))
+            data.update(
+                median_ms=round(1e3 * self.median, 4), p90_ms=round(1e3 * self.p90, 4), runs=len(self.latencies)
+            )
         if self.note:
             data["note"] = self.note
         return data
@@ -159,11 +168,21 @@ def search(artifact: Artifact, job: Job) -> Outcome:
         except EdgepackError as exc:
             notes.append(f"{name} not built: {exc.message}")
     if not candidates:
-        raise ConversionError("--tune built no candidate: " + "; ".join(notes), where=job.profile.name,
-                              hint="raise --tune-budget, or package without --tune")
-    winner, timing = select(candidates, job.source.reference, validation.feeds, _session_factory(job),
-                            lambda c: _tolerance(job, c), deadline=deadline, budget=job.options.tune_seconds,
-                            say=job.say)
+        raise ConversionError(
+            "--tune built no candidate: " + "; ".join(notes),
+            where=job.profile.name,
+            hint="raise --tune-budget, or package without --tune",
+        )
+    winner, timing = select(
+        candidates,
+        job.source.reference,
+        validation.feeds,
+        _session_factory(job),
+        lambda c: _tolerance(job, c),
+        deadline=deadline,
+        budget=job.options.tune_seconds,
+        say=job.say,
+    )
     notes += timing
     for note in timing:
         job.say(f"NOTE: {note}")
@@ -171,13 +190,17 @@ def search(artifact: Artifact, job: Job) -> Outcome:
         raise AccuracyError(
             f"--tune: no candidate passed the accuracy gate on {len(validation.feeds)} validation sample(s) "
             f"({validation.origin}): " + "; ".join(f"{c.name}: {'; '.join(c.misses)}" for c in candidates if c.misses),
-            where=job.profile.name, hint="give representative --calibration/--validation data, or loosen "
-            "quantization.tolerance in the profile")
+            where=job.profile.name,
+            hint="give representative --calibration/--validation data, or loosen quantization.tolerance in the profile",
+        )
     why = _why(winner, candidates)
     job.say(f"tune: {why}")
-    return Outcome(winner=winner, report=_report(winner, candidates, notes, job, validation, why, time.perf_counter() - started),
-                   summary=f"tuned on this {host_arch()} host, {len(candidates)} candidate(s): {why}",
-                   notice="; ".join(notes) or None)
+    return Outcome(
+        winner=winner,
+        report=_report(winner, candidates, notes, job, validation, why, time.perf_counter() - started),
+        summary=f"tuned on this {host_arch()} host, {len(candidates)} candidate(s): {why}",
+        notice="; ".join(notes) or None,
+    )
 
 
 def _build(name: str, artifact: Artifact, job: Job, calibration: Samples | None) -> Candidate:
@@ -188,16 +211,28 @@ def _build(name: str, artifact: Artifact, job: Job, calibration: Samples | None)
     source = artifact
     settings = job.profile.quantization.settings(recipe.name)
     if settings is not None:
-        result = quantize_model(artifact.path, folder / "quantized" / "quantized.onnx", recipe.name,
-                                dataclasses.replace(settings, **variant.overrides),
-                                calibration=calibration.feeds if recipe.needs_calibration and calibration else None,
-                                calibration_method=job.options.calibration_method, target=job.profile)
+        result = quantize_model(
+            artifact.path,
+            folder / "quantized" / "quantized.onnx",
+            recipe.name,
+            dataclasses.replace(settings, **variant.overrides),
+            calibration=calibration.feeds if recipe.needs_calibration and calibration else None,
+            calibration_method=job.options.calibration_method,
+            target=job.profile,
+        )
         quantize_report = result.report()
         source = Artifact(path=result.path, precision=result.precision)
     shipped = _as_shipped(source, job, folder / "ort")
     size = shipped.path.stat().st_size if shipped.format == "ort" else model_bytes(shipped.path)
-    return Candidate(name=name, model=shipped.path, artifact=shipped, precision=source.precision, bytes=size,
-                     method=recipe.name, quantize_report=quantize_report)
+    return Candidate(
+        name=name,
+        model=shipped.path,
+        artifact=shipped,
+        precision=source.precision,
+        bytes=size,
+        method=recipe.name,
+        quantize_report=quantize_report,
+    )
 
 
 def _as_shipped(source: Artifact, job: Job, out_dir: Path) -> Artifact:
@@ -206,10 +241,17 @@ def _as_shipped(source: Artifact, job: Job, out_dir: Path) -> Artifact:
     ort_format = job.profile.ort_format
     if ort_format.style == "none" or onnx_model_bytes(source.path) >= ORT_FORMAT_MAX_BYTES:
         return source
-    ort_path, config = convert_to_ort(source.path, out_dir, ort_format.style, ort_format.platform,
-                                      where=str(job.source.path))
-    return Artifact(path=ort_path, format="ort", ort_style=ort_format.style, ops_config=config,
-                    precision=source.precision, onnx=source.path)
+    ort_path, config = convert_to_ort(
+        source.path, out_dir, ort_format.style, ort_format.platform, where=str(job.source.path)
+    )
+    return Artifact(
+        path=ort_path,
+        format="ort",
+        ort_style=ort_format.style,
+        ops_config=config,
+        precision=source.precision,
+        onnx=source.path,
+    )
 
 
 def _tolerance(job: Job, candidate: Candidate) -> dict[str, Any]:
@@ -229,14 +271,22 @@ def _session_factory(job: Job) -> Callable[[Path], Any]:
     providers = [ep.name for ep in profile.execution_providers if ep.name in ort.get_available_providers()]
 
     def open_session(path: Path):
-        manifest = {"runtime": {"session_options": {
-                        "intra_op_num_threads": profile.session.intra_op_num_threads,
-                        "graph_optimization_level": profile.session.graph_optimization_level,
-                        "config_entries": dict(profile.session.config_entries)}},
-                    "model": {"format": "ort" if path.suffix == ".ort" else "onnx",
-                              "ort_style": profile.ort_format.style if path.suffix == ".ort" else None}}
-        return ort.InferenceSession(str(path), edgepack_shim.session_options(ort, manifest),
-                                    providers=providers or ["CPUExecutionProvider"])
+        manifest = {
+            "runtime": {
+                "session_options": {
+                    "intra_op_num_threads": profile.session.intra_op_num_threads,
+                    "graph_optimization_level": profile.session.graph_optimization_level,
+                    "config_entries": dict(profile.session.config_entries),
+                }
+            },
+            "model": {
+                "format": "ort" if path.suffix == ".ort" else "onnx",
+                "ort_style": profile.ort_format.style if path.suffix == ".ort" else None,
+            },
+        }
+        return ort.InferenceSession(
+            str(path), edgepack_shim.session_options(ort, manifest), providers=providers or ["CPUExecutionProvider"]
+        )
 
     return open_session
 
@@ -244,10 +294,18 @@ def _session_factory(job: Job) -> Callable[[Path], Any]:
 # --- gate, timing, choice (usable on any set of model files) ----------------------------------
 
 
-def select(candidates: list[Candidate], reference: Path, feeds: list[dict[str, np.ndarray]],
-           open_session: Callable[[Path], Any], tolerance: Callable[[Candidate], dict[str, Any]], *,
-           deadline: float, budget: float, say: Callable[[str], None] = lambda m: None,
-           max_rounds: int = MAX_ROUNDS) -> tuple[Candidate | None, list[str]]:
+def select(
+    candidates: list[Candidate],
+    reference: Path,
+    feeds: list[dict[str, np.ndarray]],
+    open_session: Callable[[Path], Any],
+    tolerance: Callable[[Candidate], dict[str, Any]],
+    *,
+    deadline: float,
+    budget: float,
+    say: Callable[[str], None] = lambda m: None,
+    max_rounds: int = MAX_ROUNDS,
+) -> tuple[Candidate | None, list[str]]:
     """Gate every candidate against ``reference`` on ``feeds`` (rule 3), time those that pass (rule 4)
     and return the winner (rule 5, None if none passed) and notes on what was cut short."""
     import onnxruntime as ort
@@ -279,8 +337,15 @@ def select(candidates: list[Candidate], reference: Path, feeds: list[dict[str, n
     return choose(passing), notes
 
 
-def time_round_robin(candidates: list[Candidate], sessions: dict[str, Any], feed: dict[str, np.ndarray], *,
-                     deadline: float, budget: float, max_rounds: int = MAX_ROUNDS) -> list[str]:
+def time_round_robin(
+    candidates: list[Candidate],
+    sessions: dict[str, Any],
+    feed: dict[str, np.ndarray],
+    *,
+    deadline: float,
+    budget: float,
+    max_rounds: int = MAX_ROUNDS,
+) -> list[str]:
     """Rule 4: warm-up, then one run of each candidate per round, starting candidate rotating."""
     for candidate in candidates:
         for _ in range(WARMUP_RUNS):
@@ -291,8 +356,10 @@ def time_round_robin(candidates: list[Candidate], sessions: dict[str, Any], feed
     with progress.step(f"tune: timing {len(candidates)} candidate(s), rounds", total=max_rounds) as step:
         while rounds < max_rounds:
             if rounds >= MIN_ROUNDS and time.perf_counter() > deadline:
-                notes.append(f"timing stopped after {rounds} round(s): the tuning budget of {budget:g} s was spent "
-                             f"(--tune-budget)")
+                notes.append(
+                    f"timing stopped after {rounds} round(s): the tuning budget of {budget:g} s was spent "
+                    f"(--tune-budget)"
+                )
                 break
             shift = rounds % len(active)
             for candidate in active[shift:] + active[:shift]:
@@ -304,8 +371,10 @@ def time_round_robin(candidates: list[Candidate], sessions: dict[str, Any], feed
             if rounds == PRUNE_AFTER and len(active) > 1:
                 leader = min(c.median for c in active)
                 for candidate in [c for c in active if min(c.latencies) > PRUNE_FACTOR * leader]:
-                    candidate.note = (f"timed {rounds} rounds only: its fastest run was {min(candidate.latencies) / leader:.1f}x "
-                                      f"the leader's median")
+                    candidate.note = (
+                        f"timed {rounds} rounds only: its fastest run was {min(candidate.latencies) / leader:.1f}x "
+                        f"the leader's median"
+                    )
                     active.remove(candidate)
     return notes
 
@@ -328,8 +397,10 @@ def _why(winner: Candidate, candidates: list[Candidate]) -> str:
     if others:
         runner = others[0]
         if runner.median < winner.median:
-            text += (f"; {runner.name} was {(1 - runner.median / winner.median):.1%} faster, within the {TIE:.0%} "
-                     f"tie margin, and {winner.name} is smaller ({runner.bytes / 1e6:.2f} MB)")
+            text += (
+                f"; {runner.name} was {(1 - runner.median / winner.median):.1%} faster, within the {TIE:.0%} "
+                f"tie margin, and {winner.name} is smaller ({runner.bytes / 1e6:.2f} MB)"
+            )
         else:
             text += f"; next {runner.name} at {1e3 * runner.median:.2f} ms ({runner.median / winner.median:.2f}x)"
         slowest = timed[-1]
@@ -342,16 +413,29 @@ def _why(winner: Candidate, candidates: list[Candidate]) -> str:
     return text
 
 
-def _report(winner: Candidate, candidates: list[Candidate], notes: list[str], job: Job, validation: Samples,
-            why: str, seconds: float) -> dict[str, Any]:
+def _report(
+    winner: Candidate,
+    candidates: list[Candidate],
+    notes: list[str],
+    job: Job,
+    validation: Samples,
+    why: str,
+    seconds: float,
+) -> dict[str, Any]:
     threads = job.profile.session.intra_op_num_threads
     return {
-        "timed": True, "host_arch": host_arch(), "device_arch": job.profile.device.arch,
+        "timed": True,
+        "host_arch": host_arch(),
+        "device_arch": job.profile.device.arch,
         "host_cpu": platform.processor() or platform.machine(),
         "threads": threads or "onnxruntime default",
-        "winner": winner.name, "why": why, "candidates": [c.to_dict() for c in candidates],
-        "notes": notes, "seconds": round(seconds, 1), "budget_seconds": job.options.tune_seconds,
+        "winner": winner.name,
+        "why": why,
+        "candidates": [c.to_dict() for c in candidates],
+        "notes": notes,
+        "seconds": round(seconds, 1),
+        "budget_seconds": job.options.tune_seconds,
         "validation": {"origin": validation.origin, "samples": len(validation.feeds)},
         "timing": f"{WARMUP_RUNS} warm-up runs each, then round-robin rounds of one run per candidate on one "
-                  "validation input, medians and p90",
+        "validation input, medians and p90",
     }

@@ -37,14 +37,17 @@ class Static(Recipe):
     flags = ("--calibration", "--calibration-method", "--auto-exclude", "--validation")
     auto_exclude = True
     variants = {
-        "static_u8s8": Variant("static QDQ U8S8 per-channel", {"activation_type": "uint8", "weight_type": "int8",
-                                                               "per_channel": True}),
-        "static_s8s8": Variant("static QDQ S8S8 per-channel", {"activation_type": "int8", "weight_type": "int8",
-                                                               "per_channel": True}),
+        "static_u8s8": Variant(
+            "static QDQ U8S8 per-channel", {"activation_type": "uint8", "weight_type": "int8", "per_channel": True}
+        ),
+        "static_s8s8": Variant(
+            "static QDQ S8S8 per-channel", {"activation_type": "int8", "weight_type": "int8", "per_channel": True}
+        ),
     }
 
-    def apply(self, prepared, out, settings: StaticSettings, *, calibration, excluded, external,
-              calibration_method, target) -> None:
+    def apply(
+        self, prepared, out, settings: StaticSettings, *, calibration, excluded, external, calibration_method, target
+    ) -> None:
         from ..errors import ConversionError
         from ..ort_tools import load_ort_tools
         from .quantize import Reader, op_types, quant_type
@@ -58,21 +61,33 @@ class Static(Recipe):
         method = calibration_method or settings.calibration_method
         with progress.step(f"calibrating ({method}) on {len(calibration)} sample(s)", total=len(calibration)) as step:
             quantize_static(
-                prepared, out, Reader(calibration, step),
+                prepared,
+                out,
+                Reader(calibration, step),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=op_types(settings.op_types, settings.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]),
+                op_types_to_quantize=op_types(
+                    settings.op_types, settings.exclude_op_types, [*QDQRegistry, *QLinearOpsRegistry]
+                ),
                 per_channel=settings.per_channel,
                 activation_type=quant_type(settings.activation_type),
                 weight_type=quant_type(settings.weight_type),
                 nodes_to_exclude=excluded,
                 use_external_data_format=external,
-                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                  "percentile": CalibrationMethod.Percentile}[method],
-                extra_options={"ActivationSymmetric": settings.symmetric_activations,
-                               "WeightSymmetric": settings.symmetric_weights},
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[method],
+                extra_options={
+                    "ActivationSymmetric": settings.symmetric_activations,
+                    "WeightSymmetric": settings.symmetric_weights,
+                },
             )
 
     def what_to_try(self, options, settings) -> list[str]:
-        return ["--auto-exclude" if not options.auto_exclude else "raise quantization.max_auto_exclude in the profile",
-                "--calibration-method entropy or percentile", "more (and representative) --calibration data",
-                "--quantize fp16 or --quantize dynamic"]
+        return [
+            "--auto-exclude" if not options.auto_exclude else "raise quantization.max_auto_exclude in the profile",
+            "--calibration-method entropy or percentile",
+            "more (and representative) --calibration data",
+            "--quantize fp16 or --quantize dynamic",
+        ]

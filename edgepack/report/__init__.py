@@ -28,8 +28,11 @@ class Written:
     bundles: list[Bundle]
 
     def to_dict(self) -> dict:
-        return {"html": str(self.html), "markdown": str(self.markdown),
-                "bundles": [{"folder": b.folder, "target": b.target, "readable": b.error is None} for b in self.bundles]}
+        return {
+            "html": str(self.html),
+            "markdown": str(self.markdown),
+            "bundles": [{"folder": b.folder, "target": b.target, "readable": b.error is None} for b in self.bundles],
+        }
 
 
 def write_report(build_dir: Path) -> Written:
@@ -38,11 +41,16 @@ def write_report(build_dir: Path) -> Written:
 
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
-        raise UsageError("not a folder", where=str(build_dir), hint="give the folder package wrote to (default: build/)")
+        raise UsageError(
+            "not a folder", where=str(build_dir), hint="give the folder package wrote to (default: build/)"
+        )
     bundles = collect(build_dir)
     if not bundles:
-        raise UsageError("no edgepack bundle here (no sub-folder with a manifest.json)", where=str(build_dir),
-                         hint="package a model first: edgepack package MODEL --target all -o FOLDER")
+        raise UsageError(
+            "no edgepack bundle here (no sub-folder with a manifest.json)",
+            where=str(build_dir),
+            hint="package a model first: edgepack package MODEL --target all -o FOLDER",
+        )
     html_path, md_path = build_dir / HTML_NAME, build_dir / MARKDOWN_NAME
     _write_atomic(html_path, render_html(bundles))
     _write_atomic(md_path, render_markdown(bundles))

@@ -71,10 +71,14 @@ def _svg(figure, prefix: str) -> str:
     with matplotlib.rc_context(_STYLE):
         figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     text = buffer.getvalue()
-    text = text[text.index("<svg"):]  # the XML declaration and DOCTYPE do not belong inside HTML
+    text = text[text.index("<svg") :]  # the XML declaration and DOCTYPE do not belong inside HTML
     ids = set(re.findall(r'\bid="([^"]+)"', text))
     text = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m.group(1)}"', text)
-    text = re.sub(r'(href="#|url\(#)([^")]+)', lambda m: m.group(1) + (f"{prefix}-{m.group(2)}" if m.group(2) in ids else m.group(2)), text)
+    text = re.sub(
+        r'(href="#|url\(#)([^")]+)',
+        lambda m: m.group(1) + (f"{prefix}-{m.group(2)}" if m.group(2) in ids else m.group(2)),
+        text,
+    )
     return text
 
 
@@ -109,13 +113,25 @@ def _size(figure, bundles: list[Bundle]) -> None:
     ax.barh([y - (height / 2 if has_gzip else 0) for y in rows], raw, height=height, color=RAW, label="as shipped")
     if has_gzip:
         web = [(y, b.gzip_bytes / 1e6) for y, b in zip(rows, bundles) if b.gzip_bytes]
-        ax.barh([y + height / 2 for y, _ in web], [v for _, v in web], height=height, color=GZIP,
-                label="gzip (web servers send this)")
+        ax.barh(
+            [y + height / 2 for y, _ in web],
+            [v for _, v in web],
+            height=height,
+            color=GZIP,
+            label="gzip (web servers send this)",
+        )
         for y, value in web:
             ax.text(value * 1.08, y + height / 2, _mb(value * 1e6), va="center", fontsize=9, color=INK)
     for y, b in zip(rows, bundles):
-        ax.text(b.total_bytes / 1e6 * 1.08, y - (height / 2 if has_gzip else 0), _mb(b.total_bytes),
-                va="center", fontsize=9, color=INK, fontweight="bold")
+        ax.text(
+            b.total_bytes / 1e6 * 1.08,
+            y - (height / 2 if has_gzip else 0),
+            _mb(b.total_bytes),
+            va="center",
+            fontsize=9,
+            color=INK,
+            fontweight="bold",
+        )
     ax.set_xscale("log")
     ax.set_xlim(min(raw + [b.gzip_bytes / 1e6 for b in bundles if b.gzip_bytes]) / 2, max(raw) * 4)
     ax.set_yticks(list(rows), labels)
@@ -153,14 +169,34 @@ def _accuracy(figure, bundles: list[Bundle]) -> None:
         high, mean = _floor(test["max_abs_error"]), _floor(test["mean_abs_error"])
         ax.plot([mean, high], [y, y], color=GRID, linewidth=6, solid_capstyle="round", zorder=1)
         ax.scatter([mean], [y], color=GZIP, edgecolor=RAW, s=55, zorder=3, label="mean |error|" if y == 0 else None)
-        ax.scatter([high], [y], color=RAW if test.get("passed") else BAD, s=70, zorder=3,
-                   label="max |error|" if y == 0 else None)
+        ax.scatter(
+            [high],
+            [y],
+            color=RAW if test.get("passed") else BAD,
+            s=70,
+            zorder=3,
+            label="max |error|" if y == 0 else None,
+        )
         limit = b.tolerance.get("max_abs_error")
         if limit:
-            ax.plot([limit, limit], [y - 0.32, y + 0.32], color=BAD, linewidth=2, zorder=2,
-                    label="allowed max |error|" if not any(t.get_label() == "allowed max |error|" for t in ax.lines) else None)
-        ax.text(high * 1.6, y, f"{test['max_abs_error']:.2g}" if test["max_abs_error"] else "0", va="center",
-                fontsize=9, color=INK)
+            ax.plot(
+                [limit, limit],
+                [y - 0.32, y + 0.32],
+                color=BAD,
+                linewidth=2,
+                zorder=2,
+                label="allowed max |error|"
+                if not any(t.get_label() == "allowed max |error|" for t in ax.lines)
+                else None,
+            )
+        ax.text(
+            high * 1.6,
+            y,
+            f"{test['max_abs_error']:.2g}" if test["max_abs_error"] else "0",
+            va="center",
+            fontsize=9,
+            color=INK,
+        )
     ax.set_xscale("log")
     lowest = min([_floor(b.self_test.get("mean_abs_error", 1)) for b in bundles] + [1e-6])
     ax.set_xlim(lowest / 5, 10)
@@ -189,8 +225,11 @@ def _histogram(figure, bundles: list[Bundle], output: str) -> None:
     import numpy as np
 
     ax = figure.subplots()
-    shown = [b for b in bundles if output in b.self_test.get("outputs", {})
-             and "abs_error_histogram" in b.self_test["outputs"][output]]
+    shown = [
+        b
+        for b in bundles
+        if output in b.self_test.get("outputs", {}) and "abs_error_histogram" in b.self_test["outputs"][output]
+    ]
     labels = _labels(shown)
     shares = []
     for b in shown:
@@ -198,14 +237,21 @@ def _histogram(figure, bundles: list[Bundle], output: str) -> None:
         shares.append(counts / counts.sum() if counts.sum() else counts)
     grid = np.asarray(shares)
     # pcolormesh, not imshow: imshow becomes an embedded PNG in SVG, the mesh stays vector
-    ax.pcolormesh(np.arange(grid.shape[1] + 1) - 0.5, np.arange(grid.shape[0] + 1) - 0.5, grid, cmap="Blues",
-                  vmin=0, vmax=1, edgecolors="white", linewidth=1.5)
+    ax.pcolormesh(
+        np.arange(grid.shape[1] + 1) - 0.5,
+        np.arange(grid.shape[0] + 1) - 0.5,
+        grid,
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+        edgecolors="white",
+        linewidth=1.5,
+    )
     ax.set_ylim(grid.shape[0] - 0.5, -0.5)
     for (row, col), share in np.ndenumerate(grid):
         if share > 0:
             text = f"{share:.0%}" if share >= 0.01 else "<1%"
-            ax.text(col, row, text, ha="center", va="center", fontsize=8.5,
-                    color="white" if share > 0.55 else INK)
+            ax.text(col, row, text, ha="center", va="center", fontsize=8.5, color="white" if share > 0.55 else INK)
     ax.set_xticks(range(len(ERROR_EDGES)), _bin_labels(), fontsize=8.5)
     ax.set_yticks(range(len(shown)), labels)
     ax.set_xlabel("absolute difference from the FP32 output, per value")
@@ -225,14 +271,19 @@ def _coverage(figure, bundles: list[Bundle]) -> None:
     labels, accelerated, notes = [], [], []
     for label, b in zip(_labels(bundles), bundles):
         report = b.stage("coverage")
-        phases = [("before fixing shapes", report["before"]), ("as shipped", report["after"])] \
-            if report.get("shapes_fixed") else [("as shipped", report["after"])]
+        phases = (
+            [("before fixing shapes", report["before"]), ("as shipped", report["after"])]
+            if report.get("shapes_fixed")
+            else [("as shipped", report["after"])]
+        )
         for phase, figures in phases:
             labels.append(f"{label} ({report['checker']}), {phase}")
             accelerated.append(100 * figures["accelerated_fraction"])
             partitions = figures["partitions"]
-            notes.append(f"{figures['supported_nodes']}/{figures['nodes']} nodes, {partitions} partition"
-                         f"{'' if partitions == 1 else 's'}{' (estimated)' if figures.get('partitions_estimated') else ''}")
+            notes.append(
+                f"{figures['supported_nodes']}/{figures['nodes']} nodes, {partitions} partition"
+                f"{'' if partitions == 1 else 's'}{' (estimated)' if figures.get('partitions_estimated') else ''}"
+            )
     rows = list(range(len(labels)))
     ax.barh(rows, accelerated, color=GOOD, height=0.6, label="on the accelerator")
     ax.barh(rows, [100 - a for a in accelerated], left=accelerated, color=CPU, height=0.6, label="left to the CPU")
@@ -270,13 +321,32 @@ def _tune(figure, bundle: Bundle) -> None:
     handles = []
     for c in timed:
         won = c["name"] == data["winner"]
-        speed.errorbar([c["bytes"] / 1e6], [c["median_ms"]], yerr=[[0], [c["p90_ms"] - c["median_ms"]]],
-                       fmt="*" if won else "o", markersize=17 if won else 8, color=colors[c["name"]],
-                       markeredgecolor=INK if won else colors[c["name"]], ecolor=colors[c["name"]], elinewidth=1,
-                       capsize=3, alpha=0.95, zorder=4 if won else 3)
-        handles.append(Line2D([], [], marker="*" if won else "o", markersize=12 if won else 7, linestyle="",
-                              color=colors[c["name"]], markeredgecolor=INK if won else colors[c["name"]],
-                              label=f"{c['name']} (shipped)" if won else c["name"]))
+        speed.errorbar(
+            [c["bytes"] / 1e6],
+            [c["median_ms"]],
+            yerr=[[0], [c["p90_ms"] - c["median_ms"]]],
+            fmt="*" if won else "o",
+            markersize=17 if won else 8,
+            color=colors[c["name"]],
+            markeredgecolor=INK if won else colors[c["name"]],
+            ecolor=colors[c["name"]],
+            elinewidth=1,
+            capsize=3,
+            alpha=0.95,
+            zorder=4 if won else 3,
+        )
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="*" if won else "o",
+                markersize=12 if won else 7,
+                linestyle="",
+                color=colors[c["name"]],
+                markeredgecolor=INK if won else colors[c["name"]],
+                label=f"{c['name']} (shipped)" if won else c["name"],
+            )
+        )
     if timed:
         fastest = min(c["median_ms"] for c in timed)
         speed.axhline(fastest * (1 + TIE), color=MUTED, linestyle="--", linewidth=1)
@@ -298,12 +368,25 @@ def _tune(figure, bundle: Bundle) -> None:
         if "accuracy" in c:
             miss = _floor(1 - c["accuracy"]["cosine"])
             gate.barh([y], [miss], left=ZERO_FLOOR, height=0.6, color=GOOD if c["gate"] == "passed" else BAD)
-            gate.text(max(miss, ZERO_FLOOR * 10) * 1.5, y, f"{c['accuracy']['cosine']:.6f}", va="center", fontsize=8,
-                      color=INK)
+            gate.text(
+                max(miss, ZERO_FLOOR * 10) * 1.5,
+                y,
+                f"{c['accuracy']['cosine']:.6f}",
+                va="center",
+                fontsize=8,
+                color=INK,
+            )
         # FP32 is held to the profile's accuracy, the others to quantization.tolerance (tune rule 3)
-        required = (profile["accuracy"] if c["precision"] == "fp32" else profile["quantization"]["tolerance"])["min_cosine"]
-        gate.plot([1 - required] * 2, [y - 0.4, y + 0.4], color=BAD, linewidth=2,
-                  label="least cosine allowed (gate)" if y == 0 else None)
+        required = (profile["accuracy"] if c["precision"] == "fp32" else profile["quantization"]["tolerance"])[
+            "min_cosine"
+        ]
+        gate.plot(
+            [1 - required] * 2,
+            [y - 0.4, y + 0.4],
+            color=BAD,
+            linewidth=2,
+            label="least cosine allowed (gate)" if y == 0 else None,
+        )
     gate.set_xscale("log")
     gate.set_xlim(ZERO_FLOOR * 10, 1)
     gate.set_yticks(rows, [c["name"] for c in candidates])
@@ -311,5 +394,10 @@ def _tune(figure, bundle: Bundle) -> None:
     gate.set_xlabel("1 − cosine vs FP32 (log; left is better)")
     gate.set_title("Accuracy gate (label: cosine)")
     gate.legend(loc="upper right", fontsize=8)
-    figure.suptitle(f"--tune on {bundle.label}: {len(candidates)} candidates, {data['winner']} shipped",
-                    x=0.01, ha="left", fontsize=12, fontweight="bold")
+    figure.suptitle(
+        f"--tune on {bundle.label}: {len(candidates)} candidates, {data['winner']} shipped",
+        x=0.01,
+        ha="left",
+        fontsize=12,
+        fontweight="bold",
+    )

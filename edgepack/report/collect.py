@@ -135,8 +135,13 @@ def collect(build_dir: Path) -> list[Bundle]:
         if bundle.kind == "web":
             bundle.gzip_bytes = _gzip_bytes(folder, manifest)
         verified = verify_bundle(folder)
-        bundle.integrity = {"ok": verified.ok, "checked": verified.checked, "missing": verified.missing,
-                            "extra": verified.extra, "changed": verified.changed}
+        bundle.integrity = {
+            "ok": verified.ok,
+            "checked": verified.checked,
+            "missing": verified.missing,
+            "extra": verified.extra,
+            "changed": verified.changed,
+        }
         bundle.signature, bundle.signature_detail = _signature(folder)
         bundles.append(bundle)
     several_models = len({b.model_name for b in bundles if not b.error}) > 1

@@ -104,32 +104,45 @@ def _summary_rows(bundles: list[Bundle]) -> list[dict[str, Any]]:
         test = b.self_test
         integrity, intact = _integrity_cell(b)
         model = b.manifest["model"]
-        rows.append({
-            "bundle": b.label,
-            "kind": b.kind,
-            "model": f"{model['precision']} · {model['format']}{' ' + model['ort_style'] if model.get('ort_style') else ''}",
-            "recipe": b.recipe,
-            "size": _mb(b.total_bytes),
-            "gzip": _mb(b.gzip_bytes),
-            "cosine": _cos(test.get("cosine")),
-            "max_err": _err(test.get("max_abs_error")),
-            "top1": _pct(test.get("top1_agreement")),
-            "coverage": _coverage_cell(b),
-            "self_test": "passed" if test.get("passed") else "FAILED",
-            "passed": bool(test.get("passed")),
-            "integrity": integrity,
-            "intact": intact,
-            "signature": b.signature,
-            "notices": len(b.notices),
-        })
+        rows.append(
+            {
+                "bundle": b.label,
+                "kind": b.kind,
+                "model": f"{model['precision']} · {model['format']}{' ' + model['ort_style'] if model.get('ort_style') else ''}",
+                "recipe": b.recipe,
+                "size": _mb(b.total_bytes),
+                "gzip": _mb(b.gzip_bytes),
+                "cosine": _cos(test.get("cosine")),
+                "max_err": _err(test.get("max_abs_error")),
+                "top1": _pct(test.get("top1_agreement")),
+                "coverage": _coverage_cell(b),
+                "self_test": "passed" if test.get("passed") else "FAILED",
+                "passed": bool(test.get("passed")),
+                "integrity": integrity,
+                "intact": intact,
+                "signature": b.signature,
+                "notices": len(b.notices),
+            }
+        )
     return rows
 
 
-SUMMARY_COLUMNS = [("bundle", "Target", ""), ("kind", "Kind", ""), ("model", "Model", ""), ("recipe", "Recipe", ""),
-                   ("size", "Size", "num"), ("gzip", "gzip", "num"), ("cosine", "Cosine", "num"),
-                   ("max_err", "Max |err|", "num"), ("top1", "Top-1", "num"), ("coverage", "Accelerator", ""),
-                   ("self_test", "Self-test", ""), ("integrity", "Checksums", ""), ("signature", "Signature", ""),
-                   ("notices", "Notices", "num")]
+SUMMARY_COLUMNS = [
+    ("bundle", "Target", ""),
+    ("kind", "Kind", ""),
+    ("model", "Model", ""),
+    ("recipe", "Recipe", ""),
+    ("size", "Size", "num"),
+    ("gzip", "gzip", "num"),
+    ("cosine", "Cosine", "num"),
+    ("max_err", "Max |err|", "num"),
+    ("top1", "Top-1", "num"),
+    ("coverage", "Accelerator", ""),
+    ("self_test", "Self-test", ""),
+    ("integrity", "Checksums", ""),
+    ("signature", "Signature", ""),
+    ("notices", "Notices", "num"),
+]
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -160,12 +173,22 @@ def render_html(bundles: list[Bundle]) -> str:
     ]
     if good:
         parts.append(_section("size", "Size", chart(charts.size_chart, good) + _size_table(good)))
-        parts.append(_section("accuracy", "Accuracy against FP32", chart(charts.accuracy_chart, good)
-                              + _accuracy_table(good) + _histograms_html(good, chart)))
-        covered = [b for b in good if b.stage("coverage").get("checker", "none") != "none" and "after" in b.stage("coverage")]
+        parts.append(
+            _section(
+                "accuracy",
+                "Accuracy against FP32",
+                chart(charts.accuracy_chart, good) + _accuracy_table(good) + _histograms_html(good, chart),
+            )
+        )
+        covered = [
+            b for b in good if b.stage("coverage").get("checker", "none") != "none" and "after" in b.stage("coverage")
+        ]
         if covered:
-            parts.append(_section("coverage", "Accelerator coverage",
-                                  chart(charts.coverage_chart, covered) + _coverage_table(covered)))
+            parts.append(
+                _section(
+                    "coverage", "Accelerator coverage", chart(charts.coverage_chart, covered) + _coverage_table(covered)
+                )
+            )
         parts.append(_section("tune", "Choosing the recipe (--tune)", _tune_html(good, chart)))
         parts.append(_section("integrity", "Checksums and signatures", _integrity_table(bundles)))
         parts.append(_section("tools", "Tool versions", _tools_table(good)))
@@ -180,8 +203,16 @@ def _source_line(bundles: list[Bundle]) -> str:
 
 
 def _nav(bundles: list[Bundle]) -> str:
-    links = [("summary", "Summary"), ("notices", "Notices"), ("size", "Size"), ("accuracy", "Accuracy"),
-             ("coverage", "Coverage"), ("tune", "--tune"), ("integrity", "Checksums"), ("tools", "Tools")]
+    links = [
+        ("summary", "Summary"),
+        ("notices", "Notices"),
+        ("size", "Size"),
+        ("accuracy", "Accuracy"),
+        ("coverage", "Coverage"),
+        ("tune", "--tune"),
+        ("integrity", "Checksums"),
+        ("tools", "Tools"),
+    ]
     if not any(b.stage("coverage").get("checker", "none") != "none" for b in bundles):
         links.remove(("coverage", "Coverage"))
     return "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
@@ -204,28 +235,44 @@ def _table(head: list[tuple[str, str]], rows: list[list[str]], css: str = "") ->
 
 def _summary_html(bundles: list[Bundle]) -> str:
     """The summary, narrower than the Markdown one: kind under the target, gzip under the size."""
-    head = [("Target", ""), ("Precision · recipe", ""), ("Size", "num"), ("Cosine", "num"), ("Max |err|", "num"),
-            ("Top-1", "num"), ("Self-test", ""), ("Accelerator", "wrap"), ("Integrity", ""), ("Notices", "num")]
+    head = [
+        ("Target", ""),
+        ("Precision · recipe", ""),
+        ("Size", "num"),
+        ("Cosine", "num"),
+        ("Max |err|", "num"),
+        ("Top-1", "num"),
+        ("Self-test", ""),
+        ("Accelerator", "wrap"),
+        ("Integrity", ""),
+        ("Notices", "num"),
+    ]
     rows = []
     for row in _summary_rows(bundles):
         if "error" in row:
-            rows.append([f"<b>{_e(row['bundle'])}</b>", f'<span class="bad">unreadable: {_e(row["error"])}</span>']
-                        + [""] * (len(head) - 2))
+            rows.append(
+                [f"<b>{_e(row['bundle'])}</b>", f'<span class="bad">unreadable: {_e(row["error"])}</span>']
+                + [""] * (len(head) - 2)
+            )
             continue
         precision = row["model"].split(" · ")[0]
         gzip = f"<br><small>gzip {_e(row['gzip'])}</small>" if row["gzip"] else ""
         signature = SIGNATURE_CLASS[row["signature"]]
-        rows.append([
-            f"<b>{_e(row['bundle'])}</b><br><small>{_e(row['kind'])} · {_e(row['model'].split(' · ', 1)[1])}</small>",
-            _e(precision if row["recipe"] in (precision, "none") else f"{precision} · {row['recipe']}"),
-            f"<b>{_e(row['size'])}</b>{gzip}",
-            _e(row["cosine"]), _e(row["max_err"]), _e(row["top1"]),
-            f'<span class="{"ok" if row["passed"] else "bad"}">{_e(row["self_test"])}</span>',
-            _e(row["coverage"]),
-            f'<span class="{"ok" if row["intact"] else "bad"}">{_e(row["integrity"])}</span>'
-            f'<br><span class="{signature}">{_e(row["signature"])}</span>',
-            f'<span class="badge {"warn" if row["notices"] else "none"}">{row["notices"]}</span>',
-        ])
+        rows.append(
+            [
+                f"<b>{_e(row['bundle'])}</b><br><small>{_e(row['kind'])} · {_e(row['model'].split(' · ', 1)[1])}</small>",
+                _e(precision if row["recipe"] in (precision, "none") else f"{precision} · {row['recipe']}"),
+                f"<b>{_e(row['size'])}</b>{gzip}",
+                _e(row["cosine"]),
+                _e(row["max_err"]),
+                _e(row["top1"]),
+                f'<span class="{"ok" if row["passed"] else "bad"}">{_e(row["self_test"])}</span>',
+                _e(row["coverage"]),
+                f'<span class="{"ok" if row["intact"] else "bad"}">{_e(row["integrity"])}</span>'
+                f'<br><span class="{signature}">{_e(row["signature"])}</span>',
+                f'<span class="badge {"warn" if row["notices"] else "none"}">{row["notices"]}</span>',
+            ]
+        )
     return _section("summary", "Summary", _table(head, rows, "summary"))
 
 
@@ -237,7 +284,9 @@ def _notices_html(bundles: list[Bundle]) -> str:
             continue
         if not b.integrity.get("ok", True):
             text, _ = _integrity_cell(b)
-            items.append(f'<div class="notice broken"><b>{_e(b.label)}</b>: files do not match the manifest: {_e(text)}</div>')
+            items.append(
+                f'<div class="notice broken"><b>{_e(b.label)}</b>: files do not match the manifest: {_e(text)}</div>'
+            )
         if b.signature == "invalid":
             items.append(f'<div class="notice broken"><b>{_e(b.label)}</b>: {_e(b.signature_detail)}</div>')
         for stage, text in b.notices:
@@ -247,21 +296,47 @@ def _notices_html(bundles: list[Bundle]) -> str:
 
 
 def _size_table(bundles: list[Bundle]) -> str:
-    head = [("Target", ""), ("Model file", "num"), ("Runtime shipped", "num"), ("Loader, docs, configs", "num"),
-            ("Total", "num"), ("gzip", "num"), ("Budget", "num"), ("Files", "num")]
+    head = [
+        ("Target", ""),
+        ("Model file", "num"),
+        ("Runtime shipped", "num"),
+        ("Loader, docs, configs", "num"),
+        ("Total", "num"),
+        ("gzip", "num"),
+        ("Budget", "num"),
+        ("Files", "num"),
+    ]
     rows = []
     for b in bundles:
         sizes = b.sizes
         budget = b.manifest["profile"].get("budget", {}).get("max_bundle_mb")
-        rows.append([_e(b.label), _mb(sizes["model"]), _mb(sizes["runtime"]) if sizes["runtime"] else "",
-                     _mb(sizes["other"]), f"<b>{_mb(b.total_bytes)}</b>", _mb(b.gzip_bytes),
-                     f"{budget:g} MB" if budget else "", str(len(b.manifest.get("files", {})))])
+        rows.append(
+            [
+                _e(b.label),
+                _mb(sizes["model"]),
+                _mb(sizes["runtime"]) if sizes["runtime"] else "",
+                _mb(sizes["other"]),
+                f"<b>{_mb(b.total_bytes)}</b>",
+                _mb(b.gzip_bytes),
+                f"{budget:g} MB" if budget else "",
+                str(len(b.manifest.get("files", {}))),
+            ]
+        )
     return _table(head, rows)
 
 
 def _accuracy_table(bundles: list[Bundle]) -> str:
-    head = [("Target", ""), ("Precision", ""), ("Cosine", "num"), ("Max |err|", "num"), ("Mean |err|", "num"),
-            ("Top-1", "num"), ("Held to", ""), ("Inputs", ""), ("Result", "")]
+    head = [
+        ("Target", ""),
+        ("Precision", ""),
+        ("Cosine", "num"),
+        ("Max |err|", "num"),
+        ("Mean |err|", "num"),
+        ("Top-1", "num"),
+        ("Held to", ""),
+        ("Inputs", ""),
+        ("Result", ""),
+    ]
     rows = []
     for b in bundles:
         test, tol = b.self_test, b.tolerance
@@ -270,10 +345,19 @@ def _accuracy_table(bundles: list[Bundle]) -> str:
             limits.append(f"max |err| ≤ {tol['max_abs_error']:g}")
         if tol.get("min_top1_agreement") is not None:
             limits.append(f"top-1 ≥ {tol['min_top1_agreement']:.0%}")
-        rows.append([_e(b.label), _e(b.manifest["model"]["precision"]), _cos(test.get("cosine")),
-                     _err(test.get("max_abs_error")), _err(test.get("mean_abs_error")), _pct(test.get("top1_agreement")),
-                     _e(", ".join(limits)), _e(f"{test.get('sample_sets', '?')} {test.get('inputs', '')} set(s)"),
-                     f'<span class="{"ok" if test.get("passed") else "bad"}">{"passed" if test.get("passed") else "FAILED"}</span>'])
+        rows.append(
+            [
+                _e(b.label),
+                _e(b.manifest["model"]["precision"]),
+                _cos(test.get("cosine")),
+                _err(test.get("max_abs_error")),
+                _err(test.get("mean_abs_error")),
+                _pct(test.get("top1_agreement")),
+                _e(", ".join(limits)),
+                _e(f"{test.get('sample_sets', '?')} {test.get('inputs', '')} set(s)"),
+                f'<span class="{"ok" if test.get("passed") else "bad"}">{"passed" if test.get("passed") else "FAILED"}</span>',
+            ]
+        )
     return _table(head, rows)
 
 
@@ -291,12 +375,19 @@ def _histograms_html(bundles: list[Bundle], chart) -> str:
     if not names:
         return "<p>No error histogram: these bundles were written before the self-test recorded one.</p>"
     return "<h3>Per-output error distribution</h3>" + "".join(
-        chart(charts.histogram_chart, bundles, name) for name in names)
+        chart(charts.histogram_chart, bundles, name) for name in names
+    )
 
 
 def _coverage_table(bundles: list[Bundle]) -> str:
-    head = [("Target", ""), ("Checker", ""), ("Before fixing shapes", ""), ("As shipped", ""), ("Unsupported ops", ""),
-            ("Gate", "")]
+    head = [
+        ("Target", ""),
+        ("Checker", ""),
+        ("Before fixing shapes", ""),
+        ("As shipped", ""),
+        ("Unsupported ops", ""),
+        ("Gate", ""),
+    ]
     rows = []
     for b in bundles:
         r = b.stage("coverage")
@@ -305,14 +396,24 @@ def _coverage_table(bundles: list[Bundle]) -> str:
         gate = f"≥ {r['gate']['min_accelerated_fraction']:.0%} of nodes"
         if r["gate"].get("max_partitions") is not None:
             gate += f", ≤ {r['gate']['max_partitions']} partition(s)"
-        rows.append([_e(b.label), _e(r["checker"]), _e(_coverage_text(before)), _e(_coverage_text(after)),
-                     _e(unsupported), _e(gate)])
+        rows.append(
+            [
+                _e(b.label),
+                _e(r["checker"]),
+                _e(_coverage_text(before)),
+                _e(_coverage_text(after)),
+                _e(unsupported),
+                _e(gate),
+            ]
+        )
     return _table(head, rows)
 
 
 def _coverage_text(figures: dict[str, Any]) -> str:
-    text = f"{figures['supported_nodes']}/{figures['nodes']} nodes ({figures['accelerated_fraction']:.0%}), " \
-           f"{figures['partitions']} partition(s)"
+    text = (
+        f"{figures['supported_nodes']}/{figures['nodes']} nodes ({figures['accelerated_fraction']:.0%}), "
+        f"{figures['partitions']} partition(s)"
+    )
     if figures.get("dynamic_shape_nodes"):
         text += f", {figures['dynamic_shape_nodes']} held back by dynamic shapes"
     return text
@@ -327,22 +428,44 @@ def _tune_html(bundles: list[Bundle], chart) -> str:
     for b in tuned:
         data = b.stage("quantize")["tune"]
         parts.append(chart(charts.tune_chart, b))
-        head = [("Candidate", ""), ("Recipe", ""), ("Size", "num"), ("Median", "num"), ("p90", "num"), ("Runs", "num"),
-                ("Cosine", "num"), ("Gate", ""), ("Note", "")]
+        head = [
+            ("Candidate", ""),
+            ("Recipe", ""),
+            ("Size", "num"),
+            ("Median", "num"),
+            ("p90", "num"),
+            ("Runs", "num"),
+            ("Cosine", "num"),
+            ("Gate", ""),
+            ("Note", ""),
+        ]
         rows = []
         for c in data["candidates"]:
             won = c["name"] == data["winner"]
             gate = c["gate"] + (": " + "; ".join(c["gate_misses"]) if c.get("gate_misses") else "")
-            rows.append([f"<b>{_e(c['name'])} (shipped)</b>" if won else _e(c["name"]), _e(c["recipe"]), _mb(c["bytes"]),
-                         f"{c['median_ms']:.3f} ms" if "median_ms" in c else "", f"{c['p90_ms']:.3f} ms" if "p90_ms" in c else "",
-                         str(c.get("runs", "")), _cos(c.get("accuracy", {}).get("cosine")),
-                         f'<span class="{"ok" if c["gate"] == "passed" else "bad"}">{_e(gate)}</span>', _e(c.get("note", ""))])
+            rows.append(
+                [
+                    f"<b>{_e(c['name'])} (shipped)</b>" if won else _e(c["name"]),
+                    _e(c["recipe"]),
+                    _mb(c["bytes"]),
+                    f"{c['median_ms']:.3f} ms" if "median_ms" in c else "",
+                    f"{c['p90_ms']:.3f} ms" if "p90_ms" in c else "",
+                    str(c.get("runs", "")),
+                    _cos(c.get("accuracy", {}).get("cosine")),
+                    f'<span class="{"ok" if c["gate"] == "passed" else "bad"}">{_e(gate)}</span>',
+                    _e(c.get("note", "")),
+                ]
+            )
         parts.append(_table(head, rows))
-        parts.append(f"<p><b>Why:</b> {_e(data['why'])}. Timed on this {_e(data['host_arch'])} host "
-                     f"({_e(data['threads'])} thread(s)); {_e(data['timing'])}.</p>")
+        parts.append(
+            f"<p><b>Why:</b> {_e(data['why'])}. Timed on this {_e(data['host_arch'])} host "
+            f"({_e(data['threads'])} thread(s)); {_e(data['timing'])}.</p>"
+        )
     if untimed:
-        parts.append(f"<p><b>Not timed</b> (their CPU is not this machine's, so each kept its profile's default recipe; "
-                     f"the reasons are under Notices): {_e(', '.join(b.label for b in untimed))}.</p>")
+        parts.append(
+            f"<p><b>Not timed</b> (their CPU is not this machine's, so each kept its profile's default recipe; "
+            f"the reasons are under Notices): {_e(', '.join(b.label for b in untimed))}.</p>"
+        )
     return "".join(parts)
 
 
@@ -354,10 +477,19 @@ def _integrity_table(bundles: list[Bundle]) -> str:
             rows.append([_e(b.folder), "", f'<span class="bad">{_e(b.error)}</span>', "", ""])
             continue
         text, intact = _integrity_cell(b)
-        rows.append([_e(b.folder), str(len(b.manifest.get("files", {}))), f'<span class="{"ok" if intact else "bad"}">{_e(text)}</span>',
-                     f"<code>{_e(str(b.manifest.get('manifest_sha256', ''))[:16])}…</code>",
-                     f'<span class="{SIGNATURE_CLASS[b.signature]}">{_e(b.signature_detail)}</span>'])
-    return _table(head, rows) + "<p>Checksums are recomputed now against each manifest (<code>edgepack verify</code> does the same).</p>"
+        rows.append(
+            [
+                _e(b.folder),
+                str(len(b.manifest.get("files", {}))),
+                f'<span class="{"ok" if intact else "bad"}">{_e(text)}</span>',
+                f"<code>{_e(str(b.manifest.get('manifest_sha256', ''))[:16])}…</code>",
+                f'<span class="{SIGNATURE_CLASS[b.signature]}">{_e(b.signature_detail)}</span>',
+            ]
+        )
+    return (
+        _table(head, rows)
+        + "<p>Checksums are recomputed now against each manifest (<code>edgepack verify</code> does the same).</p>"
+    )
 
 
 def _tools_table(bundles: list[Bundle]) -> str:
@@ -367,21 +499,30 @@ def _tools_table(bundles: list[Bundle]) -> str:
     if len(distinct) == 1:
         only = next(iter(versions.values()))
         packaging = "<h3>Packaging host (the same for every bundle)</h3>" + _table(
-            [("Tool", ""), ("Version", "")], [[_e(t), _e(only[t])] for t in tools], "narrow")
+            [("Tool", ""), ("Version", "")], [[_e(t), _e(only[t])] for t in tools], "narrow"
+        )
     else:
         head = [("Tool", "")] + [(target, "") for target in versions]
         packaging = "<h3>Packaging host</h3>" + _table(
-            head, [[_e(t)] + [_e(v.get(t, "")) for v in versions.values()] for t in tools])
+            head, [[_e(t)] + [_e(v.get(t, "")) for v in versions.values()] for t in tools]
+        )
     rows = []
     for b in bundles:
         runtime = b.manifest.get("runtime", {})
         providers = ", ".join(ep["name"] for ep in runtime.get("execution_providers", []))
         tested = b.self_test.get("onnxruntime", "")
-        rows.append([_e(b.label), _e(f"{runtime.get('package', '')} {runtime.get('version', '')}"), _e(providers),
-                     _e(tested)])
+        rows.append(
+            [_e(b.label), _e(f"{runtime.get('package', '')} {runtime.get('version', '')}"), _e(providers), _e(tested)]
+        )
     device = "<h3>Device runtime</h3>" + _table(
-        [("Target", ""), ("Runtime the bundle needs", ""), ("Execution providers, in order", ""),
-         ("Self-tested with onnxruntime", "")], rows)
+        [
+            ("Target", ""),
+            ("Runtime the bundle needs", ""),
+            ("Execution providers, in order", ""),
+            ("Self-tested with onnxruntime", ""),
+        ],
+        rows,
+    )
     return packaging + device
 
 
@@ -393,16 +534,25 @@ def _md_cell(value: Any) -> str:
 
 
 def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows], ""]
+    return [
+        "| " + " | ".join(_md_cell(h) for h in head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+        *["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows],
+        "",
+    ]
 
 
 def render_markdown(bundles: list[Bundle]) -> str:
     good = [b for b in bundles if not b.error]
     models = sorted({b.model_name for b in good})
-    lines = [f"# edgepack build report: {', '.join(models) or 'no bundle'}", "",
-             f"{len(bundles)} bundle(s) in this folder{_source_line(good)}. Charts are in report.html.", "",
-             "## Summary", ""]
+    lines = [
+        f"# edgepack build report: {', '.join(models) or 'no bundle'}",
+        "",
+        f"{len(bundles)} bundle(s) in this folder{_source_line(good)}. Charts are in report.html.",
+        "",
+        "## Summary",
+        "",
+    ]
     rows = []
     for row in _summary_rows(bundles):
         if "error" in row:
@@ -412,46 +562,99 @@ def render_markdown(bundles: list[Bundle]) -> str:
     lines += _md_table([title for _, title, _ in SUMMARY_COLUMNS], rows)
     notices = [f"- **{b.label}** ({stage}): {text}" for b in good for stage, text in b.notices]
     notices += [f"- **{b.folder}**: manifest unreadable: {b.error}" for b in bundles if b.error]
-    notices += [f"- **{b.label}**: files do not match the manifest: {_integrity_cell(b)[0]}"
-                for b in good if not b.integrity.get("ok", True)]
+    notices += [
+        f"- **{b.label}**: files do not match the manifest: {_integrity_cell(b)[0]}"
+        for b in good
+        if not b.integrity.get("ok", True)
+    ]
     notices += [f"- **{b.label}**: {b.signature_detail}" for b in good if b.signature == "invalid"]
     lines += ["## Notices and fallbacks", "", *(notices or ["None."]), ""]
     if not good:
         return "\n".join(lines)
     lines += ["## Size", ""]
-    lines += _md_table(["Target", "Model file", "Runtime shipped", "Other", "Total", "gzip"],
-                       [[b.label, _mb(b.sizes["model"]), _mb(b.sizes["runtime"]) if b.sizes["runtime"] else "",
-                         _mb(b.sizes["other"]), _mb(b.total_bytes), _mb(b.gzip_bytes)] for b in good])
+    lines += _md_table(
+        ["Target", "Model file", "Runtime shipped", "Other", "Total", "gzip"],
+        [
+            [
+                b.label,
+                _mb(b.sizes["model"]),
+                _mb(b.sizes["runtime"]) if b.sizes["runtime"] else "",
+                _mb(b.sizes["other"]),
+                _mb(b.total_bytes),
+                _mb(b.gzip_bytes),
+            ]
+            for b in good
+        ],
+    )
     lines += ["## Accuracy against FP32", ""]
-    lines += _md_table(["Target", "Precision", "Cosine", "Max abs error", "Mean abs error", "Top-1", "Self-test"],
-                       [[b.label, b.manifest["model"]["precision"], _cos(b.self_test.get("cosine")),
-                         _err(b.self_test.get("max_abs_error")), _err(b.self_test.get("mean_abs_error")),
-                         _pct(b.self_test.get("top1_agreement")), "passed" if b.self_test.get("passed") else "FAILED"]
-                        for b in good])
-    covered = [b for b in good if b.stage("coverage").get("checker", "none") != "none" and "after" in b.stage("coverage")]
+    lines += _md_table(
+        ["Target", "Precision", "Cosine", "Max abs error", "Mean abs error", "Top-1", "Self-test"],
+        [
+            [
+                b.label,
+                b.manifest["model"]["precision"],
+                _cos(b.self_test.get("cosine")),
+                _err(b.self_test.get("max_abs_error")),
+                _err(b.self_test.get("mean_abs_error")),
+                _pct(b.self_test.get("top1_agreement")),
+                "passed" if b.self_test.get("passed") else "FAILED",
+            ]
+            for b in good
+        ],
+    )
+    covered = [
+        b for b in good if b.stage("coverage").get("checker", "none") != "none" and "after" in b.stage("coverage")
+    ]
     if covered:
         lines += ["## Accelerator coverage", ""]
-        lines += _md_table(["Target", "Checker", "Before fixing shapes", "As shipped", "Unsupported ops"],
-                           [[b.label, b.stage("coverage")["checker"], _coverage_text(b.stage("coverage")["before"]),
-                             _coverage_text(b.stage("coverage")["after"]),
-                             ", ".join(f"{op} x{n}" for op, n in sorted(b.stage("coverage")["after"].get("unsupported_ops", {}).items())) or "none"]
-                            for b in covered])
+        lines += _md_table(
+            ["Target", "Checker", "Before fixing shapes", "As shipped", "Unsupported ops"],
+            [
+                [
+                    b.label,
+                    b.stage("coverage")["checker"],
+                    _coverage_text(b.stage("coverage")["before"]),
+                    _coverage_text(b.stage("coverage")["after"]),
+                    ", ".join(
+                        f"{op} x{n}"
+                        for op, n in sorted(b.stage("coverage")["after"].get("unsupported_ops", {}).items())
+                    )
+                    or "none",
+                ]
+                for b in covered
+            ],
+        )
     for b in good:
         data = b.stage("quantize").get("tune", {})
         if data.get("timed"):
             lines += [f"## --tune on {b.label}", "", f"{data['winner']} shipped. Why: {data['why']}.", ""]
-            lines += _md_table(["Candidate", "Size", "Median ms", "p90 ms", "Cosine", "Gate"],
-                               [[c["name"], _mb(c["bytes"]), c.get("median_ms", ""), c.get("p90_ms", ""),
-                                 _cos(c.get("accuracy", {}).get("cosine")), c["gate"]] for c in data["candidates"]])
+            lines += _md_table(
+                ["Candidate", "Size", "Median ms", "p90 ms", "Cosine", "Gate"],
+                [
+                    [
+                        c["name"],
+                        _mb(c["bytes"]),
+                        c.get("median_ms", ""),
+                        c.get("p90_ms", ""),
+                        _cos(c.get("accuracy", {}).get("cosine")),
+                        c["gate"],
+                    ]
+                    for c in data["candidates"]
+                ],
+            )
     lines += ["## Checksums and signatures", ""]
-    lines += _md_table(["Bundle folder", "Checksums", "Signature"],
-                       [[b.folder, b.error or _integrity_cell(b)[0], "" if b.error else b.signature_detail] for b in bundles])
+    lines += _md_table(
+        ["Bundle folder", "Checksums", "Signature"],
+        [[b.folder, b.error or _integrity_cell(b)[0], "" if b.error else b.signature_detail] for b in bundles],
+    )
     lines += ["## Tool versions", ""]
     tools = sorted({t for b in good for t in b.manifest.get("tools", {})})
     if len({tuple(sorted(b.manifest.get("tools", {}).items())) for b in good}) == 1:
         lines += ["The same for every bundle.", ""]
         lines += _md_table(["Tool", "Version"], [[t, good[0].manifest["tools"][t]] for t in tools])
     else:
-        lines += _md_table(["Tool", *[b.label for b in good]],
-                           [[t, *[b.manifest.get("tools", {}).get(t, "") for b in good]] for t in tools])
+        lines += _md_table(
+            ["Tool", *[b.label for b in good]],
+            [[t, *[b.manifest.get("tools", {}).get(t, "") for b in good]] for t in tools],
+        )
     return "\n".join(lines)

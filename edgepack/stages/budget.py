@@ -25,7 +25,9 @@ class Budget(Stage):
         total = sum(p.stat().st_size for p in job.staging.rglob("*") if p.is_file())
         limit = job.profile.budget.max_bundle_mb
         if total > limit * 1e6:
-            raise BudgetError(f"the bundle is {total / 1e6:.1f} MB, over the profile's budget of {limit:g} MB",
-                              where=job.profile.name,
-                              hint="quantize the model (--quantize) or raise budget.max_bundle_mb")
+            raise BudgetError(
+                f"the bundle is {total / 1e6:.1f} MB, over the profile's budget of {limit:g} MB",
+                where=job.profile.name,
+                hint="quantize the model (--quantize) or raise budget.max_bundle_mb",
+            )
         return BudgetResult(summary=f"{total / 1e6:.2f} MB of {limit:g} MB", bytes=total)

@@ -60,5 +60,3 @@ class Check(Stage):
             ir_version=proto.ir_version,
             opsets=model_opsets,
         )
-
-

@@ -72,8 +72,14 @@ def convert_artifact(artifact: Artifact, profile: Profile, out_dir: Path, *, whe
         return _keep_large_model(size, profile)
     style, platform = profile.ort_format.style, profile.ort_format.platform
     ort_path, config = convert_to_ort(artifact.path, out_dir, style, platform, where=where)
-    converted = Artifact(path=ort_path, format="ort", ort_style=style, ops_config=config,
-                         precision=artifact.precision, onnx=artifact.onnx_path)
+    converted = Artifact(
+        path=ort_path,
+        format="ort",
+        ort_style=style,
+        ops_config=config,
+        precision=artifact.precision,
+        onnx=artifact.onnx_path,
+    )
     return converted_result(converted, profile, onnx_bytes=size)
 
 
@@ -84,7 +90,11 @@ def converted_result(converted: Artifact, profile: Profile, *, onnx_bytes: int |
     return ConvertResult(
         summary=f"ORT format, {converted.ort_style} style, platform {platform}: "
         f"{onnx_bytes / 1e6:.2f} MB -> {ort_bytes / 1e6:.2f} MB",
-        format="ort", style=converted.ort_style, platform=platform, onnx_bytes=onnx_bytes, ort_bytes=ort_bytes,
+        format="ort",
+        style=converted.ort_style,
+        platform=platform,
+        onnx_bytes=onnx_bytes,
+        ort_bytes=ort_bytes,
         artifact=converted,
     )
 
@@ -98,8 +108,16 @@ def _keep_large_model(size: int, profile: Profile) -> ConvertResult:
             where=profile.name,
             hint="quantize the model (--quantize) to bring it under the limit, or use a profile that allows the ONNX fallback",
         )
-    notice = (f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}: shipped as ONNX with "
-              "external data instead of .ort (no reduced-operator config; the device needs a full onnxruntime build)")
-    return ConvertResult(summary=f"kept as ONNX + external data: {size / 1e9:.2f} GB is over the ORT format's limit of "
-                         f"{limit} (see notice)", format="onnx", fallback="onnx", notice=notice, model_bytes=size,
-                         ort_format_max_bytes=ORT_FORMAT_MAX_BYTES)
+    notice = (
+        f"the model is {size / 1e9:.2f} GB, over the ORT format's limit of {limit}: shipped as ONNX with "
+        "external data instead of .ort (no reduced-operator config; the device needs a full onnxruntime build)"
+    )
+    return ConvertResult(
+        summary=f"kept as ONNX + external data: {size / 1e9:.2f} GB is over the ORT format's limit of "
+        f"{limit} (see notice)",
+        format="onnx",
+        fallback="onnx",
+        notice=notice,
+        model_bytes=size,
+        ort_format_max_bytes=ORT_FORMAT_MAX_BYTES,
+    )

@@ -47,7 +47,11 @@ class Coverage(Stage):
         before = measure(job.source.reference, settings)
         after = measure(artifact.onnx_path, settings)
         options = job.options
-        min_fraction = settings.min_accelerated_fraction if options.min_accelerated_fraction is None else options.min_accelerated_fraction
+        min_fraction = (
+            settings.min_accelerated_fraction
+            if options.min_accelerated_fraction is None
+            else options.min_accelerated_fraction
+        )
         max_partitions = settings.max_partitions if options.max_partitions is None else options.max_partitions
         applied = gate(after, min_fraction, max_partitions, where=f"{job.source.path} for target {job.profile.name}")
         return CoverageResult(

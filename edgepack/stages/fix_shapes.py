@@ -65,8 +65,9 @@ class FixShapes(Stage):
     def run(self, artifact: Artifact, job: Job) -> FixShapesResult:
         proto = onnx.load_model(artifact.path, load_external_data=False)
         where = str(job.source.path)
-        shapes, assumed = plan_shapes(proto, job.options.input_shapes, job.options.fixed_dims,
-                                      job.profile.shapes.defaults, where=where)
+        shapes, assumed = plan_shapes(
+            proto, job.options.input_shapes, job.options.fixed_dims, job.profile.shapes.defaults, where=where
+        )
         records: list[dict[str, Any]] = []
         out = apply_shapes(proto, artifact.path, job.workdir / "fixed", shapes, feeds=job_inputs(job), records=records)
         fixed = ", ".join(f"{name}={'x'.join(map(str, dims))}" for name, dims in shapes.items())
@@ -77,7 +78,9 @@ class FixShapes(Stage):
         return FixShapesResult(
             summary=(f"fixed {fixed}" if applied else f"not applied: fixing {fixed} breaks the model (see notice)")
             + (f" ({', '.join(assumed)} set to 1, taken as the batch dim)" if assumed else ""),
-            applied=applied, steps=records, notice=notice,
+            applied=applied,
+            steps=records,
+            notice=notice,
             input_shapes={name: list(dims) for name, dims in shapes.items()},
             assumed_batch_dims=assumed,
             outputs=describe_io(onnx.load_model(out, load_external_data=False))[1],
@@ -85,8 +88,14 @@ class FixShapes(Stage):
         )
 
 
-def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
-                defaults: dict[str, list[int]], *, where: str) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+def plan_shapes(
+    proto: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    fixed_dims: dict[str, int],
+    defaults: dict[str, list[int]],
+    *,
+    where: str,
+) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """The fixed shape of every input (rules 1 and 2), and the dims assumed to be batch dims."""
     inputs = _check_flags(proto, input_shapes, fixed_dims, where)
     non_tensors = {io["name"] for io in describe_io(proto)[0] if io["dtype"].endswith("_type")}
@@ -114,18 +123,32 @@ def plan_shapes(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                 assumed.append(f"{name} dim 0" + (f" ({dim})" if isinstance(dim, str) else ""))
             else:
                 label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
-                example = ",".join(str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims))
+                example = ",".join(
+                    str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims)
+                )
                 hint = f"pass --input-shape {name}={example} with N the size the app will use"
-                if isinstance(dim, str) and dim.isidentifier():  # some exporters write "?" as a name: --fix-dim ?=N cannot work
+                if (
+                    isinstance(dim, str) and dim.isidentifier()
+                ):  # some exporters write "?" as a name: --fix-dim ?=N cannot work
                     hint += f", or --fix-dim {dim}=N"
-                raise UsageError(f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
-                                 where=where, hint=hint)
+                raise UsageError(
+                    f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
+                    where=where,
+                    hint=hint,
+                )
         shapes[name] = tuple(concrete)
     return shapes, assumed
 
 
-def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dict[str, tuple[int, ...]], *,
-                 feeds: Feeds = lambda model: None, records: list[dict[str, Any]] | None = None) -> Path:
+def apply_shapes(
+    proto: onnx.ModelProto,
+    source: Path,
+    folder: Path,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    feeds: Feeds = lambda model: None,
+    records: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write ``proto`` with ``shapes`` fixed (and output shapes inferred, a checked step whose record goes to
     ``records``) to ``folder``, side files copied beside it (onnx.checker refuses hard-linked side files)."""
     load_ort_tools()
@@ -135,8 +158,11 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
         try:
             make_input_shape_fixed(proto.graph, name, list(dims))
         except ValueError as exc:  # e.g. two inputs given different sizes for one shared dim
-            raise UsageError(f"cannot fix input {name!r} to {'x'.join(map(str, dims))}: {exc}", where=str(source),
-                             hint="inputs that share a named dim must get the same size for it") from None
+            raise UsageError(
+                f"cannot fix input {name!r} to {'x'.join(map(str, dims))}: {exc}",
+                where=str(source),
+                hint="inputs that share a named dim must get the same size for it",
+            ) from None
     folder.mkdir(parents=True, exist_ok=True)
     for location in sorted({loc for _, loc, _, _ in external_locations(proto)}):
         target = folder / location
@@ -168,19 +194,26 @@ def apply_shapes(proto: onnx.ModelProto, source: Path, folder: Path, shapes: dic
     return used
 
 
-def _check_flags(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int],
-                 where: str) -> dict[str, list[Any]]:
+def _check_flags(
+    proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], fixed_dims: dict[str, int], where: str
+) -> dict[str, list[Any]]:
     inputs = {io["name"]: io["shape"] or [] for io in describe_io(proto)[0]}
     for name, dims in input_shapes.items():
         if name not in inputs:
-            raise UsageError(f"--input-shape names input {name!r}, which the model does not have", where=where,
-                             hint=f"the model's inputs are: {', '.join(inputs) or 'none'}")
+            raise UsageError(
+                f"--input-shape names input {name!r}, which the model does not have",
+                where=where,
+                hint=f"the model's inputs are: {', '.join(inputs) or 'none'}",
+            )
         _check_shape(name, inputs[name], tuple(dims), where, source="--input-shape")
     known_dims = {d for dims in inputs.values() for d in dims if isinstance(d, str)}
     for dim, value in fixed_dims.items():
         if dim not in known_dims:
-            raise UsageError(f"--fix-dim names dim {dim!r}, which no input of the model has", where=where,
-                             hint=f"the model's named dims are: {', '.join(sorted(known_dims)) or 'none'}")
+            raise UsageError(
+                f"--fix-dim names dim {dim!r}, which no input of the model has",
+                where=where,
+                hint=f"the model's named dims are: {', '.join(sorted(known_dims)) or 'none'}",
+            )
         if value < 1:
             raise UsageError(f"--fix-dim {dim}={value}: a dim must be at least 1", where=where)
     return inputs
@@ -189,14 +222,20 @@ def _check_flags(proto: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
 def _check_shape(name: str, dims: list[Any], given: tuple[int, ...], where: str, *, source: str) -> None:
     shown = "x".join(map(str, given))
     if len(given) != len(dims):
-        raise UsageError(f"{source} {name}={shown} has rank {len(given)}, but input {name!r} has rank {len(dims)} "
-                         f"({_fmt(dims)})", where=where, hint=f"give {len(dims)} comma-separated sizes")
+        raise UsageError(
+            f"{source} {name}={shown} has rank {len(given)}, but input {name!r} has rank {len(dims)} ({_fmt(dims)})",
+            where=where,
+            hint=f"give {len(dims)} comma-separated sizes",
+        )
     for i, (dim, value) in enumerate(zip(dims, given)):
         if value < 1:
             raise UsageError(f"{source} {name}={shown}: dim {i} is {value}, a size must be at least 1", where=where)
         if isinstance(dim, int) and dim > 0 and dim != value:
-            raise UsageError(f"{source} {name}={shown}: dim {i} is fixed to {dim} in the model, not {value}",
-                             where=where, hint=f"the model's shape is {_fmt(dims)}")
+            raise UsageError(
+                f"{source} {name}={shown}: dim {i} is fixed to {dim} in the model, not {value}",
+                where=where,
+                hint=f"the model's shape is {_fmt(dims)}",
+            )
 
 
 def _fmt(dims: list[Any]) -> str:

@@ -56,12 +56,20 @@ def load_result(source: Source) -> LoadResult:
     """The load stage's result, for every target's manifest (the model is loaded once for all)."""
     info = source.info
     external = info["external_data"]
-    extra = (f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB"
-             if external["files"] else "")
-    return LoadResult(summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
-                      source=source.path.name, sha256=info["sha256"], nodes=info["nodes"],
-                      subgraphs=info["subgraphs"], passes=info["passes"],
-                      notice="; ".join(info["notices"]) or None)
+    extra = (
+        f", external data {len(external['files'])} file(s) {external['bytes'] / 1e6:.2f} MB"
+        if external["files"]
+        else ""
+    )
+    return LoadResult(
+        summary=f"{info['nodes']} nodes, IR {info['ir_version']}, opsets {info['opsets']}{extra}",
+        source=source.path.name,
+        sha256=info["sha256"],
+        nodes=info["nodes"],
+        subgraphs=info["subgraphs"],
+        passes=info["passes"],
+        notice="; ".join(info["notices"]) or None,
+    )
 
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
@@ -76,8 +84,9 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     skipped = notice_of(records)
     if skipped:
         notices.append(skipped)
-    info.update({"sha256": hash_file(path)["sha256"], "passes": {r["step"]: r["status"] for r in records},
-                 "notices": notices})
+    info.update(
+        {"sha256": hash_file(path)["sha256"], "passes": {r["step"]: r["status"] for r in records}, "notices": notices}
+    )
     return Source(name=name or path.stem, path=path, reference=reference, info=info)
 
 
@@ -91,8 +100,12 @@ def parse_model(path: Path) -> onnx.ModelProto:
 def _write_reference(path: Path, workdir: Path) -> tuple[Path, list[dict[str, Any]]]:
     """Rule 4: the FP32 reference in ``workdir``, and a record per onnx-ir pass."""
     copied = copy_model(path, workdir / "source" / "reference.onnx")
-    return run_ir_passes([RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()], copied, workdir,
-                         feeds=lambda after: _check_inputs(path, after))
+    return run_ir_passes(
+        [RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()],
+        copied,
+        workdir,
+        feeds=lambda after: _check_inputs(path, after),
+    )
 
 
 def _check_inputs(source: Path, model: Path) -> list[dict[str, Any]] | None:
@@ -106,7 +119,9 @@ def _check_inputs(source: Path, model: Path) -> list[dict[str, Any]] | None:
 def _read_and_check(path: Path) -> onnx.ModelProto:
     try:
         if path.is_dir():
-            raise ModelError("is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it")
+            raise ModelError(
+                "is a folder, not an ONNX model file", where=str(path), hint="pass the .onnx file inside it"
+            )
         if not path.is_file():
             raise ModelError("no such file", where=str(path))
         size = path.stat().st_size
@@ -123,8 +138,11 @@ def _read_and_check(path: Path) -> onnx.ModelProto:
             hint="the file may be truncated or not an ONNX model; re-export or re-download it",
         ) from None
     if not proto.graph.node and not proto.graph.output:
-        raise ModelError("not an ONNX model: it has no graph", where=str(path),
-                         hint="the file may be truncated or not an ONNX model; re-export or re-download it")
+        raise ModelError(
+            "not an ONNX model: it has no graph",
+            where=str(path),
+            hint="the file may be truncated or not an ONNX model; re-export or re-download it",
+        )
     _check_external_data(proto, path)
     check_structure(proto, str(path))
     _check_kernels(proto, path)
@@ -134,7 +152,9 @@ def _read_and_check(path: Path) -> onnx.ModelProto:
 def _run_onnx_checker(path: Path) -> str | None:
     """Rule 1: what onnx.checker finds, when onnxruntime loads the model anyway; a ModelError when it does not."""
     try:
-        onnx.checker.check_model(str(path))  # from the path: external data is looked up beside the model, not in the cwd
+        onnx.checker.check_model(
+            str(path)
+        )  # from the path: external data is looked up beside the model, not in the cwd
         return None
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         finding = first_line(exc)
@@ -146,8 +166,11 @@ def _run_onnx_checker(path: Path) -> str | None:
         with held_back():
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises many kinds from native code
-        raise ModelError(f"the ONNX checker rejects the model: {finding}", where=str(path),
-                         hint=f"onnxruntime refuses it too: {first_line(exc)[:300]}") from None
+        raise ModelError(
+            f"the ONNX checker rejects the model: {finding}",
+            where=str(path),
+            hint=f"onnxruntime refuses it too: {first_line(exc)[:300]}",
+        ) from None
     return finding
 
 
@@ -155,12 +178,19 @@ def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:
     """onnxruntime here is at least as new as any target's runtime: an op it cannot run, no target can."""
     imported = opsets(proto)
     local = {(f.domain, f.name) for f in proto.functions}
-    undeclared = sorted({("ai.onnx" if n.domain in ("", "ai.onnx") else n.domain) for n in iter_nodes(proto)
-                         if (n.domain, n.op_type) not in local} - set(imported))
+    undeclared = sorted(
+        {
+            ("ai.onnx" if n.domain in ("", "ai.onnx") else n.domain)
+            for n in iter_nodes(proto)
+            if (n.domain, n.op_type) not in local
+        }
+        - set(imported)
+    )
     if undeclared:
         raise ModelError(
             f"the model's nodes use domain(s) {', '.join(undeclared)} but it imports no opset for them",
-            where=str(path), hint="the file may be truncated or hand-edited; re-export it",
+            where=str(path),
+            hint="the file may be truncated or hand-edited; re-export it",
         )
     missing = ops_without_kernel(proto, imported)
     if missing:
@@ -186,10 +216,11 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
             raise ModelError("external data with no location", where=where)
         if os.path.isabs(location) or location.startswith(("/", "\\")) or ".." in Path(location).parts:
             raise ModelError(
-                f"external data location {location!r} points outside the model's folder", where=where,
+                f"external data location {location!r} points outside the model's folder",
+                where=where,
                 hint="side files must sit in the model's folder or below it",
             )
-        side = (path.parent / location)
+        side = path.parent / location
         try:
             inside = side.resolve().is_relative_to(folder)
             present = side.is_file()
@@ -197,15 +228,21 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
         except (OSError, ValueError, RuntimeError) as exc:  # a name with a NUL byte, too long, a link loop
             raise ModelError(f"external data file {location!r} cannot be read: {exc}", where=where) from None
         if not inside:
-            raise ModelError(f"external data file {location!r} is a link leading outside the model's folder", where=where,
-                             hint="copy the side file into the model's folder instead of linking it")
+            raise ModelError(
+                f"external data file {location!r} is a link leading outside the model's folder",
+                where=where,
+                hint="copy the side file into the model's folder instead of linking it",
+            )
         if not present:
-            raise ModelError(f"external data file {location!r} is missing", where=where,
-                             hint="copy the side files next to the .onnx file")
+            raise ModelError(
+                f"external data file {location!r} is missing",
+                where=where,
+                hint="copy the side files next to the .onnx file",
+            )
         end = offset + (length or 0)
         if end > size or (length is None and offset > size):
             raise ModelError(
                 f"external data file {location!r} is {size} bytes, shorter than the tensor's offset+length ({end})",
-                where=where, hint="the side file is truncated; copy it again",
+                where=where,
+                hint="the side file is truncated; copy it again",
             )
-

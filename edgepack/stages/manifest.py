@@ -51,8 +51,11 @@ class Manifest(Stage):
     def run(self, artifact: Artifact, job: Job) -> ManifestResult:
         written = write_manifest(job.staging, describe(artifact, job).to_dict())
         total = sum(entry["size"] for entry in written["files"].values())
-        return ManifestResult(summary=f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
-                              files=len(written["files"]), bytes=total)
+        return ManifestResult(
+            summary=f"{len(written['files'])} files, {total / 1e6:.2f} MB checksummed",
+            files=len(written["files"]),
+            bytes=total,
+        )
 
 
 def finalize(artifact: Artifact, job: Job) -> dict[str, Any]:
@@ -68,7 +71,9 @@ def describe(artifact: Artifact, job: Job) -> Content:
     inputs, outputs = describe_io(proto)
     entries = session_entries(profile, artifact.format, artifact.ort_style)
     model_file = artifact.path.relative_to(job.staging).as_posix()
-    side_files = sorted(p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data"))
+    side_files = sorted(
+        p.relative_to(job.staging).as_posix() for p in artifact.path.parent.glob(artifact.path.name + ".*data")
+    )
     return Content(
         target=profile.name,
         profile=profile,
@@ -150,5 +155,6 @@ def _coverage_section(stages: list[dict[str, Any]]) -> list[str]:
     report = found[0]
     gate = report["gate"]
     limits = f"at least {gate['min_accelerated_fraction']:.0%} of nodes" + (
-        f", at most {gate['max_partitions']} partition(s)" if gate["max_partitions"] is not None else "")
+        f", at most {gate['max_partitions']} partition(s)" if gate["max_partitions"] is not None else ""
+    )
     return ["## Accelerator coverage", "", *[f"- {line}" for line in report["lines"]], f"- gate: {limits} (passed)", ""]

@@ -61,8 +61,14 @@ class Optimize(Stage):
         notice = notice_of(records)
         if notice:
             job.say(f"NOTE: {notice}")
-        return OptimizeResult(summary=f"{before} -> {after} nodes", nodes_before=before, nodes_after=after,
-                              steps=records, notice=notice, artifact=Artifact(path=current, precision=artifact.precision))
+        return OptimizeResult(
+            summary=f"{before} -> {after} nodes",
+            nodes_before=before,
+            nodes_after=after,
+            steps=records,
+            notice=notice,
+            artifact=Artifact(path=current, precision=artifact.precision),
+        )
 
 
 def _count_nodes(path: Path) -> int:

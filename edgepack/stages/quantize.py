@@ -87,29 +87,48 @@ class Quantize(Stage):
             return _untimed_default(artifact, job, host, device)
         if already_quantized(artifact.path):
             kept = quantize(artifact, job)  # keeps the model as it is, and says so
-            return dataclasses.replace(kept, tune={"timed": False, "reason": "the model is already quantized: no recipe to choose"})
+            return dataclasses.replace(
+                kept, tune={"timed": False, "reason": "the model is already quantized: no recipe to choose"}
+            )
         outcome = search(artifact, job)
-        return QuantizeResult(recipe=outcome.winner.method, requested="tune",
-                              profile_default=job.profile.quantization.default, tune=outcome.report,
-                              result=outcome.winner.quantize_report, figures=outcome.winner.figures or None,
-                              passed=True, summary=outcome.summary, notice=outcome.notice,
-                              artifact=outcome.winner.artifact)
+        return QuantizeResult(
+            recipe=outcome.winner.method,
+            requested="tune",
+            profile_default=job.profile.quantization.default,
+            tune=outcome.report,
+            result=outcome.winner.quantize_report,
+            figures=outcome.winner.figures or None,
+            passed=True,
+            summary=outcome.summary,
+            notice=outcome.notice,
+            artifact=outcome.winner.artifact,
+        )
 
 
 def _untimed_default(artifact: Artifact, job: Job, host: str, device: str) -> QuantizeResult:
     """Rule 5: x86 timings of an ARM bundle are never presented as device speed."""
     settings = job.profile.quantization
     evidence = settings.default_evidence or "the profile records no measurement for it"
-    reason = (f"--tune cannot time {job.profile.name}: its CPU is {device} and this machine is {host}, so timings "
-              f"here say nothing about the device; the profile's default recipe ({settings.default}) is used "
-              f"instead. Its basis: {evidence}")
+    reason = (
+        f"--tune cannot time {job.profile.name}: its CPU is {device} and this machine is {host}, so timings "
+        f"here say nothing about the device; the profile's default recipe ({settings.default}) is used "
+        f"instead. Its basis: {evidence}"
+    )
     job.say(f"NOTE: {reason}")
     chosen = quantize(artifact, job)
     return dataclasses.replace(
-        chosen, tune={"timed": False, "host_arch": host, "device_arch": device, "reason": reason,
-                      "default": settings.default, "default_evidence": evidence},
+        chosen,
+        tune={
+            "timed": False,
+            "host_arch": host,
+            "device_arch": device,
+            "reason": reason,
+            "default": settings.default,
+            "default_evidence": evidence,
+        },
         notice=reason if not chosen.notice else f"{chosen.notice}; {reason}",
-        summary=f"{chosen.summary} [--tune: not timed on a {host} host for a {device} device; profile default]")
+        summary=f"{chosen.summary} [--tune: not timed on a {host} host for a {device} device; profile default]",
+    )
 
 
 def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
@@ -122,13 +141,16 @@ def quantize(artifact: Artifact, job: Job) -> QuantizeResult:
         return _default_fallback(artifact, job, recipe, fallback, exc)
 
 
-def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
-                      missed: EdgepackError) -> QuantizeResult:
+def _default_fallback(
+    artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None, missed: EdgepackError
+) -> QuantizeResult:
     """Rule 5: the next of the profile's default_fallbacks that passes, or the miss itself when none does."""
     why = work_paths_out(missed.message)
     tried = [{"recipe": recipe, "error": why}]
     for name in job.profile.quantization.default_fallbacks:
-        if name == recipe or (name == "auto_exclude" and (not RECIPES[recipe].auto_exclude or job.options.auto_exclude)):
+        if name == recipe or (
+            name == "auto_exclude" and (not RECIPES[recipe].auto_exclude or job.options.auto_exclude)
+        ):
             continue  # auto-exclude ranks nodes by QDQ noise: static only
         job.say(f"NOTE: the profile's default {recipe} missed ({why}); trying {name}")
         try:
@@ -139,28 +161,45 @@ def _default_fallback(artifact: Artifact, job: Job, recipe: str, fallback: dict[
         except (AccuracyError, ConversionError) as exc:
             tried.append({"recipe": name, "error": work_paths_out(exc.message)})
             continue
-        label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(name, name)
-        notice = (f"the profile's default recipe {recipe} missed ({why}); shipped {label} instead "
-                  "(quantization.default_fallbacks; --quantize makes a recipe strict)")
+        label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(
+            name, name
+        )
+        notice = (
+            f"the profile's default recipe {recipe} missed ({why}); shipped {label} instead "
+            "(quantization.default_fallbacks; --quantize makes a recipe strict)"
+        )
         job.say(f"NOTE: {notice}")
-        return dataclasses.replace(shipped, notice="; ".join(filter(None, [shipped.notice, notice])),
-                                   default_fallback={"from": recipe, "to": name, "tried": tried},
-                                   summary=f"{shipped.summary} [default {recipe} missed: shipped {label}]")
+        return dataclasses.replace(
+            shipped,
+            notice="; ".join(filter(None, [shipped.notice, notice])),
+            default_fallback={"from": recipe, "to": name, "tried": tried},
+            summary=f"{shipped.summary} [default {recipe} missed: shipped {label}]",
+        )
     raise missed
 
 
-def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None,
-              auto_exclude: bool) -> QuantizeResult:
+def _quantize(
+    artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str] | None, auto_exclude: bool
+) -> QuantizeResult:
     chosen = RECIPES[recipe]
-    report: dict[str, Any] = {"recipe": recipe, "requested": job.options.quantize,
-                              "profile_default": job.profile.quantization.default}
+    report: dict[str, Any] = {
+        "recipe": recipe,
+        "requested": job.options.quantize,
+        "profile_default": job.profile.quantization.default,
+    }
     if fallback:
         report["fallback"] = fallback
         job.say(f"NOTE: {fallback['message']}")
-    unused = [flag for flag, given in (
-        ("--calibration", job.options.calibration), ("--calibration-method", job.options.calibration_method),
-        ("--auto-exclude", job.options.auto_exclude), ("--validation", job.options.validation))
-        if given and flag not in chosen.flags]
+    unused = [
+        flag
+        for flag, given in (
+            ("--calibration", job.options.calibration),
+            ("--calibration-method", job.options.calibration_method),
+            ("--auto-exclude", job.options.auto_exclude),
+            ("--validation", job.options.validation),
+        )
+        if given and flag not in chosen.flags
+    ]
     if unused:
         report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
         job.say(f"NOTE: {report['unused_options']}")
@@ -172,8 +211,11 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
     if found:
         listed = ", ".join(f"{k} x{v}" for k, v in found.items())
         job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
-        return QuantizeResult(**{**report, "recipe": "none"}, already_quantized=found,
-                              summary=f"already quantized ({listed}): kept as it is, {recipe} not applied")
+        return QuantizeResult(
+            **{**report, "recipe": "none"},
+            already_quantized=found,
+            summary=f"already quantized ({listed}): kept as it is, {recipe} not applied",
+        )
     report["options"] = dataclasses.asdict(settings)
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
     calibration = None
@@ -181,8 +223,11 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
         calibration = calibration_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
         assert calibration is not None  # resolve_recipe refuses static without --calibration
         report["options"]["calibration_method"] = job.options.calibration_method or settings.calibration_method
-        report["calibration"] = {"origin": calibration.origin, "samples": len(calibration.feeds),
-                                 "random": calibration.origin == RANDOM}
+        report["calibration"] = {
+            "origin": calibration.origin,
+            "samples": len(calibration.feeds),
+            "random": calibration.origin == RANDOM,
+        }
         if calibration.origin == RANDOM:
             job.say("NOTE: calibrated on random inputs (--calibration random): accuracy on real data is unknown")
     validation = validation_samples(job.options, inputs, fit=lambda: plan_for(job, inputs))
@@ -193,13 +238,24 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
     attempts = []
     ranking: list[tuple[str, float]] | None = None
     while True:
-        result = quantize_model(artifact.path, job.workdir / "quantized" / "quantized.onnx", recipe, settings,
-                                calibration=calibration.feeds if calibration else None, exclude_nodes=excluded,
-                                calibration_method=job.options.calibration_method, target=job.profile,
-                                check_inputs=job_inputs(job))
+        result = quantize_model(
+            artifact.path,
+            job.workdir / "quantized" / "quantized.onnx",
+            recipe,
+            settings,
+            calibration=calibration.feeds if calibration else None,
+            exclude_nodes=excluded,
+            calibration_method=job.options.calibration_method,
+            target=job.profile,
+            check_inputs=job_inputs(job),
+        )
         figures = _measure(job, result.path, validation, recipe)
-        misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
-                       max_abs_error=tolerance.max_abs_error)
+        misses = check(
+            figures,
+            min_cosine=tolerance.min_cosine,
+            min_top1_agreement=tolerance.min_top1_agreement,
+            max_abs_error=tolerance.max_abs_error,
+        )
         attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
         if not misses or not auto_exclude or not chosen.auto_exclude:
             break
@@ -216,13 +272,15 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
     if result.preprocess_notice:
         report["notice"] = f"quantization pre-processing: {result.preprocess_notice}"
         job.say(f"NOTE: {report['notice']}")
-    report.update({
-        "result": result.report(),
-        "tolerance": dataclasses.asdict(tolerance),
-        "figures": figures,
-        "passed": not misses,
-        "attempts": attempts,
-    })
+    report.update(
+        {
+            "result": result.report(),
+            "tolerance": dataclasses.asdict(tolerance),
+            "figures": figures,
+            "passed": not misses,
+            "attempts": attempts,
+        }
+    )
     if misses:
         raise AccuracyError(
             f"{recipe} quantization misses the profile's tolerance on {len(validation.feeds)} validation sample(s) "
@@ -236,9 +294,11 @@ def _quantize(artifact: Artifact, job: Job, recipe: str, fallback: dict[str, str
     excluded_note = f", {len(excluded)} node(s) left in float" if excluded else ""
     fallback_note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
     data_note = f", calibrated on {calibration.origin}" if calibration else ""
-    summary = (f"{recipe}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB ({ratio:.2f}x), "
-               f"cosine {figures['cosine']:.5f}{top1} on {len(validation.feeds)} validation sample(s)"
-               f"{data_note}{excluded_note}{fallback_note}")
+    summary = (
+        f"{recipe}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.2f} MB ({ratio:.2f}x), "
+        f"cosine {figures['cosine']:.5f}{top1} on {len(validation.feeds)} validation sample(s)"
+        f"{data_note}{excluded_note}{fallback_note}"
+    )
     return QuantizeResult(**report, summary=summary, artifact=Artifact(path=result.path, precision=result.precision))
 
 
@@ -249,43 +309,61 @@ def resolve_recipe(job: Job) -> tuple[str, dict[str, str] | None]:
     if requested:
         if RECIPES[requested].needs_calibration and not job.options.calibration:
             others = " / ".join(n for n, r in RECIPES.items() if r.settings and not r.needs_calibration)
-            raise UsageError(f"{requested} quantization needs calibration data (--calibration)", where=job.profile.name,
-                             hint=_CALIBRATION_HINT + f"; or --quantize {others}, which need none")
+            raise UsageError(
+                f"{requested} quantization needs calibration data (--calibration)",
+                where=job.profile.name,
+                hint=_CALIBRATION_HINT + f"; or --quantize {others}, which need none",
+            )
         return requested, None
     default = settings.default
     if not RECIPES[default].needs_calibration or job.options.calibration:
         return default, None
     if settings.without_calibration == "refuse":
         others = "|".join(n for n, r in RECIPES.items() if not r.needs_calibration)
-        raise UsageError(f"the profile's default recipe is {default} quantization, which needs calibration data (--calibration)",
-                         where=job.profile.name,
-                         hint=_CALIBRATION_HINT + f"; or choose a recipe with --quantize {others}")
+        raise UsageError(
+            f"the profile's default recipe is {default} quantization, which needs calibration data (--calibration)",
+            where=job.profile.name,
+            hint=_CALIBRATION_HINT + f"; or choose a recipe with --quantize {others}",
+        )
     return settings.without_calibration, {
-        "from": default, "to": settings.without_calibration, "reason": "no calibration data given (--calibration)",
+        "from": default,
+        "to": settings.without_calibration,
+        "reason": "no calibration data given (--calibration)",
         "message": f"the profile's default is {default} quantization but no calibration data was given (--calibration): "
-                   f"using the profile's fallback {settings.without_calibration!r} instead",
+        f"using the profile's fallback {settings.without_calibration!r} instead",
     }
 
 
-_CALIBRATION_HINT = ("give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
-                     "samples), or --calibration random for a smoke test (marked as random in the manifest)")
+_CALIBRATION_HINT = (
+    "give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
+    "samples), or --calibration random for a smoke test (marked as random in the manifest)"
+)
 
 
 def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str, Any]:
     """The gate's figures: the FP32 reference and the quantized model on the validation inputs. Either
     failing in onnxruntime is a ConversionError naming which model and the first line of what it said."""
-    blame = ("the model does not run on these inputs: check them against what the model takes"
-             if validation.origin != "generated" else
-             "edgepack's generated inputs do not fit the model: give --validation (or --sample-inputs) with real inputs")
+    blame = (
+        "the model does not run on these inputs: check them against what the model takes"
+        if validation.origin != "generated"
+        else "edgepack's generated inputs do not fit the model: give --validation (or --sample-inputs) with real inputs"
+    )
     expected = _run(job.source.reference, validation, job, "the FP32 model", hint=blame)
-    got = _run(quantized, validation, job, f"the {recipe}-quantized model", names=list(expected[0]),
-               hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
-               f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none")
+    got = _run(
+        quantized,
+        validation,
+        job,
+        f"the {recipe}-quantized model",
+        names=list(expected[0]),
+        hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
+        f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none",
+    )
     return compare(expected, got)
 
 
-def _run(model, validation: Samples, job: Job, what: str, *, hint: str,
-         names: list[str] | None = None) -> list[dict[str, Any]]:
+def _run(
+    model, validation: Samples, job: Job, what: str, *, hint: str, names: list[str] | None = None
+) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -296,8 +374,9 @@ def _run(model, validation: Samples, job: Job, what: str, *, hint: str,
         return [dict(zip(names, session.run(names, feeds))) for feeds in validation.feeds]
     except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, RuntimeException, ... from native code
         detail = first_line(exc)
-        raise ConversionError(f"{what} does not run in onnxruntime {ort.__version__}: {detail[:400]}",
-                              where=job.profile.name, hint=hint) from None
+        raise ConversionError(
+            f"{what} does not run in onnxruntime {ort.__version__}: {detail[:400]}", where=job.profile.name, hint=hint
+        ) from None
 
 
 def _headline(figures: dict[str, Any]) -> dict[str, Any]:

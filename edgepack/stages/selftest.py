@@ -87,10 +87,16 @@ class SelfTest(Stage):
             expected = _run_reference(job, output_names, samples)
         except Exception as exc:
             detail = first_line(exc)
-            hint = ("edgepack's generated inputs do not fit the model: give --sample-inputs with a real input set"
-                    if origin == "generated" else "the model does not run on these inputs: check them against what it takes")
-            raise ConversionError(f"running the FP32 reference model on {origin} inputs failed: {detail}",
-                                  where=job.profile.name, hint=hint) from None
+            hint = (
+                "edgepack's generated inputs do not fit the model: give --sample-inputs with a real input set"
+                if origin == "generated"
+                else "the model does not run on these inputs: check them against what it takes"
+            )
+            raise ConversionError(
+                f"running the FP32 reference model on {origin} inputs failed: {detail}",
+                where=job.profile.name,
+                hint=hint,
+            ) from None
         try:
             # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
             bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
@@ -99,12 +105,16 @@ class SelfTest(Stage):
             if quantized:
                 raise ConversionError(
                     f"the {artifact.precision} quantized model does not load in onnxruntime after ORT-format conversion "
-                    f"({artifact.ort_style or 'no'} style): {detail}", where=job.profile.name,
+                    f"({artifact.ort_style or 'no'} style): {detail}",
+                    where=job.profile.name,
                     hint="try another recipe (--quantize fp16, dynamic or none), or ort_format.style "
-                         f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
+                    f"{'Runtime' if artifact.ort_style == 'Fixed' else 'Fixed'} in the profile",
                 ) from None
-            raise ConversionError(f"the packaged model does not load in onnxruntime: {detail}", where=job.profile.name,
-                                  hint="try another ort_format style in the profile (Fixed/Runtime/none)") from None
+            raise ConversionError(
+                f"the packaged model does not load in onnxruntime: {detail}",
+                where=job.profile.name,
+                hint="try another ort_format style in the profile (Fixed/Runtime/none)",
+            ) from None
         try:
             got = [bundled.run(feeds) for feeds in samples]
         except Exception as exc:
@@ -115,7 +125,9 @@ class SelfTest(Stage):
             figures["outputs"][name]["abs_error_histogram"] = histogram
         if quantized:
             return dataclasses.replace(
-                _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__), **fitted)
+                _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__),
+                **fitted,
+            )
         tolerance = job.profile.accuracy
         passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
         if not passed:
@@ -128,8 +140,13 @@ class SelfTest(Stage):
         return SelfTestResult(
             summary=f"passed: max abs error {figures['max_abs_error']:.3g} (<= {tolerance.max_abs_error:g}), cosine "
             f"{figures['cosine']:.6f} (>= {tolerance.min_cosine:g}) on {len(samples)} {origin} input set(s)",
-            passed=passed, inputs=origin, sample_sets=len(samples), providers=bundled.providers,
-            onnxruntime=ort.__version__, figures=figures, **fitted,
+            passed=passed,
+            inputs=origin,
+            sample_sets=len(samples),
+            providers=bundled.providers,
+            onnxruntime=ort.__version__,
+            figures=figures,
+            **fitted,
         )
 
 
@@ -141,11 +158,16 @@ def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> li
     return [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
 
 
-def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, count: int, providers,
-                      version: str) -> SelfTestResult:
+def _quantized_report(
+    artifact: Artifact, job: Job, figures: dict, origin: str, count: int, providers, version: str
+) -> SelfTestResult:
     tolerance = job.profile.quantization.tolerance
-    misses = check(figures, min_cosine=tolerance.min_cosine, min_top1_agreement=tolerance.min_top1_agreement,
-                   max_abs_error=tolerance.max_abs_error)
+    misses = check(
+        figures,
+        min_cosine=tolerance.min_cosine,
+        min_top1_agreement=tolerance.min_top1_agreement,
+        max_abs_error=tolerance.max_abs_error,
+    )
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
     size, warning = None, None
     converted = job.result(ConvertResult)
@@ -153,26 +175,38 @@ def _quantized_report(artifact: Artifact, job: Job, figures: dict, origin: str, 
         onnx_bytes, ort_bytes = converted.onnx_bytes, converted.ort_bytes
         source_bytes = job.source.bytes
         saved = source_bytes - onnx_bytes
-        size = {"source_bytes": source_bytes, "onnx_bytes": onnx_bytes, "ort_bytes": ort_bytes,
-                "ratio": round(ort_bytes / onnx_bytes, 3)}
+        size = {
+            "source_bytes": source_bytes,
+            "onnx_bytes": onnx_bytes,
+            "ort_bytes": ort_bytes,
+            "ratio": round(ort_bytes / onnx_bytes, 3),
+        }
         grown = ort_bytes - onnx_bytes
         if ort_bytes > GROWTH_WARNING * onnx_bytes and grown > GROWTH_FLOOR and saved > 0 and grown > saved / 2:
             other = "Runtime" if artifact.ort_style == "Fixed" else "Fixed"
             warning = (
                 f"the .ort is {ort_bytes / onnx_bytes:.2f}x the size of the quantized .onnx ({ort_bytes / 1e6:.2f} MB vs "
                 f"{onnx_bytes / 1e6:.2f} MB; FP32 source {source_bytes / 1e6:.2f} MB): the conversion re-inflated weights; "
-                f"try ort_format.style {other} in the profile, or another recipe")
+                f"try ort_format.style {other} in the profile, or another recipe"
+            )
             job.say(f"WARNING: {warning}")
     if misses:
         raise AccuracyError(
             f"the packaged {artifact.precision} model misses the quantization tolerance after conversion: {'; '.join(misses)}",
             where=job.profile.name,
             hint="the quantized .onnx passed the gate, so the ORT conversion changed the numbers: try ort_format.style "
-                 "Fixed/Runtime, or another recipe (--quantize)",
+            "Fixed/Runtime, or another recipe (--quantize)",
         )
     return SelfTestResult(
         summary=f"passed ({artifact.precision}, quantization tolerance): cosine {figures['cosine']:.6f} "
         f"(>= {tolerance.min_cosine:g}){top1}, max abs error {figures['max_abs_error']:.3g} on {count} {origin} input set(s)",
-        passed=True, tolerance="quantization.tolerance", inputs=origin, sample_sets=count, providers=providers,
-        onnxruntime=version, figures=figures, size_after_conversion=size, size_warning=warning,
+        passed=True,
+        tolerance="quantization.tolerance",
+        inputs=origin,
+        sample_sets=count,
+        providers=providers,
+        onnxruntime=version,
+        figures=figures,
+        size_after_conversion=size,
+        size_warning=warning,
     )

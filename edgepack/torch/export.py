@@ -52,15 +52,17 @@ class Export:
     check: dict[str, Any] = field(default_factory=dict)
 
 
-def export_dynamo(model: TorchModel, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]],
-                  opset: int, path: Path) -> Export:
+def export_dynamo(
+    model: TorchModel, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]], opset: int, path: Path
+) -> Export:
     """Rules 1 and 2: the dynamo exporter, then what it wrote, read back and checked."""
     kwargs: dict[str, Any] = {}
     if not model.exported:
         if axes:
             dims = {name: torch.export.Dim(name) for per_input in axes.values() for name in per_input.values()}
-            kwargs["dynamic_shapes"] = tuple({a: dims[n] for a, n in axes.get(i, {}).items()} or None
-                                             for i in range(len(examples)))
+            kwargs["dynamic_shapes"] = tuple(
+                {a: dims[n] for a, n in axes.get(i, {}).items()} or None for i in range(len(examples))
+            )
         if len(model.input_names) >= len(examples):
             kwargs["input_names"] = model.input_names[: len(examples)]
         kwargs["output_names"] = _output_names(model(*examples))
@@ -68,8 +70,9 @@ def export_dynamo(model: TorchModel, examples: tuple[torch.Tensor, ...], axes: d
     started = time.perf_counter()
     with _quiet() as notes:
         try:
-            program = torch.onnx.export(model.program, examples, path, dynamo=True, opset_version=opset,
-                                        external_data=external, **kwargs)
+            program = torch.onnx.export(
+                model.program, examples, path, dynamo=True, opset_version=opset, external_data=external, **kwargs
+            )
         except Exception as exc:
             raise _export_error(exc, model) from exc
     seconds = time.perf_counter() - started
@@ -86,14 +89,23 @@ def export_legacy(model: TorchModel, examples: tuple[torch.Tensor, ...], like: P
     reference = onnx.load_model(like, load_external_data=False)
     initializers = {t.name for t in reference.graph.initializer}
     inputs = [vi for vi in reference.graph.input if vi.name not in initializers]
-    dynamic = {vi.name: {a: d.dim_param for a, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param}
-               for vi in [*inputs, *reference.graph.output]}
+    dynamic = {
+        vi.name: {a: d.dim_param for a, d in enumerate(vi.type.tensor_type.shape.dim) if d.dim_param}
+        for vi in [*inputs, *reference.graph.output]
+    }
     program = model.program.module() if model.exported else model.program
     started = time.perf_counter()
     with _quiet() as notes:
-        torch.onnx.export(program, examples, path, dynamo=False, opset_version=opset,
-                          input_names=[vi.name for vi in inputs], output_names=[vi.name for vi in reference.graph.output],
-                          dynamic_axes={k: v for k, v in dynamic.items() if v})
+        torch.onnx.export(
+            program,
+            examples,
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[vi.name for vi in inputs],
+            output_names=[vi.name for vi in reference.graph.output],
+            dynamic_axes={k: v for k, v in dynamic.items() if v},
+        )
     return _read_back(path, "legacy", opset, time.perf_counter() - started, notes)
 
 
@@ -109,22 +121,30 @@ def _check_dynamic(path: Path, axes: dict[int, dict[int, str]], model: TorchMode
     inputs = [vi for vi in proto.graph.input if vi.name not in initializers]
     for index, per_input in axes.items():
         if index >= len(inputs):
-            raise ConversionError(f"the exported model has {len(inputs)} inputs; input {index} was dropped (unused?)",
-                                  where=model.origin, hint="remove the unused forward() argument and its example input")
+            raise ConversionError(
+                f"the exported model has {len(inputs)} inputs; input {index} was dropped (unused?)",
+                where=model.origin,
+                hint="remove the unused forward() argument and its example input",
+            )
         dims = inputs[index].type.tensor_type.shape.dim
         for axis, name in per_input.items():
             if not dims[axis].dim_param:
                 raise ConversionError(
                     f"axis {axis} of input {inputs[index].name!r} was asked to be dynamic ({name}) but the exported "
-                    f"model fixes it to {dims[axis].dim_value}", where=model.origin,
-                    hint="the module's code fixes that size (e.g. a reshape with a constant); make it size-agnostic")
+                    f"model fixes it to {dims[axis].dim_value}",
+                    where=model.origin,
+                    hint="the module's code fixes that size (e.g. a reshape with a constant); make it size-agnostic",
+                )
 
 
-def _check_ranges(program: Any, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]],
-                  model: TorchModel) -> None:
+def _check_ranges(
+    program: Any, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]], model: TorchModel
+) -> None:
     """A Python branch on a dynamic size narrows its range in the exported program; the ONNX graph keeps
     only the branch taken for the example, silently wrong outside that range."""
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    placeholders = [
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs
+    ]
     for index, per_input in axes.items():
         value = placeholders[index].meta.get("val") if index < len(placeholders) else None
         if value is None:
@@ -141,7 +161,8 @@ def _check_ranges(program: Any, examples: tuple[torch.Tensor, ...], axes: dict[i
                     f"the module branches on the size of dynamic axis {name!r}: the export is only valid for {valid} "
                     f"(example {examples[index].shape[axis]}), and the ONNX graph would keep one branch for every size",
                     where=model.origin,
-                    hint="replace the Python `if` on the size by torch.cond or tensor ops, or do not mark the axis dynamic")
+                    hint="replace the Python `if` on the size by torch.cond or tensor ops, or do not mark the axis dynamic",
+                )
 
 
 def _bound(value: Any) -> int | None:
@@ -157,14 +178,17 @@ def _output_names(outputs: Any) -> list[str] | None:
         return ["output"]
     if isinstance(outputs, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in outputs):
         return [f"output_{i}" for i in range(len(outputs))]
-    if isinstance(outputs, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in outputs.items()):
+    if isinstance(outputs, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in outputs.items()
+    ):
         return list(outputs)
     return None
 
 
 def _weight_bytes(model: TorchModel) -> int:
-    tensors = (model.program.state_dict.values() if model.exported
-               else [*model.program.parameters(), *model.program.buffers()])
+    tensors = (
+        model.program.state_dict.values() if model.exported else [*model.program.parameters(), *model.program.buffers()]
+    )
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -181,8 +205,17 @@ def _quiet():
                 notes.append(line[:300])
 
     handler = Collect()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._export",
-                                                    "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    loggers = [
+        logging.getLogger(name)
+        for name in (
+            "torch.onnx",
+            "onnxscript",
+            "torch.export",
+            "torch._export",
+            "torch.fx.experimental.symbolic_shapes",
+            "torch._subclasses",
+        )
+    ]
     saved = [(lg, lg.level, lg.propagate, lg.handlers) for lg in loggers]
     for lg in loggers:
         lg.handlers = [handler]
@@ -224,24 +257,38 @@ def _export_error(exc: Exception, model: TorchModel) -> EdgepackError:
         root = root.__cause__
     at = _user_frame(root)
     text = str(root)
-    if "data-dependent" in text or type(root).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException"):
+    if "data-dependent" in text or type(root).__name__ in (
+        "GuardOnDataDependentSymNode",
+        "DataDependentOutputException",
+    ):
         return ConversionError(
             f"the module's control flow depends on tensor values{at}: torch.export cannot put a Python `if` on a "
-            "tensor's value in a graph", where=model.origin,
-            hint="compute both results and pick one with torch.where, or use torch.cond")
+            "tensor's value in a graph",
+            where=model.origin,
+            hint="compute both results and pick one with torch.where, or use torch.cond",
+        )
     if "Constraints violated" in text:
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("  - Not all")][:4]
-        return ConversionError(f"a dynamic axis cannot stay dynamic: {' '.join(lines)}", where=model.origin,
-                               hint="the module fixes that axis's size; make the code size-agnostic or drop it from --dynamic")
-    return ConversionError(f"torch.onnx.export failed: {type(root).__name__}: {first_line(root)}{at}",
-                           where=model.origin, hint="rerun with --debug for the exporter's traceback")
+        return ConversionError(
+            f"a dynamic axis cannot stay dynamic: {' '.join(lines)}",
+            where=model.origin,
+            hint="the module fixes that axis's size; make the code size-agnostic or drop it from --dynamic",
+        )
+    return ConversionError(
+        f"torch.onnx.export failed: {type(root).__name__}: {first_line(root)}{at}",
+        where=model.origin,
+        hint="rerun with --debug for the exporter's traceback",
+    )
 
 
 def _user_frame(exc: BaseException) -> str:
     """' at file:line (code)' for the innermost frame outside torch and edgepack, if any."""
     skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent), "<frozen")
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith(skip) and "site-packages" not in f.filename]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(skip) and "site-packages" not in f.filename
+    ]
     if not frames:
         return ""
     frame = frames[-1]

@@ -29,11 +29,21 @@ import torch
 
 from ..errors import ModelError, UsageError, first_line
 
-__all__ = ["TorchModel", "resolve", "parse_example_input", "parse_dynamic", "example_inputs", "dynamic_axes",
-           "run_module", "eval_mode"]
+__all__ = [
+    "TorchModel",
+    "resolve",
+    "parse_example_input",
+    "parse_dynamic",
+    "example_inputs",
+    "dynamic_axes",
+    "run_module",
+    "eval_mode",
+]
 
-DTYPES = {name: getattr(torch, name) for name in
-          ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
+DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
 _DYNAMIC = re.compile(r"^(?P<input>[^:=]+):(?P<axis>-?\d+)=(?P<name>[A-Za-z_]\w*)$")
 
@@ -76,8 +86,11 @@ def _load_pt2(path: Path, name: str | None) -> TorchModel:
     try:
         program = torch.export.load(path)
     except Exception as exc:  # torch raises many kinds for a file that is not an ExportedProgram
-        raise ModelError(f"not a torch.export program: {type(exc).__name__}: {first_line(exc)}", where=str(path),
-                         hint="write it with torch.export.save(torch.export.export(module, args), 'model.pt2')") from None
+        raise ModelError(
+            f"not a torch.export program: {type(exc).__name__}: {first_line(exc)}",
+            where=str(path),
+            hint="write it with torch.export.save(torch.export.export(module, args), 'model.pt2')",
+        ) from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return TorchModel(program, name or path.stem, str(path), _program_input_names(program), digest)
 
@@ -89,24 +102,38 @@ def _import_reference(text: str) -> torch.nn.Module:
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}", where=text,
-                         hint="run from the folder that holds the package, or install it") from None
+        raise UsageError(
+            f"cannot import {module_name!r}: {exc}",
+            where=text,
+            hint="run from the folder that holds the package, or install it",
+        ) from None
     except Exception as exc:
-        raise ModelError(f"importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}", where=text) from None
+        raise ModelError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}", where=text
+        ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise UsageError(f"{module_name!r} has no attribute {part!r}", where=text,
-                             hint="use pkg.module:factory, where factory returns an nn.Module (or is one)")
+            raise UsageError(
+                f"{module_name!r} has no attribute {part!r}",
+                where=text,
+                hint="use pkg.module:factory, where factory returns an nn.Module (or is one)",
+            )
         target = getattr(target, part)
     if not isinstance(target, torch.nn.Module) and callable(target):
         try:
             target = target()
         except Exception as exc:
-            raise ModelError(f"calling {attribute}() failed: {type(exc).__name__}: {first_line(exc)}", where=text,
-                             hint="the factory must build the model with no arguments") from None
+            raise ModelError(
+                f"calling {attribute}() failed: {type(exc).__name__}: {first_line(exc)}",
+                where=text,
+                hint="the factory must build the model with no arguments",
+            ) from None
     if not isinstance(target, torch.nn.Module):
-        raise UsageError(f"{attribute} gives a {type(target).__name__}, not a torch.nn.Module", where=text,
-                         hint="point at a factory returning an nn.Module, or at an nn.Module instance")
+        raise UsageError(
+            f"{attribute} gives a {type(target).__name__}, not a torch.nn.Module",
+            where=text,
+            hint="point at a factory returning an nn.Module, or at an nn.Module instance",
+        )
     return target
 
 
@@ -127,8 +154,11 @@ def parse_example_input(text: str) -> tuple[list[int], torch.dtype]:
     shape_text, _, dtype_text = text.strip().partition(":")
     dtype_text = dtype_text or "float32"
     if not _SHAPE.match(shape_text):
-        raise UsageError(f"--example-input {text!r}: expected a shape like 2x3x224x224 (sizes joined by x), "
-                         "optionally followed by :DTYPE", hint=f"dtypes: {', '.join(DTYPES)}")
+        raise UsageError(
+            f"--example-input {text!r}: expected a shape like 2x3x224x224 (sizes joined by x), "
+            "optionally followed by :DTYPE",
+            hint=f"dtypes: {', '.join(DTYPES)}",
+        )
     if dtype_text not in DTYPES:
         raise UsageError(f"--example-input {text!r}: unknown dtype {dtype_text!r}", hint=f"dtypes: {', '.join(DTYPES)}")
     return [int(d) for d in shape_text.split("x")], DTYPES[dtype_text]
@@ -154,8 +184,10 @@ def parse_dynamic(specs: Any) -> list[tuple[str, int, str]]:
 def _dynamic_entry(spec: str) -> tuple[str, int, str]:
     match = _DYNAMIC.match(str(spec).strip())
     if not match:
-        raise UsageError(f"--dynamic {spec!r}: expected INPUT:AXIS=NAME, e.g. input:0=batch",
-                         hint="INPUT is a forward() argument name or index, NAME a dim name such as batch or seq")
+        raise UsageError(
+            f"--dynamic {spec!r}: expected INPUT:AXIS=NAME, e.g. input:0=batch",
+            hint="INPUT is a forward() argument name or index, NAME a dim name such as batch or seq",
+        )
     return match["input"], int(match["axis"]), match["name"]
 
 
@@ -166,13 +198,18 @@ def example_inputs(given: Any, model: TorchModel) -> tuple[torch.Tensor, ...]:
             args, kwargs = model.program.example_inputs
             if not kwargs:
                 return tuple(args)
-        raise UsageError("a PyTorch model needs example inputs", where=model.origin,
-                         hint="give one --example-input SHAPE[:DTYPE] per forward() argument, e.g. --example-input 2x3x224x224")
+        raise UsageError(
+            "a PyTorch model needs example inputs",
+            where=model.origin,
+            hint="give one --example-input SHAPE[:DTYPE] per forward() argument, e.g. --example-input 2x3x224x224",
+        )
     if isinstance(given, (str, torch.Tensor)):
         given = [given]
     if isinstance(given, dict):
-        raise UsageError("example inputs are positional: give a tuple with one tensor or shape per forward() argument",
-                         where=model.origin)
+        raise UsageError(
+            "example inputs are positional: give a tuple with one tensor or shape per forward() argument",
+            where=model.origin,
+        )
     generator = torch.Generator().manual_seed(0)
     tensors = []
     for item in given:
@@ -191,8 +228,9 @@ def example_inputs(given: Any, model: TorchModel) -> tuple[torch.Tensor, ...]:
     return tuple(tensors)
 
 
-def dynamic_axes(entries: list[tuple[str, int, str]], model: TorchModel,
-                 examples: tuple[torch.Tensor, ...]) -> dict[int, dict[int, str]]:
+def dynamic_axes(
+    entries: list[tuple[str, int, str]], model: TorchModel, examples: tuple[torch.Tensor, ...]
+) -> dict[int, dict[int, str]]:
     """Resolve ``--dynamic`` entries to {input index: {axis: dim name}}, checking rule 3."""
     names = model.input_names[: len(examples)]
     axes: dict[int, dict[int, str]] = {}
@@ -200,22 +238,34 @@ def dynamic_axes(entries: list[tuple[str, int, str]], model: TorchModel,
     for ref, axis, dim in entries:
         index = int(ref) if ref.isdigit() else (names.index(ref) if ref in names else None)
         if index is None or index >= len(examples):
-            known = ", ".join(f"{i} ({n})" for i, n in enumerate(names)) or ", ".join(str(i) for i in range(len(examples)))
-            raise UsageError(f"--dynamic {ref}:{axis}={dim}: no input {ref!r}", where=model.origin,
-                             hint=f"inputs (index and forward() name): {known}")
+            known = ", ".join(f"{i} ({n})" for i, n in enumerate(names)) or ", ".join(
+                str(i) for i in range(len(examples))
+            )
+            raise UsageError(
+                f"--dynamic {ref}:{axis}={dim}: no input {ref!r}",
+                where=model.origin,
+                hint=f"inputs (index and forward() name): {known}",
+            )
         shape = examples[index].shape
         if not -len(shape) <= axis < len(shape):
-            raise UsageError(f"--dynamic {ref}:{axis}={dim}: input {ref!r} has {len(shape)} axes (shape {list(shape)})",
-                             where=model.origin)
+            raise UsageError(
+                f"--dynamic {ref}:{axis}={dim}: input {ref!r} has {len(shape)} axes (shape {list(shape)})",
+                where=model.origin,
+            )
         axis %= len(shape)
         size = shape[axis]
         if size < 2:
             raise UsageError(
                 f"--dynamic {ref}:{axis}={dim}: the example size of a dynamic axis must be at least 2, found {size}",
-                where=model.origin, hint="torch fixes axes of size 0 or 1; use e.g. 2 for a batch axis")
+                where=model.origin,
+                hint="torch fixes axes of size 0 or 1; use e.g. 2 for a batch axis",
+            )
         if sizes.setdefault(dim, size) != size:
-            raise UsageError(f"--dynamic: dim {dim!r} has example sizes {sizes[dim]} and {size}",
-                             where=model.origin, hint="axes sharing a dim name must have the same example size")
+            raise UsageError(
+                f"--dynamic: dim {dim!r} has example sizes {sizes[dim]} and {size}",
+                where=model.origin,
+                hint="axes sharing a dim name must have the same example size",
+            )
         axes.setdefault(index, {})[axis] = dim
     return axes
 
@@ -226,10 +276,12 @@ def run_module(model: TorchModel, examples: tuple[torch.Tensor, ...]) -> None:
         model(*examples)
     except Exception as exc:
         shapes = ", ".join(f"{'x'.join(map(str, t.shape))}:{str(t.dtype).removeprefix('torch.')}" for t in examples)
-        raise UsageError(f"the module fails on the example input(s) {shapes}: {type(exc).__name__}: {first_line(exc)}",
-                         where=model.origin,
-                         hint=f"give one --example-input per forward() argument ({', '.join(model.input_names) or '?'}), "
-                         "in order, with the shapes the module expects") from None
+        raise UsageError(
+            f"the module fails on the example input(s) {shapes}: {type(exc).__name__}: {first_line(exc)}",
+            where=model.origin,
+            hint=f"give one --example-input per forward() argument ({', '.join(model.input_names) or '?'}), "
+            "in order, with the shapes the module expects",
+        ) from None
 
 
 @contextlib.contextmanager

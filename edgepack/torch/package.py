@@ -38,8 +38,17 @@ from .verify import check_export
 
 __all__ = ["package_torch", "ir_for_opset", "runtime_for_opset"]
 
-ORT_FIRST_RELEASE = {13: "1.6", 14: "1.8", 15: "1.9", 16: "1.11", 17: "1.13", 18: "1.14", 19: "1.15",
-                     20: "1.17", 21: "1.18"}
+ORT_FIRST_RELEASE = {
+    13: "1.6",
+    14: "1.8",
+    15: "1.9",
+    16: "1.11",
+    17: "1.13",
+    18: "1.14",
+    19: "1.15",
+    20: "1.17",
+    21: "1.18",
+}
 """The first onnxruntime release implementing each ai.onnx opset (onnxruntime's version matrix)."""
 
 
@@ -61,8 +70,11 @@ def package_torch(
     refuse_existing_output(name, profiles, options)  # before the slow export
     entries = parse_dynamic(dynamic)
     if entries and torch_model.exported:
-        raise UsageError("--dynamic does not apply to a .pt2 program: it keeps the dynamic shapes it was exported with",
-                         where=torch_model.origin, hint="set them in torch.export.export(..., dynamic_shapes=...)")
+        raise UsageError(
+            "--dynamic does not apply to a .pt2 program: it keeps the dynamic shapes it was exported with",
+            where=torch_model.origin,
+            hint="set them in torch.export.export(..., dynamic_shapes=...)",
+        )
     examples = example_inputs(example_inputs_given, torch_model)
     axes = dynamic_axes(entries, torch_model, examples)
     with eval_mode(torch_model):
@@ -71,9 +83,15 @@ def package_torch(
             return _export_and_package(torch_model, examples, axes, profiles, options, Path(scratch), progress)
 
 
-def _export_and_package(model: TorchModel, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]],
-                        profiles: list[Profile], options: Options, scratch: Path,
-                        progress: Callable[[str], None]) -> list[Result]:
+def _export_and_package(
+    model: TorchModel,
+    examples: tuple[torch.Tensor, ...],
+    axes: dict[int, dict[int, str]],
+    profiles: list[Profile],
+    options: Options,
+    scratch: Path,
+    progress: Callable[[str], None],
+) -> list[Result]:
     opset = min(p.runtime.max_opset for p in profiles)
     progress(f"export {model.origin} with torch.onnx.export (dynamo) at opset {opset}")
     folder = scratch / f"dynamo-opset{opset}"
@@ -92,17 +110,27 @@ def _export_and_package(model: TorchModel, examples: tuple[torch.Tensor, ...], a
         else:
             path, report = fitted
             groups.setdefault(path, ([], report))[0].append(profile)
-    results: dict[str, Result] = {p: Result(p, bundle_path(options.output, model.name, _profile(profiles, p)), False, error=e)
-                                  for p, e in failures.items()}
+    results: dict[str, Result] = {
+        p: Result(p, bundle_path(options.output, model.name, _profile(profiles, p)), False, error=e)
+        for p, e in failures.items()
+    }
     for path, (members, report) in groups.items():
         for result in package_model(path, members, options, name=model.name, progress=progress, origin=[report]):
             results[result.target] = result
     return [results[p.name] for p in profiles]
 
 
-def _fit(profile: Profile, model: TorchModel, examples: tuple[torch.Tensor, ...], axes: dict[int, dict[int, str]],
-         dynamo: Export, legacy: dict[int, Export | EdgepackError], variants: dict[tuple[Path, int], Path],
-         scratch: Path, progress: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | EdgepackError:
+def _fit(
+    profile: Profile,
+    model: TorchModel,
+    examples: tuple[torch.Tensor, ...],
+    axes: dict[int, dict[int, str]],
+    dynamo: Export,
+    legacy: dict[int, Export | EdgepackError],
+    variants: dict[tuple[Path, int], Path],
+    scratch: Path,
+    progress: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]] | EdgepackError:
     """Rules 2 to 4 for one target: the file it gets and its export report, or why it gets none.
     ``legacy`` and ``variants`` cache the exports and IR-stamped copies shared between targets."""
     runtime = profile.runtime
@@ -114,8 +142,10 @@ def _fit(profile: Profile, model: TorchModel, examples: tuple[torch.Tensor, ...]
         if isinstance(found, EdgepackError):
             return _too_new(profile, dynamo, found)
         export = found
-        fallback = (f"the dynamo exporter wrote opset {dynamo.opset} (asked {dynamo.requested_opset}), above the "
-                    f"runtime's {runtime.max_opset}: re-exported with the legacy exporter at opset {runtime.max_opset}")
+        fallback = (
+            f"the dynamo exporter wrote opset {dynamo.opset} (asked {dynamo.requested_opset}), above the "
+            f"runtime's {runtime.max_opset}: re-exported with the legacy exporter at opset {runtime.max_opset}"
+        )
     ir_version = min(export.ir_version, runtime.max_ir_version)
     needed = ir_for_opset(export.opset)
     if ir_version < needed:
@@ -123,7 +153,8 @@ def _fit(profile: Profile, model: TorchModel, examples: tuple[torch.Tensor, ...]
             f"opset {export.opset} needs IR version {needed}, but the target's runtime "
             f"({runtime.package} {runtime.version}) reads up to IR {runtime.max_ir_version}",
             where=f"{model.origin} for target {profile.name}",
-            hint=f"lower the opset in the profile (runtime.max_opset) or use a runtime that reads IR {needed}")
+            hint=f"lower the opset in the profile (runtime.max_opset) or use a runtime that reads IR {needed}",
+        )
     missed = _missed_tolerance(export, profile, model, dynamo)
     if missed:
         return missed
@@ -137,8 +168,14 @@ def _fit(profile: Profile, model: TorchModel, examples: tuple[torch.Tensor, ...]
     return path, _report(model, export, dynamo, ir_version, fallback, axes)
 
 
-def _try_legacy(model: TorchModel, examples: tuple[torch.Tensor, ...], dynamo: Export, opset: int, scratch: Path,
-                progress: Callable[[str], None]) -> Export | EdgepackError:
+def _try_legacy(
+    model: TorchModel,
+    examples: tuple[torch.Tensor, ...],
+    dynamo: Export,
+    opset: int,
+    scratch: Path,
+    progress: Callable[[str], None],
+) -> Export | EdgepackError:
     progress(f"export: opset {dynamo.opset} is above a target's {opset}; legacy exporter at opset {opset}")
     folder = scratch / f"legacy-opset{opset}"
     folder.mkdir()
@@ -164,7 +201,8 @@ def _too_new(profile: Profile, dynamo: Export, legacy_error: EdgepackError) -> C
         f"{legacy_error.message}",
         where=f"{dynamo.path.stem} for target {profile.name}",
         hint=f"use a target whose runtime implements opset {dynamo.opset} (runtime.max_opset >= {dynamo.opset}), "
-        f"or change the module so that it exports at opset {runtime.max_opset}")
+        f"or change the module so that it exports at opset {runtime.max_opset}",
+    )
 
 
 def _missed_tolerance(export: Export, profile: Profile, model: TorchModel, dynamo: Export) -> EdgepackError | None:
@@ -180,15 +218,27 @@ def _missed_tolerance(export: Export, profile: Profile, model: TorchModel, dynam
         f"(required {tolerance.min_cosine:g}){note}",
         where=f"{model.origin} for target {profile.name} ({export.exporter} exporter)",
         hint="shapes or values were fixed while tracing; make the module size-agnostic or export with fixed shapes"
-        + (f"; or use a target whose runtime implements opset {dynamo.opset} ({runtime_for_opset(dynamo.opset)}), "
-           "which gets the dynamo export" if export is not dynamo else ""))
+        + (
+            f"; or use a target whose runtime implements opset {dynamo.opset} ({runtime_for_opset(dynamo.opset)}), "
+            "which gets the dynamo export"
+            if export is not dynamo
+            else ""
+        ),
+    )
 
 
-def _report(model: TorchModel, export: Export, dynamo: Export, ir_version: int, fallback: str | None,
-            axes: dict[int, dict[int, str]]) -> dict[str, Any]:
+def _report(
+    model: TorchModel,
+    export: Export,
+    dynamo: Export,
+    ir_version: int,
+    fallback: str | None,
+    axes: dict[int, dict[int, str]],
+) -> dict[str, Any]:
     check = export.check
     dims = sorted({name for per_input in axes.values() for name in per_input.values()}) or [
-        c["case"].split("=")[0] for c in check["checks"][1:]]
+        c["case"].split("=")[0] for c in check["checks"][1:]
+    ]
     ir_text = f"IR {export.ir_version}" + (f" -> {ir_version}" if ir_version != export.ir_version else "")
     return {
         "stage": "export",
@@ -207,8 +257,10 @@ def _report(model: TorchModel, export: Export, dynamo: Export, ir_version: int, 
         "fallback": fallback,
         "external_data": export.path.with_name(export.path.name + ".data").is_file(),
         "dynamo_opset_written": dynamo.opset,
-        "dynamic": {model.input_names[i] if i < len(model.input_names) else str(i): {str(a): n for a, n in per.items()}
-                    for i, per in axes.items()},
+        "dynamic": {
+            model.input_names[i] if i < len(model.input_names) else str(i): {str(a): n for a, n in per.items()}
+            for i, per in axes.items()
+        },
         "notes": export.notes[:10],
         **check,
     }
@@ -216,8 +268,10 @@ def _report(model: TorchModel, export: Export, dynamo: Export, ir_version: int, 
 
 def _describe(export: Export) -> str:
     check = export.check
-    return (f"export: {export.exporter} wrote opset {export.opset} (asked {export.requested_opset}), IR {export.ir_version} "
-            f"in {export.seconds:.1f} s; vs the module: max abs error {check['max_abs_error']:.3g}, cosine {check['cosine']:.6f}")
+    return (
+        f"export: {export.exporter} wrote opset {export.opset} (asked {export.requested_opset}), IR {export.ir_version} "
+        f"in {export.seconds:.1f} s; vs the module: max abs error {check['max_abs_error']:.3g}, cosine {check['cosine']:.6f}"
+    )
 
 
 def _profile(profiles: list[Profile], name: str) -> Profile:
@@ -233,7 +287,9 @@ def runtime_for_opset(opset: int) -> str:
     known = ORT_FIRST_RELEASE.get(opset)
     if known:
         return f"onnxruntime {known} or newer"
-    return f"an onnxruntime release that implements opset {opset} (newer than {ORT_FIRST_RELEASE[max(ORT_FIRST_RELEASE)]})"
+    return (
+        f"an onnxruntime release that implements opset {opset} (newer than {ORT_FIRST_RELEASE[max(ORT_FIRST_RELEASE)]})"
+    )
 
 
 def _with_ir(export: Export, ir_version: int, folder: Path, name: str) -> Path:

@@ -39,16 +39,19 @@ def check_export(path: Path, model: Any, examples: tuple[torch.Tensor, ...]) -> 
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
-        raise ConversionError(f"onnxruntime cannot load the exported model: {first_line(exc)}",
-                              where=str(getattr(model, "origin", path))) from None
+        raise ConversionError(
+            f"onnxruntime cannot load the exported model: {first_line(exc)}", where=str(getattr(model, "origin", path))
+        ) from None
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     checks = []
     for case, inputs in _cases(path, model, examples):
         expected = _flatten(model(*inputs))
         if len(expected) != len(output_names):
-            raise ConversionError(f"the module returns {len(expected)} tensors but the exported model {len(output_names)} outputs",
-                                  where=str(getattr(model, "origin", path)))
+            raise ConversionError(
+                f"the module returns {len(expected)} tensors but the exported model {len(output_names)} outputs",
+                where=str(getattr(model, "origin", path)),
+            )
         feeds = {name: t.numpy() for name, t in zip(input_names, inputs)}
         reference = dict(zip(output_names, expected))
         try:
@@ -59,8 +62,12 @@ def check_export(path: Path, model: Any, examples: tuple[torch.Tensor, ...]) -> 
         except Exception as exc:  # a shape fixed in the graph fails inside onnxruntime
             figures = {"max_abs_error": float("inf"), "cosine": 0.0}
             note = f"onnxruntime failed: {first_line(exc)}"
-        entry = {"case": case, "shapes": {n: list(t.shape) for n, t in zip(input_names, inputs)},
-                 "max_abs_error": figures["max_abs_error"], "cosine": figures["cosine"]}
+        entry = {
+            "case": case,
+            "shapes": {n: list(t.shape) for n, t in zip(input_names, inputs)},
+            "max_abs_error": figures["max_abs_error"],
+            "cosine": figures["cosine"],
+        }
         if note:
             entry["note"] = note
         checks.append(entry)
@@ -105,7 +112,9 @@ def _cases(path: Path, model: Any, examples: tuple[torch.Tensor, ...]):
         else:
             raise UsageError(
                 f"dim {name!r} is dynamic, but the module runs only with {name}={size} (tried {', '.join(map(str, tried))})",
-                where=str(getattr(model, "origin", path)), hint="do not mark that axis dynamic")
+                where=str(getattr(model, "origin", path)),
+                hint="do not mark that axis dynamic",
+            )
 
 
 def _resized(tensor: torch.Tensor, axis: int, size: int) -> torch.Tensor:

@@ -18,9 +18,12 @@ SHIM = "edgepack_shim.py"
 
 
 def relu_model(path: Path, shape=(1, 4), opset: int = OPSET) -> Path:
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())
@@ -32,10 +35,15 @@ def unmergeable_dims_model(path: Path) -> Path:
     inference stops ("Incomplete") and saves sym_shape_infer_temp.onnx + <uuid>.data in the current folder."""
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "z"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], [weight])
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "z"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["m", 64]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
@@ -52,9 +60,14 @@ def reseal(bundle: Path, manifest: dict) -> None:
 
 
 def run_shim(bundle: Path, *args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(bundle / SHIM), *map(str, args)], cwd=cwd or bundle.parent,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    return subprocess.run(
+        [sys.executable, str(bundle / SHIM), *map(str, args)],
+        cwd=cwd or bundle.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+    )
 
 
 def tree(folder: Path) -> dict[str, bytes]:

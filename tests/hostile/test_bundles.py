@@ -37,10 +37,26 @@ def bundle(pristine, tmp_path) -> Path:
 
 def verify_both(bundle: Path, timeout: float = 30) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    packager = subprocess.run([sys.executable, "-m", "edgepack", "verify", str(bundle)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
-    shim = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "runtime_shim" / SHIM),
-                           "--bundle", str(bundle), "verify"], capture_output=True, text=True, timeout=timeout, env=env)
+    packager = subprocess.run(
+        [sys.executable, "-m", "edgepack", "verify", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    shim = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[2] / "runtime_shim" / SHIM),
+            "--bundle",
+            str(bundle),
+            "verify",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     return packager, shim
 
 
@@ -66,6 +82,7 @@ def _set(path: str, value):
         for key in parents:
             node = node[key]
         node[last] = value
+
     return change
 
 
@@ -74,15 +91,31 @@ RESEALED = [
     ("model_as_string", _set("model", "model/m.ort"), "'model' and 'runtime' must be mappings"),
     ("inputs_as_dict", _set("model.inputs", {"x": "float32"}), "'model.inputs' must be a list"),
     ("side_files_as_string", _set("model.external_data", "../x"), "'model.external_data' must be a list"),
-    ("memory_stats_entry", _set("runtime.session_options.config_entries",
-                                {"session.collect_node_memory_stats_to_file": "/tmp/edgepack-pwned"}),
-     "session.collect_node_memory_stats_to_file"),
-    ("trt_cache_path", _set("runtime.execution_providers",
-                            [{"name": "TensorrtExecutionProvider", "options": {"trt_engine_cache_path": "/etc"}},
-                             {"name": "CPUExecutionProvider", "options": {}}]), "trt_engine_cache_path"),
+    (
+        "memory_stats_entry",
+        _set(
+            "runtime.session_options.config_entries",
+            {"session.collect_node_memory_stats_to_file": "/tmp/edgepack-pwned"},
+        ),
+        "session.collect_node_memory_stats_to_file",
+    ),
+    (
+        "trt_cache_path",
+        _set(
+            "runtime.execution_providers",
+            [
+                {"name": "TensorrtExecutionProvider", "options": {"trt_engine_cache_path": "/etc"}},
+                {"name": "CPUExecutionProvider", "options": {}},
+            ],
+        ),
+        "trt_engine_cache_path",
+    ),
     ("threads_huge", _set("runtime.session_options.intra_op_num_threads", 10**11), "intra_op_num_threads"),
-    ("files_escape", lambda m: m["files"].update({"../outside": {"sha256": "0" * 64, "size": 1}}),
-     "outside the bundle"),
+    (
+        "files_escape",
+        lambda m: m["files"].update({"../outside": {"sha256": "0" * 64, "size": 1}}),
+        "outside the bundle",
+    ),
 ]
 
 
@@ -205,8 +238,15 @@ def _output_path_too_long(tmp):
     return ["x.npz", "-o", "o" * 5000 + ".npz"], "File name too long"
 
 
-SHIM_MISTAKES = [_garbage_npz, _truncated_npz, _pickled_npy, _missing_output_folder, _output_is_a_folder,
-                 _output_unwritable, _output_path_too_long]
+SHIM_MISTAKES = [
+    _garbage_npz,
+    _truncated_npz,
+    _pickled_npy,
+    _missing_output_folder,
+    _output_is_a_folder,
+    _output_unwritable,
+    _output_path_too_long,
+]
 
 
 @pytest.mark.parametrize("case", SHIM_MISTAKES, ids=lambda c: c.__name__.strip("_"))
@@ -249,8 +289,13 @@ def test_a_signature_that_is_not_a_regular_file_is_never_read(bundle, tmp_path, 
         (tmp_path / "elsewhere.sig").write_text("{}")
         (bundle / "model.sig").symlink_to(tmp_path / "elsewhere.sig")
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    packager = subprocess.run([sys.executable, "-m", "edgepack", "verify", str(bundle), "--public-key",
-                               str(tmp_path / "k.pub")], capture_output=True, text=True, timeout=30, env=env)
+    packager = subprocess.run(
+        [sys.executable, "-m", "edgepack", "verify", str(bundle), "--public-key", str(tmp_path / "k.pub")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     device = run_shim(bundle, "verify", "--public-key", tmp_path / "k.pub", timeout=30)
     for done in (packager, device):
         assert done.returncode == 7 and "model.sig is not a regular file" in done.stderr, done.stderr

