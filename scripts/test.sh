@@ -22,4 +22,8 @@ fi
 # torch first, pinned: the extra's open range would otherwise pull the newest build with GBs of CUDA packages
 .venv/bin/python -m pip install -q --disable-pip-version-check 'torch==2.13.0'
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,torch,freeze]'
+# lint, format and types first: seconds, and a finding fails the run like a test does
+.venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"
