@@ -1098,7 +1098,7 @@ def _check_input(spec: dict, value, sizes: dict) -> np.ndarray:
                     f"input {name!r} dim {axis} must be {dim} (shape {_shape_text(shape)}), "
                     f"got {size}: {tuple(array.shape)}"
                 )
-            if isinstance(dim, str):
+            if isinstance(dim, str) and dim != "?":  # some exporters (PaddleOCR) name every unknown dim "?"
                 first = sizes.setdefault(dim, (size, name))
                 if first[0] != size:
                     raise InputError(

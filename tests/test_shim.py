@@ -342,6 +342,13 @@ def test_named_dims_must_agree_across_inputs(bundles):
         shim.load(bundles["transformer"]).run(feeds)
 
 
+def test_dims_named_question_mark_are_independent():
+    """PaddleOCR's classifier declares [?, 3, ?, ?]: a 48x192 image is valid, "?" names no shared dim."""
+    specs = [{"name": "x", "dtype": "float32", "shape": ["?", 3, "?", "?"]}]
+    arrays = shim.check_feeds(specs, {"x": np.zeros((1, 3, 48, 192), np.float32)})
+    assert arrays["x"].shape == (1, 3, 48, 192)
+
+
 def test_lossless_casts_are_made(bundles):
     text = shim.load(bundles["transformer"])
     feeds = text_inputs()
