@@ -34,6 +34,7 @@ import onnx
 from .checked import work_paths_out
 from .errors import ConversionError, UsageError, first_line
 from .onnxio.modelinfo import format_shape, iter_graphs
+from .samples import check_budget
 
 __all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
 
@@ -67,6 +68,14 @@ class InputPlan:
     """Every candidate tried, in order: shapes, and the error of those that failed."""
 
     def generate(self, *, seed: int, count: int) -> list[dict[str, Any]]:
+        check_budget(
+            {
+                s["name"]: (self.shapes[s["name"]], s["dtype"])
+                for s in self.specs
+                if self.rules[s["name"]][0] not in ("sequence", "map")
+            },
+            count,
+        )
         rng = np.random.default_rng(seed)
         return [{spec["name"]: self._value(spec, rng) for spec in self.specs} for _ in range(count)]
 
@@ -131,8 +140,9 @@ def fit_inputs(
             continue
         seen.add(repr((shapes, level_rules)))
         plan = InputPlan(specs, shapes, level_rules)
+        feeds = plan.generate(seed=0, count=1)[0]  # over the memory budget: that error, not a failed try
         try:
-            run(plan.generate(seed=0, count=1)[0])
+            run(feeds)
         except Exception as exc:  # onnxruntime raises many kinds from native code
             tries.append({"input_shapes": _shown(shapes), "error": work_paths_out(first_line(exc)[:300])})
             continue

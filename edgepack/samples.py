@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UsageError
 
-__all__ = ["generate_inputs", "concrete_shape", "MEMORY_BUDGET"]
+__all__ = ["generate_inputs", "concrete_shape", "check_budget", "MEMORY_BUDGET"]
 
 MEMORY_BUDGET = 2 << 30
 """Bytes all generated input sets of one call may take. A model declares its own input dims (seen:
@@ -54,14 +54,17 @@ def generate_inputs(inputs: list[dict[str, Any]], *, seed: int = 0, count: int =
 
 
 def _check_budget(inputs: list[dict[str, Any]], count: int) -> None:
-    sizes = {
-        spec["name"]: math.prod(concrete_shape(spec["shape"])) * np.dtype(spec["dtype"]).itemsize for spec in inputs
-    }
+    check_budget({spec["name"]: (concrete_shape(spec["shape"]), spec["dtype"]) for spec in inputs}, count)
+
+
+def check_budget(shapes: dict[str, tuple[Any, Any]], count: int) -> None:
+    """A UsageError before anything is allocated when ``count`` input sets of these (shape, dtype) per input
+    would take more than ``MEMORY_BUDGET``."""
+    sizes = {name: math.prod(shape) * np.dtype(dtype).itemsize for name, (shape, dtype) in shapes.items()}
     total = sum(sizes.values()) * count
     if total > MEMORY_BUDGET:
         largest = max(sizes, key=sizes.__getitem__)
-        spec = next(s for s in inputs if s["name"] == largest)
-        shape = "x".join(map(str, concrete_shape(spec["shape"])))
+        shape = "x".join(map(str, shapes[largest][0]))
         raise UsageError(
             f"generated inputs would take {total / 2**30:.3g} GiB ({count} set(s); input {largest[:80]!r} is {shape[:80]}), "
             f"over the budget of {MEMORY_BUDGET >> 30} GiB",
