@@ -37,6 +37,8 @@ PAIRS: dict[tuple[str, str], str | None] = {
     ("onnx-pytorch-embedding", "rpi-arm64"): None,
     ("onnx-light-squeezenet", "android-nnapi"): None,
     ("silero-vad-16k-sequence", "browser-wasm"): None,
+    ("rapidocr-ppocrv4-det", "browser-wasm"): None,  # a score map all but zero: cosine is float noise
+    ("rapidocr-ppocr-mobile-v2-cls", "linux-x64"): None,  # every unknown dim named "?"
 }
 
 

@@ -13,6 +13,9 @@ Rules:
 4. A quantized (INT8 or FP16) bundle is held to ``quantization.tolerance`` instead of ``accuracy`` (meant
    for FP32), runs on the inputs the quantization gate used, and its size after ORT conversion is
    compared with the quantized .onnx: weights re-inflated by the conversion are reported.
+5. An FP32 bundle whose outputs differ from the reference by at most ``FLOAT_ROUNDING`` passes whatever
+   the cosine: PP-OCRv4's detector on made-up inputs gave max abs error 1.5e-07 with cosine 0.9977, its
+   score map being all but zero.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from .convert import ConvertResult
 __all__ = ["SelfTest", "SelfTestResult"]
 
 SAMPLE_SETS = 3
+FLOAT_ROUNDING = 1e-6
+"""Max abs error within float32 rounding of values near 1 (8 ulp): the outputs are the same numbers."""
 GROWTH_WARNING = 1.25
 """A converted quantized model this much larger than its .onnx, giving back over half of what quantization
 saved, has had weights re-inflated (FP32 constant folding)."""
@@ -129,7 +134,12 @@ class SelfTest(Stage):
                 **fitted,
             )
         tolerance = job.profile.accuracy
-        passed = figures["max_abs_error"] <= tolerance.max_abs_error and figures["cosine"] >= tolerance.min_cosine
+        # outputs near zero (a detector's score map on made-up inputs) have a cosine of float noise: agreement
+        # within float32 rounding passes without it (rule 5)
+        exact = figures["max_abs_error"] <= FLOAT_ROUNDING
+        passed = figures["max_abs_error"] <= tolerance.max_abs_error and (
+            exact or figures["cosine"] >= tolerance.min_cosine
+        )
         if not passed:
             raise AccuracyError(
                 f"the packaged model's outputs miss the tolerance: max abs error {figures['max_abs_error']:.4g} "
