@@ -194,11 +194,8 @@ def _executor(execution: Execution, pairs: int):
     return ProcessExecutor(jobs) if jobs > 1 else InlineExecutor()
 
 
-class InlineExecutor:
-    """Pairs one after the other in this process, progress as it happens."""
-
-    def __init__(self):
-        self._pending: list[tuple] = []
+class _LocalExecutor:
+    """What the executors on this machine share: nothing to start, and workers read the loaded model where it is."""
 
     def __enter__(self):
         return self
@@ -208,6 +205,13 @@ class InlineExecutor:
 
     def share(self, source: Source) -> Source:
         return source
+
+
+class InlineExecutor(_LocalExecutor):
+    """Pairs one after the other in this process, progress as it happens."""
+
+    def __init__(self):
+        self._pending: list[tuple] = []
 
     def submit(
         self,
@@ -233,7 +237,7 @@ class InlineExecutor:
             yield tag, result, []
 
 
-class ProcessExecutor:
+class ProcessExecutor(_LocalExecutor):
     """Pairs in worker processes on this machine; each pair's progress is shown when it ends."""
 
     def __init__(self, jobs: int):
@@ -242,15 +246,9 @@ class ProcessExecutor:
         self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
         self._futures: dict[Any, Any] = {}
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc):
         self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
         return False
-
-    def share(self, source: Source) -> Source:
-        return source
 
     def submit(
         self,
