@@ -201,20 +201,20 @@ def run_build(
     """Package every pair; (model name, Result) for each, in pair order (rule 3)."""
     from .api import is_torch_input, package_source
     from .executors import ModelWork, package_models
-    from .pipeline.result import Result, bundle_path, refuse_existing_output
+    from .pipeline.result import Result, refuse_existing_output
     from .recipes.kernels import refuse_unsupported
 
     base = Path(build.source).parent
-    output = base_options.output
     grouped: dict[str, tuple[ModelEntry, list]] = {}
     for pair in pairs:
         grouped.setdefault(model_name(pair.entry), (pair.entry, []))[1].append(pair.profile)
     options_of = {name: _options(entry, base, base_options) for name, (entry, _) in grouped.items()}
     models = {}
+    destinations_of: dict[str, dict[str, Path]] = {}
     for name, (entry, profiles) in grouped.items():  # every refusal of the output before any work
         local = _relative(entry.model, base)
         models[name] = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
-        refuse_existing_output(
+        destinations_of[name] = refuse_existing_output(
             name, profiles, options_of[name], inputs=(Path(models[name]),) if models[name] == local else ()
         )
     results: dict[tuple[str, str], Any] = {}
@@ -225,7 +225,7 @@ def run_build(
             refuse_unsupported(profiles, options_of[name])  # a recipe a target cannot run fails this model only
         except EdgepackError as exc:
             results.update(
-                {(name, p.name): Result(p.name, bundle_path(output, name, p), False, error=exc) for p in profiles}
+                {(name, p.name): Result(p.name, destinations_of[name][p.name], False, error=exc) for p in profiles}
             )
             continue
         if is_torch_input(model):
@@ -240,11 +240,10 @@ def run_build(
                     progress=progress,
                 )
             except EdgepackError as exc:
-                done = [Result(p.name, bundle_path(output, name, p), False, error=exc) for p in profiles]
+                done = [Result(p.name, destinations_of[name][p.name], False, error=exc) for p in profiles]
             results.update({(name, r.target): r for r in done})
         else:
-            destinations = {p.name: bundle_path(output, name, p) for p in profiles}
-            works.append(ModelWork(Path(model), name, profiles, options_of[name], destinations))
+            works.append(ModelWork(Path(model), name, profiles, options_of[name], destinations_of[name]))
     for work, done in zip(works, package_models(works, progress, keep_going=True), strict=True):
         results.update({(work.name, r.target): r for r in done})
     return [(model_name(p.entry), results[model_name(p.entry), p.profile.name]) for p in pairs]

@@ -43,7 +43,7 @@ from .bundle.manifest import read_manifest, verify_bundle
 from .errors import UsageError
 from .fileops import atomic_folder
 
-__all__ = ["BundleCache", "bundle_key", "CacheInfo"]
+__all__ = ["BundleCache", "bundle_key", "options_digest", "CacheInfo"]
 
 KEY_SCHEMA = "edgepack.cache/1"
 _ENTRY = "entry.json"
@@ -63,24 +63,31 @@ _TOOLS = (
 )
 
 
-def bundle_key(
-    model_files: dict[str, str],
-    bundle_name: str,
-    profile,
-    options,
-    *,
-    signer: str | None = None,
-    origin: list[dict[str, Any]] | None = None,
-) -> str:
-    """The cache key of one bundle (rule 1). ``model_files``: ``model_digests`` of the model."""
-    options_part = {}
+def options_digest(options) -> dict[str, Any]:
+    """The options' part of a bundle's key (rule 1): the files they name by content. The same for every target
+    of a model, so it is computed once per model, not per bundle."""
+    part = {}
     for f in dataclasses.fields(options):
         if f.name in _RUN_ONLY:
             continue
         value = getattr(options, f.name)
         if isinstance(value, Path) or (f.name == "calibration" and value not in (None, "random")):
             value = _path_digest(Path(value))
-        options_part[f.name] = value
+        part[f.name] = value
+    return part
+
+
+def bundle_key(
+    model_files: dict[str, str],
+    bundle_name: str,
+    profile,
+    options_part: dict[str, Any],
+    *,
+    signer: str | None = None,
+    origin: list[dict[str, Any]] | None = None,
+) -> str:
+    """The cache key of one bundle (rule 1). ``model_files``: ``model_digests`` of the model;
+    ``options_part``: ``options_digest`` of its options."""
     parts = {
         "schema": KEY_SCHEMA,
         "bundle": bundle_name,
@@ -96,10 +103,10 @@ def bundle_key(
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def model_digests(model: Path, locations: list[str] | None = None) -> dict[str, str]:
-    """SHA-256 of the model file and of every external-data file it names (read from the model unless
-    ``locations`` is given). Raises on a model that cannot be parsed."""
-    digests = {model.name: _file_sha256(model)}
+def model_digests(model: Path, locations: list[str] | None = None, *, digest: str | None = None) -> dict[str, str]:
+    """SHA-256 of the model file (``digest`` when already computed) and of every external-data file it names
+    (read from the model unless ``locations`` is given). Raises on a model that cannot be parsed."""
+    digests = {model.name: digest or _file_sha256(model)}
     for location in external_data_files(model) if locations is None else locations:
         side = model.parent / location
         digests[location] = _file_sha256(side) if side.is_file() else "missing"
@@ -209,7 +216,7 @@ class BundleCache:
             temp.write_text(json.dumps({"external_data": locations}), encoding="utf-8")
             os.chmod(temp, 0o644)
             os.replace(temp, memo)
-        return model_digests(model, locations)
+        return model_digests(model, locations, digest=digest)
 
     def restore(
         self, key: str, destination: Path, *, force: bool, public_key=None

@@ -67,13 +67,16 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
 
     A model that cannot be loaded raises, unless ``keep_going``: then its pairs fail and the others go on.
     """
-    from .cache import BundleCache, bundle_key
+    from .cache import BundleCache, bundle_key, options_digest
 
     if not works:
         return []
     execution = works[0].options.execution
     cache = BundleCache(execution.cache, execution.cache_max_mb) if execution.cache else None
-    signers = [_signer(w.options) for w in works]  # a wrong key or passphrase stops everything before any work
+    # a wrong key or passphrase stops everything before any work; each key is read and unlocked once
+    keys_used = dict.fromkeys((w.options.sign_key, w.options.sign_passphrase_env) for w in works)
+    loaded = {used: _signer(*used) for used in keys_used}
+    signers = [loaded[w.options.sign_key, w.options.sign_passphrase_env] for w in works]
     results: dict[tuple[int, str], Result] = {}
     keys: dict[tuple[int, str], str] = {}
     for index, work in enumerate(works):
@@ -81,13 +84,14 @@ def package_models(works: list[ModelWork], progress: Progress, *, keep_going: bo
         model_files = cache.model_files(work.model) if cache is not None else None
         if cache is None or not model_files:
             continue
+        options_part = options_digest(work.options)
         for profile in work.profiles:
             destination = work.destinations[profile.name]
             key = bundle_key(
                 model_files,
                 destination.name,
                 profile,
-                work.options,
+                options_part,
                 signer=signer.fingerprint if signer else None,
                 origin=work.origin,
             )
@@ -170,14 +174,14 @@ def _load(work: ModelWork, folder: Path, progress: Progress) -> Source:
     return dataclasses.replace(source, origin=list(work.origin)) if work.origin else source
 
 
-def _signer(options: Options) -> _Signer | None:
-    if not options.sign_key:
+def _signer(sign_key: Path | None, passphrase_env: str | None) -> _Signer | None:
+    if not sign_key:
         return None
     from cryptography.hazmat.primitives import serialization
 
     from .bundle.signing import fingerprint, load_private_key
 
-    key = load_private_key(options.sign_key, options.sign_passphrase_env)
+    key = load_private_key(sign_key, passphrase_env)
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return _Signer(key, fingerprint(key.public_key()), der)
 

@@ -22,7 +22,7 @@ from edgepack import cache as cache_module
 from edgepack.build import load_build_file, parse_shard, select_pairs
 from edgepack.bundle.manifest import verify_bundle
 from edgepack.bundle.signing import generate_key, load_public_key, verify_signature
-from edgepack.cache import BundleCache, bundle_key, model_digests
+from edgepack.cache import BundleCache, bundle_key, model_digests, options_digest
 from edgepack.errors import ProfileError, UsageError
 from edgepack.examples import write_example
 from edgepack.execution import Execution
@@ -140,13 +140,13 @@ def test_corrupt_entry_is_detected_and_rebuilt(fleet, tmp_path):
 def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
     model, profile = model_digests(fleet["model"]), load_profile("linux-x64")
     options = Options(output=tmp_path)
-    base = bundle_key(model, "cnn-linux-x64", profile, options)
-    assert base == bundle_key(model, "cnn-linux-x64", profile, options)
+    base = bundle_key(model, "cnn-linux-x64", profile, options_digest(options))
+    assert base == bundle_key(model, "cnn-linux-x64", profile, options_digest(options))
     # how the build runs is not in the key
     run_only = dataclasses.replace(
         options, output=tmp_path / "elsewhere", force=True, execution=Execution(jobs=4, executor="ray", cache=tmp_path)
     )
-    assert bundle_key(model, "cnn-linux-x64", profile, run_only) == base
+    assert bundle_key(model, "cnn-linux-x64", profile, options_digest(run_only)) == base
 
     changed_model = tmp_path / "changed.onnx"
     proto = onnx.load(fleet["model"])
@@ -158,34 +158,39 @@ def test_every_key_component_changes_the_key(fleet, tmp_path, monkeypatch):
     np.savez(other_calibration, input=np.ones((1, 3, 32, 32), np.float32))
     static = dataclasses.replace(options, quantize="static", calibration=str(calibration))
     keys = {
-        "model": bundle_key(model_digests(changed_model), "cnn-linux-x64", profile, options),
-        "name": bundle_key(model, "other-linux-x64", profile, options),
+        "model": bundle_key(model_digests(changed_model), "cnn-linux-x64", profile, options_digest(options)),
+        "name": bundle_key(model, "other-linux-x64", profile, options_digest(options)),
         "profile": bundle_key(
             model,
             "cnn-linux-x64",
             dataclasses.replace(profile, budget=dataclasses.replace(profile.budget, max_bundle_mb=1.0)),
-            options,
+            options_digest(options),
         ),
-        "options": bundle_key(model, "cnn-linux-x64", profile, dataclasses.replace(options, quantize="dynamic")),
-        "calibration": bundle_key(model, "cnn-linux-x64", profile, static),
+        "options": bundle_key(
+            model, "cnn-linux-x64", profile, options_digest(dataclasses.replace(options, quantize="dynamic"))
+        ),
+        "calibration": bundle_key(model, "cnn-linux-x64", profile, options_digest(static)),
         "calibration data": bundle_key(
-            model, "cnn-linux-x64", profile, dataclasses.replace(static, calibration=str(other_calibration))
+            model,
+            "cnn-linux-x64",
+            profile,
+            options_digest(dataclasses.replace(static, calibration=str(other_calibration))),
         ),
-        "signing key": bundle_key(model, "cnn-linux-x64", profile, options, signer="ab" * 32),
-        "other signing key": bundle_key(model, "cnn-linux-x64", profile, options, signer="cd" * 32),
+        "signing key": bundle_key(model, "cnn-linux-x64", profile, options_digest(options), signer="ab" * 32),
+        "other signing key": bundle_key(model, "cnn-linux-x64", profile, options_digest(options), signer="cd" * 32),
     }
     tools = cache_module.tool_versions()
     assert {"edgepack", "edgepack-files", "onnx", "onnxruntime", "onnx-ir", "python"} <= set(tools)
     for package_name in ("onnxruntime", "onnx", "onnx-ir", "edgepack", "edgepack-files"):
         other = {**tools, package_name: "0.0.0-other"}
         monkeypatch.setattr(cache_module, "tool_versions", lambda other=other: other)
-        keys[package_name] = bundle_key(model, "cnn-linux-x64", profile, options)
+        keys[package_name] = bundle_key(model, "cnn-linux-x64", profile, options_digest(options))
     monkeypatch.undo()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    keys["SOURCE_DATE_EPOCH"] = bundle_key(model, "cnn-linux-x64", profile, options)
+    keys["SOURCE_DATE_EPOCH"] = bundle_key(model, "cnn-linux-x64", profile, options_digest(options))
     monkeypatch.undo()
     assert len(set(keys.values()) | {base}) == len(keys) + 1, keys
-    assert bundle_key(model, "cnn-linux-x64", profile, options) == base
+    assert bundle_key(model, "cnn-linux-x64", profile, options_digest(options)) == base
 
 
 def test_external_data_is_part_of_the_key(tmp_path):
@@ -194,13 +199,13 @@ def test_external_data_is_part_of_the_key(tmp_path):
     external.parent.mkdir()
     onnx.save_model(model, external, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     profile, options = load_profile("linux-x64"), Options()
-    before = bundle_key(model_digests(external), "m-linux-x64", profile, options)
+    before = bundle_key(model_digests(external), "m-linux-x64", profile, options_digest(options))
     side = external.with_name("m.onnx.data")
     data = bytearray(side.read_bytes())
     data[0] ^= 1
     side.write_bytes(bytes(data))
     assert list(model_digests(external)) == ["m.onnx", "m.onnx.data"]
-    assert bundle_key(model_digests(external), "m-linux-x64", profile, options) != before
+    assert bundle_key(model_digests(external), "m-linux-x64", profile, options_digest(options)) != before
     memo = BundleCache(tmp_path / "cache", 100)
     assert memo.model_files(external) == model_digests(external)
     assert memo.model_files(external) == model_digests(external)  # from the remembered names this time
