@@ -8,12 +8,14 @@ canonical (``ort_canonical``) so the same model always gives the same bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -21,12 +23,24 @@ from ..errors import ConversionError
 from .modelinfo import external_locations
 from .ort_canonical import canonicalize_ort_file
 
-__all__ = ["convert_to_ort", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
+if TYPE_CHECKING:
+    from ..pipeline.job import Artifact
+
+__all__ = ["convert_to_ort", "to_ort", "CONFIG_NAME", "ORT_FORMAT_MAX_BYTES", "model_bytes"]
 
 CONFIG_NAME = "required_operators_and_types.config"
 
 ORT_FORMAT_MAX_BYTES = (1 << 31) - 1
 """The largest flatbuffer, hence the largest .ort file."""
+
+
+def to_ort(artifact: Artifact, style: str, platform: str, out_dir: Path, *, where: str) -> Artifact:
+    """``artifact`` (an ONNX pipeline Artifact) converted to the ORT format in ``style`` for ``platform``: the one
+    conversion the convert stage and ``--tune`` both ship."""
+    ort_path, config = convert_to_ort(artifact.path, out_dir, style, platform, where=where)
+    return dataclasses.replace(
+        artifact, path=ort_path, format="ort", ort_style=style, ops_config=config, onnx=artifact.onnx_path
+    )
 
 
 def convert_to_ort(model: Path, out_dir: Path, style: str, platform: str, *, where: str) -> tuple[Path, Path]:

@@ -45,7 +45,7 @@ from ..calibration import Samples, calibration_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, EdgepackError, first_line
 from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
-from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, convert_to_ort
+from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, to_ort
 from ..onnxio.ort_convert import model_bytes as onnx_model_bytes
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
@@ -241,17 +241,7 @@ def _as_shipped(source: Artifact, job: Job, out_dir: Path) -> Artifact:
     ort_format = job.profile.ort_format
     if ort_format.style == "none" or onnx_model_bytes(source.path) >= ORT_FORMAT_MAX_BYTES:
         return source
-    ort_path, config = convert_to_ort(
-        source.path, out_dir, ort_format.style, ort_format.platform, where=str(job.source.path)
-    )
-    return Artifact(
-        path=ort_path,
-        format="ort",
-        ort_style=ort_format.style,
-        ops_config=config,
-        precision=source.precision,
-        onnx=source.path,
-    )
+    return to_ort(source, ort_format.style, ort_format.platform, out_dir, where=str(job.source.path))
 
 
 def _tolerance(job: Job, candidate: Candidate) -> dict[str, Any]:

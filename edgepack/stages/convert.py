@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConversionError
-from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, convert_to_ort, model_bytes
+from ..onnxio.ort_convert import ORT_FORMAT_MAX_BYTES, model_bytes, to_ort
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
 from ..profiles import Profile
@@ -70,16 +70,7 @@ def convert_artifact(artifact: Artifact, profile: Profile, out_dir: Path, *, whe
     size = model_bytes(artifact.path)
     if size >= ORT_FORMAT_MAX_BYTES:
         return _keep_large_model(size, profile)
-    style, platform = profile.ort_format.style, profile.ort_format.platform
-    ort_path, config = convert_to_ort(artifact.path, out_dir, style, platform, where=where)
-    converted = Artifact(
-        path=ort_path,
-        format="ort",
-        ort_style=style,
-        ops_config=config,
-        precision=artifact.precision,
-        onnx=artifact.onnx_path,
-    )
+    converted = to_ort(artifact, profile.ort_format.style, profile.ort_format.platform, out_dir, where=where)
     return converted_result(converted, profile, onnx_bytes=size)
 
 
