@@ -24,7 +24,11 @@ if TYPE_CHECKING:
     from ..pipeline.job import Options
     from ..profiles import Profile
 
-__all__ = ["Recipe", "Variant", "Kernel", "QUANTIZED_OPS"]
+__all__ = ["Recipe", "Variant", "Kernel", "QUANTIZED_OPS", "TIE"]
+
+TIE = 0.03
+"""--tune: candidates this much slower than the fastest count as equally fast (the smallest ships). Here, not in
+recipes/search.py, so the build report reads it without importing onnx."""
 
 QUANTIZED_OPS = frozenset(
     {

@@ -50,6 +50,7 @@ from ..onnxio.ort_convert import model_bytes as onnx_model_bytes
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
 from . import variants
+from .base import TIE
 from .kernels import required_gaps
 from .quantize import model_bytes, quantize_model
 
@@ -60,7 +61,6 @@ MAX_ROUNDS = 60
 WARMUP_RUNS = 3
 PRUNE_AFTER = 5
 PRUNE_FACTOR = 1.5
-TIE = 0.03
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 

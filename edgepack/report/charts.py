@@ -310,7 +310,7 @@ def tune_chart(bundle: Bundle, prefix: str) -> str:
 def _tune(figure, bundle: Bundle) -> None:
     from matplotlib.lines import Line2D
 
-    from ..recipes.search import TIE
+    from ..recipes.base import TIE
 
     data: dict[str, Any] = bundle.stage("quantize")["tune"]
     candidates = data["candidates"]
