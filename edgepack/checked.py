@@ -192,13 +192,13 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
     """(why ``after`` is not a faithful copy of ``before``, or None; what was checked)."""
     try:
         with held_back():
-            session = _session(after)
+            session = quiet_session(after)
     except (
         Exception
     ) as exc:  # onnxruntime refuses the model: the step broke it, unless the model before was refused too
         try:
             with held_back():
-                _session(before)
+                quiet_session(before)
         except Exception:
             return None, "none: the model before it does not load either"
         return work_paths_out(f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}"), "load"
@@ -210,7 +210,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
         return None, "load"
     try:
         with held_back():
-            expected = _OUTPUTS.get(_key(before, sets)) or _outputs(_session(before), sets)
+            expected = _OUTPUTS.get(_key(before, sets)) or _outputs(quiet_session(before), sets)
             got = _outputs(session, sets)
     except Exception as exc:
         return work_paths_out(f"what it wrote fails to run: {first_line(exc)[:300]}"), "outputs"
@@ -241,7 +241,9 @@ def _key(path: Path, sets: list[dict[str, Any]]) -> str:
     return f"{path}:{digest.hexdigest()}"
 
 
-def _session(path: Path):
+def quiet_session(path: Path):
+    """A CPU session of ``path`` that logs nothing: a refusal becomes the caller's one error or record, not also
+    an onnxruntime log line."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .checked import work_paths_out
+from .checked import quiet_session, work_paths_out
 from .errors import ConversionError, UsageError, first_line
 from .onnxio.modelinfo import format_shape, iter_graphs
 from .samples import check_budget
@@ -117,18 +117,16 @@ def fit_inputs(
     *,
     given: dict[str, tuple[int, ...]] | None = None,
     named: dict[str, int] | None = None,
-    runner: Callable[[dict[str, Any]], None] | None = None,
 ) -> InputPlan:
     """The first candidate (rules 1-4) on which ``model`` runs in onnxruntime; cached per model, specs and sizes.
 
-    ``given``: whole shapes per input name; ``named``: sizes of named dims. ``runner`` runs the model on
-    one input set and raises when onnxruntime refuses it (default: a CPU session of ``model``)."""
+    ``given``: whole shapes per input name; ``named``: sizes of named dims."""
     key = repr((str(model), specs, sorted((given or {}).items()), sorted((named or {}).items())))
     if key in _CACHE:
         return _CACHE[key]
     proto = onnx.load_model(model, load_external_data=False)
     rules = _value_rules(proto, specs)
-    run = runner or _session_runner(model)
+    run = _session_runner(model)
     tries: list[dict[str, Any]] = []
     seen = set()
     for level in LADDER:
@@ -200,10 +198,8 @@ def node_of_error(message: str) -> str:
 def _session_runner(model: Path) -> Callable[[dict[str, Any]], None]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a refusal becomes one recorded try, not an onnxruntime log line
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = quiet_session(model)
     except Exception as exc:  # no inputs involved: the model itself does not load
         raise ConversionError(
             f"the FP32 model does not run in onnxruntime {ort.__version__}: {first_line(exc)[:400]}",

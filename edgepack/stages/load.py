@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from ..bundle.manifest import hash_file
-from ..checked import held_back, notice_of, run_ir_passes
+from ..checked import held_back, notice_of, quiet_session, run_ir_passes
 from ..errors import ModelError, UsageError, first_line
 from ..fileops import copy_model
 from ..inputs import fit_inputs
@@ -158,13 +158,9 @@ def _run_onnx_checker(path: Path) -> str | None:
         return None
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         finding = first_line(exc)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
         with held_back():
-            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            quiet_session(path)
     except Exception as exc:  # onnxruntime raises many kinds from native code
         raise ModelError(
             f"the ONNX checker rejects the model: {finding}",

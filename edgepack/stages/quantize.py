@@ -33,7 +33,7 @@ import onnx
 
 from ..accuracy import check, compare
 from ..calibration import RANDOM, Samples, calibration_samples, validation_samples
-from ..checked import job_inputs, work_paths_out
+from ..checked import job_inputs, quiet_session, work_paths_out
 from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
 from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
@@ -366,10 +366,8 @@ def _run(
 ) -> list[dict[str, Any]]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failure becomes one error below, not also an onnxruntime log line
     try:
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session = quiet_session(model)
         names = names or [o.name for o in session.get_outputs()]
         return [dict(zip(names, session.run(names, feeds))) for feeds in validation.feeds]
     except Exception as exc:  # onnxruntime raises Fail, InvalidGraph, RuntimeException, ... from native code
