@@ -29,7 +29,7 @@ def backend_of(provider: str) -> Backend | None:
 def accelerator_of(profile) -> Backend:
     """The backend that runs what a profile's accelerator takes: the one its ``coverage.checker`` measures,
     the CPU when it measures none (a wasm bundle runs onnxruntime's CPU kernels)."""
-    return next((b for b in BACKENDS.values() if b.checker and b.checker == profile.coverage.checker), BACKENDS["cpu"])
+    return checker_backend(profile.coverage.checker) or BACKENDS["cpu"]
 
 
 def checkers() -> list[str]:

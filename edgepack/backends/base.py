@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..coverage import CoverageReport
     from ..profiles import Coverage, Profile
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "ListedBackend"]
 
 
 class Backend:
@@ -77,11 +77,18 @@ class Backend:
         )
 
 
-def listed_ops(profile: Profile) -> tuple[str, frozenset[str]]:
-    """The operator list a list-based checker reads (edgepack/data, named by ``coverage.op_list``)."""
-    from ..coverage import load_op_list
+class ListedBackend(Backend):
+    """A backend measured by an operator list of edgepack's (edgepack/data, named by ``coverage.op_list``)."""
 
-    return f"edgepack/data/{profile.coverage.op_list}", frozenset(load_op_list(profile.coverage.op_list)[0])
+    def measure(self, model: onnx.ModelProto, coverage: Coverage) -> CoverageReport:
+        from ..coverage import list_report
+
+        return list_report(model, coverage)
+
+    def operator_table(self, profile: Profile) -> tuple[str, frozenset[str]]:
+        from ..coverage import load_op_list
+
+        return f"edgepack/data/{profile.coverage.op_list}", frozenset(load_op_list(profile.coverage.op_list)[0])
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..recipes import RECIPES
-from .base import Backend, listed_ops
+from .base import ListedBackend
 
 __all__ = ["Tensorrt", "TensorrtOptions"]
 
@@ -42,7 +42,7 @@ class CudaOptions:
     device_id: int | None = None
 
 
-class Tensorrt(Backend):
+class Tensorrt(ListedBackend):
     name = "tensorrt"
     providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
     checker = "tensorrt"
@@ -58,12 +58,6 @@ class Tensorrt(Backend):
             "the shim builds the optimization profile from the model's inputs; set dynamic_dims",
         ),
     }
-
-    def measure(self, model, coverage):
-        """Each node's operator against the profile's ``coverage.op_list`` (the TensorRT ONNX parser's operators)."""
-        from ..coverage import list_report
-
-        return list_report(model, coverage)
 
     def check(self, provider: str, options, profile) -> str | None:
         if not isinstance(options, TensorrtOptions):
@@ -81,6 +75,3 @@ class Tensorrt(Backend):
         if options.trt_builder_optimization_level is not None and not 0 <= options.trt_builder_optimization_level <= 5:
             return f"trt_builder_optimization_level: expected 0 to 5, found {options.trt_builder_optimization_level}"
         return None
-
-    def operator_table(self, profile):
-        return listed_ops(profile)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from .base import Backend, listed_ops
+from .base import ListedBackend
 
 __all__ = ["Webgpu"]
 
 
-class Webgpu(Backend):
+class Webgpu(ListedBackend):
     name = "webgpu"
     providers = ("webgpu", "wasm")
     checker = "webgpu"
-
-    def measure(self, model, coverage):
-        """Each node's operator against the profile's ``coverage.op_list`` (onnxruntime-web's WebGPU kernels)."""
-        from ..coverage import list_report
-
-        return list_report(model, coverage)
-
-    def operator_table(self, profile):
-        return listed_ops(profile)

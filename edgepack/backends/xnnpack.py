@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Backend, listed_ops
+from .base import ListedBackend
 
 __all__ = ["Xnnpack", "XnnpackOptions"]
 
@@ -15,17 +15,11 @@ class XnnpackOptions:
     """XNNPACK's own thread pool; 0: the session's intra-op thread count."""
 
 
-class Xnnpack(Backend):
+class Xnnpack(ListedBackend):
     name = "xnnpack"
     providers = ("XnnpackExecutionProvider",)
     checker = "xnnpack"
     options = {"XnnpackExecutionProvider": XnnpackOptions}
-
-    def measure(self, model, coverage):
-        """Each node's operator against the profile's ``coverage.op_list`` (the XNNPACK provider's kernels)."""
-        from ..coverage import list_report
-
-        return list_report(model, coverage)
 
     def check(self, provider: str, options, profile) -> str | None:
         if options.intra_op_num_threads < 0:
@@ -33,6 +27,3 @@ class Xnnpack(Backend):
                 f"intra_op_num_threads: expected 0 (the session's count) or more, found {options.intra_op_num_threads}"
             )
         return None
-
-    def operator_table(self, profile):
-        return listed_ops(profile)
