@@ -53,11 +53,11 @@ class Cpu(Backend):
 @functools.cache
 def _kernel_types() -> dict[str, frozenset[str]]:
     """{op: activation types} of the CPU provider's com.microsoft kernels of ``FIRST_RELEASE``."""
-    from onnxruntime.capi import _pybind_state
+    from ..onnxio.kernels import kernel_defs
 
     activation_input = {"MatMulNBits": "T1", "GatherBlockQuantized": "T2"}
     found: dict[str, set[str]] = {}
-    for kernel in _pybind_state.get_all_opkernel_def():
+    for kernel in kernel_defs():
         if (
             kernel.domain == "com.microsoft"
             and kernel.op_name in activation_input

@@ -10,7 +10,7 @@ import onnx.defs
 
 from .modelinfo import iter_nodes
 
-__all__ = ["ops_without_kernel"]
+__all__ = ["ops_without_kernel", "kernel_defs"]
 
 
 def ops_without_kernel(proto: onnx.ModelProto, model_opsets: dict[str, int]) -> dict[str, int]:
@@ -46,10 +46,17 @@ def _runnable(domain: str, op_type: str, opset: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
+def kernel_defs() -> tuple:
+    """onnxruntime's kernel registry (op, domain, version range, provider, type constraints): the one place
+    edgepack reads that private API."""
     from onnxruntime.capi import _pybind_state
 
+    return tuple(_pybind_state.get_all_opkernel_def())
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
     table: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for kernel in _pybind_state.get_all_opkernel_def():
+    for kernel in kernel_defs():
         table.setdefault((kernel.domain, kernel.op_name), []).append(tuple(kernel.version_range))
     return table
