@@ -21,16 +21,18 @@ def copy_file(src, dst) -> None:
     os.chmod(dst, 0o644)
 
 
-def copy_model(src: Path, dst: Path) -> Path:
-    """An ONNX model byte for byte at ``dst``, its side files beside it at the same relative places."""
-    import onnx
+def copy_model(src: Path, dst: Path, locations: Iterable[str] | None = None) -> Path:
+    """An ONNX model byte for byte at ``dst``, its side files beside it at the same relative places.
+    ``locations``: its side files when already known (read from the model otherwise)."""
+    if locations is None:
+        import onnx
 
-    from .onnxio.modelinfo import external_locations
+        from .onnxio.modelinfo import external_locations
 
+        proto = onnx.load_model(src, load_external_data=False)
+        locations = sorted({loc for _, loc, _, _ in external_locations(proto)})
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for location in sorted(
-        {loc for _, loc, _, _ in external_locations(onnx.load_model(src, load_external_data=False))}
-    ):
+    for location in locations:
         (dst.parent / location).parent.mkdir(parents=True, exist_ok=True)
         copy_file(src.parent / location, dst.parent / location)
     copy_file(src, dst)

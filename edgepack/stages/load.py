@@ -80,7 +80,7 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     finding = _run_onnx_checker(path)
     if finding:
         notices.append(f"onnx.checker: {finding} (onnxruntime loads the model, so it is packaged)")
-    reference, records = _write_reference(path, workdir)
+    reference, records = _write_reference(path, workdir, info["external_data"]["files"])
     skipped = notice_of(records)
     if skipped:
         notices.append(skipped)
@@ -97,9 +97,9 @@ def parse_model(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _write_reference(path: Path, workdir: Path) -> tuple[Path, list[dict[str, Any]]]:
+def _write_reference(path: Path, workdir: Path, side_files: list[str]) -> tuple[Path, list[dict[str, Any]]]:
     """Rule 4: the FP32 reference in ``workdir``, and a record per onnx-ir pass."""
-    copied = copy_model(path, workdir / "source" / "reference.onnx")
+    copied = copy_model(path, workdir / "source" / "reference.onnx", side_files)
     return run_ir_passes(
         [RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()],
         copied,
