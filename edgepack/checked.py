@@ -242,12 +242,16 @@ def _key(path: Path, sets: list[dict[str, Any]]) -> str:
 
 
 def quiet_session(path: Path):
-    """A CPU session of ``path`` that logs nothing: a refusal becomes the caller's one error or record, not also
-    an onnxruntime log line."""
+    """A CPU session of ``path`` that logs nothing (a refusal becomes the caller's one error or record, not also
+    an onnxruntime log line), on the exact INT8 kernels every bundle asks for (backends.EXACT_INT8)."""
     import onnxruntime as ort
+
+    from .backends import EXACT_INT8
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    for key, value in EXACT_INT8.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

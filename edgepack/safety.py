@@ -44,6 +44,7 @@ CONFIG_ENTRIES = frozenset(
         "session.allow_released_opsets_only",
         "session.set_denormal_as_zero",
         "session.use_deterministic_compute",
+        "session.x64quantprecision",
         "session.intra_op.allow_spinning",
         "session.inter_op.allow_spinning",
         "session.disable_aot_function_inlining",

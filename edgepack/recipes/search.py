@@ -255,24 +255,24 @@ def _session_factory(job: Job) -> Callable[[Path], Any]:
     """Sessions opened the way the shim opens the bundle on the device (runtime_shim.session_options)."""
     import onnxruntime as ort
 
+    from ..backends import session_entries
     from ..runtime_shim import edgepack_shim
 
     profile = job.profile
     providers = [ep.name for ep in profile.execution_providers if ep.name in ort.get_available_providers()]
 
     def open_session(path: Path):
+        model_format = "ort" if path.suffix == ".ort" else "onnx"
+        ort_style = profile.ort_format.style if model_format == "ort" else None
         manifest = {
             "runtime": {
                 "session_options": {
                     "intra_op_num_threads": profile.session.intra_op_num_threads,
                     "graph_optimization_level": profile.session.graph_optimization_level,
-                    "config_entries": dict(profile.session.config_entries),
+                    "config_entries": session_entries(profile, model_format, ort_style),
                 }
             },
-            "model": {
-                "format": "ort" if path.suffix == ".ort" else "onnx",
-                "ort_style": profile.ort_format.style if path.suffix == ".ort" else None,
-            },
+            "model": {"format": model_format, "ort_style": ort_style},
         }
         return ort.InferenceSession(
             str(path), edgepack_shim.session_options(ort, manifest), providers=providers or ["CPUExecutionProvider"]
