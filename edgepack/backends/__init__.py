@@ -17,7 +17,16 @@ from .xnnpack import Xnnpack
 if TYPE_CHECKING:
     from ..profiles import Profile
 
-__all__ = ["BACKENDS", "EXACT_INT8", "Backend", "accelerator_of", "backend_of", "checker_backend", "checkers", "session_entries"]
+__all__ = [
+    "BACKENDS",
+    "EXACT_INT8",
+    "Backend",
+    "accelerator_of",
+    "backend_of",
+    "checker_backend",
+    "checkers",
+    "session_entries",
+]
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Cpu(), Tensorrt(), Nnapi(), Coreml(), Webgpu(), Xnnpack())}
 
