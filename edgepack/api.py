@@ -17,7 +17,7 @@ from .pipeline.job import Options
 from .pipeline.result import Result
 from .profiles import Profile, resolve_targets
 
-__all__ = ["package", "package_source", "is_torch_input"]
+__all__ = ["package", "package_source", "package_several", "is_torch_input"]
 
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -77,12 +77,40 @@ def package_source(
     results = _package_source(
         model, profiles, options, name=name, example_inputs=example_inputs, dynamic=dynamic, progress=progress
     )
+    _report(profiles, results, options, progress)
+    return results
+
+
+def package_several(
+    members: list,
+    profiles: list[Profile],
+    options: Options,
+    *,
+    name: str,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[Result]:
+    """A multi-model bundle per target (edgepack/pipeline/multi.py): ``members`` are ``Member(name, path,
+    quantize)``; with several targets the build report is written beside the bundles, as for one model."""
+    for member in members:
+        if is_torch_input(member.model) or Path(member.model).suffix != ".onnx":
+            raise UsageError(
+                "a multi-model bundle takes .onnx files",
+                where=str(member.model),
+                hint="export each model to ONNX first",
+            )
+    from .pipeline.multi import package_bundle
+
+    results = package_bundle(members, profiles, options, name=name, progress=progress)
+    _report(profiles, results, options, progress)
+    return results
+
+
+def _report(profiles: list[Profile], results: list[Result], options: Options, progress: Callable[[str], None]) -> None:
     if len(profiles) > 1 and any(r.ok for r in results):
         from .report import write_report
 
         written = write_report(options.output)
         progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
-    return results
 
 
 def _package_source(

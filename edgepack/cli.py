@@ -106,9 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     package.add_argument(
         "model",
-        nargs="?",
+        nargs="*",
         type=Path,
-        help="the .onnx file (side files next to it), a PyTorch pkg.module:factory, or a .pt2 program",
+        help="the .onnx file (side files next to it), a PyTorch pkg.module:factory, or a .pt2 program; "
+        "several .onnx files make one multi-model bundle per target (with --name)",
+    )
+    package.add_argument(
+        "--name",
+        help="the bundle's name (OUTPUT/<name>-<target>; default: the model file's stem); required with several models",
     )
     package.add_argument("--example", choices=_example_names(), help="package a built-in example model instead")
     package.add_argument(
@@ -138,7 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         help="shape of an input for the inputs edgepack makes up to test the bundle, when the model "
         "needs particular sizes (repeatable), e.g. image=1,3,640,640",
     )
-    package.add_argument("--quantize", choices=list(RECIPES), help="quantization recipe (default: the profile's)")
+    package.add_argument(
+        "--quantize",
+        metavar="RECIPE",
+        help=f"quantization recipe: {', '.join(RECIPES)} (default: the profile's); with several models, one "
+        "recipe for all or NAME=RECIPE pairs, e.g. rec=dynamic,det=fp16 (the others take the profile's)",
+    )
     package.add_argument(
         "--calibration",
         metavar="PATH|random",
@@ -396,16 +406,17 @@ def _cmd_package(args) -> int:
     from .pipeline.job import Options
     from .profiles import resolve_targets
 
-    if (args.model is None) == (args.example is None):
+    if bool(args.model) == (args.example is not None):
         raise UsageError(
             "give either a model file or --example NAME", hint="e.g. edgepack package --example cnn --target all"
         )
+    members = _members(args) if len(args.model) > 1 else None
     profiles = resolve_targets(args.target)
     options = Options(
         output=args.output,
         force=args.force,
         sample_inputs=args.sample_inputs,
-        quantize=args.quantize,
+        quantize=None if members else args.quantize,
         freeze=args.freeze,
         onefile=args.onefile,
         ort_web=args.ort_web,
@@ -439,19 +450,24 @@ def _cmd_package(args) -> int:
         if args.example:
             from .examples import write_example
 
-            model, name = write_example(args.example, Path(scratch)), args.example
+            model, name = write_example(args.example, Path(scratch)), args.name or args.example
             options = _with_example_shapes(options, args.example)
         else:
-            model, name = args.model, None
-        results = package_source(
-            model,
-            profiles,
-            options,
-            name=name,
-            example_inputs=args.example_input,
-            dynamic=args.dynamic,
-            progress=progress,
-        )
+            model, name = args.model[0], args.name
+        if members:
+            from .api import package_several
+
+            results = package_several(members, profiles, options, name=args.name, progress=progress)
+        else:
+            results = package_source(
+                model,
+                profiles,
+                options,
+                name=name,
+                example_inputs=args.example_input,
+                dynamic=args.dynamic,
+                progress=progress,
+            )
     if args.json:
         _print_json({"results": [r.to_dict() for r in results], "ok": all(r.ok for r in results)})
     else:
@@ -476,6 +492,24 @@ def _cmd_package(args) -> int:
             _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")
     failed = [r.error for r in results if r.error]
     return failed[0].exit_code if failed else 0
+
+
+def _members(args):
+    """The models of a multi-model bundle (edgepack/pipeline/multi.py), each with its recipe from --quantize."""
+    from .pipeline.multi import Member, member_name, parse_recipes
+
+    if not args.name:
+        raise UsageError(
+            f"{len(args.model)} models make one bundle per target, which needs a name",
+            hint="add --name NAME, e.g. --name ocr",
+        )
+    if args.example_input or args.dynamic:
+        raise UsageError(
+            "a multi-model bundle takes .onnx files; --example-input and --dynamic are for one PyTorch model"
+        )
+    names = [member_name(path) for path in args.model]
+    for_all, by_name = parse_recipes(args.quantize, names)
+    return [Member(n, path, by_name.get(n, for_all)) for n, path in zip(names, args.model, strict=True)]
 
 
 def _cmd_build(args) -> int:

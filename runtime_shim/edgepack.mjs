@@ -5,6 +5,8 @@
  *   const model = await load({ onProgress: ({ file, loaded, total, source }) => console.log(file, loaded, total, source) });
  *   const outputs = await model.run({ image: { data: new Float32Array(3 * 32 * 32), dims: [1, 3, 32, 32] } });
  *   console.log(outputs.logits.data, model.backend, model.threads, model.verification, model.sources);
+ *   // a multi-model bundle: load() opens the first model (or options.model), session(name) any other
+ *   const rec = await model.session('rec');   // model.models lists the names
  *
  * What it checks, in order:
  * 1. The page is served over http(s): browsers refuse modules, fetches and threads from file:// pages.
@@ -101,6 +103,7 @@ const runtimes = new Map();
  *   P-256 verify): the bundle must then carry model.sig signed with it
  * @param {(p: {file: string, loaded: number, total: number, source: string}) => void} [options.onProgress]
  *   per-file progress; source is 'network' or 'cache'
+ * @param {string} [options.model] which model of a multi-model bundle to open (default: the first)
  */
 export async function load(options = {}) {
   const started = performance.now();
@@ -123,21 +126,63 @@ export async function load(options = {}) {
   }
   const wasmName = web.ort_web_files.find((name) => name.endsWith('.wasm'));
   const runtimeFiles = { entry: `ort/${web.entry}`, wasm: `ort/${wasmName}` };
-  const modelFile = manifest.model.file;
-  const modelDir = modelFile.slice(0, modelFile.lastIndexOf('/') + 1);
-  const dataFiles = manifest.model.external_data ?? [];
-  for (const rel of [runtimeFiles.entry, runtimeFiles.wasm, modelFile, ...dataFiles]) files.entry(rel);
-
+  const view = modelView(manifest, options.model ?? null);
+  for (const rel of [runtimeFiles.entry, runtimeFiles.wasm, view.model.file, ...(view.model.external_data ?? [])]) files.entry(rel);
   const key = `${files.entry(runtimeFiles.entry).integrity} ${files.entry(runtimeFiles.wasm).integrity}`;
   const isolated = globalThis.crossOriginIsolated === true;
   if (!runtimes.has(key)) runtimes.set(key, startRuntime(files, runtimeFiles, threadsFor(manifest, isolated)));
+  const runtime = () => runtimes.get(key).catch((error) => { runtimes.delete(key); throw error; });
+  const shared = { files, manifest, manifestBytes, signedBy, isolated, verification, runtime, warnings };
+  const first = await openModel(shared, view, started);
+  const models = modelNames(manifest);
+  return {
+    ...first,
+    /** The names of the bundle's models (one, unless it is a multi-model bundle). */
+    models,
+    /** Open another model of this bundle by name, verified like the first, on the same onnxruntime-web. */
+    async session(name) {
+      return openModel(shared, modelView(manifest, name), performance.now());
+    },
+  };
+}
+
+/** The names of the bundle's models: those of `models` (a multi-model bundle), else its one model's file name. */
+function modelNames(manifest) {
+  if (manifest.models && typeof manifest.models === 'object') return Object.keys(manifest.models);
+  return [manifest.model.file.split('/').pop().replace(/\.[^.]*$/, '')];
+}
+
+/** The manifest as seen by one model of it (null: the first): its `model` and its session config entries. */
+function modelView(manifest, name) {
+  if (name === null) return manifest;
+  const names = modelNames(manifest);
+  if (!names.includes(name)) {
+    throw new EdgepackError(`this bundle has no model ${JSON.stringify(name)}; it holds: ${names.join(', ')}`, { file: 'manifest.json' });
+  }
+  const entry = manifest.models?.[name];
+  if (!entry) return manifest;
+  const { config_entries: configEntries, stages: _stages, ...model } = entry;
+  const settings = { ...(manifest.runtime.session_options ?? {}) };
+  if (configEntries) settings.config_entries = configEntries;
+  return { ...manifest, model, runtime: { ...manifest.runtime, session_options: settings } };
+}
+
+/** Fetch (verified) and open one model of the bundle: `view` is the manifest as that model sees it. */
+async function openModel(shared, view, started) {
+  const { files, manifestBytes, signedBy, isolated, verification } = shared;
+  const modelFile = view.model.file;
+  const modelDir = modelFile.slice(0, modelFile.lastIndexOf('/') + 1);
+  const dataFiles = view.model.external_data ?? [];
+  for (const rel of [modelFile, ...dataFiles]) files.entry(rel);
+  const warnings = [];
   const [runtime, modelBytes, ...dataBytes] = await Promise.all([
-    runtimes.get(key).catch((error) => { runtimes.delete(key); throw error; }),
+    shared.runtime(),
     files.bytes(modelFile),
     ...dataFiles.map((rel) => files.bytes(rel)),
   ]);
   const { ort } = runtime;
   const fetched = performance.now();
+  warnings.push(...shared.warnings);  // the page's (no offline cache), now that the files are in
 
   const threads = ort.env.wasm.numThreads;
   if (!isolated) {
@@ -148,21 +193,21 @@ export async function load(options = {}) {
       events.dispatchEvent(new CustomEvent('not-isolated', { detail: { message: NOT_ISOLATED, threads } }));
     }
   }
-  const settings = manifest.runtime.session_options ?? {};
+  const settings = view.runtime.session_options ?? {};
   const sessionOptions = {
     graphOptimizationLevel: GRAPH_OPTIMIZATION[settings.graph_optimization_level] ?? 'all',
     extra: { ...(settings.config_entries ?? {}) },
     externalData: dataFiles.map((rel, i) => ({ path: rel.slice(modelDir.length), data: dataBytes[i] })),
   };
-  const { session, backend, fallbacks } = await runtime.initializing(() => createSession(ort, modelBytes, sessionOptions, manifest));
+  const { session, backend, fallbacks } = await runtime.initializing(() => createSession(ort, modelBytes, sessionOptions, view));
   for (const { backend: name, error } of fallbacks) warnings.push(`${name} is not available (${error}); running on ${backend}`);
   // Written once the session exists, so that the first visit's disk writes do not slow its first inference down.
   const cached = files.commit(manifestBytes);
   for (const warning of warnings) if (warning !== NOT_ISOLATED) console.warn(`edgepack: ${warning}`);
   const ready = performance.now();
 
-  const inputs = manifest.model.inputs;
-  const outputs = manifest.model.outputs;
+  const inputs = view.model.inputs;
+  const outputs = view.model.outputs;
   return {
     inputs,
     outputs,
@@ -175,7 +220,7 @@ export async function load(options = {}) {
     /** Resolves once the files are in the offline cache (it never rejects: a failed write only costs the next visit a download). */
     cached,
     warnings,
-    manifest,
+    manifest: view,
     signedBy,
     ort,
     timings: { fetchMs: fetched - started, sessionMs: ready - fetched, loadMs: ready - started },
@@ -425,7 +470,8 @@ class VerifiedFiles {
     const store = await this.store;
     if (!store) return;
     try {
-      await Promise.all(this.writes.map(([key, response]) => store.put(key, response)));
+      const writes = this.writes.splice(0);  // a later model of the bundle commits only what it fetched
+      await Promise.all(writes.map(([key, response]) => store.put(key, response)));
       if (this.latestBytes['model.sig']) await store.put(this.recordKey('model.sig'), new Response(this.latestBytes['model.sig']));
       if (this.sources['manifest.json'] !== 'cache') await this.record(store, manifestBytes);
       await this.checkCached(store);

@@ -159,22 +159,23 @@ def _structure_problem(manifest: dict) -> str | None:
     model, runtime = manifest.get("model"), manifest.get("runtime")
     if not isinstance(model, dict) or not isinstance(runtime, dict):
         return "'model' and 'runtime' must be mappings"
-    side_files = model.get("external_data") or []
-    if not isinstance(side_files, list):
-        return "'model.external_data' must be a list of file names"
-    for rel in [model.get("file")] + side_files:
-        if not _safe_entry(rel, {"sha256": "", "size": 0}):
-            return f"model file {_shown(rel)} is not a relative path inside the bundle"
-    for key in ("inputs", "outputs"):
-        specs = model.get(key)
-        if not isinstance(specs, list) or not all(
-            isinstance(s, dict)
-            and isinstance(s.get("name"), str)
-            and isinstance(s.get("dtype"), str)
-            and (s.get("shape") is None or isinstance(s.get("shape"), list))
-            for s in specs
-        ):
-            return f"'model.{key}' must be a list of {{name, dtype, shape}}"
+    problem = _model_problem(model, "model")
+    if problem:
+        return problem
+    models = manifest.get("models")
+    if models is not None:
+        if not isinstance(models, dict) or not models or not all(isinstance(name, str) for name in models):
+            return "'models' must be a mapping of model names"
+        for name, entry in models.items():
+            if not isinstance(entry, dict):
+                return f"'models.{_shown(name)}' must be a mapping"
+            problem = _model_problem(entry, f"models.{_shown(name)}")
+            if problem:
+                return problem
+            for key, value in (entry.get("config_entries") or {}).items():
+                problem = config_entry_problem(key, value)
+                if problem:
+                    return f"session config entry {_shown(key)} of model {_shown(name)}: {problem}"
     providers = runtime.get("execution_providers")
     if (
         not isinstance(providers, list)
@@ -203,6 +204,57 @@ def _structure_problem(manifest: dict) -> str | None:
     if settings.get("graph_optimization_level", "all") not in ("disable", "basic", "extended", "all"):
         return "'runtime.session_options.graph_optimization_level' must be disable, basic, extended or all"
     return None
+
+
+def _model_problem(model: dict, where: str) -> str | None:
+    side_files = model.get("external_data") or []
+    if not isinstance(side_files, list):
+        return f"'{where}.external_data' must be a list of file names"
+    for rel in [model.get("file")] + side_files:
+        if not _safe_entry(rel, {"sha256": "", "size": 0}):
+            return f"model file {_shown(rel)} is not a relative path inside the bundle"
+    if not isinstance(model.get("config_entries", {}), dict):
+        return f"'{where}.config_entries' must be a mapping"
+    for key in ("inputs", "outputs"):
+        specs = model.get(key)
+        if not isinstance(specs, list) or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and isinstance(s.get("dtype"), str)
+            and (s.get("shape") is None or isinstance(s.get("shape"), list))
+            for s in specs
+        ):
+            return f"'{where}.{key}' must be a list of {{name, dtype, shape}}"
+    return None
+
+
+def model_names(manifest: dict) -> list:
+    """The names of the bundle's models: those of ``models`` (a multi-model bundle), else its one model's."""
+    models = manifest.get("models")
+    if models:
+        return list(models)
+    return [Path(manifest["model"]["file"]).stem]
+
+
+def model_view(manifest: dict, name=None) -> dict:
+    """The manifest as a single-model bundle of model ``name`` (None: the first): its ``model`` and its
+    session config entries in ``runtime``. Every file of the bundle stays listed, so all are verified."""
+    if name is None:
+        return manifest
+    names = model_names(manifest)
+    if name not in names:
+        raise UsageError(f"this bundle has no model {name!r}; it holds: {', '.join(names)}")
+    models = manifest.get("models")
+    if not models:
+        return manifest
+    entry = models[name]
+    runtime = dict(manifest["runtime"])
+    settings = dict(runtime.get("session_options") or {})
+    if "config_entries" in entry:
+        settings["config_entries"] = entry["config_entries"]
+    runtime["session_options"] = settings
+    model = {k: v for k, v in entry.items() if k not in ("config_entries", "stages")}
+    return {**manifest, "model": model, "runtime": runtime, "model_name": name}
 
 
 def _nesting(raw: bytes) -> int:
@@ -1148,6 +1200,7 @@ def load(
     check_runtime: bool = True,
     cache_dir=None,
     public_key=None,
+    model=None,
 ) -> Model:
     """Verify ``bundle`` (default: the folder of this file), check onnxruntime, and open a session.
 
@@ -1157,6 +1210,8 @@ def load(
     ``providers``: names to use instead of the manifest's list (options still come from the manifest).
     ``strict_providers``: refuse to load unless the preferred provider is active (None: the manifest's flag).
     ``check_runtime``: compare onnxruntime's version with the bundle's range.
+    ``model``: which model of a multi-model bundle to open, by name (None: the first); every file of the
+    bundle is verified whichever is opened.
     """
     bundle = Path(bundle) if bundle is not None else default_bundle()
     key = required_key(public_key)
@@ -1165,6 +1220,7 @@ def load(
             f"a signature by key {key.fingerprint} ({key.source}) is required, so verification cannot be skipped"
         )
     manifest = verify_bundle(bundle, key) if verify else read_manifest(bundle, check_seal=False)
+    manifest = model_view(manifest, model)
     import onnxruntime as ort
 
     if check_runtime:
@@ -1338,12 +1394,14 @@ def describe(bundle: Path, manifest: dict) -> dict:
         },
         "session_options": runtime.get("session_options", {}),
         "files": len(manifest["files"]),
+        "models": model_names(manifest),
+        "model_name": manifest.get("model_name") or model_names(manifest)[0],
     }
 
 
 def cmd_info(args) -> int:
     bundle = Path(args.bundle)
-    info = describe(bundle, read_manifest(bundle, check_seal=False))
+    info = describe(bundle, model_view(read_manifest(bundle, check_seal=False), args.model))
     if args.json:
         return _print_json(info)
     model, runtime, providers = info["model"], info["runtime"], info["providers"]
@@ -1352,6 +1410,11 @@ def cmd_info(args) -> int:
     rows = [
         ("bundle", f"{bundle} (target {info['target']})"),
         ("", info["description"]),
+        *(
+            [("models", f"{', '.join(info['models'])} (this is {info['model_name']}; choose with --model)")]
+            if len(info["models"]) > 1
+            else []
+        ),
         (
             "model",
             f"{model['file']} ({model['format']}{style}, {model['precision']}), IR {model['ir_version']}, "
@@ -1419,6 +1482,7 @@ def _load_for(args) -> tuple:
         verify=not args.no_verify,
         strict_providers=True if args.strict_providers else None,
         public_key=args.public_key,
+        model=args.model,
     )
     seconds = time.perf_counter() - started
     if model.fallback:
@@ -1786,6 +1850,10 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse to run unless the preferred execution provider is active",
     )
     loading.add_argument("--providers", metavar="A,B", help="execution providers to use instead of the manifest's")
+    which = _Parser(add_help=False)
+    which.add_argument(
+        "--model", metavar="NAME", help="which model of a multi-model bundle (default: the first; `info` lists them)"
+    )
     signed = _Parser(add_help=False)
     signed.add_argument(
         "--public-key",
@@ -1793,11 +1861,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"require a signature ({SIGNATURE}) by this P-256 public "
         f"key (a key pinned beside this file as {PINNED_KEY} is required without this flag)",
     )
-    loading = _Parser(add_help=False, parents=[loading, signed])
+    loading = _Parser(add_help=False, parents=[loading, signed, which])
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON on stdout")
 
-    sub.add_parser("info", parents=[as_json], help="model I/O, target, providers wanted vs available")
+    sub.add_parser("info", parents=[as_json, which], help="model I/O, target, providers wanted vs available")
     sub.add_parser(
         "verify",
         parents=[signed, as_json],

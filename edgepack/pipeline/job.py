@@ -158,6 +158,8 @@ class Job:
     progress: Callable[[str], None] = lambda message: None
     results: list[StageResult] = field(default_factory=list)
     """What each stage returned so far, in order."""
+    model_key: str | None = None
+    """The model's name in a multi-model bundle (edgepack/pipeline/multi.py): the self-test opens it by name."""
 
     def say(self, message: str) -> None:
         self.progress(f"[{self.profile.name}] {message}")

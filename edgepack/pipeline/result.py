@@ -49,6 +49,8 @@ class Result:
         if self.manifest:
             data["bytes"] = sum(f["size"] for f in self.manifest["files"].values())
             data["model"] = self.manifest["model"]["file"]
+            if self.manifest.get("models"):
+                data["models"] = {name: entry["file"] for name, entry in self.manifest["models"].items()}
             data["self_test"] = next(r for r in self.manifest["stages"] if r["stage"] == "self_test")["summary"]
             data["notices"] = self.notices
         if self.frozen:

@@ -29,7 +29,7 @@ from ..onnxio.modelinfo import describe_io, format_shape, opsets
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult
 
-__all__ = ["Manifest", "ManifestResult", "finalize", "describe"]
+__all__ = ["Manifest", "ManifestResult", "REPORT", "finalize", "describe", "report_text"]
 
 REPORT = "REPORT.md"
 
@@ -61,7 +61,7 @@ class Manifest(Stage):
 def finalize(artifact: Artifact, job: Job) -> dict[str, Any]:
     """Write REPORT.md and the manifest again, now that every stage (self-test included) has reported."""
     content = describe(artifact, job)
-    (job.staging / REPORT).write_text(_report_text(content), encoding="utf-8")
+    (job.staging / REPORT).write_text(report_text(content), encoding="utf-8")
     return write_manifest(job.staging, content.to_dict())
 
 
@@ -117,7 +117,7 @@ def _tool_versions() -> dict[str, str]:
     return versions
 
 
-def _report_text(content: Content) -> str:
+def report_text(content: Content) -> str:
     model = content.model
     lines = [
         f"# {model.source.name} for {content.target}",

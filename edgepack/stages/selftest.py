@@ -104,7 +104,9 @@ class SelfTest(Stage):
             ) from None
         try:
             # the packaging host's onnxruntime stands in for the device's, whatever the bundle's version range
-            bundled = edgepack_shim.load(job.staging, providers=["CPUExecutionProvider"], check_runtime=False)
+            bundled = edgepack_shim.load(
+                job.staging, providers=["CPUExecutionProvider"], check_runtime=False, model=job.model_key
+            )
         except Exception as exc:  # onnxruntime raises bare Exception subclasses from C++
             detail = first_line(exc)
             if quantized:

@@ -2,6 +2,7 @@
 //
 //   val session = EdgepackLoader.createSession(OrtEnvironment.getEnvironment(), bundleDir)
 //   val session = EdgepackLoader.createSession(env, bundleDir, publicKeyPem = SIGNER_PUBLIC_KEY)  // signed bundles
+//   val rec = EdgepackLoader.createSession(env, bundleDir, modelName = "rec")  // a model of a multi-model bundle
 //
 // bundleDir must be a folder of real files (copy the bundle out of the APK's assets into
 // context.filesDir first: assets are compressed entries, not files). Every file is checked against
@@ -20,9 +21,15 @@ import java.util.EnumSet
 object EdgepackLoader {
     const val SESSION_OPTIONS = "session_options.json"
 
-    fun createSession(env: OrtEnvironment, bundle: File, publicKeyPem: String? = null): OrtSession {
+    fun createSession(
+        env: OrtEnvironment,
+        bundle: File,
+        publicKeyPem: String? = null,
+        modelName: String? = null,
+    ): OrtSession {
         if (publicKeyPem != null) EdgepackSignature.verify(bundle, publicKeyPem)
-        val manifest = EdgepackVerifier.verify(bundle)
+        val manifest = EdgepackVerifier.verify(bundle) // every file, whichever model is opened
+        val entry = EdgepackVerifier.modelEntry(manifest, modelName)
         val settings = JSONObject(File(bundle, SESSION_OPTIONS).readText(Charsets.UTF_8))
         val options = OrtSession.SessionOptions()
         options.setIntraOpNumThreads(settings.optInt("intra_op_num_threads", 0))
@@ -35,7 +42,7 @@ object EdgepackLoader {
             }
         )
         // includes session.load_model_format=ORT and session.enable_saved_runtime_optimizations=1
-        val entries = settings.getJSONObject("config_entries")
+        val entries = entry.optJSONObject("config_entries") ?: settings.getJSONObject("config_entries")
         for (key in entries.keys()) options.addConfigEntry(key, entries.getString(key))
         val providers = settings.getJSONArray("execution_providers")
         for (i in 0 until providers.length()) {
@@ -47,7 +54,7 @@ object EdgepackLoader {
                 else -> throw IllegalArgumentException("$SESSION_OPTIONS names $name, which this loader cannot add")
             }
         }
-        val model = File(bundle, manifest.getJSONObject("model").getString("file"))
+        val model = File(bundle, entry.getString("file"))
         return env.createSession(model.path, options)
     }
 

@@ -167,9 +167,29 @@ enum EdgepackLoader {
         return data
     }
 
-    static func createSession(env: ORTEnv, bundle: URL, publicKeyPEM: String? = nil) throws -> ORTSession {
+    /// The manifest's entry for model `name` of a multi-model bundle ("models"), or "model" when `name` is nil
+    /// (the bundle's first model) or the one model's name; an unknown name throws, listing the names.
+    static func modelEntry(manifest: [String: Any], name: String?) throws -> [String: Any] {
+        guard let first = manifest["model"] as? [String: Any], let file = first["file"] as? String else {
+            throw BundleVerificationError(problems: ["manifest: no model file"])
+        }
+        guard let name else { return first }
+        guard let models = manifest["models"] as? [String: Any] else {
+            let only = URL(fileURLWithPath: file).deletingPathExtension().lastPathComponent
+            if only == name { return first }
+            throw BundleVerificationError(problems: ["this bundle has no model \(name); it holds: \(only)"])
+        }
+        guard let entry = models[name] as? [String: Any] else {
+            throw BundleVerificationError(problems: ["this bundle has no model \(name); it holds: \(models.keys.sorted().joined(separator: ", "))"])
+        }
+        return entry
+    }
+
+    /// `modelName`: which model of a multi-model bundle (nil: the first); every file is verified whichever is opened.
+    static func createSession(env: ORTEnv, bundle: URL, publicKeyPEM: String? = nil, modelName: String? = nil) throws -> ORTSession {
         if let publicKeyPEM { _ = try verifySignature(bundle: bundle, publicKeyPEM: publicKeyPEM) }
         let manifest = try verify(bundle: bundle)
+        let entry = try modelEntry(manifest: manifest, name: modelName)
         let data = try Data(contentsOf: bundle.appendingPathComponent(sessionOptionsName))
         guard let settings = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
             throw BundleVerificationError(problems: ["\(sessionOptionsName) is not a JSON object"])
@@ -179,7 +199,7 @@ enum EdgepackLoader {
         let levels: [String: ORTGraphOptimizationLevel] = ["disable": .none, "basic": .basic, "extended": .extended, "all": .all]
         try options.setGraphOptimizationLevel(levels[settings["graph_optimization_level"] as? String ?? "all"] ?? .all)
         // includes session.load_model_format=ORT and session.enable_saved_runtime_optimizations=1
-        for (key, value) in settings["config_entries"] as? [String: String] ?? [:] {
+        for (key, value) in (entry["config_entries"] ?? settings["config_entries"]) as? [String: String] ?? [:] {
             try options.addConfigEntry(withKey: key, value: value)
         }
         let caches = FileManager.default.urls(for: .cachesDirectory, in: .userDomainMask)[0].path
@@ -200,7 +220,7 @@ enum EdgepackLoader {
                 throw BundleVerificationError(problems: ["\(sessionOptionsName) names \(name ?? "?"), which this loader cannot add"])
             }
         }
-        guard let model = manifest["model"] as? [String: Any], let file = model["file"] as? String else {
+        guard let file = entry["file"] as? String else {
             throw BundleVerificationError(problems: ["manifest: no model file"])
         }
         return try ORTSession(env: env, modelPath: bundle.appendingPathComponent(file).path, sessionOptions: options)

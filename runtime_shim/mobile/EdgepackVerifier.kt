@@ -57,6 +57,24 @@ object EdgepackVerifier {
         return manifest
     }
 
+    /**
+     * The manifest's entry for the model [name] of a multi-model bundle ("models"), or "model" when [name]
+     * is null (the bundle's first model) or is the one model's name; an unknown name throws, listing the names.
+     */
+    fun modelEntry(manifest: JSONObject, name: String?): JSONObject {
+        val first = manifest.getJSONObject("model")
+        if (name == null) return first
+        val models = manifest.optJSONObject("models")
+        if (models == null) {
+            if (File(first.getString("file")).nameWithoutExtension == name) return first
+            throw IllegalArgumentException("this bundle has no model $name; it holds: ${File(first.getString("file")).nameWithoutExtension}")
+        }
+        if (!models.has(name)) {
+            throw IllegalArgumentException("this bundle has no model $name; it holds: ${models.keys().asSequence().joinToString(", ")}")
+        }
+        return models.getJSONObject(name)
+    }
+
     fun isSafe(rel: String): Boolean =
         rel.isNotEmpty() && !rel.startsWith("/") && !rel.contains('\\') &&
             rel.split('/').none { it.isEmpty() || it == "." || it == ".." }
