@@ -21,9 +21,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edgepack.api import package_several
 from edgepack.errors import ProfileError
 from edgepack.examples import write_example
 from edgepack.pipeline.job import Options
+from edgepack.pipeline.multi import Member
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 
@@ -81,6 +83,22 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     )
     assert all(r.ok for r in results), [str(r.error) for r in results]
     return {r.target: r.bundle for r in results}
+
+
+@pytest.fixture(scope="module")
+def multi_bundle(tmp_path_factory) -> Path:
+    """An android-nnapi bundle of two models (edgepack/pipeline/multi.py): det (the profile's recipe) and cls (FP32)."""
+    folder = tmp_path_factory.mktemp("mobile-multi")
+    det = write_example("cnn", folder).rename(folder / "det.onnx")
+    cls = shutil.copyfile(det, folder / "cls.onnx")
+    [result] = package_several(
+        [Member("det", det), Member("cls", cls, "none")],
+        [load_profile("android-nnapi")],
+        Options(output=folder / "out"),
+        name="pair",
+    )
+    assert result.ok, result.error
+    return result.bundle
 
 
 @pytest.mark.parametrize(
@@ -228,10 +246,16 @@ import ai.edgepack.EdgepackVerifier
 import java.io.File
 
 fun main(args: Array<String>) {
-    for (path in args) {
+    for (arg in args) {
+        // PATH: the problems of the bundle; PATH#NAME: the file of its model NAME (or why not)
+        val path = arg.substringBefore("#")
         val problems = try { EdgepackVerifier.verify(File(path)); emptyList<String>() }
             catch (e: BundleVerificationException) { e.problems }
-        println(File(path).name + "\\t" + problems.joinToString("|"))
+        if (!arg.contains("#")) { println(File(path).name + "\\t" + problems.joinToString("|")); continue }
+        val manifest = EdgepackVerifier.verify(File(path))
+        val answer = try { EdgepackVerifier.modelEntry(manifest, arg.substringAfter("#")).getString("file") }
+            catch (e: IllegalArgumentException) { e.message }
+        println(File(path).name + "#" + arg.substringAfter("#") + "\\t" + answer)
     }
 }
 """
@@ -243,7 +267,7 @@ ANDROID_JSON = Path("/usr/share/java/com.android.json.jar")
     shutil.which("kotlinc") is None or not ANDROID_JSON.is_file(),
     reason="needs kotlinc and Android's org.json for the JVM (Debian packages kotlin, libandroid-json-java)",
 )
-def test_kotlin_verifier_compiled_and_run_agrees_with_the_mirror(tampered, tmp_path):
+def test_kotlin_verifier_compiled_and_run_agrees_with_the_mirror(tampered, multi_bundle, tmp_path):
     source = resources.files("edgepack.runtime_shim") / "mobile" / "EdgepackVerifier.kt"
     shutil.copyfile(source, tmp_path / "EdgepackVerifier.kt")
     (tmp_path / "Main.kt").write_text(KOTLIN_MAIN)
@@ -264,8 +288,10 @@ def test_kotlin_verifier_compiled_and_run_agrees_with_the_mirror(tampered, tmp_p
         timeout=600,
     )
     assert build.returncode == 0, build.stderr
+    intact = next(b for name, b, _ in tampered if name == "intact")
+    by_name = [f"{multi_bundle}#cls", f"{multi_bundle}#det", f"{multi_bundle}#nope", f"{intact}#cnn"]
     run = subprocess.run(
-        ["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", *[str(b) for _, b, _ in tampered]],
+        ["java", "-cp", f"{jar}:{ANDROID_JSON}", "MainKt", *[str(b) for _, b, _ in tampered], *by_name],
         capture_output=True,
         text=True,
         timeout=120,
@@ -275,6 +301,11 @@ def test_kotlin_verifier_compiled_and_run_agrees_with_the_mirror(tampered, tmp_p
     for name, bundle, expected in tampered:
         kotlin = [p for p in answers[name].split("|") if p]
         assert kotlin == verify_like_loaders(bundle) == expected, name
+    # a multi-model bundle's models by name (the loader's modelEntry), and a single model's own name
+    multi = multi_bundle.name
+    assert answers[f"{multi}#cls"] == "model/cls.ort" and answers[f"{multi}#det"] == "model/det.ort"
+    assert answers[f"{multi}#nope"] == "this bundle has no model nope; it holds: cls, det"
+    assert answers["intact#cnn"] == "model/cnn.ort"
 
 
 def test_app_runtime_version_must_match_the_profile_and_read_the_ort(tmp_path):
