@@ -30,6 +30,7 @@ from .profiles import _NAME, _build, _kind
 __all__ = [
     "BuildFile",
     "ModelEntry",
+    "MemberEntry",
     "load_build_file",
     "select_pairs",
     "parse_shard",
@@ -42,14 +43,29 @@ SCHEMA = "edgepack.build/1"
 
 
 @dataclass(frozen=True)
-class ModelEntry:
+class MemberEntry:
+    """One model of a multi-model bundle (edgepack/pipeline/multi.py)."""
+
     model: str
+    """An .onnx file (side files next to it)."""
+    name: str = ""
+    """Its name in the bundle (``model/<name>.ort``, ``--model <name>``); default: the file's stem."""
+    quantize: str | None = None
+    """Its recipe; default: the entry's ``quantize``, else the profile's."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str = ""
     """An .onnx file (side files next to it), a .pt2 program, or a PyTorch ``pkg.module:factory``."""
+    models: list[MemberEntry] = field(default_factory=list)
+    """Instead of ``model``: the models of one multi-model bundle per target (then ``name`` is required)."""
     name: str = ""
     """Names the bundles (``<name>-<target>``); default: the file's stem or the factory's name."""
     targets: list[str] = field(default_factory=list)
     """Overrides the file's ``targets`` for this model."""
-    quantize: Literal["none", "dynamic", "static", "fp16"] | None = None
+    quantize: str | None = None
+    """A recipe of edgepack/recipes (none, dynamic, static, fp16, int4, q4f16); default: the profile's."""
     calibration: str | None = None
     """A path (.npy, .npz, or a folder of .npz samples) or 'random'."""
     calibration_method: Literal["minmax", "entropy", "percentile"] | None = None
@@ -109,8 +125,29 @@ def _check_semantics(build: BuildFile, path: Path) -> None:
     where = str(path)
     if not build.models:
         raise ProfileError("key 'models': expected at least one model, found none", where=where)
+    from .recipes import RECIPES
+
     seen: dict[str, int] = {}
     for i, entry in enumerate(build.models):
+        if bool(entry.model) == bool(entry.models):
+            raise ProfileError(
+                f"key 'models[{i}]': expected either 'model' (one model) or 'models' (a multi-model bundle), "
+                f"found {'both' if entry.model else 'neither'}",
+                where=where,
+            )
+        if entry.models and (len(entry.models) < 2 or not entry.name):
+            raise ProfileError(
+                f"key 'models[{i}].models': a multi-model bundle needs two models or more and a 'name', "
+                f"found {len(entry.models)} model(s){'' if entry.name else ' and no name'}",
+                where=where,
+            )
+        for key, recipe in [("quantize", entry.quantize)] + [
+            (f"models[{j}].quantize", m.quantize) for j, m in enumerate(entry.models)
+        ]:
+            if recipe is not None and recipe not in RECIPES:
+                raise ProfileError(
+                    f"key 'models[{i}].{key}': expected one of {', '.join(RECIPES)}, found {recipe!r}", where=where
+                )
         name = model_name(entry)
         if not _NAME.fullmatch(name):
             raise ProfileError(
@@ -212,6 +249,10 @@ def run_build(
     models = {}
     destinations_of: dict[str, dict[str, Path]] = {}
     for name, (entry, profiles) in grouped.items():  # every refusal of the output before any work
+        if entry.models:
+            members = tuple(Path(_relative(m.model, base)) for m in entry.models)
+            destinations_of[name] = refuse_existing_output(name, profiles, options_of[name], inputs=members)
+            continue
         local = _relative(entry.model, base)
         models[name] = local if Path(local).exists() or entry.model.endswith((".onnx", ".pt2")) else entry.model
         destinations_of[name] = refuse_existing_output(
@@ -220,7 +261,7 @@ def run_build(
     results: dict[tuple[str, str], Any] = {}
     works = []
     for name, (entry, profiles) in grouped.items():
-        model = models[name]
+        model = models.get(name, "")
         try:
             refuse_unsupported(profiles, options_of[name])  # a recipe a target cannot run fails this model only
         except EdgepackError as exc:
@@ -242,11 +283,33 @@ def run_build(
             except EdgepackError as exc:
                 done = [Result(p.name, destinations_of[name][p.name], False, error=exc) for p in profiles]
             results.update({(name, r.target): r for r in done})
+        elif entry.models:
+            results.update(
+                {(name, r.target): r for r in _package_bundle(entry, base, profiles, options_of[name], progress)}
+            )
         else:
             works.append(ModelWork(Path(model), name, profiles, options_of[name], destinations_of[name]))
     for work, done in zip(works, package_models(works, progress, keep_going=True), strict=True):
         results.update({(work.name, r.target): r for r in done})
     return [(model_name(p.entry), results[model_name(p.entry), p.profile.name]) for p in pairs]
+
+
+def _package_bundle(entry: ModelEntry, base: Path, profiles: list, options, progress: Callable[[str], None]) -> list:
+    """A multi-model entry: one bundle per target (edgepack/pipeline/multi.py); a refusal fails its pairs only."""
+    from .api import package_several
+    from .pipeline.multi import Member
+    from .pipeline.result import Result, bundle_path
+
+    members = [
+        Member(m.name or Path(m.model).stem, Path(_relative(m.model, base)), m.quantize or entry.quantize)
+        for m in entry.models
+    ]
+    try:
+        return package_several(
+            members, profiles, dataclasses.replace(options, quantize=None), name=entry.name, progress=progress
+        )
+    except EdgepackError as exc:
+        return [Result(p.name, bundle_path(options.output, entry.name, p), False, error=exc) for p in profiles]
 
 
 def _options(entry: ModelEntry, base: Path, options):

@@ -241,9 +241,10 @@ def write_build_file(folder: Path, text: str) -> Path:
     [
         ("models: [{model: a.onnx, colour: red}]\ntargets: [linux-x64]\n", ["unknown key models[0].'colour'"]),
         (
-            "models: [{model: a.onnx, quantize: int4}]\ntargets: [linux-x64]\n",
-            ["'models[0].quantize'", "'static'", "'int4'"],
+            "models: [{model: a.onnx, quantize: int5}]\ntargets: [linux-x64]\n",
+            ["'models[0].quantize'", "static", "int4", "q4f16", "found 'int5'"],
         ),
+        ("models: [{name: x}]\ntargets: [linux-x64]\n", ["'models[0]'", "either 'model'", "found neither"]),
         (
             "models: [{model: a.onnx, input_shapes: {x: five}}]\ntargets: [linux-x64]\n",
             ["models[0].input_shapes.", "'x'", "expected a list", "the string 'five'"],

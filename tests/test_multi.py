@@ -254,3 +254,38 @@ def test_the_web_loader_opens_each_model_by_name_and_refuses_a_tampered_one(sour
     assert "det" in refused["outputs"] and "rec" not in refused["outputs"]
     assert refused["file"] == "model/rec.ort"
     assert refused["error"].startswith("model/rec.ort: refused: its content does not match manifest.json")
+
+
+def test_a_build_file_lists_a_multi_model_bundle_beside_a_single_model(sources, tmp_path, cli, clean_failure):
+    build = tmp_path / "edgepack.yaml"
+    build.write_text(
+        f"""
+targets: [linux-x64]
+output: out
+models:
+  - name: trio
+    quantize: dynamic
+    models:
+      - {{model: {sources["det"]}, quantize: fp16}}
+      - {{model: {sources["rec"]}}}
+      - {{model: {sources["cls"]}, name: scorer, quantize: none}}
+  - model: {sources["cls"]}
+""",
+        encoding="utf-8",
+    )
+    done = cli("build", build, "--json", "--no-cache")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert [(r["name"], r["ok"]) for r in summary["results"]] == [("trio", True), ("cls", True)]
+    manifest = read_manifest(tmp_path / "out" / "trio-linux-x64")
+    precisions = {name: entry["precision"] for name, entry in manifest["models"].items()}
+    assert precisions == {"det": "fp16", "rec": "int8", "scorer": "fp32"}
+    assert summary["results"][0]["models"] == {name: f"model/{name}.ort" for name in ("det", "rec", "scorer")}
+    build.write_text(
+        f"targets: [linux-x64]\nmodels:\n  - name: one\n    models: [{{model: {sources['det']}}}]\n", encoding="utf-8"
+    )
+    clean_failure(cli("build", build), "key 'models[0].models': a multi-model bundle needs two models or more")
+    build.write_text(
+        f"targets: [linux-x64]\nmodels:\n  - model: {sources['det']}\n    quantize: int5\n", encoding="utf-8"
+    )
+    clean_failure(cli("build", build), "key 'models[0].quantize': expected one of none, static", "int4", "found 'int5'")
