@@ -175,6 +175,10 @@ def test_bad_multi_model_requests_are_refused_before_any_work(sources, tmp_path,
         cli("package", *paths, "--name", "x", "--quantize", "rec=int3", "-t", "linux-x64", "-o", tmp_path),
         "model rec: --quantize 'int3': expected one of",
     )
+    clean_failure(
+        cli("package", *paths, "--name", "x", "--quantize", "rec=int4", "-t", "android-nnapi", "-o", tmp_path),
+        "model rec: the recipe writes operators these targets' runtimes have no kernel for: android-nnapi (int4)",
+    )
     twice = tmp_path / "again"
     twice.mkdir()
     shutil.copyfile(sources["det"], twice / "det.onnx")

@@ -43,6 +43,7 @@ from ..stages.selftest import SelfTest
 from .job import Artifact, Job, Options, Source
 from .plan import plan
 from .result import Result, refuse_existing_output
+from .run import run_stage
 
 __all__ = ["Member", "package_bundle", "parse_recipes", "member_name"]
 
@@ -114,8 +115,12 @@ def package_bundle(
             hint="give sizes with --self-test-shape NAME=D0,D1,... (each applies to the models with that input)",
         )
     member_options = [_options_for(options, m) for m in members]
-    for opts in member_options:
-        refuse_unsupported(profiles, opts)
+    for member, opts in zip(members, member_options, strict=True):
+        try:
+            refuse_unsupported(profiles, opts)
+        except EdgepackError as exc:
+            exc.message = f"model {member.name}: {exc.message}"
+            raise
     inputs = tuple(m.model for m in members)
     destinations = refuse_existing_output(name, profiles, options, inputs=inputs)
     signer = _signing_key(options)
@@ -191,8 +196,7 @@ def _package_target(
     signing_key,
 ) -> Result:
     started = time.perf_counter()
-    names = [source.name for source, _ in members]
-    current = names[0]
+    current = members[0][0].name
     try:
         with atomic_folder(destination, force=options.force, inputs=[s.path for s, _ in members]) as staging:
             jobs: list[Job] = []
@@ -213,10 +217,10 @@ def _package_target(
                 job.results.append(load_result(source))
                 artifact = Artifact(path=source.reference)
                 for stage in _per_model(plan(profile, opts)):
-                    artifact = _run_stage(stage, artifact, job)
+                    artifact = run_stage(stage, artifact, job)
                 bundled.append(lay_out(artifact, job))
                 jobs.append(job)
-            current = names[0]  # what follows is the bundle's, reported under its first model
+            current = jobs[0].source.name  # what follows is the bundle's, reported under its first model
             bundle_record = write_runtime(bundled[0], jobs[0])
             if any(a.ops_config for a in bundled):
                 write_union_config(bundled, jobs[0])
@@ -228,8 +232,8 @@ def _package_target(
             jobs[0].say(f"manifest: {len(written['files'])} files for {len(jobs)} models")
             for job, artifact in zip(jobs, bundled, strict=True):
                 current = job.source.name
-                _run_stage(SelfTest(), artifact, job)
-                _run_stage(Budget(), artifact, job)
+                run_stage(SelfTest(), artifact, job)
+                run_stage(Budget(), artifact, job)
             written = write_bundle_manifest(bundled, jobs, final=True)
             signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
             if signed_by:
@@ -243,8 +247,8 @@ def _package_target(
             signed_by=signed_by,
         )
     except EdgepackError as exc:
-        if len(names) > 1 and not str(exc).startswith(f"model {current}"):
-            exc.args = (f"model {current}: {exc.args[0] if exc.args else exc}", *exc.args[1:])
+        if not exc.message.startswith(f"model {current}:"):
+            exc.message = f"model {current}: {exc.message}"
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
 
 
@@ -256,18 +260,6 @@ def _prefixed(progress: Progress, name: str) -> Progress:
 def _per_model(stages: list) -> list:
     """The stages each model goes through on its own: those before the bundle stage (rule 1)."""
     return stages[: next(i for i, stage in enumerate(stages) if isinstance(stage, Bundle))]
-
-
-def _run_stage(stage, artifact: Artifact, job: Job) -> Artifact:
-    started = time.perf_counter()
-    try:
-        result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
-    except EdgepackError as exc:
-        exc.stage = stage.name
-        raise
-    job.results.append(result)
-    job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - started:.1f} s)")
-    return result.artifact or artifact
 
 
 def _rel(artifact: Artifact, job: Job) -> str:

@@ -21,8 +21,9 @@ from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
 from .plan import plan
 from .result import Result, bundle_path, refuse_existing_output
+from .stage import Stage
 
-__all__ = ["Result", "package_model", "bundle_path", "refuse_existing_output"]
+__all__ = ["Result", "package_model", "bundle_path", "refuse_existing_output", "run_stage"]
 
 
 def package_model(
@@ -69,15 +70,7 @@ def _package_one(
             job.results.append(load_result(source))
             artifact = Artifact(path=source.reference)
             for stage in plan(profile, options):
-                stage_started = time.perf_counter()
-                try:
-                    result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
-                except EdgepackError as exc:
-                    exc.stage = stage.name
-                    raise
-                job.results.append(result)
-                artifact = result.artifact or artifact
-                job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - stage_started:.1f} s)")
+                artifact = run_stage(stage, artifact, job)
             written = finalize(artifact, job)
             signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
             if signed_by:
@@ -92,6 +85,19 @@ def _package_one(
         )
     except EdgepackError as exc:
         return Result(profile.name, destination, False, error=exc, seconds=time.perf_counter() - started)
+
+
+def run_stage(stage: Stage, artifact: Artifact, job: Job) -> Artifact:
+    """Run ``stage`` (or record why it does not apply), add its result to the job; the artifact it leaves."""
+    started = time.perf_counter()
+    try:
+        result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
+    except EdgepackError as exc:
+        exc.stage = stage.name
+        raise
+    job.results.append(result)
+    job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - started:.1f} s)")
+    return result.artifact or artifact
 
 
 def source_files(source: Source) -> list[Path]:
