@@ -109,8 +109,13 @@ def _report(profiles: list[Profile], results: list[Result], options: Options, pr
     if len(profiles) > 1 and any(r.ok for r in results):
         from .report import write_report
 
-        written = write_report(options.output)
+        written = write_report(options.output, fresh=fresh_bundles(results, options.output))
         progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
+
+
+def fresh_bundles(results: list[Result], output: Path) -> frozenset[str]:
+    """The folder names of the bundles just written or restored (verified then) in ``output``."""
+    return frozenset(r.bundle.name for r in results if r.ok and r.bundle.parent == Path(output))
 
 
 def _package_source(

@@ -536,9 +536,10 @@ def _cmd_build(args) -> int:
     with steps.shown(steps.mode_for(sys.stderr, quiet=args.quiet or args.json)):
         done = run_build(build, pairs, options, progress=progress)
         if len(done) > 1 and any(r.ok for _, r in done):
+            from .api import fresh_bundles
             from .report import write_report
 
-            written = write_report(output)
+            written = write_report(output, fresh=fresh_bundles([r for _, r in done], output))
             progress(f"report: {written.html} and {written.markdown.name} ({len(written.bundles)} bundles)")
     failed = [r for _, r in done if not r.ok]
     if args.json:

@@ -229,3 +229,23 @@ def test_report_from_python(small_build, tmp_path):
     written = write_report(build)
     assert written.html == build / "report.html" and [b.target for b in written.bundles] == ["linux-x64", "rpi-arm64"]
     assert written.html.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_gzip_sizes_are_remembered_by_checksum_and_a_damaged_memory_is_ignored(tmp_path, monkeypatch):
+    import importlib
+
+    collecting = importlib.import_module("edgepack.report.collect")  # the module, not the function of that name
+
+    data = tmp_path / "blob.bin"
+    data.write_bytes(b"edgepack " * 5000)
+    memory = tmp_path / "gzip-sizes.json"
+    sizes = collecting._GzipSizes(memory, {})
+    size = sizes.of(data, "ab" * 32)
+    assert 0 < size < data.stat().st_size
+    sizes.save()
+    assert json.loads(memory.read_text())[f"{'ab' * 32}:{collecting.GZIP_LEVEL}"] == size
+    monkeypatch.setattr(collecting, "_gzipped_size", lambda path: pytest.fail("a remembered size was computed again"))
+    assert collecting._GzipSizes(memory, json.loads(memory.read_text())).of(data, "ab" * 32) == size
+    memory.write_text("{not json")
+    monkeypatch.setattr("edgepack.bundle.ortweb.cache_dir", lambda: tmp_path / "npm")
+    assert collecting._GzipSizes.load().known == {}

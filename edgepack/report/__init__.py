@@ -35,8 +35,9 @@ class Written:
         }
 
 
-def write_report(build_dir: Path) -> Written:
-    """Write the report of every bundle in ``build_dir``; a UsageError when there is none."""
+def write_report(build_dir: Path, fresh: frozenset[str] = frozenset()) -> Written:
+    """Write the report of every bundle in ``build_dir``; a UsageError when there is none. ``fresh``: folder
+    names of the bundles this run wrote or restored, verified then (collect's rule 3)."""
     from .page import render_html, render_markdown
 
     build_dir = Path(build_dir)
@@ -44,7 +45,7 @@ def write_report(build_dir: Path) -> Written:
         raise UsageError(
             "not a folder", where=str(build_dir), hint="give the folder package wrote to (default: build/)"
         )
-    bundles = collect(build_dir)
+    bundles = collect(build_dir, fresh)
     if not bundles:
         raise UsageError(
             "no edgepack bundle here (no sub-folder with a manifest.json)",

@@ -5,7 +5,10 @@ Rules:
    A bundle whose manifest cannot be read is listed with the reason, never dropped silently.
 2. Sizes are the manifest's (every file but the manifest itself, as ``package`` prints them). Web bundles
    also get their gzip size: each file compressed alone at level 6, as a web server would send it.
-3. Checksums are recomputed (``verify_bundle``). A bundle's ``model.sig`` is checked against the key the
+3. Checksums are recomputed (``verify_bundle``), except for the bundles the calling run has just written or
+   restored from the cache (``fresh``): those were verified then, and hashing them again made most of the
+   time of an unchanged fleet's rebuild. A gzip size is remembered by the file's SHA-256 in the user cache
+   (``gzip-sizes.json``), as a file's content fixes it. A bundle's ``model.sig`` is checked against the key the
    bundle pins (``edgepack_signing.pub``, what its shim will demand); without a pinned key the report
    names the signing key from model.sig and says it was not checked: only the user has the key to
    trust (``edgepack verify --public-key``).
@@ -16,6 +19,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +121,11 @@ class Bundle:
         return found
 
 
-def collect(build_dir: Path) -> list[Bundle]:
-    """Every bundle below ``build_dir`` (rule 1), sorted by folder name."""
+def collect(build_dir: Path, fresh: frozenset[str] = frozenset()) -> list[Bundle]:
+    """Every bundle below ``build_dir`` (rule 1), sorted by folder name; ``fresh``: the folder names of bundles
+    verified by the calling run (rule 3)."""
     bundles = []
+    sizes = _GzipSizes.load()
     for folder in sorted(p for p in build_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not (folder / MANIFEST_NAME).is_file():
             continue
@@ -133,30 +139,75 @@ def collect(build_dir: Path) -> list[Bundle]:
             continue
         bundle = Bundle(folder.name, manifest=manifest)
         if bundle.kind == "web":
-            bundle.gzip_bytes = _gzip_bytes(folder, manifest)
-        verified = verify_bundle(folder)
-        bundle.integrity = {
-            "ok": verified.ok,
-            "checked": verified.checked,
-            "missing": verified.missing,
-            "extra": verified.extra,
-            "changed": verified.changed,
-        }
+            bundle.gzip_bytes = _gzip_bytes(folder, manifest, sizes)
+        if folder.name in fresh:
+            files = len(manifest["files"])
+            bundle.integrity = {"ok": True, "checked": files, "missing": [], "extra": [], "changed": []}
+        else:
+            verified = verify_bundle(folder)
+            bundle.integrity = {
+                "ok": verified.ok,
+                "checked": verified.checked,
+                "missing": verified.missing,
+                "extra": verified.extra,
+                "changed": verified.changed,
+            }
         bundle.signature, bundle.signature_detail = _signature(folder)
         bundles.append(bundle)
+    sizes.save()
     several_models = len({b.model_name for b in bundles if not b.error}) > 1
     for b in bundles:
         b.label = b.folder if several_models or b.error else b.target
     return bundles
 
 
-def _gzip_bytes(folder: Path, manifest: dict[str, Any]) -> int:
+def _gzip_bytes(folder: Path, manifest: dict[str, Any], sizes: _GzipSizes) -> int:
     total = 0
     for rel in track(sorted(manifest["files"]), f"gzip sizes of {folder.name}"):
         path = folder / rel
         if path.is_file() and not path.is_symlink():
-            total += _gzipped_size(path)
+            total += sizes.of(path, manifest["files"][rel].get("sha256"))
     return total
+
+
+class _GzipSizes:
+    """Gzip sizes by SHA-256 (rule 3), kept in ``gzip-sizes.json`` of the user cache; a damaged or missing
+    file is an empty memory. A size is trusted only for a file whose size and checksum the caller knows."""
+
+    def __init__(self, path: Path | None, known: dict[str, int]):
+        self.path, self.known, self.added = path, known, False
+
+    @classmethod
+    def load(cls) -> _GzipSizes:
+        from ..bundle.ortweb import cache_dir
+
+        path = cache_dir().parent / "gzip-sizes.json"
+        try:
+            known = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        valid = isinstance(known, dict) and all(isinstance(v, int) for v in known.values())
+        return cls(path, known if valid else {})
+
+    def of(self, path: Path, sha256: str | None) -> int:
+        key = f"{sha256}:{GZIP_LEVEL}" if sha256 else None
+        if key and key in self.known:
+            return self.known[key]
+        size = _gzipped_size(path)
+        if key:
+            self.known[key], self.added = size, True
+        return size
+
+    def save(self) -> None:
+        if not (self.added and self.path):
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(self.known, sort_keys=True), encoding="utf-8")
+            os.replace(partial, self.path)
+        except OSError:
+            pass  # a cache: the next report computes the sizes again
 
 
 def _gzipped_size(path: Path) -> int:
