@@ -28,6 +28,8 @@ examples:
   edgepack package model.pt2 --target rpi-arm64      ...or a torch.export program saved with torch.export.save
   edgepack package model.onnx --target rpi-arm64 --quantize static --calibration calib/
                                                      static INT8 calibrated on your data (.npz files)
+  edgepack package det.onnx rec.onnx --name ocr --quantize rec=dynamic --target all
+                                                     one bundle per target holding both models (shim: run --model rec)
   edgepack verify build/model-rpi-arm64              check every file of a bundle against its manifest
   edgepack keygen keys/release                       new P-256 signing key: keys/release.priv, keys/release.pub
   edgepack package model.onnx --target rpi-arm64 --sign-key keys/release.priv
