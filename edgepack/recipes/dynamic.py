@@ -17,6 +17,10 @@ class DynamicSettings:
     weight_type: Literal["uint8", "int8"] = "int8"
     """int8: MatMulInteger S8 was faster than U8 on the encoder (benchmarks/quantization.py)."""
     per_channel: bool = False
+    reduce_range: bool = False
+    """Weights in 7 bits: x86-64 CPUs without VNNI add U8S8 products in 16 bits, which 8-bit weights can
+    saturate whatever the session asks (a Fixed-style .ort has its kernels chosen); 7 bits cannot (onnxruntime's
+    documented remedy). For profiles whose devices may be such CPUs."""
     op_types: list[str] = field(default_factory=lambda: ["MatMul", "Attention", "LSTM", "Gather"])
     """Conv is left out by default: dynamic ConvInteger is slower than FP32 on CPUs, 5-8x with int8 weights
     (benchmarks/quantization.py)."""
@@ -50,6 +54,7 @@ class Dynamic(Recipe):
             op_types_to_quantize=op_types(settings.op_types, settings.exclude_op_types, IntegerOpsRegistry),
             per_channel=settings.per_channel,
             weight_type=quant_type(settings.weight_type),
+            reduce_range=settings.reduce_range,
             nodes_to_exclude=excluded,
             use_external_data_format=external,
         )

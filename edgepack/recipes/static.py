@@ -18,6 +18,10 @@ class StaticSettings:
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["uint8", "int8"] = "int8"
     per_channel: bool = True
+    reduce_range: bool = False
+    """Weights in 7 bits: x86-64 CPUs without VNNI add U8S8 products in 16 bits, which 8-bit weights can
+    saturate whatever the session asks (a Fixed-style .ort has its kernels chosen); 7 bits cannot (onnxruntime's
+    documented remedy). For profiles whose devices may be such CPUs."""
     symmetric_activations: bool = False
     """TensorRT needs symmetric QDQ (zero point 0) for activations and weights."""
     symmetric_weights: bool = True
@@ -71,6 +75,7 @@ class Static(Recipe):
                 per_channel=settings.per_channel,
                 activation_type=quant_type(settings.activation_type),
                 weight_type=quant_type(settings.weight_type),
+                reduce_range=settings.reduce_range,
                 nodes_to_exclude=excluded,
                 use_external_data_format=external,
                 calibrate_method={
