@@ -149,7 +149,8 @@ export async function load(options = {}) {
 /** The names of the bundle's models: those of `models` (a multi-model bundle), else its one model's file name. */
 function modelNames(manifest) {
   if (manifest.models && typeof manifest.models === 'object') return Object.keys(manifest.models);
-  return [manifest.model.file.split('/').pop().replace(/\.[^.]*$/, '')];
+  const file = manifest.model.file;
+  return [file.split('/').pop().replace(/\.[^.]*$/, '')];
 }
 
 /** The manifest as seen by one model of it (null: the first): its `model` and its session config entries. */

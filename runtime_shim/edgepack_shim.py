@@ -167,8 +167,8 @@ def _structure_problem(manifest: dict) -> str | None:
         if not isinstance(models, dict) or not models or not all(isinstance(name, str) for name in models):
             return "'models' must be a mapping of model names"
         for name, entry in models.items():
-            if not isinstance(entry, dict):
-                return f"'models.{_shown(name)}' must be a mapping"
+            if not isinstance(entry, dict) or not isinstance(entry.get("config_entries", {}), dict):
+                return f"'models.{_shown(name)}' must be a mapping, its config_entries too"
             problem = _model_problem(entry, f"models.{_shown(name)}")
             if problem:
                 return problem
@@ -213,8 +213,6 @@ def _model_problem(model: dict, where: str) -> str | None:
     for rel in [model.get("file")] + side_files:
         if not _safe_entry(rel, {"sha256": "", "size": 0}):
             return f"model file {_shown(rel)} is not a relative path inside the bundle"
-    if not isinstance(model.get("config_entries", {}), dict):
-        return f"'{where}.config_entries' must be a mapping"
     for key in ("inputs", "outputs"):
         specs = model.get(key)
         if not isinstance(specs, list) or not all(
@@ -1068,6 +1066,8 @@ def session_options(ort, manifest: dict):
     level = settings.get("graph_optimization_level", "all")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[level])
     entries = dict(settings.get("config_entries") or {})
+    # onnxruntime's exact INT8 kernels on x86 CPUs without VNNI, whose U8S8 kernels saturate (edgepack/backends)
+    entries.setdefault("session.x64quantprecision", "1")
     model = manifest["model"]
     if model.get("format") == "ort":
         entries.setdefault("session.load_model_format", "ORT")

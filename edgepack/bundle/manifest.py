@@ -128,10 +128,15 @@ class Content:
     tools: dict[str, str]
     stages: list[dict[str, Any]]
     """Each stage's record (``StageResult.record``), the steps before loading first."""
+    models: dict[str, dict[str, Any]] | None = None
+    """Multi-model bundles only (edgepack/pipeline/multi.py): every model's entry by name, with its session
+    config entries and stage reports; not written when None."""
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's keys as plain data, the profile as its YAML keys (``Profile.to_dict``)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.models is None:
+            del data["models"]
         return {**data, "profile": self.profile.to_dict(), "model": asdict(self.model), "runtime": asdict(self.runtime)}
 
 

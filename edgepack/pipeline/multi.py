@@ -290,8 +290,7 @@ def write_bundle_manifest(bundled: list[Artifact], jobs: list[Job], *, final: bo
     contents = [describe(a, j) for a, j in zip(bundled, jobs, strict=True)]
     first = contents[0]
     config = CONFIG_NAME if any(a.ops_config for a in bundled) else None
-    data = dataclasses.replace(first, reduced_ops_config=config).to_dict()
-    data["models"] = {
+    models = {
         job.source.name: {
             **dataclasses.asdict(content.model),
             "config_entries": content.runtime.session_options.config_entries,
@@ -299,6 +298,7 @@ def write_bundle_manifest(bundled: list[Artifact], jobs: list[Job], *, final: bo
         }
         for job, content in zip(jobs, contents, strict=True)
     }
+    data = dataclasses.replace(first, reduced_ops_config=config, models=models).to_dict()
     staging = jobs[0].staging
     if final:
         text = "\n\n".join(report_text(c) for c in contents)
