@@ -211,7 +211,8 @@ def test_generated_inputs_over_the_memory_budget_are_refused_with_a_clear_messag
 # --- nothing in the working directory or $TMPDIR ---------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe, code", [("fp16", 0), ("dynamic", 6)])
+# "static" without calibration data refuses after load: a failing run must leave nothing behind either
+@pytest.mark.parametrize("recipe, code", [("fp16", 0), ("dynamic", 0), ("static", 2)])
 def test_working_directory_and_tmpdir_unchanged_after_package(tmp_path, recipe, code):
     """The model stops onnxruntime's symbolic shape inference, which then writes into the current folder; and
     onnxruntime's telemetry leaves .ses in $TMPDIR unless edgepack turns it off (the environment here does not)."""
