@@ -43,7 +43,7 @@ from ..stages.selftest import SelfTest
 from .job import Artifact, Job, Options, Source
 from .plan import plan
 from .result import Result, refuse_existing_output
-from .run import run_stage
+from .run import run_stage, source_files
 
 __all__ = ["Member", "package_bundle", "parse_recipes", "member_name"]
 
@@ -123,7 +123,10 @@ def package_bundle(
             raise
     inputs = tuple(m.model for m in members)
     destinations = refuse_existing_output(name, profiles, options, inputs=inputs)
-    signer = _signing_key(options)
+    from ..executors import _signer
+
+    unlocked = _signer(options.sign_key, options.sign_passphrase_env)
+    signer = unlocked.key if unlocked else None
     results = []
     with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
         sources = []
@@ -178,14 +181,6 @@ def _for_inputs(options: Options, source: Source) -> Options:
     )
 
 
-def _signing_key(options: Options):
-    if not options.sign_key:
-        return None
-    from ..bundle.signing import load_private_key
-
-    return load_private_key(options.sign_key, options.sign_passphrase_env)
-
-
 def _package_target(
     members: list[tuple[Source, Options]],
     profile: Profile,
@@ -198,7 +193,8 @@ def _package_target(
     started = time.perf_counter()
     current = members[0][0].name
     try:
-        with atomic_folder(destination, force=options.force, inputs=[s.path for s, _ in members]) as staging:
+        inputs = [path for source, _ in members for path in source_files(source)]
+        with atomic_folder(destination, force=options.force, inputs=inputs) as staging:
             jobs: list[Job] = []
             bundled: list[Artifact] = []
             for source, opts in members:
@@ -233,7 +229,10 @@ def _package_target(
             for job, artifact in zip(jobs, bundled, strict=True):
                 current = job.source.name
                 run_stage(SelfTest(), artifact, job)
-                run_stage(Budget(), artifact, job)
+            current = jobs[0].source.name
+            run_stage(Budget(), bundled[0], jobs[0])  # the whole bundle's size: measured once, recorded for each
+            for job in jobs[1:]:
+                job.results.append(jobs[0].results[-1])
             written = write_bundle_manifest(bundled, jobs, final=True)
             signed_by = sign_checked(staging, signing_key, written, destination.name) if signing_key else None
             if signed_by:
