@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import logging
@@ -68,6 +69,9 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
             "reason": work_paths_out(f"{type(exc).__name__}: {first_line(exc)}"),
             "checked": "raised",
         }
+    # what the step held (an onnx-ir model keeps its source's external data memory-mapped, in reference cycles)
+    # is freed before the check loads what it wrote: a model of several GB is not held twice
+    gc.collect()
     record: dict[str, Any] = {"step": step, "status": "repaired" if repaired else "applied"}
     if repaired:
         record["repairs"] = [f"Identity added for subgraph output {name!r} (an outer-scope value)" for name in repaired]
@@ -189,31 +193,43 @@ def repair_outer_scope_outputs(path: Path) -> list[str]:
 
 
 def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, str]:
-    """(why ``after`` is not a faithful copy of ``before``, or None; what was checked)."""
+    """(why ``after`` is not a faithful copy of ``before``, or None; what was checked). One session at a time:
+    a model of several GB is never held twice in memory."""
+    try:
+        sets = feeds(after)
+    except EdgepackError:
+        sets = None
+    expected = None
+    if sets:
+        expected = _OUTPUTS.get(_key(before, sets))
+        if expected is None:
+            try:
+                with held_back():
+                    expected = _outputs(quiet_session(before), sets)
+            except Exception:  # the model before does not run on them either: only loading can be checked
+                expected = None
     try:
         with held_back():
             session = quiet_session(after)
     except (
         Exception
     ) as exc:  # onnxruntime refuses the model: the step broke it, unless the model before was refused too
-        try:
-            with held_back():
-                quiet_session(before)
-        except Exception:
-            return None, "none: the model before it does not load either"
+        if expected is None:
+            try:
+                with held_back():
+                    quiet_session(before)
+            except Exception:
+                return None, "none: the model before it does not load either"
         return work_paths_out(f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}"), "load"
-    try:
-        sets = feeds(after)
-    except EdgepackError:
-        sets = None
-    if not sets:
+    if expected is None:
         return None, "load"
     try:
         with held_back():
-            expected = _OUTPUTS.get(_key(before, sets)) or _outputs(quiet_session(before), sets)
             got = _outputs(session, sets)
     except Exception as exc:
         return work_paths_out(f"what it wrote fails to run: {first_line(exc)[:300]}"), "outputs"
+    finally:
+        del session
     _OUTPUTS[_key(after, sets)] = got  # the next step's "before": one session per step, not two
     if list(expected[0]) != list(got[0]):
         return f"its outputs {list(got[0])} differ from the model's {list(expected[0])}", "outputs"
@@ -243,14 +259,22 @@ def _key(path: Path, sets: list[dict[str, Any]]) -> str:
 
 def quiet_session(path: Path):
     """A CPU session of ``path`` that logs nothing (a refusal becomes the caller's one error or record, not also
-    an onnxruntime log line), on the exact INT8 kernels every bundle asks for (backends.EXACT_INT8)."""
-    import onnxruntime as ort
-
+    an onnxruntime log line), on the exact INT8 kernels every bundle asks for (backends.EXACT_INT8) where the
+    model loads with them; where it does not, on the default kernels, as the bundle's shim does then."""
     from .backends import EXACT_INT8
+
+    try:
+        return _cpu_session(path, EXACT_INT8)
+    except Exception:  # onnxruntime raises many kinds from native code; a model it refuses fails again below
+        return _cpu_session(path, {})
+
+
+def _cpu_session(path: Path, entries: dict[str, str]):
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    for key, value in EXACT_INT8.items():
+    for key, value in entries.items():
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -1058,7 +1058,11 @@ GRAPH_LEVELS = {
 }
 
 
-def session_options(ort, manifest: dict):
+EXACT_INT8 = "session.x64quantprecision"
+
+
+def session_options(ort, manifest: dict, *, exact_int8: bool = True):
+    """The manifest's session options; ``exact_int8=False``: without EXACT_INT8 (see open_session)."""
     settings = manifest["runtime"].get("session_options", {})
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: fallbacks are reported by this shim, once
@@ -1067,7 +1071,9 @@ def session_options(ort, manifest: dict):
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[level])
     entries = dict(settings.get("config_entries") or {})
     # onnxruntime's exact INT8 kernels on x86 CPUs without VNNI, whose U8S8 kernels saturate (edgepack/backends)
-    entries.setdefault("session.x64quantprecision", "1")
+    entries.setdefault(EXACT_INT8, "1")
+    if not exact_int8:
+        entries.pop(EXACT_INT8)
     model = manifest["model"]
     if model.get("format") == "ort":
         entries.setdefault("session.load_model_format", "ORT")
@@ -1164,7 +1170,9 @@ class Model:
     """A verified bundle's model in an onnxruntime session. ``run`` is safe to call from several threads:
     onnxruntime sessions allow concurrent runs and nothing here changes after loading."""
 
-    def __init__(self, bundle: Path, manifest: dict, session, wanted: list, fallback: str | None):
+    def __init__(
+        self, bundle: Path, manifest: dict, session, wanted: list, fallback: str | None, warnings: list | None = None
+    ):
         self.bundle = bundle
         self.manifest = manifest
         self.session = session
@@ -1176,6 +1184,8 @@ class Model:
         """The providers actually active, best first."""
         self.fallback = fallback
         """Why the preferred provider is not active (None when it is)."""
+        self.warnings = list(warnings or [])
+        """What else differs from the manifest's session (an entry onnxruntime could not load the model with)."""
 
     def run(self, feeds) -> dict:
         arrays = check_feeds(self.inputs, feeds)
@@ -1238,10 +1248,9 @@ def load(
         )
     plan = provider_plan(manifest, available, providers=providers, cache_dir=cache_dir)
     path = str(bundle / manifest["model"]["file"])
-    options = session_options(ort, manifest)
     fallback = None
     try:
-        session = _session(ort, path, options, plan)
+        session, warning = open_session(ort, path, manifest, plan)
     except Exception as exc:
         if strict or plan == [(CPU, {})]:
             raise ModelError(
@@ -1251,7 +1260,7 @@ def load(
         # e.g. TensorRT is in the build but its libraries or the GPU are not there
         fallback = f"{plan[0][0]} failed to start ({_first_line(exc)})"
         try:
-            session = _session(ort, path, session_options(ort, manifest), [(CPU, {})])
+            session, warning = open_session(ort, path, manifest, [(CPU, {})])
         except Exception as exc2:
             raise ModelError(f"onnxruntime cannot load {manifest['model']['file']}: {_first_line(exc2)}") from None
     active = session.get_providers()
@@ -1261,7 +1270,31 @@ def load(
         raise RuntimeMismatch(
             f"the preferred provider {wanted[0]} is not active ({fallback}) and strict providers are on"
         )
-    return Model(bundle, manifest, session, wanted, fallback)
+    return Model(bundle, manifest, session, wanted, fallback, [warning] if warning else [])
+
+
+def open_session(ort, path: str, manifest: dict, plan: list):
+    """(session, warning): a session with the manifest's options, or, when it fails to load with the exact INT8
+    entry, without it (warning says so; None otherwise). Where that entry applies (x86 CPUs without VNNI)
+    onnxruntime converts int8 weights to uint8 at load, and onnxruntime 1.31's converter fails on QDQ models
+    whose int8 zero points several DequantizeLinear nodes share ("Attempt to replace the existing tensor")."""
+    entries = (manifest["runtime"].get("session_options") or {}).get("config_entries") or {}
+    if str(entries.get(EXACT_INT8, "1")) != "1":
+        return _session(ort, path, session_options(ort, manifest), plan), None
+    options = session_options(ort, manifest)
+    options.log_severity_level = 4  # a failure is raised, or retried below: not also logged
+    try:
+        return _session(ort, path, options, plan), None
+    except Exception as exc:
+        failure = exc
+    try:
+        session = _session(ort, path, session_options(ort, manifest, exact_int8=False), plan)
+    except Exception:
+        raise failure from None
+    return session, (
+        f"loaded without {EXACT_INT8}=1, with which onnxruntime fails to load the model ({_first_line(failure)}): "
+        "on x86 CPUs without VNNI its default INT8 kernels may saturate"
+    )
 
 
 def _session(ort, path: str, options, plan: list):
@@ -1491,6 +1524,8 @@ def _load_for(args) -> tuple:
             f"{model.fallback}",
             file=sys.stderr,
         )
+    for warning in model.warnings:
+        print(f"edgepack_shim: warning: {warning}", file=sys.stderr)
     return model, seconds
 
 

@@ -412,3 +412,38 @@ def int8_outlier() -> onnx.ModelProto:
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(outlier, "w_outlier")],
     )
     return _model(graph)
+
+
+def shared_weight_zero_point() -> onnx.ModelProto:
+    """A QDQ model (int8 activations and weights, as onnxruntime's quantize_static writes by default) whose two
+    int8 weights share one zero-point initializer. Plain onnxruntime runs it; with session.x64quantprecision=1
+    on an x86 CPU without VNNI, onnxruntime 1.31's int8-to-uint8 weight converter fails to load it ("Attempt to
+    replace the existing tensor")."""
+    rng, dim = _rng(), 16
+    initializers = [
+        numpy_helper.from_array(rng.integers(-127, 128, (dim, dim)).astype(np.int8), "w1"),
+        numpy_helper.from_array(rng.integers(-127, 128, (dim, dim)).astype(np.int8), "w2"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zero_point"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zero_point"),
+    ]
+    activation = ["x_scale", "x_zero_point"]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w1", "w_scale", "w_zero_point"], ["w1_f"]),
+        helper.make_node("DequantizeLinear", ["w2", "w_scale", "w_zero_point"], ["w2_f"]),
+        helper.make_node("QuantizeLinear", ["x", *activation], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", *activation], ["x_f"]),
+        helper.make_node("MatMul", ["x_f", "w1_f"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", *activation], ["h_q"]),
+        helper.make_node("DequantizeLinear", ["h_q", *activation], ["h_f"]),
+        helper.make_node("MatMul", ["h_f", "w2_f"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared_weight_zero_point",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        initializers,
+    )
+    return _model(graph)

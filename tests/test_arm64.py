@@ -9,7 +9,6 @@ Pi, so they say nothing about device speed.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from edgepack.checked import quiet_session
 from edgepack.examples import build_example
 from edgepack.profiles import load_profile
 from tests.support.arm64 import EmulationUnavailable, ensure_sysroot
+from tests.support.host import saturates_u8s8
 
 pytestmark = [pytest.mark.arm64, pytest.mark.slow]
 
@@ -102,15 +102,7 @@ def emulated(sysroot, measured, label: str, args, cwd: Path):
     return result
 
 
-def _host_saturates_u8s8() -> bool:
-    """x86-64 without VNNI: onnxruntime's U8S8 kernels add products in 16 bits there (backends.EXACT_INT8)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
-    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
-
-
-HOST_SATURATES_U8S8 = _host_saturates_u8s8()
+HOST_SATURATES_U8S8 = saturates_u8s8()
 
 
 def differences(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:

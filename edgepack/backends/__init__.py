@@ -56,7 +56,12 @@ EXACT_INT8 = {"session.x64quantprecision": "1"}
 16 bits, which saturate: on an AMD EPYC with AVX2 only, the static INT8 transformer example measured cosine
 0.9951 against FP32 where a VNNI host measured 0.9999. This entry makes onnxruntime take its exact U8U8 kernels
 there; elsewhere (ARM, VNNI, WebAssembly) it changes nothing. Every bundle carries it (a profile may set it to
-"0"), and edgepack's own sessions on this host use it, so the accuracy gate measures the model, not the host."""
+"0"), and edgepack's own sessions on this host use it, so the accuracy gate measures the model, not the host.
+
+Where the entry applies, onnxruntime converts int8 weights to uint8 at load, and onnxruntime 1.31's converter
+fails on QDQ models whose int8 zero points are shared by several DequantizeLinear nodes ("Attempt to replace
+the existing tensor": quantize_static's default S8S8 QDQ transformer example), a model plain onnxruntime runs.
+Such a model then loads without it: edgepack's sessions (checked.quiet_session) and the shim's (which warns)."""
 
 
 def session_entries(profile: Profile, model_format: str, ort_style: str | None) -> dict[str, str]:

@@ -52,6 +52,8 @@ GROWTH_FLOOR = 64 * 1024
 class SelfTestResult(StageResult):
     stage = "self_test"
     summary: str
+    notice: str | None = optional()
+    """What the shim warned of when it loaded the bundle (an entry of its session it had to leave out)."""
     passed: bool
     tolerance: str | None = optional()
     """Which of the profile's tolerances applied, when not ``accuracy``."""
@@ -130,6 +132,8 @@ class SelfTest(Stage):
         figures = compare(expected, got)
         for name, histogram in error_histograms(expected, got).items():
             figures["outputs"][name]["abs_error_histogram"] = histogram
+        if bundled.warnings:
+            fitted["notice"] = "; ".join(bundled.warnings)
         if quantized:
             return dataclasses.replace(
                 _quantized_report(artifact, job, figures, origin, len(samples), bundled.providers, ort.__version__),
