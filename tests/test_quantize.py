@@ -536,3 +536,37 @@ def test_quantization_fields_are_validated(tmp_path: Path, old: str, new: str, e
     (tmp_path / "p.yaml").write_text(text.replace(old, new))
     with pytest.raises(ProfileError, match=expected.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         load_profile(str(tmp_path / "p.yaml"))
+
+
+def test_dynamic_int8_of_a_large_model_is_onnxruntimes_own_in_bounded_memory(tmp_path: Path, monkeypatch):
+    """Over LARGE_MODEL (2 GiB; 0 here) the dynamic recipe skips pre-processing and onnxruntime's copying shape
+    re-inference (recipes/dynamic.py, rule 2): what it writes is what quantize_dynamic writes from the model
+    file, and its shape inference gives the value_info onnxruntime's own gives."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    from edgepack.recipes import dynamic
+
+    source = write_example("transformer", tmp_path)
+    theirs = onnx.load(source)
+    ours = onnx.load(source)
+    expected = save_and_reload_model_with_shape_infer(theirs)
+    assert dynamic._infer_in_place(ours) is ours
+    assert {v.name: v for v in ours.graph.value_info} == {v.name: v for v in expected.graph.value_info}
+    assert list(ours.graph.output) == list(expected.graph.output)
+    assert ours.metadata_props == expected.metadata_props
+
+    monkeypatch.setattr(dynamic, "LARGE_MODEL", 0)
+    settings = DynamicSettings(op_types=["MatMul", "Gather"])
+    large = quantize_model(source, tmp_path / "large" / "q.onnx", "dynamic", settings)
+    assert large.preprocess.startswith("none (a model over 2 GiB")
+    plain = tmp_path / "plain.onnx"
+    quantize_dynamic(source, plain, op_types_to_quantize=["MatMul", "Gather"], weight_type=QuantType.QInt8)
+    written, reference = onnx.load(large.path), onnx.load(plain)
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in reference.graph.node]
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    expected_arrays = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert arrays.keys() == expected_arrays.keys()
+    for name, array in expected_arrays.items():
+        assert arrays[name].dtype == array.dtype and np.array_equal(arrays[name], array), name
+    assert large.quantized_ops.get("MatMulInteger", 0) > 0

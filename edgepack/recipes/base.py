@@ -88,6 +88,11 @@ class Recipe:
     preprocess: ClassVar[bool] = True
     """Whether it starts from onnxruntime's quantization pre-processing (edgepack/recipes/quantize.py, rule 1)."""
 
+    def skips_preprocess(self, source: Path) -> str | None:
+        """Why it does not pre-process ``source`` (for the report; its ``apply`` names the nodes in memory then),
+        or None when it does."""
+        return None if self.preprocess else "none (weight-only: nodes named in memory)"
+
     def apply(
         self,
         prepared: Path,

@@ -3,8 +3,9 @@
 Rules:
 1. Every recipe starts from ``quant_pre_process`` (shape inference and basic optimization): without
    it, onnxruntime's quantizer trips over stale shape information in exported models. A recipe that
-   needs no shapes says so (``Recipe.preprocess``, int4): it is spared the full copy pre-processing writes,
-   and its nodes are named in memory. Each pre-processing try is a
+   needs no shapes says so (``Recipe.preprocess``, int4), and dynamic INT8 of a model over 2 GiB
+   (``Recipe.skips_preprocess``): it is spared the full copies pre-processing makes, and its nodes are named
+   in memory. Each pre-processing try is a
    checked step (edgepack.checked): when symbolic shape inference fails, or its optimizer writes a model
    onnxruntime cannot load, the next try leaves that part out; when every try fails, the model is
    quantized as it is, and ``preprocess_notice`` says so.
@@ -147,11 +148,12 @@ def quantize_model(
     # onnxruntime's helpers write temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current
     # folder: it is the job's scratch folder while they run
     preprocess_notice = None
-    if recipe.preprocess:
+    skipped = recipe.skips_preprocess(source)
+    if skipped is None:
         with working_directory(out.parent):
             preprocess, preprocess_notice = prepare(source, prepared, external=external, check_inputs=check_inputs)
     else:
-        prepared, preprocess = source, "none (weight-only: nodes named in memory)"
+        prepared, preprocess = source, skipped
     excluded = sorted(exclude_nodes)
     try:
         with progress.step(f"{method} quantization"), _quiet(), working_directory(out.parent):
