@@ -221,7 +221,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
             except Exception:
                 return None, "none: the model before it does not load either"
         return work_paths_out(f"onnxruntime cannot load what it wrote: {first_line(exc)[:300]}"), "load"
-    if expected is None:
+    if expected is None or not sets:
         return None, "load"
     try:
         with held_back():

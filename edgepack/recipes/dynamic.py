@@ -107,15 +107,18 @@ def _shapes_inferred_in_place():
     # by module name: onnxruntime.quantization's attribute 'quantize' is a function of that module
     names = ("quantize", "onnx_quantizer", "base_quantizer")
     modules = [importlib.import_module(f"onnxruntime.quantization.{name}") for name in names]
-    modules = [m for m in modules if hasattr(m, "save_and_reload_model_with_shape_infer")]
-    saved = [m.save_and_reload_model_with_shape_infer for m in modules]
+    modules = [m for m in modules if hasattr(m, _RELOAD)]
+    saved = [getattr(m, _RELOAD) for m in modules]
     for module in modules:
-        module.save_and_reload_model_with_shape_infer = _infer_in_place
+        setattr(module, _RELOAD, _infer_in_place)
     try:
         yield
     finally:
         for module, original in zip(modules, saved):
-            module.save_and_reload_model_with_shape_infer = original
+            setattr(module, _RELOAD, original)
+
+
+_RELOAD = "save_and_reload_model_with_shape_infer"
 
 
 def _infer_in_place(model):
