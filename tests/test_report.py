@@ -249,3 +249,33 @@ def test_gzip_sizes_are_remembered_by_checksum_and_a_damaged_memory_is_ignored(t
     memory.write_text("{not json")
     monkeypatch.setattr("edgepack.bundle.ortweb.cache_dir", lambda: tmp_path / "npm")
     assert collecting._GzipSizes.load().known == {}
+
+
+def test_an_unchanged_report_is_not_rendered_again_and_any_change_renders_it(small_build, tmp_path, monkeypatch):
+    import importlib
+
+    from edgepack.report import write_report
+
+    page = importlib.import_module("edgepack.report.page")
+    monkeypatch.setattr("edgepack.bundle.ortweb.cache_dir", lambda: tmp_path / "cache" / "npm")
+    build = tmp_path / "build"
+    shutil.copytree(small_build, build)
+    for name in ("report.html", "report.md"):
+        (build / name).unlink()
+    write_report(build)
+    first = {name: (build / name).read_bytes() for name in ("report.html", "report.md")}
+    renders = []
+    real = page.render_html
+    monkeypatch.setattr(page, "render_html", lambda bundles: renders.append(1) or real(bundles))
+
+    write_report(build)  # same bundles, same files: nothing rendered, nothing rewritten
+    assert renders == [] and {n: (build / n).read_bytes() for n in first} == first
+    (build / "report.html").write_text("edited by hand")  # a page that is not the one rendered: rendered again
+    write_report(build)
+    assert renders == [1] and (build / "report.html").read_bytes() == first["report.html"]
+    (build / "cnn-linux-x64" / "README.md").write_text("changed after packaging\n")  # other inputs: rendered again
+    write_report(build)
+    assert renders == [1, 1] and "1 changed" in (build / "report.md").read_text()
+    (json_file := tmp_path / "cache" / "report-keys.json").write_text("{not json")  # a damaged memory: rendered
+    write_report(build)
+    assert renders == [1, 1, 1] and json.loads(json_file.read_text())
