@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from .collect import Bundle, collect
+from .collect import Bundle, collect, load_memory, save_memory
 
 __all__ = ["write_report", "Written", "HTML_NAME", "MARKDOWN_NAME"]
 
@@ -98,17 +98,7 @@ class _Rendered:
 
     @classmethod
     def load(cls) -> _Rendered:
-        from ..bundle.ortweb import cache_dir
-
-        path = cache_dir().parent / "report-keys.json"
-        try:
-            known = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            known = {}
-        valid = isinstance(known, dict) and all(
-            isinstance(v, list) and len(v) == 2 and all(isinstance(h, str) for h in v) for v in known.values()
-        )
-        return cls(path, known if valid else {})
+        return cls(*load_memory("report-keys.json", lambda v: isinstance(v, list) and len(v) == 2))
 
     def holds(self, key: str, html: Path, markdown: Path) -> bool:
         """Whether both files are, byte for byte, the pages last rendered from ``key``."""
@@ -121,14 +111,7 @@ class _Rendered:
     def remember(self, key: str, html: str, markdown: str) -> None:
         self.known.pop(key, None)
         self.known[key] = [_sha256(html.encode("utf-8")), _sha256(markdown.encode("utf-8"))]
-        keep = dict(list(self.known.items())[-self.KEEP :])
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps(keep), encoding="utf-8")
-            os.replace(partial, self.path)
-        except OSError:
-            pass  # a memory: the next report is rendered again
+        save_memory(self.path, dict(list(self.known.items())[-self.KEEP :]))  # lost: the next one is rendered
 
 
 def _write_atomic(path: Path, text: str) -> None:

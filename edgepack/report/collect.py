@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,15 +180,8 @@ class _GzipSizes:
 
     @classmethod
     def load(cls) -> _GzipSizes:
-        from ..bundle.ortweb import cache_dir
-
-        path = cache_dir().parent / "gzip-sizes.json"
-        try:
-            known = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            known = {}
-        valid = isinstance(known, dict) and all(isinstance(v, int) for v in known.values())
-        return cls(path, known if valid else {})
+        path, known = load_memory("gzip-sizes.json", lambda v: isinstance(v, int))
+        return cls(path, known)
 
     def of(self, path: Path, sha256: str | None) -> int:
         key = f"{sha256}:{GZIP_LEVEL}" if sha256 else None
@@ -199,15 +193,32 @@ class _GzipSizes:
         return size
 
     def save(self) -> None:
-        if not (self.added and self.path):
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps(self.known, sort_keys=True), encoding="utf-8")
-            os.replace(partial, self.path)
-        except OSError:
-            pass  # a cache: the next report computes the sizes again
+        if self.added and self.path:
+            save_memory(self.path, self.known)  # lost: the next report computes the sizes again
+
+
+def load_memory(name: str, valid: Callable[[Any], bool]) -> tuple[Path, dict[str, Any]]:
+    """A JSON object of the user cache (``name`` beside onnxruntime-web's folder) and its path; a damaged or
+    missing file, or one with a value that is not ``valid``, is an empty memory."""
+    from ..bundle.ortweb import cache_dir
+
+    path = cache_dir().parent / name
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    return path, known if isinstance(known, dict) and all(valid(v) for v in known.values()) else {}
+
+
+def save_memory(path: Path, known: dict[str, Any]) -> None:
+    """Write a memory whole (a temporary file renamed into place); one that cannot be written is lost."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(known), encoding="utf-8")  # in order: the newest last
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def _gzipped_size(path: Path) -> int:
