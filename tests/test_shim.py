@@ -130,6 +130,43 @@ def test_a_qdq_model_whose_weights_share_a_zero_point_is_packaged_and_runs(tmp_p
     assert ("session.x64quantprecision=1" in result.stderr) == breaks, result.stderr
 
 
+def test_an_ort_file_onnxruntime_cannot_load_is_not_shipped(tmp_path: Path):
+    """onnxruntime 1.31 writes a Runtime-style .ort of an int8-activation QDQ model that it cannot load
+    (convert stage, rule 8): a profile that allows it ships ONNX, one that does not ships Fixed style; both
+    say so, and both bundles give plain onnxruntime's outputs."""
+    import onnxruntime as ort
+
+    from edgepack.onnxio.ort_convert import convert_to_ort
+
+    model = shaped_models.save(shaped_models.shared_weight_zero_point(), tmp_path, "qdq")
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)}
+    (expected,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feeds)
+    runtime_ort, _ = convert_to_ort(model, tmp_path / "ort", "Runtime", "arm", where="test")
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for key in ("session.load_model_format", "session.enable_saved_runtime_optimizations"):
+        options.add_session_config_entry(key, "ORT" if key.endswith("format") else "1")
+    try:  # onnxruntime's own answer: does it load the Runtime-style .ort it wrote?
+        ort.InferenceSession(str(runtime_ort), options, providers=["CPUExecutionProvider"])
+        broken = False
+    except Exception:
+        broken = True
+    found = _package(model, ["jetson-orin-trt", "android-xnnpack"], tmp_path / "build")
+    for target, (fallback, file) in {
+        "jetson-orin-trt": ("onnx", "model/qdq.onnx"),
+        "android-xnnpack": ("Fixed", "model/qdq.ort"),
+    }.items():
+        manifest = json.loads((found[target] / "manifest.json").read_text())
+        convert = next(s for s in manifest["stages"] if s["stage"] == "convert")
+        if broken:
+            assert convert["fallback"] == fallback and "cannot load the Runtime-style .ort" in convert["notice"]
+            assert manifest["model"]["file"] == file, target
+        else:
+            assert "fallback" not in convert and convert["style"] == "Runtime", target
+        loaded = shim.load(found[target], providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(loaded.run(feeds)["y"], expected, err_msg=target)
+
+
 @pytest.fixture
 def copy_of(bundles, tmp_path):
     def copy(name: str) -> Path:

@@ -16,10 +16,18 @@ Rules:
    fails with a clear error when the profile says ``ort_format.allow_onnx_fallback: false``.
 7. A model ``--tune`` already converted (the search converts every candidate to time it as it would
    ship) is shipped as converted, not converted again.
+8. The converted .ort must load in onnxruntime's CPU provider with the bundle's session entries. One that
+   does not is onnxruntime's converter breaking a model it runs (a QDQ model with int8 activations as a
+   Runtime-style .ort, onnxruntime 1.31, on x86 and ARM64 alike: "SetOpSinceVersionForProducedNodes Not
+   enough produced nodes in the runtime optimization record"): the model ships as ONNX with a notice, as
+   in rule 6. Where the profile says ``allow_onnx_fallback: false`` (the app loads .ort files), a Runtime-style
+   .ort is converted again in Fixed style, with a notice (CPU fusions baked in: an accelerator may take fewer
+   nodes); when that does not load either, it is an error naming what onnxruntime said.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +79,60 @@ def convert_artifact(artifact: Artifact, profile: Profile, out_dir: Path, *, whe
     if size >= ORT_FORMAT_MAX_BYTES:
         return _keep_large_model(size, profile)
     converted = to_ort(artifact, profile.ort_format.style, profile.ort_format.platform, out_dir, where=where)
+    refusal = _load_refusal(converted, profile)
+    if refusal and not profile.ort_format.allow_onnx_fallback and converted.ort_style == "Runtime":
+        fixed = to_ort(artifact, "Fixed", profile.ort_format.platform, out_dir / "fixed", where=where)
+        if _load_refusal(fixed, profile) is None:
+            result = converted_result(fixed, profile, onnx_bytes=size)
+            notice = (
+                f"onnxruntime cannot load the Runtime-style .ort its converter wrote ({refusal}): shipped in Fixed "
+                "style instead (CPU fusions baked in: the accelerator may take fewer nodes)"
+            )
+            return dataclasses.replace(result, fallback="Fixed", notice=notice)
+    if refusal:
+        return _keep_unloadable(converted, refusal, profile)
     return converted_result(converted, profile, onnx_bytes=size)
+
+
+def _load_refusal(converted: Artifact, profile: Profile) -> str | None:
+    """Rule 8: what onnxruntime says when it cannot load ``converted`` as the bundle will, or None."""
+    import onnxruntime as ort
+
+    from ..backends import session_entries
+    from ..checked import held_back
+    from ..errors import first_line
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for key, value in session_entries(profile, "ort", converted.ort_style).items():
+        options.add_session_config_entry(key, value)
+    try:
+        with held_back():
+            ort.InferenceSession(str(converted.path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises many kinds from native code
+        return first_line(exc)[:300]
+    return None
+
+
+def _keep_unloadable(converted: Artifact, refusal: str, profile: Profile) -> ConvertResult:
+    import onnxruntime as ort
+
+    what = f"onnxruntime {ort.__version__} cannot load the {converted.ort_style}-style .ort its converter wrote"
+    if not profile.ort_format.allow_onnx_fallback:
+        raise ConversionError(
+            f"{what} ({refusal}), and the profile forbids shipping ONNX instead (ort_format.allow_onnx_fallback: false)",
+            where=profile.name,
+            hint="try the other ort_format.style in the profile (Fixed/Runtime), or allow the ONNX fallback",
+        )
+    return ConvertResult(
+        summary="kept as ONNX: the converted .ort does not load (see notice)",
+        format="onnx",
+        style=converted.ort_style,
+        platform=profile.ort_format.platform,
+        fallback="onnx",
+        notice=f"{what} ({refusal}): shipped as ONNX instead (no reduced-operator config; the device needs a "
+        "full onnxruntime build)",
+    )
 
 
 def converted_result(converted: Artifact, profile: Profile, *, onnx_bytes: int | None = None) -> ConvertResult:
