@@ -210,12 +210,15 @@ def select_pairs(
             raise UsageError(f"--model {wanted}: no such model in {build.source}", hint=f"models: {', '.join(known)}")
     only = {p.name for p in resolve_targets(targets)} if targets else None
     profiles: dict[str, Any] = {}
+    resolved: dict[tuple[str, ...], list[Any]] = {}  # a fleet's models mostly share one target list
     pairs = []
     for entry in build.models:
         if models and model_name(entry) not in models:
             continue
         names = [_relative(n, base) if n.endswith((".yaml", ".yml")) else n for n in (entry.targets or build.targets)]
-        for profile in resolve_targets(names):
+        if tuple(names) not in resolved:
+            resolved[tuple(names)] = resolve_targets(names)
+        for profile in resolved[tuple(names)]:
             profile = profiles.setdefault(profile.source, profile)
             if only is None or profile.name in only:
                 pairs.append(Pair(entry, profile))

@@ -70,10 +70,11 @@ def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
 
 
 def _would_run(profile: Profile, options: Options) -> str | None:
-    from .search import host_arch
+    if options.tune:
+        from .search import host_arch  # imports onnx: only when tuning
 
-    if options.tune and profile.device.arch == host_arch():
-        return None  # the search chooses among the candidates whose kernels are there
+        if profile.device.arch == host_arch():
+            return None  # the search chooses among the candidates whose kernels are there
     settings = profile.quantization
     recipe = options.quantize or settings.default
     if not options.quantize and RECIPES[recipe].needs_calibration and not options.calibration:

@@ -9,6 +9,8 @@ Rules:
 4. Each pass is a checked step (edgepack.checked): a pass that raises (onnx-ir cannot read every model;
    IdentityEliminationPass raises on If branches returning Constant weights through a differently ranked
    Identity) or writes a model that does not load or agree with the one before it is skipped, with a notice.
+5. The stage is target-independent, so it runs once per distinct input of a model's targets
+   (edgepack.pipeline.shared): every dynamic-shape target of a model gets the same optimized model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from onnx_ir.passes.common import (
 from ..checked import job_inputs, notice_of, run_ir_passes
 from ..onnxio.modelinfo import iter_nodes
 from ..pipeline.job import Artifact, Job
+from ..pipeline.shared import shared_step
 from ..pipeline.stage import Stage, StageResult, optional
 
 __all__ = ["Optimize", "OptimizeResult"]
@@ -49,14 +52,17 @@ class Optimize(Stage):
     name = "optimize"
 
     def run(self, artifact: Artifact, job: Job) -> OptimizeResult:
-        passes = [
-            IdentityEliminationPass(),
-            DeduplicateHashedInitializersPass(),
-            RemoveUnusedNodesPass(),
-            RemoveUnusedFunctionsPass(),
-            RemoveUnusedOpsetsPass(),
-        ]
-        current, records = run_ir_passes(passes, artifact.path, job.workdir / "optimize", feeds=job_inputs(job))
+        def optimize(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
+            passes = [
+                IdentityEliminationPass(),
+                DeduplicateHashedInitializersPass(),
+                RemoveUnusedNodesPass(),
+                RemoveUnusedFunctionsPass(),
+                RemoveUnusedOpsetsPass(),
+            ]
+            return run_ir_passes(passes, artifact.path, folder, feeds=job_inputs(job))
+
+        current, records = shared_step(job, self.name, artifact.path, optimize)  # rule 5
         before, after = _count_nodes(artifact.path), _count_nodes(current)
         notice = notice_of(records)
         if notice:
