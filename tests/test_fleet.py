@@ -361,3 +361,24 @@ def test_two_concurrent_builds_share_one_cache(tmp_path):
     )
     assert json.loads(info.stdout)["entries"] == 2
     shutil.rmtree(tmp_path / "out3")
+
+
+def test_targets_with_the_same_input_share_one_optimize_step(tmp_path, monkeypatch):
+    """pipeline.shared: three dynamic-shape targets of one model optimize it once, and record the same steps."""
+    from edgepack.stages import optimize
+
+    calls = []
+    real = optimize.run_ir_passes
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimize, "run_ir_passes", counted)
+    model = write_example("cnn", tmp_path)
+    targets = ["linux-x64", "rpi-arm64", "android-xnnpack"]
+    results = package_model(model, [load_profile(t) for t in targets], Options(output=tmp_path / "out"))
+    assert all(r.ok for r in results), [str(r.error) for r in results]
+    assert len(calls) == 1, calls
+    steps = [next(s for s in r.manifest["stages"] if s["stage"] == "optimize") for r in results]
+    assert steps[0]["steps"] and all(s == steps[0] for s in steps), steps
