@@ -59,15 +59,9 @@ def shared_step(job, step: str, model: Path, run: Callable[[Path], tuple[Path, A
 
 
 def _key(job, step: str, model: Path) -> str:
-    from ..cache import external_data_files
+    from ..cache import model_digests
 
     options = job.options
-    digest = hashlib.sha256(step.encode("utf-8"))
-    for path in [model, *(model.parent / rel for rel in external_data_files(model))]:
-        digest.update(f"\0{path.name}\0".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
     inputs = [options.sample_inputs, options.input_shapes, options.self_test_shapes, options.fixed_dims]
-    digest.update(json.dumps(inputs, sort_keys=True, default=str).encode("utf-8"))
-    return digest.hexdigest()
+    text = json.dumps([step, model_digests(model), inputs], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
