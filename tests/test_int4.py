@@ -223,6 +223,34 @@ def test_int4_keeps_external_data_external(tmp_path: Path):
     assert (folder / "enc.onnx.data").read_bytes() == before
 
 
+@pytest.mark.parametrize("op_types", [["MatMul", "Gather"], ["MatMul"]], ids=["embeddings-4bit", "embeddings-float"])
+def test_int4_of_a_large_model_reads_each_weight_from_its_side_file(tmp_path: Path, monkeypatch, op_types):
+    """Over LARGE_MODEL (0 here) weights over KEPT_IN_INFERENCE (4 KiB here) stay in their side file until the
+    quantizer reads them (int4 rule 7, recipes/ondisk.py): the model written is the one the in-memory path
+    writes, and what stays in float is in its own side file, not in the input's."""
+    from edgepack.recipes import ondisk
+
+    inline = write_example("transformer", tmp_path)
+    source = tmp_path / "external" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(inline), source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    target = load_profile("linux-x64")
+    recipe = replace(target.quantization.settings("int4"), op_types=op_types)
+    expected = quantize_model(inline, tmp_path / "memory" / "q.onnx", "int4", recipe, target=target)
+    monkeypatch.setattr(ondisk, "LARGE_MODEL", 0)
+    monkeypatch.setattr(ondisk, "KEPT_IN_INFERENCE", 4096)
+    result = quantize_model(source, tmp_path / "disk" / "q.onnx", "int4", recipe, target=target)
+    source.parent.rename(tmp_path / "moved")  # the written model must not need the input's side file
+    written, reference = onnx.load(result.path), onnx.load(expected.path)
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in reference.graph.node]
+    assert ("GatherBlockQuantized" in {n.op_type for n in written.graph.node}) == ("Gather" in op_types)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    expected_arrays = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    assert arrays.keys() == expected_arrays.keys()
+    for name, array in expected_arrays.items():
+        assert arrays[name].dtype == array.dtype and np.array_equal(arrays[name], array), name
+
+
 @pytest.mark.parametrize("size", [24, 8])
 def test_block_size_must_be_a_power_of_two_of_at_least_16(tmp_path: Path, size: int):
     text = Path(load_profile("linux-x64").source).read_text() + f"  int4:\n    block_size: {size}\n"

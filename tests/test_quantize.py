@@ -544,30 +544,38 @@ def test_quantization_fields_are_validated(tmp_path: Path, old: str, new: str, e
         load_profile(str(tmp_path / "p.yaml"))
 
 
-def test_dynamic_int8_of_a_large_model_is_onnxruntimes_own_in_bounded_memory(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("op_types", [["MatMul", "Gather"], ["MatMul"]], ids=["all-weights", "embeddings-left-float"])
+def test_dynamic_int8_of_a_large_model_is_onnxruntimes_own_in_bounded_memory(tmp_path: Path, monkeypatch, op_types):
     """Over LARGE_MODEL (2 GiB; 0 here) the dynamic recipe skips pre-processing and onnxruntime's copying shape
-    re-inference (recipes/dynamic.py, rule 2): what it writes is what quantize_dynamic writes from the model
-    file, and its shape inference gives the value_info onnxruntime's own gives."""
+    re-inference (recipes/dynamic.py, rule 2) and leaves weights over KEPT_IN_INFERENCE (4 KiB here) in their
+    side file until the quantizer reads them (rule 3, recipes/ondisk.py): what it writes is what quantize_dynamic writes from the
+    model file, its shape inference gives the value_info onnxruntime's own gives, and the weights it leaves in
+    float are in its own side file, not in the input's."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
 
-    from edgepack.recipes import dynamic
+    from edgepack.recipes import dynamic, ondisk
 
-    source = write_example("transformer", tmp_path)
-    theirs = onnx.load(source)
-    ours = onnx.load(source)
+    inline = write_example("transformer", tmp_path)
+    theirs = onnx.load(inline)
+    ours = onnx.load(inline)
     expected = save_and_reload_model_with_shape_infer(theirs)
     assert dynamic._infer_in_place(ours) is ours
     assert {v.name: v for v in ours.graph.value_info} == {v.name: v for v in expected.graph.value_info}
     assert list(ours.graph.output) == list(expected.graph.output)
     assert ours.metadata_props == expected.metadata_props
 
+    source = tmp_path / "external" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(inline), source, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
     monkeypatch.setattr(dynamic, "LARGE_MODEL", 0)
-    settings = DynamicSettings(op_types=["MatMul", "Gather"])
+    monkeypatch.setattr(ondisk, "KEPT_IN_INFERENCE", 4096)
+    settings = DynamicSettings(op_types=op_types)
     large = quantize_model(source, tmp_path / "large" / "q.onnx", "dynamic", settings)
     assert large.preprocess.startswith("none (a model over 2 GiB")
     plain = tmp_path / "plain.onnx"
-    quantize_dynamic(source, plain, op_types_to_quantize=["MatMul", "Gather"], weight_type=QuantType.QInt8)
+    quantize_dynamic(source, plain, op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
+    source.parent.rename(tmp_path / "moved")  # the written model must not need the input's side file
     written, reference = onnx.load(large.path), onnx.load(plain)
     assert [n.op_type for n in written.graph.node] == [n.op_type for n in reference.graph.node]
     arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
@@ -575,4 +583,5 @@ def test_dynamic_int8_of_a_large_model_is_onnxruntimes_own_in_bounded_memory(tmp
     assert arrays.keys() == expected_arrays.keys()
     for name, array in expected_arrays.items():
         assert arrays[name].dtype == array.dtype and np.array_equal(arrays[name], array), name
+    assert ("word_embeddings" in arrays) == ("Gather" not in op_types)  # left in float: read in before saving
     assert large.quantized_ops.get("MatMulInteger", 0) > 0

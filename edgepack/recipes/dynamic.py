@@ -6,8 +6,10 @@ Rules:
    ``quantize_dynamic``: it skips pre-processing (symbolic shape inference and an onnxruntime session hold
    the model twice), is loaded once and named in memory, and onnxruntime's shape re-inference, which
    deep-copies the model, saves and reloads it (``save_and_reload_model_with_shape_infer``, twice), runs on a
-   copy without the weights' bytes, its value_info written into the model itself. On a 2.4 GB model the
-   quantizer alone peaked at 7.4 GB (3.1x) before.
+   copy without the weights' bytes, its value_info written into the model itself.
+3. Under rule 2 the large weights stay in their side files until the quantizer reads each one
+   (edgepack/recipes/ondisk.py): FP32 and INT8 weights are never held at once.
+   On a 2.4 GB model the quantizer alone peaked at 7.4 GB (3.1x) before rule 2, 4.0 GB (1.67x) before rule 3.
 """
 
 from __future__ import annotations
@@ -17,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import ondisk
 from .base import Recipe, Variant
+from .ondisk import LARGE_MODEL
 
 __all__ = ["Dynamic", "DynamicSettings", "LARGE_MODEL"]
-
-LARGE_MODEL = 2 << 30
-"""Rule 2 applies over this many bytes of model and side files: protobuf's limit, where weights must be external."""
-
-KEPT_IN_INFERENCE = 1 << 20
-"""Initializers up to this size keep their values for shape inference (Reshape's shape, Slice's starts)."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +72,10 @@ class Dynamic(Recipe):
         from onnxruntime.quantization.registry import IntegerOpsRegistry
 
         large = model_bytes(Path(prepared)) > LARGE_MODEL
-        if large:  # rule 2
-            import onnx
-
-            model = onnx.load_model(prepared)
+        if large:  # rules 2 and 3
+            model = ondisk.load_small_tensors(Path(prepared))
             name_nodes(model)
-        with _shapes_inferred_in_place() if large else contextlib.nullcontext():
+        with _bounded_memory(Path(prepared).parent) if large else contextlib.nullcontext():
             quantize_dynamic(
                 model if large else prepared,
                 out,
@@ -97,6 +93,13 @@ class Dynamic(Recipe):
             "exclude op types in quantization.dynamic.exclude_op_types",
             "--quantize fp16",
         ]
+
+
+@contextlib.contextmanager
+def _bounded_memory(folder: Path):
+    """Rules 2 and 3 while active: shapes inferred in place, weights read from the side files in ``folder``."""
+    with _shapes_inferred_in_place(), ondisk.weights_read_from(folder):
+        yield
 
 
 @contextlib.contextmanager
@@ -131,11 +134,12 @@ def _infer_in_place(model):
 
     graph = model.graph
     declared = {i.name for i in graph.input}
-    small = [t for t in graph.initializer if _nbytes(t) <= KEPT_IN_INFERENCE]  # shapes, axes: values inference reads
+    # shapes, axes: values inference reads
+    small = [t for t in graph.initializer if ondisk.nbytes(t) <= ondisk.KEPT_IN_INFERENCE]
     weights = [
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
         for t in graph.initializer
-        if _nbytes(t) > KEPT_IN_INFERENCE and t.name not in declared
+        if ondisk.nbytes(t) > ondisk.KEPT_IN_INFERENCE and t.name not in declared
     ]
     skeleton = helper.make_model(
         helper.make_graph(list(graph.node), graph.name, [*graph.input, *weights], list(graph.output), small),
@@ -150,11 +154,3 @@ def _infer_in_place(model):
         output.CopyFrom(found)
     add_infer_metadata(model)
     return model
-
-
-def _nbytes(tensor) -> int:
-    import numpy as np
-    from onnx import helper
-
-    count = int(np.prod(tensor.dims)) if tensor.dims else 1
-    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize if tensor.data_type else 0

@@ -23,6 +23,10 @@ Rules:
 6. ``int4`` skips onnxruntime's quantization pre-processing: weight-only quantization needs no shape
    information, and pre-processing writes a full copy of the model first (``q4f16`` keeps it: the FP16
    converter relies on its shape inference). Its nodes are named in memory instead.
+7. ``int4`` of a model over 2 GiB leaves its large weights in their side files until the quantizer reads
+   each one (edgepack/recipes/ondisk.py): FP32 and 4-bit weights are never held at once. The upgrade of
+   rule 4 and the quantizer run in the side files' folder: onnx's checker and onnx-ir, which the quantizer
+   reads weights with, look for side files in the working folder.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from . import ondisk
 from .base import QUANTIZED_OPS, Kernel, Recipe, Variant
 
 __all__ = ["Int4", "Q4f16", "Int4Settings", "Q4f16Settings"]
@@ -92,11 +98,14 @@ class Int4(Recipe):
     ) -> dict[str, Any]:
         import onnx
 
-        from .quantize import name_nodes
+        from .quantize import model_bytes, name_nodes
 
-        model = onnx.load_model(prepared)
+        source = Path(prepared).resolve()
+        side_files = source.parent if model_bytes(source) > ondisk.LARGE_MODEL else None  # rule 7
+        model = ondisk.load_small_tensors(source) if side_files else onnx.load_model(source)
         name_nodes(model)
-        return quantize_4bit(model, out, self.name, settings, excluded, external, target)
+        with ondisk.weights_read_from(side_files) if side_files else contextlib.nullcontext():
+            return quantize_4bit(model, out, self.name, settings, excluded, external, target, side_files=side_files)
 
     def what_to_try(self, options, settings: Int4Settings) -> list[str]:
         return [
@@ -133,11 +142,21 @@ class Q4f16(Int4):
 
 
 def quantize_4bit(
-    model, out, method: str, settings: Int4Settings, excluded: list[str], external: bool, target
+    model,
+    out,
+    method: str,
+    settings: Int4Settings,
+    excluded: list[str],
+    external: bool,
+    target,
+    *,
+    side_files: Path | None = None,
 ) -> dict[str, Any]:
     """Write the 4-bit model of ``model`` (every node named) to ``out``; return notes for the report: what
-    was quantized and what was left in float, and why."""
+    was quantized and what was left in float, and why. ``side_files``: the folder whose side files still
+    hold ``model``'s large weights (rule 7)."""
     from ..errors import ConversionError
+    from ..fileops import working_directory
     from ..onnxio.modelinfo import iter_nodes
     from ..ort_tools import load_ort_tools
     from .fp16 import save
@@ -154,27 +173,30 @@ def quantize_4bit(
     types = [t for t in settings.op_types if t != "Gather" or gather]
     if "Gather" in settings.op_types and not gather:
         notes["gather"] = f"embeddings kept in float: the target's runtime has no {GATHER_OP}"
-    tables = _embedding_tables(model) if "Gather" in types else set()
-    if tables:
-        model, why_not = _for_int4_tensors(model, target.runtime.max_opset)
-        if why_not:
-            notes["gather"] = f"embeddings kept in float: {why_not}"
-            types.remove("Gather")
-            tables = set()
-    # Gathers on anything but a 2-D float table (shape constants, int64 data) are not embeddings
-    skip = set(excluded) | {n.name for n in iter_nodes(model) if n.op_type == "Gather" and n.name not in tables}
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=4,
-        block_size=settings.block_size,
-        is_symmetric=settings.symmetric,
-        accuracy_level=settings.accuracy_level or None,
-        nodes_to_exclude=sorted(skip),
-        quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=tuple(types),
-    )
-    with _quiet_quantizer():
-        quantizer.process()
+    # rule 7: side files are looked for in the working folder, by onnx's checker after the opset upgrade and
+    # by the quantizer's round-to-nearest path, which reads weights with onnx-ir
+    with working_directory(side_files) if side_files else contextlib.nullcontext():
+        tables = _embedding_tables(model) if "Gather" in types else set()
+        if tables:
+            model, why_not = _for_int4_tensors(model, target.runtime.max_opset)
+            if why_not:
+                notes["gather"] = f"embeddings kept in float: {why_not}"
+                types.remove("Gather")
+                tables = set()
+        # Gathers on anything but a 2-D float table (shape constants, int64 data) are not embeddings
+        skip = set(excluded) | {n.name for n in iter_nodes(model) if n.op_type == "Gather" and n.name not in tables}
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=settings.block_size,
+            is_symmetric=settings.symmetric,
+            accuracy_level=settings.accuracy_level or None,
+            nodes_to_exclude=sorted(skip),
+            quant_format=QuantFormat.QOperator,
+            op_types_to_quantize=tuple(types),
+        )
+        with _quiet_quantizer():
+            quantizer.process()
     written = quantizer.model.model
     if not any(n.op_type == MATMUL_OP for n in iter_nodes(written)):
         raise ConversionError(
@@ -182,8 +204,10 @@ def quantize_4bit(
             hint="4-bit weights are for MatMul-heavy models (transformers); Conv and Gemm are not "
             "quantized by it: try --quantize static or dynamic",
         )
+    if side_files:
+        ondisk.load_remaining(written, side_files)
     _repack_tables_as_uint8(written)
-    save(written, out, external=external)
+    save(written, out, external=external or side_files is not None)
     ops = [n.op_type for n in iter_nodes(written)]
     notes["matmuls_left_in_float"] = ops.count("MatMul")
     if "Gather" in types:
