@@ -364,6 +364,25 @@ def test_fixed_shape_bundle_self_test_runs_on_the_fixed_shapes(tmp_path):
     assert np.isfinite(self_test["max_abs_error"])
 
 
+def test_dims_named_by_no_symbol_are_fixed_one_by_one(tmp_path):
+    """fix_shapes rule 5: Paddle2ONNX names every unknown dim "?"; two of them get different sizes."""
+    from edgepack.pipeline.job import Options
+    from edgepack.pipeline.run import package_model
+
+    proto = onnx.load(write_example("cnn", tmp_path))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for i in (0, 2):
+        dims[i].Clear()
+        dims[i].dim_param = "?"
+    model = tmp_path / "question_marks.onnx"
+    onnx.save_model(proto, model)
+    [result] = package_model(
+        model, [load_profile("android-nnapi")], Options(output=tmp_path / "out", input_shapes={"image": (2, 3, 32, 32)})
+    )
+    assert result.ok, result.error
+    assert result.manifest["model"]["inputs"][0]["shape"] == [2, 3, 32, 32]
+
+
 def test_fixing_shapes_keeps_external_data_in_a_side_file(cnn, tmp_path):
     source = tmp_path / "src"
     source.mkdir()

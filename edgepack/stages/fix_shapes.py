@@ -14,6 +14,9 @@ Rules:
    IR-3 models onnxruntime runs: then the outputs keep their declared shapes. A model onnxruntime refuses
    at the fixed sizes stays as it was, with a notice. Sequence and map inputs have no shape to fix.
 4. Profiles with ``shapes.fixed: false`` keep the model's shapes.
+5. A dim whose name is no symbol (``?``, as Paddle2ONNX names every unknown dim) is its input's own: it is
+   fixed in that input alone. onnxruntime's helper fixes a named dim everywhere it appears, so it would take
+   every ``?`` for one dim and refuse two sizes for it. Dims named by an identifier are shared as declared.
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def apply_shapes(
     from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
 
     for name, dims in shapes.items():
+        _unname_placeholder_dims(proto.graph, name)
         try:
             make_input_shape_fixed(proto.graph, name, list(dims))
         except ValueError as exc:  # e.g. two inputs given different sizes for one shared dim
@@ -192,6 +196,15 @@ def apply_shapes(
     if records is not None:
         records.append(record)
     return used
+
+
+def _unname_placeholder_dims(graph: onnx.GraphProto, name: str) -> None:
+    """Rule 5: input ``name``'s dims named by no symbol become unnamed dynamic dims."""
+    for value in graph.input:
+        if value.name == name and value.type.HasField("tensor_type"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and not dim.dim_param.isidentifier():
+                    dim.ClearField("dim_param")
 
 
 def _check_flags(
