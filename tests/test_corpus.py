@@ -39,6 +39,7 @@ PAIRS: dict[tuple[str, str], str | None] = {
     ("silero-vad-16k-sequence", "browser-wasm"): None,
     ("rapidocr-ppocrv4-det", "browser-wasm"): None,  # a score map all but zero: cosine is float noise
     ("rapidocr-ppocr-mobile-v2-cls", "linux-x64"): None,  # every unknown dim named "?"
+    ("rapidocr-ppocr-mobile-v2-cls", "android-nnapi"): None,  # fixing two "?" dims to 48 and 192
 }
 
 
