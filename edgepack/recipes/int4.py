@@ -104,8 +104,7 @@ class Int4(Recipe):
         side_files = source.parent if model_bytes(source) > ondisk.LARGE_MODEL else None  # rule 7
         model = ondisk.load_small_tensors(source) if side_files else onnx.load_model(source)
         name_nodes(model)
-        with ondisk.weights_read_from(side_files) if side_files else contextlib.nullcontext():
-            return quantize_4bit(model, out, self.name, settings, excluded, external, target, side_files=side_files)
+        return quantize_4bit(model, out, self.name, settings, excluded, external, target, side_files=side_files)
 
     def what_to_try(self, options, settings: Int4Settings) -> list[str]:
         return [

@@ -8,6 +8,8 @@ Rules:
    quantizers call without a folder and which reads external data without keeping it in the tensor, reads
    side files from ``folder``: each weight is read when it is quantized, so FP32 and quantized weights are
    never held at once.
+   (int4 gets the same from running its quantizer in ``folder``: it reads weights with onnx-ir, which
+   looks for side files in the working folder.)
 3. Before the quantized model is written, what was left in float is read in (``load_remaining``): a tensor
    left naming the input's side file would not be found beside the output. onnxruntime's own save
    (``ONNXModel.save_model_to_file``, inside ``quantize_dynamic``) is covered by rule 2's context too.

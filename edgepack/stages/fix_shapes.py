@@ -130,9 +130,7 @@ def plan_shapes(
                     str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims)
                 )
                 hint = f"pass --input-shape {name}={example} with N the size the app will use"
-                if (
-                    isinstance(dim, str) and dim.isidentifier()
-                ):  # some exporters write "?" as a name: --fix-dim ?=N cannot work
+                if isinstance(dim, str) and _is_symbol(dim):  # --fix-dim ?=N cannot work (rule 5)
                     hint += f", or --fix-dim {dim}=N"
                 raise UsageError(
                     f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
@@ -203,8 +201,13 @@ def _unname_placeholder_dims(graph: onnx.GraphProto, name: str) -> None:
     for value in graph.input:
         if value.name == name and value.type.HasField("tensor_type"):
             for dim in value.type.tensor_type.shape.dim:
-                if dim.HasField("dim_param") and not dim.dim_param.isidentifier():
+                if dim.HasField("dim_param") and not _is_symbol(dim.dim_param):
                     dim.ClearField("dim_param")
+
+
+def _is_symbol(dim_param: str) -> bool:
+    """Rule 5: whether a dim's name is a symbol dims share (``batch``, ``N``), not a placeholder such as ``?``."""
+    return dim_param.isidentifier()
 
 
 def _check_flags(
