@@ -8,7 +8,9 @@ with Python onnxruntime on the source model. The onnxruntime-web tarball is fetc
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.accuracy import check, compare
 from edgepack.bundle import ortweb
-from edgepack.bundle.manifest import hash_file, read_manifest
+from edgepack.bundle.manifest import hash_file, read_manifest, seal_matches
 from edgepack.examples import write_example
 from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
@@ -336,12 +338,25 @@ def test_a_longer_or_shorter_file_is_refused(browser, site, bundles, path):
     assert f"{size - 4} bytes" in errors["shorter"]
 
 
+def resealed(manifest: bytes) -> bytes:
+    """``manifest`` with its manifest_sha256 computed again, as write_manifest computes it."""
+    seal = re.compile(rb'"manifest_sha256": "[0-9a-f]{64}"')
+    blank = seal.sub(b'"manifest_sha256": "' + b"0" * 64 + b'"', manifest)
+    out = seal.sub(b'"manifest_sha256": "' + hashlib.sha256(blank).hexdigest().encode() + b'"', manifest)
+    assert seal_matches(out)
+    return out
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles, path):
     bundle = bundles["mlp-onnx"]
     pinned = hash_file(bundle / "manifest.json")["integrity"]
     text = (bundle / "manifest.json").read_text(encoding="utf-8")
-    wasm_integrity = read_manifest(bundle)["files"]["ort/ort-wasm-simd-threaded.wasm"]["integrity"]
+    files = read_manifest(bundle)["files"]
+    wasm_integrity = files["ort/ort-wasm-simd-threaded.wasm"]["integrity"]
+    wasm_block = files["ort/ort-wasm-simd-threaded.wasm"]["blocks"]["sha384"][1]
+    data_integrity = files["model/mlp.onnx.data"]["integrity"]
+    changed = lambda digest: digest[:20] + ("B" if digest[20] == "A" else "A") + digest[21:]  # noqa: E731
     cases = {
         # anywhere in a pinned manifest (here: the profile's description)
         "pinned": (
@@ -351,11 +366,27 @@ def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles, path)
             "manifest.json",
             "manifest.json: refused: its content does not match options.manifestIntegrity",
         ),
-        # in a recorded digest: that file is refused
-        "digest": (
+        # anywhere in an unpinned manifest (here: a recorded digest): its own checksum no longer matches
+        "seal": (
             wasm_integrity,
-            wasm_integrity[:20] + ("B" if wasm_integrity[20] == "A" else "A") + wasm_integrity[21:],
+            changed(wasm_integrity),
             {},
+            "manifest.json",
+            "manifest.json: refused: its content does not match its own manifest_sha256",
+        ),
+        # a recorded digest changed and the manifest sealed again, as a tool writing a wrong digest would: that file
+        # is refused, whether hashed whole or block by block as it streams in (the WebAssembly)
+        "digest": (
+            data_integrity,
+            changed(data_integrity),
+            {"reseal": True},
+            "model/mlp.onnx.data",
+            "refused: its content does not match manifest.json",
+        ),
+        "block": (
+            wasm_block,
+            changed(wasm_block),
+            {"reseal": True},
             "ort/ort-wasm-simd-threaded.wasm",
             "refused: its content does not match manifest.json",
         ),
@@ -374,7 +405,10 @@ def test_a_flipped_byte_in_the_manifest_is_refused(browser, site, bundles, path)
         shutil.copytree(bundle, copy, copy_function=os.link)
         (copy / "manifest.json").unlink()
         assert text.count(old) >= 1
-        (copy / "manifest.json").write_text(text.replace(old, new, 1), encoding="utf-8")
+        edited = text.replace(old, new, 1).encode("utf-8")
+        if options.pop("reseal", False):
+            edited = resealed(edited)
+        (copy / "manifest.json").write_bytes(edited)
         page = fresh_page(browser, site[1] + "blank.html", PATHS[path])
         result = run_bundle(page, url_of(site, copy), [], **options)
         page.close()
@@ -652,9 +686,12 @@ def test_progress_reports_every_file_up_to_its_size(browser, site, bundles):
         visit: [p["loaded"] for p in progress if p["file"] == "ort/ort-wasm-simd-threaded.wasm"]
         for visit, progress in runs.items()
     }
-    # the browser hands over a fetch(url, {integrity}) body only once verified; hashed here, it streams in chunks
-    assert steps["sri"] == [0, files["ort/ort-wasm-simd-threaded.wasm"]["size"]]
-    assert len(steps["hash"]) > 2, "the 14 MB WebAssembly file should stream in several chunks"
+    # the browser hands over a fetch(url, {integrity}) body only once verified: the model goes from 0 to its size;
+    # the WebAssembly, compiled and hashed as it streams in, reports its chunks on both paths
+    data_steps = [p["loaded"] for p in runs["sri"] if p["file"] == "model/mlp.onnx.data"]
+    assert data_steps == [0, files["model/mlp.onnx.data"]["size"]]
+    for visit in ("sri", "hash"):
+        assert len(steps[visit]) > 2, f"{visit}: the 14 MB WebAssembly file should stream in several chunks"
     assert steps["cached"] == [files["ort/ort-wasm-simd-threaded.wasm"]["size"]]
 
 

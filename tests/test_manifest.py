@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edgepack.bundle.manifest import MANIFEST_NAME, hash_file, verify_bundle, write_manifest
+from edgepack.bundle.manifest import BLOCK, MANIFEST_NAME, hash_file, verify_bundle, write_manifest
 from tests.support.manifests import minimal_content
 
 
@@ -29,6 +32,19 @@ def test_hash_file_streams_sha256_and_sri(tmp_path):
     assert entry["size"] == 3
     assert entry["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert entry["integrity"].startswith("sha384-ywB1P0WjXou1oD1pmsZQBycsMqsO3tFjGotgWkP")
+
+
+@pytest.mark.parametrize("size", [2 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1, 3 * BLOCK])
+def test_files_of_two_blocks_or_more_list_each_blocks_sha384(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    entry = hash_file(tmp_path / "f")
+    if size < 2 * BLOCK:
+        assert "blocks" not in entry
+        return
+    expected = [hashlib.sha384(data[at : at + BLOCK]).digest() for at in range(0, size, BLOCK)]
+    assert entry["blocks"] == {"size": BLOCK, "sha384": [base64.b64encode(d).decode("ascii") for d in expected]}
+    assert entry["integrity"] == "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode("ascii")
 
 
 def test_manifest_lists_every_file_but_itself_sorted(bundle):

@@ -2,7 +2,9 @@
 
 ``manifest.json`` sits at the bundle root. Its ``files`` map lists every other file of the bundle
 (POSIX paths relative to the root) with ``size``, ``sha256`` and ``integrity`` (a Subresource
-Integrity ``sha384-`` string for browsers). It is written with sorted keys and no timestamp, so
+Integrity ``sha384-`` string for browsers), and for files of 8 MiB and more ``blocks``: the SHA-384 of
+each 4 MiB block, so that the web loader verifies a download block by block while it streams in instead
+of hashing it whole after its last byte (``BLOCK``). It is written with sorted keys and no timestamp, so
 packaging the same input twice gives the same bytes (``SOURCE_DATE_EPOCH`` adds a ``created`` date).
 ``manifest_sha256`` is the manifest's own checksum: the SHA-256 of manifest.json with that value written
 as 64 zeros, so a changed byte anywhere in the manifest is caught too.
@@ -58,6 +60,8 @@ _CHUNK = 1 << 20
 _BIG = 16 << 20
 """Files this large are hashed once per manifest write (``_hash_once``) and with progress shown."""
 SEAL_KEY = "manifest_sha256"
+BLOCK = 4 << 20
+"""Files of at least two blocks list the SHA-384 of each (base64): ``{"size": BLOCK, "sha384": [...]}``."""
 _SEAL_FIELD = re.compile(rb'"manifest_sha256": "([0-9a-f]{64})"')
 _BLANK_SEAL = b'"manifest_sha256": "' + b"0" * 64 + b'"'
 
@@ -142,18 +146,28 @@ class Content:
 
 def hash_file(path: Path) -> dict[str, Any]:
     """Size, SHA-256 and SRI sha384 of one file, read once in chunks (never whole into memory)."""
-    sha256, sha384, size = hashlib.sha256(), hashlib.sha384(), 0
+    sha256, sha384, block, size = hashlib.sha256(), hashlib.sha384(), hashlib.sha384(), 0
+    blocks = []
     total = path.stat().st_size
     shown = step(f"checksums of {path.name}", total=total, unit="bytes") if total >= _BIG else nullcontext()
     with open(path, "rb") as f, shown as hashing:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(_CHUNK):  # BLOCK is a multiple of _CHUNK
             sha256.update(chunk)
             sha384.update(chunk)
+            block.update(chunk)
             size += len(chunk)
+            if size % BLOCK == 0:
+                blocks.append(block.digest())
+                block = hashlib.sha384()
             if hashing:
                 hashing.advance(len(chunk))
+    if size % BLOCK:
+        blocks.append(block.digest())
     integrity = "sha384-" + base64.b64encode(sha384.digest()).decode("ascii")
-    return {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
+    entry: dict[str, Any] = {"size": size, "sha256": sha256.hexdigest(), "integrity": integrity}
+    if size >= 2 * BLOCK:
+        entry["blocks"] = {"size": BLOCK, "sha384": [base64.b64encode(d).decode("ascii") for d in blocks]}
+    return entry
 
 
 _big_hashes: dict[tuple[int, int, int, int, int], dict[str, Any]] = {}
