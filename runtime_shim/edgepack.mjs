@@ -400,11 +400,7 @@ class VerifiedFiles {
       throw networkError(url, rel, error);
     }
     if (!response.ok) throw httpError(response, rel);
-    // Compiled from the response itself where its MIME type allows (a body re-wrapped in JavaScript streams slower).
-    const copy = response.clone();
-    const typed = copy.headers.get('Content-Type')?.split(';')[0].trim() === 'application/wasm';
-    const module = WebAssembly.compileStreaming(typed ? copy : new Response(copy.body, { headers: { 'Content-Type': 'application/wasm' } }));
-    module.catch(() => {});  // then onnxruntime-web compiles the bytes itself
+    const module = compileWhileStreaming(response);
     // Hashed block by block as it streams in where the manifest lists its blocks, else whole once it is in.
     const blocks = blockDigests(entry);
     const digests = [];
@@ -694,6 +690,24 @@ async function explainRefusal(url, rel, entry, original) {
   return refusal(rel, entry, globalThis.crypto?.subtle ? await sri(bytes) : 'another digest', bytes.byteLength);
 }
 
+/**
+ * A promise of the WebAssembly module compiled from a copy of `response` as it streams in, or of null where
+ * that is not possible (no WebAssembly.compileStreaming, or compiling fails): onnxruntime-web then compiles
+ * the verified bytes itself.
+ */
+function compileWhileStreaming(response) {
+  if (typeof WebAssembly.compileStreaming !== 'function') return Promise.resolve(null);
+  try {
+    // From the response itself where its MIME type allows (a body re-wrapped in JavaScript streams slower).
+    const copy = response.clone();
+    const typed = copy.headers.get('Content-Type')?.split(';')[0].trim() === 'application/wasm';
+    const source = typed ? copy : new Response(copy.body, { headers: { 'Content-Type': 'application/wasm' } });
+    return WebAssembly.compileStreaming(source).catch(() => null);
+  } catch {
+    return Promise.resolve(null);
+  }
+}
+
 /** The manifest's per-block SHA-384 digests of `entry` ({size, sha384}), or null: then the file is hashed whole. */
 function blockDigests(entry) {
   const blocks = entry.blocks;
@@ -773,7 +787,7 @@ async function startRuntime(files, runtimeFiles, numThreads) {
       ort,
       async initializing(create) {
         if (initialized) return create();
-        const restore = answerInstantiate(bytes.byteLength, await module.catch(() => null));
+        const restore = answerInstantiate(bytes.byteLength, await module);
         try {
           return await create();
         } finally {

@@ -297,6 +297,50 @@ def test_each_verification_path_loads_and_says_it_ran(browser, site, bundles, pa
     assert len(noticed) == (1 if path == "hash" else 0), messages
 
 
+# Records what each WebAssembly.instantiate() call was given and counts compileStreaming() calls, before any loader runs.
+WASM_SPY = """
+window.wasmCalls = { compiled: 0, instantiated: [] };
+const instantiate = WebAssembly.instantiate;
+WebAssembly.instantiate = function (source, ...rest) {
+  window.wasmCalls.instantiated.push(source instanceof WebAssembly.Module ? 'module' : 'bytes');
+  return instantiate.call(this, source, ...rest);
+};
+const compileStreaming = WebAssembly.compileStreaming;
+WebAssembly.compileStreaming = function (...args) {
+  window.wasmCalls.compiled += 1;
+  return compileStreaming.apply(this, args);
+};
+"""
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_the_webassembly_compiles_as_it_streams_and_runs_only_once_verified(browser, site, bundles, path):
+    bundle = bundles["mlp-onnx"]
+    feeds = inputs_for(bundle)[:1]
+    tampered = tampered_copy(bundle, "ort/ort-wasm-simd-threaded.wasm", f"spied-{path}")
+    runs = {}
+    for case, target, extra in (
+        ("streamed", bundle, ""),
+        ("tampered", tampered, ""),
+        ("no compileStreaming", bundle, "delete WebAssembly.compileStreaming;"),
+    ):
+        page = fresh_page(browser, site[1] + "blank.html", (PATHS[path] or "") + WASM_SPY + extra)
+        runs[case] = run_bundle(page, url_of(site, target), feeds)
+        runs[case]["calls"] = page.evaluate("window.wasmCalls")
+        page.close()
+    streamed, tampered_run, bytes_run = runs["streamed"], runs["tampered"], runs["no compileStreaming"]
+    assert "error" not in streamed, streamed.get("error")
+    assert streamed["calls"] == {"compiled": 1, "instantiated": ["module"]}
+    assert_close(streamed["outputs"], bundle_reference(bundle, feeds))
+    # compiled as it streamed in, then refused: never instantiated
+    assert tampered_run["error"].startswith("ort/ort-wasm-simd-threaded.wasm: refused: its content does not match")
+    assert tampered_run["calls"] == {"compiled": 1, "instantiated": []}
+    # where the browser cannot compile as it streams, onnxruntime-web compiles the verified bytes
+    assert "error" not in bytes_run, bytes_run.get("error")
+    assert bytes_run["calls"]["instantiated"] == ["bytes"]
+    assert_close(bytes_run["outputs"], streamed["outputs"], atol=0)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "kind, rel",
