@@ -609,7 +609,7 @@ def _cmd_verify(args) -> int:
 
     signed_by = verify_signature(args.bundle, load_public_key(args.public_key)) if args.public_key else None
     with steps.shown(steps.mode_for(sys.stderr, quiet=args.json)):
-        result = verify_bundle(args.bundle)
+        result = verify_bundle(args.bundle, every_digest=True)
     if args.json:
         _print_json({**result.to_dict(), "signed_by": signed_by})
     elif result.ok:

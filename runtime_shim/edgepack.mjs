@@ -163,10 +163,17 @@ export async function load(options = {}) {
       hint: 'the manifest was altered or damaged after packaging; upload the bundle again',
     });
   }
-  const key = `${files.entry(runtimeFiles.entry).integrity} ${files.entry(runtimeFiles.wasm).integrity}`;
+  // Keyed by every digest the WebAssembly was verified against: its blocks' too, which it is checked by here.
+  const wasmEntry = files.entry(runtimeFiles.wasm);
+  const key = `${files.entry(runtimeFiles.entry).integrity} ${wasmEntry.integrity} ${JSON.stringify(wasmEntry.blocks ?? null)}`;
   const isolated = globalThis.crossOriginIsolated === true;
-  if (!runtimes.has(key)) runtimes.set(key, startRuntime(files, runtimeFiles, threadsFor(manifest, isolated)));
-  const runtime = () => runtimes.get(key).catch((error) => { runtimes.delete(key); throw error; });
+  const start = () => {
+    if (!runtimes.has(key)) runtimes.set(key, startRuntime(files, runtimeFiles, threadsFor(manifest, isolated)));
+    return runtimes.get(key);
+  };
+  start();
+  // A runtime that failed to start is started again by the next session().
+  const runtime = () => start().catch((error) => { runtimes.delete(key); throw error; });
   const shared = { files, manifest, manifestBytes, signedBy, isolated, verification, runtime, warnings };
   const first = await openModel(shared, view, started);
   const models = modelNames(manifest);
@@ -393,9 +400,20 @@ class VerifiedFiles {
     // Plain-http pages have no crypto.subtle: there the browser's integrity check is the only one.
     if (!globalThis.crypto?.subtle) return { bytes: await this.download(rel, entry) };
     const url = new URL(rel, this.base);
+    // Aborted when the file is refused, so that the compile of the other copy stops downloading too.
+    const download = new AbortController();
+    try {
+      return await this.compiledFrom(url, rel, entry, download.signal);
+    } catch (error) {
+      download.abort();
+      throw error;
+    }
+  }
+
+  async compiledFrom(url, rel, entry, signal) {
     let response;
     try {
-      response = await fetch(url);
+      response = await fetch(url, { signal });
     } catch (error) {
       throw networkError(url, rel, error);
     }
@@ -424,7 +442,8 @@ class VerifiedFiles {
       matches = (await sri(bytes)) === entry.integrity;
     }
     if (!matches) throw refusal(rel, entry, await sri(bytes), bytes.byteLength);
-    this.keep(entry, cacheable(rel, bytes));
+    // The cache is keyed by the whole file's integrity: checked too before the copy is stored (off the load's path).
+    this.keep(entry, cacheable(rel, bytes), blocks ? bytes : null);
     this.sources[rel] = 'network';
     return { bytes, module };
   }
@@ -517,8 +536,12 @@ class VerifiedFiles {
     try {
       response = await fetch(url);
     } catch (error) {
-      const cached = await (await this.stored)?.match(this.recordKey(rel));
+      // Whatever the hint says (a site may have cleared localStorage alone): the server is unreachable anyway,
+      // and the bundle's other files are then looked for in the cache too.
+      const store = await this.store();
+      const cached = await store?.match(this.recordKey(rel));
       if (!cached) throw networkError(url, rel, error);
+      this.stored = Promise.resolve(store);
       this.sources[rel] = 'cache';
       return new Uint8Array(await cached.arrayBuffer());
     }
@@ -541,8 +564,9 @@ class VerifiedFiles {
   }
 
   /** Store a verified response in the cache, at commit(). */
-  keep(entry, response) {
-    this.writes.push([this.contentKey(entry), response]);
+  keep(entry, response, unchecked = null) {
+    const whole = unchecked && (async () => (await sri(unchecked)) === entry.integrity);
+    this.writes.push([this.contentKey(entry), response, whole]);
   }
 
   /** The Cache API cache, opened on first use, or null; `report` says why not (by default: in the load's warnings). */
@@ -571,7 +595,13 @@ class VerifiedFiles {
     if (!store) return;
     try {
       const writes = this.writes.splice(0);  // a later model of the bundle commits only what it fetched
-      await Promise.all(writes.map(([key, response]) => store.put(key, response)));
+      await Promise.all(writes.map(async ([key, response, whole]) => {
+        if (whole && !(await whole())) {
+          console.warn(`edgepack: a file matched its blocks in manifest.json but not its integrity (${key}); it was not cached`);
+          return;
+        }
+        await store.put(key, response);
+      }));
       if (this.latestBytes['model.sig']) await store.put(this.recordKey('model.sig'), new Response(this.latestBytes['model.sig']));
       if (this.sources['manifest.json'] !== 'cache') await this.record(store, manifestBytes);
       setHint(true);
@@ -787,7 +817,7 @@ async function startRuntime(files, runtimeFiles, numThreads) {
       ort,
       async initializing(create) {
         if (initialized) return create();
-        const restore = answerInstantiate(bytes.byteLength, await module);
+        const restore = answerInstantiate(bytes, await module);
         try {
           return await create();
         } finally {
@@ -829,14 +859,14 @@ async function startRuntime(files, runtimeFiles, numThreads) {
 
 /**
  * Let onnxruntime-web's WebAssembly.instantiate() of the verified bytes (Emscripten passes a copy of
- * env.wasm.wasmBinary, so it is known by its length) use `module`, compiled from them already, until the
- * returned function is called.
+ * env.wasm.wasmBinary, so it is known by its length and sampled bytes) use `module`, compiled from them
+ * already, until the returned function is called.
  */
-function answerInstantiate(length, module) {
+function answerInstantiate(bytes, module) {
   const original = WebAssembly.instantiate;
   if (!module) return () => {};
   const hooked = function instantiate(source, imports) {
-    if (source instanceof WebAssembly.Module || source?.byteLength !== length) return original.apply(this, arguments);
+    if (!sameBytes(source, bytes)) return original.apply(this, arguments);
     WebAssembly.instantiate = original;
     return original.call(this, module, imports).then((instance) => ({ module, instance }));
   };
@@ -844,6 +874,20 @@ function answerInstantiate(length, module) {
   return () => {
     if (WebAssembly.instantiate === hooked) WebAssembly.instantiate = original;
   };
+}
+
+/** Whether `source` (any BufferSource) is a copy of `bytes`: same length, and the same bytes at 64 places. */
+function sameBytes(source, bytes) {
+  if (source instanceof WebAssembly.Module || !source || source.byteLength !== bytes.byteLength) return false;
+  let view;
+  try {
+    view = ArrayBuffer.isView(source) ? new Uint8Array(source.buffer, source.byteOffset, source.byteLength) : new Uint8Array(source);
+  } catch {
+    return false;
+  }
+  const step = Math.max(1, Math.floor(bytes.byteLength / 64));
+  for (let i = 0; i < bytes.byteLength; i += step) if (view[i] !== bytes[i]) return false;
+  return view[bytes.byteLength - 1] === bytes[bytes.byteLength - 1];
 }
 
 /** Let fetch() of exactly `url` be answered by `answer()` until the returned function is called; any other fetch is untouched. */

@@ -576,18 +576,23 @@ def test_a_second_visit_works_with_the_server_stopped(
             tried.append(request.url)
             request_route.continue_()
 
-    page = browser.new_page()
-    page.route(url + "**", route)
-    page.goto(url + "blank.html")
-    offline = run_bundle(page, url + "app/", feeds, **options)
-    page.close()
-    assert "error" not in offline, offline.get("error")
-    latest = ["manifest.json", "model.sig"] if signed else ["manifest.json"]
-    assert offline["sources"] == {**{rel: "cache" for rel in latest}, **{rel: "cache" for rel in NEEDED}}
-    assert tried == [url + "app/" + rel for rel in latest], "only these are asked of the network (for a newer version)"
-    assert (offline["signedBy"] is not None) == signed and offline["signedBy"] == online["signedBy"]
-    assert_close(offline["outputs"], online["outputs"], atol=0)
-    assert offline["crossOriginIsolated"] is True and offline["threads"] >= 2
+    # and again after the site cleared its localStorage, where the loader keeps its hint that the cache is filled
+    for forget in (False, True):
+        tried.clear()
+        page = browser.new_page()
+        page.route(url + "**", route)
+        page.goto(url + "blank.html")
+        if forget:
+            page.evaluate("localStorage.clear()")
+        offline = run_bundle(page, url + "app/", feeds, **options)
+        page.close()
+        assert "error" not in offline, (forget, offline.get("error"))
+        latest = ["manifest.json", "model.sig"] if signed else ["manifest.json"]
+        assert offline["sources"] == {**{rel: "cache" for rel in latest}, **{rel: "cache" for rel in NEEDED}}
+        assert tried == [url + "app/" + rel for rel in latest], "only these are asked of the network (for a newer one)"
+        assert (offline["signedBy"] is not None) == signed and offline["signedBy"] == online["signedBy"]
+        assert_close(offline["outputs"], online["outputs"], atol=0)
+        assert offline["crossOriginIsolated"] is True and offline["threads"] >= 2
 
 
 def test_a_new_bundle_version_replaces_the_changed_files_in_the_cache(

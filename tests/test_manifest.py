@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgepack.bundle.manifest import BLOCK, MANIFEST_NAME, hash_file, verify_bundle, write_manifest
+from edgepack.bundle.manifest import BLOCK, MANIFEST_NAME, hash_file, seal_matches, verify_bundle, write_manifest
 from tests.support.manifests import minimal_content
 
 
@@ -82,6 +83,31 @@ def test_verify_cli_exit_codes_and_listing(bundle, cli):
     report = json.loads(bad.stdout)
     assert report["changed"] == ["model/m.ort"] and report["extra"] == ["extra.txt"] and not report["ok"]
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("field", ["integrity", "blocks"])
+def test_verify_checks_the_digests_browsers_check_against_the_same_bytes(bundle, cli, field):
+    """A manifest sealed over a wrong SHA-384 (as a faulty tool would write it): its SHA-256 still matches, the web
+    loader would refuse the file, and so does `edgepack verify`."""
+    (bundle / "model" / "m.ort").write_bytes(np.random.default_rng(3).bytes(2 * BLOCK + 5))
+    write_manifest(bundle, minimal_content("model/m.ort", ["model/m.onnx.data"]))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))
+    entry = manifest["files"]["model/m.ort"]
+    if field == "integrity":
+        entry["integrity"] = "sha384-" + base64.b64encode(hashlib.sha384(b"other").digest()).decode("ascii")
+    else:
+        entry["blocks"]["sha384"][2] = base64.b64encode(hashlib.sha384(b"other").digest()).decode("ascii")
+    # the wrong digest, sealed again as write_manifest seals
+    manifest["manifest_sha256"] = "0" * 64
+    blank = (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    seal = hashlib.sha256(blank).hexdigest().encode()
+    sealed = re.sub(rb'"manifest_sha256": "0{64}"', b'"manifest_sha256": "' + seal + b'"', blank)
+    (bundle / MANIFEST_NAME).write_bytes(sealed)
+    assert seal_matches(sealed)
+    assert verify_bundle(bundle).ok, "sizes, SHA-256 and the seal all match"
+    assert verify_bundle(bundle, every_digest=True).changed == ["model/m.ort"]
+    bad = cli("verify", bundle)
+    assert bad.returncode == 7 and "changed: model/m.ort" in bad.stdout
 
 
 def test_verify_refuses_a_folder_without_manifest(tmp_path, cli):
