@@ -46,6 +46,9 @@
  *    says which one runs and why the ones before it did not. An FP16 or q4f16 model skips webgpu when the
  *    GPU adapter lacks the 'shader-f16' feature: onnxruntime-web would create the session and then
  *    fail on the first run.
+ * 8. onnxruntime-web returns tensors only: an output that is a sequence or a map (ZipMap's, as skl2onnx
+ *    writes classifiers) is not fetched; `outputs` lists the tensor outputs run() returns, and the
+ *    result's warnings name the others.
  *
  * It depends only on the browser and the onnxruntime-web files in this bundle's ort/ folder.
  */
@@ -244,13 +247,19 @@ async function openModel(shared, view, started) {
   };
   const { session, backend, fallbacks } = await runtime.initializing(() => createSession(ort, modelBytes, sessionOptions, view));
   for (const { backend: name, error } of fallbacks) warnings.push(`${name} is not available (${error}); running on ${backend}`);
+  // onnxruntime-web returns tensors only: a sequence or map output (ZipMap's) is not fetched; run() returns the others.
+  const declared = view.model.outputs;
+  const outputs = declared.filter((o) => !String(o.dtype).endsWith('_type'));
+  const fetches = outputs.map(({ name }) => name);
+  for (const o of declared.filter((spec) => !outputs.includes(spec))) {
+    warnings.push(`output ${o.name} is a ${o.dtype.replace(/_type$/, '')}, which onnxruntime-web cannot return: run() leaves it out`);
+  }
   // Written once the page is idle, so that the first visit's disk writes do not slow its first inference down.
   const cached = whenIdle().then(() => files.commit(manifestBytes));
   for (const warning of warnings) if (warning !== NOT_ISOLATED) console.warn(`edgepack: ${warning}`);
   const ready = performance.now();
 
   const inputs = view.model.inputs;
-  const outputs = view.model.outputs;
   return {
     inputs,
     outputs,
@@ -270,7 +279,7 @@ async function openModel(shared, view, started) {
     /** Run the model. feeds: {name: {data, dims}} or onnxruntime-web Tensors; returns {name: Tensor} (data, dims, type). */
     async run(feeds) {
       const tensors = toTensors(ort, inputs, feeds);
-      const results = await session.run(tensors);
+      const results = await session.run(tensors, fetches);
       return Object.fromEntries(outputs.map(({ name }) => [name, results[name]]));
     },
     async dispose() {

@@ -919,3 +919,27 @@ def test_an_import_map_integrity_pins_the_loader(browser, site, bundles):
         page.close()
     assert outcomes["good"] == "wasm"
     assert outcomes["wrong"].startswith("error: Failed to fetch dynamically imported module")
+
+
+def test_a_classifier_with_a_zipmap_output_runs_and_returns_its_tensor_outputs(
+    browser, site, ort_web_tarball, tmp_path
+):
+    """skl2onnx's classifiers end in ZipMap (a sequence of maps), which onnxruntime-web cannot return: the loader
+    fetches the label alone, and says so."""
+    from tests import shaped_models
+
+    model = shaped_models.save(shaped_models.zipmap_classifier(), tmp_path, "classifier")
+    bundle = package(model, "browser-wasm", site[0], ort_web_tarball)
+    features = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32)
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), [{"features": features}])
+    page.close()
+    assert "error" not in result, result.get("error")
+    [outputs] = result["outputs"]
+    assert set(outputs) == {"label"}
+    [expected] = bundle_reference(bundle, [{"features": features}])
+    np.testing.assert_array_equal(outputs["label"], expected["label"])
+    assert (
+        "output probabilities is a sequence, which onnxruntime-web cannot return: run() leaves it out"
+        in result["warnings"]
+    )

@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_ir.passes.common import IdentityEliminationPass
 
-from edgepack.errors import AccuracyError, ModelError, UsageError
+from edgepack.errors import AccuracyError, CompatibilityError, ModelError, UsageError
 from edgepack.pipeline.job import Options
 from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
@@ -121,6 +121,22 @@ def test_zipmap_classifier_with_a_sequence_of_maps_output_packages(tmp_path, tar
     self_test = _report(result, "self_test")
     assert self_test["passed"] and self_test["outputs"]["probabilities"]["max_abs_error"] < 1e-6
     assert "SerdeError" in _report(result, "load")["notice"]  # onnx-ir cannot read map types: its passes were skipped
+    if target == "browser-wasm":  # onnxruntime-web returns tensors only: the loader fetches the label alone
+        assert _report(result, "bundle")["notice"] == (
+            "onnxruntime-web cannot return probabilities (sequence): the loader's run() returns the other outputs (label)"
+        )
+    else:
+        assert "notice" not in _report(result, "bundle")
+
+
+def test_a_map_input_is_refused_for_the_browser_before_the_bundle_is_written(tmp_path):
+    [result] = _package(tmp_path, "dict_vectorizer", targets=("browser-wasm",))
+    assert not result.ok and isinstance(result.error, CompatibilityError)
+    assert str(result.error).startswith(
+        "browser-wasm: onnxruntime-web takes tensors only, and this model takes features (map)"
+    )
+    assert "Python target" in result.error.hint
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "nothing half-written"
 
 
 def test_sequence_inputs_and_outputs_package_and_run_through_the_shim(tmp_path):

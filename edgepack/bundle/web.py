@@ -8,6 +8,10 @@ Rules:
 2. ``edgepack.mjs`` (the loader) and ``index.html`` (the demo page) come from ``runtime_shim/`` unchanged:
    they read everything bundle-specific from ``manifest.json`` at run time.
 3. README.md says how to embed the model and which server headers it needs.
+4. onnxruntime-web takes and returns tensors only: outputs that are sequences, maps or optionals (ZipMap's
+   probabilities, as skl2onnx writes them) are left out of what the loader fetches, and the stage's notice
+   says so; the other outputs are returned. A model with such an input, or with no tensor output at all,
+   is refused before the bundle is written.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from string import Template
 
 import onnx
 
-from ..errors import ProfileError
+from ..errors import CompatibilityError, ProfileError
 from ..fileops import copy_file
 from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
@@ -52,6 +56,7 @@ class WebBundler:
                 f"found ort_web_files={web.ort_web_files}, entry={web.entry!r}",
                 where=profile.source or profile.name,
             )
+        notice = _untensored_outputs(model, job)
         version = pinned_version(profile)
         if job.options.ort_web:
             ort_web = open_tarball(job.options.ort_web, profile)
@@ -68,10 +73,37 @@ class WebBundler:
         runtime_bytes = sum(f.stat().st_size for f in files)
         return {
             "summary": f"web bundle, onnxruntime-web {ort_web.version} ({runtime_bytes / 1e6:.1f} MB in ort/)",
+            **({"notice": notice} if notice else {}),
             "ort_web": {**ort_web.to_dict(), "files": [f"ort/{f.name}" for f in files], "bytes": runtime_bytes},
             "loader": LOADER,
             "demo": DEMO,
         }
+
+
+def _untensored_outputs(model: Artifact, job: Job) -> str | None:
+    """Rule 4: the notice for outputs onnxruntime-web cannot return, or None; refuses a model it cannot feed or
+    that has no tensor output."""
+    inputs, outputs = describe_io(onnx.load_model(model.onnx_path, load_external_data=False))
+    unfed = [f"{i['name']} ({i['dtype'].removesuffix('_type')})" for i in inputs if i["dtype"].endswith("_type")]
+    if unfed:
+        raise CompatibilityError(
+            f"onnxruntime-web takes tensors only, and this model takes {', '.join(unfed)}",
+            where=job.profile.name,
+            hint="export the model with tensor inputs, or package it for a Python target (linux-x64, rpi-arm64)",
+        )
+    left_out = [o for o in outputs if o["dtype"].endswith("_type")]
+    if not left_out:
+        return None
+    named = ", ".join(f"{o['name']} ({o['dtype'].removesuffix('_type')})" for o in left_out)
+    if len(left_out) == len(outputs):
+        raise CompatibilityError(
+            f"onnxruntime-web returns tensors only, and no output of this model is one: {named}",
+            where=job.profile.name,
+            hint="export the model with tensor outputs (skl2onnx: options={'zipmap': False} returns the "
+            "probabilities as a tensor), or package it for a Python target (linux-x64, rpi-arm64)",
+        )
+    kept = ", ".join(o["name"] for o in outputs if o not in left_out)
+    return f"onnxruntime-web cannot return {named}: the loader's run() returns the other outputs ({kept})"
 
 
 def _readme(template, model: Artifact, job: Job, version: str) -> str:

@@ -20,7 +20,7 @@ from ..fileops import copy_file
 from ..onnxio.modelinfo import external_locations
 from ..onnxio.ort_convert import CONFIG_NAME
 from ..pipeline.job import Artifact, Job
-from ..pipeline.stage import Stage, StageResult, flattened
+from ..pipeline.stage import Stage, StageResult, flattened, optional
 
 __all__ = ["Bundle", "BundleResult", "lay_out", "write_runtime", "write_config"]
 
@@ -29,6 +29,7 @@ __all__ = ["Bundle", "BundleResult", "lay_out", "write_runtime", "write_config"]
 class BundleResult(StageResult):
     stage = "bundle"
     summary: str
+    notice: str | None = optional()
     kind: str
     model_file: str
     files: dict[str, Any] = flattened()
@@ -76,6 +77,7 @@ def write_runtime(bundled: Artifact, job: Job) -> BundleResult:
     extra = bundler_for(kind).write(bundled, job)
     return BundleResult(
         summary=extra.pop("summary", f"{kind} bundle"),
+        notice=extra.pop("notice", None),
         kind=kind,
         model_file=bundled.path.relative_to(job.staging).as_posix(),
         files=extra,
