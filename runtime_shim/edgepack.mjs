@@ -968,7 +968,8 @@ function toTensor(ort, spec, value) {
   if (!TypedArray) throw new EdgepackError(`${where} has dtype ${spec.dtype}, which this loader cannot feed`);
   const dims = Array.from(value.dims, Number);
   const shape = spec.shape ?? dims;
-  if (dims.length !== shape.length || shape.some((d, i) => Number.isInteger(d) && d !== dims[i])) {
+  // A dim of -1 (Paddle2ONNX), 0 or a name is dynamic, as in the Python shim.
+  if (dims.length !== shape.length || shape.some((d, i) => Number.isInteger(d) && d > 0 && d !== dims[i])) {
     throw new EdgepackError(`${where}: dims [${dims.join(', ')}] do not fit the model's shape [${shape.join(', ')}]`);
   }
   let data = value.data;

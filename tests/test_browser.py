@@ -943,3 +943,21 @@ def test_a_classifier_with_a_zipmap_output_runs_and_returns_its_tensor_outputs(
         "output probabilities is a sequence, which onnxruntime-web cannot return: run() leaves it out"
         in result["warnings"]
     )
+
+
+def test_a_dim_written_as_minus_one_is_dynamic(browser, site, ort_web_tarball, tmp_path):
+    """Paddle2ONNX writes dynamic dims as -1 (PaddleOCR's classifier: [-1, 3, ?, ?]): any size fits, as in the shim."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "minus_one", [x], [y], [two])
+    path = tmp_path / "minus_one.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    bundle = package(path, "browser-wasm", site[0], ort_web_tarball, quantize="none")
+    assert read_manifest(bundle)["model"]["inputs"][0]["shape"][0] == -1
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 3, 4, 5)).astype(np.float32)}
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), [feeds])
+    page.close()
+    assert "error" not in result, result.get("error")
+    np.testing.assert_allclose(result["outputs"][0]["y"], 2 * feeds["x"], rtol=1e-6)
