@@ -124,3 +124,53 @@ def test_nothing_is_left_in_the_working_directory(prepared, profiles, tmp_path):
     record = package_pair(prepared("magika-standard-v3-3"), profiles["rpi-arm64"], tmp_path, timeout=300)
     assert record["status"] == "ok", record
     assert "stray_files" not in record, record["stray_files"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from tests.in_browser import chromium
+
+    with chromium() as context:
+        yield context
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "ort-logreg-iris",  # skl2onnx: ZipMap's sequence of maps, which onnxruntime-web cannot return
+        "rapidocr-ppocr-mobile-v2-cls",  # Paddle2ONNX: [-1, 3, ?, ?], -1 for a dynamic dim
+        "silero-vad-16k-sequence",  # a recurrent state in and out, If subgraphs
+    ],
+)
+def test_web_bundles_of_real_models_run_in_chromium(model_id, prepared, profiles, tmp_path, browser):
+    """The browser-wasm bundle, loaded by its edgepack.mjs in headless Chromium on the model's reference inputs,
+    gives what Python onnxruntime gives on the bundle's own model file (every tensor output)."""
+    import json
+
+    import onnxruntime as ort
+
+    from edgepack.serve import start_server
+    from tests.in_browser import run_bundle
+
+    ready = prepared(model_id)
+    record = package_pair(ready, profiles["browser-wasm"], tmp_path, timeout=300)
+    assert record["status"] == "ok", record
+    [bundle] = [p.parent for p in (tmp_path / "browser-wasm").rglob("manifest.json")]
+    model = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["model"]
+    session = ort.InferenceSession(str(bundle / model["file"]), providers=["CPUExecutionProvider"])
+    tensors = [o["name"] for o in model["outputs"] if not o["dtype"].endswith("_type")]
+    expected = dict(zip(tensors, session.run(tensors, ready.inputs)))
+    server = start_server(bundle.parent, require_manifest=False)
+    try:
+        page = browser.new_page()
+        page.goto(server.url)
+        result = run_bundle(page, f"{server.url}{bundle.name}/", [ready.inputs])
+        page.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "error" not in result, result.get("error")
+    [got] = result["outputs"]
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        assert agreement(want, np.asarray(got[name]).reshape(want.shape), 0.9999) is None, name
