@@ -781,8 +781,7 @@ async function sealMatches(bytes) {
 }
 
 async function sri(bytes) {
-  const digest = new Uint8Array(await crypto.subtle.digest('SHA-384', bytes));
-  return 'sha384-' + btoa(String.fromCharCode(...digest));
+  return 'sha384-' + (await base64Digest(bytes));
 }
 
 function threadsFor(manifest, isolated) {

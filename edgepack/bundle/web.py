@@ -24,7 +24,7 @@ import onnx
 
 from ..errors import CompatibilityError, ProfileError
 from ..fileops import copy_file
-from ..onnxio.modelinfo import describe_io
+from ..onnxio.modelinfo import describe_io, is_tensor
 from ..pipeline.job import Artifact, Job
 from ..samples import concrete_shape
 from .ortweb import extract_files, fetch_tarball, open_tarball, pinned_version
@@ -56,7 +56,8 @@ class WebBundler:
                 f"found ort_web_files={web.ort_web_files}, entry={web.entry!r}",
                 where=profile.source or profile.name,
             )
-        notice = _untensored_outputs(model, job)
+        inputs, outputs = describe_io(onnx.load_model(model.onnx_path, load_external_data=False))
+        notice = _untensored_outputs(inputs, outputs, job)
         version = pinned_version(profile)
         if job.options.ort_web:
             ort_web = open_tarball(job.options.ort_web, profile)
@@ -68,7 +69,7 @@ class WebBundler:
         copy_file(shim / LOADER, job.staging / LOADER)
         copy_file(shim / DEMO, job.staging / DEMO)
         (job.staging / "README.md").write_text(
-            _readme(shim / README_TEMPLATE, model, job, ort_web.version), encoding="utf-8"
+            _readme(shim / README_TEMPLATE, model, inputs, outputs, job, ort_web.version), encoding="utf-8"
         )
         runtime_bytes = sum(f.stat().st_size for f in files)
         return {
@@ -80,18 +81,17 @@ class WebBundler:
         }
 
 
-def _untensored_outputs(model: Artifact, job: Job) -> str | None:
+def _untensored_outputs(inputs: list[dict], outputs: list[dict], job: Job) -> str | None:
     """Rule 4: the notice for outputs onnxruntime-web cannot return, or None; refuses a model it cannot feed or
     that has no tensor output."""
-    inputs, outputs = describe_io(onnx.load_model(model.onnx_path, load_external_data=False))
-    unfed = [f"{i['name']} ({i['dtype'].removesuffix('_type')})" for i in inputs if i["dtype"].endswith("_type")]
+    unfed = [f"{i['name']} ({i['dtype'].removesuffix('_type')})" for i in inputs if not is_tensor(i)]
     if unfed:
         raise CompatibilityError(
             f"onnxruntime-web takes tensors only, and this model takes {', '.join(unfed)}",
             where=job.profile.name,
             hint="export the model with tensor inputs, or package it for a Python target (linux-x64, rpi-arm64)",
         )
-    left_out = [o for o in outputs if o["dtype"].endswith("_type")]
+    left_out = [o for o in outputs if not is_tensor(o)]
     if not left_out:
         return None
     named = ", ".join(f"{o['name']} ({o['dtype'].removesuffix('_type')})" for o in left_out)
@@ -106,8 +106,7 @@ def _untensored_outputs(model: Artifact, job: Job) -> str | None:
     return f"onnxruntime-web cannot return {named}: the loader's run() returns the other outputs ({kept})"
 
 
-def _readme(template, model: Artifact, job: Job, version: str) -> str:
-    inputs, outputs = describe_io(onnx.load_model(model.onnx_path, load_external_data=False))
+def _readme(template, model: Artifact, inputs: list[dict], outputs: list[dict], job: Job, version: str) -> str:
     feeds = []
     for spec in inputs:
         dims = concrete_shape(spec["shape"])

@@ -17,6 +17,7 @@ from ..errors import ModelError
 
 __all__ = [
     "describe_io",
+    "is_tensor",
     "format_shape",
     "iter_graphs",
     "iter_nodes",
@@ -44,6 +45,11 @@ def _value_info(vi: onnx.ValueInfoProto) -> dict[str, Any]:
     if tensor.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
     return {"name": vi.name, "dtype": dtype_name(tensor.elem_type), "shape": shape}
+
+
+def is_tensor(io: dict[str, Any]) -> bool:
+    """Whether a ``describe_io`` entry is a tensor (not a sequence, map or optional, whose dtype names the kind)."""
+    return not io["dtype"].endswith("_type")
 
 
 def describe_io(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -31,7 +31,7 @@ import onnx
 from ..checked import Feeds, job_inputs, notice_of, run_checked
 from ..errors import UsageError
 from ..fileops import working_directory
-from ..onnxio.modelinfo import describe_io, external_locations
+from ..onnxio.modelinfo import describe_io, external_locations, is_tensor
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
@@ -101,7 +101,7 @@ def plan_shapes(
 ) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """The fixed shape of every input (rules 1 and 2), and the dims assumed to be batch dims."""
     inputs = _check_flags(proto, input_shapes, fixed_dims, where)
-    non_tensors = {io["name"] for io in describe_io(proto)[0] if io["dtype"].endswith("_type")}
+    non_tensors = {io["name"] for io in describe_io(proto)[0] if not is_tensor(io)}
     shapes: dict[str, tuple[int, ...]] = {}
     assumed: list[str] = []
     for name, dims in inputs.items():
