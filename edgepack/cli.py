@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument(
         "--auto-exclude",
         action="store_true",
-        help="leave the nodes most hurt by quantization in float until the accuracy gate passes",
+        help="take the nodes most hurt by quantization out of the recipe until the accuracy gate passes, as few as "
+        "it needs (static: in float; int4: in dynamic INT8)",
     )
     package.add_argument(
         "--tune",

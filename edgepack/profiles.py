@@ -101,7 +101,8 @@ class Quantization:
     """Each recipe's settings, read from a key of its own name (``static:``, ``dynamic:``, ``fp16:``)."""
     tolerance: QuantizedAccuracy = field(default_factory=QuantizedAccuracy)
     max_auto_exclude: int = 8
-    """--auto-exclude leaves at most this many nodes in float before giving up."""
+    """--auto-exclude leaves at most this many nodes in float before giving up (static; int4 has its own
+    ``int4.max_int8_share``)."""
     default_fallbacks: list[Literal["auto_exclude", "dynamic", "fp16", "none"]] = field(
         default_factory=lambda: ["auto_exclude", "none"]
     )

@@ -75,6 +75,7 @@ def test_int4_bundle_converts_self_tests_and_runs_in_the_shim(tmp_path: Path):
         "symmetric": False,
         "accuracy_level": 4,
         "op_types": ["MatMul", "Gather"],
+        "max_int8_share": 0.5,
     }
     assert quantize["result"]["size_ratio"] < 0.2 and quantize["passed"]
     assert _stage(manifest, "self_test")["summary"].startswith("passed (int4")
@@ -87,6 +88,53 @@ def test_int4_bundle_converts_self_tests_and_runs_in_the_shim(tmp_path: Path):
     reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     figures = compare([{"last_hidden_state": reference}], [got])
     assert figures["cosine"] >= load_profile("linux-x64").quantization.tolerance.min_cosine, figures
+
+
+MIXED = {  # a gate the transformer example's int4 model misses (cosine 0.9932), and room for every MatMul in INT8
+    "    min_cosine: 0.99\n": "    min_cosine: 0.995\n",
+    "  dynamic:\n": "  int4:\n    max_int8_share: 1.0\n  dynamic:\n",
+}
+
+
+def test_auto_exclude_puts_the_costliest_matmuls_in_dynamic_int8_as_few_as_the_gate_needs(tmp_path: Path):
+    source = write_example("transformer", tmp_path)
+    profile = _custom_profile(tmp_path, "linux-x64", "tight-x64", MIXED)
+    strict = _package(source, profile, tmp_path / "strict", "int4")
+    assert not strict.ok and "--auto-exclude" in strict.error.hint, strict.error
+
+    result = _package(source, profile, tmp_path / "out", "int4", auto_exclude=True)
+    assert result.ok, result.error
+    quantize = _stage(result.manifest, "quantize")
+    int8 = quantize["result"]["excluded_nodes"]
+    ranked = [entry["node"] for entry in quantize["sensitivity"]]
+    assert all(entry["cosine_gain_per_million_weights"] > 0 for entry in quantize["sensitivity"])
+    assert 0 < len(int8) < 6 and sorted(int8) == sorted(ranked[: len(int8)]), (int8, ranked)
+    tried = {len(a["excluded_nodes"]): a["passed"] for a in quantize["attempts"]}
+    assert tried[0] is False and tried[len(int8) - 1] is False and tried[len(int8)] is True, quantize["attempts"]
+    assert quantize["passed"] and quantize["figures"]["cosine"] >= 0.995
+    ops = quantize["result"]["quantized_ops"]
+    assert ops["MatMulInteger"] == len(int8) and ops["MatMulNBits"] == 6 - len(int8), ops
+    assert quantize["result"]["notes"]["matmuls_in_dynamic_int8"] == len(int8)
+    assert f"{len(int8)} node(s) in dynamic INT8" in quantize["summary"]
+    assert _stage(result.manifest, "self_test")["summary"].startswith("passed (int4")
+    config = (result.bundle / "required_operators_and_types.config").read_text()
+    assert "MatMulInteger" in config and "MatMulNBits" in config
+
+    feeds = generate_inputs(describe_io(build_example("transformer"))[0], seed=3, count=1)[0]
+    got = _shim_run(result.bundle, feeds, tmp_path)
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert compare([{"last_hidden_state": reference}], [got])["cosine"] >= 0.99
+
+
+def test_auto_exclude_keeps_a_matmul_in_4_bits_and_says_what_to_raise(tmp_path: Path):
+    source = write_example("transformer", tmp_path)
+    replacements = {**MIXED, "    min_cosine: 0.99\n": "    min_cosine: 0.9999\n"}
+    result = _package(
+        source, _custom_profile(tmp_path, "linux-x64", "tighter-x64", replacements), tmp_path, "int4", auto_exclude=True
+    )
+    assert not result.ok and "misses the profile's tolerance" in result.error.message, result.error
+    assert "(with 5 node(s) in dynamic INT8)" in result.error.message
+    assert "max_int8_share (now 1.0)" in result.error.hint
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

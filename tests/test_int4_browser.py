@@ -38,15 +38,32 @@ def served(tmp_path_factory):
     tarball = ortweb.fetch_tarball(ortweb.pinned_version(load_profile("browser-wasm"))).path
     model = write_example("transformer", tmp_path_factory.mktemp("models"))
     bundles = {}
-    for target, recipe in (("browser-wasm", "int4"), ("browser-webgpu", "q4f16")):
+    # int4 with its costliest MatMuls in dynamic INT8 (--auto-exclude): a gate the all-4-bit model misses
+    text = (
+        Path(load_profile("browser-wasm").source)
+        .read_text(encoding="utf-8")
+        .replace("name: browser-wasm", "name: tight")
+    )
+    tight = root.parent / "tight.yaml"
+    tight.write_text(
+        text.replace("    min_cosine: 0.99\n", "    min_cosine: 0.995\n").replace(
+            "  tolerance:", "  int4:\n    max_int8_share: 1.0\n  tolerance:", 1
+        ),
+        encoding="utf-8",
+    )
+    for target, recipe, name, more in (
+        ("browser-wasm", "int4", "int4", {}),
+        ("browser-webgpu", "q4f16", "q4f16", {}),
+        (str(tight), "int4", "int4-mixed", {"auto_exclude": True}),
+    ):
         [result] = package_model(
             model,
             [load_profile(target)],
-            Options(output=root, ort_web=tarball, quantize=recipe),
-            name=f"transformer-{recipe}",
+            Options(output=root, ort_web=tarball, quantize=recipe, **more),
+            name=f"transformer-{name}",
         )
         assert result.ok, result.error
-        bundles[recipe] = result.bundle
+        bundles[name] = result.bundle
     server = start_server(root, require_manifest=False)
     yield root, server.url, bundles, model
     server.shutdown()
@@ -70,6 +87,21 @@ def test_int4_bundle_runs_on_wasm(served):
     bundle = bundles["int4"]
     manifest = read_manifest(bundle)
     assert manifest["model"]["precision"] == "int4" and manifest["model"]["format"] == "ort"
+    feeds = inputs_for(bundle)
+    with chromium() as context:
+        page = fresh_page(context, url + "blank.html")
+        result = run_bundle(page, url_of(root, url, bundle), feeds)
+    assert "error" not in result, result.get("error")
+    assert result["backend"] == "wasm"
+    assert_matches_host(result["outputs"], bundle, feeds)
+    assert_within_quantization_tolerance(bundle, result["outputs"], model, feeds)
+
+
+def test_int4_with_matmuls_in_dynamic_int8_runs_on_wasm(served):
+    root, url, bundles, model = served
+    bundle = bundles["int4-mixed"]
+    quantize = next(s for s in read_manifest(bundle)["stages"] if s["stage"] == "quantize")
+    assert quantize["result"]["notes"]["matmuls_in_dynamic_int8"] > 0, quantize["result"]
     feeds = inputs_for(bundle)
     with chromium() as context:
         page = fresh_page(context, url + "blank.html")

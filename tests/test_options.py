@@ -15,7 +15,7 @@ BAD = [
     (
         {"quantize": "dynamic", "auto_exclude": True},
         ["--quantize", "dynamic", "--auto-exclude"],
-        "--auto-exclude works with static quantization, not dynamic",
+        "--auto-exclude works with static or int4 quantization, not dynamic",
     ),
     (
         {"tune_budget": 10.0},

@@ -97,7 +97,7 @@ class Options:
             capable = " or ".join(n for n, r in RECIPES.items() if r.auto_exclude)
             raise UsageError(
                 f"--auto-exclude works with {capable} quantization, not {self.quantize}",
-                hint="use --quantize static --calibration DATA --auto-exclude",
+                hint="use --quantize static --calibration DATA --auto-exclude, or --quantize int4 --auto-exclude",
             )
         if self.calibration_method is not None and self.calibration_method not in CALIBRATION_METHODS:
             raise UsageError(

@@ -81,7 +81,11 @@ class Recipe:
     flags: ClassVar[tuple[str, ...]] = ()
     """The command-line options it reads (the others are reported as unused)."""
     auto_exclude: ClassVar[bool] = False
-    """Whether ``--auto-exclude`` can leave its most sensitive nodes in float."""
+    """Whether ``--auto-exclude`` can take its most sensitive nodes out of it (``rank_sensitive``)."""
+    kept_as: ClassVar[str] = "in float"
+    """Where ``--auto-exclude`` keeps the nodes it takes out, for messages."""
+    sensitivity_figure: ClassVar[str] = "sqnr_db"
+    """What ``rank_sensitive`` ranks by, for the report."""
     variants: ClassVar[dict[str, Variant]] = {}
     marked_ops: ClassVar[frozenset[str]] = QUANTIZED_OPS
     """Op types of the written model the report counts."""
@@ -120,3 +124,20 @@ class Recipe:
     def what_to_try(self, options: Options, settings: Any) -> list[str]:
         """What to try when its model misses the accuracy gate."""
         return []
+
+    def rank_sensitive(
+        self,
+        prepared: Path,
+        quantized: Path,
+        feeds: list[dict[str, np.ndarray]],
+        workdir: Path,
+        settings: Any,
+        profile: Profile,
+    ) -> list[tuple[str, float]]:
+        """The nodes of the float model ``prepared`` that ``--auto-exclude`` may take out of the recipe, most
+        harmful first, with the figure they are ranked by; ``quantized``: its model with every node in. At
+        most the profile's ``quantization.max_auto_exclude``."""
+        from .quantize import rank_sensitive_nodes
+
+        ranking = rank_sensitive_nodes(prepared, quantized, feeds, workdir)
+        return ranking[: profile.quantization.max_auto_exclude]

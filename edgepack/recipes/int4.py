@@ -27,6 +27,14 @@ Rules:
    each one (edgepack/recipes/ondisk.py): FP32 and 4-bit weights are never held at once. The upgrade of
    rule 4 and the quantizer run in the side files' folder: onnx's checker and onnx-ir, which the quantizer
    reads weights with, look for side files in the working folder.
+8. ``--auto-exclude`` (``int4``): when the model misses the accuracy gate, the MatMuls that cost it the most
+   accuracy per weight are quantized as the target's ``dynamic`` recipe does instead (INT8 weights,
+   MatMulInteger), as few as the gate needs: 8 bits per weight instead of 32 in float. Each MatMul is
+   ranked by the cosine its restoring to float alone gains on the validation inputs, per million
+   weights it holds (one session per MatMul, so not for models over 2 GiB), up to ``max_int8_share``
+   of the MatMul weights. On the 4-layer encoder of
+   benchmarks/int4.py (random weights), the query and key projections gained nothing and the value,
+   output and FFN ones about 0.001 each.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from . import ondisk
 from .base import QUANTIZED_OPS, Kernel, Recipe, Variant
@@ -62,6 +70,9 @@ class Int4Settings:
     """MatMulNBits' compute type: 0 the kernel's choice, 1 fp32, 2 fp16, 3 bf16, 4 int8 (fastest on CPUs)."""
     op_types: list[Literal["MatMul", "Gather"]] = field(default_factory=lambda: ["MatMul", "Gather"])
     """Gather: embedding tables as GatherBlockQuantized, where the target's runtime has it."""
+    max_int8_share: float = 0.5
+    """--auto-exclude: at most this share of the MatMul weights goes to dynamic INT8 (rule 8). At half, the
+    model holds about 6.6 bits per weight, dynamic INT8's 8."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,10 @@ class Int4(Recipe):
     description = "INT4 weight-only (MatMulNBits)"
     precision = "int4"
     settings = Int4Settings
-    flags = ("--validation",)
+    flags: ClassVar[tuple[str, ...]] = ("--validation", "--auto-exclude")
+    auto_exclude = True
+    kept_as = "in dynamic INT8"
+    sensitivity_figure = "cosine_gain_per_million_weights"
     variants = {"int4": Variant("INT4 weight-only (MatMulNBits)")}
     preprocess = False
     activation = "float"
@@ -91,6 +105,8 @@ class Int4(Recipe):
         size = settings.block_size
         if size < 16 or size & (size - 1):
             return "block_size", f"expected a power of two, at least 16 (MatMulNBits), found {size}"
+        if not 0 <= settings.max_int8_share <= 1:
+            return "max_int8_share", f"expected a share between 0 and 1, found {settings.max_int8_share}"
         return None
 
     def apply(
@@ -106,8 +122,14 @@ class Int4(Recipe):
         name_nodes(model)
         return quantize_4bit(model, out, self.name, settings, excluded, external, target, side_files=side_files)
 
+    def rank_sensitive(self, prepared, quantized, feeds, workdir, settings, profile) -> list[tuple[str, float]]:
+        return rank_matmuls(Path(prepared), Path(quantized), feeds, settings.max_int8_share)
+
     def what_to_try(self, options, settings: Int4Settings) -> list[str]:
         return [
+            "--auto-exclude (the MatMuls that cost the most in dynamic INT8)"
+            if not options.auto_exclude
+            else f"a larger quantization.int4.max_int8_share (now {settings.max_int8_share})",
             f"a smaller quantization.int4.block_size (now {settings.block_size})",
             "quantization.int4.op_types [MatMul] (embeddings in float)",
             "--quantize dynamic",
@@ -119,6 +141,8 @@ class Q4f16(Int4):
     description = "4-bit weights on FP16 activations (WebGPU with shader-f16)"
     precision = "q4f16"
     settings = Q4f16Settings
+    flags = ("--validation",)
+    auto_exclude = False
     variants = {"q4f16": Variant("4-bit weights, FP16 activations (float32 I/O)")}
     marked_ops = QUANTIZED_OPS | {"Cast"}
     preprocess = True
@@ -182,6 +206,10 @@ def quantize_4bit(
                 notes["gather"] = f"embeddings kept in float: {why_not}"
                 types.remove("Gather")
                 tables = set()
+        int8 = sorted(set(excluded) & _weighted_matmuls(model)) if method == "int4" else []
+        if int8:  # rule 8
+            model = _dynamic_int8(model, int8, target, Path(out).with_name("int8_matmuls.onnx"))
+            notes["matmuls_in_dynamic_int8"] = len(int8)
         # Gathers on anything but a 2-D float table (shape constants, int64 data) are not embeddings
         skip = set(excluded) | {n.name for n in iter_nodes(model) if n.op_type == "Gather" and n.name not in tables}
         quantizer = MatMulNBitsQuantizer(
@@ -212,6 +240,103 @@ def quantize_4bit(
     if "Gather" in types:
         notes["embeddings_quantized"] = ops.count(GATHER_OP)
     return notes
+
+
+def _weighted_matmuls(model) -> set[str]:
+    """Names of the graph's MatMul nodes whose weight is a 2-D initializer."""
+    weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights}
+
+
+def _dynamic_int8(model, nodes: list[str], target, path: Path):
+    """Rule 8: ``model`` with ``nodes`` quantized as the target's dynamic recipe does, written to ``path``."""
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    from .dynamic import DynamicSettings
+    from .quantize import quant_type
+
+    settings = target.quantization.settings("dynamic") or DynamicSettings()
+    quantize_dynamic(
+        model,
+        path,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=nodes,
+        per_channel=settings.per_channel,
+        weight_type=quant_type(settings.weight_type),
+        reduce_range=settings.reduce_range,
+    )
+    return onnx.load_model(path)
+
+
+def rank_matmuls(
+    source: Path, quantized: Path, feeds: list[dict[str, Any]], share: float = 1.0
+) -> list[tuple[str, float]]:
+    """Rule 8: the MatMuls of ``source`` whose restoring to float alone in ``quantized`` gains cosine on
+    ``feeds``, with that gain per million weights, highest first, as many as hold at most ``share`` of the
+    weights of the MatMuls ``quantized`` holds in 4 bits."""
+    import numpy as np
+    import onnx
+
+    from .. import progress
+    from ..accuracy import compare
+    from ..errors import ConversionError
+    from .quantize import model_bytes, name_nodes
+
+    if model_bytes(source) > ondisk.LARGE_MODEL:
+        raise ConversionError(
+            "--auto-exclude with int4 measures each MatMul on its own, one session per MatMul: "
+            "not done for models over 2 GiB",
+            hint="leave --auto-exclude off and try a smaller quantization.int4.block_size, or --quantize dynamic",
+        )
+    original = onnx.load_model(source)
+    name_nodes(original)  # as Int4.apply named them
+    model = onnx.load_model(quantized)
+    matmuls = {n.name: n for n in original.graph.node if n.name in _weighted_matmuls(original)}
+    weights = {t.name: t for t in original.graph.initializer}
+    present = {t.name for t in model.graph.initializer}
+    reference = _outputs(original, feeds)
+    baseline = compare(reference, _outputs(model, feeds))["cosine"]
+    candidates = [
+        (i, matmuls[n.name[: -len("_Q4")]])
+        for i, n in enumerate(model.graph.node)
+        if n.op_type == MATMUL_OP and n.name.endswith("_Q4") and n.name[: -len("_Q4")] in matmuls
+    ]
+    scores = []
+    for i, matmul in progress.track(candidates, "ranking the MatMuls by the accuracy 4 bits cost"):
+        packed = onnx.NodeProto()
+        packed.CopyFrom(model.graph.node[i])
+        model.graph.node[i].CopyFrom(matmul)
+        weight = weights[matmul.input[1]]
+        added = weight.name not in present
+        if added:
+            model.graph.initializer.append(weight)
+        try:
+            gain = compare(reference, _outputs(model, feeds))["cosine"] - baseline
+        finally:
+            model.graph.node[i].CopyFrom(packed)
+            if added:
+                model.graph.initializer.pop()
+        if gain > 1e-6:
+            scores.append((matmul.name, gain * 1e6 / int(np.prod(weight.dims)), int(np.prod(weight.dims))))
+    budget = share * sum(int(np.prod(weights[m.input[1]].dims)) for _, m in candidates)
+    ranking: list[tuple[str, float]] = []
+    for name, score, size in sorted(scores, key=lambda kv: -kv[1]):
+        budget -= size
+        if budget < 0 or len(ranking) == len(candidates) - 1:  # an int4 model keeps a MatMul in 4 bits
+            break
+        ranking.append((name, score))
+    return ranking
+
+
+def _outputs(model, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, f))) for f in feeds]
 
 
 def _embedding_tables(model) -> set[str]:

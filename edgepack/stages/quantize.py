@@ -9,8 +9,11 @@ Rules:
 3. The gate: the quantized model runs beside the FP32 reference on validation inputs (``--validation``,
    else the last fifth of the calibration samples, else generated inputs); cosine, top-1 agreement and
    (if the profile sets it) max abs error must meet ``quantization.tolerance``. A miss is an error saying
-   by how much and what to try. With ``--auto-exclude`` (static only) the nodes with the most
-   quantization noise stay in float, 1, 2, 4... of them, up to ``quantization.max_auto_exclude``.
+   by how much and what to try. With ``--auto-exclude`` (static and int4) the recipe's most sensitive
+   nodes are taken out of it (``Recipe.rank_sensitive``: static leaves the nodes with the most
+   quantization noise in float, int4 quantizes the MatMuls that cost the most in dynamic INT8), 1, 2,
+   4... of them up to ``quantization.max_auto_exclude``, then halving back between the last miss and
+   the first pass: the fewest that pass ship.
 4. Every figure, the recipe's options and where the data came from go into the report (the manifest).
 5. With ``--tune`` the recipe is chosen by a search over recipes instead (edgepack/recipes/search.py): it builds,
    gates and times candidates as they would ship, converted, and the winner's conversion is what ships.
@@ -40,7 +43,7 @@ from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
 from ..recipes import RECIPES
-from ..recipes.quantize import already_quantized, quantize_model, rank_sensitive_nodes
+from ..recipes.quantize import already_quantized, quantize_model
 from ..recipes.search import host_arch, search
 
 __all__ = ["Quantize", "QuantizeResult", "resolve_recipe"]
@@ -151,7 +154,7 @@ def _default_fallback(
         if name == recipe or (
             name == "auto_exclude" and (not RECIPES[recipe].auto_exclude or job.options.auto_exclude)
         ):
-            continue  # auto-exclude ranks nodes by QDQ noise: static only
+            continue  # the recipe cannot take nodes out (Recipe.auto_exclude), or it already did
         job.say(f"NOTE: the profile's default {recipe} missed ({why}); trying {name}")
         try:
             if name == "auto_exclude":
@@ -161,9 +164,10 @@ def _default_fallback(
         except (AccuracyError, ConversionError) as exc:
             tried.append({"recipe": name, "error": work_paths_out(exc.message)})
             continue
-        label = {"auto_exclude": f"{recipe} with the most sensitive nodes left in float", "none": "FP32"}.get(
-            name, name
-        )
+        label = {
+            "auto_exclude": f"{recipe} with its most sensitive nodes {RECIPES[recipe].kept_as}",
+            "none": "FP32",
+        }.get(name, name)
         notice = (
             f"the profile's default recipe {recipe} missed ({why}); shipped {label} instead "
             "(quantization.default_fallbacks; --quantize makes a recipe strict)"
@@ -234,10 +238,8 @@ def _quantize(
     report["validation"] = {"origin": validation.origin, "samples": len(validation.feeds)}
 
     tolerance = job.profile.quantization.tolerance
-    excluded: list[str] = []
-    attempts = []
-    ranking: list[tuple[str, float]] | None = None
-    while True:
+
+    def attempt(excluded: list[str], *, again: bool = False):
         result = quantize_model(
             artifact.path,
             job.workdir / "quantized" / "quantized.onnx",
@@ -256,18 +258,32 @@ def _quantize(
             min_top1_agreement=tolerance.min_top1_agreement,
             max_abs_error=tolerance.max_abs_error,
         )
-        attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
-        if not misses or not auto_exclude or not chosen.auto_exclude:
-            break
-        if ranking is None:
-            prepared = result.path.with_name(result.path.stem + ".pre.onnx")
-            ranking = rank_sensitive_nodes(prepared, result.path, validation.feeds[:8], job.workdir)
-            report["sensitivity"] = [{"node": n, "sqnr_db": round(s, 2)} for n, s in ranking[:20]]
-        limit = min(job.profile.quantization.max_auto_exclude, len(ranking))
-        if len(excluded) >= limit:
-            break
-        excluded = [n for n, _ in ranking[: min(limit, max(1, 2 * len(excluded)))]]
-        job.say(f"auto-exclude: {'; '.join(misses)}; retrying with {len(excluded)} node(s) in float")
+        if not again:
+            attempts.append({"excluded_nodes": list(excluded), "passed": not misses, **_headline(figures)})
+        return result, figures, misses
+
+    attempts: list[dict[str, Any]] = []
+    result, figures, misses = attempt([])
+    excluded: list[str] = []
+    if misses and auto_exclude and chosen.auto_exclude:
+        pre = result.path.with_name(result.path.stem + ".pre.onnx")
+        ranking = chosen.rank_sensitive(
+            pre if pre.exists() else artifact.path,
+            result.path,
+            validation.feeds[:8],
+            job.workdir,
+            settings,
+            job.profile,
+        )
+        report["sensitivity"] = [{"node": n, chosen.sensitivity_figure: round(s, 4)} for n, s in ranking[:20]]
+        excluded, (result, figures, misses) = _fewest_out(
+            [n for n, _ in ranking],
+            attempt,
+            lambda count, misses: job.say(
+                f"auto-exclude: {'; '.join(misses)}; retrying with {count} node(s) {chosen.kept_as}"
+            ),
+            (result, figures, misses),
+        )
 
     if result.preprocess_notice:
         report["notice"] = f"quantization pre-processing: {result.preprocess_notice}"
@@ -285,13 +301,13 @@ def _quantize(
         raise AccuracyError(
             f"{recipe} quantization misses the profile's tolerance on {len(validation.feeds)} validation sample(s) "
             f"({validation.origin}): {'; '.join(misses)}"
-            + (f" (after leaving {len(excluded)} node(s) in float)" if excluded else ""),
+            + (f" (with {len(excluded)} node(s) {chosen.kept_as})" if excluded else ""),
             where=job.profile.name,
             hint="try " + ", or ".join(chosen.what_to_try(job.options, settings)) + "; --quantize none keeps FP32",
         )
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
     top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
-    excluded_note = f", {len(excluded)} node(s) left in float" if excluded else ""
+    excluded_note = f", {len(excluded)} node(s) {chosen.kept_as}" if excluded else ""
     fallback_note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
     data_note = f", calibrated on {calibration.origin}" if calibration else ""
     summary = (
@@ -300,6 +316,29 @@ def _quantize(
         f"{data_note}{excluded_note}{fallback_note}"
     )
     return QuantizeResult(**report, summary=summary, artifact=Artifact(path=result.path, precision=result.precision))
+
+
+def _fewest_out(nodes: list[str], attempt, say, first):
+    """Rule 3's search: the fewest of ``nodes`` (most sensitive first) to take out for ``attempt`` to pass,
+    doubling 1, 2, 4... then halving back between the last miss and the first pass. Returns the nodes out
+    and the outcome of that attempt (the last miss when none passes; ``first``, the attempt with every node
+    in, when there are no nodes). The model on disk is always the returned outcome's."""
+    missed, passed = 0, None  # the most nodes out that missed, the fewest that passed
+    outcome = best = first
+    count = min(1, len(nodes))
+    while count > missed and (passed is None or count < passed):
+        say(count, outcome[2])
+        outcome = attempt(nodes[:count])
+        if outcome[2]:
+            missed = count
+        else:
+            passed, best = count, outcome
+        count = min(len(nodes), 2 * count) if passed is None else (missed + passed) // 2
+    if passed is None:
+        return nodes[:missed], outcome
+    if outcome is not best:  # the last try missed: write the fewest that passed again
+        best = attempt(nodes[:passed], again=True)
+    return nodes[:passed], best
 
 
 def resolve_recipe(job: Job) -> tuple[str, dict[str, str] | None]:
