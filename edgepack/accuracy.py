@@ -42,12 +42,15 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
     for name in reference[0]:
         ref = np.concatenate([as_numbers(r[name]) for r in reference])
         got = np.concatenate([as_numbers(c[name]) for c in candidate])
-        if ref.shape != got.shape:
+        mismatch = _shape_mismatch([r[name] for r in reference], [c[name] for c in candidate])
+        if mismatch is None and ref.shape != got.shape:
+            mismatch = f"{got.size} values differ from the reference's {ref.size}"
+        if mismatch is not None:
             per_output[name] = {
                 "max_abs_error": float("inf"),
                 "mean_abs_error": float("inf"),
                 "cosine": 0.0,
-                "note": f"shape {got.shape} differs from the reference's {ref.shape}",
+                "note": mismatch,
             }
             continue
         diff = np.abs(ref - got)
@@ -71,6 +74,16 @@ def compare(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np
     return figures
 
 
+def _shape_mismatch(reference: list[Any], candidate: list[Any]) -> str | None:
+    """How a tensor output's shape differs from the reference's in the first sample set where it does
+    (the same numbers in another shape, a rank-0 output come back as [1], are still wrong), or None."""
+    for index, (ref, got) in enumerate(zip(reference, candidate)):
+        if isinstance(ref, np.ndarray) and isinstance(got, np.ndarray) and ref.shape != got.shape:
+            where = f" (sample set {index})" if len(reference) > 1 else ""
+            return f"shape {list(got.shape)} differs from the reference's {list(ref.shape)}{where}"
+    return None
+
+
 def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> dict[str, dict]:
     """Per output, how many of its values over all sample sets are off by how much (bins of ``ERROR_EDGES``);
     outputs whose shape differs from the reference's have none."""
@@ -78,7 +91,7 @@ def error_histograms(reference: list[dict[str, np.ndarray]], candidate: list[dic
     for name in reference[0]:
         ref = np.concatenate([as_numbers(r[name]) for r in reference])
         got = np.concatenate([as_numbers(c[name]) for c in candidate])
-        if ref.shape != got.shape:
+        if ref.shape != got.shape or _shape_mismatch([r[name] for r in reference], [c[name] for c in candidate]):
             continue
         diff = np.abs(ref - got)
         diff[~np.isfinite(diff)] = np.inf
@@ -94,7 +107,7 @@ def top1_agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
         return None
     ref = np.concatenate([np.asarray(r) for r in reference])
     got = np.concatenate([np.asarray(c) for c in candidate])
-    if ref.shape != got.shape or ref.shape[1] < 2 or not np.issubdtype(ref.dtype, np.floating):
+    if ref.shape != got.shape or ref.shape[1] < 2 or not ref.shape[0] or not np.issubdtype(ref.dtype, np.floating):
         return None
     return float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1)))
 
@@ -123,6 +136,7 @@ def check(
             f"max abs error {figures['max_abs_error']:.4g} is {figures['max_abs_error'] / max_abs_error:.1f}x "
             f"the allowed {max_abs_error:g}"
         )
+    misses += [f"output {name!r}: {o['note']}" for name, o in figures.get("outputs", {}).items() if "note" in o]
     return misses
 
 

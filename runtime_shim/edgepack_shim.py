@@ -1163,7 +1163,8 @@ def _check_input(spec: dict, value, sizes: dict) -> np.ndarray:
                     raise InputError(
                         f"input {name!r} dim {axis} ({dim!r}) is {size} but {dim!r} is {first[0]} in input {first[1]!r}"
                     )
-    return np.ascontiguousarray(array)
+    # np.ascontiguousarray would make a rank-0 input rank 1; a rank-0 array is contiguous already
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 class Model:

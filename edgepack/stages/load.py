@@ -12,6 +12,10 @@ Rules:
    external data: initializers listed as graph inputs (IR 3) are removed from the inputs, weights held
    in Constant nodes become initializers. Each pass is a checked step (edgepack.checked): one that
    fails (onnx-ir cannot read ai.onnx.ml map types) or breaks the model is skipped with a notice.
+5. An IR-3 model whose initializers left its inputs is written as IR 4, the first version where an
+   initializer need not be an input (onnx's shape inference refuses the copy otherwise). An IR 4+ model's
+   inputs that had an initializer (a default the caller could override, as older exporters wrote every
+   weight) are named in a notice: the bundle holds them as constants, fed by no one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
@@ -75,6 +80,7 @@ def load_result(source: Source) -> LoadResult:
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     proto = _read_and_check(path)
     info = summarize(proto, path)
+    overridable = _inputs_with_defaults(proto)
     del proto  # a model with inline weights is held once at a time: by the checker, then by onnx-ir
     notices = []
     finding = _run_onnx_checker(path)
@@ -84,6 +90,13 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     skipped = notice_of(records)
     if skipped:
         notices.append(skipped)
+    moved = next((r for r in records if r["step"] == InitializersOutOfInputsPass.__name__), None)
+    if overridable and info["ir_version"] >= 4 and moved and moved["status"] != "skipped":
+        shown = ", ".join(repr(n) for n in overridable[:3]) + (", ..." if len(overridable) > 3 else "")
+        notices.append(
+            f"{len(overridable)} graph input(s) with an initializer default ({shown}) are packaged as constants "
+            "(rule 5): the bundle takes only the other inputs"
+        )
     info.update(
         {"sha256": hash_file(path)["sha256"], "passes": {r["step"]: r["status"] for r in records}, "notices": notices}
     )
@@ -101,11 +114,26 @@ def _write_reference(path: Path, workdir: Path, side_files: list[str]) -> tuple[
     """Rule 4: the FP32 reference in ``workdir``, and a record per onnx-ir pass."""
     copied = copy_model(path, workdir / "source" / "reference.onnx", side_files)
     return run_ir_passes(
-        [RemoveInitializersFromInputsPass(), LiftConstantsToInitializersPass()],
+        [InitializersOutOfInputsPass(), LiftConstantsToInitializersPass()],
         copied,
         workdir,
         feeds=lambda after: _check_inputs(path, after),
     )
+
+
+class InitializersOutOfInputsPass(RemoveInitializersFromInputsPass):
+    """onnx-ir's pass, and IR 4 for an IR-3 model it changed (rule 5)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        if result.modified and model.ir_version < 4:
+            model.ir_version = 4
+        return result
+
+
+def _inputs_with_defaults(proto: onnx.ModelProto) -> list[str]:
+    initializers = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name in initializers]
 
 
 def _check_inputs(source: Path, model: Path) -> list[dict[str, Any]] | None:

@@ -147,9 +147,11 @@ class SelfTest(Stage):
             exact or figures["cosine"] >= tolerance.min_cosine
         )
         if not passed:
+            notes = "".join(f"; output {n!r}: {o['note']}" for n, o in figures["outputs"].items() if "note" in o)
             raise AccuracyError(
                 f"the packaged model's outputs miss the tolerance: max abs error {figures['max_abs_error']:.4g} "
-                f"(allowed {tolerance.max_abs_error:g}), cosine {figures['cosine']:.6f} (required {tolerance.min_cosine:g})",
+                f"(allowed {tolerance.max_abs_error:g}), cosine {figures['cosine']:.6f} (required {tolerance.min_cosine:g})"
+                f"{notes}",
                 where=job.profile.name,
                 hint="check the model with --sample-inputs of real data, or loosen accuracy in the profile if that is acceptable",
             )
@@ -170,7 +172,9 @@ def _run_reference(job: Job, output_names: list[str], samples: list[dict]) -> li
     """The reference's outputs; its session (the whole model in memory) is gone when this returns."""
     import onnxruntime as ort
 
-    reference = ort.InferenceSession(str(job.source.reference), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failure is the caller's one error, not also an onnxruntime log line
+    reference = ort.InferenceSession(str(job.source.reference), options, providers=["CPUExecutionProvider"])
     return [dict(zip(output_names, reference.run(output_names, feeds))) for feeds in samples]
 
 

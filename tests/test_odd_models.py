@@ -1,0 +1,92 @@
+"""Models from the corners of the ONNX world, built in code, packaged for real: a rank-0 input, an IR-3 model
+whose weights are graph inputs, an IR-8 model with an input that has an initializer default."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.accuracy import check, compare
+from edgepack.pipeline.job import Options
+from edgepack.pipeline.run import package_model
+from edgepack.profiles import load_profile
+from edgepack.runtime_shim import edgepack_shim
+from tests import shaped_models
+
+
+def _scaled_by_a_scalar() -> onnx.ModelProto:
+    """y = unsqueeze(t, 0) * x: a rank-0 t gives y of shape [4], a t of shape [1] gives [1, 4]."""
+    graph = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["t", "axis"], ["u"]), helper.make_node("Mul", ["u", "x"], ["y"])],
+        "scalar",
+        [
+            helper.make_tensor_value_info("t", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([0], np.int64), "axis")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _conv(ir: int, opset: int, *, weights_as_inputs: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    if weights_as_inputs:
+        inputs += [
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [4]),
+        ]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "conv",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [weight, bias],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+
+
+def test_a_rank_0_input_stays_rank_0_in_the_shim_and_the_self_test(tmp_path):
+    path = shaped_models.save(_scaled_by_a_scalar(), tmp_path, "scalar")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    feeds = {"t": np.array(2.0, np.float32), "x": np.arange(4, dtype=np.float32)}
+    [expected] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = edgepack_shim.load(result.bundle, check_runtime=False).run(feeds)["y"]
+    assert got.shape == expected.shape == (4,)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_same_numbers_in_another_shape_miss_every_tolerance():
+    reference = [{"y": np.arange(4, dtype=np.float32)}]
+    figures = compare(reference, [{"y": np.arange(4, dtype=np.float32).reshape(1, 4)}])
+    assert (
+        figures["cosine"] == 0.0 and "shape [1, 4] differs from the reference's [4]" in figures["outputs"]["y"]["note"]
+    )
+    assert any("shape [1, 4]" in miss for miss in check(figures, min_cosine=0.99))
+
+
+@pytest.mark.parametrize("target", ["linux-x64", "android-nnapi"])
+def test_an_ir_3_model_with_its_weights_as_inputs_packages_as_ir_4_without_a_skipped_step(tmp_path, target):
+    path = shaped_models.save(_conv(3, 8, weights_as_inputs=True), tmp_path, "old")
+    [result] = package_model(path, [load_profile(target)], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    assert [i["name"] for i in result.manifest["model"]["inputs"]] == ["x"]
+    notices = [r.get("notice") or "" for r in result.manifest["stages"]]
+    assert not any("skipped" in n for n in notices), notices
+    assert not any("initializer default" in n for n in notices), notices  # IR 3 had to list them: nothing to say
+
+
+def test_inputs_with_an_initializer_default_are_named_when_they_become_constants(tmp_path):
+    path = shaped_models.save(_conv(8, 17, weights_as_inputs=True), tmp_path, "defaults")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    load = next(r for r in result.manifest["stages"] if r["stage"] == "load")
+    assert "2 graph input(s) with an initializer default ('w', 'b') are packaged as constants" in load["notice"]
+    assert [i["name"] for i in result.manifest["model"]["inputs"]] == ["x"]
