@@ -116,6 +116,31 @@ def package(
     return result.bundle
 
 
+def newest_opset(folder: Path) -> Path:
+    """Opset 26 and IR 13, the newest onnxruntime reads: RMSNormalization (opset 23) and Reshape 25 in a block."""
+    rng = np.random.default_rng(4)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "w"),
+        numpy_helper.from_array(np.ones(16, np.float32) * 1.5, "gamma"),
+        numpy_helper.from_array(np.array([0, -1, 4, 4], np.int64), "grid"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("RMSNormalization", ["h", "gamma"], ["n"], axis=-1),
+        helper.make_node("Reshape", ["n", "grid"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "newest",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        inits,
+    )
+    path = folder / "newest.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)], ir_version=13), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
@@ -123,6 +148,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "cnn": write_example("cnn", folder),
         "transformer": write_example("transformer", folder),
         "mlp": mlp_with_external_data(folder),
+        "newest": newest_opset(folder),
     }
 
 
@@ -146,6 +172,8 @@ def bundles(site, models, ort_web_tarball, onnx_profile) -> dict[str, Path]:
         "transformer": package(models["transformer"], "browser-wasm", root, ort_web_tarball),
         "mlp-ort": package(models["mlp"], "browser-wasm", root, ort_web_tarball),
         "mlp-onnx": package(models["mlp"], str(onnx_profile), root, ort_web_tarball),
+        "newest-ort": package(models["newest"], "browser-wasm", root, ort_web_tarball, quantize="none"),
+        "newest-onnx": package(models["newest"], str(onnx_profile), root, ort_web_tarball, quantize="none"),
         "cnn-webgpu": package(models["cnn"], "browser-webgpu", root, ort_web_tarball),
         # FP32: the only WebGPU adapter here (SwiftShader) has no shader-f16 for the profile's FP16 default
         "cnn-webgpu-fp32": package(
@@ -228,6 +256,19 @@ def test_outputs_match_python_onnxruntime(browser, site, bundles, models, name):
     # threads: the server sends COOP/COEP, so the page is isolated and runs more than one thread
     assert result["crossOriginIsolated"] is True and result["warnings"] == []
     assert result["threads"] >= min(2, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("name", ["newest-ort", "newest-onnx"])
+def test_the_newest_opset_onnxruntime_reads_runs_in_the_browser(browser, site, bundles, models, name):
+    """browser profiles' max_opset/max_ir_version: what the pinned onnxruntime-web ran here, in both formats."""
+    bundle = bundles[name]
+    assert read_manifest(bundle)["model"]["format"] == name.split("-")[1]
+    feeds = inputs_for(bundle)
+    page = fresh_page(browser, site[1] + "blank.html")
+    result = run_bundle(page, url_of(site, bundle), feeds)
+    page.close()
+    assert "error" not in result, result.get("error")
+    assert_close(result["outputs"], reference(models["newest"], feeds))
 
 
 def test_external_data_ships_as_onnx_with_side_file_or_inlined_in_ort(bundles):
