@@ -14,7 +14,8 @@ what was found.
 
 ``--sample-inputs`` is read with ``one_set=True``: an array of the input's rank (a scalar included) is
 one value exactly as the model takes it, split only along a first axis the model declares as a batch
-(named like ``batch``), since a dynamic first axis need not be a batch (a sequence, a sample count).
+(named like ``batch``), since a dynamic first axis need not be a batch (a sequence, a sample count), and
+not even then when another input has no such axis (the rows are then the one set's batch).
 Several sets otherwise only when every input stacks them on a new first axis, or from a folder of .npz files.
 """
 
@@ -213,6 +214,15 @@ def _split(
         )
     per_input = {spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what, one_set) for spec in inputs}
     counts = {name: len(s) for name, s in per_input.items()}
+    if len(set(counts.values())) > 1 and one_set:
+        # a batch of several rows next to an input without a batch axis (a scalar rate, a state): the batch is
+        # the one set's, as the model takes it, not rows to split
+        whole = {
+            spec["name"]: _samples_of(arrays[spec["name"]], spec, where, what, one_set, batches=False)
+            for spec in inputs
+        }
+        if len({len(s) for s in whole.values()}) == 1:
+            per_input, counts = whole, {name: len(s) for name, s in whole.items()}
     if len(set(counts.values())) > 1:
         found = ", ".join(f"{name}: {n}" for name, n in counts.items())
         hint = (
@@ -226,7 +236,7 @@ def _split(
 
 
 def _samples_of(
-    array: np.ndarray, spec: dict[str, Any], where: str, what: str, one_set: bool = False
+    array: np.ndarray, spec: dict[str, Any], where: str, what: str, one_set: bool = False, *, batches: bool = True
 ) -> list[np.ndarray]:
     name, shape = spec["name"], spec["shape"]
     expected_dtype = np.dtype(spec["dtype"])
@@ -242,7 +252,7 @@ def _samples_of(
     rank = len(shape)
     if array.ndim == rank + 1:
         samples = list(array)
-    elif array.ndim == rank and one_set and not (rank and is_batch_dim(shape[0])):
+    elif array.ndim == rank and one_set and not (batches and rank and is_batch_dim(shape[0])):
         samples = [array]
     elif array.ndim == rank and rank > 0:
         batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1

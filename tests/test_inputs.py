@@ -212,6 +212,26 @@ def test_sample_inputs_are_one_set_with_a_scalar_rate(tmp_path):
     assert self_test["sample_sets"] == 1 and self_test["inputs"] == str(tmp_path / "one.npz")
 
 
+def test_sample_inputs_with_a_batch_of_two_next_to_a_scalar_are_one_set(tmp_path):
+    """audio [batch, samples] with two rows, the state of that batch and a scalar sr: one set of batch 2, not two
+    rows of audio against one sr ("different numbers of samples")."""
+    path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "one.npz",
+        audio=rng.standard_normal((2, 1024)).astype(np.float32),
+        state=np.zeros((2, 2, 16), np.float32),
+        sr=np.array(16000, np.int64),
+    )
+    [result] = package_model(
+        path,
+        [load_profile("linux-x64")],
+        Options(output=tmp_path / "out", sample_inputs=tmp_path / "one.npz", quantize="none"),
+    )
+    assert result.ok, result.error
+    assert next(r for r in result.manifest["stages"] if r["stage"] == "self_test")["sample_sets"] == 1
+
+
 def test_sample_inputs_with_dynamic_first_axes_that_are_not_batches(tmp_path):
     """Two rank-1 inputs of different lengths: one input set, not rows that 'hold different numbers of samples'."""
     nodes = [
