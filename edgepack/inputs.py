@@ -9,10 +9,12 @@ Rules:
    fixed first dim is taken as a batch dim (a recurrent state [2, batch, 128]).
 2. Integer inputs read by a Gather (an embedding table) stay below the table's size on that axis; a
    scalar integer named like a rate (``sr``, ``sample_rate``) is 16000, then 8000; the shape of an
-   Expand or the repeats of a Tile are ones (always valid; random integers are not); masks are ones,
-   booleans True, token type ids 0 or 1, other integers in [0, 16).
+   Expand, the repeats of a Tile and the shape of a ConstantOfShape are ones, TopK's k is 1, a Reshape's
+   target shape is zeros then -1 (copy the leading dims, fold the rest: always valid where random integers
+   are not); masks are ones, booleans True, token type ids 0 or 1, other integers in [0, 16).
 3. Candidates go from small to large (``LADDER``); the first one the FP32 reference runs on is used, and
-   every try is recorded. When none runs, the error says so, with the last try's shapes and the node
+   every try is recorded. Where random integers are drawn, a candidate must run on every set the
+   self-test and the checked steps draw (``CHECKED_DRAWS``), not just the first. When none runs, the error says so, with the last try's shapes and the node
    that refused it: edgepack's inputs are at fault there, never the user's model.
 4. Sizes the user gives win: ``--self-test-shape NAME=D0,D1,...`` (any target), then ``--input-shape``
    and ``--fix-dim`` (the app's sizes). Real inputs (``--sample-inputs``) bypass all of this.
@@ -46,6 +48,8 @@ LADDER = [
     {"spatial": 640, "samples": 16000, "sequence": 512, "other": 512, "rate": 16000},
 ]
 """Sizes per dim role, one candidate per row, tried in order (rule 3)."""
+CHECKED_DRAWS = ((0, 3), (5, 1))
+"""(seed, count) of the sets the self-test and the checked steps generate (rule 3)."""
 
 _RATE = re.compile(r"(^|_)(sr|rate|sample_?rate|sampling_?rate)$")
 _SPATIAL = re.compile(r"(^|_)(h|w|height|width|img_?h|img_?w|image_?height|image_?width)$")
@@ -62,8 +66,8 @@ class InputPlan:
     specs: list[dict[str, Any]]
     shapes: dict[str, tuple[int, ...]]
     rules: dict[str, tuple[str, Any]]
-    """Per input: ("normal", None), ("ints", (low, high)), ("fill", value), ("sequence", (elem dtype, shape)),
-    ("map", (keys, value dtype))."""
+    """Per input: ("normal", None), ("ints", (low, high)), ("fill", value), ("reshape", None), ("sequence",
+    (elem dtype, shape)), ("map", (keys, value dtype))."""
     tries: list[dict[str, Any]] = field(default_factory=list)
     """Every candidate tried, in order: shapes, and the error of those that failed."""
 
@@ -95,9 +99,27 @@ class InputPlan:
         return {"input_shapes": {name: list(dims) for name, dims in self.shapes.items()}, "tries": self.tries}
 
 
+def _draws_integers(specs: list[dict[str, Any]], rules: dict[str, tuple[str, Any]]) -> bool:
+    """Whether some input gets integers in [0, 16) for no known use, whose values (not only their shapes) may
+    decide whether the model runs; bounded ones (an embedding's ids) are valid by construction."""
+    return any(rules[spec["name"]][0] == "normal" and _is_integer(spec["dtype"]) for spec in specs)
+
+
+def _is_integer(dtype: Any) -> bool:
+    try:
+        return np.dtype(dtype).kind in "iu"
+    except TypeError:
+        return False
+
+
 def _tensor(dtype: np.dtype, shape: tuple[int, ...], kind: str, arg: Any, rng: np.random.Generator) -> np.ndarray:
     if kind == "fill":
         return np.full(shape, arg, dtype=dtype)
+    if kind == "reshape":  # [0, ..., 0, -1]: the leading dims copied, the rest folded into the last
+        values = np.zeros(shape, dtype=dtype)
+        if values.size:
+            values.reshape(-1)[-1] = -1
+        return values
     if dtype == np.bool_:
         return np.ones(shape, dtype=dtype)
     if np.issubdtype(dtype, np.integer):
@@ -117,16 +139,19 @@ def fit_inputs(
     *,
     given: dict[str, tuple[int, ...]] | None = None,
     named: dict[str, int] | None = None,
+    shown: str | None = None,
 ) -> InputPlan:
     """The first candidate (rules 1-4) on which ``model`` runs in onnxruntime; cached per model, specs and sizes.
 
-    ``given``: whole shapes per input name; ``named``: sizes of named dims."""
+    ``given``: whole shapes per input name; ``named``: sizes of named dims; ``shown``: the model's name in
+    errors (the user's file, not edgepack's working copy of it)."""
     key = repr((str(model), specs, sorted((given or {}).items()), sorted((named or {}).items())))
     if key in _CACHE:
         return _CACHE[key]
     proto = onnx.load_model(model, load_external_data=False)
     rules = _value_rules(proto, specs)
-    run = _session_runner(model)
+    shown = shown or model.name
+    run = _session_runner(model, shown)
     tries: list[dict[str, Any]] = []
     seen = set()
     for level in LADDER:
@@ -138,9 +163,12 @@ def fit_inputs(
             continue
         seen.add(repr((shapes, level_rules)))
         plan = InputPlan(specs, shapes, level_rules)
-        feeds = plan.generate(seed=0, count=1)[0]  # over the memory budget: that error, not a failed try
+        draws = CHECKED_DRAWS if _draws_integers(specs, level_rules) else ((0, 1),)
+        # over the memory budget: that error, not a failed try
+        sets = [feeds for seed, count in draws for feeds in plan.generate(seed=seed, count=count)]
         try:
-            run(feeds)
+            for feeds in sets:
+                run(feeds)
         except Exception as exc:  # onnxruntime raises many kinds from native code
             tries.append({"input_shapes": _shown(shapes), "error": work_paths_out(first_line(exc)[:300])})
             continue
@@ -152,7 +180,7 @@ def fit_inputs(
     raise UsageError(
         f"edgepack could not build inputs this model accepts; the last try, shapes {_text(last['input_shapes'])}, "
         f"failed at {node_of_error(last['error'])}: give --sample-inputs",
-        where=str(model.name),
+        where=shown,
         hint=f"onnxruntime said: {last['error']}; --sample-inputs takes one real input set (.npz of named arrays), "
         "--self-test-shape NAME=D0,D1,... just the sizes",
     )
@@ -183,6 +211,7 @@ def plan_for(job, specs: list[dict[str, Any]]) -> InputPlan:
         specs,
         given={**options.input_shapes, **options.self_test_shapes},
         named=options.fixed_dims,
+        shown=job.source.path.name,
     )
 
 
@@ -195,7 +224,7 @@ def node_of_error(message: str) -> str:
     return f"node {op}" + (f" {name!r}" if name else "")
 
 
-def _session_runner(model: Path) -> Callable[[dict[str, Any]], None]:
+def _session_runner(model: Path, shown: str) -> Callable[[dict[str, Any]], None]:
     import onnxruntime as ort
 
     try:
@@ -203,7 +232,7 @@ def _session_runner(model: Path) -> Callable[[dict[str, Any]], None]:
     except Exception as exc:  # no inputs involved: the model itself does not load
         raise ConversionError(
             f"the FP32 model does not run in onnxruntime {ort.__version__}: {first_line(exc)[:400]}",
-            where=model.name,
+            where=shown,
             hint="the model itself does not load in onnxruntime with graph "
             "optimizations on: re-export it from its source (e.g. not from a file onnxruntime's "
             "optimizer wrote)",
@@ -287,7 +316,8 @@ def _role(spec: dict[str, Any], axis: int, dim: Any) -> str:
 
 def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[str, tuple[str, Any]]:
     bounds = _gather_bounds(proto)
-    repeats = _shape_operands(proto)
+    repeats = _shape_operands(proto, _ONES_ARE_VALID)
+    reshapes = _shape_operands(proto, {"Reshape": 1})
     inputs = {vi.name: vi for vi in proto.graph.input}
     rules: dict[str, tuple[str, Any]] = {}
     for spec in specs:
@@ -321,6 +351,8 @@ def _value_rules(proto: onnx.ModelProto, specs: list[dict[str, Any]]) -> dict[st
             rules[name] = ("rate", None)
         elif dtype.kind in "iu" and name in repeats:
             rules[name] = ("fill", 1)
+        elif dtype.kind in "iu" and name in reshapes:
+            rules[name] = ("reshape", None)
         elif dtype.kind in "iu" and name in bounds:
             rules[name] = ("ints", (0, max(1, min(16, bounds[name]))))
         elif dtype.kind in "iu" and "type" in lowered:
@@ -350,8 +382,10 @@ _PASS_THROUGH = {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity
 
 def _gather_bounds(proto: onnx.ModelProto) -> dict[str, int]:
     """Graph input -> the smallest table size along the axis a Gather indexes with it (directly or through a
-    shape-only op), for tables that are initializers or Constant nodes."""
-    tables = {t.name: list(t.dims) for g in iter_graphs(proto.graph) for t in g.initializer}
+    shape-only op), for tables that are initializers or Constant nodes, or whose size on that axis onnx's
+    shape inference finds (a table computed from a fixed-size input)."""
+    tables = _inferred_shapes(proto)
+    tables.update({t.name: list(t.dims) for g in iter_graphs(proto.graph) for t in g.initializer})
     for graph in iter_graphs(proto.graph):
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
@@ -370,26 +404,48 @@ def _gather_bounds(proto: onnx.ModelProto) -> dict[str, int]:
             ):
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
                 dims = tables[node.input[0]]
-                if dims and -len(dims) <= axis < len(dims):
+                if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
                     source = origin[node.input[1]]
                     bounds[source] = min(bounds.get(source, dims[axis]), dims[axis])
     return bounds
 
 
-_ONES_ARE_VALID = {"Expand": 1, "Tile": 1}
-"""Op -> the input position of a shape or repeat count that a tensor of ones always satisfies (Expand
-broadcasts, Tile copies once); random integers fail them ("invalid expand shape")."""
+INFER_LIMIT = 256 * 1024 * 1024
 
 
-def _shape_operands(proto: onnx.ModelProto) -> set[str]:
-    """Graph inputs that are (through a Cast) the shape of an Expand or the repeats of a Tile (rule 2)."""
+def _inferred_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Value -> dims (0 where unknown) that onnx's shape inference finds; none when it fails (custom ops), or
+    for a model with over ``INFER_LIMIT`` bytes of inline weights (inference copies the whole protobuf)."""
+    if proto.ByteSize() > INFER_LIMIT:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # onnx raises several kinds on models it cannot infer; bounds are then initializers only
+        return {}
+    shapes = {}
+    for info in inferred.graph.value_info:
+        tensor = info.type.tensor_type
+        if info.type.WhichOneof("value") == "tensor_type" and tensor.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+    return shapes
+
+
+_ONES_ARE_VALID = {"Expand": 1, "Tile": 1, "ConstantOfShape": 0, "TopK": 1}
+"""Op -> the input position of a shape, repeat count or k that a tensor of ones always satisfies (Expand
+broadcasts, Tile copies once, ConstantOfShape makes one element, TopK keeps the largest); random integers
+fail them ("invalid expand shape", "k argument should not be greater than")."""
+
+
+def _shape_operands(proto: onnx.ModelProto, positions: dict[str, int]) -> set[str]:
+    """Graph inputs that are (through a Cast) the operand at ``positions[op]`` of an op: the shape of an
+    Expand, the repeats of a Tile, the target shape of a Reshape (rule 2)."""
     origin = {vi.name: vi.name for vi in proto.graph.input}
     found: set[str] = set()
     for graph in iter_graphs(proto.graph):
         for node in graph.node:
             if node.op_type == "Cast" and node.input and node.input[0] in origin:
                 origin[node.output[0]] = origin[node.input[0]]
-            position = _ONES_ARE_VALID.get(node.op_type)
+            position = positions.get(node.op_type)
             if position is not None and len(node.input) > position and node.input[position] in origin:
                 found.add(origin[node.input[position]])
     return found

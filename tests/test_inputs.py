@@ -141,6 +141,73 @@ def test_an_expand_shape_given_as_an_input_is_ones(tmp_path):
     assert _runs(path, feeds)[0].shape == (1, 3, 1)
 
 
+def test_topk_k_and_a_reshape_target_given_as_inputs_get_values_that_always_run(tmp_path):
+    graph = helper.make_graph(
+        [
+            helper.make_node("TopK", ["x", "k"], ["values", "indices"]),
+            helper.make_node("Reshape", ["x", "shape"], ["folded"]),
+        ],
+        "operands",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("values", TensorProto.FLOAT, ["batch", None]),
+            helper.make_tensor_value_info("folded", TensorProto.FLOAT, [None, None]),
+        ],
+    )
+    path = shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "operands"
+    )
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    plan = fit_inputs(path, describe_io(onnx.load_model(path))[0])
+    assert [t["error"] for t in plan.tries] == [None]
+    feeds = plan.generate(seed=0, count=1)[0]
+    assert feeds["k"].tolist() == [1] and feeds["shape"].tolist() == [0, -1]
+
+
+def _gathered(tmp_path: Path, through: str) -> Path:
+    """Gather from a table of 11 columns computed from the input (no initializer tells its size); the indices
+    reach it directly, or through an Add of zero that hides where they go."""
+    nodes = [helper.make_node("Relu", ["x"], ["table"])]
+    if through == "add":
+        nodes.append(helper.make_node("Add", ["idx", "zero"], ["at"]))
+    nodes.append(helper.make_node("Gather", ["table", "at" if through == "add" else "idx"], ["y"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "gathered",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 11]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, [3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.array(0, np.int64), "zero")],
+    )
+    return shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, f"g-{through}"
+    )
+
+
+def test_indices_into_a_computed_table_stay_below_its_inferred_size(tmp_path):
+    path = _gathered(tmp_path, "direct")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+
+
+def test_random_integers_must_fit_on_every_set_drawn_not_only_the_first(tmp_path):
+    """The first set drawn happens to run (indices 10, 0, 6 into 11 columns), the self-test's next two do
+    not: the fit refuses up front, naming the user's file and the node, not a later stage the reference."""
+    path = _gathered(tmp_path, "add")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert not result.ok
+    message = str(result.error)
+    assert message.startswith("g-add.onnx: edgepack could not build inputs"), message
+    assert "node Gather" in message and "give --sample-inputs" in message
+
+
 def _never_fits(tmp_path: Path) -> Path:
     """Runs only when batch x features is a multiple of 91 (7 x 13): no made-up size is."""
     graph = helper.make_graph(
