@@ -38,7 +38,7 @@ from .errors import ConversionError, UsageError, first_line
 from .onnxio.modelinfo import format_shape, iter_graphs
 from .samples import check_budget
 
-__all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "LADDER", "node_of_error"]
+__all__ = ["InputPlan", "fit_inputs", "plan_for", "is_batch_dim", "dim_role", "LADDER", "node_of_error"]
 
 LADDER = [
     {"spatial": 64, "samples": 512, "sequence": 16, "other": 8, "rate": 16000},
@@ -273,7 +273,7 @@ def _shapes(
             elif isinstance(dim, str) and dim in sizes:
                 dims.append(sizes[dim])
             else:
-                role = _role(spec, axis, dim)
+                role = dim_role(spec, axis, dim)
                 size = _FIXED_ROLES[role] if role in _FIXED_ROLES else level[role]
                 if isinstance(dim, str):
                     sizes[dim] = size
@@ -287,7 +287,7 @@ def is_batch_dim(dim: Any) -> bool:
     return isinstance(dim, str) and bool(_BATCH.search(dim.lower()))
 
 
-def _role(spec: dict[str, Any], axis: int, dim: Any) -> str:
+def dim_role(spec: dict[str, Any], axis: int, dim: Any) -> str:
     """batch, spatial, samples, sequence, channels or other (rule 1)."""
     shape = spec["shape"]
     label = dim.lower() if isinstance(dim, str) else ""

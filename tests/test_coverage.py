@@ -294,6 +294,22 @@ def test_bad_shape_flags_are_errors(tmp_path, shapes, dims, message):
         plan_shapes(_transformer_proto(tmp_path), shapes, dims, {}, where="test")
 
 
+def test_a_sequence_first_input_is_not_taken_as_a_batch(tmp_path):
+    """An LSTM's [seq, batch, features] input (layout 0): fixing dim 0 to 1 would ship a one-step model."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["frames"], ["y"])],
+        "seq_first",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["seq_len", "batch", 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["seq_len", "batch", 40])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(UsageError, match=r"dynamic dim 0 \('seq_len'\)") as refused:
+        plan_shapes(proto, {}, {}, {}, where="test")
+    assert "--input-shape frames=N,1,40" in refused.value.hint and "--fix-dim seq_len=N" in refused.value.hint
+    shapes, assumed = plan_shapes(proto, {}, {"seq_len": 50}, {}, where="test")
+    assert shapes == {"frames": (50, 1, 40)} and assumed == ["frames dim 1 (batch)"]
+
+
 def test_a_fixed_dim_cannot_be_changed_and_shared_dims_must_agree(cnn, tmp_path):
     with pytest.raises(UsageError, match="fixed to 3 in the model"):
         plan_shapes(onnx.load(cnn), {"image": (1, 4, 32, 32)}, {}, {}, where="test")

@@ -6,7 +6,9 @@ Rules:
    every profile: an unknown input or dim name, a wrong rank, a value below 1 or a clash with a dim
    the model already fixes is an error, never a silent no-op.
 2. A dynamic dim nothing names is fixed to 1 when it is an input's first dim (the batch dim by
-   convention), and reported as assumed. Any other dynamic dim is an error that names the input, the
+   convention) and its name does not say it is something else (``seq``, ``time``, ``height``,
+   ``samples``: a sequence-first LSTM or Scan input), or wherever its name says batch, and reported as
+   assumed. Any other dynamic dim is an error that names the input, the
    dim and the flag to pass: guessing a sequence length or an image size would ship a wrong model.
 3. onnxruntime's own functions do the work (``make_dim_param_fixed``, ``make_input_shape_fixed``, then
    ``fix_output_shapes``). External data stays in side files (``make_dynamic_shape_fixed`` would inline it).
@@ -31,6 +33,7 @@ import onnx
 from ..checked import Feeds, job_inputs, notice_of, run_checked
 from ..errors import UsageError
 from ..fileops import working_directory
+from ..inputs import dim_role, is_batch_dim
 from ..onnxio.modelinfo import describe_io, external_locations, is_tensor
 from ..ort_tools import load_ort_tools
 from ..pipeline.job import Artifact, Job
@@ -116,18 +119,25 @@ def plan_shapes(
             shapes[name] = tuple(given)
             continue
         concrete = []
+        spec = {"name": name, "shape": dims, "dtype": "float32"}
         for i, dim in enumerate(dims):
             if isinstance(dim, int) and dim > 0:
                 concrete.append(dim)
             elif isinstance(dim, str) and dim in fixed_dims:
                 concrete.append(fixed_dims[dim])
-            elif i == 0:
+            elif is_batch_dim(dim) or (i == 0 and dim_role(spec, 0, dim) == "batch"):
+                # the batch by name or by convention; a sequence-first input ([seq, batch, features]) is asked for
                 concrete.append(1)
-                assumed.append(f"{name} dim 0" + (f" ({dim})" if isinstance(dim, str) else ""))
+                assumed.append(f"{name} dim {i}" + (f" ({dim})" if isinstance(dim, str) else ""))
             else:
                 label = f"dim {i} ({dim!r})" if isinstance(dim, str) else f"dim {i} (unnamed)"
                 example = ",".join(
-                    str(d if isinstance(d, int) and d > 0 else (1 if j == 0 else "N")) for j, d in enumerate(dims)
+                    str(
+                        d
+                        if isinstance(d, int) and d > 0
+                        else (1 if is_batch_dim(d) or (j == 0 and dim_role(spec, j, d) == "batch") else "N")
+                    )
+                    for j, d in enumerate(dims)
                 )
                 hint = f"pass --input-shape {name}={example} with N the size the app will use"
                 if isinstance(dim, str) and _is_symbol(dim):  # --fix-dim ?=N cannot work (rule 5)
