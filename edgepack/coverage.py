@@ -88,7 +88,7 @@ class CoverageReport:
         )
         text = f"{self.supported_nodes}/{self.nodes} nodes ({self.fraction:.0%}) on {self.checker}, {parts}"
         if self.dynamic_shape_nodes:
-            text += f", {self.dynamic_shape_nodes} held back by dynamic shapes"
+            text += f", {self.dynamic_shape_nodes} held back by dynamic or unknown shapes"
         if self.unsupported_ops:
             text += "; unsupported: " + ", ".join(
                 f"{op.removeprefix('ai.onnx:')} x{n}" for op, n in self.unsupported_ops.items()
@@ -116,13 +116,27 @@ def measure(model_path: Path, coverage: Coverage) -> CoverageReport:
 
 
 def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
-    """The model as onnxruntime's usability checker sees it (see FACTS: prepare as its CLI does)."""
+    """The model as onnxruntime's usability checker sees it (see FACTS: prepare as its CLI does): optimized,
+    then shapes inferred from the file (any size) as its ``ModelProtoWithShapeInfo`` does, strictly; where onnx
+    cannot type an op (ai.onnx.ml's Scaler), the shapes it can, so the values it cannot type count as
+    dynamic instead of the check refusing the model."""
     load_ort_tools()
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+    from onnxruntime.tools.onnx_model_utils import optimize_model
 
     optimized = scratch / model_path.name
     optimize_model(model_path, optimized, use_external_initializers=True)
-    return ModelProtoWithShapeInfo(optimized).model_with_shape_info
+    inferred = scratch / f"{model_path.stem}.shapes.onnx"
+    try:
+        onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred), strict_mode=True)
+    except onnx.shape_inference.InferenceError:
+        onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred), strict_mode=False)
+    model = onnx.load_model(inferred)
+    graph = model.graph
+    if not graph.value_info and len(graph.node) > 1 and graph.node[0].output:
+        # nothing could be typed (the first op is one onnx cannot type): the checker refuses an empty value_info
+        # as "shape inference not run"; an untyped entry is what it takes a missing one for, a dynamic value
+        graph.value_info.add(name=graph.node[0].output[0])
+    return model
 
 
 def usability_checker():
@@ -255,7 +269,7 @@ def gate(report: CoverageReport, min_fraction: float, max_partitions: int | None
             f"only {report.supported_nodes}/{report.nodes} nodes ({report.fraction:.1%}) run on {report.checker}, "
             f"the profile requires at least {min_fraction:.1%}; unsupported operators: {ops}"
             + (
-                f"; {report.dynamic_shape_nodes} node(s) are held back by dynamic shapes"
+                f"; {report.dynamic_shape_nodes} node(s) are held back by dynamic or unknown shapes"
                 if report.dynamic_shape_nodes
                 else ""
             ),

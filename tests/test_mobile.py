@@ -144,6 +144,43 @@ def test_mobile_bundle_has_what_an_app_needs(bundles, target, loader, build_flag
     assert bundle_stage["reduced_build_command"] == command
 
 
+def _scaled(folder: Path) -> Path:
+    """An ai.onnx.ml Scaler before a Relu: the op onnx's shape inference cannot type (so the coverage check runs on
+    what it can), and a domain the profile's --disable_ml_ops would remove from a reduced build."""
+    from onnx import TensorProto, helper, save_model
+
+    nodes = [
+        helper.make_node("Scaler", ["x"], ["scaled"], domain="ai.onnx.ml", offset=[0.5] * 4, scale=[2.0] * 4),
+        helper.make_node("Relu", ["scaled"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    path = folder / "scaled.onnx"
+    save_model(helper.make_model(graph, opset_imports=imports, ir_version=8), path)
+    return path
+
+
+def test_a_model_with_ml_ops_gets_a_build_command_that_keeps_them(tmp_path):
+    profile = load_profile("android-nnapi")
+    assert "--disable_ml_ops" in profile.mobile.build_args
+    [refused] = package_model(_scaled(tmp_path), [profile], Options(output=tmp_path / "gated"))
+    assert not refused.ok and "0/2 nodes (0.0%) run on nnapi" in str(refused.error)  # measured, not "cannot run"
+    [result] = package_model(
+        _scaled(tmp_path), [profile], Options(output=tmp_path / "out", min_accelerated_fraction=0.0)
+    )
+    assert result.ok, result.error
+    build = (result.bundle / "BUILD.md").read_text()
+    command = next(line for line in build.splitlines() if line.startswith("python tools/ci_build/build.py"))
+    assert "--disable_ml_ops" not in command and "--disable_exceptions" in command
+    assert "`--disable_ml_ops` is left out: the model uses ai.onnx.ml operators" in build
+    assert "ai.onnx.ml;" in (result.bundle / "required_operators_and_types.config").read_text()
+
+
 def test_session_options_json_loads_and_runs_the_ort_model(bundles):
     for target, bundle in bundles.items():
         settings = json.loads((bundle / "session_options.json").read_text())

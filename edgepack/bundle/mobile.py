@@ -9,13 +9,16 @@ Rules:
 3. The loader (Kotlin or Swift, from ``runtime_shim/mobile``) verifies every file's SHA-256 against
    ``manifest.json`` before it creates the session.
 4. ``BUILD.md`` gives the exact build.py command line for a reduced-size onnxruntime from the bundle's
-   config, and the Gradle / CocoaPods / Swift Package Manager coordinates.
+   config, and the Gradle / CocoaPods / Swift Package Manager coordinates. A profile's build argument that
+   would leave out a domain the config needs (``--disable_ml_ops`` for an ai.onnx.ml classifier,
+   ``--disable_contrib_ops`` for com.microsoft ops) is dropped from the command, and BUILD.md says why.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Collection
 from importlib import metadata, resources
 
 from packaging.specifiers import SpecifierSet
@@ -57,8 +60,10 @@ class MobileBundler:
         for name in LOADERS[mobile.loader]:
             copy_file(resources.files("edgepack.runtime_shim") / "mobile" / name, loader_dir / name)
         coordinates = package_coordinates(mobile)
-        build = build_command(mobile)
-        (job.staging / "BUILD.md").write_text(_build_text(job, mobile, coordinates, build), encoding="utf-8")
+        config = job.staging / CONFIG_NAME
+        domains = config_domains(config.read_text(encoding="utf-8")) if config.is_file() else set()
+        build, dropped = build_command(mobile, domains)
+        (job.staging / "BUILD.md").write_text(_build_text(job, mobile, coordinates, build, dropped), encoding="utf-8")
         (job.staging / "README.md").write_text(_readme_text(job, mobile, coordinates), encoding="utf-8")
         return {
             "summary": f"{mobile.loader} loader, onnxruntime {version}",
@@ -96,19 +101,30 @@ def package_coordinates(mobile: Mobile) -> dict[str, str]:
     return found
 
 
-def build_command(mobile: Mobile) -> str:
-    """The build.py command line, run from an onnxruntime checkout at the app's version, bundle config included."""
+DOMAIN_FLAGS = {"ai.onnx.ml": "--disable_ml_ops", "com.microsoft": "--disable_contrib_ops"}
+"""build.py flags that leave a domain's kernels out of the build (rule 4)."""
+
+
+def config_domains(text: str) -> set[str]:
+    """The op domains a reduced-operator config lists (its lines are ``domain;opset;op,op,...``)."""
+    return {line.split(";", 1)[0] for line in text.splitlines() if line and not line.startswith("#") and ";" in line}
+
+
+def build_command(mobile: Mobile, domains: Collection[str] = ()) -> tuple[str, dict[str, str]]:
+    """The build.py command line, run from an onnxruntime checkout at the app's version, bundle config included,
+    and the profile's flags left out because the config needs their domain (flag -> domain)."""
+    dropped = {flag: domain for domain, flag in DOMAIN_FLAGS.items() if domain in domains and flag in mobile.build_args}
     args = [
         "python",
         "tools/ci_build/build.py",
         "--build_dir",
         "build/edgepack-reduced",
-        *mobile.build_args,
+        *(a for a in mobile.build_args if a not in dropped),
         "--include_ops_by_config",
         f"<bundle>/{CONFIG_NAME}",
         "--enable_reduced_operator_type_support",
     ]
-    return " ".join(a if a.startswith(("$", "<")) else shlex.quote(a) for a in args)
+    return " ".join(a if a.startswith(("$", "<")) else shlex.quote(a) for a in args), dropped
 
 
 def _app_runtime_version(job: Job, mobile: Mobile) -> str:
@@ -130,7 +146,7 @@ def _app_runtime_version(job: Job, mobile: Mobile) -> str:
     return version
 
 
-def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: str) -> str:
+def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: str, dropped: dict[str, str]) -> str:
     lines = [f"# onnxruntime {mobile.onnxruntime_version} for {job.profile.name}", "", "## The full package", ""]
     names = {
         "gradle": "Gradle (app/build.gradle.kts)",
@@ -153,6 +169,10 @@ def _build_text(job: Job, mobile: Mobile, coordinates: dict[str, str], build: st
         "`--minimal_build extended` is needed for the runtime optimizations saved in the .ort and for the",
         "NNAPI/CoreML providers. A model packaged later with other operators needs a new build.",
         "",
+    ]
+    lines += [
+        f"The profile's `{flag}` is left out: the model uses {domain} operators, which it would remove.\n"
+        for flag, domain in dropped.items()
     ]
     return "\n".join(lines)
 

@@ -415,7 +415,7 @@ def _coverage_text(figures: dict[str, Any]) -> str:
         f"{figures['partitions']} partition(s)"
     )
     if figures.get("dynamic_shape_nodes"):
-        text += f", {figures['dynamic_shape_nodes']} held back by dynamic shapes"
+        text += f", {figures['dynamic_shape_nodes']} held back by dynamic or unknown shapes"
     return text
 
 
