@@ -76,6 +76,7 @@ const DTYPES = {
   uint64: [BigUint64Array, 'uint64'],
   bool: [Uint8Array, 'bool'],
   float16: [Uint16Array, 'float16'],
+  object: [Array, 'string'],  // an ONNX string tensor: a plain array of strings
 };
 
 const GRAPH_OPTIMIZATION = { disable: 'disabled', basic: 'basic', extended: 'extended', all: 'all' };
@@ -972,6 +973,9 @@ function toTensor(ort, spec, value) {
     throw new EdgepackError(`${where}: dims [${dims.join(', ')}] do not fit the model's shape [${shape.join(', ')}]`);
   }
   let data = value.data;
+  if (type === 'string' && !(Array.isArray(data) && data.every((v) => typeof v === 'string'))) {
+    throw new EdgepackError(`${where} is a string tensor: pass a plain array of strings`);
+  }
   if (!(data instanceof TypedArray)) {
     if (!Array.isArray(data)) {
       throw new EdgepackError(`${where} is ${spec.dtype}: pass a ${TypedArray.name} or a plain array, got ${data?.constructor?.name}`);

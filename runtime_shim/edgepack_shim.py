@@ -1353,7 +1353,9 @@ def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
                 f"{_shown(spec['name'])} is {_shape_text(shape)}): give real inputs with --inputs, "
                 "or smaller dynamic dims with --dim"
             )
-        if "mask" in spec["name"].lower() or dtype == np.bool_:
+        if dtype.kind == "O":  # a string tensor
+            feeds[spec["name"]] = np.full(shape, "a", dtype=object)
+        elif "mask" in spec["name"].lower() or dtype == np.bool_:
             feeds[spec["name"]] = np.ones(shape, dtype=dtype)
         elif dtype.kind in "iu":
             feeds[spec["name"]] = rng.integers(0, 16, size=shape).astype(dtype)
@@ -1375,6 +1377,11 @@ def from_json(specs: list, values) -> dict:
             array = np.asarray(value)
         except (ValueError, TypeError):
             raise InputError(f"input {name!r}: nested lists of different lengths") from None
+        if want is not None and want.kind == "O":  # a string tensor: JSON strings
+            if array.size and array.dtype.kind != "U":
+                raise InputError(f"input {name!r}: expected strings, got {array.dtype.name} values")
+            feeds[name] = array.astype(object)
+            continue
         if array.dtype.kind not in "biuf" and array.size:
             raise InputError(f"input {name!r}: expected numbers, got {array.dtype.name} values")
         if want is not None and want.kind == "f" and array.dtype.kind in "biuf":

@@ -42,6 +42,10 @@ _JS_ARRAYS = {
     "int8": "Int8Array",
     "bool": "Uint8Array",
     "float16": "Uint16Array",
+    "int16": "Int16Array",
+    "uint16": "Uint16Array",
+    "uint32": "Uint32Array",
+    "uint64": "BigUint64Array",
 }
 
 
@@ -113,8 +117,11 @@ def _readme(template, model: Artifact, inputs: list[dict], outputs: list[dict], 
         count = 1
         for d in dims:
             count *= d
-        array = _JS_ARRAYS.get(spec["dtype"], "Float32Array")
-        feeds.append(f"    {json.dumps(spec['name'])}: {{ data: new {array}({count}), dims: {json.dumps(dims)} }},")
+        if spec["dtype"] == "object":  # a string tensor: a plain array of strings
+            data = f"Array({count}).fill('')"
+        else:
+            data = f"new {_JS_ARRAYS.get(spec['dtype'], 'Float32Array')}({count})"
+        feeds.append(f"    {json.dumps(spec['name'])}: {{ data: {data}, dims: {json.dumps(dims)} }},")
     shown = ", ".join(f"outputs[{json.dumps(o['name'])}].data" for o in outputs)
     example = "\n".join(["  const outputs = await model.run({", *feeds, "  });", f"  console.log({shown});"])
     listing = [
