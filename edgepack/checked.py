@@ -82,12 +82,13 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
     return after, record
 
 
-_WORK_PATH = re.compile(re.escape(tempfile.gettempdir()) + r"/edgepack-[^\s'\"]*")
+_WORK_PATH = re.compile(re.escape(tempfile.gettempdir()) + r"/edgepack-[^\s'\":,;()]*")
 
 
-def work_paths_out(text: str) -> str:
-    """A library's message without edgepack's scratch paths, which change every run: manifests are reproducible."""
-    return _WORK_PATH.sub("<work file>", text)
+def work_paths_out(text: str, instead: str = "<work file>") -> str:
+    """A library's message without edgepack's scratch paths, which change every run: manifests are reproducible.
+    ``instead``: what to name them (the user's model, in an error about a working copy of it)."""
+    return _WORK_PATH.sub(lambda _: instead, text)
 
 
 def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> tuple[Path, list[dict[str, Any]]]:

@@ -177,3 +177,29 @@ def test_a_wrong_provider_setting_fails_when_the_profile_loads(change, message, 
     path.write_text(source.replace(change, message), encoding="utf-8")
     with pytest.raises(ProfileError):
         load_profile(str(path))
+
+
+def test_a_stage_error_names_the_users_model_not_a_working_copy(tmp_path):
+    import tempfile
+
+    from edgepack.errors import ConversionError
+    from edgepack.pipeline.run import run_stage
+    from edgepack.pipeline.stage import Stage
+
+    copy = f"{tempfile.gettempdir()}/edgepack-abc123/0/source/1-LiftConstantsToInitializersPass/reference.onnx"
+
+    class Failing(Stage):
+        name = "coverage"
+
+        def run(self, artifact, job):
+            raise ConversionError(f"{copy}: the check could not run", where=copy, hint=f"look at {copy}, then retry")
+
+    job = _job("linux-x64", tmp_path)
+    with pytest.raises(ConversionError) as raised:
+        run_stage(Failing(), None, job)
+    user = str(tmp_path / "m.onnx")
+    assert raised.value.where == user and raised.value.stage == "coverage"
+    assert (
+        raised.value.message == f"{user}: the check could not run"
+        and raised.value.hint == f"look at {user}, then retry"
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle.signing import sign_checked
+from ..checked import work_paths_out
 from ..errors import EdgepackError
 from ..fileops import atomic_folder
 from ..profiles import Profile
@@ -94,10 +95,20 @@ def run_stage(stage: Stage, artifact: Artifact, job: Job) -> Artifact:
         result = stage.run(artifact, job) if stage.applies(job) else stage.skip(artifact, job)
     except EdgepackError as exc:
         exc.stage = stage.name
+        _name_the_users_model(exc, job)
         raise
     job.results.append(result)
     job.say(f"{stage.name}: {result.summary} ({time.perf_counter() - started:.1f} s)")
     return result.artifact or artifact
+
+
+def _name_the_users_model(exc: EdgepackError, job: Job) -> None:
+    """A stage's error speaks of the user's model, not of edgepack's working copies of it (``/tmp/edgepack-*/...``),
+    which are gone when the user reads it."""
+    user = str(job.source.path)
+    exc.where = work_paths_out(exc.where, user) if exc.where else exc.where
+    exc.message = work_paths_out(exc.message, user)
+    exc.hint = work_paths_out(exc.hint, user) if exc.hint else exc.hint
 
 
 def source_files(source: Source) -> list[Path]:
