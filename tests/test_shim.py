@@ -23,6 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgepack.accuracy import compare
 from edgepack.bundle.manifest import verify_bundle as host_verify
 from edgepack.errors import EdgepackError
 from edgepack.examples import build_example, write_example
@@ -164,7 +165,17 @@ def test_an_ort_file_onnxruntime_cannot_load_is_not_shipped(tmp_path: Path):
         else:
             assert "fallback" not in convert and convert["style"] == "Runtime", target
         loaded = shim.load(found[target], providers=["CPUExecutionProvider"])
-        np.testing.assert_array_equal(loaded.run(feeds)["y"], expected, err_msg=target)
+        self_test = next(s for s in manifest["stages"] if s["stage"] == "self_test")
+        if "host_int8_kernels" in self_test:
+            # an x86 host without VNNI: plain onnxruntime saturates here, the arm64 .ort does not (selftest rule 6);
+            # against the model's exact numbers (QDQ kept in float) it is off by int8 rounding only
+            assert target == "android-xnnpack" and "cannot be measured here" in self_test["notice"]
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            (exact,) = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+            assert compare([{"y": exact}], [loaded.run(feeds)])["cosine"] > 0.9999
+        else:
+            np.testing.assert_array_equal(loaded.run(feeds)["y"], expected, err_msg=target)
 
 
 @pytest.fixture
