@@ -90,3 +90,29 @@ def test_inputs_with_an_initializer_default_are_named_when_they_become_constants
     load = next(r for r in result.manifest["stages"] if r["stage"] == "load")
     assert "2 graph input(s) with an initializer default ('w', 'b') are packaged as constants" in load["notice"]
     assert [i["name"] for i in result.manifest["model"]["inputs"]] == ["x"]
+
+
+def test_layer_norms_onnxruntime_registers_in_the_onnx_domain_before_opset_17_package(tmp_path):
+    """onnxruntime's transformer optimizer writes LayerNormalization and SimplifiedLayerNormalization in the onnx
+    domain at any opset; onnx has no schema for them there, onnxruntime has kernels."""
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-5),
+            helper.make_node("SimplifiedLayerNormalization", ["n", "gamma"], ["y"], axis=-1, epsilon=1e-5),
+        ],
+        "norms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    path = shaped_models.save(model, tmp_path, "norms")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    [expected] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(edgepack_shim.load(result.bundle).run(feeds)["y"], expected, rtol=1e-5, atol=1e-6)

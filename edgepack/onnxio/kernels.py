@@ -36,8 +36,9 @@ def _runnable(domain: str, op_type: str, opset: int) -> bool:
         schema = onnx.defs.get_schema(op_type, opset, domain)
         since = schema.since_version
     except onnx.defs.SchemaError:
-        if domain in ("", "ai.onnx.ml"):
-            return False  # not an op of this opset at all
+        # not an onnx op of this opset; onnxruntime registers a few in the onnx domain itself, with a kernel from
+        # opset 1 (LayerNormalization before 17, SimplifiedLayerNormalization: its transformer optimizer writes them)
+        pass
     for start, end in _kernels().get((domain, op_type), ()):
         if start <= since <= end:
             return True
