@@ -116,3 +116,34 @@ def test_layer_norms_onnxruntime_registers_in_the_onnx_domain_before_opset_17_pa
     feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
     [expected] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(edgepack_shim.load(result.bundle).run(feeds)["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qdq_conv_the_runtime_style_converter_fails_on_ships_fixed_or_onnx_and_runs_as_onnxruntime_does(tmp_path):
+    """Where the profile forbids ONNX (android-xnnpack) the Fixed style ships, where it allows it (jetson) the ONNX;
+    each says why, and each bundle gives what onnxruntime gives on the same kernels."""
+    from edgepack.checked import quiet_session
+
+    path = shaped_models.save(shaped_models.qdq_conv(), tmp_path, "qdq_conv")
+    targets = ["android-xnnpack", "jetson-orin-trt", "linux-x64"]
+    results = package_model(path, [load_profile(t) for t in targets], Options(output=tmp_path / "out"))
+    assert all(r.ok for r in results), [str(r.error) for r in results]
+    by_target = {r.target: r for r in results}
+    feeds = {"x": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    exact = quiet_session(path).run(None, feeds)[0]  # exact int8 kernels where this host has a choice
+    for target, (fallback, file) in {
+        "android-xnnpack": ("Fixed", "model/qdq_conv.ort"),
+        "jetson-orin-trt": ("onnx", "model/qdq_conv.onnx"),
+    }.items():
+        manifest = by_target[target].manifest
+        convert = next(s for s in manifest["stages"] if s["stage"] == "convert")
+        assert convert["fallback"] == fallback and "converter fails on the model in Runtime style" in convert["notice"]
+        assert manifest["model"]["file"] == file
+    for target, result in by_target.items():
+        got = edgepack_shim.load(result.bundle, providers=["CPUExecutionProvider"]).run(feeds)["y"]
+        self_test = next(s for s in result.manifest["stages"] if s["stage"] == "self_test")
+        if "host_int8_kernels" in self_test:  # this host saturates (no VNNI): the .ort computes what plain ort does
+            assert "saturate" in self_test["notice"] and not np.array_equal(plain, exact)
+            np.testing.assert_allclose(got, plain, atol=1e-5, err_msg=target)
+        else:
+            np.testing.assert_allclose(got, exact, atol=1e-5, err_msg=target)

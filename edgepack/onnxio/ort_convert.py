@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from ..checked import work_paths_out
 from ..errors import ConversionError
 from .modelinfo import external_locations
 from .ort_canonical import canonicalize_ort_file
@@ -52,10 +53,11 @@ def convert_to_ort(model: Path, out_dir: Path, style: str, platform: str, *, whe
     log = done.stdout + done.stderr
     if done.returncode != 0:
         detail = _last_error_line(log) or f"the converter exited with code {done.returncode}"
+        tail = " | ".join(line.strip() for line in log.strip().splitlines()[-3:])
         raise ConversionError(
             f"ORT-format conversion ({style} style) failed: {detail}",
             where=where,
-            hint="run with --debug for onnxruntime's log",
+            hint=f"onnxruntime's converter failed on this model; its last lines: {work_paths_out(tail)[-600:]}",
         )
     suffix = ".with_runtime_opt" if style == "Runtime" else ""
     ort_path = out_dir / f"{model.stem}{suffix}.ort"

@@ -23,6 +23,9 @@ Rules:
    in rule 6. Where the profile says ``allow_onnx_fallback: false`` (the app loads .ort files), a Runtime-style
    .ort is converted again in Fixed style, with a notice (CPU fusions baked in: an accelerator may take fewer
    nodes); when that does not load either, it is an error naming what onnxruntime said.
+9. The converter failing outright on a model onnxruntime runs (a QDQ Conv with a float bias in Runtime
+   style, onnxruntime 1.31: "The sum of input arg count is not equal to size of input defs in node
+   (conv_bias_dq)") is handled as rule 8: Fixed style, or ONNX where the profile allows it.
 """
 
 from __future__ import annotations
@@ -74,21 +77,39 @@ class Convert(Stage):
 
 
 def convert_artifact(artifact: Artifact, profile: Profile, out_dir: Path, *, where: str) -> ConvertResult:
-    """Rules 1-6 for one ONNX artifact; the result carries the converted artifact (or the ONNX one, rule 6)."""
+    """Rules 1-9 for one ONNX artifact; the result carries the converted artifact (or the ONNX one, rules 6, 8, 9)."""
     size = model_bytes(artifact.path)
     if size >= ORT_FORMAT_MAX_BYTES:
         return _keep_large_model(size, profile)
-    converted = to_ort(artifact, profile.ort_format.style, profile.ort_format.platform, out_dir, where=where)
-    refusal = _load_refusal(converted, profile)
-    if refusal and not profile.ort_format.allow_onnx_fallback and converted.ort_style == "Runtime":
+    style = profile.ort_format.style
+    converted: Artifact | None = None
+    refusal: str | None = None
+    failed: ConversionError | None = None
+    try:
+        converted = to_ort(artifact, style, profile.ort_format.platform, out_dir, where=where)
+    except ConversionError as exc:  # rule 9: the converter fails on a model onnxruntime runs
+        if style != "Runtime" and not profile.ort_format.allow_onnx_fallback:
+            raise
+        refusal, failed = exc.message, exc
+    else:
+        refusal = _load_refusal(converted, profile)
+    if refusal and not profile.ort_format.allow_onnx_fallback and style == "Runtime":
         fixed = to_ort(artifact, "Fixed", profile.ort_format.platform, out_dir / "fixed", where=where)
         if _load_refusal(fixed, profile) is None:
             result = converted_result(fixed, profile, onnx_bytes=size)
+            what = (
+                f"onnxruntime's converter fails on the model in Runtime style ({refusal})"
+                if converted is None
+                else f"onnxruntime cannot load the Runtime-style .ort its converter wrote ({refusal})"
+            )
             notice = (
-                f"onnxruntime cannot load the Runtime-style .ort its converter wrote ({refusal}): shipped in Fixed "
-                "style instead (CPU fusions baked in: the accelerator may take fewer nodes)"
+                f"{what}: shipped in Fixed style instead (CPU fusions baked in: the accelerator may take fewer nodes)"
             )
             return dataclasses.replace(result, fallback="Fixed", notice=notice)
+        if failed:
+            raise failed
+    if converted is None:
+        return _keep_onnx(style, f"onnxruntime's converter fails on the model in {style} style ({refusal})", profile)
     if refusal:
         return _keep_unloadable(converted, refusal, profile)
     return converted_result(converted, profile, onnx_bytes=size)
@@ -124,14 +145,17 @@ def _keep_unloadable(converted: Artifact, refusal: str, profile: Profile) -> Con
             where=profile.name,
             hint="try the other ort_format.style in the profile (Fixed/Runtime), or allow the ONNX fallback",
         )
+    return _keep_onnx(converted.ort_style, f"{what} ({refusal})", profile)
+
+
+def _keep_onnx(style: str | None, what: str, profile: Profile) -> ConvertResult:
     return ConvertResult(
-        summary="kept as ONNX: the converted .ort does not load (see notice)",
+        summary="kept as ONNX: the model does not convert to a loadable .ort (see notice)",
         format="onnx",
-        style=converted.ort_style,
+        style=style,
         platform=profile.ort_format.platform,
         fallback="onnx",
-        notice=f"{what} ({refusal}): shipped as ONNX instead (no reduced-operator config; the device needs a "
-        "full onnxruntime build)",
+        notice=f"{what}: shipped as ONNX instead (no reduced-operator config; the device needs a full onnxruntime build)",
     )
 
 
