@@ -147,3 +147,21 @@ def test_a_qdq_conv_the_runtime_style_converter_fails_on_ships_fixed_or_onnx_and
             np.testing.assert_allclose(got, plain, atol=1e-5, err_msg=target)
         else:
             np.testing.assert_allclose(got, exact, atol=1e-5, err_msg=target)
+
+
+def test_a_model_the_checker_passes_and_onnxruntime_refuses_is_refused_at_load_in_its_words(
+    tmp_path, cli, clean_failure
+):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="n"), helper.make_node("Relu", ["a"], ["y"], name="n")],
+        "twins",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "twins"
+    )
+    onnx.checker.check_model(path)
+    done = cli("package", path, "--target", "all", "-o", tmp_path / "out")
+    clean_failure(done, f"{path}: onnxruntime cannot load the model", "two nodes with same node name (n)")
+    assert done.returncode == 3 and "internal error" not in done.stderr and not (tmp_path / "out").exists()

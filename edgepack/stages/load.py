@@ -3,7 +3,8 @@
 Rules:
 1. The model must be a non-empty file that parses as ONNX. What ``onnx.checker`` finds becomes a notice
    when onnxruntime loads the model anyway (old IR-3 models whose initializers are not graph inputs,
-   outputs without a shape); a refusal only when onnxruntime refuses it too.
+   outputs without a shape); a refusal only when onnxruntime refuses it too. A model the checker passes
+   and onnxruntime refuses (two nodes of one name) is refused with onnxruntime's words.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
 3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
@@ -87,6 +88,8 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     if finding:
         notices.append(f"onnx.checker: {finding} (onnxruntime loads the model, so it is packaged)")
     reference, records = _write_reference(path, workdir, info["external_data"]["files"])
+    if any(r.get("checked", "").startswith("none: the model before it does not load") for r in records):
+        _refuse_unloadable(path)
     skipped = notice_of(records)
     if skipped:
         notices.append(skipped)
@@ -196,6 +199,20 @@ def _run_onnx_checker(path: Path) -> str | None:
             hint=f"onnxruntime refuses it too: {first_line(exc)[:300]}",
         ) from None
     return finding
+
+
+def _refuse_unloadable(path: Path) -> None:
+    """Rule 1: onnx.checker passed a model onnxruntime refuses (two nodes of one name, a type onnx does not
+    check): a refusal naming what onnxruntime said, before any target works on it."""
+    try:
+        with held_back():
+            quiet_session(path)
+    except Exception as exc:  # onnxruntime raises many kinds from native code
+        raise ModelError(
+            f"onnxruntime cannot load the model: {first_line(exc)[:400]}",
+            where=str(path),
+            hint="onnx.checker accepts it, onnxruntime does not: fix what it names and re-export the model",
+        ) from None
 
 
 def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:
