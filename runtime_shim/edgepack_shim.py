@@ -1557,7 +1557,7 @@ def cmd_run(args) -> int:
             }
         )
     for name, value in outputs.items():
-        print(f"{name}: {value.dtype} {tuple(value.shape)}")
+        print(f"{name}: {_described(value)}")
     print(f"wrote {output} ({model.providers[0]}, {run_seconds * 1000:.2f} ms)")
     return 0
 
@@ -1591,10 +1591,11 @@ def write_outputs(output: Path, outputs: dict) -> None:
     temp = output.with_name(f".{output.name}.partial")
     try:
         with open(temp, "wb") as f:
-            if output.suffix == ".npy" and len(outputs) == 1:
-                np.save(f, next(iter(outputs.values())))
+            flat = flat_outputs(outputs)
+            if output.suffix == ".npy" and len(flat) == 1:
+                np.save(f, next(iter(flat.values())))
             else:
-                np.savez(f, **outputs)
+                np.savez(f, **flat)
         os.replace(temp, output)
     except OSError as exc:
         raise UsageError(f"cannot write {_shown(str(output))}: {exc.strerror or exc}") from None
@@ -1603,7 +1604,50 @@ def write_outputs(output: Path, outputs: dict) -> None:
             os.unlink(temp)
 
 
-def _summary(value: np.ndarray) -> dict:
+def flat_outputs(outputs: dict) -> dict:
+    """Outputs as arrays for an .npz: a sequence output ``s`` as ``s.0``, ``s.1``, ...; a map ``m`` as ``m.<key>``
+    (an ai.onnx.ml ZipMap's sequence of maps as ``s.0.<key>``, ...)."""
+    flat: dict = {}
+
+    def add(name: str, value) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                add(f"{name}.{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                add(f"{name}.{index}", item)
+        else:
+            flat[name] = np.asarray(value)
+
+    for name, value in outputs.items():
+        add(name, value)
+    return flat
+
+
+def json_value(value):
+    """An output for JSON: a tensor as dtype, shape and nested lists; a sequence as a list, a map as an object."""
+    if isinstance(value, dict):
+        return {"type": "map", "data": {str(k): json_value(v) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"type": "sequence", "data": [json_value(v) for v in value]}
+    value = np.asarray(value)
+    return {"dtype": str(value.dtype), "shape": list(value.shape), "data": value.tolist()}
+
+
+def _described(value) -> str:
+    if isinstance(value, dict):
+        return f"map of {len(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"sequence of {len(value)}"
+    return f"{value.dtype} {tuple(value.shape)}"
+
+
+def _summary(value) -> dict:
+    if isinstance(value, dict):
+        return {"type": "map", "length": len(value)}
+    if isinstance(value, (list, tuple)):
+        return {"type": "sequence", "length": len(value), "items": [_summary(v) for v in value[:16]]}
+    value = np.asarray(value)
     summary: dict = {"dtype": str(value.dtype), "shape": list(value.shape)}
     if value.size and value.dtype.kind in "biuf":
         summary.update(min=float(value.min()), max=float(value.max()), mean=float(value.mean(dtype=np.float64)))
@@ -1737,10 +1781,7 @@ def make_server(model: Model, host: str = "127.0.0.1", port: int = 8080, max_byt
             self._reply(
                 200,
                 {
-                    "outputs": {
-                        name: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
-                        for name, v in outputs.items()
-                    },
+                    "outputs": {name: json_value(v) for name, v in outputs.items()},
                     "ms": round(ms, 3),
                 },
             )

@@ -165,3 +165,42 @@ def test_a_model_the_checker_passes_and_onnxruntime_refuses_is_refused_at_load_i
     done = cli("package", path, "--target", "all", "-o", tmp_path / "out")
     clean_failure(done, f"{path}: onnxruntime cannot load the model", "two nodes with same node name (n)")
     assert done.returncode == 3 and "internal error" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_shim_writes_and_summarises_a_sequence_output(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Neg", ["x"], ["n"]),
+            helper.make_node("SequenceConstruct", ["r", "n"], ["parts"]),
+        ],
+        "parts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [
+            helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4]),
+        ],
+    )
+    path = shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "parts"
+    )
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    x = np.array([[1.0, -2.0, 3.0, -4.0]], np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    shim = [sys.executable, str(result.bundle / "edgepack_shim.py"), "run", str(tmp_path / "in.npz")]
+    done = subprocess.run([*shim, "-o", str(tmp_path / "o.npz")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "parts: sequence of 2" in done.stdout
+    written = np.load(tmp_path / "o.npz")
+    assert sorted(written.files) == ["parts.0", "parts.1", "r"]
+    np.testing.assert_array_equal(written["parts.1"], -x)
+    done = subprocess.run([*shim, "-o", str(tmp_path / "j.npz"), "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)["outputs"]["parts"]
+    assert summary["type"] == "sequence" and summary["length"] == 2 and summary["items"][0]["shape"] == [1, 4]
+    assert edgepack_shim.json_value([x])["data"][0]["data"] == x.tolist()  # serve's answer for it
