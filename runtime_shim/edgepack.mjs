@@ -958,6 +958,33 @@ function toTensors(ort, inputs, feeds) {
   return Object.fromEntries(inputs.map((spec) => [spec.name, toTensor(ort, spec, feeds[spec.name])]));
 }
 
+const F32 = new Float32Array(1);
+const U32 = new Uint32Array(F32.buffer);
+
+/** The IEEE half-precision bits of a number, rounded to nearest even (as numpy's astype(float16)). */
+function halfBits(value) {
+  F32[0] = Number(value);
+  const x = U32[0];
+  const sign = (x >>> 16) & 0x8000;
+  const exponent = (x >>> 23) & 0xff;
+  let mantissa = x & 0x7fffff;
+  if (exponent === 0xff) return sign | 0x7c00 | (mantissa ? 0x200 : 0);  // inf, nan
+  const e = exponent - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;  // too large: inf
+  if (e <= 0) {  // subnormal half, or zero
+    if (e < -10) return sign;
+    mantissa |= 0x800000;
+    const shift = 14 - e;
+    const half = mantissa >>> shift;
+    const rest = mantissa & ((1 << shift) - 1);
+    const middle = 1 << (shift - 1);
+    return sign | (half + (rest > middle || (rest === middle && (half & 1)) ? 1 : 0));
+  }
+  const half = (e << 10) | (mantissa >>> 13);
+  const rest = mantissa & 0x1fff;
+  return sign | (half + (rest > 0x1000 || (rest === 0x1000 && (half & 1)) ? 1 : 0));
+}
+
 function toTensor(ort, spec, value) {
   if (value instanceof ort.Tensor) return value;
   const where = `run(feeds): input ${spec.name}`;
@@ -980,7 +1007,8 @@ function toTensor(ort, spec, value) {
     if (!Array.isArray(data)) {
       throw new EdgepackError(`${where} is ${spec.dtype}: pass a ${TypedArray.name} or a plain array, got ${data?.constructor?.name}`);
     }
-    data = TypedArray === BigInt64Array || TypedArray === BigUint64Array ? TypedArray.from(data, (v) => BigInt(v)) : TypedArray.from(data);
+    if (type === 'float16') data = Uint16Array.from(data, halfBits);  // numbers, not their bit patterns
+    else data = TypedArray === BigInt64Array || TypedArray === BigUint64Array ? TypedArray.from(data, (v) => BigInt(v)) : TypedArray.from(data);
   }
   const count = dims.reduce((a, b) => a * b, 1);
   if (data.length !== count) {

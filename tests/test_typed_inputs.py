@@ -1,6 +1,6 @@
-"""A model with a string input (an ai.onnx.ml LabelEncoder, as text classifiers' vocabularies are): packaged,
-then fed strings through the Python shim (in process and as JSON, as `serve` reads them) and in headless
-Chromium through the web loader."""
+"""Inputs that are not float32: a string input (an ai.onnx.ml LabelEncoder, as text classifiers' vocabularies
+are) fed through the Python shim (in process and as JSON, as `serve` reads them) and in headless Chromium
+through the web loader; a float16 input given to the web loader as plain numbers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ from edgepack.serve import start_server
 from tests.in_browser import CHROMIUM, chromium, fresh_page, run_bundle
 
 WORDS = np.array([["cat", "dog", "bird", "fish"]], dtype=object)
+HALVES = np.array(
+    [[0.0, -0.0, 1.0, -2.5, 0.1, 1 / 3, 65504.0, 70000.0, 2049.0, 2051.0, 6e-8, 3e-5, 1e-9, -1e-4, 123.456, np.inf]]
+)
+
+
+def _halves(folder: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["h"], ["f"], to=TensorProto.FLOAT), helper.make_node("Neg", ["f"], ["y"])],
+        "halves",
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT16, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])],
+    )
+    path = folder / "halves.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
 
 
 def _labels(folder: Path) -> Path:
@@ -58,9 +73,14 @@ def bundles(tmp_path_factory):
         [load_profile("linux-x64"), load_profile("browser-wasm")],
         Options(output=folder / "site", ort_web=tarball),
     )
-    assert all(r.ok for r in results), [r.error for r in results]
+    [halves] = package_model(
+        _halves(folder),
+        [load_profile("browser-wasm")],
+        Options(output=folder / "site", ort_web=tarball, quantize="none"),
+    )
+    assert all(r.ok for r in [*results, halves]), [r.error for r in [*results, halves]]
     expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"words": WORDS})[0]
-    return folder / "site", {r.target: r.bundle for r in results}, expected
+    return folder / "site", {**{r.target: r.bundle for r in results}, "halves": halves.bundle}, expected
 
 
 def test_the_shim_takes_strings_as_arrays_and_as_json(bundles):
@@ -88,9 +108,17 @@ def test_the_web_loader_feeds_strings(bundles):
             url = f"{server.url}{bundle.relative_to(root).as_posix()}/"
             result = run_bundle(page, url, [{"words": WORDS}])
             refused = run_bundle(page, url, [{"words": np.zeros((1, 4), np.float32)}])
+            halves = run_bundle(
+                page, f"{server.url}{by_target['halves'].relative_to(root).as_posix()}/", [{"h": HALVES}]
+            )
     finally:
         server.shutdown()
         server.server_close()
     assert "error" not in result, result.get("error")
     np.testing.assert_array_equal(result["outputs"][0]["scores"], expected)
     assert "is a string tensor: pass a plain array of strings" in refused["error"]
+    # plain numbers become half-precision bits, rounded as numpy rounds them (ties to even, subnormals, overflow)
+    assert "error" not in halves, halves.get("error")
+    with np.errstate(over="ignore"):  # 70000 overflows to inf, as it must
+        rounded = HALVES.astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(halves["outputs"][0]["y"], -rounded)
