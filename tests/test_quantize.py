@@ -586,3 +586,22 @@ def test_dynamic_int8_of_a_large_model_is_onnxruntimes_own_in_bounded_memory(tmp
         assert arrays[name].dtype == array.dtype and np.array_equal(arrays[name], array), name
     assert ("word_embeddings" in arrays) == ("Gather" not in op_types)  # left in float: read in before saving
     assert large.quantized_ops.get("MatMulInteger", 0) > 0
+
+
+def test_a_recipe_that_quantizes_nothing_ships_fp32_and_says_so(tmp_path: Path):
+    """Dynamic INT8 of a model with no MatMul/Gemm/Conv: the FP32 model ships, held to the FP32 tolerance, not a
+    pre-processed copy labelled int8."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])],
+        "elementwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+    )
+    path = tmp_path / "elementwise.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="dynamic"))
+    assert result.ok, result.error
+    quantize = _stage(result.manifest, "quantize")
+    assert quantize["recipe"] == "none" and "found nothing to quantize" in quantize["notice"]
+    assert result.manifest["model"]["precision"] == "fp32"
+    assert "tolerance" not in _stage(result.manifest, "self_test")  # the FP32 accuracy, not quantization's

@@ -24,6 +24,9 @@ Rules:
    ``none`` for FP32); the first that passes ships, with a notice naming the default, why it missed and
    what shipped. The user never asked for quantization, so a miss is no reason to ship nothing. An
    explicit ``--quantize`` stays strict.
+7. A recipe that quantizes nothing (dynamic INT8 of a model with no MatMul, Gemm or Conv of constant
+   weights) ships the FP32 model, said so, not a pre-processed copy labelled INT8 and held to the looser
+   quantization tolerance.
 """
 
 from __future__ import annotations
@@ -264,6 +267,14 @@ def _quantize(
 
     attempts: list[dict[str, Any]] = []
     result, figures, misses = attempt([])
+    if not already_quantized(result.path):  # rule 7
+        job.say(f"NOTE: {recipe} quantization found nothing to quantize in this model: FP32 kept")
+        return QuantizeResult(
+            **{**report, "recipe": "none"},
+            notice=f"{recipe} quantization found nothing to quantize (no op it quantizes, or none with constant "
+            "weights): the FP32 model is kept",
+            summary=f"{recipe}: nothing to quantize, FP32 kept",
+        )
     excluded: list[str] = []
     if misses and auto_exclude and chosen.auto_exclude:
         pre = result.path.with_name(result.path.stem + ".pre.onnx")
