@@ -274,8 +274,9 @@ def gate(report: CoverageReport, min_fraction: float, max_partitions: int | None
                 else ""
             ),
             where=where,
-            hint="replace the unsupported operators, fix the input shapes (--input-shape NAME=1,3,224,224), "
-            "or lower the gate with --min-accelerated-fraction",
+            hint="replace the unsupported operators, "
+            + ("fix the input shapes (--input-shape NAME=1,3,224,224), " if report.dynamic_shape_nodes else "")
+            + "or lower the gate with --min-accelerated-fraction (the rest runs on the CPU provider)",
         )
     if max_partitions is not None and report.partitions > max_partitions:
         raise CoverageError(
