@@ -24,8 +24,8 @@ Rules:
    ``none`` for FP32); the first that passes ships, with a notice naming the default, why it missed and
    what shipped. The user never asked for quantization, so a miss is no reason to ship nothing. An
    explicit ``--quantize`` stays strict.
-7. A recipe that quantizes nothing (dynamic INT8 of a model with no MatMul, Gemm or Conv of constant
-   weights) ships the FP32 model, said so, not a pre-processed copy labelled INT8 and held to the looser
+7. An integer recipe that quantizes nothing (dynamic INT8 of a model with no MatMul, Gemm or Conv of
+   constant weights) ships the FP32 model, said so, not a pre-processed copy labelled INT8 and held to the looser
    quantization tolerance.
 """
 
@@ -267,7 +267,8 @@ def _quantize(
 
     attempts: list[dict[str, Any]] = []
     result, figures, misses = attempt([])
-    if not already_quantized(result.path):  # rule 7
+    integer_ops = {op for op in already_quantized(result.path) if op != "float16 initializers"}
+    if chosen.precision in ("int8", "int4") and not integer_ops:  # rule 7 (fp16 also converts activations)
         job.say(f"NOTE: {recipe} quantization found nothing to quantize in this model: FP32 kept")
         return QuantizeResult(
             **{**report, "recipe": "none"},
