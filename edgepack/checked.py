@@ -40,6 +40,8 @@ __all__ = [
     "job_inputs",
     "work_paths_out",
     "held_back",
+    "cpu_session",
+    "outputs_of",
     "repair_outer_scope_outputs",
     "notice_of",
     "MIN_COSINE",
@@ -206,7 +208,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
         if expected is None:
             try:
                 with held_back():
-                    expected = _outputs(quiet_session(before), sets)
+                    expected = outputs_of(quiet_session(before), sets)
             except Exception:  # the model before does not run on them either: only loading can be checked
                 expected = None
     try:
@@ -226,7 +228,7 @@ def _disagreement(before: Path, after: Path, feeds: Feeds) -> tuple[str | None, 
         return None, "load"
     try:
         with held_back():
-            got = _outputs(session, sets)
+            got = outputs_of(session, sets)
     except Exception as exc:
         return work_paths_out(f"what it wrote fails to run: {first_line(exc)[:300]}"), "outputs"
     finally:
@@ -265,22 +267,28 @@ def quiet_session(path: Path):
     from .backends import EXACT_INT8
 
     try:
-        return _cpu_session(path, EXACT_INT8)
+        return cpu_session(path, EXACT_INT8)
     except Exception:  # onnxruntime raises many kinds from native code; a model it refuses fails again below
-        return _cpu_session(path, {})
+        return cpu_session(path)
 
 
-def _cpu_session(path: Path, entries: dict[str, str]):
+def cpu_session(model: Path | bytes, entries: dict[str, str] | None = None, *, basic: bool = False):
+    """A CPU session of ``model`` (a path, or a serialized model) that logs nothing, with these session config
+    entries; ``basic``: graph optimizations basic only (QDQ pairs stay float, no fused int8 kernels)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    for key, value in entries.items():
+    if basic:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    for key, value in (entries or {}).items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _outputs(session, sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def outputs_of(session, sets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every output of ``session``, by name, for each input set."""
     names = [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(names, feeds))) for feeds in sets]
 

@@ -14,8 +14,9 @@ Rules:
    are not); masks are ones, booleans True, token type ids 0 or 1, other integers in [0, 16).
 3. Candidates go from small to large (``LADDER``); the first one the FP32 reference runs on is used, and
    every try is recorded. Where random integers are drawn, a candidate must run on every set the
-   self-test and the checked steps draw (``CHECKED_DRAWS``), not just the first. When none runs, the error says so, with the last try's shapes and the node
-   that refused it: edgepack's inputs are at fault there, never the user's model.
+   self-test and the checked steps draw (``CHECKED_DRAWS``), not just the first. When none runs, the
+   error says so, with the last try's shapes and the node that refused it: edgepack's inputs are at
+   fault there, never the user's model.
 4. Sizes the user gives win: ``--self-test-shape NAME=D0,D1,...`` (any target), then ``--input-shape``
    and ``--fix-dim`` (the app's sizes). Real inputs (``--sample-inputs``) bypass all of this.
 5. Non-tensor inputs: a sequence of tensors gets two tensors of its element type; a map (an ai.onnx.ml

@@ -259,15 +259,18 @@ def test_sample_inputs_win_where_no_made_up_input_fits(tmp_path):
     assert all(step["checked"] == "outputs" for step in stages["optimize"]["steps"])
 
 
-def test_sample_inputs_are_one_set_with_a_scalar_rate(tmp_path):
-    """A scalar sr and a state whose first axis is fixed are taken as they are, not split into rows."""
+@pytest.mark.parametrize("batch, rate", [(1, 8000), (2, 16000)])
+def test_sample_inputs_are_one_set_with_a_scalar_rate(tmp_path, batch, rate):
+    """A scalar sr and a state whose first axis is fixed are taken as they are, not split into rows; audio
+    [batch, samples] with two rows and the state of that batch are one set of batch 2, not two rows of audio
+    against one sr ("different numbers of samples")."""
     path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "one.npz",
-        audio=rng.standard_normal((1, 1024)).astype(np.float32),
-        state=np.zeros((2, 1, 16), np.float32),
-        sr=np.array(8000, np.int64),
+        audio=rng.standard_normal((batch, 1024)).astype(np.float32),
+        state=np.zeros((2, batch, 16), np.float32),
+        sr=np.array(rate, np.int64),
     )
     [result] = package_model(
         path,
@@ -277,26 +280,6 @@ def test_sample_inputs_are_one_set_with_a_scalar_rate(tmp_path):
     assert result.ok, result.error
     self_test = next(r for r in result.manifest["stages"] if r["stage"] == "self_test")
     assert self_test["sample_sets"] == 1 and self_test["inputs"] == str(tmp_path / "one.npz")
-
-
-def test_sample_inputs_with_a_batch_of_two_next_to_a_scalar_are_one_set(tmp_path):
-    """audio [batch, samples] with two rows, the state of that batch and a scalar sr: one set of batch 2, not two
-    rows of audio against one sr ("different numbers of samples")."""
-    path = shaped_models.save(shaped_models.voice_activity(), tmp_path, "vad")
-    rng = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "one.npz",
-        audio=rng.standard_normal((2, 1024)).astype(np.float32),
-        state=np.zeros((2, 2, 16), np.float32),
-        sr=np.array(16000, np.int64),
-    )
-    [result] = package_model(
-        path,
-        [load_profile("linux-x64")],
-        Options(output=tmp_path / "out", sample_inputs=tmp_path / "one.npz", quantize="none"),
-    )
-    assert result.ok, result.error
-    assert next(r for r in result.manifest["stages"] if r["stage"] == "self_test")["sample_sets"] == 1
 
 
 def test_sample_inputs_with_dynamic_first_axes_that_are_not_batches(tmp_path):

@@ -330,13 +330,9 @@ def rank_matmuls(
 
 
 def _outputs(model, feeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    import onnxruntime as ort
+    from ..checked import cpu_session, outputs_of
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, f))) for f in feeds]
+    return outputs_of(cpu_session(model.SerializeToString()), feeds)
 
 
 def _embedding_tables(model) -> set[str]:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Quantized",
     "already_quantized",
+    "quantized_ops",
     "quantize_model",
     "rank_sensitive_nodes",
     "model_bytes",
@@ -97,13 +98,20 @@ class Quantized:
         return data
 
 
-def already_quantized(path: Path) -> dict[str, int]:
-    """Quantized op types (and FP16 weights) the model already holds, with counts; empty if none."""
-    proto = onnx.load_model(path, load_external_data=False)
+def quantized_ops(path: Path, proto: onnx.ModelProto | None = None) -> dict[str, int]:
+    """Quantized op types (int8, int4) the model holds, with counts; empty if none."""
+    proto = proto or onnx.load_model(path, load_external_data=False)
     found: dict[str, int] = {}
     for node in iter_nodes(proto):
         if node.op_type in QUANTIZED_OPS:
             found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
+
+
+def already_quantized(path: Path) -> dict[str, int]:
+    """Quantized op types (and FP16 weights) the model already holds, with counts; empty if none."""
+    proto = onnx.load_model(path, load_external_data=False)
+    found = quantized_ops(path, proto)
     fp16 = sum(
         1 for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     )

@@ -189,36 +189,40 @@ def _run_onnx_checker(path: Path) -> str | None:
         return None
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
         finding = first_line(exc)
+    refused = _onnxruntime_refusal(path)
+    if refused:
+        raise ModelError(
+            f"the ONNX checker rejects the model: {finding}",
+            where=str(path),
+            hint=f"onnxruntime refuses it too: {refused[:300]}",
+        )
+    return finding
+
+
+def _onnxruntime_refusal(path: Path) -> str | None:
+    """What onnxruntime says when it cannot load the model, or None when it loads it."""
     try:
         with held_back():
             quiet_session(path)
     except Exception as exc:  # onnxruntime raises many kinds from native code
-        raise ModelError(
-            f"the ONNX checker rejects the model: {finding}",
-            where=str(path),
-            hint=f"onnxruntime refuses it too: {first_line(exc)[:300]}",
-        ) from None
-    return finding
+        return first_line(exc)
+    return None
 
 
-_VERSION_REFUSALS = ("ValidateOpsetForDomain", "Unsupported model IR version", "IR version")
+_VERSION_REFUSALS = ("ValidateOpsetForDomain", "IR version")
 
 
 def _refuse_unloadable(path: Path) -> None:
     """Rule 1: onnx.checker passed a model onnxruntime refuses (two nodes of one name, a type onnx does not
     check): a refusal naming what onnxruntime said, before any target works on it."""
-    try:
-        with held_back():
-            quiet_session(path)
-    except Exception as exc:  # onnxruntime raises many kinds from native code
-        said = first_line(exc)
-        if any(sign in said for sign in _VERSION_REFUSALS):
-            return  # an opset or IR version newer than onnxruntime's: each target's check says so, with the fix
+    said = _onnxruntime_refusal(path)
+    # an opset or IR version newer than onnxruntime's is left to each target's check, which names the fix
+    if said and not any(sign in said for sign in _VERSION_REFUSALS):
         raise ModelError(
             f"onnxruntime cannot load the model: {said[:400]}",
             where=str(path),
             hint="onnx.checker accepts it, onnxruntime does not: fix what it names and re-export the model",
-        ) from None
+        )
 
 
 def _check_kernels(proto: onnx.ModelProto, path: Path) -> None:

@@ -46,7 +46,7 @@ from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
 from ..recipes import RECIPES
-from ..recipes.quantize import already_quantized, quantize_model
+from ..recipes.quantize import already_quantized, quantize_model, quantized_ops
 from ..recipes.search import host_arch, search
 
 __all__ = ["Quantize", "QuantizeResult", "resolve_recipe"]
@@ -267,8 +267,9 @@ def _quantize(
 
     attempts: list[dict[str, Any]] = []
     result, figures, misses = attempt([])
-    integer_ops = {op for op in already_quantized(result.path) if op != "float16 initializers"}
-    if chosen.precision in ("int8", "int4") and not integer_ops:  # rule 7 (fp16 also converts activations)
+    if chosen.precision in ("int8", "int4") and not quantized_ops(
+        result.path
+    ):  # rule 7 (fp16 also converts activations)
         job.say(f"NOTE: {recipe} quantization found nothing to quantize in this model: FP32 kept")
         return QuantizeResult(
             **{**report, "recipe": "none"},
