@@ -204,3 +204,55 @@ def test_the_shim_writes_and_summarises_a_sequence_output(tmp_path):
     summary = json.loads(done.stdout)["outputs"]["parts"]
     assert summary["type"] == "sequence" and summary["length"] == 2 and summary["items"][0]["shape"] == [1, 4]
     assert edgepack_shim.json_value([x])["data"][0]["data"] == x.tolist()  # serve's answer for it
+
+
+def _fp16_trap(kind: str) -> onnx.ModelProto:
+    """A MatMul model the FP16 converter (onnxconverter-common) used to break or refuse: a graph output that a node
+    (or an If branch) also reads, a sequence output, a float16 input beside float32 weights."""
+    w = numpy_helper.from_array(np.random.default_rng(5).standard_normal((8, 8)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT16 if kind == "float16 input" else TensorProto.FLOAT, [1, 8]
+    )
+    tensor = helper.make_tensor_value_info
+    nodes = [helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT)] if kind == "float16 input" else []
+    nodes.append(helper.make_node("MatMul", ["x32" if nodes else "x", "w"], ["hidden"]))
+    outputs, initializers = [tensor("y", TensorProto.FLOAT, [1, 8])], [w]
+    if kind == "read output":
+        nodes.append(helper.make_node("Relu", ["hidden"], ["y"]))
+        outputs.append(tensor("hidden", TensorProto.FLOAT, [1, 8]))
+    elif kind == "output read in a branch":
+        branch = helper.make_graph(
+            [helper.make_node("Neg", ["hidden"], ["n"])], "b", [], [tensor("n", TensorProto.FLOAT, [1, 8])]
+        )
+        nodes += [
+            helper.make_node("ReduceSum", ["hidden"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["positive"]),
+            helper.make_node("If", ["positive"], ["y"], then_branch=branch, else_branch=branch),
+        ]
+        outputs.insert(0, tensor("hidden", TensorProto.FLOAT, [1, 8]))
+        initializers.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    elif kind == "sequence output":
+        nodes += [
+            helper.make_node("Relu", ["hidden"], ["y"]),
+            helper.make_node("SequenceConstruct", ["hidden", "y"], ["parts"]),
+        ]
+        outputs.append(helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, [1, 8]))
+    else:
+        nodes.append(helper.make_node("Relu", ["hidden"], ["y"]))
+    graph = helper.make_graph(nodes, "trap", [x], outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind", ["read output", "output read in a branch", "sequence output", "float16 input"])
+def test_fp16_converts_models_its_converter_breaks_or_refuses_and_the_bundle_matches_onnxruntime(tmp_path, kind):
+    path = shaped_models.save(_fp16_trap(kind), tmp_path, "trap")
+    [result] = package_model(path, [load_profile("jetson-orin-trt")], Options(output=tmp_path / "out"))
+    assert result.ok, result.error
+    quantize = next(s for s in result.manifest["stages"] if s["stage"] == "quantize")
+    assert quantize["recipe"] == "fp16" and "notice" not in quantize, quantize
+    dtype = np.float16 if kind == "float16 input" else np.float32
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 8)).astype(dtype)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = edgepack_shim.load(result.bundle, providers=["CPUExecutionProvider"]).run(feeds)
+    for name, want in zip([o.name for o in onnx.load(path).graph.output], expected):
+        assert check(compare([{name: want}], [{name: got[name]}]), min_cosine=0.999) == [], name

@@ -9,7 +9,27 @@ from pathlib import Path
 
 from .base import QUANTIZED_OPS, Recipe, Variant
 
-__all__ = ["Fp16", "Fp16Settings", "fp16_model", "save"]
+__all__ = ["Fp16", "Fp16Settings", "fp16_model", "save", "SEQUENCE_OPS"]
+
+SEQUENCE_OPS = frozenset(
+    {
+        "SequenceConstruct",
+        "SequenceInsert",
+        "SequenceAt",
+        "SequenceErase",
+        "SequenceLength",
+        "SequenceEmpty",
+        "SequenceMap",
+        "SplitToSequence",
+        "ConcatFromSequence",
+        "Optional",
+        "OptionalGetElement",
+        "OptionalHasElement",
+    }
+)
+"""Ops taking or giving sequences or optionals: onnxconverter-common converts tensor types only (a sequence of
+float stays declared float while its elements turn float16, which onnxruntime refuses), so these ops are kept
+in FP32, with a Cast put around them."""
 
 
 @dataclass(frozen=True)
@@ -41,9 +61,14 @@ class Fp16(Recipe):
 
 
 def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
-    """The FP16 model with float32 inputs and outputs (also the first step of q4f16)."""
+    """The FP16 model with float32 inputs and outputs (also the first step of q4f16).
+
+    A model that already holds float16 tensors (a float16 input, float16 weights beside float32 ones) is
+    converted too: what is float32 turns float16, the rest stays (the converter refuses such a model unless
+    told; the accuracy gate then judges the result like any other)."""
     from onnxconverter_common import float16
 
+    _route_consumed_outputs(model)
     # quant_pre_process already ran shape inference on the file: the converter's own in-memory
     # inference would serialize the whole model, which fails over 2 GiB
     with warnings.catch_warnings():
@@ -52,8 +77,9 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
             model,
             keep_io_types=True,
             disable_shape_infer=True,
-            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(settings.exclude_op_types)),
+            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | SEQUENCE_OPS | set(settings.exclude_op_types)),
             node_block_list=excluded or None,
+            check_fp16_ready=False,
         )
     _align_casts(model)
     return model
@@ -75,6 +101,40 @@ def save(model, out: Path, *, external: bool) -> None:
         os.chmod(out.with_name(out.name + ".data"), 0o644)
     else:
         onnx.save_model(model, out)
+
+
+def _route_consumed_outputs(model) -> None:
+    """Give every float graph output that nodes also read (here or in a subgraph) an Identity of its own.
+
+    With float32 outputs kept, the converter renames such an output's producer to a float16 tensor and casts
+    it back to float32 under the output's name, but the readers keep reading the float32 name: their own
+    outputs, declared float16, come out float32 and onnxruntime refuses the model. Here the producer writes
+    ``<name>.fp16_inner``, the readers read that, and an Identity copies it to the output, which nothing else
+    reads."""
+    import onnx
+
+    from ..onnxio.modelinfo import iter_nodes
+
+    graph = model.graph
+    floats = {o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    produced = {name for node in graph.node for name in node.output}
+    read = {name for node in iter_nodes(model) for name in node.input}
+    routed = {name: f"{name}.fp16_inner" for name in sorted(floats & produced & read)}
+    if not routed:
+        return
+    for node in iter_nodes(model):
+        for i, name in enumerate(node.input):
+            if name in routed:
+                node.input[i] = routed[name]
+    for node in graph.node:
+        for i, name in enumerate(node.output):
+            if name in routed:
+                node.output[i] = routed[name]
+    for name, inner in routed.items():
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}.fp16_output"))
+    for info in list(graph.value_info):
+        if info.name in routed:
+            info.name = routed[info.name]
 
 
 def _align_casts(model) -> None:
