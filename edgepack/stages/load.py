@@ -13,8 +13,10 @@ Rules:
    external data: initializers listed as graph inputs (IR 3) are removed from the inputs, weights held
    in Constant nodes become initializers. Each pass is a checked step (edgepack.checked): one that
    fails (onnx-ir cannot read ai.onnx.ml map types) or breaks the model is skipped with a notice.
-5. An IR-3 model whose initializers left its inputs is written as IR 4, the first version where an
-   initializer need not be an input (onnx's shape inference refuses the copy otherwise). An IR 4+ model's
+5. An IR-3 model with initializers is written as IR 4, the first version where an initializer need not be
+   an input, whether the pass took them out of its inputs or the model never listed them (as onnxruntime's
+   old test models do): onnx's checker and shape inference, and the quantizer after them, refuse the copy
+   otherwise. An IR 4+ model's
    inputs that had an initializer (a default the caller could override, as older exporters wrote every
    weight) are named in a notice: the bundle holds them as constants, fed by no one.
 """
@@ -125,12 +127,13 @@ def _write_reference(path: Path, workdir: Path, side_files: list[str]) -> tuple[
 
 
 class InitializersOutOfInputsPass(RemoveInitializersFromInputsPass):
-    """onnx-ir's pass, and IR 4 for an IR-3 model it changed (rule 5)."""
+    """onnx-ir's pass, and IR 4 for an IR-3 model with initializers (rule 5)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
-        if result.modified and model.ir_version < 4:
+        if model.ir_version < 4 and model.graph.initializers:
             model.ir_version = 4
+            return ir.passes.PassResult(model, modified=True)
         return result
 
 
