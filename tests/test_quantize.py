@@ -605,3 +605,39 @@ def test_a_recipe_that_quantizes_nothing_ships_fp32_and_says_so(tmp_path: Path):
     assert quantize["recipe"] == "none" and "found nothing to quantize" in quantize["notice"]
     assert result.manifest["model"]["precision"] == "fp32"
     assert "tolerance" not in _stage(result.manifest, "self_test")  # the FP32 accuracy, not quantization's
+
+
+def _two_nearly_equal_classes() -> onnx.ModelProto:
+    """A [batch, 4] classifier whose classes 0 and 1 differ by 0.1% of a score (2 and 3 are far below):
+    every input is a near-tie between them, and INT8 noise flips many."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((16, 4)).astype(np.float32)
+    w[:, 1] = w[:, 0] * 1.001
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["s"]), helper.make_node("Add", ["s", "b"], ["scores"])],
+        "near_ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0, 0, -100, -100], np.float32), "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_top1_flips_at_near_ties_count_on_generated_inputs_only(tmp_path):
+    """On made-up inputs a flip between scores within 1% of the output's range agrees (and is counted as such);
+    on the user's own validation inputs the same flips miss the gate and the default recipe falls back."""
+    path = tmp_path / "near_ties.onnx"
+    onnx.save_model(_two_nearly_equal_classes(), path)
+    [generated] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "generated"))
+    assert generated.ok, generated.error
+    quantize = _stage(generated.manifest, "quantize")
+    assert quantize["recipe"] == "dynamic" and quantize["figures"]["top1_near_ties"] > 0, quantize
+    assert quantize["figures"]["top1_agreement"] == 1.0 and "near-tie" in quantize["summary"]
+
+    x = np.random.default_rng(4).standard_normal((32, 1, 16)).astype(np.float32)
+    np.savez(tmp_path / "validation.npz", x=x)
+    options = Options(output=tmp_path / "given", validation=tmp_path / "validation.npz")
+    [given] = package_model(path, [load_profile("linux-x64")], options)
+    assert given.ok, given.error
+    quantize = _stage(given.manifest, "quantize")
+    assert quantize["recipe"] == "none" and "top-1 agreement" in quantize["notice"], quantize

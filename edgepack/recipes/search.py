@@ -179,6 +179,7 @@ def search(artifact: Artifact, job: Job) -> Outcome:
         validation.feeds,
         _session_factory(job),
         lambda c: _tolerance(job, c),
+        generated=validation.origin == "generated",
         deadline=deadline,
         budget=job.options.tune_seconds,
         say=job.say,
@@ -291,6 +292,7 @@ def select(
     open_session: Callable[[Path], Any],
     tolerance: Callable[[Candidate], dict[str, Any]],
     *,
+    generated: bool = False,
     deadline: float,
     budget: float,
     say: Callable[[str], None] = lambda m: None,
@@ -314,7 +316,7 @@ def select(
             detail = first_line(exc)
             candidate.figures, candidate.misses = {}, [f"does not run as converted: {detail[:200]}"]
             continue
-        candidate.figures = compare(expected, got)
+        candidate.figures = compare(expected, got, generated=generated)
         candidate.misses = check(candidate.figures, **tolerance(candidate))
         if candidate.passed:
             sessions[candidate.name] = session

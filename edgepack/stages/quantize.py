@@ -37,7 +37,7 @@ from typing import Any
 
 import onnx
 
-from ..accuracy import check, compare
+from ..accuracy import check, compare, top1_phrase
 from ..calibration import RANDOM, Samples, calibration_samples, validation_samples
 from ..checked import job_inputs, quiet_session, work_paths_out
 from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
@@ -319,7 +319,7 @@ def _quantize(
             hint="try " + ", or ".join(chosen.what_to_try(job.options, settings)) + "; --quantize none keeps FP32",
         )
     ratio = result.bytes_after / result.bytes_before if result.bytes_before else 1.0
-    top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
+    top1 = top1_phrase(figures)
     excluded_note = f", {len(excluded)} node(s) {chosen.kept_as}" if excluded else ""
     fallback_note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
     data_note = f", calibrated on {calibration.origin}" if calibration else ""
@@ -410,7 +410,7 @@ def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str,
         hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
         f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none",
     )
-    return compare(expected, got)
+    return compare(expected, got, generated=validation.origin == "generated")
 
 
 def _run(

@@ -36,7 +36,7 @@ from typing import Any
 
 import onnx
 
-from ..accuracy import check, compare, error_histograms
+from ..accuracy import check, compare, error_histograms, top1_phrase
 from ..calibration import load_samples, validation_samples
 from ..errors import AccuracyError, ConversionError, first_line
 from ..inputs import plan_for
@@ -141,7 +141,7 @@ class SelfTest(Stage):
         except Exception as exc:
             detail = first_line(exc)
             raise ConversionError(f"running the packaged model failed: {detail}", where=job.profile.name) from None
-        figures = compare(expected, got)
+        figures = compare(expected, got, generated=origin == "generated")
         for name, histogram in error_histograms(expected, got).items():
             figures["outputs"][name]["abs_error_histogram"] = histogram
         if bundled.warnings:
@@ -160,7 +160,7 @@ class SelfTest(Stage):
         passed = figures["max_abs_error"] <= tolerance.max_abs_error and (
             exact or figures["cosine"] >= tolerance.min_cosine
         )
-        excused = None if passed else _host_kernels(artifact, job, samples, figures, got=got)
+        excused = None if passed else _host_kernels(artifact, job, samples, figures, got=got, origin=origin)
         if not passed and not excused:
             notes = "".join(f"; output {n!r}: {o['note']}" for n, o in figures["outputs"].items() if "note" in o)
             raise AccuracyError(
@@ -220,7 +220,7 @@ def _quantized_report(
         min_top1_agreement=tolerance.min_top1_agreement,
         max_abs_error=tolerance.max_abs_error,
     )
-    top1 = f", top-1 {figures['top1_agreement']:.1%}" if "top1_agreement" in figures else ""
+    top1 = top1_phrase(figures)
     size, warning = None, None
     converted = job.result(ConvertResult)
     if converted and converted.ort_bytes is not None and converted.onnx_bytes is not None:
@@ -242,7 +242,7 @@ def _quantized_report(
                 f"try ort_format.style {other} in the profile, or another recipe"
             )
             job.say(f"WARNING: {warning}")
-    excused = _host_kernels(artifact, job, samples, figures, expected=expected) if misses else None
+    excused = _host_kernels(artifact, job, samples, figures, expected=expected, origin=origin) if misses else None
     if misses and not excused:
         raise AccuracyError(
             f"the packaged {artifact.precision} model misses the quantization tolerance after conversion: {'; '.join(misses)}",
@@ -275,6 +275,7 @@ def _host_kernels(
     *,
     expected: list[dict] | None = None,
     got: list[dict] | None = None,
+    origin: str = "generated",
 ) -> dict[str, Any] | None:
     """Rule 6: the summary, notice and record of a bundle whose miss is this host's int8 kernels, or None.
     ``expected``: the FP32 reference's outputs (a recipe's model); else ``got``, the bundle's outputs (a model
@@ -310,7 +311,8 @@ def _host_kernels(
         if like_host or same_cpu:
             return like_host
     tolerance = job.profile.quantization.tolerance
-    measured = compare(expected, exact) if expected is not None else compare(exact, got or [])
+    reference, candidate = (expected, exact) if expected is not None else (exact, got or [])
+    measured = compare(reference, candidate, generated=origin == "generated")
     misses = check(
         measured,
         min_cosine=tolerance.min_cosine,
