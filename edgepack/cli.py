@@ -474,6 +474,8 @@ def _cmd_package(args) -> int:
     if args.json:
         _print_json({"results": [r.to_dict() for r in results], "ok": all(r.ok for r in results)})
     else:
+        built = [r for r in results if r.ok]
+        shared = set.intersection(*(set(r.notices) for r in built)) if len(built) > 1 else set()
         for r in results:
             if r.ok:
                 assert r.manifest is not None  # every written bundle has its manifest
@@ -487,9 +489,12 @@ def _cmd_package(args) -> int:
                 if r.signed_by:
                     print(f"        {'':<16} signed: model.sig, key {r.signed_by}")
                 for notice in r.notices:
-                    print(f"        notice: {notice}")
+                    if notice not in shared:
+                        print(f"        notice: {notice}")
             else:
                 print(f"FAILED  {r.target:<16} (see the error below)")
+        for notice in [n for n in built[0].notices if n in shared] if shared else []:
+            print(f"notice (every bundle above): {notice}")
     for r in results:
         if r.error and not args.json:
             _error(f"[{r.target}] {r.error.stage + ' stage: ' if r.error.stage else ''}{r.error}")

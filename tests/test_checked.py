@@ -103,6 +103,14 @@ def test_ir3_model_whose_initializers_are_not_inputs_packages_everywhere(tmp_pat
     assert _report(python, "quantize")["recipe"] == "dynamic"
 
 
+def test_a_notice_every_bundle_shares_is_printed_once(tmp_path, cli):
+    path = shaped_models.save(shaped_models.ir3_initializers_not_inputs(), tmp_path, "ir3")
+    done = cli("package", path, "-t", "linux-x64", "-t", "rpi-arm64", "-o", tmp_path / "out", "--quantize", "none")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("W in initializer but not in graph input") == 1, done.stdout
+    assert "notice (every bundle above): load: onnx.checker: W in initializer" in done.stdout
+
+
 def test_a_model_onnxruntime_refuses_is_still_refused(tmp_path):
     """onnx.checker findings are notices only when onnxruntime loads the model."""
     model = shaped_models.ir3_initializers_not_inputs()
