@@ -135,6 +135,8 @@ def top1_agreement(
     classifier-shaped (rank 2, float, at least two classes)."""
     if not reference or any(not isinstance(r, np.ndarray) or r.ndim != 2 for r in reference + candidate):
         return None
+    if len({r.shape[1] for r in reference + candidate}) > 1:  # classes that vary with the input: no classifier
+        return None
     ref = np.concatenate([np.asarray(r) for r in reference])
     got = np.concatenate([np.asarray(c) for c in candidate])
     if ref.shape != got.shape or ref.shape[1] < 2 or not ref.shape[0] or not np.issubdtype(ref.dtype, np.floating):

@@ -256,3 +256,31 @@ def test_fp16_converts_models_its_converter_breaks_or_refuses_and_the_bundle_mat
     got = edgepack_shim.load(result.bundle, providers=["CPUExecutionProvider"]).run(feeds)
     for name, want in zip([o.name for o in onnx.load(path).graph.output], expected):
         assert check(compare([{name: want}], [{name: got[name]}]), min_cosine=0.999) == [], name
+
+
+def test_an_output_whose_width_depends_on_the_input_packages(tmp_path):
+    """Compress on axis 1 keeps the scores above 0.5: y is [1, K], K changing from one input to the next."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["s0"]),
+            helper.make_node("Sigmoid", ["s0"], ["s"]),
+            helper.make_node("Greater", ["s", "half"], ["keep2d"]),
+            helper.make_node("Squeeze", ["keep2d", "ax0"], ["keep"]),
+            helper.make_node("Compress", ["s", "keep"], ["y"], axis=1),
+        ],
+        "compress",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "K"])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+            numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = shaped_models.save(model, tmp_path, "compress")
+    results = package_model(
+        path, [load_profile(t) for t in ("linux-x64", "jetson-orin-trt")], Options(output=tmp_path / "out")
+    )
+    assert all(r.ok for r in results), [str(r.error) for r in results]
