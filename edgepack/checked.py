@@ -12,6 +12,9 @@ Rules:
    onnxruntime requires there) gets an Identity node again.
 4. A step that raises, or whose output fails rule 2, is skipped: the model before it goes on, and the
    record says which step and why, for a notice in the stage's report. Never fatal.
+5. A model a helper tool wrote (a quantizer's) is first loaded and run once in a child process
+   (``native_crash``): onnxruntime can die of a model it should refuse (a float16 LSTM model crashes its
+   level-3 optimizer on x86), and a crash there would take every target of the run with it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ import gc
 import hashlib
 import io
 import logging
+import pickle
 import re
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ __all__ = [
     "outputs_of",
     "repair_outer_scope_outputs",
     "notice_of",
+    "native_crash",
     "MIN_COSINE",
     "ABS_TOLERANCE",
 ]
@@ -297,3 +306,72 @@ def _numeric(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
     from .accuracy import as_numbers
 
     return {name: as_numbers(value) for name, value in outputs.items()}
+
+
+_PROBE = """
+import pickle, sys
+import onnxruntime as ort
+for line in sys.stdin:
+    model, feeds = line.rstrip("\\n").split("\\t")
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        with open(feeds, "rb") as f:
+            session.run(None, pickle.load(f))
+        del session
+    except Exception:
+        pass  # refusals are the caller's to report, in its own process
+    print("survived", flush=True)
+"""
+
+
+class _Probe:
+    """One child process that loads and runs models for ``native_crash``: onnxruntime imported once per run."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.child: subprocess.Popen | None = None
+
+    def survives(self, model: Path, feeds: Path) -> int | None:
+        """None if onnxruntime loaded and ran ``model`` without dying, else the child's exit code."""
+        with self.lock:
+            if self.child is None or self.child.poll() is not None:
+                self.child = subprocess.Popen(
+                    [sys.executable, "-c", _PROBE],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            assert self.child.stdin is not None and self.child.stdout is not None
+            try:
+                self.child.stdin.write(f"{model}\t{feeds}\n")
+                self.child.stdin.flush()
+                if self.child.stdout.readline().strip() == "survived":
+                    return None
+            except BrokenPipeError:
+                pass
+            code = self.child.wait()
+            self.child = None
+            return code
+
+
+_probe = _Probe()
+
+
+def native_crash(model: Path, feeds: dict[str, Any]) -> str | None:
+    """Rule 5: how onnxruntime died loading ``model`` and running it on ``feeds`` in a child process
+    ("crashed (SIGSEGV)"), or None when it did not (a refusal is not a crash: the caller meets it itself)."""
+    held = Path(tempfile.mkstemp(prefix="edgepack-probe-", suffix=".pkl")[1])
+    try:
+        held.write_bytes(pickle.dumps(feeds))
+        code = _probe.survives(model, held)
+    finally:
+        held.unlink(missing_ok=True)
+    if code is None:
+        return None
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"crashed ({signal.Signals(-code).name})"
+    return f"died (exit code {code})"

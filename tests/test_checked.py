@@ -253,3 +253,61 @@ def test_notices_with_library_messages_keep_bundles_reproducible(tmp_path):
     scratch = f"{tempfile.gettempdir()}/edgepack-"
     assert "shipped FP32 instead" in manifests[0] and "<work file>" in manifests[0] and scratch not in manifests[0]
     assert manifests[0] == manifests[1]
+
+
+class _DiesWhenRead:
+    """Unpickled in the probe's child process, it kills that process with SIGSEGV, as a native crash would."""
+
+    def __reduce__(self):
+        return (_segfault_self, ())
+
+
+def _segfault_self():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_native_crash_tells_a_child_killed_by_a_signal_from_one_that_survives(tmp_path):
+    from edgepack.checked import native_crash
+
+    path = shaped_models.save(shaped_models.ir3_initializers_not_inputs(), tmp_path, "m")
+    assert native_crash(path, {"x": np.ones((1, 4), np.float32)}) is None
+    assert native_crash(tmp_path / "missing.onnx", {}) is None  # a refusal is not a crash
+    assert native_crash(path, {"x": _DiesWhenRead()}) == "crashed (SIGSEGV)"
+    assert native_crash(path, {"x": np.ones((1, 4), np.float32)}) is None  # a new child after the crash
+
+
+def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16(tmp_path, cli):
+    """A torch LSTM + Linear with a dynamic batch: its fp16 model crashes onnxruntime 1.31's level-3 optimizer
+    on x86 (SIGSEGV). The quantization gate tries it in a child process: fp16 falls back, every target ships."""
+    torch = pytest.importorskip("torch")
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = torch.nn.LSTM(20, 32, batch_first=True), torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    path = tmp_path / "tagger.onnx"
+    torch.onnx.export(
+        Tagger().eval(),
+        (torch.randn(1, 7, 20),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch", 1: "seq"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    done = cli("package", path, "-t", "jetson-orin-trt,linux-x64", "-o", tmp_path / "out", "--json", "-j", "1")
+    assert done.returncode == 0, done.stderr
+    results = {r["target"]: r for r in json.loads(done.stdout)["results"]}
+    assert all(r["ok"] for r in results.values()), results
+    manifest = json.loads((Path(results["jetson-orin-trt"]["bundle"]) / "manifest.json").read_text())
+    quantize = next(s for s in manifest["stages"] if s["stage"] == "quantize")
+    assert quantize["recipe"] == "fp16" or "crashed (SIGSEGV)" in quantize["notice"], quantize

@@ -39,7 +39,7 @@ import onnx
 
 from ..accuracy import check, compare, top1_phrase
 from ..calibration import RANDOM, Samples, calibration_samples, validation_samples
-from ..checked import job_inputs, quiet_session, work_paths_out
+from ..checked import job_inputs, native_crash, quiet_session, work_paths_out
 from ..errors import AccuracyError, ConversionError, EdgepackError, UsageError, first_line
 from ..inputs import plan_for
 from ..onnxio.modelinfo import describe_io
@@ -407,6 +407,7 @@ def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str,
         job,
         f"the {recipe}-quantized model",
         names=list(expected[0]),
+        probe=True,
         hint=f"try another recipe than {recipe} (--quantize), exclude the op types it fails on in "
         f"quantization.{recipe}.exclude_op_types, or keep FP32 with --quantize none",
     )
@@ -414,10 +415,26 @@ def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str,
 
 
 def _run(
-    model, validation: Samples, job: Job, what: str, *, hint: str, names: list[str] | None = None
+    model,
+    validation: Samples,
+    job: Job,
+    what: str,
+    *,
+    hint: str,
+    names: list[str] | None = None,
+    probe: bool = False,
 ) -> list[dict[str, Any]]:
+    """The model's outputs on the validation inputs; ``probe``: a helper tool wrote it, so it is first tried
+    in a child process (checked rule 5)."""
     import onnxruntime as ort
 
+    if probe and (crash := native_crash(model, validation.feeds[0])):
+        raise ConversionError(
+            f"{what}: onnxruntime {ort.__version__} {crash} loading or running it (in a separate process, so "
+            "nothing else was lost)",
+            where=job.profile.name,
+            hint=hint,
+        )
     try:
         session = quiet_session(model)
         names = names or [o.name for o in session.get_outputs()]
