@@ -12,9 +12,9 @@ Rules:
    onnxruntime requires there) gets an Identity node again.
 4. A step that raises, or whose output fails rule 2, is skipped: the model before it goes on, and the
    record says which step and why, for a notice in the stage's report. Never fatal.
-5. A model a helper tool wrote (a quantizer's) is first loaded and run once in a child process
-   (``native_crash``): onnxruntime can die of a model it should refuse (a float16 LSTM model crashes its
-   level-3 optimizer on x86), and a crash there would take every target of the run with it.
+5. The user's model, and a model a helper tool wrote (a quantizer's), are first loaded (and run once) in a
+   child process (``native_crash``): onnxruntime can die of a model it should refuse (a float16 LSTM model
+   crashes its level-3 optimizer on x86), and a crash here would take every target of the run with it.
 """
 
 from __future__ import annotations
@@ -317,8 +317,9 @@ for line in sys.stdin:
         options = ort.SessionOptions()
         options.log_severity_level = 4
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        with open(feeds, "rb") as f:
-            session.run(None, pickle.load(f))
+        if feeds != "-":
+            with open(feeds, "rb") as f:
+                session.run(None, pickle.load(f))
         del session
     except Exception:
         pass  # refusals are the caller's to report, in its own process
@@ -333,7 +334,7 @@ class _Probe:
         self.lock = threading.Lock()
         self.child: subprocess.Popen | None = None
 
-    def survives(self, model: Path, feeds: Path) -> int | None:
+    def survives(self, model: Path, feeds: Path | str) -> int | None:
         """None if onnxruntime loaded and ran ``model`` without dying, else the child's exit code."""
         with self.lock:
             if self.child is None or self.child.poll() is not None:
@@ -360,15 +361,18 @@ class _Probe:
 _probe = _Probe()
 
 
-def native_crash(model: Path, feeds: dict[str, Any]) -> str | None:
-    """Rule 5: how onnxruntime died loading ``model`` and running it on ``feeds`` in a child process
-    ("crashed (SIGSEGV)"), or None when it did not (a refusal is not a crash: the caller meets it itself)."""
-    held = Path(tempfile.mkstemp(prefix="edgepack-probe-", suffix=".pkl")[1])
-    try:
-        held.write_bytes(pickle.dumps(feeds))
-        code = _probe.survives(model, held)
-    finally:
-        held.unlink(missing_ok=True)
+def native_crash(model: Path, feeds: dict[str, Any] | None = None) -> str | None:
+    """Rule 5: how onnxruntime died loading ``model`` (and running it on ``feeds``, if given) in a child
+    process ("crashed (SIGSEGV)"), or None when it did not (a refusal is not a crash: the caller meets it)."""
+    if feeds is None:
+        code = _probe.survives(model, "-")
+    else:
+        held = Path(tempfile.mkstemp(prefix="edgepack-probe-", suffix=".pkl")[1])
+        try:
+            held.write_bytes(pickle.dumps(feeds))
+            code = _probe.survives(model, held)
+        finally:
+            held.unlink(missing_ok=True)
     if code is None:
         return None
     if code < 0:

@@ -14,6 +14,9 @@ Rules:
    there are pairs to build. Workers get the signing key as bytes, so nothing reads the passphrase
    twice. Ray tasks never see the signing key: the bundle comes back as bytes, is signed here and
    renamed into place here.
+6. A worker that dies (a native crash in onnxruntime or a helper library) breaks the pool: the pairs it
+   took with it run again, each alone in a fresh worker, so the one that crashes fails by itself ("the
+   worker packaging this target died") with its half-written folder removed, and the others complete.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgepackError, UsageError
+from .errors import ConversionError, EdgepackError, UsageError
 from .execution import Execution
 from .pipeline.job import Options, Source
 from .pipeline.result import Result
@@ -245,10 +249,11 @@ class ProcessExecutor(_LocalExecutor):
     """Pairs in worker processes on this machine; each pair's progress is shown when it ends."""
 
     def __init__(self, jobs: int):
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["edgepack.pipeline.run"])
-        self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["edgepack.pipeline.run"])
+        self._pool = ProcessPoolExecutor(max_workers=jobs, mp_context=self._context)
         self._futures: dict[Any, Any] = {}
+        self._work: dict[Any, tuple] = {}
 
     def __exit__(self, *exc):
         self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
@@ -264,17 +269,52 @@ class ProcessExecutor(_LocalExecutor):
         destination: Path,
         signer: _Signer | None,
     ) -> None:
-        self._futures[
-            self._pool.submit(_work, source, profile, options, workdir, destination, signer.der if signer else None)
-        ] = tag
+        work = (source, profile, options, workdir, destination, signer.der if signer else None)
+        self._futures[self._pool.submit(_work, *work)] = tag
+        self._work[tag] = work
 
     def completed(self, progress: Progress) -> Iterator[tuple[Any, Result, list[str]]]:
         pending = set(self._futures)
+        lost = []
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                result, lines = future.result()
+                try:
+                    result, lines = future.result()
+                except BrokenProcessPool:  # rule 6
+                    lost.append(self._futures[future])
+                    continue
                 yield self._futures[future], result, lines
+        for tag in lost:
+            yield (tag, *self._alone(tag))
+
+    def _alone(self, tag) -> tuple[Result, list[str]]:
+        """A pair a dead worker took with it, again in a worker of its own (rule 6)."""
+        source, profile, options, workdir, destination, key_der = self._work[tag]
+        _remove_partial(destination)
+        with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
+            try:
+                return pool.submit(_work, source, profile, options, workdir / "again", destination, key_der).result()
+            except BrokenProcessPool:
+                _remove_partial(destination)
+        error = ConversionError(
+            "the worker process packaging this target died (a native crash in onnxruntime or a library it "
+            "calls); the other targets were not affected",
+            where=profile.name,
+            hint="rerun this target alone with --jobs 1 --debug to see the last step; try another --quantize",
+        )
+        return Result(profile.name, destination, False, error=error), []
+
+
+def _remove_partial(destination: Path) -> None:
+    """The staging folders a dead worker left for ``destination`` (fileops.atomic_folder's names)."""
+    import shutil
+
+    parent = destination.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    for partial in parent.glob(f".{destination.name[:60]}.*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _work(

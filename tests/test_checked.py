@@ -279,9 +279,9 @@ def test_native_crash_tells_a_child_killed_by_a_signal_from_one_that_survives(tm
     assert native_crash(path, {"x": np.ones((1, 4), np.float32)}) is None  # a new child after the crash
 
 
-def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16(tmp_path, cli):
-    """A torch LSTM + Linear with a dynamic batch: its fp16 model crashes onnxruntime 1.31's level-3 optimizer
-    on x86 (SIGSEGV). The quantization gate tries it in a child process: fp16 falls back, every target ships."""
+def _lstm_tagger(path: Path) -> Path:
+    """A torch LSTM + Linear with dynamic batch and sequence (TorchScript exporter): its fp16 model crashes
+    onnxruntime 1.31's level-3 optimizer on x86 (SIGSEGV)."""
     torch = pytest.importorskip("torch")
 
     class Tagger(torch.nn.Module):
@@ -293,7 +293,6 @@ def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16
             return self.fc(self.lstm(x)[0])
 
     torch.manual_seed(0)
-    path = tmp_path / "tagger.onnx"
     torch.onnx.export(
         Tagger().eval(),
         (torch.randn(1, 7, 20),),
@@ -304,6 +303,12 @@ def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16
         opset_version=17,
         dynamo=False,
     )
+    return path
+
+
+def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16(tmp_path, cli):
+    """The quantization gate tries the fp16 model in a child process: fp16 falls back, every target ships."""
+    path = _lstm_tagger(tmp_path / "tagger.onnx")
     done = cli("package", path, "-t", "jetson-orin-trt,linux-x64", "-o", tmp_path / "out", "--json", "-j", "1")
     assert done.returncode == 0, done.stderr
     results = {r["target"]: r for r in json.loads(done.stdout)["results"]}
@@ -311,3 +316,18 @@ def test_an_lstm_model_whose_fp16_conversion_crashes_onnxruntime_costs_only_fp16
     manifest = json.loads((Path(results["jetson-orin-trt"]["bundle"]) / "manifest.json").read_text())
     quantize = next(s for s in manifest["stages"] if s["stage"] == "quantize")
     assert quantize["recipe"] == "fp16" or "crashed (SIGSEGV)" in quantize["notice"], quantize
+
+
+def test_a_model_onnxruntime_dies_of_is_refused_cleanly(tmp_path, cli, clean_failure):
+    """The fp16 tagger given as the user's model: where onnxruntime dies of it, edgepack refuses it (exit 3)."""
+    from edgepack.checked import native_crash
+    from edgepack.recipes.fp16 import Fp16Settings, fp16_model
+
+    path = tmp_path / "tagger16.onnx"
+    onnx.save_model(fp16_model(onnx.load_model(_lstm_tagger(tmp_path / "tagger.onnx")), Fp16Settings(), []), path)
+    done = cli("package", path, "-t", "linux-x64", "-o", tmp_path / "out")
+    if native_crash(path) is None:  # a host where onnxruntime survives it: packaged or refused like any model
+        assert done.returncode in (0, 2, 3, 4, 5, 6), done.stderr
+    else:
+        clean_failure(done, "onnxruntime crashed (SIGSEGV) loading the model")
+        assert done.returncode == 3 and not (tmp_path / "out").exists()

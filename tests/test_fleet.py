@@ -6,6 +6,7 @@ and cache hits must give the same bytes, file for file, signature included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -382,3 +383,57 @@ def test_targets_with_the_same_input_share_one_optimize_step(tmp_path, monkeypat
     assert len(calls) == 1, calls
     steps = [next(s for s in r.manifest["stages"] if s["stage"] == "optimize") for r in results]
     assert steps[0]["steps"] and all(s == steps[0] for s in steps), steps
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_killed_mid_pair_costs_nothing_its_pair_runs_again_alone(tmp_path):
+    """A worker dies of a signal, as of a native crash in onnxruntime: the pool breaks, the pairs it held run
+    again each in a fresh worker, every target ships and no staging folder is left behind."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "edgepack",
+        "package",
+        "--example",
+        "transformer",
+        "-t",
+        "all",
+        "-o",
+        str(out),
+        "-j",
+        "2",
+    ]
+    cli = subprocess.Popen(
+        [*command, "--json", "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    killed = None
+    deadline = time.monotonic() + 60
+    while killed is None and time.monotonic() < deadline and cli.poll() is None:
+        workers = [w for server in _children(cli.pid) for w in _children(server)]  # the fork server's children
+        if workers:
+            time.sleep(1.0)  # into its first pair
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workers[0], signal.SIGSEGV)
+                killed = workers[0]
+        time.sleep(0.05)
+    stdout, stderr = cli.communicate(timeout=600)
+    assert killed is not None, "no worker was seen"
+    results = json.loads(stdout)["results"]
+    assert cli.returncode == 0, [r["error"] for r in results if not r["ok"]]
+    assert len(results) == len(builtin_profile_names()) and all(r["ok"] for r in results), results
+    assert not list(out.glob(".*.partial")), list(out.iterdir())

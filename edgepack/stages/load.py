@@ -4,7 +4,8 @@ Rules:
 1. The model must be a non-empty file that parses as ONNX. What ``onnx.checker`` finds becomes a notice
    when onnxruntime loads the model anyway (old IR-3 models whose initializers are not graph inputs,
    outputs without a shape); a refusal only when onnxruntime refuses it too. A model the checker passes
-   and onnxruntime refuses (two nodes of one name) is refused with onnxruntime's words.
+   and onnxruntime refuses (two nodes of one name) is refused with onnxruntime's words; one onnxruntime
+   dies of (tried in a child process first, edgepack.checked rule 5) is refused as such.
 2. Every external-data ``location`` must be a relative path inside the model's folder (no ``..``, no
    absolute path, no symlink leading out), and its file must hold ``offset + length`` bytes.
 3. Every node input exists and the graphs have no cycle (edgepack.onnxio.graphcheck), and every op has a
@@ -34,7 +35,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from ..bundle.manifest import hash_file
-from ..checked import held_back, notice_of, quiet_session, run_ir_passes
+from ..checked import held_back, native_crash, notice_of, quiet_session, run_ir_passes
 from ..errors import ModelError, UsageError, first_line
 from ..fileops import copy_model
 from ..inputs import fit_inputs
@@ -82,6 +83,14 @@ def load_result(source: Source) -> LoadResult:
 
 def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     proto = _read_and_check(path)
+    crash = native_crash(path)
+    if crash:
+        raise ModelError(
+            f"onnxruntime {crash} loading the model (in a separate process: nothing was written)",
+            where=str(path),
+            hint="plain onnxruntime with its default session options dies of it too: re-export the model "
+            "(a float16 model: export it in float32 and let edgepack convert it per target)",
+        )
     info = summarize(proto, path)
     overridable = _inputs_with_defaults(proto)
     del proto  # a model with inline weights is held once at a time: by the checker, then by onnx-ir
