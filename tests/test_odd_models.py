@@ -284,3 +284,54 @@ def test_an_output_whose_width_depends_on_the_input_packages(tmp_path):
         path, [load_profile(t) for t in ("linux-x64", "jetson-orin-trt")], Options(output=tmp_path / "out")
     )
     assert all(r.ok for r in results), [str(r.error) for r in results]
+
+
+def _linear_classifier(*, matmul_first: bool) -> onnx.ModelProto:
+    """An ai.onnx.ml LinearClassifier giving float32 scores (skl2onnx with zipmap=False), alone or after a MatMul:
+    onnxconverter-common keeps the ml op in FP32 but declared its output float16."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["features", "w"], ["mixed"])] if matmul_first else []
+    nodes.append(
+        helper.make_node(
+            "LinearClassifier",
+            ["mixed" if matmul_first else "features"],
+            ["label", "scores"],
+            domain="ai.onnx.ml",
+            classlabels_ints=[0, 1, 2],
+            coefficients=rng.standard_normal(12).astype(np.float32).tolist(),
+            intercepts=[0.1, -0.2, 0.0],
+            post_transform="SOFTMAX",
+        )
+    )
+    initializers = (
+        [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")] if matmul_first else []
+    )
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3]),
+        ],
+        initializers,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+@pytest.mark.parametrize("matmul_first", [False, True], ids=["ml op alone", "after a matmul"])
+def test_fp16_keeps_float32_outputs_and_ships_fp32_when_it_converts_nothing(tmp_path, matmul_first):
+    path = shaped_models.save(_linear_classifier(matmul_first=matmul_first), tmp_path, "classifier")
+    options = Options(output=tmp_path / "out", min_accelerated_fraction=0.0)
+    [result] = package_model(path, [load_profile("jetson-orin-trt")], options)
+    assert result.ok, result.error
+    quantize = next(s for s in result.manifest["stages"] if s["stage"] == "quantize")
+    assert quantize["recipe"] == ("fp16" if matmul_first else "none"), quantize
+    if not matmul_first:
+        assert "found nothing to quantize" in quantize["notice"]
+    feeds = {"features": np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)}
+    got = edgepack_shim.load(result.bundle, providers=["CPUExecutionProvider"]).run(feeds)
+    assert got["scores"].dtype == np.float32 and got["label"].dtype == np.int64
+    [label, scores] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(got["scores"], scores, atol=2e-3)

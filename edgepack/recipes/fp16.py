@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .base import QUANTIZED_OPS, Recipe, Variant
 
-__all__ = ["Fp16", "Fp16Settings", "fp16_model", "save", "SEQUENCE_OPS"]
+__all__ = ["Fp16", "Fp16Settings", "fp16_model", "fp16_ops", "save", "SEQUENCE_OPS"]
 
 SEQUENCE_OPS = frozenset(
     {
@@ -68,7 +68,10 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
     told; the accuracy gate then judges the result like any other)."""
     from onnxconverter_common import float16
 
-    _route_consumed_outputs(model)
+    declared = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    blocked = set(float16.DEFAULT_OP_BLOCK_LIST) | SEQUENCE_OPS | set(settings.exclude_op_types)
+    _name_nodes(model)
+    _route_outputs(model, blocked, set(excluded))
     # quant_pre_process already ran shape inference on the file: the converter's own in-memory
     # inference would serialize the whole model, which fails over 2 GiB
     with warnings.catch_warnings():
@@ -77,12 +80,40 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
             model,
             keep_io_types=True,
             disable_shape_infer=True,
-            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | SEQUENCE_OPS | set(settings.exclude_op_types)),
+            op_block_list=sorted(blocked),
             node_block_list=excluded or None,
             check_fp16_ready=False,
         )
     _align_casts(model)
+    _restore_output_types(model, declared)
     return model
+
+
+def fp16_ops(proto) -> int:
+    """How many nodes, Casts and Identities aside, read or write a float16 tensor (as typed by the model's value infos,
+    initializers, Constants and Casts to float16): 0 when an FP16 conversion converted nothing."""
+    import onnx
+
+    from ..onnxio.modelinfo import iter_graphs
+
+    half = onnx.TensorProto.FLOAT16
+    count = 0
+    for graph in iter_graphs(proto.graph):
+        typed = {
+            vi.name for vi in [*graph.input, *graph.output, *graph.value_info] if vi.type.tensor_type.elem_type == half
+        }
+        typed |= {t.name for t in graph.initializer if t.data_type == half}
+        for node in graph.node:
+            if node.op_type == "Constant" and any(a.name == "value" and a.t.data_type == half for a in node.attribute):
+                typed.update(node.output)
+            if node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute):
+                typed.update(node.output)
+        count += sum(
+            1
+            for node in graph.node
+            if node.op_type not in ("Cast", "Constant", "Identity") and typed & {*node.input, *node.output}
+        )
+    return count
 
 
 def save(model, out: Path, *, external: bool) -> None:
@@ -103,23 +134,46 @@ def save(model, out: Path, *, external: bool) -> None:
         onnx.save_model(model, out)
 
 
-def _route_consumed_outputs(model) -> None:
-    """Give every float graph output that nodes also read (here or in a subgraph) an Identity of its own.
+def _name_nodes(model) -> None:
+    """A unique name for every unnamed node: the converter keys its Casts by node name (the Casts it adds are
+    named after the nodes they feed), so unnamed nodes collide ("The downstream node of the second cast node
+    should be graph output") or give two Casts one output."""
+    from ..onnxio.modelinfo import iter_nodes
+
+    nodes = list(iter_nodes(model))
+    taken = {n.name for n in nodes}
+    for index, node in enumerate(nodes):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _route_outputs(model, blocked_ops: set[str], blocked_nodes: set[str]) -> None:
+    """Give a float graph output an Identity of its own when nodes also read it (here or in a subgraph) or when
+    a node kept in FP32 writes it.
 
     With float32 outputs kept, the converter renames such an output's producer to a float16 tensor and casts
-    it back to float32 under the output's name, but the readers keep reading the float32 name: their own
-    outputs, declared float16, come out float32 and onnxruntime refuses the model. Here the producer writes
-    ``<name>.fp16_inner``, the readers read that, and an Identity copies it to the output, which nothing else
-    reads."""
+    it back to float32 under the output's name. Readers keep reading the float32 name, so their own outputs,
+    declared float16, come out float32 and onnxruntime refuses the model. A producer kept in FP32 gets a Cast
+    to float16 and one back, a pair the converter then fails to remove ("The downstream node of the second
+    cast node should be graph output"). Here the producer writes ``<name>.fp16_inner``, the readers read
+    that, and an Identity copies it to the output, which nothing else reads."""
     import onnx
 
     from ..onnxio.modelinfo import iter_nodes
 
     graph = model.graph
     floats = {o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    produced = {name for node in graph.node for name in node.output}
     read = {name for node in iter_nodes(model) for name in node.input}
-    routed = {name: f"{name}.fp16_inner" for name in sorted(floats & produced & read)}
+    routed = {}
+    for node in graph.node:
+        kept = node.op_type in blocked_ops or node.name in blocked_nodes
+        for name in node.output:
+            if name in floats and (name in read or kept):
+                routed[name] = f"{name}.fp16_inner"
     if not routed:
         return
     for node in iter_nodes(model):
@@ -135,6 +189,31 @@ def _route_consumed_outputs(model) -> None:
     for info in list(graph.value_info):
         if info.name in routed:
             info.name = routed[info.name]
+
+
+def _restore_output_types(model, declared: dict[str, int]) -> None:
+    """onnxconverter-common declares a float32 output float16 when the op producing it is kept in FP32 (a
+    TreeEnsemble): such an output gets a Cast back to float32, as the recipe promises float32 outputs."""
+    import onnx
+
+    graph = model.graph
+    for output in graph.output:
+        was = declared.get(output.name)
+        if was is None or output.type.tensor_type.elem_type == was:
+            continue
+        inner = f"{output.name}.fp16_cast"
+        for node in graph.node:
+            for i, name in enumerate(node.output):
+                if name == output.name:
+                    node.output[i] = inner
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == output.name:
+                    node.input[i] = inner
+        graph.node.append(
+            onnx.helper.make_node("Cast", [inner], [output.name], to=was, name=f"{output.name}.as_declared")
+        )
+        output.type.tensor_type.elem_type = was
 
 
 def _align_casts(model) -> None:

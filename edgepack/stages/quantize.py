@@ -24,15 +24,17 @@ Rules:
    ``none`` for FP32); the first that passes ships, with a notice naming the default, why it missed and
    what shipped. The user never asked for quantization, so a miss is no reason to ship nothing. An
    explicit ``--quantize`` stays strict.
-7. An integer recipe that quantizes nothing (dynamic INT8 of a model with no MatMul, Gemm or Conv of
-   constant weights) ships the FP32 model, said so, not a pre-processed copy labelled INT8 and held to the looser
-   quantization tolerance.
+7. A recipe that quantizes nothing ships the FP32 model, said so, not a pre-processed copy labelled INT8 or
+   FP16 and held to the looser quantization tolerance: an integer recipe that left no quantized op (dynamic
+   INT8 of a model with no MatMul, Gemm or Conv of constant weights), an FP16 one that left no more float16
+   ops than the model had (a tree ensemble, kept in FP32 by the converter; a float64 model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -46,6 +48,7 @@ from ..onnxio.modelinfo import describe_io
 from ..pipeline.job import Artifact, Job
 from ..pipeline.stage import Stage, StageResult, optional
 from ..recipes import RECIPES
+from ..recipes.fp16 import fp16_ops
 from ..recipes.quantize import already_quantized, quantize_model, quantized_ops
 from ..recipes.search import host_arch, search
 
@@ -267,9 +270,7 @@ def _quantize(
 
     attempts: list[dict[str, Any]] = []
     result, figures, misses = attempt([])
-    if chosen.precision in ("int8", "int4") and not quantized_ops(
-        result.path
-    ):  # rule 7 (fp16 also converts activations)
+    if _converted_nothing(chosen.precision, result.path, artifact.path):  # rule 7
         job.say(f"NOTE: {recipe} quantization found nothing to quantize in this model: FP32 kept")
         return QuantizeResult(
             **{**report, "recipe": "none"},
@@ -390,6 +391,17 @@ _CALIBRATION_HINT = (
     "give --calibration DATA (an .npy per input, an .npz of named arrays, or a folder of .npz "
     "samples), or --calibration random for a smoke test (marked as random in the manifest)"
 )
+
+
+def _converted_nothing(precision: str, quantized: Path, before: Path) -> bool:
+    """Rule 7: an integer recipe that left no quantized op, or an FP16 one that left no more float16 ops
+    than the model had (every float op kept in FP32, as tree ensembles are, or no float32 at all)."""
+    if precision in ("int8", "int4"):
+        return not quantized_ops(quantized)
+    if precision == "fp16":
+        after = fp16_ops(onnx.load_model(quantized, load_external_data=False))
+        return after <= fp16_ops(onnx.load_model(before, load_external_data=False))
+    return False
 
 
 def _measure(job: Job, quantized, validation: Samples, recipe: str) -> dict[str, Any]:
