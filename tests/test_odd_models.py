@@ -335,3 +335,14 @@ def test_fp16_keeps_float32_outputs_and_ships_fp32_when_it_converts_nothing(tmp_
     assert got["scores"].dtype == np.float32 and got["label"].dtype == np.int64
     [label, scores] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(got["scores"], scores, atol=2e-3)
+
+
+def test_a_zipmap_model_onnxruntime_refuses_is_refused_at_load_too(tmp_path, cli, clean_failure):
+    """onnx-ir cannot read ZipMap's map types, so no pass loaded the model: load still asks onnxruntime."""
+    model = shaped_models.zipmap_classifier()
+    for node in model.graph.node:
+        node.name = "twin"
+    path = shaped_models.save(model, tmp_path, "zipmap_twins")
+    done = cli("package", path, "--target", "linux-x64", "-o", tmp_path / "out")
+    clean_failure(done, f"{path}: onnxruntime cannot load the model", "two nodes with same node name (twin)")
+    assert done.returncode == 3 and "internal error" not in done.stderr and not (tmp_path / "out").exists()

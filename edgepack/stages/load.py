@@ -99,7 +99,11 @@ def load(path: Path, workdir: Path, name: str | None = None) -> Source:
     if finding:
         notices.append(f"onnx.checker: {finding} (onnxruntime loads the model, so it is packaged)")
     reference, records = _write_reference(path, workdir, info["external_data"]["files"])
-    if any(r.get("checked", "").startswith("none: the model before it does not load") for r in records):
+    # a pass's check found the model itself unloadable, or no pass could read it (onnx-ir and map types), so
+    # no check loaded it: what onnxruntime says is a refusal before any target (rule 1)
+    if all(r["status"] == "skipped" for r in records) or any(
+        r.get("checked", "").startswith("none: the model before it does not load") for r in records
+    ):
         _refuse_unloadable(path)
     skipped = notice_of(records)
     if skipped:
