@@ -65,7 +65,7 @@ class Dynamic(Recipe):
         self, prepared, out, settings: DynamicSettings, *, calibration, excluded, external, calibration_method, target
     ) -> None:
         from ..ort_tools import load_ort_tools
-        from .quantize import model_bytes, name_nodes, op_types, quant_type
+        from .quantize import UNTYPED_AS_FLOAT, model_bytes, name_nodes, op_types, quant_type
 
         load_ort_tools()  # onnxruntime.quantization imports onnxruntime.tools, which imports torch
         from onnxruntime.quantization import quantize_dynamic
@@ -85,6 +85,7 @@ class Dynamic(Recipe):
                 reduce_range=settings.reduce_range,
                 nodes_to_exclude=excluded,
                 use_external_data_format=external or large,
+                extra_options=UNTYPED_AS_FLOAT,
             )
 
     def what_to_try(self, options, settings) -> list[str]:

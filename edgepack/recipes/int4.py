@@ -254,7 +254,7 @@ def _dynamic_int8(model, nodes: list[str], target, path: Path):
     from onnxruntime.quantization import quantize_dynamic
 
     from .dynamic import DynamicSettings
-    from .quantize import quant_type
+    from .quantize import UNTYPED_AS_FLOAT, quant_type
 
     settings = target.quantization.settings("dynamic") or DynamicSettings()
     quantize_dynamic(
@@ -265,6 +265,7 @@ def _dynamic_int8(model, nodes: list[str], target, path: Path):
         per_channel=settings.per_channel,
         weight_type=quant_type(settings.weight_type),
         reduce_range=settings.reduce_range,
+        extra_options=UNTYPED_AS_FLOAT,
     )
     return onnx.load_model(path)
 

@@ -98,6 +98,12 @@ class Quantized:
         return data
 
 
+UNTYPED_AS_FLOAT = {"DefaultTensorType": 1}
+"""onnxruntime's quantizers refuse a tensor whose type shape inference could not give ("Unable to find data
+type ... DefaultTensorType"), as after the com.microsoft ops of onnxruntime's own transformer optimizer:
+such a tensor is taken as float, as that message suggests (the gate then judges the result)."""
+
+
 def quantized_ops(path: Path, proto: onnx.ModelProto | None = None) -> dict[str, int]:
     """Quantized op types (int8, int4) the model holds, with counts; empty if none."""
     proto = proto or onnx.load_model(path, load_external_data=False)

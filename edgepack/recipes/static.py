@@ -54,7 +54,7 @@ class Static(Recipe):
     ) -> None:
         from ..errors import ConversionError
         from ..ort_tools import load_ort_tools
-        from .quantize import Reader, op_types, quant_type
+        from .quantize import UNTYPED_AS_FLOAT, Reader, op_types, quant_type
 
         if not calibration:
             raise ConversionError("static quantization needs calibration samples")
@@ -86,6 +86,7 @@ class Static(Recipe):
                 extra_options={
                     "ActivationSymmetric": settings.symmetric_activations,
                     "WeightSymmetric": settings.symmetric_weights,
+                    **UNTYPED_AS_FLOAT,
                 },
             )
 
