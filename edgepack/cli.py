@@ -59,20 +59,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _error(str(exc))
-        return exc.exit_code
+        return _failed(args, type(exc).__name__, exc.message, exc.exit_code, where=exc.where, hint=exc.hint)
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return _failed(args, "KeyboardInterrupt", "interrupted", 130)
     except OSError as exc:  # a path the system refuses (too long, no permission, a file where a folder must be)
         if args.debug:
             raise
-        _error(f"{exc.filename or 'a file'}: {exc.strerror or exc}\n  hint: check the paths given on the command line")
-        return 2
+        hint = "check the paths given on the command line"
+        _error(f"{exc.filename or 'a file'}: {exc.strerror or exc}\n  hint: {hint}")
+        return _failed(args, "OSError", str(exc.strerror or exc), 2, where=exc.filename, hint=hint)
     except Exception as exc:  # a bug in edgepack or a library: still one clear line unless --debug
         if args.debug:
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc}\n  hint: rerun with --debug and report the traceback")
-        return 1
+        hint = "rerun with --debug and report the traceback"
+        _error(f"internal error: {type(exc).__name__}: {exc}\n  hint: {hint}")
+        return _failed(args, "InternalError", f"{type(exc).__name__}: {exc}", 1, hint=hint)
+
+
+def _failed(args, kind: str, message: str, code: int, *, where=None, hint=None) -> int:
+    """With --json, the error that stopped the command before it had results, on stdout as JSON too."""
+    if getattr(args, "json", False):
+        error = {"type": kind, "message": message, "exit_code": code, "where": where, "hint": hint}
+        _print_json({"ok": False, "error": {k: v for k, v in error.items() if v is not None}})
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:

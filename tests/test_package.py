@@ -274,6 +274,21 @@ def test_debug_and_json_work_on_either_side_of_the_command(tmp_path, cli, where)
     assert listed.returncode == 0 and {p["name"] for p in json.loads(listed.stdout)} == set(builtin_profile_names())
 
 
+@pytest.mark.parametrize(
+    "args, kind, code",
+    [
+        (["package", "missing.onnx", "-t", "linux-x64"], "ModelError", 3),
+        (["package", "--example", "cnn", "-t", "no-such-target"], "UsageError", 2),
+    ],
+    ids=["missing model", "unknown target"],
+)
+def test_json_reports_an_error_that_stops_the_command_before_any_target(tmp_path, cli, args, kind, code):
+    done = cli(*args, "-o", tmp_path / "out", "--json", cwd=tmp_path)
+    assert done.returncode == code and "edgepack: error:" in done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is False and report["error"]["type"] == kind and report["error"]["exit_code"] == code
+
+
 def test_inspect_describes_a_model(examples, cli):
     done = cli("inspect", examples["transformer"])
     assert done.returncode == 0, done.stderr
