@@ -331,3 +331,28 @@ def test_a_model_onnxruntime_dies_of_is_refused_cleanly(tmp_path, cli, clean_fai
     else:
         clean_failure(done, "onnxruntime crashed (SIGSEGV) loading the model")
         assert done.returncode == 3 and not (tmp_path / "out").exists()
+
+
+def test_models_edgepack_writes_hold_no_value_info_for_initializers(tmp_path):
+    """onnx-ir writes a value_info per initializer; a quantizer that rewrites a weight in place (dynamic INT8
+    turns a Gemm's B into a transposed MatMul weight) would leave it stale and onnx's shape inference refuse."""
+    from edgepack.onnxio.save import save_model
+
+    weight = np.random.default_rng(1).standard_normal((10, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    source = shaped_models.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path, "gemm"
+    )
+    written = save_model(ir.load(source), tmp_path / "written.onnx")
+    proto = onnx.load_model(written)
+    assert [vi.name for vi in proto.graph.value_info if vi.name == "w"] == []
+    feeds = {"x": np.ones((1, 32), np.float32)}
+    expected = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

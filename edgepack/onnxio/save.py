@@ -27,7 +27,30 @@ def save_model(model: ir.Model, path: Path) -> Path:
         ir.save(model, path, external_data=f"{path.name}.data")
     else:
         ir.save(model, path)
+    _drop_initializer_value_infos(path)
     return path
+
+
+def _drop_initializer_value_infos(path: Path) -> None:
+    """onnx-ir writes a value_info for every initializer. onnxruntime's quantizers rewrite some weights in
+    place (dynamic INT8 transposes a Gemm's B into a MatMul's) and leave that record stale, and onnx's shape
+    inference then refuses the model ("Inferred shape and existing shape differ"): an initializer's type
+    is its own, so the records go (the weights, in a side file or not, are not read)."""
+    import onnx
+
+    from .modelinfo import iter_graphs
+
+    proto = onnx.load_model(path, load_external_data=False)
+    changed = False
+    for graph in iter_graphs(proto.graph):
+        weights = {t.name for t in graph.initializer}
+        kept = [vi for vi in graph.value_info if vi.name not in weights]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+            changed = True
+    if changed:
+        onnx.save_model(proto, path)
 
 
 def _inline_external_attributes(model: ir.Model) -> None:
