@@ -641,3 +641,20 @@ def test_top1_flips_at_near_ties_count_on_generated_inputs_only(tmp_path):
     assert given.ok, given.error
     quantize = _stage(given.manifest, "quantize")
     assert quantize["recipe"] == "none" and "top-1 agreement" in quantize["notice"], quantize
+
+
+@pytest.mark.parametrize("target", ["android-xnnpack", "linux-x64"])  # a profile without a recipe, one with
+def test_a_model_that_came_with_float16_weights_is_kept_and_held_to_the_quantization_tolerance(tmp_path, target):
+    from edgepack.recipes.fp16 import Fp16Settings, fp16_model
+
+    source = write_example("transformer", tmp_path)
+    path = tmp_path / "half.onnx"
+    typed = onnx.shape_inference.infer_shapes(onnx.load_model(source))  # the converter reads value infos
+    onnx.save_model(fp16_model(typed, Fp16Settings(), []), path)
+    options = Options(output=tmp_path / "out", input_shapes={"input_ids": (1, 16), "attention_mask": (1, 16)})
+    [result] = package_model(path, [load_profile(target)], options)
+    assert result.ok, result.error
+    quantize = _stage(result.manifest, "quantize")
+    assert quantize["already_quantized"]["float16 initializers"] > 0 and "kept as it is" in quantize["summary"]
+    self_test = _stage(result.manifest, "self_test")
+    assert self_test["passed"] and "(fp16, quantization tolerance)" in self_test["summary"], self_test

@@ -5,7 +5,9 @@ Rules:
    default with no calibration data becomes ``quantization.without_calibration`` (or refuses when that
    is ``refuse``); the fallback is printed and recorded. An explicit ``--quantize static`` without
    ``--calibration`` refuses. Random calibration happens only with ``--calibration random``.
-2. A model that is already quantized is kept as it is (reported, not quantized again).
+2. A model that is already quantized is kept as it is (reported, not quantized again), whatever the profile's
+   recipe (``none`` included); one whose only low precision is float16 weights is then held to the
+   quantization tolerance, as onnxruntime's fusions round float16 differently from the unfused model.
 3. The gate: the quantized model runs beside the FP32 reference on validation inputs (``--validation``,
    else the last fifth of the calibration samples, else generated inputs); cosine, top-1 agreement and
    (if the profile sets it) max abs error must meet ``quantization.tolerance``. A miss is an error saying
@@ -214,10 +216,16 @@ def _quantize(
         report["unused_options"] = f"{', '.join(unused)}: not used by the {recipe} recipe"
         job.say(f"NOTE: {report['unused_options']}")
     settings = job.profile.quantization.settings(recipe)
+    found = already_quantized(artifact.path)
+    # a model whose only low precision is float16 weights is held to the quantization tolerance by the self-test:
+    # onnxruntime's fusions round float16 differently from the unfused model (rule 2)
+    as_given = Artifact(path=artifact.path, precision="fp16") if list(found) == ["float16 initializers"] else None
     if settings is None:
         note = f" [fallback from {fallback['from']}: {fallback['reason']}]" if fallback else ""
-        return QuantizeResult(**report, summary=f"{recipe}: {chosen.description} kept{note}")
-    found = already_quantized(artifact.path)
+        kept = f"already quantized ({', '.join(found)}): kept as it is" if found else f"{chosen.description} kept"
+        return QuantizeResult(
+            **report, summary=f"{recipe}: {kept}{note}", already_quantized=found or None, artifact=as_given
+        )
     if found:
         listed = ", ".join(f"{k} x{v}" for k, v in found.items())
         job.say(f"NOTE: the model is already quantized ({listed}): not quantized again")
@@ -225,6 +233,7 @@ def _quantize(
             **{**report, "recipe": "none"},
             already_quantized=found,
             summary=f"already quantized ({listed}): kept as it is, {recipe} not applied",
+            artifact=as_given,
         )
     report["options"] = dataclasses.asdict(settings)
     inputs, _ = describe_io(onnx.load_model(artifact.path, load_external_data=False))
