@@ -73,6 +73,9 @@ class CoverageReport:
     """'domain:Op' -> number of nodes whose operator the accelerator does not take."""
     dynamic_shape_nodes: int | None = None
     """Nodes the accelerator would take if their input shapes were fixed (shape-aware checkers only)."""
+    dynamic_inputs: bool = True
+    """Whether a graph input has a dim that is not fixed; when none has, the nodes held back sit after ops whose
+    output shapes onnx's inference cannot give, and no --input-shape frees them."""
     source: str = ""
 
     @property
@@ -132,6 +135,15 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
         onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred), strict_mode=False)
     model = onnx.load_model(inferred)
     graph = model.graph
+    # an omitted optional input ("", as in Resize(x, "", "", sizes) or Clip(x, "", max)) has no value_info, which
+    # the checker takes for a dynamic shape: it is given a fixed (scalar) one; an initializer's own record goes,
+    # as the checker takes initializers as fixed but reads a record first
+    weights = {t.name for t in graph.initializer}
+    kept = [vi for vi in graph.value_info if vi.name not in weights]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    if any(name == "" for node in iter_nodes(model) for name in node.input):
+        graph.value_info.add(name="").type.tensor_type.shape.SetInParent()
     if not graph.value_info and len(graph.node) > 1 and graph.node[0].output:
         # nothing could be typed (the first op is one onnx cannot type): the checker refuses an empty value_info
         # as "shape inference not run"; an untyped entry is what it takes a missing one for, a dynamic value
@@ -152,6 +164,9 @@ def usability_report(
 ) -> CoverageReport:
     """The report of onnxruntime's own checker: ``partitions(model, require_fixed_shapes)`` is its
     ``check_*_partitions`` for the backend, reading its supported-operator ``table``."""
+    from onnxruntime.tools.onnx_model_utils import is_fixed_size_tensor
+
+    weights = {t.name for t in model.graph.initializer}
     with _quiet():
         fixed = partitions(model, True)
         if_fixed = partitions(model, False)
@@ -167,6 +182,7 @@ def usability_report(
         partitions_estimated=False,
         unsupported_ops=dict(unsupported.most_common()),
         dynamic_shape_nodes=if_fixed.num_supported_nodes - fixed.num_supported_nodes,
+        dynamic_inputs=not all(is_fixed_size_tensor(i) for i in model.graph.input if i.name not in weights),
         source=f"onnxruntime.tools.mobile_helpers {table} (onnxruntime {_ort_version()})",
     )
 
@@ -270,12 +286,17 @@ def gate(report: CoverageReport, min_fraction: float, max_partitions: int | None
             f"the profile requires at least {min_fraction:.1%}; unsupported operators: {ops}"
             + (
                 f"; {report.dynamic_shape_nodes} node(s) are held back by dynamic or unknown shapes"
+                + ("" if report.dynamic_inputs else " (every input is fixed: they follow ops onnx cannot type)")
                 if report.dynamic_shape_nodes
                 else ""
             ),
             where=where,
             hint="replace the unsupported operators, "
-            + ("fix the input shapes (--input-shape NAME=1,3,224,224), " if report.dynamic_shape_nodes else "")
+            + (
+                "fix the input shapes (--input-shape NAME=1,3,224,224), "
+                if report.dynamic_shape_nodes and report.dynamic_inputs
+                else ""
+            )
             + "or lower the gate with --min-accelerated-fraction (the rest runs on the CPU provider)",
         )
     if max_partitions is not None and report.partitions > max_partitions:

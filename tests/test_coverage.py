@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgepack.coverage import CoverageError, gate, load_op_list, measure
+from edgepack.coverage import CoverageError, CoverageReport, gate, load_op_list, measure
 from edgepack.errors import UsageError
 from edgepack.examples import write_example
 from edgepack.flags import parse_fixed_dims, parse_input_shapes
@@ -428,3 +429,39 @@ def test_package_a_model_with_external_data_for_a_fixed_shape_target(cnn, tmp_pa
     assert result.ok, result.error
     coverage = next(r for r in result.manifest["stages"] if r["stage"] == "coverage")
     assert coverage["after"]["supported_nodes"] == coverage["after"]["nodes"] == 11
+
+
+def test_omitted_optional_inputs_are_not_taken_for_dynamic_shapes(tmp_path):
+    """Clip(x, "", max) and Resize(x, "", "", sizes), as torch writes clamp(max=) and interpolate: a fully static
+    model whose every node NNAPI takes (onnxruntime's checker alone counts the "" inputs as dynamic)."""
+    from onnx import numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Clip", ["x", "", "cmax"], ["c"]),
+            helper.make_node("Resize", ["c", "", "", "sizes"], ["y"], mode="linear"),
+        ],
+        "optional",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [
+            numpy_helper.from_array(np.array(0.5, np.float32), "cmax"),
+            numpy_helper.from_array(np.array([1, 3, 32, 32], np.int64), "sizes"),
+        ],
+    )
+    path = tmp_path / "optional.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    report = measure(path, load_profile("android-nnapi").coverage)
+    assert (report.supported_nodes, report.nodes, report.dynamic_shape_nodes) == (2, 2, 0), report
+
+
+def test_the_coverage_hint_suggests_input_shapes_only_when_an_input_is_dynamic():
+    report = CoverageReport(
+        checker="nnapi", nodes=10, supported_nodes=2, partitions=1, partitions_estimated=False, dynamic_shape_nodes=6
+    )
+    with pytest.raises(CoverageError) as dynamic:
+        gate(report, 0.5, None, where="m.onnx")
+    assert "--input-shape" in dynamic.value.hint
+    with pytest.raises(CoverageError) as fixed:
+        gate(dataclasses.replace(report, dynamic_inputs=False), 0.5, None, where="m.onnx")
+    assert "--input-shape" not in fixed.value.hint and "every input is fixed" in fixed.value.message
