@@ -77,7 +77,7 @@ def run_checked(step: str, before: Path, make: Callable[[], Path], *, feeds: Fee
         return before, {
             "step": step,
             "status": "skipped",
-            "reason": work_paths_out(f"{type(exc).__name__}: {first_line(exc)}"),
+            "reason": work_paths_out(_why(exc)),
             "checked": "raised",
         }
     # what the step held (an onnx-ir model keeps its source's external data memory-mapped, in reference cycles)
@@ -100,6 +100,16 @@ def work_paths_out(text: str, instead: str = "<work file>") -> str:
     """A library's message without edgepack's scratch paths, which change every run: manifests are reproducible.
     ``instead``: what to name them (the user's model, in an error about a working copy of it)."""
     return _WORK_PATH.sub(lambda _: instead, text)
+
+
+def _why(exc: BaseException) -> str:
+    """The first line of what a library raised; for onnx-ir's SerdeError, which wraps each level of the model it
+    was reading ("Error calling _deserialize_graph with: <graph name>"), the innermost cause, which says why."""
+    if type(exc).__name__ == "SerdeError":
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        return f"onnx-ir cannot read the model: {first_line(exc).split(' Please contribute')[0]}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def run_ir_passes(passes: list, model: Path, folder: Path, *, feeds: Feeds) -> tuple[Path, list[dict[str, Any]]]:
