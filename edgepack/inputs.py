@@ -96,8 +96,19 @@ class InputPlan:
         return _tensor(np.dtype(spec["dtype"]), shape, kind, arg, rng)
 
     def report(self) -> dict[str, Any]:
-        """For the manifest: the shapes used, and the candidates tried before."""
-        return {"input_shapes": {name: list(dims) for name, dims in self.shapes.items()}, "tries": self.tries}
+        """For the manifest: the shapes used, the values of inputs that are not drawn freely (ids below an
+        embedding's size, a fill, a Reshape target), and the candidates tried before. The bundle's web page
+        makes its sample input from the first two."""
+        values: dict[str, Any] = {}
+        for name, (kind, arg) in self.rules.items():
+            if kind == "ints":
+                values[name] = {"ints": [int(arg[0]), int(arg[1])]}
+            elif kind == "fill":
+                values[name] = {"fill": arg.item() if hasattr(arg, "item") else arg}
+            elif kind == "reshape":
+                values[name] = {"reshape": True}
+        found = {"input_shapes": {name: list(dims) for name, dims in self.shapes.items()}, "tries": self.tries}
+        return {**found, "input_values": values} if values else found
 
 
 def _draws_integers(specs: list[dict[str, Any]], rules: dict[str, tuple[str, Any]]) -> bool:

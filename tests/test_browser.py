@@ -890,6 +890,36 @@ def test_demo_page_renders(browser, site, bundles, tmp_path):
         shutil.copy(screenshot, os.environ["EDGEPACK_KEEP_SCREENSHOT"])
 
 
+def test_demo_page_feeds_ids_the_model_takes(browser, site, ort_web_tarball, tmp_path):
+    """token_type_ids index a 2-row table, as in BERT: the page's sample input uses the value range and shapes
+    the self-test ran on (its input_values and input_shapes), not ids in [0, 16) that Gather refuses."""
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["types", "token_type_ids"], ["embedded"]),
+            helper.make_node("ReduceMean", ["embedded", "axes"], ["pooled"], keepdims=0),
+        ],
+        "bert_like",
+        [helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 4])],
+        [
+            numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "types"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    model = tmp_path / "bert_like.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), model)
+    bundle = package(model, "browser-wasm", site[0], ort_web_tarball, quantize="none")
+    self_test = next(s for s in read_manifest(bundle)["stages"] if s["stage"] == "self_test")
+    assert self_test["input_values"] == {"token_type_ids": {"ints": [0, 2]}}, self_test
+    page = browser.new_page()
+    page.goto(url_of(site, bundle) + "index.html")
+    page.wait_for_function("window.edgepackDemo.status !== 'loading'", timeout=60_000)
+    demo = page.evaluate("window.edgepackDemo")
+    page.close()
+    assert demo["status"] == "done", demo.get("error")
+
+
 # --- WebGPU profile ----------------------------------------------------------------------------------------
 
 

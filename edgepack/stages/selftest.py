@@ -74,6 +74,9 @@ class SelfTestResult(StageResult):
     input_shapes: dict[str, list[int]] | None = optional()
     """The shapes of the inputs edgepack made up (edgepack.inputs), and the candidates tried before them."""
     tries: list[dict[str, Any]] | None = optional()
+    input_values: dict[str, Any] | None = optional()
+    """Of the inputs edgepack made up, those not drawn freely: ids below a table's size, a fill, a Reshape target
+    (the bundle's web page makes its sample input with these and ``input_shapes``)."""
     figures: dict[str, Any] = flattened()
     size_after_conversion: dict[str, Any] | None = optional()
     size_warning: str | None = optional()
