@@ -1336,15 +1336,22 @@ MAX_SAMPLE_BYTES = 1 << 30
 """Generated inputs larger than this (dims from the manifest, which may be huge) are refused, not allocated."""
 
 
-def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
-    """Random inputs of the model's shapes: dynamic dims from ``dims`` by name, else 1 (first axis) or 8."""
+def sample_inputs(specs: list, dims: dict, seed: int = 0, tested: dict | None = None) -> dict:
+    """Random inputs of the model's shapes: dynamic dims from ``dims`` by name, else those the self-test ran the
+    bundle on (``tested``, its manifest record: input_shapes, and input_values for ids below a table's size,
+    fills and Reshape targets), else 1 (first axis) or 8."""
     rng = np.random.default_rng(seed)
     feeds, total = {}, 0
+    tested = tested or {}
     for spec in specs:
         shape = [
             d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
             for axis, d in enumerate(spec.get("shape") or [])
         ]
+        named = [d for d in spec.get("shape") or [] if not (isinstance(d, int) and d > 0)]
+        if spec["name"] in tested.get("input_shapes", {}) and not any(d in dims for d in named):
+            shape = list(tested["input_shapes"][spec["name"]])
+        rule = tested.get("input_values", {}).get(spec["name"], {})
         dtype = _numpy_dtype(spec["dtype"]) or np.dtype("float32")
         total += math.prod(shape) * dtype.itemsize
         if total > MAX_SAMPLE_BYTES:
@@ -1355,6 +1362,14 @@ def sample_inputs(specs: list, dims: dict, seed: int = 0) -> dict:
             )
         if dtype.kind == "O":  # a string tensor
             feeds[spec["name"]] = np.full(shape, "a", dtype=object)
+        elif "fill" in rule:
+            feeds[spec["name"]] = np.full(shape, rule["fill"], dtype=dtype)
+        elif rule.get("reshape"):
+            feeds[spec["name"]] = np.zeros(shape, dtype=dtype)
+            feeds[spec["name"]].reshape(-1)[-1:] = -1
+        elif "ints" in rule:
+            low, high = rule["ints"]
+            feeds[spec["name"]] = rng.integers(int(low), int(high), size=tuple(shape)).astype(dtype)
         elif "mask" in spec["name"].lower() or dtype == np.bool_:
             feeds[spec["name"]] = np.ones(shape, dtype=dtype)
         elif dtype.kind in "iu":
@@ -1658,7 +1673,12 @@ def cmd_bench(args) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     model, load_seconds = _load_for(args)
-    feeds = read_inputs(Path(args.inputs), model) if args.inputs else sample_inputs(model.inputs, _dims(args.dim))
+    tested = next((s for s in model.manifest.get("stages", []) if s.get("stage") == "self_test"), None)
+    feeds = (
+        read_inputs(Path(args.inputs), model)
+        if args.inputs
+        else sample_inputs(model.inputs, _dims(args.dim), tested=tested)
+    )
     arrays = check_feeds(model.inputs, feeds)
     started = time.perf_counter()
     model.run(arrays)

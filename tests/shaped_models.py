@@ -480,3 +480,21 @@ def qdq_conv() -> onnx.ModelProto:
         inits,
     )
     return _model(graph, opset=13, ir=7)
+
+
+def token_types() -> onnx.ModelProto:
+    """token_type_ids index a 2-row table, as in BERT: ids in [0, 16) make Gather refuse the input."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["types", "token_type_ids"], ["embedded"]),
+            helper.make_node("ReduceMean", ["embedded", "axes"], ["pooled"], keepdims=0),
+        ],
+        "bert_like",
+        [helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 4])],
+        [
+            numpy_helper.from_array(_rng(6).standard_normal((2, 4)).astype(np.float32), "types"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    return _model(graph, opset=18)

@@ -28,6 +28,7 @@ from edgepack.pipeline.run import package_model
 from edgepack.profiles import load_profile
 from edgepack.samples import generate_inputs
 from edgepack.serve import start_server
+from tests import shaped_models
 from tests.in_browser import CHROMIUM, WITHOUT_FETCH_INTEGRITY, chromium, flip_byte, fresh_page, run_bundle
 
 pytestmark = [
@@ -893,22 +894,8 @@ def test_demo_page_renders(browser, site, bundles, tmp_path):
 def test_demo_page_feeds_ids_the_model_takes(browser, site, ort_web_tarball, tmp_path):
     """token_type_ids index a 2-row table, as in BERT: the page's sample input uses the value range and shapes
     the self-test ran on (its input_values and input_shapes), not ids in [0, 16) that Gather refuses."""
-    rng = np.random.default_rng(6)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["types", "token_type_ids"], ["embedded"]),
-            helper.make_node("ReduceMean", ["embedded", "axes"], ["pooled"], keepdims=0),
-        ],
-        "bert_like",
-        [helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 4])],
-        [
-            numpy_helper.from_array(rng.standard_normal((2, 4)).astype(np.float32), "types"),
-            numpy_helper.from_array(np.array([1], np.int64), "axes"),
-        ],
-    )
     model = tmp_path / "bert_like.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), model)
+    onnx.save_model(shaped_models.token_types(), model)
     bundle = package(model, "browser-wasm", site[0], ort_web_tarball, quantize="none")
     self_test = next(s for s in read_manifest(bundle)["stages"] if s["stage"] == "self_test")
     assert self_test["input_values"] == {"token_type_ids": {"ints": [0, 2]}}, self_test
@@ -997,7 +984,6 @@ def test_a_classifier_with_a_zipmap_output_runs_and_returns_its_tensor_outputs(
 ):
     """skl2onnx's classifiers end in ZipMap (a sequence of maps), which onnxruntime-web cannot return: the loader
     fetches the label alone, and says so."""
-    from tests import shaped_models
 
     model = shaped_models.save(shaped_models.zipmap_classifier(), tmp_path, "classifier")
     bundle = package(model, "browser-wasm", site[0], ort_web_tarball)

@@ -686,6 +686,22 @@ def test_info_text_and_json(bundles):
     assert info["providers"]["will_use"] == ["CPUExecutionProvider"] and info["model"]["format"] == "ort"
 
 
+def test_bench_without_inputs_uses_the_shapes_and_ids_the_self_test_ran_on(tmp_path):
+    """token_type_ids index a 2-row table: bench's made-up ids stay below it, as the self-test's did."""
+    from edgepack.pipeline.job import Options
+    from edgepack.pipeline.run import package_model
+    from edgepack.profiles import load_profile
+    from tests import shaped_models
+
+    model = shaped_models.save(shaped_models.token_types(), tmp_path, "bert_like")
+    [result] = package_model(model, [load_profile("linux-x64")], Options(output=tmp_path / "out", quantize="none"))
+    assert result.ok, result.error
+    done = shim_cli(result.bundle, "bench", "--runs", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    tested = next(s for s in result.manifest["stages"] if s["stage"] == "self_test")
+    assert json.loads(done.stdout)["inputs"]["token_type_ids"]["shape"] == tested["input_shapes"]["token_type_ids"]
+
+
 def test_bench_json_and_text(bundles):
     done = shim_cli(bundles["transformer"], "bench", "--runs", "30", "--dim", "sequence=16", "--json")
     assert done.returncode == 0, done.stderr
