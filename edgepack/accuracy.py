@@ -1,8 +1,8 @@
 """How far a packaged model's outputs are from the FP32 reference's.
 
 ``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
-(``[batch, classes]``, float) the share of rows whose arg-max agrees with the reference's (top-1
-agreement). ``check`` holds figures against tolerances and says by how much they miss.
+(``[batch, classes]``, float, not named as an embedding or hidden state: ``EMBEDDING``) the share of rows whose
+arg-max agrees with the reference's (top-1 agreement). ``check`` holds figures against tolerances and says by how much they miss.
 
 On inputs edgepack generated (``generated=True``), a row whose reference scores at the two arg-maxes are within
 ``NEAR_TIE`` of the output's range is a near-tie and counts as agreeing: made-up inputs put classifiers on the
@@ -17,6 +17,7 @@ numbers they hold, in order (map values by sorted key).
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -32,6 +33,10 @@ __all__ = [
     "NEAR_TIE",
     "top1_phrase",
 ]
+
+EMBEDDING = re.compile(r"embed|pooler|hidden|feature|vector|encod|latent", re.IGNORECASE)
+"""Output names of embeddings and hidden states ([batch, dims] like a classifier's scores, but whose arg-max
+means nothing): they get no top-1 figure, cosine and errors judge them."""
 
 NEAR_TIE = 0.01
 """On generated inputs, a top-1 flip between scores closer than this share of the output's range agrees."""
@@ -79,8 +84,12 @@ def compare(
             "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
             "cosine": _cosine(ref, got),
         }
-        top1 = top1_agreement(
-            [r[name] for r in reference], [c[name] for c in candidate], near_tie=NEAR_TIE if generated else 0.0
+        top1 = (
+            None
+            if EMBEDDING.search(name)
+            else top1_agreement(
+                [r[name] for r in reference], [c[name] for c in candidate], near_tie=NEAR_TIE if generated else 0.0
+            )
         )
         if top1 is not None:
             per_output[name]["top1_agreement"], near_ties = top1

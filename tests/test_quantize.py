@@ -658,3 +658,12 @@ def test_a_model_that_came_with_float16_weights_is_kept_and_held_to_the_quantiza
     assert quantize["already_quantized"]["float16 initializers"] > 0 and "kept as it is" in quantize["summary"]
     self_test = _stage(result.manifest, "self_test")
     assert self_test["passed"] and "(fp16, quantization tolerance)" in self_test["summary"], self_test
+
+
+def test_embeddings_get_no_top1_figure_only_classifier_scores_do():
+    rng = np.random.default_rng(0)
+    reference = [{"logits": rng.standard_normal((4, 8)), "pooler_output": rng.standard_normal((4, 8))}]
+    candidate = [{k: v[:, ::-1].copy() for k, v in reference[0].items()}]  # every arg-max moves
+    figures = compare(reference, candidate)
+    assert "top1_agreement" in figures["outputs"]["logits"]
+    assert "top1_agreement" not in figures["outputs"]["pooler_output"]
