@@ -134,6 +134,8 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
     except onnx.shape_inference.InferenceError:
         onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred), strict_mode=False)
     model = onnx.load_model(inferred)
+    if any(n.domain == "com.microsoft" for n in iter_nodes(model)):
+        model = _symbolic_shapes(model)
     graph = model.graph
     # an omitted optional input ("", as in Resize(x, "", "", sizes) or Clip(x, "", max)) has no value_info, which
     # the checker takes for a dynamic shape: it is given a fixed (scalar) one; an initializer's own record goes,
@@ -149,6 +151,21 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
         # as "shape inference not run"; an untyped entry is what it takes a missing one for, a dynamic value
         graph.value_info.add(name=graph.node[0].output[0])
     return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's inference gives no shape after a com.microsoft op (onnxruntime's transformer optimizer writes
+    Attention, SkipLayerNormalization, BiasGelu), so every node after one would count as held back by unknown
+    shapes: onnxruntime's symbolic shape inference, which knows those ops, types them where it can (the model
+    as it was where it cannot)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        with _quiet():
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception:  # onnxruntime's inference raises plain Exceptions on what it cannot follow
+        return model
+    return inferred or model
 
 
 def usability_checker():

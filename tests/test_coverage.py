@@ -465,3 +465,28 @@ def test_the_coverage_hint_suggests_input_shapes_only_when_an_input_is_dynamic()
     with pytest.raises(CoverageError) as fixed:
         gate(dataclasses.replace(report, dynamic_inputs=False), 0.5, None, where="m.onnx")
     assert "--input-shape" not in fixed.value.hint and "every input is fixed" in fixed.value.message
+
+
+def test_nodes_after_a_microsoft_op_have_shapes_for_the_checker(tmp_path):
+    """onnx's inference types nothing after com.microsoft's FastGelu; onnxruntime's symbolic inference does, so
+    the MatMul after it is not held back by an unknown shape."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("FastGelu", ["h"], ["g"], domain="com.microsoft"),
+            helper.make_node("MatMul", ["g", "w2"], ["y"]),
+        ],
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    path = tmp_path / "contrib.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+    report = measure(path, load_profile("android-nnapi").coverage)
+    assert report.dynamic_shape_nodes == 0 and report.unsupported_ops == {"com.microsoft:FastGelu": 1}, report
+    assert report.supported_nodes == 2, report
