@@ -490,3 +490,13 @@ def test_nodes_after_a_microsoft_op_have_shapes_for_the_checker(tmp_path):
     report = measure(path, load_profile("android-nnapi").coverage)
     assert report.dynamic_shape_nodes == 0 and report.unsupported_ops == {"com.microsoft:FastGelu": 1}, report
     assert report.supported_nodes == 2, report
+
+
+def test_every_dynamic_input_is_named_in_one_refusal_with_flags_for_all(tmp_path):
+    proto = _transformer_proto(tmp_path)
+    with pytest.raises(UsageError) as refused:
+        plan_shapes(proto, {}, {}, {}, where="test")
+    assert "input 'input_ids' has a dynamic dim 1" in refused.value.message
+    assert "input 'attention_mask' has a dynamic dim 1" in refused.value.message
+    hint = refused.value.hint
+    assert "--input-shape input_ids=1,N --input-shape attention_mask=1,N" in hint and "--fix-dim sequence=N" in hint

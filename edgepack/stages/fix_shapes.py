@@ -107,6 +107,7 @@ def plan_shapes(
     non_tensors = {io["name"] for io in describe_io(proto)[0] if not is_tensor(io)}
     shapes: dict[str, tuple[int, ...]] = {}
     assumed: list[str] = []
+    missing: list[tuple[str, str, str, Any]] = []
     for name, dims in inputs.items():
         if name in non_tensors:
             continue  # a sequence or map has no shape to fix
@@ -139,16 +140,24 @@ def plan_shapes(
                     )
                     for j, d in enumerate(dims)
                 )
-                hint = f"pass --input-shape {name}={example} with N the size the app will use"
-                if isinstance(dim, str) and _is_symbol(dim):  # --fix-dim ?=N cannot work (rule 5)
-                    hint += f", or --fix-dim {dim}=N"
-                raise UsageError(
-                    f"the target needs fixed input shapes, but input {name!r} has a dynamic {label}",
-                    where=where,
-                    hint=hint,
-                )
-        shapes[name] = tuple(concrete)
+                missing.append((name, label, example, dim))
+                break
+        else:
+            shapes[name] = tuple(concrete)
+    if missing:
+        raise _needs_shapes(missing, where)
     return shapes, assumed
+
+
+def _needs_shapes(missing: list[tuple[str, str, str, Any]], where: str) -> UsageError:
+    """Every input left dynamic, in one refusal whose hint fixes them all (not one per run)."""
+    what = ", ".join(f"input {name!r} has a dynamic {label}" for name, label, _, _ in missing)
+    flags = " ".join(f"--input-shape {name}={example}" for name, _, example, _ in missing)
+    hint = f"pass {flags} with N the size the app will use"
+    named = sorted({dim for *_, dim in missing if isinstance(dim, str) and _is_symbol(dim)})
+    if named:  # --fix-dim ?=N cannot work (rule 5)
+        hint += ", or " + " ".join(f"--fix-dim {dim}=N" for dim in named)
+    return UsageError(f"the target needs fixed input shapes, but {what}", where=where, hint=hint)
 
 
 def apply_shapes(
