@@ -1424,6 +1424,7 @@ def describe(bundle: Path, manifest: dict) -> dict:
         in_range = version_satisfies(installed, runtime.get("version", ""))
     except ImportError:
         installed, available, in_range = None, [], False
+    distribution = _ort_distribution(runtime.get("package")) if installed else None
     usable = [name for name in wanted if name in available] or [CPU]
     return {
         "bundle": str(bundle),
@@ -1439,7 +1440,9 @@ def describe(bundle: Path, manifest: dict) -> dict:
             "package": runtime.get("package"),
             "required": runtime.get("version"),
             "installed": installed,
-            "ok": in_range,
+            "installed_package": distribution,
+            "version_ok": in_range,
+            "ok": in_range and distribution in (None, runtime.get("package")),
         },
         "providers": {
             "wanted": wanted,
@@ -1453,6 +1456,28 @@ def describe(bundle: Path, manifest: dict) -> dict:
         "models": model_names(manifest),
         "model_name": manifest.get("model_name") or model_names(manifest)[0],
     }
+
+
+def _ort_distribution(wanted: str | None) -> str | None:
+    """Which package installed onnxruntime (onnxruntime, onnxruntime-gpu, ...): the one the profile names if
+    installed, else the first found; None when its metadata is not there (a frozen executable)."""
+    from importlib import metadata
+
+    for name in dict.fromkeys([wanted or "onnxruntime", "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"]):
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        return name
+    return None
+
+
+def _runtime_verdict(runtime: dict) -> str:
+    if runtime["ok"]:
+        return "ok"
+    if runtime["version_ok"]:
+        return f"version ok, but the package is {runtime['installed_package']}, not {runtime['package']}"
+    return "DOES NOT MATCH"
 
 
 def cmd_info(args) -> int:
@@ -1480,8 +1505,8 @@ def cmd_info(args) -> int:
         *[("output", f"{io['name']}: {io['dtype']} {_shape_text(io['shape'] or [])}") for io in info["outputs"]],
         (
             "runtime",
-            f"needs {runtime['package']}{runtime['required']}; installed {installed} "
-            f"({'ok' if runtime['ok'] else 'DOES NOT MATCH'})",
+            f"needs {runtime['package']}{runtime['required']}; installed "
+            f"{runtime['installed_package'] or 'onnxruntime'} {installed} ({_runtime_verdict(runtime)})",
         ),
         ("providers", f"wanted {', '.join(providers['wanted'])}"),
         ("", f"available {', '.join(providers['available']) or '-'}"),
