@@ -400,7 +400,10 @@ def rank_sensitive_nodes(
 @contextlib.contextmanager
 def _quiet():
     """onnxruntime.quantization prints and logs at INFO for every step; keep warnings and errors only
-    (they go to the debug log, never to the user's stdout)."""
+    (they go to the debug log, never to the user's stdout). Python warnings its numpy code raises (a
+    RuntimeWarning per all-zero block in MatMulNBits' quantizer) are not edgepack's to show either."""
+    import warnings
+
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -408,7 +411,8 @@ def _quiet():
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         root.setLevel(level)
