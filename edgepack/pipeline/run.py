@@ -7,7 +7,7 @@ so a failure leaves nothing behind. The results of the stages end up in the bund
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from ..checked import work_paths_out
 from ..errors import EdgepackError
 from ..fileops import atomic_folder
 from ..profiles import Profile
-from ..recipes.kernels import refuse_unsupported
+from ..recipes.kernels import unsupported_targets
 from ..stages.load import load_result
 from ..stages.manifest import finalize
 from .job import Artifact, Job, Options, Source
@@ -39,12 +39,31 @@ def package_model(
     """Package ``model`` for every profile. Per-target failures are returned, not raised; a model
     that cannot be loaded at all raises. ``origin``: reports of what made the model (see Source.origin)."""
     name = name or model.stem
-    refuse_unsupported(profiles, options)
-    destinations = refuse_existing_output(name, profiles, options, inputs=(model,))
+    refused = unsupported_targets(profiles, options)
+    runnable = [p for p in profiles if p.name not in refused]
+    destinations = refuse_existing_output(name, runnable, options, inputs=(model,))
     # loaded once here; the targets run here, in worker processes or on Ray, each bundle maybe from the cache
     from ..executors import ModelWork, package_models
 
-    return package_models([ModelWork(model, name, profiles, options, destinations, origin)], progress)[0]
+    built = (
+        package_models([ModelWork(model, name, runnable, options, destinations, origin)], progress)[0]
+        if runnable
+        else []
+    )
+    return with_refused(profiles, built, refused, name, options)
+
+
+def with_refused(
+    profiles: list[Profile], built: list[Result], refused: Mapping[str, EdgepackError], name: str, options: Options
+) -> list[Result]:
+    """The results of ``built`` and a failed one per ``refused`` target, in the order of ``profiles``."""
+    by_target = {r.target: r for r in built}
+    return [
+        by_target[p.name]
+        if p.name in by_target
+        else Result(p.name, bundle_path(options.output, name, p), False, error=refused[p.name])
+        for p in profiles
+    ]
 
 
 def _package_one(

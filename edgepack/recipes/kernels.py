@@ -6,7 +6,8 @@ Rules:
    its runtime has it (``Backend.kernel_gap``: the CPU from onnxruntime's kernel registry and the first
    release that has it, an accelerator from its operator table).
 2. A missing required kernel refuses the recipe for that target before anything is read or written,
-   naming the op and the runtime version that has it. The recipe that would run is ``--quantize``, else the
+   naming the op and the runtime version that has it; the run's other targets are packaged
+   (``unsupported_targets``; a multi-model bundle, whose every target holds every model, is refused whole). The recipe that would run is ``--quantize``, else the
    profile's default (its ``without_calibration`` fallback when no calibration data is given), which
    ``--tune`` runs too where it cannot time; where it can, it leaves such candidates out itself and says
    why. A missing optional kernel is the recipe's to handle.
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from ..pipeline.job import Options
     from ..profiles import Profile
 
-__all__ = ["kernel_gaps", "required_gaps", "refuse_unsupported"]
+__all__ = ["kernel_gaps", "required_gaps", "refuse_unsupported", "unsupported_targets"]
 
 
 def kernel_gaps(profile: Profile, recipe: str, settings: Any = None) -> dict[str, str]:
@@ -67,6 +68,24 @@ def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
             hint=f"package these targets with another recipe (--quantize {', '.join(others)}), "
             "or leave them out of --target",
         )
+
+
+def unsupported_targets(profiles: list[Profile], options: Options) -> dict[str, CompatibilityError]:
+    """Rule 2 per target: the refusal of each target whose runtime lacks a required kernel of the recipe it
+    would run (the others are packaged: one target's missing kernel does not stop them)."""
+    refused = {}
+    for profile in profiles:
+        recipe = _would_run(profile, options)
+        gaps = required_gaps(profile, recipe) if recipe else {}
+        if gaps:
+            others = [n for n in RECIPES if n != recipe and not required_gaps(profile, n)]
+            refused[profile.name] = CompatibilityError(
+                f"the {recipe} recipe writes operators this target's runtime has no kernel for: "
+                + "; ".join(gaps.values()),
+                hint=f"package this target with another recipe (--quantize {', '.join(others)}), "
+                "or leave it out of --target",
+            )
+    return refused
 
 
 def _would_run(profile: Profile, options: Options) -> str | None:

@@ -31,7 +31,7 @@ from ..onnxio.save import save_model
 from ..pipeline.job import Options
 from ..pipeline.run import Result, bundle_path, package_model, refuse_existing_output
 from ..profiles import Profile
-from ..recipes.kernels import refuse_unsupported
+from ..recipes.kernels import unsupported_targets
 from .export import Export, export_dynamo, export_legacy
 from .inputs import TorchModel, dynamic_axes, eval_mode, example_inputs, parse_dynamic, resolve, run_module
 from .verify import check_export
@@ -66,8 +66,10 @@ def package_torch(
     pipeline for each target on the file that fits it. Per-target failures are returned, not raised."""
     torch_model = resolve(model, name)
     name = torch_model.name
-    refuse_unsupported(profiles, options)
-    refuse_existing_output(name, profiles, options)  # before the slow export
+    refused = unsupported_targets(profiles, options)  # the others are packaged (package_model fails these)
+    if len(refused) == len(profiles):
+        raise next(iter(refused.values()))
+    refuse_existing_output(name, [p for p in profiles if p.name not in refused], options)  # before the slow export
     entries = parse_dynamic(dynamic)
     if entries and torch_model.exported:
         raise UsageError(
