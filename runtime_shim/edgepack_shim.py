@@ -1348,9 +1348,12 @@ def sample_inputs(specs: list, dims: dict, seed: int = 0, tested: dict | None = 
             d if isinstance(d, int) and d > 0 else dims.get(d, 1 if axis == 0 else 8)
             for axis, d in enumerate(spec.get("shape") or [])
         ]
-        named = [d for d in spec.get("shape") or [] if not (isinstance(d, int) and d > 0)]
-        if spec["name"] in tested.get("input_shapes", {}) and not any(d in dims for d in named):
-            shape = list(tested["input_shapes"][spec["name"]])
+        declared = spec.get("shape") or []
+        ran = tested.get("input_shapes", {}).get(spec["name"])
+        dynamic = [d for d in declared if not (isinstance(d, int) and d > 0)]
+        if ran and dynamic and not any(d in dims for d in dynamic) and len(ran) == len(declared):
+            # the self-test's sizes for the dynamic dims; the fixed ones stay as declared
+            shape = [d if isinstance(d, int) and d > 0 else int(r) for d, r in zip(declared, ran)]
         rule = tested.get("input_values", {}).get(spec["name"], {})
         dtype = _numpy_dtype(spec["dtype"]) or np.dtype("float32")
         total += math.prod(shape) * dtype.itemsize
