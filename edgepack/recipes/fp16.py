@@ -68,8 +68,12 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
     told; the accuracy gate then judges the result like any other)."""
     from onnxconverter_common import float16
 
+    from ..onnxio.modelinfo import iter_nodes
+
     declared = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
     blocked = set(float16.DEFAULT_OP_BLOCK_LIST) | SEQUENCE_OPS | set(settings.exclude_op_types)
+    if not any(_converts(node, blocked, set(excluded)) for node in iter_nodes(model)):
+        return model  # every op is kept in FP32 (a tree ensemble): nothing to convert (quantize rule 7 says so)
     _name_nodes(model)
     _route_outputs(model, blocked, set(excluded))
     # quant_pre_process already ran shape inference on the file: the converter's own in-memory
@@ -132,6 +136,16 @@ def save(model, out: Path, *, external: bool) -> None:
         os.chmod(out.with_name(out.name + ".data"), 0o644)
     else:
         onnx.save_model(model, out)
+
+
+_PASSIVE = frozenset({"Identity", "Cast", "Shape", "Size", "Constant"})
+
+
+def _converts(node, blocked_ops: set[str], blocked_nodes: set[str]) -> bool:
+    """Whether the converter would run ``node`` in FP16: an op it does not keep in FP32 (ai.onnx.ml ops
+    take float32 only) and that computes (not a Cast, Identity or shape query)."""
+    kept = node.op_type in blocked_ops or node.name in blocked_nodes or node.domain == "ai.onnx.ml"
+    return not kept and node.op_type not in _PASSIVE
 
 
 def _name_nodes(model) -> None:
