@@ -34,6 +34,7 @@ import onnx
 
 from .backends import checker_backend
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
+from .fileops import working_directory
 from .onnxio.modelinfo import iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .safety import op_list_names, shown
@@ -135,7 +136,8 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
         onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred), strict_mode=False)
     model = onnx.load_model(inferred)
     if any(n.domain == "com.microsoft" for n in iter_nodes(model)):
-        model = _symbolic_shapes(model)
+        with working_directory(scratch):  # it writes sym_shape_infer_temp.onnx and side files where it runs
+            model = _symbolic_shapes(model)
     graph = model.graph
     # an omitted optional input ("", as in Resize(x, "", "", sizes) or Clip(x, "", max)) has no value_info, which
     # the checker takes for a dynamic shape: it is given a fixed (scalar) one; an initializer's own record goes,

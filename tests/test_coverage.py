@@ -467,7 +467,7 @@ def test_the_coverage_hint_suggests_input_shapes_only_when_an_input_is_dynamic()
     assert "--input-shape" not in fixed.value.hint and "every input is fixed" in fixed.value.message
 
 
-def test_nodes_after_a_microsoft_op_have_shapes_for_the_checker(tmp_path):
+def test_nodes_after_a_microsoft_op_have_shapes_for_the_checker(tmp_path, monkeypatch):
     """onnx's inference types nothing after com.microsoft's FastGelu; onnxruntime's symbolic inference does, so
     the MatMul after it is not held back by an unknown shape."""
     from onnx import numpy_helper
@@ -487,9 +487,12 @@ def test_nodes_after_a_microsoft_op_have_shapes_for_the_checker(tmp_path):
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     path = tmp_path / "contrib.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # onnxruntime's symbolic inference writes scratch files where it runs
     report = measure(path, load_profile("android-nnapi").coverage)
     assert report.dynamic_shape_nodes == 0 and report.unsupported_ops == {"com.microsoft:FastGelu": 1}, report
     assert report.supported_nodes == 2, report
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_every_dynamic_input_is_named_in_one_refusal_with_flags_for_all(tmp_path):
