@@ -61,7 +61,9 @@ class Fp16(Recipe):
 
 
 def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
-    """The FP16 model with float32 inputs and outputs (also the first step of q4f16).
+    """The FP16 model with float32 inputs and outputs (also the first step of q4f16): onnxconverter-common's
+    conversion, with the model prepared for what it gets wrong (unnamed nodes, outputs that are read or that a
+    kept-FP32 op writes) and the declared output types restored after it; unchanged when it would convert no op.
 
     A model that already holds float16 tensors (a float16 input, float16 weights beside float32 ones) is
     converted too: what is float32 turns float16, the rest stays (the converter refuses such a model unless
@@ -94,8 +96,8 @@ def fp16_model(model, settings: Fp16Settings, excluded: list[str]):
 
 
 def fp16_ops(proto) -> int:
-    """How many nodes, Casts and Identities aside, read or write a float16 tensor (as typed by the model's value infos,
-    initializers, Constants and Casts to float16): 0 when an FP16 conversion converted nothing."""
+    """How many nodes, Casts and Identities aside, read or write a float16 tensor (as typed by the model's
+    value infos, initializers, Constants and Casts to float16): 0 when an FP16 conversion converted nothing."""
     import onnx
 
     from ..onnxio.modelinfo import iter_graphs
