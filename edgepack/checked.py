@@ -23,6 +23,7 @@ import contextlib
 import gc
 import hashlib
 import io
+import json
 import logging
 import pickle
 import re
@@ -319,10 +320,10 @@ def _numeric(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 _PROBE = """
-import pickle, sys
+import json, pickle, sys
 import onnxruntime as ort
 for line in sys.stdin:
-    model, feeds = line.rstrip("\\n").split("\\t")
+    model, feeds = json.loads(line)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 4
@@ -357,7 +358,7 @@ class _Probe:
                 )
             assert self.child.stdin is not None and self.child.stdout is not None
             try:
-                self.child.stdin.write(f"{model}\t{feeds}\n")
+                self.child.stdin.write(json.dumps([str(model), str(feeds)]) + "\n")
                 self.child.stdin.flush()
                 if self.child.stdout.readline().strip() == "survived":
                     return None
