@@ -348,3 +348,25 @@ def test_a_zipmap_model_onnxruntime_refuses_is_refused_at_load_too(tmp_path, cli
     done = cli("package", path, "--target", "linux-x64", "-o", tmp_path / "out")
     clean_failure(done, f"{path}: onnxruntime cannot load the model", "two nodes with same node name (twin)")
     assert done.returncode == 3 and "internal error" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "producer, how",
+    [("skl2onnx", "target_opset={'': 21"), ("tf2onnx", "--opset 21"), ("pytorch", "opset_version=21")],
+)
+def test_an_opset_newer_than_the_runtime_is_refused_with_its_own_exporters_flag(tmp_path, producer, how):
+    """skl2onnx 1.20 writes opset 22 by default, which onnxruntime 1.20 (the profiles' oldest) cannot run."""
+    from edgepack.errors import CompatibilityError
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "new",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10)
+    model.producer_name = producer
+    path = shaped_models.save(model, tmp_path, "new")
+    [result] = package_model(path, [load_profile("linux-x64")], Options(output=tmp_path / "out"))
+    assert not result.ok and isinstance(result.error, CompatibilityError)
+    assert how in result.error.hint and "implements up to opset 21" in result.error.message

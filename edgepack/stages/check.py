@@ -51,7 +51,7 @@ class Check(Stage):
             raise CompatibilityError(
                 f"the model uses ai.onnx opset {opset}, but the target's runtime ({needs}) implements up to opset {runtime.max_opset}",
                 where=where,
-                hint=f"re-export the model at opset {runtime.max_opset} or lower (e.g. torch.onnx.export(..., opset_version={runtime.max_opset})), "
+                hint=f"re-export the model at opset {runtime.max_opset} or lower ({_reexport(proto, runtime.max_opset)}), "
                 "or target a device runtime new enough for this opset",
             )
         return CheckResult(
@@ -60,3 +60,20 @@ class Check(Stage):
             ir_version=proto.ir_version,
             opsets=model_opsets,
         )
+
+
+_EXPORTERS = {
+    "skl2onnx": "skl2onnx: convert_sklearn(..., target_opset={{'': {opset}, 'ai.onnx.ml': 3}})",
+    "onnxmltools": "onnxmltools: convert_lightgbm(...) or convert_xgboost(..., target_opset={opset})",
+    "tf2onnx": "python -m tf2onnx.convert ... --opset {opset}",
+}
+"""How exporters other than torch take an opset, by the producer_name they write."""
+
+
+def _reexport(proto: onnx.ModelProto, opset: int) -> str:
+    """How the model's own exporter takes ``opset`` (torch's way when the producer is another)."""
+    producer = proto.producer_name.lower()
+    for name, how in _EXPORTERS.items():
+        if producer.startswith(name):
+            return how.format(opset=opset)
+    return f"e.g. torch.onnx.export(..., opset_version={opset})"
