@@ -35,6 +35,7 @@ from typing import Any
 
 from .errors import ConversionError, EdgepackError, UsageError
 from .execution import Execution
+from .fileops import remove_staging
 from .pipeline.job import Options, Source
 from .pipeline.result import Result
 from .profiles import Profile
@@ -291,12 +292,12 @@ class ProcessExecutor(_LocalExecutor):
     def _alone(self, tag) -> tuple[Result, list[str]]:
         """A pair a dead worker took with it, again in a worker of its own (rule 6)."""
         source, profile, options, workdir, destination, key_der = self._work[tag]
-        _remove_partial(destination)
+        remove_staging(destination)
         with ProcessPoolExecutor(max_workers=1, mp_context=self._context) as pool:
             try:
                 return pool.submit(_work, source, profile, options, workdir / "again", destination, key_der).result()
             except BrokenProcessPool:
-                _remove_partial(destination)
+                remove_staging(destination)
         error = ConversionError(
             "the worker process packaging this target died (a native crash in onnxruntime or a library it "
             "calls); the other targets were not affected",
@@ -304,17 +305,6 @@ class ProcessExecutor(_LocalExecutor):
             hint="rerun this target alone with --jobs 1 --debug to see the last step; try another --quantize",
         )
         return Result(profile.name, destination, False, error=error), []
-
-
-def _remove_partial(destination: Path) -> None:
-    """The staging folders a dead worker left for ``destination`` (fileops.atomic_folder's names)."""
-    import shutil
-
-    parent = destination.parent
-    while not parent.is_dir() and parent != parent.parent:
-        parent = parent.parent
-    for partial in parent.glob(f".{destination.name[:60]}.*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _work(

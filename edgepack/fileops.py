@@ -12,7 +12,7 @@ from pathlib import Path
 from .destination import check_destination, nearest_existing
 from .errors import UsageError
 
-__all__ = ["copy_file", "copy_model", "atomic_folder", "working_directory"]
+__all__ = ["copy_file", "copy_model", "atomic_folder", "remove_staging", "working_directory"]
 
 
 def copy_file(src, dst) -> None:
@@ -39,6 +39,16 @@ def copy_model(src: Path, dst: Path, locations: Iterable[str] | None = None) -> 
     return dst
 
 
+def _staging_prefix(destination: Path) -> str:
+    return f".{destination.name[:60]}."
+
+
+def remove_staging(destination: Path) -> None:
+    """The staging folders ``atomic_folder`` made for ``destination`` and a process that died left behind."""
+    for partial in nearest_existing(destination.parent).glob(f"{_staging_prefix(destination)}*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(
     destination: Path,
@@ -57,7 +67,7 @@ def atomic_folder(
     check_destination(destination, force=force, inputs=inputs, recognise=recognise)
     parent = nearest_existing(destination.parent)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name[:60]}.", suffix=".partial", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(destination), suffix=".partial", dir=parent))
     except OSError as exc:
         raise UsageError(
             f"cannot write in {parent}: {exc.strerror or exc}",
