@@ -35,7 +35,7 @@ import onnx
 from .backends import checker_backend
 from .errors import ConversionError, EdgepackError, ProfileError, first_line
 from .fileops import working_directory
-from .onnxio.modelinfo import iter_graphs, iter_nodes
+from .onnxio.modelinfo import drop_initializer_value_infos, iter_graphs, iter_nodes
 from .ort_tools import load_ort_tools
 from .safety import op_list_names, shown
 
@@ -142,10 +142,7 @@ def prepare(model_path: Path, scratch: Path) -> onnx.ModelProto:
     # an omitted optional input ("", as in Resize(x, "", "", sizes) or Clip(x, "", max)) has no value_info, which
     # the checker takes for a dynamic shape: it is given a fixed (scalar) one; an initializer's own record goes,
     # as the checker takes initializers as fixed but reads a record first
-    weights = {t.name for t in graph.initializer}
-    kept = [vi for vi in graph.value_info if vi.name not in weights]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
+    drop_initializer_value_infos(model)
     if any(name == "" for node in iter_nodes(model) for name in node.input):
         graph.value_info.add(name="").type.tensor_type.shape.SetInParent()
     if not graph.value_info and len(graph.node) > 1 and graph.node[0].output:

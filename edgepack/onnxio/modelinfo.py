@@ -25,6 +25,7 @@ __all__ = [
     "external_locations",
     "summarize",
     "dtype_name",
+    "drop_initializer_value_infos",
 ]
 
 
@@ -171,3 +172,17 @@ def summarize(model: onnx.ModelProto, path: Path | None = None) -> dict[str, Any
         "external_data": {"files": side_files, "tensors": len(locations), "bytes": external_bytes},
         "local_functions": [f"{f.domain}::{f.name}" for f in model.functions],
     }
+
+
+def drop_initializer_value_infos(model: onnx.ModelProto) -> bool:
+    """Remove the value_info records of initializers, in every graph (an initializer's type and shape are its
+    own; onnx-ir writes a record for each, which a weight rewritten in place leaves stale); whether any went."""
+    changed = False
+    for graph in iter_graphs(model.graph):
+        weights = {t.name for t in graph.initializer}
+        kept = [vi for vi in graph.value_info if vi.name not in weights]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+            changed = True
+    return changed

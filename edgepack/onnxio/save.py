@@ -38,18 +38,10 @@ def _drop_initializer_value_infos(path: Path) -> None:
     is its own, so the records go (the weights, in a side file or not, are not read)."""
     import onnx
 
-    from .modelinfo import iter_graphs
+    from .modelinfo import drop_initializer_value_infos
 
     proto = onnx.load_model(path, load_external_data=False)
-    changed = False
-    for graph in iter_graphs(proto.graph):
-        weights = {t.name for t in graph.initializer}
-        kept = [vi for vi in graph.value_info if vi.name not in weights]
-        if len(kept) != len(graph.value_info):
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
-            changed = True
-    if changed:
+    if drop_initializer_value_infos(proto):
         onnx.save_model(proto, path)
 
 
