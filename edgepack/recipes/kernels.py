@@ -7,7 +7,8 @@ Rules:
    release that has it, an accelerator from its operator table).
 2. A missing required kernel refuses the recipe for that target before anything is read or written,
    naming the op and the runtime version that has it; the run's other targets are packaged
-   (``unsupported_targets``; a multi-model bundle, whose every target holds every model, is refused whole). The recipe that would run is ``--quantize``, else the
+   (``unsupported_targets``; a multi-model bundle, whose every target holds every model, and a build file's
+   model are refused whole: ``refuse_unsupported``). The recipe that would run is ``--quantize``, else the
    profile's default (its ``without_calibration`` fallback when no calibration data is given), which
    ``--tune`` runs too where it cannot time; where it can, it leaves such candidates out itself and says
    why. A missing optional kernel is the recipe's to handle.
@@ -49,12 +50,7 @@ def required_gaps(profile: Profile, recipe: str) -> dict[str, str]:
 
 def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
     """CompatibilityError when a target's runtime lacks a required kernel of the recipe it would run."""
-    refused = {}
-    for profile in profiles:
-        recipe = _would_run(profile, options)
-        gaps = required_gaps(profile, recipe) if recipe else {}
-        if gaps:
-            refused[profile.name] = (recipe, "; ".join(gaps.values()))
+    refused = _refused(profiles, options)
     if refused:
         listed = "; ".join(f"{name} ({recipe}): {why}" for name, (recipe, why) in refused.items())
         blocked = [p for p in profiles if p.name in refused]
@@ -73,18 +69,26 @@ def refuse_unsupported(profiles: list[Profile], options: Options) -> None:
 def unsupported_targets(profiles: list[Profile], options: Options) -> dict[str, CompatibilityError]:
     """Rule 2 per target: the refusal of each target whose runtime lacks a required kernel of the recipe it
     would run (the others are packaged: one target's missing kernel does not stop them)."""
+    by_name = {p.name: p for p in profiles}
+    return {
+        name: CompatibilityError(
+            f"the {recipe} recipe writes operators this target's runtime has no kernel for: {why}",
+            hint="package this target with another recipe (--quantize "
+            + ", ".join(n for n in RECIPES if n != recipe and not required_gaps(by_name[name], n))
+            + "), or leave it out of --target",
+        )
+        for name, (recipe, why) in _refused(profiles, options).items()
+    }
+
+
+def _refused(profiles: list[Profile], options: Options) -> dict[str, tuple[str, str]]:
+    """{target: (the recipe it would run, why its runtime cannot)} for the targets rule 2 refuses."""
     refused = {}
     for profile in profiles:
         recipe = _would_run(profile, options)
         gaps = required_gaps(profile, recipe) if recipe else {}
-        if gaps:
-            others = [n for n in RECIPES if n != recipe and not required_gaps(profile, n)]
-            refused[profile.name] = CompatibilityError(
-                f"the {recipe} recipe writes operators this target's runtime has no kernel for: "
-                + "; ".join(gaps.values()),
-                hint=f"package this target with another recipe (--quantize {', '.join(others)}), "
-                "or leave it out of --target",
-            )
+        if recipe and gaps:
+            refused[profile.name] = (recipe, "; ".join(gaps.values()))
     return refused
 
 
