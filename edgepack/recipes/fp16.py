@@ -190,21 +190,25 @@ def _route_outputs(model, blocked_ops: set[str], blocked_nodes: set[str]) -> Non
         for name in node.output:
             if name in floats and (name in read or kept):
                 routed[name] = f"{name}.fp16_inner"
-    if not routed:
-        return
-    for node in iter_nodes(model):
-        for i, name in enumerate(node.input):
-            if name in routed:
-                node.input[i] = routed[name]
-    for node in graph.node:
-        for i, name in enumerate(node.output):
-            if name in routed:
-                node.output[i] = routed[name]
+    _rename_inner(model, routed)
     for name, inner in routed.items():
         graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}.fp16_output"))
-    for info in list(graph.value_info):
-        if info.name in routed:
-            info.name = routed[info.name]
+
+
+def _rename_inner(model, renames: dict[str, str]) -> None:
+    """Graph outputs' tensors renamed inside the model (their producers, their readers here and in subgraphs,
+    their value infos), so that a node added after can write the output under its own name."""
+    from ..onnxio.modelinfo import iter_nodes
+
+    if not renames:
+        return
+    graph = model.graph
+    for node in iter_nodes(model):
+        node.input[:] = [renames.get(name, name) for name in node.input]
+    for node in graph.node:
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for info in graph.value_info:
+        info.name = renames.get(info.name, info.name)
 
 
 def _restore_output_types(model, declared: dict[str, int]) -> None:
@@ -218,14 +222,7 @@ def _restore_output_types(model, declared: dict[str, int]) -> None:
         if was is None or output.type.tensor_type.elem_type == was:
             continue
         inner = f"{output.name}.fp16_cast"
-        for node in graph.node:
-            for i, name in enumerate(node.output):
-                if name == output.name:
-                    node.output[i] = inner
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == output.name:
-                    node.input[i] = inner
+        _rename_inner(model, {output.name: inner})
         graph.node.append(
             onnx.helper.make_node("Cast", [inner], [output.name], to=was, name=f"{output.name}.as_declared")
         )
