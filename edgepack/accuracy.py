@@ -1,8 +1,9 @@
 """How far a packaged model's outputs are from the FP32 reference's.
 
 ``compare`` gives max and mean abs error and cosine similarity, and for classifier-shaped outputs
-(``[batch, classes]``, float, not named as an embedding or hidden state: ``EMBEDDING``) the share of rows whose
-arg-max agrees with the reference's (top-1 agreement). ``check`` holds figures against tolerances and says by how much they miss.
+(``[batch, classes]``, float, not named as an embedding or hidden state: ``EMBEDDING``) the share of rows
+whose arg-max agrees with the reference's (top-1 agreement). ``check`` holds figures against tolerances and
+says by how much they miss.
 
 On inputs edgepack generated (``generated=True``), a row whose reference scores at the two arg-maxes are within
 ``NEAR_TIE`` of the output's range is a near-tie and counts as agreeing: made-up inputs put classifiers on the

@@ -17,9 +17,9 @@ Rules:
 5. An IR-3 model with initializers is written as IR 4, the first version where an initializer need not be
    an input, whether the pass took them out of its inputs or the model never listed them (as onnxruntime's
    old test models do): onnx's checker and shape inference, and the quantizer after them, refuse the copy
-   otherwise. An IR 4+ model's
-   inputs that had an initializer (a default the caller could override, as older exporters wrote every
-   weight) are named in a notice: the bundle holds them as constants, fed by no one.
+   otherwise. An IR 4+ model's inputs that had an initializer (a default the caller could override, as
+   older exporters wrote every weight) are named in a notice: the bundle holds them as constants, fed by
+   no one.
 """
 
 from __future__ import annotations
